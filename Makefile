@@ -1,0 +1,61 @@
+# streametl: the two commands a newcomer needs are `make run` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA := deploy/kafka/kafka.sh
+STAMP := $(VENV)/.installed
+# Tiers to run; CI runs them all.
+TESTS ?= tests/unit tests/integration tests/chaos
+PYTEST_ARGS ?=
+
+.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+kafka-start: $(STAMP)
+	$(KAFKA) start
+
+kafka-stop:
+	$(KAFKA) stop
+
+kafka-status:
+	$(KAFKA) status
+
+## run: venv + Kafka (when none answers) + topics + one worker on :6066
+run: kafka-start
+	$(BIN)/streametl worker -l info
+
+## worker: another worker in the same group, e.g. `make worker WEB_PORT=6067`
+WEB_PORT ?= 6067
+worker: $(STAMP)
+	STREAMETL_DATA_DIR=$${STREAMETL_DATA_DIR:-.data/worker-$(WEB_PORT)} \
+	  $(BIN)/streametl worker -l info --web-port $(WEB_PORT)
+
+## test: venv + Kafka + every test tier; stops the broker it started
+test: $(STAMP)
+	@started=0; \
+	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start && started=1; fi; \
+	$(BIN)/python -m pytest $(TESTS) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$started = 1 ]; then $(KAFKA) stop; fi; \
+	exit $$rc
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check app agents tables web operators tests bench
+
+## bench: e.g. `make bench SCENARIO=produce-http` (see bench/README.md)
+SCENARIO ?= produce-http
+bench: kafka-start
+	$(BIN)/python -m bench $(SCENARIO) $(BENCH_ARGS)
+
+clean:
+	rm -rf .data

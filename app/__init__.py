@@ -1,0 +1,35 @@
+"""The one Faust app of streametl.
+
+``faust -A app worker`` and ``streametl worker`` both find ``app`` here. Agents, tables
+and web views live in their own packages and are found by autodiscovery, so importing
+this module stays cheap and free of import cycles.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from app.settings import settings
+
+app = faust.App(
+    settings.app_id,
+    broker=settings.broker,
+    store=settings.store,
+    datadir=settings.data_dir,
+    processing_guarantee=settings.processing_guarantee,
+    topic_partitions=settings.topic_partitions,
+    topic_replication_factor=settings.topic_replication,
+    # Topics are created by the app (explicitly, with partition counts).
+    topic_allow_declare=True,
+    web_host=settings.web_host,
+    web_port=settings.web_port,
+    web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
+    broker_commit_interval=settings.commit_interval,
+    broker_max_poll_records=settings.max_poll_records,
+    stream_buffer_maxsize=settings.stream_buffer_maxsize,
+    consumer_auto_offset_reset="earliest",
+    autodiscover=["tables", "agents", "web"],
+    origin="app",
+)
+
+__all__ = ["app", "settings"]

@@ -1,0 +1,190 @@
+"""Direct Kafka I/O the app owns besides Faust's own consumer: topic creation and the
+batch producer behind ``POST /api/v1/produce``.
+
+The HTTP produce path builds one record batch per partition and sends them all before
+awaiting any acknowledgement (pipelined), instead of one ``send()`` call and one
+future per message. Partitions for keyed messages come from Kafka's murmur2 partitioner
+so keys land where a Java client (and every co-partitioned table) expects them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
+from mode import Service
+
+from app import app, settings
+from app.topics import DECLARED, TopicSpec
+
+log = logging.getLogger(__name__)
+
+#: Largest record batch we build; below the broker's default message.max.bytes (1 MiB).
+MAX_BATCH_BYTES = 900 * 1024
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """One message ready for Kafka: bytes in, bytes out."""
+
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Where the broker stored one message."""
+
+    partition: int
+    offset: int
+
+
+def partition_for(key: bytes | None, num_partitions: int, fallback: int) -> int:
+    """Kafka's default partitioner: murmur2 of the key, or ``fallback`` without a key."""
+    if key is None:
+        return fallback % num_partitions
+    return (murmur2(key) & 0x7FFFFFFF) % num_partitions
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, specs: Iterable[TopicSpec]) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are."""
+    new = [
+        NewTopic(
+            s.name,
+            s.partitions,
+            settings.topic_replication,
+            topic_configs={"cleanup.policy": "compact"} if s.compacted else {},
+        )
+        for s in specs
+    ]
+    if not new:
+        return
+    existing = set(await admin.list_topics())
+    missing = [t for t in new if t.name not in existing]
+    if not missing:
+        return
+    try:
+        resp = await admin.create_topics(missing)
+    except TopicAlreadyExistsError:
+        return
+    for name, code, *_ in getattr(resp, "topic_errors", []) or []:
+        # 36 = TOPIC_ALREADY_EXISTS: another worker won the race.
+        if code not in (0, 36):
+            raise RuntimeError(f"could not create topic {name}: error code {code}")
+
+
+class KafkaIO(Service):
+    """Owns an admin client and a batch producer (acks=all) for the web API."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.producer: AIOKafkaProducer | None = None
+        self.admin: AIOKafkaAdminClient | None = None
+        self._known_topics: dict[str, int] = {}
+        self._round_robin = itertools.count()
+        self.ready = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        await self.admin.start()
+        await ensure_topics(self.admin, DECLARED.values())
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=2,
+            max_batch_size=MAX_BATCH_BYTES,
+            max_request_size=4 * 1024 * 1024,
+        )
+        await self.producer.start()
+        self.ready.set()
+
+    async def on_stop(self) -> None:
+        self.ready.clear()
+        if self.producer is not None:
+            await self.producer.stop()
+        if self.admin is not None:
+            await self.admin.close()
+
+    async def partition_count(self, topic: str) -> int | None:
+        """Partitions of ``topic``, or None when the broker does not know it."""
+        count = self._known_topics.get(topic)
+        if count:
+            return count
+        assert self.producer is not None
+        client = self.producer.client
+        await client.force_metadata_update()
+        parts = client.cluster.partitions_for_topic(topic)
+        if not parts:
+            # Our client only asks for topics it already knows; ask for this one.
+            await client._metadata_update(client.cluster, [topic])
+            parts = client.cluster.partitions_for_topic(topic)
+        if parts:
+            self._known_topics[topic] = len(parts)
+            return len(parts)
+        return None
+
+    async def create_topic(self, topic: str) -> int:
+        """Create ``topic`` with the configured partition count (auto-creation)."""
+        assert self.admin is not None
+        spec = TopicSpec(topic, settings.topic_partitions)
+        await ensure_topics(self.admin, [spec])
+        for _ in range(50):
+            count = await self.partition_count(topic)
+            if count:
+                return count
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"topic {topic} was created but its metadata never arrived")
+
+    async def send_batch(
+        self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int
+    ) -> list[Delivered]:
+        """Send every message, pipelined, and return where each one was stored.
+
+        Returns only after the broker acknowledged all of them (acks=all); raises if any
+        batch failed, so the caller never reports a message as stored that is not.
+        """
+        assert self.producer is not None
+        producer = self.producer
+        # Keyless messages go to one partition per request (like Kafka's sticky
+        # partitioner) so a request makes few, full batches.
+        sticky = next(self._round_robin)
+        by_partition: dict[int, list[int]] = {}
+        for index, message in enumerate(messages):
+            p = partition_for(message.key, num_partitions, sticky)
+            by_partition.setdefault(p, []).append(index)
+
+        pending: list[tuple[asyncio.Future, list[int]]] = []
+        for partition, indexes in by_partition.items():
+            batch = producer.create_batch()
+            in_batch: list[int] = []
+            for index in indexes:
+                m = messages[index]
+                if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers)) is None:
+                    if not in_batch:
+                        raise ValueError(f"message {index} is larger than one record batch")
+                    pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))
+                    batch, in_batch = producer.create_batch(), []
+                    if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers)) is None:
+                        raise ValueError(f"message {index} is larger than one record batch")
+                in_batch.append(index)
+            pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))
+
+        results: list[Delivered | None] = [None] * len(messages)
+        metas = await asyncio.gather(*(fut for fut, _ in pending))
+        for meta, (_, indexes) in zip(metas, pending, strict=True):
+            for relative, index in enumerate(indexes):
+                results[index] = Delivered(meta.partition, meta.offset + relative)
+        return results  # type: ignore[return-value]
+
+
+kafka_io = KafkaIO()
+app.service(kafka_io)

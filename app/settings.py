@@ -1,0 +1,117 @@
+"""The one Settings object. Read from the environment (prefix ``STREAMETL_``) once.
+
+Nothing else in the project reads ``os.environ``: every knob a user can turn is a
+field here, with its default and the type it is parsed to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PREFIX = "STREAMETL_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(ValueError):
+    """An environment variable could not be parsed into its setting."""
+
+
+def _parse_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {raw!r}")
+
+
+_PARSERS = {"int": int, "float": float, "bool": _parse_bool, "str": str}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every configurable value of streametl; ``STREAMETL_<FIELD>`` overrides each."""
+
+    # Identity and cluster
+    app_id: str = "streametl"
+    broker: str = "kafka://127.0.0.1:9092"
+    store: str = "rocksdb://"
+    data_dir: str = str(REPO_ROOT / ".data")
+    # Prefix for every topic the app owns (events, dlq, alerts, ...). Tests use it to
+    # give each run its own topics on a shared broker.
+    topic_prefix: str = ""
+    topic_partitions: int = 4
+    topic_replication: int = 1
+    processing_guarantee: str = "at_least_once"  # or exactly_once
+    # Web
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    # POST /api/v1/produce limits
+    produce_max_messages: int = 10_000
+    produce_max_bytes: int = 8 * 1024 * 1024
+    auto_create_topics: bool = False
+    # Stream processing
+    commit_interval: float = 1.0
+    batch_max: int = 2000
+    batch_within: float = 0.02
+    stream_buffer_maxsize: int = 16384
+    max_poll_records: int = 5000
+    # Declarative pipelines and patterns
+    pipelines_file: str = str(REPO_ROOT / "config" / "pipelines.yaml")
+    # Logging
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build Settings from ``STREAMETL_*`` variables; unknown ones are ignored."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None:
+                continue
+            parser = _PARSERS[f.type if isinstance(f.type, str) else f.type.__name__]
+            try:
+                values[f.name] = parser(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings that can only fail later, and say which one is wrong."""
+        if self.processing_guarantee not in {"at_least_once", "exactly_once"}:
+            raise SettingsError(
+                "processing_guarantee must be at_least_once or exactly_once, "
+                f"not {self.processing_guarantee!r}"
+            )
+        if self.topic_partitions < 1:
+            raise SettingsError("topic_partitions must be >= 1")
+        if not 0 < self.web_port < 65536:
+            raise SettingsError("web_port must be a TCP port")
+
+    def topic(self, name: str) -> str:
+        """The Kafka topic name of one of the app's own logical topics."""
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The broker URL without Faust's ``kafka://`` scheme, for plain clients."""
+        return ",".join(
+            part.split("://", 1)[-1] for part in self.broker.split(";") if part.strip()
+        )
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (tests and benchmarks)."""
+        return dataclasses.replace(self, **changes)
+
+
+settings = Settings.from_env()
+
+__all__ = ["Settings", "SettingsError", "settings", "field"]

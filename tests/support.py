@@ -1,0 +1,275 @@
+"""Test helpers shared by the integration and chaos tiers: a real worker process,
+unique names on the shared broker, and plain aiokafka reads of what landed.
+
+Nothing here mocks Kafka: workers are ``python -m app worker`` subprocesses talking to
+the broker at STREAMETL_BROKER (default 127.0.0.1:9092) that ``make test`` started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+REPO = Path(__file__).resolve().parent.parent
+BOOTSTRAP = os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def unique(prefix: str = "t") -> str:
+    """A short unique name for an app id or topic prefix on the shared broker."""
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(method: str, url: str, body: Any = None, *, content_type: str = "application/json",
+         raw: bytes | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """One HTTP call; returns (status, parsed JSON or text). Never raises on 4xx/5xx."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None and content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, payload = exc.code, exc.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode(errors="replace")
+
+
+@dataclass
+class Worker:
+    """One ``streametl worker`` subprocess with its own web port and data dir."""
+
+    app_id: str
+    topic_prefix: str
+    web_port: int = field(default_factory=free_port)
+    data_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="streametl-w-")))
+    env: Mapping[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMETL_")}
+        env.update(
+            STREAMETL_APP_ID=self.app_id,
+            STREAMETL_TOPIC_PREFIX=self.topic_prefix,
+            STREAMETL_BROKER=f"kafka://{BOOTSTRAP}",
+            STREAMETL_WEB_PORT=str(self.web_port),
+            STREAMETL_DATA_DIR=str(self.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.env)
+        return env
+
+    def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
+        self.log_path = self.data_dir / f"worker-{self.web_port}.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "worker", "-l", "info", "--web-port", str(self.web_port)],
+            cwd=REPO,
+            env=self.environment(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _ = http("GET", self.url + "/health", timeout=2)
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"worker on :{self.web_port} not ready in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Graceful stop (SIGTERM), then SIGKILL if it hangs."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """kill -9: no shutdown, no final commit, no flush."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def wipe_state(self) -> None:
+        """Delete the worker's local RocksDB state (it must come back from changelogs)."""
+        for child in self.data_dir.iterdir():
+            if child.is_dir():
+                shutil.rmtree(child)
+
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return http("GET", self.url + path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return http("POST", self.url + path, body, **kw)
+
+    def put(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return http("PUT", self.url + path, body, **kw)
+
+    def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return http("DELETE", self.url + path, **kw)
+
+
+def run(coro):
+    """Run one coroutine to completion from sync test code."""
+    return asyncio.run(coro)
+
+
+async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False) -> None:
+    """Create topics on the test broker (existing ones are left alone)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if compacted else {})
+            for n in names
+            if n not in existing
+        ]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+async def produce_json(topic: str, records: list[Any], key: str | None = None,
+                       raw: list[bytes] | None = None) -> None:
+    """Produce JSON records (keyed by field ``key`` when given) straight to Kafka."""
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
+    await producer.start()
+    try:
+        futures = []
+        for record in records:
+            k = None if key is None else str(record[key]).encode()
+            futures.append(await producer.send(topic, json.dumps(record).encode(), key=k))
+        for value in raw or []:
+            futures.append(await producer.send(topic, value))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+@dataclass
+class Consumed:
+    """One record read back from a topic."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    partition: int
+    offset: int
+
+    def json(self) -> Any:
+        return json.loads(self.value) if self.value is not None else None
+
+
+async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 30.0,
+                     idle: float = 2.0, isolation_level: str = "read_uncommitted") -> list[Consumed]:
+    """Read a topic from the beginning with a plain aiokafka consumer (no group).
+
+    Stops at ``expect`` records, or when nothing new arrived for ``idle`` seconds after
+    reaching the current end, or at ``timeout``.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False,
+                                auto_offset_reset="earliest", isolation_level=isolation_level)
+    await consumer.start()
+    out: list[Consumed] = []
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        for _ in range(50):
+            if parts:
+                break
+            await consumer._client.force_metadata_update()
+            await asyncio.sleep(0.2)
+            parts = consumer.partitions_for_topic(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200, max_records=10000)
+            got = False
+            for tp, msgs in batch.items():
+                for m in msgs:
+                    got = True
+                    out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset))
+            if got:
+                last_new = time.monotonic()
+            if expect is not None and len(out) >= expect:
+                # A short extra read catches records beyond the expected count.
+                extra = await consumer.getmany(timeout_ms=500)
+                for tp, msgs in extra.items():
+                    for m in msgs:
+                        out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset))
+                break
+            if expect is None and time.monotonic() - last_new > idle:
+                break
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str = "condition"):
+    """Poll an (a)sync predicate until it returns truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
