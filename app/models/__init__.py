@@ -1,0 +1,1 @@
+"""Typed faust.Record models, one module per area (pipelines, windows, patterns)."""

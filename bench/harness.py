@@ -1,0 +1,242 @@
+"""The benchmark harness: a scenario measures, the harness reports.
+
+A scenario is a module in ``bench/scenarios`` with ``NAME``, ``DESCRIPTION`` and
+``async def run(ctx: Context) -> Result``. ``python -m bench NAME`` runs it, and the
+raw aiokafka baseline in the same run unless ``--no-baseline``, then writes
+``bench/reports/<time>-<NAME>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import pkgutil
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPORTS = Path(__file__).resolve().parent / "reports"
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) of already sorted values, nearest-rank."""
+    if not sorted_values:
+        return None
+    rank = max(0, min(len(sorted_values) - 1, round(q / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[rank]
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (not its children) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def self_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class Result:
+    """What one scenario measured."""
+
+    scenario: str
+    events: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    cpu_seconds: float | None = None  # of the process(es) under test
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: Which raw baseline result this one is compared with in the report.
+    compare_with: str | None = "raw-aiokafka"
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_ms)
+        return {
+            "scenario": self.scenario,
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "events_per_second": round(self.events_per_second, 1),
+            "latency_ms": {
+                "samples": len(lat),
+                "p50": _round(percentile(lat, 50)),
+                "p95": _round(percentile(lat, 95)),
+                "p99": _round(percentile(lat, 99)),
+                "max": _round(lat[-1] if lat else None),
+            },
+            "cpu_seconds_per_million_events": (
+                round(self.cpu_seconds / self.events * 1e6, 2)
+                if self.cpu_seconds is not None and self.events
+                else None
+            ),
+            "settings": self.settings,
+            "notes": self.notes,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
+@dataclass
+class Context:
+    """What a scenario gets: the broker, a unique namespace, and its knobs."""
+
+    bootstrap: str
+    namespace: str
+    events: int
+    keys: int
+    args: argparse.Namespace
+
+    def topic(self, name: str) -> str:
+        return f"{self.namespace}.{name}"
+
+
+def machine() -> dict[str, Any]:
+    """The machine the numbers come from."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    try:
+        java = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    except (OSError, IndexError):
+        java = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_gib, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "java": java,
+        "broker": "local single-node KRaft Kafka (deploy/kafka), co-located",
+    }
+
+
+def scenarios() -> dict[str, Any]:
+    """Every scenario module in bench/scenarios, by NAME."""
+    import bench.scenarios as pkg
+
+    found = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"bench.scenarios.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "run"):
+            found[module.NAME] = module
+    return found
+
+
+def write_report(name: str, results: list[Result], args: argparse.Namespace) -> tuple[Path, Path]:
+    REPORTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    report = {
+        "scenario": name,
+        "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine(),
+        "results": [r.summary() for r in results],
+    }
+    by_name = {r.scenario: r for r in results}
+    for result, summary in zip(results, report["results"], strict=True):
+        baseline = by_name.get(result.compare_with or "")
+        if baseline is not None and baseline is not result and baseline.events_per_second:
+            summary["compared_with"] = baseline.scenario
+            summary["ratio_to_raw_baseline"] = round(
+                result.events_per_second / baseline.events_per_second, 3
+            )
+    json_path = REPORTS / f"{stamp}-{name}.json"
+    md_path = REPORTS / f"{stamp}-{name}.md"
+    json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    md_path.write_text(markdown(report))
+    return json_path, md_path
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [
+        f"# Benchmark: {report['scenario']}",
+        "",
+        f"- when: {report['when']}",
+        f"- command: `{report['command']}`",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['java']}",
+        f"- broker: {m['broker']}",
+        "",
+        "| scenario | events | events/s | ratio to raw | p50 ms | p95 ms | p99 ms | CPU s / M events |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lat = r["latency_ms"]
+        lines.append(
+            f"| {r['scenario']} | {r['events']} | {r['events_per_second']:,.0f} | "
+            f"{r.get('ratio_to_raw_baseline', '')} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
+            f"{r['cpu_seconds_per_million_events']} |"
+        )
+    lines.append("")
+    for r in report["results"]:
+        if r["settings"] or r["notes"] or r.get("extra"):
+            lines.append(f"## {r['scenario']}")
+            for k, v in r["settings"].items():
+                lines.append(f"- {k}: {v}")
+            for k, v in r.get("extra", {}).items():
+                lines.append(f"- {k}: {v}")
+            for n in r["notes"]:
+                lines.append(f"- note: {n}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    found = scenarios()
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("scenario", choices=sorted(found))
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--bootstrap", default=os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092"))
+    parser.add_argument("--no-baseline", action="store_true", help="skip the raw aiokafka baseline")
+    parser.add_argument("--rate", type=float, default=0, help="paced input rate (events/s) for latency runs; 0 = as fast as possible")
+    parser.add_argument("--option", action="append", default=[], metavar="K=V", help="scenario-specific knob")
+    args = parser.parse_args(argv)
+    args.options = dict(o.split("=", 1) for o in args.option)
+
+    async def go() -> list[Result]:
+        results = []
+        names = [args.scenario]
+        if args.scenario != "raw-aiokafka" and not args.no_baseline:
+            names.insert(0, "raw-aiokafka")
+        for name in names:
+            ctx = Context(args.bootstrap, f"bench{int(time.time())}{name.replace('-', '')[:10]}", args.events, args.keys, args)
+            print(f"[bench] running {name} with {args.events} events ...", flush=True)
+            result = await found[name].run(ctx)
+            results.extend(result if isinstance(result, list) else [result])
+            print(f"[bench] {name}: {orjson.dumps([r.summary() for r in (result if isinstance(result, list) else [result])]).decode()}", flush=True)
+        return results
+
+    results = asyncio.run(go())
+    json_path, md_path = write_report(args.scenario, results, args)
+    print(md_path.read_text())
+    print(f"[bench] report: {json_path} and {md_path}")
+    return 0
+
+
+__all__ = ["Context", "Result", "asdict", "main", "percentile", "process_cpu_seconds", "self_cpu_seconds"]
