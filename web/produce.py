@@ -48,7 +48,9 @@ def parse_produce(body: dict[str, Any]) -> ProduceRequest:
     key_field = body.get("key_field")
     if key_field is not None and (not isinstance(key_field, str) or not key_field):
         raise invalid("key_field must be a non-empty string", {"field": "key_field"})
-    headers_in = body.get("headers") or {}
+    headers_in = body.get("headers")
+    if headers_in is None:
+        headers_in = {}
     if not isinstance(headers_in, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in headers_in.items()
     ):
