@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 # Tiers to run; CI runs them all.
 TESTS ?= tests/unit tests/integration tests/chaos
 PYTEST_ARGS ?=
+# The broker `make test` starts (or finds) and that the tests talk to.
+KAFKA_PORT ?= 9092
+export KAFKA_PORT
+export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 
 .PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
 
