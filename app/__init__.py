@@ -33,3 +33,7 @@ app = faust.App(
 )
 
 __all__ = ["app", "settings"]
+
+# Our CLI commands must be registered before Faust parses the command line, for
+# ``streametl`` and ``faust -A app`` alike; they import only ``app``.
+from app import commands as _commands  # noqa: E402,F401
