@@ -1,0 +1,463 @@
+"""Pattern matchers: pure, keyed, event-time state machines.
+
+Every matcher works on the state of ONE key (one user, card, device ...) and is two
+pure functions over a JSON-serializable state:
+
+* ``step(state, event, now, event_id) -> (new_state, matches)`` for one event, where
+  ``now`` is the event's own event time (epoch seconds);
+* ``on_timer(state, now) -> (new_state, matches)`` when the clock passed
+  ``deadline(state)`` without new input (absence, and a sequence ending in a
+  "not followed by" step).
+
+``state`` is ``None`` for a key never seen. Conditions are plain predicates
+(``Callable[[Mapping], bool]``) so this module knows nothing of the expression parser.
+No Faust, no Kafka, no I/O here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import abc
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+State = Any
+
+
+def always(_event: Mapping[str, Any]) -> bool:
+    """The predicate of a matcher without a ``where`` condition."""
+    return True
+
+
+@dataclass(frozen=True)
+class Match:
+    """One detected occurrence of a pattern: when, why (evidence) and figures."""
+
+    at: float
+    evidence: list[dict[str, Any]]
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _evidence(event_id: str | None, now: float, **more: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"event_id": event_id, "ts": now}
+    item.update(more)
+    return item
+
+
+def _number(value: Any) -> float | None:
+    # bool is an int in Python, but "true" is not a measurement.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an infinite figure is reported as null."""
+    return value if math.isfinite(value) else None
+
+
+class Matcher:
+    """Base: no timers. Subclasses override ``step`` (and timers when they need them)."""
+
+    kind = "matcher"
+
+    def step(self, state: State, event: Mapping[str, Any], now: float,
+             event_id: str | None = None) -> tuple[State, list[Match]]:
+        raise NotImplementedError
+
+    def on_timer(self, state: State, now: float) -> tuple[State, list[Match]]:
+        """Fire what is due at ``now``; default: nothing is ever due."""
+        return state, []
+
+    def deadline(self, state: State) -> float | None:
+        """The event time at which ``on_timer`` has something to do, or None."""
+        return None
+
+
+@dataclass
+class Threshold(Matcher):
+    """A condition on one event: every event that satisfies ``where`` is a match."""
+
+    where: Predicate
+    kind = "threshold"
+
+    def step(self, state, event, now, event_id=None):
+        if self.where(event):
+            return state, [Match(now, [_evidence(event_id, now)])]
+        return state, []
+
+
+@dataclass
+class Frequency(Matcher):
+    """At least ``count`` matching events within ``within`` seconds of event time.
+
+    After a match the history is cleared, so N+1 failures in the window give one
+    alert, not two overlapping ones (the next alert needs ``count`` new events).
+    """
+
+    where: Predicate
+    count: int
+    within: float
+    kind = "frequency"
+
+    def step(self, state, event, now, event_id=None):
+        if not self.where(event):
+            return state, []
+        history = list((state or {}).get("h", []))
+        history.append([now, event_id])
+        history.sort(key=lambda item: item[0])  # tolerate out-of-order arrival
+        newest = history[-1][0]
+        history = [h for h in history if newest - h[0] <= self.within]
+        if len(history) >= self.count:
+            evidence = [_evidence(eid, ts) for ts, eid in history]
+            return {"h": []}, [Match(now, evidence, {"count": len(history), "within": self.within})]
+        return {"h": history}, []
+
+
+def least_squares_slope(points: abc.Sequence[tuple[float, float]]) -> float | None:
+    """Slope of the least-squares line through (x, y) points; None if x never varies."""
+    n = len(points)
+    if n < 2:
+        return None
+    mean_x = sum(p[0] for p in points) / n
+    mean_y = sum(p[1] for p in points) / n
+    sxx = sum((p[0] - mean_x) ** 2 for p in points)
+    if sxx == 0:
+        return None
+    sxy = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points)
+    return sxy / sxx
+
+
+@dataclass
+class Trend(Matcher):
+    """A rising or falling least-squares slope of ``field`` over the last ``points``
+    values or over the last ``within`` seconds.
+
+    The slope is per second of event time (``per="second"``) or per point
+    (``per="point"``). A match clears the points: one alert per trend episode.
+    """
+
+    field: str
+    direction: str  # "rising" | "falling"
+    min_slope: float
+    points: int | None = None
+    within: float | None = None
+    min_points: int = 3
+    per: str = "second"
+    where: Predicate = always
+    kind = "trend"
+
+    def step(self, state, event, now, event_id=None):
+        value = _number(event.get(self.field))
+        if value is None or not self.where(event):
+            return state, []
+        pts = list((state or {}).get("p", []))
+        pts.append([now, value, event_id])
+        if self.points is not None:
+            pts = pts[-self.points:]
+            ready = len(pts) >= self.points
+        else:
+            assert self.within is not None
+            pts = [p for p in pts if now - p[0] <= self.within]
+            ready = len(pts) >= self.min_points
+        if not ready:
+            return {"p": pts}, []
+        xy = [((p[0] if self.per == "second" else i), p[1]) for i, p in enumerate(pts)]
+        slope = least_squares_slope(xy)
+        if slope is None:
+            return {"p": pts}, []
+        hit = slope >= self.min_slope if self.direction == "rising" else slope <= -self.min_slope
+        if not hit:
+            return {"p": pts}, []
+        evidence = [_evidence(eid, ts, value=v) for ts, v, eid in pts]
+        return {"p": []}, [Match(now, evidence, {"slope": slope, "direction": self.direction,
+                                                 "points": len(pts)})]
+
+
+def mean_std(values: abc.Sequence[float]) -> tuple[float, float]:
+    """Population mean and standard deviation."""
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+
+
+def z_score(value: float, mean: float, std: float) -> float:
+    """How many standard deviations ``value`` is from ``mean``; any deviation from a
+    constant history is infinitely far."""
+    if std == 0:
+        return 0.0 if value == mean else math.inf
+    return abs(value - mean) / std
+
+
+@dataclass
+class Anomaly(Matcher):
+    """A value far from the key's rolling mean.
+
+    ``zscore``: mean and standard deviation of the last ``window`` values;
+    ``ewma``: exponentially weighted mean and variance with weight ``alpha``.
+    No alert before ``warmup`` values were seen. The value is judged against the
+    statistics *before* it, then added to them (an outlier does move the mean).
+    """
+
+    field: str
+    method: str = "zscore"  # "zscore" | "ewma"
+    threshold: float = 3.0
+    warmup: int = 10
+    window: int = 100
+    alpha: float = 0.1
+    where: Predicate = always
+    kind = "anomaly"
+
+    def step(self, state, event, now, event_id=None):
+        value = _number(event.get(self.field))
+        if value is None or not self.where(event):
+            return state, []
+        if self.method == "ewma":
+            return self._ewma(state or {}, value, now, event_id)
+        return self._zscore(state or {}, value, now, event_id)
+
+    def _alert(self, value, mean, std, z, now, event_id):
+        return [Match(now, [_evidence(event_id, now, value=value)],
+                      {"value": value, "mean": mean, "std": std, "z": _finite(z),
+                       "method": self.method, "threshold": self.threshold})]
+
+    def _zscore(self, state, value, now, event_id):
+        values = list(state.get("v", []))
+        matches: list[Match] = []
+        if len(values) >= self.warmup:
+            mean, std = mean_std(values)
+            z = z_score(value, mean, std)
+            if z >= self.threshold:
+                matches = self._alert(value, mean, std, z, now, event_id)
+        values.append(value)
+        return {"v": values[-self.window:]}, matches
+
+    def _ewma(self, state, value, now, event_id):
+        n = state.get("n", 0)
+        mean = state.get("m", 0.0)
+        var = state.get("s2", 0.0)
+        matches: list[Match] = []
+        if n >= self.warmup:
+            std = math.sqrt(var)
+            z = z_score(value, mean, std)
+            if z >= self.threshold:
+                matches = self._alert(value, mean, std, z, now, event_id)
+        if n == 0:
+            mean, var = value, 0.0
+        else:
+            # West's incremental exponentially weighted mean and variance.
+            diff = value - mean
+            incr = self.alpha * diff
+            mean += incr
+            var = (1 - self.alpha) * (var + diff * incr)
+        return {"n": n + 1, "m": mean, "s2": var}, matches
+
+
+@dataclass(frozen=True)
+class SeqStep:
+    """One step of a sequence: ``times`` events matching ``where``; a ``negated``
+    step forbids a matching event at that point (Flink CEP ``notFollowedBy``)."""
+
+    name: str
+    where: Predicate
+    times: int = 1
+    negated: bool = False
+
+
+#: How a sequence step condition sees the events matched by earlier steps: the event
+#: plus ``{"match": {step name: last event of that step}}``.
+BOUND_KEY = "match"
+
+
+@dataclass
+class Sequence_(Matcher):
+    """Steps A then B then C ... (relaxed contiguity: other events may come in between)
+    all within ``within`` seconds of the first event, with optional negated steps.
+
+    After a complete match every other partial match is dropped (Flink's
+    SKIP_PAST_LAST_EVENT), so one burst gives one alert. Partial matches in the same
+    position keep only the latest-started one: it expires last and has the same
+    future, which bounds the state to the number of (step, count) positions.
+    A trailing negated step completes on the timer when ``within`` passed without
+    the forbidden event.
+    """
+
+    steps: list[SeqStep]
+    within: float
+    bind_events: bool = True
+    kind = "sequence"
+
+    def __post_init__(self) -> None:
+        self._positive = [i for i, s in enumerate(self.steps) if not s.negated]
+        self._trailing_not = self.steps[-1].negated
+
+    def _record(self, event, bound):
+        if not self.bind_events or not bound:
+            return event
+        return {**event, BOUND_KEY: bound}
+
+    def _next_positive(self, index: int) -> int | None:
+        for i in range(index, len(self.steps)):
+            if not self.steps[i].negated:
+                return i
+        return None
+
+    def step(self, state, event, now, event_id=None):
+        partials = (state or {}).get("p", [])
+        kept: list[dict] = []
+        matches: list[Match] = []
+        changed = False
+        for p in partials:
+            if now - p["s"] > self.within:
+                changed = True
+                if self._waiting_at_end(p):
+                    # Event time already passed the end of the window: the trailing
+                    # "not" step held, whether or not the timer ran first.
+                    matches.append(self._complete(p, p["s"] + self.within))
+                continue
+            advanced = self._advance(p, event, now, event_id)
+            if advanced is None:  # killed by a negated step
+                changed = True
+                continue
+            if advanced is not p:
+                changed = True
+            if advanced.get("done"):
+                matches.append(self._complete(advanced, now))
+                continue
+            kept.append(advanced)
+        first = self.steps[0]
+        if first.where(event):
+            changed = True
+            start = {"s": now, "i": 0, "c": 0, "ev": [], "b": {}}
+            started = self._count(start, 0, event, now, event_id)
+            if started.get("done"):
+                matches.append(self._complete(started, now))
+            else:
+                kept.append(started)
+        if matches:
+            # Skip past the last event: nothing that overlaps a match survives.
+            return {"p": []}, matches
+        if not changed:
+            return state, []
+        return {"p": self._dedupe(kept)}, []
+
+    def _waiting_at_end(self, p) -> bool:
+        return self._trailing_not and p["i"] >= len(self.steps) - 1 and \
+            self._next_positive(p["i"]) is None
+
+    def _advance(self, p, event, now, event_id):
+        index = p["i"]
+        bound = p["b"]
+        step = self.steps[index]
+        if not step.negated and p["c"] > 0:
+            # In the middle of a repeated step: more of the same, or nothing.
+            if step.where(self._record(event, bound)):
+                return self._count(p, index, event, now, event_id)
+            return p
+        target = self._next_positive(index)
+        record = self._record(event, bound)
+        for guard in self.steps[index:target if target is not None else len(self.steps)]:
+            if guard.negated and guard.where(record):
+                return None
+        if target is None:
+            return p  # waiting at a trailing "not" for the window to close
+        if self.steps[target].where(record):
+            return self._count(p, target, event, now, event_id)
+        return p
+
+    def _count(self, p, index, event, now, event_id):
+        step = self.steps[index]
+        count = (p["c"] if p["i"] == index else 0) + 1
+        ev = [*p["ev"], _evidence(event_id, now, step=step.name)]
+        bound = {**p["b"], step.name: dict(event)} if self.bind_events else p["b"]
+        new = {"s": p["s"], "i": index, "c": count, "ev": ev, "b": bound}
+        if count < step.times:
+            return new
+        nxt = index + 1
+        if nxt >= len(self.steps):
+            new["done"] = True
+            return new
+        new["i"], new["c"] = nxt, 0
+        return new
+
+    def _complete(self, p, at) -> Match:
+        return Match(at, list(p["ev"]), {"started": p["s"], "steps": [s.name for s in self.steps]})
+
+    @staticmethod
+    def _dedupe(partials: list[dict]) -> list[dict]:
+        best: dict[tuple[int, int], dict] = {}
+        for p in partials:
+            pos = (p["i"], p["c"])
+            if pos not in best or p["s"] >= best[pos]["s"]:
+                best[pos] = p
+        return sorted(best.values(), key=lambda p: p["s"])
+
+    def on_timer(self, state, now):
+        partials = (state or {}).get("p", [])
+        kept, matches = [], []
+        for p in partials:
+            if now - p["s"] > self.within:
+                if self._waiting_at_end(p):
+                    matches.append(self._complete(p, p["s"] + self.within))
+                continue
+            kept.append(p)
+        if len(kept) == len(partials):
+            return state, []
+        return {"p": kept}, matches
+
+    def deadline(self, state):
+        waiting = [p["s"] + self.within for p in (state or {}).get("p", [])
+                   if self._waiting_at_end(p)]
+        return min(waiting) if waiting else None
+
+
+Sequence = Sequence_
+
+
+@dataclass
+class Absence(Matcher):
+    """No ``expect`` event within ``within`` seconds after a ``trigger`` event.
+
+    A new trigger re-arms the timer (a heartbeat that is both trigger and expected
+    event keeps pushing the deadline). An expected event whose own time is past the
+    deadline first fires the overdue alert: event time decides, not arrival.
+    """
+
+    trigger: Predicate
+    expect: Predicate
+    within: float
+    kind = "absence"
+
+    def step(self, state, event, now, event_id=None):
+        pending = state or {}
+        matches: list[Match] = []
+        changed = False
+        if pending.get("d") is not None and now > pending["d"]:
+            matches.append(self._fire(pending))
+            pending, changed = {}, True
+        if pending.get("d") is not None and self.expect(event):
+            pending, changed = {}, True
+        if self.trigger(event):
+            pending = {"d": now + self.within, "t": _evidence(event_id, now)}
+            changed = True
+        return (pending if changed else state), matches
+
+    def _fire(self, pending) -> Match:
+        return Match(pending["d"], [pending["t"]], {"within": self.within, "deadline": pending["d"]})
+
+    def on_timer(self, state, now):
+        if state and state.get("d") is not None and now >= state["d"]:
+            return {}, [self._fire(state)]
+        return state, []
+
+    def deadline(self, state):
+        return state.get("d") if state else None
+
+
+__all__ = [
+    "Absence", "Anomaly", "BOUND_KEY", "Frequency", "Match", "Matcher", "Predicate", "SeqStep",
+    "Sequence", "Threshold", "Trend", "always", "least_squares_slope", "mean_std", "z_score",
+]
