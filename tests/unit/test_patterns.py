@@ -260,3 +260,92 @@ def test_absence_expected_event_in_time_cancels_and_late_one_alerts():
     assert found == [] and m.deadline(state) is None
     state, found = feed(m, [ev(0, k="order"), ev(15, k="ship")])
     assert len(found) == 1 and found[0].at == 10
+
+
+# definitions ---------------------------------------------------------------------------
+
+from app.patterns import (  # noqa: E402
+    EngineConfig,
+    PatternError,
+    config_patterns,
+    duration,
+    engine_config,
+    event_time,
+    parse_definition,
+)
+
+ENGINE = EngineConfig(sources=("events",), time_field="ts")
+
+FRAUD = {
+    "name": "fraud", "type": "sequence", "key_by": "user_id", "within": "10m",
+    "steps": [
+        {"name": "fail", "where": "action == 'login' and status == 'failed'", "times": 3},
+        {"name": "buy", "where": "action == 'purchase' and country != match.fail.country"},
+    ],
+}
+
+
+def test_a_parsed_fraud_definition_matches_like_the_hand_built_one():
+    p = parse_definition(FRAUD, ENGINE)
+    assert (p.kind, p.key_by, p.source) == ("sequence", "user_id", "events")
+    assert len(feed(p.matcher, [fail(0), fail(1), fail(2), buy(500, "BR")])[1]) == 1
+    assert feed(p.matcher, [fail(0), fail(1), fail(2), buy(500, "DE")])[1] == []
+    assert feed(p.matcher, [fail(0), fail(1), fail(2), buy(601, "BR")])[1] == []
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"name": "bad name!"}, "name"),
+    ({"type": "magic"}, "type"),
+    ({"key_by": ""}, "key_by"),
+    ({"source": "orders"}, "source"),
+    ({"within": "soon"}, "within"),
+    ({"within": -5}, "within"),
+    ({"steps": []}, "steps"),
+    ({"steps": [{"name": "a", "where": "x ==="}]}, "steps[0].where"),
+    ({"steps": [{"name": "a", "where": "x == 1", "not": True}]}, "steps[0].not"),
+    ({"steps": [{"name": "a", "where": "x == 1", "times": 0}]}, "steps[0].times"),
+    ({"steps": [{"name": "a", "where": "__import__('os')"}]}, "steps[0].where"),
+    ({"colour": "red"}, "colour"),
+])
+def test_invalid_definitions_name_the_field(change, field):
+    with pytest.raises(PatternError) as err:
+        parse_definition({**FRAUD, **change}, ENGINE)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("definition,field", [
+    ({"name": "t", "type": "threshold", "key_by": "u"}, "where"),
+    ({"name": "f", "type": "frequency", "key_by": "u", "within": 60}, "count"),
+    ({"name": "f", "type": "frequency", "key_by": "u", "count": 5}, "within"),
+    ({"name": "t", "type": "trend", "key_by": "u", "field": "v", "min_slope": 1}, "points"),
+    ({"name": "t", "type": "trend", "key_by": "u", "field": "v", "min_slope": 1, "points": 3,
+      "direction": "up"}, "direction"),
+    ({"name": "a", "type": "anomaly", "key_by": "u", "field": "v", "alpha": 2, "method": "ewma"}, "alpha"),
+    ({"name": "a", "type": "anomaly", "key_by": "u", "field": "v", "warmup": 50, "window": 10}, "warmup"),
+    ({"name": "a", "type": "anomaly", "key_by": "u"}, "field"),
+    ({"name": "h", "type": "absence", "key_by": "u", "trigger": "x == 1", "within": 5}, "expect"),
+])
+def test_each_kind_checks_its_own_fields(definition, field):
+    with pytest.raises(PatternError) as err:
+        parse_definition(definition, ENGINE)
+    assert err.value.field == field
+
+
+def test_durations_and_event_times():
+    assert duration("10m", "w") == 600 and duration(90, "w") == 90 and duration("1.5h", "w") == 5400
+    assert event_time(1_700_000_000) == 1_700_000_000
+    assert event_time(1_700_000_000_500) == pytest.approx(1_700_000_000.5)
+    assert event_time("2023-11-14T22:13:20Z") == 1_700_000_000
+    assert event_time("yesterday") is None and event_time(None) is None and event_time(True) is None
+
+
+def test_config_section_is_parsed_and_errors_point_into_it():
+    section = {"sources": ["events"], "source_key": "user_id",
+               "definitions": [FRAUD, {"name": "big", "type": "threshold", "key_by": "user_id",
+                                       "where": "amount > 1000"}]}
+    engine = engine_config(section)
+    assert engine.source_key == "user_id"
+    assert set(config_patterns(engine, section)) == {"fraud", "big"}
+    with pytest.raises(PatternError) as err:
+        config_patterns(engine, {"definitions": [FRAUD, FRAUD]})
+    assert err.value.field == "patterns.definitions[1].name"
