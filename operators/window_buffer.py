@@ -1,0 +1,94 @@
+"""A per-key write-back cache for window state, flushed once per batch.
+
+Writing one RocksDB put and one changelog record per event per window is what makes
+naive windowed aggregation slow. Like Kafka Streams' record cache, this buffer keeps
+each key's decoded state in memory, lets any number of events update it, and hands
+back each *dirty* key once when the caller flushes (end of a processing batch, which
+is before Faust acks the batch's offsets, so a commit never covers an unflushed
+update). Clean entries stay cached for the next batch up to ``max_entries``; the caller
+must ``clear()`` it whenever partitions move (another worker may change that state).
+
+Pure: the loader and the writer are callables given by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+
+class WriteBackBuffer:
+    """Cached state per key, with a dirty set and the partition each key belongs to."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._values: dict[Hashable, Any] = {}
+        self._dirty: dict[Hashable, int] = {}  # key -> partition it must be written to
+        self.loads = 0
+        self.writes = 0
+        self.updates = 0
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._values
+
+    def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
+        """The cached value of ``key``, loading it with ``load()`` on a miss."""
+        try:
+            return self._values[key]
+        except KeyError:
+            self.loads += 1
+            value = self._values[key] = load()
+            return value
+
+    def put(self, key: Hashable, value: Any, partition: int) -> None:
+        """Set (or mark as changed in place) the value of ``key``, owned by ``partition``."""
+        self._values[key] = value
+        self._dirty[key] = partition
+        self.updates += 1
+
+    @property
+    def dirty_count(self) -> int:
+        """How many keys a flush would write now."""
+        return len(self._dirty)
+
+    def drain(self) -> Iterator[tuple[Hashable, Any, int]]:
+        """Yield (key, value, partition) once per dirty key, marking each clean."""
+        dirty, self._dirty = self._dirty, {}
+        for key, partition in dirty.items():
+            self.writes += 1
+            yield key, self._values[key], partition
+        self._evict()
+
+    def flush(self, write: Callable[[Hashable, Any, int], None]) -> int:
+        """Write every dirty key once with ``write(key, value, partition)``; returns how many."""
+        n = 0
+        for key, value, partition in self.drain():
+            write(key, value, partition)
+            n += 1
+        return n
+
+    def _evict(self) -> None:
+        # Oldest-inserted clean entries go first; dirty ones never (they are not written yet).
+        excess = len(self._values) - self.max_entries
+        if excess <= 0:
+            return
+        for key in list(self._values):
+            if excess <= 0:
+                break
+            if key not in self._dirty:
+                del self._values[key]
+                excess -= 1
+
+    def forget(self, key: Hashable) -> None:
+        """Drop ``key`` from the cache (not from the store)."""
+        self._values.pop(key, None)
+        self._dirty.pop(key, None)
+
+    def clear(self) -> None:
+        """Drop every cached value; dirty ones must have been flushed first."""
+        if self._dirty:
+            raise RuntimeError(f"{len(self._dirty)} dirty keys would be lost; flush first")
+        self._values.clear()
