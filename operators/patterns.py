@@ -156,6 +156,7 @@ class Trend(Matcher):
             return state, []
         pts = list((state or {}).get("p", []))
         pts.append([now, value, event_id])
+        pts.sort(key=lambda p: p[0])  # "last N" by event time, whatever the arrival order
         if self.points is not None:
             pts = pts[-self.points:]
             ready = len(pts) >= self.points

@@ -1,0 +1,268 @@
+"""The pattern engine's agents: thin loops that feed the pure matchers.
+
+* one agent per source topic: parse (bad records to the dead-letter topic), then for
+  each key_by field either match in place (the topic is keyed by that field:
+  ``patterns.source_key``) or forward to ``patterns-repartition`` keyed by it;
+* the repartition agent: matches forwarded events and timer ticks;
+* a timer: scans the due entries of ``pattern-timers`` in the partitions this worker
+  owns and sends a tick for each to its partition, so a timer fires in stream context
+  (table writes, alerts in the same transaction) without new input.
+
+Delivery: every key's state records the last applied offset per input topic, so a
+record redelivered after a crash is skipped. Under at_least_once an alert sent just
+before a crash can be sent again (same ``alert_id``); under exactly_once the alert,
+the state and the offset commit are one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from app import app, settings
+from app.codec import RecordError, loads_object
+from app.dead_letter import send_dead_letter
+from app.models.patterns import Alert
+from app.patterns import Pattern, event_time
+from operators.patterns import Match
+from tables.patterns import (
+    ENGINE,
+    alerts_topic,
+    catalog,
+    clock,
+    in_partition_of,
+    pattern_counts,
+    pattern_state,
+    pattern_timers,
+    repartition_topic,
+    source_topics,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Item:
+    """One input to match: an event (or a timer tick) for one entity key."""
+
+    fevent: Any  # the Faust event it came from (its partition owns the key)
+    table_key: str
+    key_by: str
+    key: str
+    source: str
+    topic: str
+    offset: int
+    event: dict[str, Any] | None = None  # None for a tick
+    ts: float = 0.0
+    event_id: str | None = None
+
+
+def table_key(key_by: str, key: str) -> str:
+    return f"{key_by}={key}"
+
+
+def key_text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+def by_key_by(patterns: dict[str, Pattern], source: str) -> dict[str, list[Pattern]]:
+    groups: dict[str, list[Pattern]] = defaultdict(list)
+    for p in patterns.values():
+        if p.source == source:
+            groups[p.key_by].append(p)
+    return groups
+
+
+def alert_id(p: Pattern, tkey: str, match: Match) -> str:
+    ids = ",".join(str(e.get("event_id")) for e in match.evidence)
+    raw = f"{p.name}|{p.fingerprint}|{tkey}|{match.at}|{ids}"
+    return hashlib.sha1(raw.encode()).hexdigest()[:20]
+
+
+async def dead_letter(fevent: Any, reason: str, message: str) -> None:
+    m = fevent.message
+    await send_dead_letter(m.key, m.value, reason=reason, message=message, source_topic=m.topic,
+                           pipeline="patterns", partition=m.partition, offset=m.offset)
+
+
+async def split_source_batch(source: str, fevents: list[Any]) -> list[Item]:
+    """Parse a batch of source records; forward the ones to repartition; return the
+    ones matched in place."""
+    patterns = catalog.patterns()
+    groups = by_key_by(patterns, source)
+    local: list[Item] = []
+    for fe in fevents:
+        m = fe.message
+        try:
+            event = loads_object(m.value)
+        except RecordError as exc:
+            await dead_letter(fe, exc.reason, str(exc))
+            continue
+        keyed = [(kb, event.get(kb)) for kb in groups if event.get(kb) is not None]
+        if not keyed:
+            continue  # no pattern is keyed by a field this event has: not for us
+        # Every pattern of one source shares the engine's time field unless it names
+        # its own; the first group's decides whether the record is usable at all.
+        time_field = groups[keyed[0][0]][0].time_field
+        ts = event_time(event.get(time_field))
+        if ts is None:
+            await dead_letter(fe, "invalid_event_time",
+                              f"field {time_field!r} is missing or not a time: {event.get(time_field)!r}")
+            continue
+        event_id = key_text(event["event_id"]) if event.get("event_id") is not None \
+            else f"{m.topic}:{m.partition}:{m.offset}"
+        clock.observe(m.partition, ts)
+        for kb, value in keyed:
+            key = key_text(value)
+            tkey = table_key(kb, key)
+            if kb == ENGINE.source_key:
+                local.append(Item(fe, tkey, kb, key, source, m.topic, m.offset, event, ts, event_id))
+            else:
+                await repartition_topic.send(
+                    key=key.encode(),
+                    value=orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
+                                        "id": event_id, "e": event}),
+                )
+    return local
+
+
+def parse_repartitioned(fe: Any) -> Item | None:
+    m = fe.message
+    body = orjson.loads(m.value)
+    if body.get("tick"):
+        clock.observe(m.partition, body["now"])
+        return Item(fe, body["t"], body["k"], body["v"], body["src"], m.topic, m.offset,
+                    None, body["now"])
+    clock.observe(m.partition, body["ts"])
+    return Item(fe, table_key(body["k"], body["v"]), body["k"], body["v"], body["src"], m.topic,
+                m.offset, body["e"], body["ts"], body["id"])
+
+
+async def apply_items(items: list[Item]) -> int:
+    """Run items through the matchers, one state read and write per key; returns the
+    number of alerts sent."""
+    patterns = catalog.patterns()
+    by_key: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        by_key[item.table_key].append(item)
+    counts: dict[tuple[str, int], tuple[Any, int]] = {}
+    sent = 0
+    for tkey, group in by_key.items():
+        first = group[0]
+        active = [p for p in patterns.values() if p.key_by == first.key_by and p.source == first.source]
+        stored = pattern_state.get(tkey) or {}
+        offsets = dict(stored.get("o", {}))
+        states = {name: s for name, s in stored.get("s", {}).items()}
+        changed = False
+        for item in group:
+            if item.offset <= offsets.get(item.topic, -1):
+                continue  # applied before a crash; the offset commit did not make it
+            offsets[item.topic] = item.offset
+            changed = True
+            for p in active:
+                entry = states.get(p.name)
+                st = entry["st"] if entry and entry.get("f") == p.fingerprint else None
+                if item.event is None:
+                    new, matches = p.matcher.on_timer(st, item.ts)
+                else:
+                    new, matches = p.matcher.step(st, item.event, item.ts, item.event_id)
+                if new is not st:
+                    states[p.name] = {"f": p.fingerprint, "st": new}
+                for match in matches:
+                    await send_alert(p, item, match)
+                    sent += 1
+                    ck = (p.name, item.fevent.message.partition)
+                    counts[ck] = (item.fevent, counts.get(ck, (None, 0))[1] + 1)
+        if not changed:
+            continue
+        names = {p.name for p in active}
+        states = {n: s for n, s in states.items() if n in names}  # deleted patterns
+        in_partition_of(group[-1].fevent)
+        pattern_state[tkey] = {"o": offsets, "s": states}
+        due = [d for p in active if p.name in states
+               for d in [p.matcher.deadline(states[p.name]["st"])] if d is not None]
+        timer = {"d": min(due), "p": group[-1].fevent.message.partition,
+                 "k": first.key_by, "v": first.key, "src": first.source} if due else None
+        if timer != pattern_timers.get(tkey):
+            if timer is None:
+                pattern_timers.pop(tkey, None)
+            else:
+                pattern_timers[tkey] = timer
+    for (name, partition), (fe, n) in counts.items():
+        in_partition_of(fe)
+        key = f"{name}|{partition}"
+        pattern_counts[key] = pattern_counts[key] + n
+    return sent
+
+
+async def send_alert(p: Pattern, item: Item, match: Match) -> None:
+    alert = Alert(
+        alert_id=alert_id(p, item.table_key, match), pattern=p.name, kind=p.kind,
+        key_by=p.key_by, key=item.key, at=match.at, detected_at=time.time(),
+        evidence=match.evidence, detail=match.detail, source=p.source,
+    )
+    await alerts_topic.send(key=item.key.encode(), value=orjson.dumps(alert.to_json_dict()))
+
+
+def make_source_agent(source: str, topic: Any) -> None:
+    async def patterns_source(stream):
+        async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
+            local = await split_source_batch(source, list(fevents))
+            if local:
+                await apply_items(local)
+
+    patterns_source.__name__ = patterns_source.__qualname__ = f"patterns_source_{source}"
+    app.agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
+
+
+for _source, _topic in source_topics.items():
+    make_source_agent(_source, _topic)
+
+
+@app.agent(repartition_topic, name="agents.patterns.repartitioned")
+async def patterns_repartitioned(stream):
+    async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
+        items = []
+        for fe in fevents:
+            try:
+                item = parse_repartitioned(fe)
+            except (ValueError, KeyError, TypeError) as exc:
+                await dead_letter(fe, "invalid_internal_record", str(exc))
+                continue
+            if item is not None:
+                items.append(item)
+        if items:
+            await apply_items(items)
+
+
+#: When a tick was last sent per key, so a slow partition does not get a tick storm.
+_ticked: dict[str, float] = {}
+
+
+@app.timer(ENGINE.timer_interval)
+async def fire_due_timers() -> None:
+    """Send a tick to the partition of every key whose timer is due."""
+    if app.rebalancing or not app.tables.recovery.completed.is_set():
+        return
+    wall = time.time()
+    for tkey, timer in list(pattern_timers.items()):
+        if not timer:
+            continue
+        partition = timer["p"]
+        now = clock.now(partition)
+        if now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:
+            continue
+        _ticked[tkey] = wall
+        await repartition_topic.send(
+            key=timer["v"].encode(), partition=partition,
+            value=orjson.dumps({"tick": True, "t": tkey, "k": timer["k"], "v": timer["v"],
+                                "src": timer["src"], "now": max(now, timer["d"])}),
+        )
+    if len(_ticked) > 100_000:
+        _ticked.clear()

@@ -1,0 +1,209 @@
+"""State of the pattern engine: changelog-backed tables, its topics, the pattern
+catalog every worker shares, and the event-time clock that drives timers.
+
+Tables (RocksDB + changelog, so a kill -9 loses nothing that was committed):
+
+* ``pattern-state``: per entity key (``"user_id=u1"``) the matcher state of every
+  pattern keyed by that field, plus the last applied offset per input topic (so a
+  redelivered record is not applied twice);
+* ``pattern-timers``: entity keys that have a pending timer (absence, trailing
+  not-followed-by), with the due event time and the partition that owns them;
+* ``pattern-counts``: matches per (pattern, partition).
+
+The catalog (runtime definitions and global match counts) is a hand-made global
+table: every worker reads the compacted ``pattern-definitions`` topic and the counts
+changelog from the beginning with a group-less consumer. That keeps GET answers the
+same on every worker and survives restarts without relying on standby recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from faust.streams import _current_event
+from mode import Service
+
+from app import app, settings
+from app.patterns import (
+    EngineConfig,
+    Pattern,
+    PatternError,
+    config_patterns,
+    engine_config,
+    parse_definition,
+)
+from app.topics import declare
+
+log = logging.getLogger(__name__)
+
+ENGINE: EngineConfig = engine_config()
+CONFIG_PATTERNS: dict[str, Pattern] = config_patterns(ENGINE)
+
+alerts_topic = declare("alerts")
+#: Events re-keyed by a pattern's key_by field, and timer ticks for owned keys.
+repartition_topic = declare("patterns-repartition")
+definitions_topic = declare("pattern-definitions", compacted=True)
+source_topics = {name: declare(name) for name in ENGINE.sources}
+
+#: Keys are strings, values plain JSON (the matchers' state is JSON by contract).
+JSON_SCHEMA = faust.Schema(key_serializer="json", value_serializer="json")
+
+pattern_state = app.Table(
+    "pattern-state", default=None, partitions=settings.topic_partitions,
+    schema=JSON_SCHEMA,
+)
+pattern_timers = app.Table(
+    "pattern-timers", default=None, partitions=settings.topic_partitions,
+    schema=JSON_SCHEMA,
+)
+pattern_counts = app.Table(
+    "pattern-counts", default=int, partitions=settings.topic_partitions,
+    schema=JSON_SCHEMA,
+)
+
+
+def in_partition_of(event: Any) -> None:
+    """Make ``event`` the current event, so the next table write goes to its partition.
+
+    A batch from ``take_events`` mixes partitions, and Faust routes a table write (the
+    RocksDB file and the changelog partition) by the *current* event; without this
+    the state of a key could be written to another key's partition and come back on
+    the wrong worker after a restart.
+    """
+    _current_event.set(weakref.ref(event))
+
+
+class EventClock:
+    """Event time per partition, extrapolated by wall-clock time while idle.
+
+    ``now(p)`` = the newest event time seen on partition p plus the wall-clock time
+    elapsed since it was seen, so timers fire on time without new input and replayed
+    history does not fire them early. A partition with no event since this worker
+    started falls back to the wall clock (event times are epoch seconds).
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[float, float]] = {}
+
+    def observe(self, partition: int, ts: float) -> None:
+        known = self._seen.get(partition)
+        if known is None or ts >= known[0] + (time.time() - known[1]):
+            self._seen[partition] = (ts, time.time())
+
+    def now(self, partition: int) -> float:
+        known = self._seen.get(partition)
+        if known is None:
+            return time.time()
+        return known[0] + (time.time() - known[1])
+
+
+clock = EventClock()
+
+
+class PatternCatalog(Service):
+    """Runtime pattern definitions and match counts, read from their compacted topics
+    by every worker (no consumer group, always from the beginning)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.runtime: dict[str, Pattern] = {}
+        self.counts: dict[str, int] = {}
+        self.loaded = asyncio.Event()
+        self.version = 0
+
+    def patterns(self) -> dict[str, Pattern]:
+        """Every active pattern: the config file's, then runtime ones."""
+        return {**CONFIG_PATTERNS, **self.runtime}
+
+    def match_count(self, name: str) -> int:
+        """Matches of one pattern over all partitions."""
+        prefix = f"{name}|"
+        return sum(v for k, v in self.counts.items() if k.startswith(prefix))
+
+    def put_runtime(self, definition: dict[str, Any] | None, name: str) -> None:
+        """Apply one definition record (None = deleted)."""
+        if definition is None:
+            self.runtime.pop(name, None)
+        else:
+            try:
+                self.runtime[name] = parse_definition(definition, ENGINE, "runtime")
+            except PatternError as exc:  # a definition accepted by an older version
+                log.error("runtime pattern %s no longer valid, ignored: %s", name, exc)
+                self.runtime.pop(name, None)
+        self.version += 1
+
+    @Service.task
+    async def _follow(self) -> None:
+        counts_topic = pattern_counts.changelog_topic.get_topic_name()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            tps = await self._assign(consumer, [definitions_topic.get_topic_name(), counts_topic])
+            ends = await consumer.end_offsets(tps)
+            pending = {tp for tp, end in ends.items() if end > 0}
+            if not pending:
+                self.loaded.set()
+            while not self.should_stop:
+                batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+                for tp, messages in batch.items():
+                    for m in messages:
+                        self._apply(tp.topic == counts_topic, m.key, m.value)
+                if not self.loaded.is_set():
+                    for tp in list(pending):
+                        if await consumer.position(tp) >= ends[tp]:
+                            pending.discard(tp)
+                    if not pending:
+                        self.loaded.set()
+        finally:
+            await consumer.stop()
+
+    async def _assign(self, consumer: AIOKafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
+        tps: list[TopicPartition] = []
+        for topic in topics:
+            # The counts changelog is created by Faust when the worker starts.
+            for _ in range(600):
+                parts = consumer.partitions_for_topic(topic)
+                if parts:
+                    break
+                await consumer._client.force_metadata_update()
+                await asyncio.sleep(0.2)
+            tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        return tps
+
+    def _apply(self, is_count: bool, key: bytes | None, value: bytes | None) -> None:
+        if key is None:
+            return
+        try:
+            if is_count:
+                name = orjson.loads(key)
+                if value is None:
+                    self.counts.pop(name, None)
+                else:
+                    self.counts[name] = int(orjson.loads(value))
+            else:
+                self.put_runtime(orjson.loads(value) if value is not None else None, key.decode())
+        except (ValueError, TypeError) as exc:
+            log.error("unreadable catalog record %r: %s", key, exc)
+
+
+catalog = PatternCatalog()
+app.service(catalog)
+
+__all__ = [
+    "CONFIG_PATTERNS", "ENGINE", "EventClock", "PatternCatalog", "alerts_topic", "catalog", "clock",
+    "definitions_topic", "in_partition_of", "pattern_counts", "pattern_state", "pattern_timers",
+    "repartition_topic", "source_topics",
+]
