@@ -1,0 +1,106 @@
+"""Window state tables: one changelog-backed RocksDB table per configured window, and
+one for the aggregate API.
+
+Why a plain table and not Faust's windowed tables: Faust's ``.tumbling()`` /
+``.hopping()`` cannot express sessions, count windows, merging or late-record routing.
+Here each key's value is the JSON of all its open windows (``operators.windows``), so
+every window type is stored the same way, and one put per key covers all its windows.
+
+Writes happen once per key per batch (the agent's write-back buffer), not per event,
+so a write is not inside the event that caused it. Faust picks the RocksDB partition
+and the changelog partition from the *current event*; ``PartitionStore`` makes the
+event of the right partition current for each read/write, which keeps a key's state
+in the partition its records come from (co-partitioned with the input topic).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import faust
+import orjson
+from faust.streams import _current_event
+
+from app import app, settings
+from app.windows import WindowDef, load_window_defs
+
+#: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
+#: which no record key can produce (keys are UTF-8 text of a JSON scalar).
+META_PREFIX = b"\x00meta:"
+
+
+@contextmanager
+def as_current(event: Any) -> Iterator[None]:
+    """Make ``event`` Faust's current event (its partition picks store and changelog)."""
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+class PartitionStore:
+    """Reads and writes JSON values of a raw-bytes table in an explicit partition."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def read(self, event: Any, key: bytes) -> Any:
+        """The decoded value of ``key`` in ``event``'s partition, or None."""
+        with as_current(event):
+            raw = self.table.get(key)
+        return None if raw is None else orjson.loads(raw)
+
+    def write(self, event: Any, key: bytes, value: Any) -> None:
+        """Store ``value`` (JSON) for ``key`` in ``event``'s partition and its changelog."""
+        with as_current(event):
+            self.table[key] = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+
+    def delete(self, event: Any, key: bytes) -> None:
+        """Remove ``key`` (a changelog tombstone)."""
+        with as_current(event):
+            if key in self.table:
+                del self.table[key]
+
+    def scan(self) -> Iterator[tuple[bytes, Any]]:
+        """Every (key, decoded value) of the partitions this worker holds now."""
+        for key, raw in self.table.items():
+            if raw is not None:
+                yield key, orjson.loads(raw)
+
+
+def meta_key(partition: int) -> bytes:
+    """The key of one partition's bookkeeping value."""
+    return META_PREFIX + str(partition).encode()
+
+
+#: Keys and values are bytes we encode ourselves (orjson), never Faust's codecs.
+RAW_SCHEMA = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                          value_serializer="raw")
+
+
+def _table(name: str) -> Any:
+    return app.Table(
+        name,
+        default=None,
+        partitions=settings.topic_partitions,
+        schema=RAW_SCHEMA,
+        help=f"window state: {name}",
+    )
+
+
+#: Every configured window; a bad ``windows:`` section stops the worker at start
+#: (WindowConfigError names the entry and field) rather than running half-configured.
+WINDOW_DEFS: list[WindowDef] = load_window_defs()
+
+#: name -> table holding that window's per-key state.
+window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WINDOW_DEFS}
+
+#: window_id -> {"spec", "state", "st", "closed", "o"} of the aggregate API.
+api_windows = _table("aggregate-api")
+
+__all__ = ["META_PREFIX", "PartitionStore", "WINDOW_DEFS", "api_windows", "as_current",
+           "meta_key", "window_tables"]
