@@ -28,6 +28,9 @@ app = faust.App(
     broker_max_poll_records=settings.max_poll_records,
     stream_buffer_maxsize=settings.stream_buffer_maxsize,
     consumer_auto_offset_reset="earliest",
+    # agent.ask() (POST /api/v1/aggregate) needs this worker's reply topic; the broker
+    # does not auto-create topics.
+    reply_create_topic=True,
     autodiscover=["tables", "agents", "web"],
     origin="app",
 )
