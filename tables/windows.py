@@ -87,6 +87,8 @@ def _table(name: str) -> Any:
         name,
         default=None,
         partitions=settings.topic_partitions,
+        key_type=bytes,
+        value_type=bytes,
         schema=RAW_SCHEMA,
         help=f"window state: {name}",
     )

@@ -1,0 +1,61 @@
+"""POST /api/v1/aggregate and GET /api/v1/aggregate/{window_id}: one record into a
+named window, answered by the worker that owns the window_id (agent request/reply)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agents.aggregate_api import aggregate_api
+from app.models.windows import AggregateRequest
+from app.windows import WindowConfigError, parse_api_spec, spec_from_canonical
+from operators.aggregations import AggregationError
+from operators.windows import WindowSpecError
+from web.common import ApiError, ApiView, endpoint, invalid
+
+#: How long a view waits for the owning worker's answer.
+ASK_TIMEOUT = 30.0
+
+
+def parse_aggregate(body: dict[str, Any]) -> AggregateRequest:
+    """Validate a POST body into the request for the owning agent; 4xx on bad input."""
+    window_id = body.get("window_id")
+    if not isinstance(window_id, str) or not window_id or len(window_id) > 256:
+        raise invalid("window_id must be a non-empty string (max 256 characters)", {"field": "window_id"})
+    record = body.get("record")
+    if not isinstance(record, dict):
+        raise invalid("record must be a JSON object", {"field": "record"})
+    try:
+        spec = parse_api_spec(body)
+        _, aggs = spec_from_canonical(spec)
+        aggs.extract(record)
+    except AggregationError as exc:
+        raise invalid(str(exc), {"reason": exc.reason}) from None
+    except (WindowSpecError, WindowConfigError) as exc:
+        raise invalid(str(exc)) from None
+    return AggregateRequest(op="add", window_id=window_id, spec=spec, record=record)
+
+
+async def ask(req: AggregateRequest) -> dict[str, Any]:
+    """The owning worker's answer; ApiError for its error answers or a timeout."""
+    try:
+        reply = await asyncio.wait_for(aggregate_api.ask(key=req.window_id, value=req), ASK_TIMEOUT)
+    except TimeoutError:
+        raise ApiError(504, "timeout", f"no answer from the owner of {req.window_id!r} in {ASK_TIMEOUT}s") from None
+    if isinstance(reply, dict) and "error" in reply:
+        err = reply["error"]
+        raise ApiError(err["status"], err["code"], err["message"], err.get("details"))
+    return reply
+
+
+@endpoint("/api/v1/aggregate", "Feed one record into a named window; answers the aggregate after it")
+class Aggregate(ApiView):
+    async def post(self, request: Any) -> Any:
+        req = parse_aggregate(await self.read_json_object(request))
+        return self.reply(await ask(req))
+
+
+@endpoint("/api/v1/aggregate/{window_id}", "The current windows of a window_id and their values")
+class AggregateState(ApiView):
+    async def get(self, request: Any, window_id: str) -> Any:
+        return self.reply(await ask(AggregateRequest(op="get", window_id=window_id)))
