@@ -151,11 +151,14 @@ async def apply_items(items: list[Item]) -> int:
     by_key: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_key[item.table_key].append(item)
+    groups: dict[tuple[str, str], list[Pattern]] = defaultdict(list)
+    for p in patterns.values():
+        groups[(p.key_by, p.source)].append(p)
     counts: dict[tuple[str, int], tuple[Any, int]] = {}
     sent = 0
     for tkey, group in by_key.items():
         first = group[0]
-        active = [p for p in patterns.values() if p.key_by == first.key_by and p.source == first.source]
+        active = groups.get((first.key_by, first.source), [])
         stored = pattern_state.get(tkey) or {}
         offsets = dict(stored.get("o", {}))
         states = {name: s for name, s in stored.get("s", {}).items()}
@@ -183,17 +186,21 @@ async def apply_items(items: list[Item]) -> int:
             continue
         names = {p.name for p in active}
         states = {n: s for n, s in states.items() if n in names}  # deleted patterns
-        in_partition_of(group[-1].fevent)
-        pattern_state[tkey] = {"o": offsets, "s": states}
         due = [d for p in active if p.name in states
                for d in [p.matcher.deadline(states[p.name]["st"])] if d is not None]
-        timer = {"d": min(due), "p": group[-1].fevent.message.partition,
-                 "k": first.key_by, "v": first.key, "src": first.source} if due else None
-        if timer != pattern_timers.get(tkey):
-            if timer is None:
+        deadline = min(due) if due else None
+        in_partition_of(group[-1].fevent)
+        new_state: dict[str, Any] = {"o": offsets, "s": states}
+        if deadline is not None:
+            new_state["t"] = deadline
+        pattern_state[tkey] = new_state
+        # The state remembers its timer, so the timers table is touched only on change.
+        if deadline != stored.get("t"):
+            if deadline is None:
                 pattern_timers.pop(tkey, None)
             else:
-                pattern_timers[tkey] = timer
+                pattern_timers[tkey] = {"d": deadline, "p": group[-1].fevent.message.partition,
+                                        "k": first.key_by, "v": first.key, "src": first.source}
     for (name, partition), (fe, n) in counts.items():
         in_partition_of(fe)
         key = f"{name}|{partition}"
