@@ -107,9 +107,7 @@ async def split_source_batch(source: str, fevents: list[Any]) -> list[Item]:
         keyed = [(kb, event.get(kb)) for kb in groups if event.get(kb) is not None]
         if not keyed:
             continue  # no pattern is keyed by a field this event has: not for us
-        # Every pattern of one source shares the engine's time field unless it names
-        # its own; the first group's decides whether the record is usable at all.
-        time_field = groups[keyed[0][0]][0].time_field
+        time_field = ENGINE.time_field
         ts = event_time(event.get(time_field))
         if ts is None:
             await dead_letter(fe, "invalid_event_time",
@@ -220,6 +218,8 @@ async def send_alert(p: Pattern, item: Item, match: Match) -> None:
 def make_source_agent(source: str, topic: Any) -> None:
     async def patterns_source(stream):
         async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
+            # After a restart, runtime patterns must be known before any event is matched.
+            await catalog.loaded.wait()
             local = await split_source_batch(source, list(fevents))
             if local:
                 await apply_items(local)
@@ -235,6 +235,7 @@ for _source, _topic in source_topics.items():
 @app.agent(repartition_topic, name="agents.patterns.repartitioned")
 async def patterns_repartitioned(stream):
     async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
+        await catalog.loaded.wait()
         items = []
         for fe in fevents:
             try:

@@ -167,7 +167,7 @@ def _choice(d: Mapping[str, Any], key: str, options: tuple[str, ...], default: s
     return value  # type: ignore[return-value]
 
 
-COMMON = {"name", "type", "key_by", "source", "time_field", "description", "where"}
+COMMON = {"name", "type", "key_by", "source", "description", "where"}
 FIELDS = {
     "threshold": set(),
     "frequency": {"count", "within"},
@@ -274,9 +274,8 @@ def parse_definition(raw: Any, engine: EngineConfig, origin: str = "config") -> 
         raise PatternError(
             "source", f"the pattern engine consumes {list(engine.sources)}, not {source!r}"
         )
-    time_field = raw.get("time_field", engine.time_field)
-    if not isinstance(time_field, str) or not time_field:
-        raise PatternError("time_field", "must be a non-empty field name")
+    # One event time per source record: the engine's time_field, for every pattern.
+    time_field = engine.time_field
     if raw.get("description") is not None and not isinstance(raw["description"], str):
         raise PatternError("description", "must be a string")
     matcher = build_matcher(kind, raw)

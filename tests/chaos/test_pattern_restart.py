@@ -68,6 +68,10 @@ def test_partial_sequence_and_pending_timer_survive_kill_9(worker):
     timer = run(wait_for(both_stored, timeout=60, interval=0.5, what="partial match and timer in the changelogs"))
     assert timer["d"] == pytest.approx(now + 4)
 
+    huge = {"name": "huge", "type": "threshold", "key_by": "user_id", "where": "amount > 1000"}
+    status, body = worker.post("/api/v1/patterns", huge)
+    assert status == 201, body
+
     # kill -9 in the middle of the sequence, with the heartbeat timer pending, and lose
     # the local RocksDB files: everything must come back from the changelogs.
     worker.kill()
@@ -82,8 +86,14 @@ def test_partial_sequence_and_pending_timer_survive_kill_9(worker):
     assert found[0]["key"] == "pump-7" and found[0]["at"] == pytest.approx(now + 4)
     assert found[0]["evidence"][0]["event_id"] == "hb"
 
+    # The runtime pattern came back from its compacted topic, and applies.
+    status, body = worker.get("/api/v1/patterns")
+    assert status == 200
+    assert {p["name"]: p["origin"] for p in body["patterns"]}.get("huge") == "runtime"
+
     # The sequence completes with the two failures seen before the crash.
     after = [
+        {"event_id": "big", "user_id": "whale", "amount": 5000, "ts": base + 1},
         {"event_id": "f2", "user_id": "victim", "action": "login", "status": "failed", "country": "DE", "ts": base + 2},
         {"event_id": "p1", "user_id": "victim", "action": "purchase", "country": "BR", "ts": base + 60},
     ]
@@ -94,3 +104,5 @@ def test_partial_sequence_and_pending_timer_survive_kill_9(worker):
     found = run(wait_for(one_alert, timeout=90, interval=1.0, what="the fraud alert after restart"))
     assert len({a["alert_id"] for a in found}) == 1
     assert [e["event_id"] for e in found[0]["evidence"]] == ["f0", "f1", "f2", "p1"]
+    huge_alerts = run(alerts(worker, "huge", idle=1.0))
+    assert [(a["key"], a["evidence"][0]["event_id"]) for a in huge_alerts] == [("whale", "big")]
