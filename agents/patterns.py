@@ -28,6 +28,7 @@ import orjson
 from app import app, settings
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
+from app.kafka_io import kafka_io
 from app.models.patterns import Alert
 from app.patterns import Pattern, event_time
 from operators.patterns import Match
@@ -256,7 +257,7 @@ _ticked: dict[str, float] = {}
 @app.timer(ENGINE.timer_interval)
 async def fire_due_timers() -> None:
     """Send a tick to the partition of every key whose timer is due."""
-    if app.rebalancing or not app.tables.recovery.completed.is_set():
+    if app.rebalancing or not app.tables.recovery.completed.is_set() or kafka_io.producer is None:
         return
     wall = time.time()
     for tkey, timer in list(pattern_timers.items()):
@@ -267,8 +268,11 @@ async def fire_due_timers() -> None:
         if now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:
             continue
         _ticked[tkey] = wall
-        await repartition_topic.send(
-            key=timer["v"].encode(), partition=partition,
+        # A tick is only a wake-up call (firing twice is harmless: the state decides), so
+        # it goes through the plain producer: under exactly_once a transactional send
+        # from outside a stream would stay invisible until its partition next commits.
+        await kafka_io.producer.send(
+            repartition_topic.get_topic_name(), key=timer["v"].encode(), partition=partition,
             value=orjson.dumps({"tick": True, "t": tkey, "k": timer["k"], "v": timer["v"],
                                 "src": timer["src"], "now": max(now, timer["d"])}),
         )

@@ -247,3 +247,32 @@ def test_bad_records_go_to_the_dead_letter_topic(cluster):
     assert reasons == ["invalid_event_time", "invalid_json"]
     assert all(r.headers["dlq.source_topic"] == events_topic.encode() for r in dead)
     assert json.loads(next(r.value for r in dead if r.headers["dlq.reason"] == b"invalid_event_time"))["event_id"] == "nots"
+
+
+def test_exactly_once_alerts_are_committed_once_including_timer_fired_ones(kafka):
+    """Under exactly_once, alerts (also those fired by timer ticks) become visible to a
+    read_committed consumer, once each."""
+    name = unique("eos")
+    config = Path(tempfile.mkdtemp(prefix="streametl-pat-")) / "pipelines.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={
+        "STREAMETL_PIPELINES_FILE": str(config), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"})
+    try:
+        w.start(timeout=150)
+        base = time.time() - 500
+        events = [{"event_id": f"f{i}", "user_id": "x", "action": "login", "status": "failed",
+                   "country": "DE", "ts": base + i} for i in range(3)]
+        events.append({"event_id": "p", "user_id": "x", "action": "purchase", "country": "BR", "ts": base + 100})
+        run(produce_json(w.topic_prefix + "events", events, key="user_id"))
+        run(produce_json(w.topic_prefix + "events",
+                         [{"event_id": "hb", "device": "d9", "type": "heartbeat", "ts": time.time()}], key="device"))
+
+        async def committed():
+            got = await read_topic(w.topic_prefix + "alerts", timeout=5, idle=1.0,
+                                   isolation_level="read_committed")
+            return got if len(got) >= 2 else None
+        got = run(wait_for(committed, timeout=90, interval=1.0, what="two committed alerts"))
+        assert sorted((a.json()["pattern"], a.json()["key"]) for a in got) == [
+            ("fraud", "x"), ("no-heartbeat", "d9")]
+    finally:
+        w.kill()
