@@ -61,6 +61,10 @@ class Settings:
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
     max_poll_records: int = 5000
+    # Window aggregation: events per write-back flush, and the longest wait for a full
+    # batch (each flush writes every dirty key once; Faust commits after the batch).
+    window_batch_max: int = 10_000
+    window_flush_interval: float = 0.25
     # Declarative pipelines and patterns
     pipelines_file: str = str(REPO_ROOT / "config" / "pipelines.yaml")
     # Logging
