@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import faust
 
+from app import transport as _transport
 from app.settings import settings
+
+# The fast consume path (app/transport.py) is selected by the broker URL scheme.
+_transport.install()
 
 app = faust.App(
     settings.app_id,
-    broker=settings.broker,
+    broker=_transport.broker_url(settings.broker, settings.fast_consumer),
     store=settings.store,
     datadir=settings.data_dir,
     processing_guarantee=settings.processing_guarantee,

@@ -61,6 +61,13 @@ class Settings:
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
     max_poll_records: int = 5000
+    # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
+    # production so it neither subscribes nor creates its topic.
+    passthrough_enabled: bool = False
+    passthrough_mode: str = "take"  # take (batches of batch_max) or each (per event)
+    # Faust's own consumer drain loop instead of app/transport.py's fast path (for
+    # before/after comparisons only).
+    fast_consumer: bool = True
     # Window aggregation: events per write-back flush, and the longest wait for a full
     # batch (each flush writes every dirty key once; Faust commits after the batch).
     window_batch_max: int = 10_000

@@ -1,0 +1,215 @@
+"""A faster consume hot path for Faust's aiokafka transport, installed through Faust's
+own transport registry (broker URL scheme → ``Transport`` class).
+
+Why: faust-streaming 0.15.3's ``Consumer._drain_messages`` delivers every message with
+``await self.wait_first(callback(message), self.suspend_flow.wait())``, which creates
+four tasks and one ``asyncio.wait`` *per message* so that a delivery blocked on a full
+stream buffer can be interrupted when flow is suspended (rebalance, recovery). A
+delivery almost never blocks, so that machinery is pure overhead on the hot path.
+
+What changes (and only this):
+
+* ``FastConsumer._drain_messages`` runs the delivery coroutine inline, up to its first
+  suspension point. If it completes without suspending (the common case: there is room
+  in the stream buffer), nothing else happens. If it suspends (buffer full, producer
+  buffer full, flow control), the rest of the *same* coroutine is handed to the
+  original ``wait_first(..., suspend_flow.wait())``, so a suspended flow still
+  interrupts a blocked delivery exactly as before. If flow is already suspended, the
+  original path is taken unchanged.
+* ``FastConsumer.getmany`` reports each partition's end offset to the monitor once per
+  fetched batch instead of once per message (the value is the same for the batch).
+
+Everything else is Faust's: read offsets, gap tracking, acks, ``commit_every``,
+commits, rebalance listeners, transactions (exactly_once), the consumer thread.
+
+Constraint this relies on: the delivery callback must not use ``asyncio.timeout`` or
+``asyncio.current_task()`` across its first suspension point (its first step runs in
+the fetcher's task). Faust's conductor callback does not.
+
+``STREAMETL_FAST_CONSUMER=false`` selects Faust's own consumer (before/after benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any
+
+from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers import aiokafka as faust_aiokafka
+
+#: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
+SCHEME = "streametl-kafka"
+
+#: Yield to the event loop after this many inline deliveries, so the web server, timers
+#: and the stream's own tasks get a turn even when deliveries never suspend.
+YIELD_EVERY = 100
+
+
+class ResumeDelivery:
+    """Awaitable that continues a coroutine which already ran to its first suspension.
+
+    ``pending`` is what the coroutine yielded (a future it waits for, or ``None`` for a
+    bare ``sleep(0)``); awaiting this object re-yields it to the event loop and then
+    keeps driving the coroutine, forwarding results and exceptions (cancellation too).
+    """
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Any, pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self.coro, self.pending
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation must reach the coroutine
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+def start_inline(coro: Any) -> tuple[bool, Any]:
+    """Run ``coro`` until it first suspends: ``(True, result)`` if it finished, else
+    ``(False, ResumeDelivery)`` to await for the rest. Exceptions propagate."""
+    try:
+        pending = coro.send(None)
+    except StopIteration as stop:
+        return True, stop.value
+    return False, ResumeDelivery(coro, pending)
+
+
+class FastConsumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with an inline (task-free) delivery fast path."""
+
+    async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
+        """Deliver one message; a suspended flow still interrupts a blocked delivery."""
+        suspend_flow = self.suspend_flow
+        if suspend_flow.is_set():
+            await self.wait_first(callback(message), suspend_flow.wait())
+            return
+        finished, rest = start_inline(callback(message))
+        if not finished:
+            await self.wait_first(rest, suspend_flow.wait())
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        """Faust's getmany, with the end-offset monitor call once per partition per batch."""
+        records, active_partitions = await self._wait_next_records(timeout)
+        generation_id = self.app.consumer_generation_id
+        if records is None or self.should_stop:
+            return
+        if not self.flow_active:
+            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+            try:
+                await self.perform_seek()
+            except Exception as ex:
+                self.log.warning(f"exception performing seek when flow not active {ex}")
+            return
+        app = self.app
+        track_end = app.monitor.track_tp_end_offset
+        for tp in records:
+            track_end(tp, self.highwater(tp))
+        buffered = self._buffered_partitions
+        to_message = self._to_message
+        for tp, record in self.scheduler.iterate(records):
+            # Same stop conditions as Faust's: flow suspended or a new generation
+            # (rebalance) ends the batch; the rest is fetched again after seeking.
+            if not self.flow_active or app.consumer_generation_id != generation_id:
+                break
+            if active_partitions is None or tp in active_partitions or tp in buffered:
+                yield tp, to_message(tp, record)
+
+    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by Fetcher
+        # The same loop as Faust's (read offsets, gaps, commit_every, stop handling);
+        # only the per-message delivery differs (see ``deliver``).
+        callback = self.callback
+        deliver = self.deliver
+        consumer_should_stop = self._stopped.is_set
+        fetcher_should_stop = fetcher._stopped.is_set
+        read_offset = self._read_offset
+        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
+        commit_every = self._commit_every
+        acks_enabled_for = self.app.topics.acks_enabled_for
+        since_yield = 0
+        try:
+            while not (consumer_should_stop() or fetcher_should_stop()):
+                set_flag(CONSUMER_FETCHING)
+                ait = self.getmany(timeout=1.0)
+                await self.sleep(0)
+                if self.should_stop:
+                    continue
+                async for tp, message in ait:
+                    since_yield += 1
+                    if since_yield > YIELD_EVERY:
+                        await asyncio.sleep(0)
+                        since_yield = 0
+                    offset = message.offset
+                    r_offset = read_offset[tp]
+                    if r_offset is not None and offset < r_offset:
+                        self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+                        continue
+                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    await deliver(callback, message)
+                    read_offset[tp] = offset
+                unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            unset_flag(CONSUMER_FETCHING)
+
+
+class Transport(faust_aiokafka.Transport):
+    """Faust's aiokafka transport with :class:`FastConsumer` as its consumer."""
+
+    Consumer = FastConsumer
+
+
+def install() -> None:
+    """Register :data:`SCHEME` in Faust's transport registry (idempotent)."""
+    TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
+
+
+def broker_url(url: str, fast: bool = True) -> str:
+    """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
+    :data:`SCHEME` (when ``fast``), so Faust builds :class:`Transport` for it."""
+    if not fast:
+        return url
+    parts = []
+    for part in url.split(";"):
+        scheme, sep, rest = part.strip().partition("://")
+        if sep and scheme in {"kafka", "aiokafka"}:
+            part = f"{SCHEME}://{rest}"
+        elif not sep and part.strip():
+            part = f"{SCHEME}://{part.strip()}"
+        parts.append(part)
+    return ";".join(parts)
+
+
+__all__ = ["SCHEME", "FastConsumer", "ResumeDelivery", "Transport", "broker_url", "install", "start_inline"]

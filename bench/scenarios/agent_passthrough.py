@@ -1,0 +1,84 @@
+"""A bare Faust agent that only counts, next to the raw aiokafka consumer group.
+
+``--events`` ~300-byte click events are produced to a fresh 4-partition topic *before*
+one worker (``STREAMETL_PASSTHROUGH_ENABLED=true``) starts; the rate is events counted /
+time from the agent's first to its last counted batch (the worker's own clock, read from
+``GET /api/v1/passthrough``), like the raw baseline's consume rate, which also starts at
+its first received record. CPU is the worker process's, from ready to done.
+
+Options (``--option K=V``): ``mode`` = ``take`` (default; ``stream.take(batch_max,
+within=batch_within)`` as the project's agents do) or ``each`` (``async for event in
+stream``), or ``both``; ``fast`` = ``true`` (default; app/transport.py's consumer) or
+``false`` (Faust's own drain loop, for the before/after comparison); any
+``STREAMETL_*`` key is passed to the worker's environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from bench.events import make_payloads
+from bench.harness import Context, Result, process_cpu_seconds
+from bench.scenarios.raw_aiokafka import produce_raw
+from tests.support import Worker, create_topics
+
+NAME = "agent-passthrough"
+DESCRIPTION = "bare counting Faust agent (take or per event) vs the raw aiokafka consumer group"
+
+
+async def wait_counted(worker: Worker, n: int, timeout: float) -> dict:
+    """Poll the worker's counter until it has counted ``n`` events."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = await asyncio.to_thread(worker.get, "/api/v1/passthrough")
+        if status == 200 and body["events"] >= n:
+            return body
+        if worker.proc is not None and worker.proc.poll() is not None:
+            raise RuntimeError(f"worker died:\n{worker.log_tail()}")
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"{n} events not counted in {timeout}s:\n{worker.log_tail()}")
+
+
+async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], keys: list[bytes]) -> Result:
+    ns = f"{ctx.namespace}{mode[:2]}{'f' if fast else 's'}"
+    topic = f"{ns}.passthrough"
+    await create_topics([topic], partitions=4)
+    await produce_raw(ctx, topic, payloads, keys)
+    env = {"STREAMETL_PASSTHROUGH_ENABLED": "true", "STREAMETL_PASSTHROUGH_MODE": mode,
+           "STREAMETL_FAST_CONSUMER": "true" if fast else "false"}
+    env.update({k.upper(): v for k, v in ctx.args.options.items() if k.upper().startswith("STREAMETL_")})
+    worker = Worker(app_id=ns, topic_prefix=f"{ns}.", env=env)
+    await asyncio.to_thread(worker.start, True, 180)
+    try:
+        assert worker.proc is not None
+        cpu0 = process_cpu_seconds(worker.proc.pid)
+        done = await wait_counted(worker, len(payloads), timeout=float(ctx.args.options.get("timeout", 900)))
+        cpu = process_cpu_seconds(worker.proc.pid) - cpu0
+    finally:
+        await asyncio.to_thread(worker.stop)
+    seconds = max(done["last_at"] - done["first_at"], 1e-6)
+    name = "agent-passthrough" if (mode, fast) == ("take", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
+    return Result(
+        name, done["events"], seconds, [], cpu,
+        settings={"mode": mode, "fast_consumer": fast, "batch_max/within": "STREAMETL_BATCH_* (defaults 2000 / 0.02)",
+                  "max_poll_records": 5000, "partitions": 4},
+        notes=["rate from the agent's first to last counted batch (worker clock); "
+               "CPU of the worker from ready to done (includes startup idle)"],
+        extra={"batches": done["batches"]},
+    )
+
+
+async def run(ctx: Context) -> list[Result]:
+    opts = ctx.args.options
+    mode = opts.get("mode", "take")
+    modes = ["take", "each"] if mode == "both" else [mode]
+    fasts = [opts.get("fast", "true").lower() == "true"]
+    if opts.get("fast") == "both":
+        fasts = [True, False]
+    events = make_payloads(ctx.events, ctx.keys)
+    payloads = [orjson.dumps(e) for e in events]
+    keys = [e["user_id"].encode() for e in events]
+    return [await run_one(ctx, m, f, payloads, keys) for m in modes for f in fasts]

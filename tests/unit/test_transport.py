@@ -1,0 +1,156 @@
+"""The fast delivery path of app/transport.py, without a broker.
+
+What must hold: a delivery that does not suspend completes inline (no task); one that
+suspends is finished by the same coroutine, not restarted (no message delivered twice);
+a suspended flow interrupts a blocked delivery and cancels it; errors propagate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from mode import Service
+
+from app.transport import SCHEME, FastConsumer, Transport, broker_url, install, start_inline
+
+
+class DeliveryHost(Service):
+    """Just what ``FastConsumer.deliver`` uses: ``suspend_flow`` and ``wait_first``."""
+
+    deliver = FastConsumer.deliver
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suspend_flow = asyncio.Event()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_non_suspending_delivery_completes_inline_without_a_task():
+    seen = []
+
+    async def callback(message):
+        seen.append((message, asyncio.current_task()))
+        return "done"
+
+    async def main():
+        me = asyncio.current_task()
+        finished, result = start_inline(callback(1))
+        assert finished and result == "done"
+        # ran in the caller's own task: nothing was scheduled
+        assert seen == [(1, me)]
+
+    run(main())
+
+
+def test_suspending_delivery_is_resumed_not_restarted():
+    steps = []
+
+    async def callback(message):
+        steps.append("start")
+        await asyncio.sleep(0)  # bare yield
+        steps.append("after-yield")
+        fut = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.01, fut.set_result, 41)
+        value = await fut  # a real future
+        steps.append("end")
+        return value + 1
+
+    async def main():
+        finished, rest = start_inline(callback("m"))
+        assert not finished and steps == ["start"]
+        assert await asyncio.ensure_future(rest) == 42
+
+    run(main())
+    assert steps == ["start", "after-yield", "end"]  # each step once
+
+
+def test_errors_propagate_inline_and_after_suspension():
+    async def fails_now(_m):
+        raise ValueError("now")
+
+    async def fails_later(_m):
+        await asyncio.sleep(0)
+        raise KeyError("later")
+
+    async def main():
+        with pytest.raises(ValueError):
+            start_inline(fails_now(None))
+        finished, rest = start_inline(fails_later(None))
+        assert not finished
+        with pytest.raises(KeyError):
+            await rest
+
+    run(main())
+
+
+def test_deliver_fast_path_and_blocked_delivery_interrupted_by_suspend_flow():
+    delivered, cancelled = [], []
+    gate: dict[str, asyncio.Future] = {}
+
+    async def callback(message):
+        if message == "blocks":
+            gate["f"] = asyncio.get_running_loop().create_future()
+            try:
+                await gate["f"]  # like a put into a full stream buffer
+            except asyncio.CancelledError:
+                cancelled.append(message)
+                raise
+        delivered.append(message)
+
+    async def main():
+        host = DeliveryHost()
+        await host.deliver(callback, "a")
+        assert delivered == ["a"]
+        blocked = asyncio.ensure_future(host.deliver(callback, "blocks"))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # still waiting for room
+        host.suspend_flow.set()  # rebalance: flow suspended
+        await asyncio.wait_for(blocked, 5)
+        assert cancelled == ["blocks"] and delivered == ["a"]
+        # while suspended, Faust's own path is used; a non-blocking delivery still lands
+        await host.deliver(callback, "b")
+        assert delivered == ["a", "b"]
+
+    run(main())
+
+
+def test_blocked_delivery_completes_when_room_appears():
+    delivered = []
+    gate: dict[str, asyncio.Future] = {}
+
+    async def callback(message):
+        gate["f"] = asyncio.get_running_loop().create_future()
+        await gate["f"]
+        delivered.append(message)
+
+    async def main():
+        host = DeliveryHost()
+        task = asyncio.ensure_future(host.deliver(callback, "x"))
+        await asyncio.sleep(0.01)
+        gate["f"].set_result(None)
+        await asyncio.wait_for(task, 5)
+        assert delivered == ["x"]
+
+    run(main())
+
+
+def test_broker_url_and_registry():
+    install()
+    assert broker_url("kafka://a:9092") == f"{SCHEME}://a:9092"
+    assert broker_url("kafka://a:1;kafka://b:2") == f"{SCHEME}://a:1;{SCHEME}://b:2"
+    assert broker_url("a:9092") == f"{SCHEME}://a:9092"
+    assert broker_url("kafka://a:9092", fast=False) == "kafka://a:9092"
+    from faust.transport import by_url
+
+    assert by_url(f"{SCHEME}://a:9092") is Transport
+    assert Transport.Consumer is FastConsumer
+
+
+def test_app_uses_the_fast_transport():
+    from app import app
+
+    assert isinstance(app.transport, Transport)
