@@ -3,7 +3,8 @@
 It reads ``<prefix>passthrough`` and only counts, so its rate is the cost of Faust's
 consume path itself (fetch, deliver, stream iteration, acks, commits). It exists only
 when ``STREAMETL_PASSTHROUGH_ENABLED=true``: a production worker neither subscribes to
-nor creates its topic. ``GET /api/v1/passthrough`` (web/passthrough.py) reads the counter.
+nor creates its topic. Mode ``forward`` copies every event to ``passthrough.out``
+(tests of delivery semantics: what is there was processed). ``GET /api/v1/passthrough`` (web/passthrough.py) reads the counter.
 """
 
 from __future__ import annotations
@@ -33,7 +34,23 @@ if settings.passthrough_enabled:
 
     passthrough_topic = declare("passthrough")
 
-    if settings.passthrough_mode == "each":
+    if settings.passthrough_mode == "forward":
+        passthrough_out = declare("passthrough.out")
+
+        @app.agent(passthrough_topic, name="passthrough")
+        async def passthrough(stream):
+            """Copy each event to ``passthrough.out`` with its source ``partition:offset``
+            in header ``src``, on the same partition number (so under exactly_once the
+            output joins the transaction of its input partition); the delivery-semantics
+            tests compare it with the input."""
+            async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
+                for event in events:
+                    m = event.message
+                    await passthrough_out.send(key=m.key, value=m.value, partition=m.partition,
+                                               headers=[("src", f"{m.partition}:{m.offset}".encode())])
+                count(len(events))
+
+    elif settings.passthrough_mode == "each":
 
         @app.agent(passthrough_topic, name="passthrough")
         async def passthrough(stream):

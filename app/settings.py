@@ -64,7 +64,8 @@ class Settings:
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False
-    passthrough_mode: str = "take"  # take (batches of batch_max) or each (per event)
+    # take (batches of batch_max), each (per event) or forward (copy to passthrough.out)
+    passthrough_mode: str = "take"
     # Faust's own consumer drain loop instead of app/transport.py's fast path (for
     # before/after comparisons only).
     fast_consumer: bool = True

@@ -9,14 +9,19 @@ its first received record. CPU is the worker process's, from ready to done.
 Options (``--option K=V``): ``mode`` = ``take`` (default; ``stream.take(batch_max,
 within=batch_within)`` as the project's agents do) or ``each`` (``async for event in
 stream``), or ``both``; ``fast`` = ``true`` (default; app/transport.py's consumer) or
-``false`` (Faust's own drain loop, for the before/after comparison); any
-``STREAMETL_*`` key is passed to the worker's environment.
+``false`` (Faust's own drain loop, for the before/after comparison); ``profile`` =
+a directory: the worker runs under pyinstrument and writes ``<scenario>.txt`` there on
+shutdown; any ``STREAMETL_*`` key is passed to the worker's environment.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import orjson
 
@@ -27,6 +32,33 @@ from tests.support import Worker, create_topics
 
 NAME = "agent-passthrough"
 DESCRIPTION = "bare counting Faust agent (take or per event) vs the raw aiokafka consumer group"
+
+
+class ProfiledWorker(Worker):
+    """A worker run under pyinstrument (main thread, where Faust's hot path runs)."""
+
+    profile_path: Path | None = None
+
+    def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
+        self.log_path = self.data_dir / f"worker-{self.web_port}.log"
+        assert self.profile_path is not None
+        cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "--show-all", "-o", str(self.profile_path),
+               "-m", "app", "worker", "-l", "info", "--web-port", str(self.web_port)]
+        self.proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=self.environment(),
+                                     stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        # SIGINT lets pyinstrument write its report after Faust shuts down.
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 async def wait_counted(worker: Worker, n: int, timeout: float) -> dict:
@@ -50,7 +82,14 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     env = {"STREAMETL_PASSTHROUGH_ENABLED": "true", "STREAMETL_PASSTHROUGH_MODE": mode,
            "STREAMETL_FAST_CONSUMER": "true" if fast else "false"}
     env.update({k.upper(): v for k, v in ctx.args.options.items() if k.upper().startswith("STREAMETL_")})
-    worker = Worker(app_id=ns, topic_prefix=f"{ns}.", env=env)
+    name = "agent-passthrough" if (mode, fast) == ("take", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
+    profile_dir = ctx.args.options.get("profile")
+    if profile_dir:
+        worker: Worker = ProfiledWorker(app_id=ns, topic_prefix=f"{ns}.", env=env)
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        worker.profile_path = Path(profile_dir) / f"{name}.txt"
+    else:
+        worker = Worker(app_id=ns, topic_prefix=f"{ns}.", env=env)
     await asyncio.to_thread(worker.start, True, 180)
     try:
         assert worker.proc is not None
@@ -60,7 +99,6 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     finally:
         await asyncio.to_thread(worker.stop)
     seconds = max(done["last_at"] - done["first_at"], 1e-6)
-    name = "agent-passthrough" if (mode, fast) == ("take", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
     return Result(
         name, done["events"], seconds, [], cpu,
         settings={"mode": mode, "fast_consumer": fast, "batch_max/within": "STREAMETL_BATCH_* (defaults 2000 / 0.02)",
