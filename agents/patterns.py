@@ -98,6 +98,8 @@ async def split_source_batch(source: str, fevents: list[Any]) -> list[Item]:
     patterns = catalog.patterns()
     groups = by_key_by(patterns, source)
     local: list[Item] = []
+    if not groups:
+        return local  # no pattern reads this source (yet): nothing to parse
     for fe in fevents:
         m = fe.message
         try:
@@ -197,9 +199,12 @@ async def apply_items(items: list[Item]) -> int:
         if deadline != stored.get("t"):
             if deadline is None:
                 pattern_timers.pop(tkey, None)
+                timer_index.entries.pop(tkey, None)
             else:
-                pattern_timers[tkey] = {"d": deadline, "p": group[-1].fevent.message.partition,
-                                        "k": first.key_by, "v": first.key, "src": first.source}
+                entry = {"d": deadline, "p": group[-1].fevent.message.partition,
+                         "k": first.key_by, "v": first.key, "src": first.source}
+                pattern_timers[tkey] = entry
+                timer_index.entries[tkey] = entry
     for (name, partition), (fe, n) in counts.items():
         in_partition_of(fe)
         key = f"{name}|{partition}"
@@ -254,15 +259,38 @@ async def patterns_repartitioned(stream):
 _ticked: dict[str, float] = {}
 
 
+class TimerIndex:
+    """The pending timers of this worker's partitions, in memory, so the timer does not
+    decode the whole table every tick: rebuilt from ``pattern-timers`` whenever the
+    assignment changes (and every ``REBUILD_EVERY`` seconds), kept current by
+    ``apply_items``' own writes in between."""
+
+    REBUILD_EVERY = 30.0
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.assignment: frozenset | None = None
+        self.built_at = 0.0
+
+    def refresh(self) -> None:
+        assignment = frozenset(app.consumer.assignment())
+        if assignment != self.assignment or time.monotonic() - self.built_at > self.REBUILD_EVERY:
+            self.entries = {k: v for k, v in pattern_timers.items() if v}
+            self.assignment = assignment
+            self.built_at = time.monotonic()
+
+
+timer_index = TimerIndex()
+
+
 @app.timer(ENGINE.timer_interval)
 async def fire_due_timers() -> None:
     """Send a tick to the partition of every key whose timer is due."""
     if app.rebalancing or not app.tables.recovery.completed.is_set() or kafka_io.producer is None:
         return
+    timer_index.refresh()
     wall = time.time()
-    for tkey, timer in list(pattern_timers.items()):
-        if not timer:
-            continue
+    for tkey, timer in list(timer_index.entries.items()):
         partition = timer["p"]
         now = clock.now(partition)
         if now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:

@@ -142,6 +142,17 @@ class PatternCatalog(Service):
 
     @Service.task
     async def _follow(self) -> None:
+        # A broker hiccup must not leave the agents waiting for ``loaded`` forever.
+        while not self.should_stop:
+            try:
+                await self._follow_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pattern catalog reader failed; restarting it")
+                await self.sleep(1.0)
+
+    async def _follow_once(self) -> None:
         counts_topic = pattern_counts.changelog_topic.get_topic_name()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
