@@ -30,6 +30,7 @@ app = faust.App(
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
     broker_commit_interval=settings.commit_interval,
     broker_max_poll_records=settings.max_poll_records,
+    producer_linger=settings.producer_linger,
     stream_buffer_maxsize=settings.stream_buffer_maxsize,
     consumer_auto_offset_reset="earliest",
     # agent.ask() (POST /api/v1/aggregate) needs this worker's reply topic; the broker

@@ -61,6 +61,9 @@ class Settings:
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
     max_poll_records: int = 5000
+    # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
+    # ms turns one produce request per table write into one per batch (pattern-detect).
+    producer_linger: float = 0.0
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False

@@ -77,7 +77,7 @@ async def run(ctx: Context) -> Result:
     config = Path(tempfile.mkdtemp(prefix="bench-patterns-")) / "pipelines.yaml"
     config.write_text(yaml.safe_dump({"patterns": {
         "sources": ["events"], "source_key": "user_id", "definitions": PATTERNS}}))
-    env = {"STREAMETL_PIPELINES_FILE": str(config)}
+    env = {"STREAMETL_PIPELINES_FILE": str(config), "STREAMETL_PRODUCER_LINGER": "0.005"}
     workers = [Worker(app_id=ctx.namespace, topic_prefix=f"{ctx.namespace}.", env=env)
                for _ in range(workers_n)]
     for w in workers:
