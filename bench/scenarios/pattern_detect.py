@@ -131,7 +131,8 @@ async def run(ctx: Context) -> Result:
     return Result(
         NAME, len(events), seconds, latencies, cpu,
         settings={"workers": workers_n, "patterns": len(PATTERNS), "keys": ctx.keys,
-                  "rate": ctx.args.rate or "max", "source_key": "user_id (no repartition)"},
+                  "rate": ctx.args.rate or "max", "source_key": "user_id (no repartition)",
+                  "producer_linger_s": env["STREAMETL_PRODUCER_LINGER"]},
         notes=[
             "throughput: first send until committed offsets cover every event (commit every 1 s)",
             "latency: alert detected_at minus event time (stamped at send) of the completing event",
