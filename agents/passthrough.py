@@ -31,6 +31,7 @@ def count(n: int) -> None:
 
 if settings.passthrough_enabled:
     from app.topics import declare
+    from app.transport import commit_guard
 
     passthrough_topic = declare("passthrough")
 
@@ -44,10 +45,15 @@ if settings.passthrough_enabled:
             output joins the transaction of its input partition); the delivery-semantics
             tests compare it with the input."""
             async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-                for event in events:
-                    m = event.message
-                    await passthrough_out.send(key=m.key, value=m.value, partition=m.partition,
-                                               headers=[("src", f"{m.partition}:{m.offset}".encode())])
+                # Outputs and acks of one batch in one section: no commit (transaction,
+                # under exactly_once) can hold outputs of events it does not ack.
+                async with commit_guard.processing():
+                    for event in events:
+                        m = event.message
+                        await passthrough_out.send(key=m.key, value=m.value, partition=m.partition,
+                                                   headers=[("src", f"{m.partition}:{m.offset}".encode())])
+                    for event in events:
+                        event.ack()
                 count(len(events))
 
     elif settings.passthrough_mode == "each":

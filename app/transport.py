@@ -16,6 +16,8 @@ What changes (and only this):
   original ``wait_first(..., suspend_flow.wait())``, so a suspended flow still
   interrupts a blocked delivery exactly as before. If flow is already suspended, the
   original path is taken unchanged.
+* Under exactly_once, ``FastConsumer.commit`` waits for agents' processing sections
+  (:class:`CommitGuard`) so a transaction never holds outputs of unacked events.
 * ``FastConsumer.getmany`` reports each partition's end offset to the monitor once per
   fetched batch instead of once per message (the value is the same for the batch).
 
@@ -32,6 +34,7 @@ the fetcher's task). Faust's conductor callback does not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
@@ -91,8 +94,76 @@ def start_inline(coro: Any) -> tuple[bool, Any]:
     return False, ResumeDelivery(coro, pending)
 
 
+class CommitGuard:
+    """Keeps offset commits out of an agent's processing section.
+
+    Why: under exactly_once, Faust commits a transaction (outputs + consumer offsets)
+    on a timer. If that happens while an agent is half-way through a batch, the
+    transaction holds outputs of events whose offsets are not in it yet; a kill -9 then
+    makes the next worker reprocess them and the committed output holds them twice
+    (measured: tests/integration/test_exactly_once.py, with Faust's own consumer too).
+    An agent wraps "send the outputs of a batch, then ack it" in :meth:`processing`;
+    :class:`FastConsumer` commits only between such sections.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._committing = 0
+        self._idle: asyncio.Event | None = None
+        self._open: asyncio.Event | None = None
+
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        # Created lazily: the worker's event loop does not exist at import time.
+        if self._idle is None or self._open is None:
+            self._idle, self._open = asyncio.Event(), asyncio.Event()
+            self._idle.set()
+            self._open.set()
+        return self._idle, self._open
+
+    @contextlib.asynccontextmanager
+    async def processing(self) -> AsyncIterator[None]:
+        """A section no commit may interleave with (waits while a commit is pending)."""
+        idle, open_ = self._events()
+        while not open_.is_set():
+            await open_.wait()
+        self._active += 1
+        idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if not self._active:
+                idle.set()
+
+    @contextlib.asynccontextmanager
+    async def committing(self) -> AsyncIterator[None]:
+        """Wait until no processing section is open and keep new ones out meanwhile."""
+        idle, open_ = self._events()
+        self._committing += 1
+        open_.clear()
+        try:
+            while not idle.is_set():
+                await idle.wait()
+            yield
+        finally:
+            self._committing -= 1
+            if not self._committing:
+                open_.set()
+
+
+#: The one guard of this worker process (agents: ``async with commit_guard.processing()``).
+commit_guard = CommitGuard()
+
+
 class FastConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with an inline (task-free) delivery fast path."""
+
+    async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Faust's commit; under exactly_once only between agents' processing sections."""
+        if not self.app.in_transaction:
+            return await super().commit(topics, start_new_transaction=start_new_transaction)
+        async with commit_guard.committing():
+            return await super().commit(topics, start_new_transaction=start_new_transaction)
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """Deliver one message; a suspended flow still interrupts a blocked delivery."""
@@ -212,4 +283,4 @@ def broker_url(url: str, fast: bool = True) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "FastConsumer", "ResumeDelivery", "Transport", "broker_url", "install", "start_inline"]
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "ResumeDelivery", "Transport", "broker_url", "install", "start_inline"]

@@ -154,3 +154,35 @@ def test_app_uses_the_fast_transport():
     from app import app
 
     assert isinstance(app.transport, Transport)
+
+
+def test_commit_guard_keeps_commits_between_processing_sections():
+    from app.transport import CommitGuard
+
+    guard = CommitGuard()
+    log: list[str] = []
+
+    async def agent_batch(name: str, steps: int):
+        async with guard.processing():
+            log.append(f"{name}:start")
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            log.append(f"{name}:end")
+
+    async def commit():
+        async with guard.committing():
+            log.append("commit")
+            await asyncio.sleep(0)
+            log.append("commit:end")
+
+    async def main():
+        first = asyncio.ensure_future(agent_batch("a", 5))
+        await asyncio.sleep(0)  # a is inside its section
+        committing = asyncio.ensure_future(commit())
+        await asyncio.sleep(0)
+        later = asyncio.ensure_future(agent_batch("b", 1))  # arrives while a commit waits
+        await asyncio.gather(first, committing, later)
+
+    run(main())
+    # the commit waited for a; b waited for the commit; nothing interleaved
+    assert log == ["a:start", "a:end", "commit", "commit:end", "b:start", "b:end"]
