@@ -349,3 +349,31 @@ def test_config_section_is_parsed_and_errors_point_into_it():
     with pytest.raises(PatternError) as err:
         config_patterns(engine, {"definitions": [FRAUD, FRAUD]})
     assert err.value.field == "patterns.definitions[1].name"
+
+
+# the stand-in condition language ---------------------------------------------------------
+
+from operators.patterns_expr import ExprError, compile_expr  # noqa: E402
+
+
+@pytest.mark.parametrize("text,record,expected", [
+    ("amount > 100 and country in ['BR', 'AR']", {"amount": 150, "country": "BR"}, True),
+    ("amount > 100 and country in ['BR', 'AR']", {"amount": 150, "country": "DE"}, False),
+    ("not (status == 'ok') or amount * 2 >= 10", {"status": "ok", "amount": 5}, True),
+    ("missing > 3", {}, False),                      # null > 3: false, not an error
+    ("missing == null", {}, True),
+    ("match.fail.country != country", {"country": "BR", "match": {"fail": {"country": "DE"}}}, True),
+    ("a.b.c == 1", {"a": 5}, False),                 # path through a non-object
+    ("x / y > 1", {"x": 1, "y": 0}, None),           # division by zero: no value
+])
+def test_stand_in_conditions(text, record, expected):
+    assert compile_expr(text).evaluate(record) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('true')", "open('/etc/passwd')", "[x for x in y]",
+    "lambda: 1", "a[0]", "", "a ==", "x if y else z",
+])
+def test_stand_in_refuses_anything_but_plain_expressions(text):
+    with pytest.raises(ExprError):
+        compile_expr(text)
