@@ -26,6 +26,7 @@ app = faust.App(
     # Topics are created by the app (explicitly, with partition counts).
     topic_allow_declare=True,
     web_host=settings.web_host,
+    web_bind=settings.web_host,
     web_port=settings.web_port,
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
     broker_commit_interval=settings.commit_interval,

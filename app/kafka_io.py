@@ -35,7 +35,7 @@ class OutgoingMessage:
     """One message ready for Kafka: bytes in, bytes out."""
 
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None is a tombstone (deletes the key of a compacted topic)
     headers: Sequence[tuple[str, bytes]] = ()
 
 

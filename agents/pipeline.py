@@ -1,0 +1,185 @@
+"""One agent per configured pipeline: source topic → steps → sink topic.
+
+A record that is not a JSON object, or fails a step, goes to the dead-letter topic
+with the pipeline, step and reason in its headers; the pipeline keeps running.
+
+Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
+default). Faust writes a table change to the changelog partition of the event being
+processed, so the agent handles one event at a time (``stream.events()``) and
+deduplication is per source partition: producers must key duplicates alike (e.g.
+``key_field`` = ``event_id`` or ``user_id`` in ``/api/v1/produce``) so they meet in
+one partition. That state comes back from the changelog after a crash or rebalance,
+so a restarted worker never re-admits a duplicate it had already seen.
+
+Expiry: keys older than the horizon are deleted (tombstoned in the changelog) while
+events of the same partition flow, from an in-memory queue of what this worker
+admitted; a key admitted before a restart is still judged by its stored time, so it
+is never wrongly treated as a duplicate, only kept until it is overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from app import app, settings
+from app.codec import RecordError, loads_object
+from app.dead_letter import send_dead_letter
+from app.pipelines import PipelineSpec, configured_pipelines
+from app.topics import declare
+from operators.steps import Step, StepCounts, run_record
+from operators.transform import Seen
+from tables.reference import reference_store
+
+log = logging.getLogger(__name__)
+
+#: Deleted per event at most, so expiry never stalls the stream.
+EXPIRE_PER_EVENT = 8
+
+
+@dataclass
+class PipelineCounters:
+    """Live counters of one pipeline on this worker."""
+
+    into: int = 0
+    out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    dead_lettered: int = 0
+    steps: dict[int, StepCounts] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "in": self.into, "out": self.out, "dropped": sum(self.dropped.values()),
+            "dropped_by_reason": dict(self.dropped), "dead_lettered": self.dead_lettered,
+            "steps": [c.as_dict() for c in self.steps.values()],
+        }
+
+
+class TableMemory:
+    """Deduplication memory of one step over a Faust table (keys prefixed by step)."""
+
+    def __init__(self, table: Any, step: Step, expiry: deque) -> None:
+        self.table, self.prefix, self.expiry = table, f"{step.index}|", expiry
+
+    def get(self, key: str) -> Seen | None:
+        value = self.table.get(self.prefix + key)
+        return None if value is None else Seen(value[0], value[1])
+
+    def put(self, key: str, seen: Seen) -> None:
+        self.table[self.prefix + key] = [seen.at, seen.seq]
+        self.expiry.append((seen.at, seen.seq, self.prefix + key))
+
+
+class LiveContext:
+    """The StepContext of one event in a live pipeline."""
+
+    def __init__(self, spec: PipelineSpec, table: Any) -> None:
+        self.spec, self.table = spec, table
+        self.partition = 0
+        self.offset = 0
+        self.expiry: dict[int, deque] = {}
+        self._now = 0.0
+
+    def at_event(self, partition: int, offset: int) -> None:
+        self.partition, self.offset, self._now = partition, offset, time.time()
+
+    def memory(self, step_index: int) -> TableMemory:
+        step = self.spec.steps[step_index]
+        return TableMemory(self.table, step, self.expiry.setdefault(self.partition, deque()))
+
+    def lookup(self, source: str, key: str):
+        return reference_store.lookup(source, key)
+
+    def now(self) -> float:
+        return self._now
+
+    def next_seq(self) -> int:
+        # The offset is the record's position in its partition: a count horizon of N
+        # means "within the last N records of this partition", with no extra state.
+        return self.offset
+
+    def expire(self) -> None:
+        """Delete a few keys of this partition whose horizon has passed."""
+        queue = self.expiry.get(self.partition)
+        if not queue:
+            return
+        dedupe = next(s for s in self.spec.steps if s.op == "deduplicate").params
+        horizon_s, horizon_n = dedupe["horizon_seconds"], dedupe["horizon_count"]
+        for _ in range(EXPIRE_PER_EVENT):
+            if not queue:
+                return
+            at, seq, key = queue[0]
+            old_by_time = horizon_s is not None and self._now - at > horizon_s
+            old_by_count = horizon_n is not None and self.offset - seq > horizon_n
+            if not (old_by_time or old_by_count):
+                return
+            queue.popleft()
+            current = self.table.get(key)
+            if current is not None and current[0] == at and current[1] == seq:
+                del self.table[key]
+
+
+COUNTERS: dict[str, PipelineCounters] = {}
+PIPELINES: dict[str, PipelineSpec] = {}
+
+
+def build(spec: PipelineSpec) -> None:
+    """Declare the topics, table and agent of one pipeline."""
+    source, sink = declare(spec.source), declare(spec.sink)
+    table = None
+    if spec.has_state:
+        table = app.Table(
+            f"pipeline-{spec.name}-dedupe", partitions=settings.topic_partitions,
+        )
+    counters = COUNTERS.setdefault(spec.name, PipelineCounters())
+    counters.steps = {s.index: StepCounts(s.index, s.op) for s in spec.steps if not s.terminal}
+    PIPELINES[spec.name] = spec
+    source_name = source.get_topic_name()
+
+    async def run_pipeline(stream):
+        if spec.reads_reference:
+            await reference_store.caught_up.wait()
+        ctx = LiveContext(spec, table)
+        count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
+        async for event in stream.events():
+            message = event.message
+            counters.into += 1
+            ctx.at_event(message.partition, message.offset)
+            try:
+                record = loads_object(event.value)
+            except RecordError as exc:
+                counters.dead_lettered += 1
+                await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
+                                       source_topic=source_name, pipeline=spec.name, step="parse",
+                                       partition=message.partition, offset=message.offset)
+                continue
+            outcome = run_record(spec.steps, record, ctx, count_step)
+            if table is not None:
+                ctx.expire()
+            if outcome.record is not None:
+                counters.out += 1
+                key = message.key
+                if spec.key_by is not None:
+                    value = outcome.record.get(spec.key_by)
+                    key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
+                await sink.send(key=key, value=orjson.dumps(outcome.record))
+            elif outcome.dropped:
+                counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
+            else:
+                counters.dead_lettered += 1
+                assert outcome.step is not None
+                await send_dead_letter(message.key, event.value, reason="step_failed",
+                                       message=outcome.failed or "", source_topic=source_name,
+                                       pipeline=spec.name, step=outcome.step.label,
+                                       partition=message.partition, offset=message.offset)
+
+    app.agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
+
+
+for _spec in configured_pipelines():
+    build(_spec)

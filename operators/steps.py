@@ -1,0 +1,404 @@
+"""Step specs (the language of ``/api/v1/process`` and live pipelines) and the runner.
+
+A step is written as a name (``"deduplicate"``) or an object with parameters
+(``{"op": "filter", "where": "value > 10"}``). ``parse_steps`` checks every step
+before anything runs and raises ``StepSpecError`` naming the step index, op and
+parameter. ``run_record`` pushes one record through the steps; the caller supplies
+state (what deduplication remembers, reference data) through a ``StepContext``.
+
+Other modules may add an op to ``STEP_PARSERS`` (e.g. a terminal ``window`` step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from operators.expr import ExprError, compile_expr
+from operators.transform import (
+    SCHEMA_TYPES,
+    EnrichSpec,
+    FieldSchema,
+    MapSpec,
+    NormalizeSpec,
+    RecordFailure,
+    Seen,
+    dedupe_key,
+    enrich,
+    epoch_seconds,
+    is_duplicate,
+    keep,
+    map_record,
+    normalize,
+)
+
+
+class StepSpecError(ValueError):
+    """A step spec is invalid; names the step (index and op) and the parameter."""
+
+    def __init__(self, index: int, op: str | None, param: str | None, message: str) -> None:
+        where = f"step {index}" + (f" ({op})" if op else "") + (f", parameter {param!r}" if param else "")
+        super().__init__(f"{where}: {message}")
+        self.index, self.op, self.param, self.reason = index, op, param, message
+
+    def details(self) -> dict[str, Any]:
+        return {"step": self.index, "op": self.op, "parameter": self.param}
+
+
+class DedupeMemory(Protocol):
+    """What deduplication remembers: key → when it was admitted."""
+
+    def get(self, key: str) -> Seen | None: ...
+
+    def put(self, key: str, seen: Seen) -> None: ...
+
+
+class StepContext(Protocol):
+    """State and clocks a step may use."""
+
+    def memory(self, step_index: int) -> DedupeMemory: ...
+
+    def lookup(self, source: str, key: str) -> Mapping[str, Any] | None: ...
+
+    def now(self) -> float: ...
+
+    def next_seq(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One parsed step: its position, op, and what it does to a record."""
+
+    index: int
+    op: str
+    params: Any
+    apply: Callable[[dict[str, Any], StepContext], tuple[dict[str, Any] | None, str | None]]
+    terminal: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}:{self.op}"
+
+
+# ---------------------------------------------------------------- parsers
+
+_COMMON = {"op", "name"}
+
+
+def _check_params(index: int, op: str, spec: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(spec) - allowed - _COMMON
+    if unknown:
+        raise StepSpecError(index, op, sorted(unknown)[0], f"unknown parameter; allowed: {sorted(allowed)}")
+
+
+def _str_list(index: int, op: str, spec: Mapping[str, Any], param: str) -> tuple[str, ...] | None:
+    value = spec.get(param)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise StepSpecError(index, op, param, "must be a list of field names")
+    return tuple(value)
+
+
+def _positive(index: int, op: str, spec: Mapping[str, Any], param: str, kind: type) -> Any:
+    value = spec.get(param)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or (kind is int and not isinstance(value, int)):
+        raise StepSpecError(index, op, param, f"must be a positive {'integer' if kind is int else 'number'}")
+    return value
+
+
+def parse_deduplicate(index: int, spec: Mapping[str, Any]) -> Step:
+    op = "deduplicate"
+    _check_params(index, op, spec, {"fields", "horizon_seconds", "horizon_count", "time_field"})
+    fields = _str_list(index, op, spec, "fields")
+    horizon_seconds = _positive(index, op, spec, "horizon_seconds", float)
+    horizon_count = _positive(index, op, spec, "horizon_count", int)
+    time_field = spec.get("time_field")
+    if time_field is not None and (not isinstance(time_field, str) or not time_field):
+        raise StepSpecError(index, op, "time_field", "must be a field name")
+    if horizon_seconds is None and horizon_count is None:
+        horizon_seconds = 24 * 3600.0  # a day, unless told otherwise
+
+    def apply(record: dict[str, Any], ctx: StepContext) -> tuple[dict[str, Any] | None, str | None]:
+        key = dedupe_key(record, fields)
+        now = ctx.now()
+        if time_field is not None:
+            if record.get(time_field) is None:
+                raise RecordFailure(f"time field {time_field!r} is missing")
+            now = epoch_seconds(record[time_field])
+        seq = ctx.next_seq()
+        memory = ctx.memory(index)
+        if is_duplicate(memory.get(key), now, seq, horizon_seconds, horizon_count):
+            return None, "duplicate"
+        memory.put(key, Seen(now, seq))
+        return record, None
+
+    params = {"fields": fields, "horizon_seconds": horizon_seconds, "horizon_count": horizon_count, "time_field": time_field}
+    return Step(index, op, params, apply)
+
+
+def parse_normalize(index: int, spec: Mapping[str, Any]) -> Step:
+    op = "normalize"
+    _check_params(index, op, spec, {"snake_case", "trim", "lowercase", "timestamps", "schema"})
+    for flag in ("snake_case", "trim"):
+        if flag in spec and not isinstance(spec[flag], bool):
+            raise StepSpecError(index, op, flag, "must be true or false")
+    schema: dict[str, FieldSchema] = {}
+    raw_schema = spec.get("schema")
+    if raw_schema is not None:
+        if not isinstance(raw_schema, dict):
+            raise StepSpecError(index, op, "schema", "must be an object of field name → {type, required, default}")
+        fields = raw_schema.get("fields", raw_schema)
+        if not isinstance(fields, dict):
+            raise StepSpecError(index, op, "schema.fields", "must be an object")
+        for name, fs in fields.items():
+            if isinstance(fs, str):
+                fs = {"type": fs}
+            if not isinstance(fs, dict) or set(fs) - {"type", "required", "default"}:
+                raise StepSpecError(index, op, f"schema.{name}", "must be a type name or {type, required, default}")
+            type_name = fs.get("type", "any")
+            if type_name not in SCHEMA_TYPES:
+                raise StepSpecError(index, op, f"schema.{name}.type", f"must be one of {list(SCHEMA_TYPES)}")
+            if not isinstance(fs.get("required", False), bool):
+                raise StepSpecError(index, op, f"schema.{name}.required", "must be true or false")
+            schema[name] = FieldSchema(type_name, fs.get("required", False), fs.get("default"), "default" in fs)
+    ns = NormalizeSpec(
+        snake_case=spec.get("snake_case", True),
+        trim=spec.get("trim", True),
+        lowercase=_str_list(index, op, spec, "lowercase") or (),
+        timestamps=_str_list(index, op, spec, "timestamps") or (),
+        schema=schema,
+    )
+    return Step(index, op, ns, lambda record, ctx: (normalize(record, ns), None))
+
+
+def parse_enrich(index: int, spec: Mapping[str, Any]) -> Step:
+    op = "enrich"
+    _check_params(index, op, spec, {"from", "key", "fields", "prefix", "on_missing", "overwrite", "processing_time"})
+    source, key = spec.get("from"), spec.get("key")
+    if (source is None) != (key is None):
+        raise StepSpecError(index, op, "key" if key is None else "from", "'from' (reference data name) and 'key' (record field) go together")
+    for param, value in (("from", source), ("key", key)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise StepSpecError(index, op, param, "must be a non-empty string")
+    on_missing = spec.get("on_missing", "keep")
+    if on_missing not in ("keep", "drop", "fail"):
+        raise StepSpecError(index, op, "on_missing", "must be keep, drop or fail")
+    prefix = spec.get("prefix", "")
+    if not isinstance(prefix, str):
+        raise StepSpecError(index, op, "prefix", "must be a string")
+    processing_time = spec.get("processing_time", None if source else "processed_at")
+    if processing_time is not None and (not isinstance(processing_time, str) or not processing_time):
+        raise StepSpecError(index, op, "processing_time", "must be a field name")
+    es = EnrichSpec(source, key, _str_list(index, op, spec, "fields"), prefix, on_missing,
+                    bool(spec.get("overwrite", False)), processing_time)
+
+    def apply(record: dict[str, Any], ctx: StepContext) -> tuple[dict[str, Any] | None, str | None]:
+        out = enrich(record, es, ctx.lookup, ctx.now())
+        return (out, None) if out is not None else (None, "no_reference_row")
+
+    return Step(index, op, es, apply)
+
+
+def _expr(index: int, op: str, param: str, text: Any):
+    try:
+        return compile_expr(text)
+    except ExprError as exc:
+        raise StepSpecError(index, op, param, str(exc)) from None
+
+
+def parse_filter(index: int, spec: Mapping[str, Any]) -> Step:
+    op = "filter"
+    _check_params(index, op, spec, {"where"})
+    if "where" not in spec:
+        raise StepSpecError(index, op, "where", "is required, e.g. \"value > 10\"")
+    where = _expr(index, op, "where", spec["where"])
+    return Step(index, op, where.text,
+                lambda record, ctx: (record, None) if keep(record, where) else (None, "filtered"))
+
+
+def parse_map(index: int, spec: Mapping[str, Any]) -> Step:
+    op = "map"
+    _check_params(index, op, spec, {"set", "rename", "drop", "select"})
+    sets = spec.get("set") or {}
+    if not isinstance(sets, dict):
+        raise StepSpecError(index, op, "set", "must be an object of field → expression")
+    renames = spec.get("rename") or {}
+    if not isinstance(renames, dict) or not all(isinstance(v, str) and v for v in renames.values()):
+        raise StepSpecError(index, op, "rename", "must be an object of old name → new name")
+    ms = MapSpec(
+        set=tuple((name, _expr(index, op, f"set.{name}", text)) for name, text in sets.items()),
+        rename=tuple(renames.items()),
+        drop=_str_list(index, op, spec, "drop") or (),
+        select=_str_list(index, op, spec, "select"),
+    )
+    if not (ms.set or ms.rename or ms.drop or ms.select is not None):
+        raise StepSpecError(index, op, None, "needs at least one of set, rename, drop, select")
+    return Step(index, op, spec, lambda record, ctx: (map_record(record, ms), None))
+
+
+#: op name → parser(index, spec) -> Step. Other modules may register more ops.
+STEP_PARSERS: dict[str, Callable[[int, Mapping[str, Any]], Step]] = {
+    "deduplicate": parse_deduplicate,
+    "normalize": parse_normalize,
+    "enrich": parse_enrich,
+    "filter": parse_filter,
+    "map": parse_map,
+}
+
+MAX_STEPS = 64
+
+
+def parse_steps(specs: Any) -> list[Step]:
+    """Every step checked before anything runs; StepSpecError names the first bad one."""
+    if not isinstance(specs, list):
+        raise StepSpecError(0, None, None, "steps must be a list")
+    if len(specs) > MAX_STEPS:
+        raise StepSpecError(MAX_STEPS, None, None, f"at most {MAX_STEPS} steps")
+    steps = []
+    for index, spec in enumerate(specs):
+        if isinstance(spec, str):
+            spec = {"op": spec}
+        if not isinstance(spec, dict):
+            raise StepSpecError(index, None, None, "a step is an op name or an object with 'op'")
+        op = spec.get("op")
+        if op not in STEP_PARSERS:
+            raise StepSpecError(index, op if isinstance(op, str) else None, "op",
+                                f"unknown op {op!r}; known: {sorted(STEP_PARSERS)}")
+        step = STEP_PARSERS[op](index, spec)
+        if step.terminal and index != len(specs) - 1:
+            raise StepSpecError(index, op, "op", "must be the last step")
+        steps.append(step)
+    return steps
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Outcome:
+    """What became of one record: an output, or where and why it stopped."""
+
+    record: dict[str, Any] | None
+    step: Step | None = None
+    dropped: str | None = None  # reason code of an intended drop (duplicate, filtered)
+    failed: str | None = None  # message of a failure (to report / dead-letter)
+
+
+def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext,
+               on_step: Callable[[Step, Outcome | None], None] | None = None) -> Outcome:
+    """Push one record through non-terminal steps; ``on_step`` sees each step's result
+    (None = passed on) for counting."""
+    for step in steps:
+        if step.terminal:
+            break
+        try:
+            out, reason = step.apply(record, ctx)
+        except RecordFailure as exc:
+            outcome = Outcome(None, step, failed=str(exc))
+        else:
+            if out is not None:
+                record = out
+                if on_step:
+                    on_step(step, None)
+                continue
+            outcome = Outcome(None, step, dropped=reason)
+        if on_step:
+            on_step(step, outcome)
+        return outcome
+    return Outcome(record)
+
+
+@dataclass
+class StepCounts:
+    """Per-step counters: in, out, dropped by reason, failed."""
+
+    index: int
+    op: str
+    into: int = 0
+    out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    failed: int = 0
+
+    def record(self, outcome: Outcome | None) -> None:
+        self.into += 1
+        if outcome is None:
+            self.out += 1
+        elif outcome.dropped:
+            self.dropped[outcome.dropped] = self.dropped.get(outcome.dropped, 0) + 1
+        else:
+            self.failed += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.index, "op": self.op, "in": self.into, "out": self.out,
+                "dropped": dict(self.dropped), "failed": self.failed}
+
+
+class MemoryContext:
+    """A StepContext over plain dicts: one HTTP batch, or a unit test."""
+
+    def __init__(self, lookup: Callable[[str, str], Mapping[str, Any] | None] | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self._memories: dict[int, dict[str, Seen]] = {}
+        self._lookup = lookup or (lambda source, key: None)
+        self._clock = clock or time.time
+        self._seq = 0
+
+    def memory(self, step_index: int) -> DedupeMemory:
+        return _DictMemory(self._memories.setdefault(step_index, {}))
+
+    def lookup(self, source: str, key: str) -> Mapping[str, Any] | None:
+        return self._lookup(source, key)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+
+class _DictMemory:
+    def __init__(self, data: dict[str, Seen]) -> None:
+        self.data = data
+
+    def get(self, key: str) -> Seen | None:
+        return self.data.get(key)
+
+    def put(self, key: str, seen: Seen) -> None:
+        self.data[key] = seen
+
+
+@dataclass
+class BatchResult:
+    records: list[dict[str, Any]]
+    counts: list[StepCounts]
+    dropped: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+
+
+def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext) -> BatchResult:
+    """Run a batch (``/api/v1/process``): outputs, per-step counts, and every record
+    that did not come out, with its index, step and reason."""
+    counts = {s.index: StepCounts(s.index, s.op) for s in steps}
+    outputs, dropped, failures = [], [], []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            failures.append({"index": i, "step": None, "op": "parse",
+                             "reason": f"record is {type(record).__name__}, not an object"})
+            continue
+        outcome = run_record(steps, record, ctx, lambda step, o: counts[step.index].record(o))
+        if outcome.record is not None:
+            outputs.append(outcome.record)
+        elif outcome.dropped:
+            dropped.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.dropped})
+        else:
+            failures.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.failed})
+    return BatchResult(outputs, [counts[s.index] for s in steps], dropped, failures)

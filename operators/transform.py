@@ -1,0 +1,288 @@
+"""Record transformations: deduplicate, normalize, enrich, filter, map.
+
+Pure functions over JSON-like dicts. State (what deduplication remembers, the
+reference data enrichment reads) is passed in, so the same code serves a live
+pipeline (state in Faust tables) and an HTTP batch (state in a dict).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from operators.expr import EvalError, Expr
+
+
+class RecordFailure(Exception):
+    """This record cannot pass this step; the message says why (it is reported or
+    dead-lettered, never dropped silently)."""
+
+
+# ---------------------------------------------------------------- deduplicate
+
+
+def dedupe_key(record: Mapping[str, Any], fields: tuple[str, ...] | None) -> str:
+    """What identifies a record for deduplication.
+
+    By the listed fields when given; else by ``event_id`` when the record has one; else
+    by the whole content (a hash of its canonical JSON).
+    """
+    if fields:
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise RecordFailure(f"dedupe field(s) missing: {missing}")
+        return "f:" + orjson.dumps([record[f] for f in fields]).decode()
+    if record.get("event_id") is not None:
+        return f"id:{record['event_id']}"
+    canonical = orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    return "h:" + hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """When a key was first admitted: time (seconds) and position in the stream."""
+
+    at: float
+    seq: int
+
+
+def is_duplicate(previous: Seen | None, now: float, seq: int,
+                 horizon_seconds: float | None, horizon_count: int | None) -> bool:
+    """A record is a duplicate if its key was admitted within the horizon (time and/or
+    count of records since); with no horizon, forever."""
+    if previous is None:
+        return False
+    if horizon_seconds is not None and now - previous.at > horizon_seconds:
+        return False
+    if horizon_count is not None and seq - previous.seq > horizon_count:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- normalize
+
+_CAMEL_1 = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+_CAMEL_2 = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
+_NON_WORD = re.compile(r"[^0-9a-zA-Z]+")
+
+
+def snake_case(name: str) -> str:
+    """``User_ID``, ``userId``, ``HTTPStatus``, ``first name`` → ``user_id``,
+    ``user_id``, ``http_status``, ``first_name``."""
+    s = _CAMEL_2.sub("_", _CAMEL_1.sub("_", name))
+    return _NON_WORD.sub("_", s).strip("_").lower() or name
+
+
+def canonical_timestamp(value: Any) -> str:
+    """ISO-8601 UTC with milliseconds (``2026-11-26T21:32:38.123Z``) from ISO-8601 text,
+    epoch seconds or epoch milliseconds (numbers above 10^11 are taken as ms)."""
+    if isinstance(value, bool):
+        raise RecordFailure(f"not a timestamp: {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            try:
+                dt = datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                raise RecordFailure(f"not a timestamp: {value!r}") from None
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)  # naive times are taken as UTC
+            return _iso(dt.timestamp())
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        seconds = value / 1000.0 if abs(value) >= 1e11 else float(value)
+        return _iso(seconds)
+    raise RecordFailure(f"not a timestamp: {value!r}")
+
+
+def _iso(seconds: float) -> str:
+    try:
+        dt = datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise RecordFailure(f"timestamp out of range: {seconds!r}") from None
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def epoch_seconds(value: Any) -> float:
+    """Epoch seconds from any timestamp form ``canonical_timestamp`` accepts."""
+    iso = canonical_timestamp(value)
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+SCHEMA_TYPES = ("string", "integer", "number", "boolean", "timestamp", "object", "array", "any")
+
+
+@dataclass(frozen=True)
+class FieldSchema:
+    type: str = "any"
+    required: bool = False
+    default: Any = None
+    has_default: bool = False
+
+
+def coerce(value: Any, type_name: str, name: str) -> Any:
+    """``value`` as ``type_name``; numeric strings become numbers; else RecordFailure."""
+    if value is None or type_name == "any":
+        return value
+    if type_name == "string":
+        if isinstance(value, (dict, list)):
+            raise RecordFailure(f"field {name!r}: expected string, got {type(value).__name__}")
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+    if type_name in ("integer", "number"):
+        if isinstance(value, bool):
+            raise RecordFailure(f"field {name!r}: expected {type_name}, got boolean")
+        if isinstance(value, str):
+            try:
+                value = float(value.strip()) if type_name == "number" or "." in value or "e" in value.lower() else int(value.strip())
+            except ValueError:
+                raise RecordFailure(f"field {name!r}: {value!r} is not a {type_name}") from None
+        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+            raise RecordFailure(f"field {name!r}: expected {type_name}, got {type(value).__name__}")
+        if type_name == "integer":
+            if isinstance(value, float) and not value.is_integer():
+                raise RecordFailure(f"field {name!r}: {value!r} is not an integer")
+            return int(value)
+        return value
+    if type_name == "boolean":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.strip().lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise RecordFailure(f"field {name!r}: {value!r} is not a boolean")
+    if type_name == "timestamp":
+        return canonical_timestamp(value)
+    if type_name == "object" and isinstance(value, dict):
+        return value
+    if type_name == "array" and isinstance(value, list):
+        return value
+    raise RecordFailure(f"field {name!r}: expected {type_name}, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class NormalizeSpec:
+    snake_case: bool = True
+    trim: bool = True
+    lowercase: tuple[str, ...] = ()
+    timestamps: tuple[str, ...] = ()
+    schema: Mapping[str, FieldSchema] = field(default_factory=dict)
+
+
+def normalize(record: Mapping[str, Any], spec: NormalizeSpec) -> dict[str, Any]:
+    """Field names to snake_case, strings trimmed, enum fields lower-cased, timestamps
+    canonical, and the schema's types, defaults and required fields applied."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        name = snake_case(key) if spec.snake_case else key
+        if name in out:
+            raise RecordFailure(f"fields {key!r} and another both normalize to {name!r}")
+        if spec.trim and isinstance(value, str):
+            value = value.strip()
+        out[name] = value
+    for name in spec.lowercase:
+        if isinstance(out.get(name), str):
+            out[name] = out[name].lower()
+    for name in spec.timestamps:
+        if out.get(name) is not None:
+            out[name] = canonical_timestamp(out[name])
+    for name, fs in spec.schema.items():
+        if out.get(name) is None:
+            if fs.has_default:
+                out[name] = fs.default
+                continue
+            if fs.required:
+                raise RecordFailure(f"required field {name!r} is missing")
+            continue
+        out[name] = coerce(out[name], fs.type, name)
+    return out
+
+
+# ---------------------------------------------------------------- enrich
+
+Lookup = Callable[[str, str], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class EnrichSpec:
+    source: str | None = None  # reference data set name
+    key: str | None = None  # record field whose value is the reference key
+    fields: tuple[str, ...] | None = None  # which reference fields to copy (None = all)
+    prefix: str = ""
+    on_missing: str = "keep"  # keep | drop | fail
+    overwrite: bool = False
+    processing_time: str | None = None  # field to stamp with processing time
+
+
+def enrich(record: Mapping[str, Any], spec: EnrichSpec, lookup: Lookup, now: float) -> dict[str, Any] | None:
+    """The record joined with its reference row (a stream-table join), plus computed
+    fields. Returns None when the row is missing and ``on_missing`` is ``drop``."""
+    out = dict(record)
+    if spec.source is not None and spec.key is not None:
+        key_value = record.get(spec.key)
+        row = None if key_value is None else lookup(spec.source, _key_text(key_value))
+        if row is None:
+            if spec.on_missing == "drop":
+                return None
+            if spec.on_missing == "fail":
+                raise RecordFailure(f"no {spec.source!r} reference row for {spec.key}={key_value!r}")
+        else:
+            for name, value in row.items():
+                if spec.fields is not None and name not in spec.fields:
+                    continue
+                target = spec.prefix + name
+                if target in out and not spec.overwrite:
+                    continue
+                out[target] = value
+    if spec.processing_time:
+        out[spec.processing_time] = _iso(now)
+    return out
+
+
+def _key_text(value: Any) -> str:
+    return value if isinstance(value, str) else orjson.dumps(value).decode()
+
+
+# ---------------------------------------------------------------- filter and map
+
+
+def keep(record: Mapping[str, Any], where: Expr) -> bool:
+    """Whether a record passes a filter; an evaluation error fails the record."""
+    try:
+        return bool(where.evaluate(record))
+    except EvalError as exc:
+        raise RecordFailure(f"filter {where.text!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    set: tuple[tuple[str, Expr], ...] = ()
+    rename: tuple[tuple[str, str], ...] = ()
+    drop: tuple[str, ...] = ()
+    select: tuple[str, ...] | None = None
+
+
+def map_record(record: Mapping[str, Any], spec: MapSpec) -> dict[str, Any]:
+    """Computed fields (evaluated on the input record), then renames, drops, select."""
+    out = dict(record)
+    for name, expr in spec.set:
+        try:
+            out[name] = expr.evaluate(record)
+        except EvalError as exc:
+            raise RecordFailure(f"set {name}: {exc}") from None
+    for old, new in spec.rename:
+        if old in out:
+            out[new] = out.pop(old)
+    for name in spec.drop:
+        out.pop(name, None)
+    if spec.select is not None:
+        out = {k: out[k] for k in spec.select if k in out}
+    return out
