@@ -1,0 +1,117 @@
+"""POST /api/v1/process and reference data over HTTP, against a real worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import Worker, http, unique
+
+
+@pytest.fixture(scope="module")
+def worker():
+    name = unique()
+    w = Worker(app_id=name, topic_prefix=f"{name}.").start()
+    yield w
+    w.kill()
+
+
+def test_the_issue_curl_returns_one_normalized_record_and_counts_the_duplicate(worker):
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"User_ID": "123", "Action": " Click ", "value": "1"},
+                    {"User_ID": "123", "Action": " Click ", "value": "1"}],
+        "transformations": ["deduplicate", "normalize"],
+    })
+    assert status == 200, reply
+    assert reply["records"] == [{"user_id": "123", "action": "Click", "value": "1"}]
+    dedupe, normalize = reply["steps"]
+    assert dedupe == {"step": 0, "op": "deduplicate", "in": 2, "out": 1, "dropped": {"duplicate": 1}, "failed": 0}
+    assert normalize["in"] == normalize["out"] == 1
+    assert reply["dropped"] == [{"index": 1, "step": 0, "op": "deduplicate", "reason": "duplicate"}]
+
+
+def test_every_record_is_accounted_for_with_its_index_and_reason(worker):
+    records = [
+        {"user_id": "1", "value": 5, "action": "click"},
+        {"user_id": "2", "value": 50, "action": "click"},
+        "not an object",
+        {"user_id": "3", "value": "many", "action": "click"},
+        {"value": 70, "action": "click"},
+    ]
+    status, reply = worker.post("/api/v1/process", {
+        "records": records,
+        "transformations": [
+            {"op": "normalize", "schema": {"value": "number", "user_id": {"type": "string", "required": True}}},
+            {"op": "filter", "where": "value > 10"},
+            {"op": "map", "set": {"double": "value * 2"}, "drop": ["action"]},
+        ],
+    })
+    assert status == 200, reply
+    assert reply["records"] == [{"user_id": "2", "value": 50, "double": 100}]
+    assert [(f["index"], f["op"]) for f in reply["failures"]] == [(2, "parse"), (3, "normalize"), (4, "normalize")]
+    assert "not a number" in reply["failures"][1]["reason"]
+    assert "required field 'user_id'" in reply["failures"][2]["reason"]
+    assert reply["dropped"] == [{"index": 0, "step": 1, "op": "filter", "reason": "filtered"}]
+    total = len(reply["records"]) + len(reply["failures"]) + len(reply["dropped"])
+    assert total == len(records)
+
+
+def test_enrichment_reads_reference_rows_written_through_the_api(worker):
+    status, reply = worker.put("/api/v1/reference/users", {
+        "key_field": "user_id", "rows": [{"user_id": "7", "country": "NL", "tier": "gold"}]})
+    assert status == 200 and reply["visible_here"], reply
+    status, row = worker.get("/api/v1/reference/users/7")
+    assert status == 200 and row["row"]["country"] == "NL"
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"user_id": "7"}, {"user_id": "8"}],
+        "transformations": [{"op": "enrich", "from": "users", "key": "user_id", "fields": ["country"], "on_missing": "drop"}],
+    })
+    assert status == 200, reply
+    assert reply["records"] == [{"user_id": "7", "country": "NL"}]
+    assert reply["dropped"][0]["reason"] == "no_reference_row"
+    # null deletes a row
+    status, _ = worker.put("/api/v1/reference/users", {"rows": {"7": None}})
+    assert status == 200
+    assert worker.get("/api/v1/reference/users/7")[0] == 404
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"records": [{}], "transformations": ["explode"]}, "op"),
+        ({"records": [{}], "transformations": [{"op": "filter"}]}, "where"),
+        ({"records": [{}], "transformations": [{"op": "filter", "where": "__import__('os')"}]}, "where"),
+        ({"records": [{}], "transformations": [{"op": "filter", "where": "value >"}]}, "where"),
+        ({"records": [{}], "transformations": [{"op": "deduplicate", "horizon_seconds": -1}]}, "horizon_seconds"),
+        ({"records": [{}], "transformations": [{"op": "normalize", "schema": {"v": {"type": "uuid"}}}]}, "schema.v.type"),
+        ({"records": [{}], "transformations": [{"op": "map", "colour": 1}]}, "colour"),
+        ({"records": [{}], "transformations": ["normalize", {"op": "enrich", "from": "users"}]}, "key"),
+    ],
+)
+def test_a_bad_step_is_rejected_before_anything_runs_naming_step_and_parameter(worker, body, param):
+    status, reply = worker.post("/api/v1/process", body)
+    assert status == 422, reply
+    assert reply["error"]["details"]["parameter"] == param
+    assert reply["error"]["details"]["step"] == len(body["transformations"]) - 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,status",
+    [
+        (dict(raw=b"[1,", content_type="application/json"), 400),
+        (dict(raw=b"{}", content_type="text/plain"), 415),
+        (dict(body={"records": {}, "transformations": []}), 422),
+        (dict(body={"records": []}), 422),
+        (dict(body={"records": [{}] * 10_001, "transformations": []}), 413),
+    ],
+)
+def test_bad_bodies_get_clear_errors(worker, kwargs, status):
+    got, reply = http("POST", worker.url + "/api/v1/process", **kwargs)
+    assert got == status, reply
+    assert reply["error"]["code"]
+
+
+def test_bad_reference_writes_are_refused(worker):
+    assert worker.put("/api/v1/reference/bad%20name!", {"key": "1", "row": {}})[0] == 422
+    assert worker.put("/api/v1/reference/users", {"key": "1"})[0] == 422
+    assert worker.put("/api/v1/reference/users", {"rows": [{"a": 1}], "key_field": "user_id"})[0] == 422
+    assert worker.put("/api/v1/reference/users", {"key": "1", "row": [1]})[0] == 422
