@@ -160,6 +160,9 @@ async def apply_items(items: list[Item]) -> int:
     for tkey, group in by_key.items():
         first = group[0]
         active = groups.get((first.key_by, first.source), [])
+        # Faust reads (not only writes) a key from the RocksDB of the *current* event's
+        # partition; a batch mixes partitions, so point it at this key's partition first.
+        in_partition_of(first.fevent)
         stored = pattern_state.get(tkey) or {}
         offsets = dict(stored.get("o", {}))
         states = {name: s for name, s in stored.get("s", {}).items()}

@@ -71,12 +71,13 @@ pattern_counts = app.Table(
 
 
 def in_partition_of(event: Any) -> None:
-    """Make ``event`` the current event, so the next table write goes to its partition.
+    """Make ``event`` the current event, so the next table read or write uses its
+    partition.
 
     A batch from ``take_events`` mixes partitions, and Faust routes a table write (the
     RocksDB file and the changelog partition) by the *current* event; without this
-    the state of a key could be written to another key's partition and come back on
-    the wrong worker after a restart.
+    the state of a key could be read from (and written to) another key's partition:
+    a lost partial match, or state that comes back on the wrong worker after a restart.
     """
     _current_event.set(weakref.ref(event))
 

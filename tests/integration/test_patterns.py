@@ -135,6 +135,43 @@ def test_fraud_one_alert_per_match_and_none_for_near_misses(cluster):
     run(wait_for(counted, timeout=60, what="match count 2 on the other worker"))
 
 
+def test_partial_matches_are_read_back_from_their_own_partitions_in_a_mixed_batch(cluster):
+    """State stored by an earlier batch must be found when the next batch mixes
+    partitions (Faust reads a table key from the *current* event's partition)."""
+    from app.kafka_io import partition_for
+
+    events_topic = topic(cluster, "events")
+    base = time.time() - 200
+    users = [f"mixed-{i}" for i in range(8)]
+    assert len({partition_for(u.encode(), 4, 0) for u in users}) >= 3
+
+    def fail(user, i):
+        return {"event_id": f"{user}-f{i}", "user_id": user, "action": "login", "status": "failed",
+                "country": "DE", "ts": base + i}
+    run(produce_json(events_topic, [fail(u, i) for i in range(2) for u in users], key="user_id"))
+
+    async def stored():
+        records = await read_topic(f"{cluster[0].app_id}-pattern-state-changelog", timeout=5, idle=1.0)
+        keys = {r.key for r in records}
+        return all(json.dumps(f"user_id={u}").encode() in keys for u in users)
+    run(wait_for(stored, timeout=60, interval=0.5, what="the partial matches stored"))
+
+    # One produce call (one consumer batch, all partitions): the third failure and the
+    # purchase of every user.
+    run(produce_json(events_topic, [fail(u, 2) for u in users] + [
+        {"event_id": f"{u}-buy", "user_id": u, "action": "purchase", "country": "BR", "ts": base + 50}
+        for u in users], key="user_id"))
+
+    async def all_alerted():
+        found = [a for a in await read_alerts(cluster, "fraud", timeout=5) if a["key"] in users]
+        return found if len({a["key"] for a in found}) == len(users) else None
+    found = run(wait_for(all_alerted, timeout=60, interval=1.0, what="one fraud alert per user"))
+    assert sorted(a["key"] for a in found) == sorted(users)  # exactly one each
+    for a in found:
+        u = a["key"]
+        assert [e["event_id"] for e in a["evidence"]] == [f"{u}-f0", f"{u}-f1", f"{u}-f2", f"{u}-buy"]
+
+
 def test_trend_and_anomaly_on_hand_checked_series(cluster):
     base = time.time() - 100
     events = []
