@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from agents.aggregate_api import aggregate_api
+from agents.window_aggregate import RUNNERS
 from app.models.windows import AggregateRequest
 from app.windows import WindowConfigError, parse_api_spec, spec_from_canonical
 from operators.aggregations import AggregationError
@@ -59,3 +60,9 @@ class Aggregate(ApiView):
 class AggregateState(ApiView):
     async def get(self, request: Any, window_id: str) -> Any:
         return self.reply(await ask(AggregateRequest(op="get", window_id=window_id)))
+
+
+@endpoint("/api/v1/windows", "The configured windows and this worker's counters for each")
+class Windows(ApiView):
+    async def get(self, request: Any) -> Any:
+        return self.reply({"windows": [r.describe() for r in RUNNERS.values()]})
