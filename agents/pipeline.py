@@ -2,10 +2,12 @@
 
 A record that is not a JSON object, or fails a step, goes to the dead-letter topic
 with the pipeline, step and reason in its headers; the pipeline keeps running.
+Events are processed in ``take_events`` batches and each batch's outputs are written
+together (see ``emit``).
 
 Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
 default). Faust writes a table change to the changelog partition of the event being
-processed, so the agent handles one event at a time (``stream.events()``) and
+processed; the agent makes each event of a batch current before touching the table, and
 deduplication is per source partition: producers must key duplicates alike (e.g.
 ``key_field`` = ``event_id`` or ``user_id`` in ``/api/v1/produce``) so they meet in
 one partition. That state comes back from the changelog after a crash or rebalance,
@@ -21,15 +23,18 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from faust.streams import _current_event
 
 from app import app, settings
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
+from app.kafka_io import OutgoingMessage, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
 from operators.steps import Step, StepCounts, run_record
@@ -124,6 +129,28 @@ class LiveContext:
                 del self.table[key]
 
 
+async def emit(sink: Any, sink_name: str, outputs: list[OutgoingMessage]) -> None:
+    """Write a batch's outputs to the sink before the batch's offsets can be committed.
+
+    Faust acks a ``take_events`` batch only after this returns, so awaiting the
+    broker's acknowledgement here keeps at-least-once. Under at_least_once the batch
+    goes out as one record batch per partition (app/kafka_io.py): Faust's per-message
+    send path costs more than the whole transformation. Under exactly_once every
+    output must be inside the partition's Kafka transaction, so Faust sends it.
+    """
+    if settings.processing_guarantee == "exactly_once":
+        for m in outputs:
+            await sink.send(key=m.key, value=m.value)
+        return
+    partitions = await kafka_io.partition_count(sink_name)
+    await kafka_io.send_batch(sink_name, outputs, partitions or settings.topic_partitions)
+
+
+def set_current_event(event: Any) -> None:
+    """Make ``event`` Faust's current event (what table writes are partitioned by)."""
+    _current_event.set(weakref.ref(event))
+
+
 COUNTERS: dict[str, PipelineCounters] = {}
 PIPELINES: dict[str, PipelineSpec] = {}
 
@@ -144,39 +171,49 @@ def build(spec: PipelineSpec) -> None:
     async def run_pipeline(stream):
         if spec.reads_reference:
             await reference_store.caught_up.wait()
+        await kafka_io.ready.wait()
+        sink_name = sink.get_topic_name()
         ctx = LiveContext(spec, table)
         count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
-        async for event in stream.events():
-            message = event.message
-            counters.into += 1
-            ctx.at_event(message.partition, message.offset)
-            try:
-                record = loads_object(event.value)
-            except RecordError as exc:
-                counters.dead_lettered += 1
-                await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
-                                       source_topic=source_name, pipeline=spec.name, step="parse",
-                                       partition=message.partition, offset=message.offset)
-                continue
-            outcome = run_record(spec.steps, record, ctx, count_step)
-            if table is not None:
-                ctx.expire()
-            if outcome.record is not None:
-                counters.out += 1
-                key = message.key
-                if spec.key_by is not None:
-                    value = outcome.record.get(spec.key_by)
-                    key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
-                await sink.send(key=key, value=orjson.dumps(outcome.record))
-            elif outcome.dropped:
-                counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
-            else:
-                counters.dead_lettered += 1
-                assert outcome.step is not None
-                await send_dead_letter(message.key, event.value, reason="step_failed",
-                                       message=outcome.failed or "", source_topic=source_name,
-                                       pipeline=spec.name, step=outcome.step.label,
-                                       partition=message.partition, offset=message.offset)
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
+            outputs: list[OutgoingMessage] = []
+            for event in events:
+                message = event.message
+                if table is not None:
+                    # Faust writes a table change to the partition of the *current*
+                    # event; in a batch that must be this event, not the last one.
+                    set_current_event(event)
+                counters.into += 1
+                ctx.at_event(message.partition, message.offset)
+                try:
+                    record = loads_object(event.value)
+                except RecordError as exc:
+                    counters.dead_lettered += 1
+                    await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
+                                           source_topic=source_name, pipeline=spec.name, step="parse",
+                                           partition=message.partition, offset=message.offset)
+                    continue
+                outcome = run_record(spec.steps, record, ctx, count_step)
+                if table is not None:
+                    ctx.expire()
+                if outcome.record is not None:
+                    counters.out += 1
+                    key = message.key
+                    if spec.key_by is not None:
+                        value = outcome.record.get(spec.key_by)
+                        key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
+                    outputs.append(OutgoingMessage(key, orjson.dumps(outcome.record)))
+                elif outcome.dropped:
+                    counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
+                else:
+                    counters.dead_lettered += 1
+                    assert outcome.step is not None
+                    await send_dead_letter(message.key, event.value, reason="step_failed",
+                                           message=outcome.failed or "", source_topic=source_name,
+                                           pipeline=spec.name, step=outcome.step.label,
+                                           partition=message.partition, offset=message.offset)
+            if outputs:
+                await emit(sink, sink_name, outputs)
 
     app.agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 

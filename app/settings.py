@@ -63,7 +63,7 @@ class Settings:
     max_poll_records: int = 5000
     # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
     # ms turns one produce request per table write into one per batch (pattern-detect).
-    producer_linger: float = 0.0
+    producer_linger: float = 0.005
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False

@@ -7,6 +7,7 @@ pipeline (state in Faust tables) and an HTTP batch (state in a dict).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -73,6 +74,7 @@ _CAMEL_2 = re.compile(r"(?<=[A-Z])(?=[A-Z][a-z])")
 _NON_WORD = re.compile(r"[^0-9a-zA-Z]+")
 
 
+@functools.lru_cache(maxsize=4096)  # field names repeat record after record
 def snake_case(name: str) -> str:
     """``User_ID``, ``userId``, ``HTTPStatus``, ``first name`` → ``user_id``,
     ``user_id``, ``http_status``, ``first_name``."""

@@ -1,0 +1,152 @@
+"""The transform pipeline: parse → deduplicate → normalize → enrich → filter → sink.
+
+Two phases against one real worker running the pipeline (and only it):
+
+1. throughput: ``--events`` ~300-byte click events over ``--keys`` users are produced
+   *before* the worker starts; the rate is outputs / (last − first sink record
+   timestamp), i.e. the worker's own output clock, like the raw baseline's consume rate.
+2. latency: events are produced at ``--rate`` (default 5,000/s) for ``latency_seconds``
+   (option, default 10) while a consumer reads the sink; latency = arrival − ``sent_at``.
+
+The ``users`` reference data (one row per key) is loaded first through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from bench.events import make_payloads
+from bench.harness import Context, Result, process_cpu_seconds
+from bench.scenarios.raw_aiokafka import produce_raw
+from tests.support import Worker, create_topics, read_topic
+
+NAME = "transform"
+DESCRIPTION = "parse, deduplicate, normalize, enrich, filter, produce to the sink"
+
+PIPELINE = {"pipelines": [{
+    "name": "bench",
+    "source": "events",
+    "sink": "events.clean",
+    "key_by": "user_id",
+    "steps": [
+        {"op": "deduplicate", "horizon_seconds": 3600},
+        {"op": "normalize", "lowercase": ["action", "country"], "timestamps": ["ts"],
+         "schema": {"value": {"type": "number", "required": True}}},
+        {"op": "enrich", "from": "users", "key": "user_id", "fields": ["tier", "segment"]},
+        {"op": "filter", "where": "action != 'heartbeat' and value > 0"},
+    ],
+}]}
+
+
+async def load_users(worker: Worker, keys: int) -> None:
+    for start in range(0, keys, 5000):
+        rows = {f"u{i:05d}": {"tier": ("gold", "silver", "bronze")[i % 3], "segment": f"s{i % 17}"}
+                for i in range(start, min(keys, start + 5000))}
+        status, reply = await asyncio.to_thread(worker.put, "/api/v1/reference/users", {"rows": rows})
+        if status != 200:
+            raise RuntimeError(f"loading users failed: {reply}")
+
+
+async def latency_phase(ctx: Context, source: str, sink: str, rate: float, seconds: float) -> list[float]:
+    consumer = AIOKafkaConsumer(sink, bootstrap_servers=ctx.bootstrap, auto_offset_reset="latest",
+                                group_id=f"{ctx.namespace}-lat", enable_auto_commit=False)
+    await consumer.start()
+    await consumer.getmany(timeout_ms=1000)  # join and position at the end first
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks=1, linger_ms=0)
+    await producer.start()
+    latencies: list[float] = []
+    total = int(rate * seconds)
+    events = make_payloads(total, ctx.keys, seed=99)
+
+    async def produce() -> None:
+        t0 = time.perf_counter()
+        for i, event in enumerate(events):
+            due = t0 + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            event["event_id"] = f"lat-{i}"
+            event["sent_at"] = time.time()
+            await producer.send(source, orjson.dumps(event), key=event["user_id"].encode())
+
+    async def consume() -> None:
+        deadline = time.monotonic() + seconds + 30
+        while len(latencies) < total and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            now = time.time()
+            for messages in batch.values():
+                for m in messages:
+                    latencies.append((now - json.loads(m.value)["sent_at"]) * 1000)
+
+    try:
+        await asyncio.gather(produce(), consume())
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return latencies
+
+
+async def run(ctx: Context) -> Result:
+    config = Path(tempfile.mkdtemp(prefix="streametl-bench-")) / "pipelines.yaml"
+    config.write_text(json.dumps(PIPELINE))
+    prefix = f"{ctx.namespace}."
+    source, sink = prefix + "events", prefix + "events.clean"
+    await create_topics([source, sink], partitions=4)
+    events = make_payloads(ctx.events, ctx.keys)
+    payloads = [orjson.dumps(e) for e in events]
+    await produce_raw(ctx, source, payloads, [e["user_id"].encode() for e in events])
+
+    worker = Worker(app_id=ctx.namespace, topic_prefix=prefix,
+                    env={"STREAMETL_PIPELINES_FILE": str(config),
+                         **{k: v for k, v in ctx.args.options.items() if k.startswith("STREAMETL_")}})
+    worker.start(timeout=120)
+    try:
+        assert worker.proc is not None
+        await load_users(worker, ctx.keys)  # the pipeline waits for reference data to catch up
+        cpu0 = process_cpu_seconds(worker.proc.pid)
+        expected = sum(1 for e in events if e["value"] > 0)
+        out = await read_topic_timestamps(ctx, sink, expected)
+        cpu = process_cpu_seconds(worker.proc.pid) - cpu0
+        seconds = (max(out) - min(out)) / 1000 if len(out) > 1 else float("nan")
+        rate = ctx.args.rate or 5000
+        lat_seconds = float(ctx.args.options.get("latency_seconds", 10))
+        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds)
+        _, pipelines = worker.get("/api/v1/pipelines")
+    finally:
+        worker.stop()
+    return Result(
+        NAME, len(out), seconds, latencies, cpu,
+        settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
+                  "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter"},
+        notes=["throughput: backlog produced before start; sink record timestamps first→last",
+               "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
+               f"worker counters: {pipelines['pipelines'][0]['counters'] if isinstance(pipelines, dict) else pipelines}"],
+    )
+
+
+async def read_topic_timestamps(ctx: Context, topic: str, expected: int) -> list[int]:
+    """Kafka timestamps of the first ``expected`` records of a topic (waits for them)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=ctx.bootstrap, auto_offset_reset="earliest",
+                                group_id=f"{ctx.namespace}-ts", enable_auto_commit=False,
+                                max_poll_records=5000)
+    await consumer.start()
+    stamps: list[int] = []
+    deadline = time.monotonic() + 600
+    try:
+        while len(stamps) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for messages in batch.values():
+                stamps.extend(m.timestamp for m in messages)
+    finally:
+        await consumer.stop()
+    return stamps
+
+
+__all__ = ["NAME", "DESCRIPTION", "run", "read_topic"]
