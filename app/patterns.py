@@ -20,34 +20,10 @@ import orjson
 
 from app.config_file import section
 from operators import patterns as ops
-from operators import patterns_expr
+from operators.expr import ExprError, compile_expr
 
-#: Conditions pattern definitions rely on, with a record and the expected value: the
-#: project language is used only if it reads them the same way as the stand-in.
-_SELF_CHECK = [
-    ("action == 'login' and status == 'failed'", {"action": "login", "status": "failed"}, True),
-    ("action == 'login' and status == 'failed'", {"action": "login", "status": "ok"}, False),
-    ("amount > 1000", {"amount": 1001}, True),
-    ("country != match.fail.country", {"country": "BR", "match": {"fail": {"country": "DE"}}}, True),
-    ("country != match.fail.country", {"country": "DE", "match": {"fail": {"country": "DE"}}}, False),
-]
-
-
-def _pick_language():
-    """The project's expression language (operators/expr.py, transformations issue)
-    when it exists and agrees with the conditions above; else the minimal stand-in."""
-    try:
-        from operators import expr  # type: ignore[attr-defined]
-
-        for text, record, expected in _SELF_CHECK:
-            if bool(expr.compile_expr(text).evaluate(record)) is not expected:
-                raise ValueError(text)
-        return "operators.expr", expr.compile_expr, (expr.ExprError, patterns_expr.ExprError)
-    except Exception:
-        return "operators.patterns_expr", patterns_expr.compile_expr, (patterns_expr.ExprError,)
-
-
-EXPR_LANGUAGE, compile_expr, ExprError = _pick_language()
+#: The condition language (named in 422 details): the project's one expression language.
+EXPR_LANGUAGE = "operators.expr"
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 KINDS = ("threshold", "frequency", "trend", "anomaly", "sequence", "absence")
