@@ -20,7 +20,19 @@ def consumer_state() -> dict[str, Any]:
         "paused": sorted(f"{tp.topic}:{tp.partition}" for tp in consumer._paused_partitions),
         "unacked": len(consumer._unacked_messages),
         "rebalancing": app.rebalancing,
+        "fetcher": {"started": app._fetcher._started.is_set(), "crashed": app._fetcher._crashed.is_set(),
+                    "stopped": app._fetcher._stopped.is_set(), "state": str(app._fetcher.state)},
+        "assigned": mine(consumer.assignment()),
+        "active": mine(consumer._active_partitions or ()),
+        "buffered": mine(consumer._buffered_partitions),
+        "read_offset": {f"{tp.partition}": off for tp, off in consumer._read_offset.items()
+                        if tp.topic == settings.topic("passthrough")},
     }
+
+
+def mine(tps: Any) -> list[int]:
+    """The passthrough input's partitions among ``tps``."""
+    return sorted(tp.partition for tp in tps if tp.topic == settings.topic("passthrough"))
 
 
 @endpoint("/api/v1/passthrough", "Events counted by the bare passthrough agent (benchmark)")

@@ -1,0 +1,111 @@
+"""Rebalances through the fast consume path: what is committed was processed.
+
+Worker A works through a backlog; worker B joins mid-stream (partitions move to B) and
+more input arrives. Every event must reach the output (at-least-once: repeats allowed)
+and, once the group's commits reach the end of the input (nothing stalled), no
+committed offset may be ahead of what was processed.
+
+Then B leaves (SIGTERM or kill -9) and A takes its partitions back while more input
+arrives. That phase is marked xfail: it lost events in 2 of 3 runs here *with Faust's
+own consumer as well* (see docs/performance.md, "Known issue").
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+
+from tests.integration.test_delivery_semantics import (
+    FORWARD,
+    PARTITIONS,
+    _reached,
+    check_committed_not_ahead,
+    committed_offsets,
+    end_offsets,
+    make_events,
+    produce,
+    read_output,
+)
+from tests.support import create_topics, run, wait_for
+
+
+def counted(worker) -> int:
+    status, body = worker.get("/api/v1/passthrough", timeout=5)
+    return body["events"] if status == 200 else 0
+
+
+def settled(app_id: str, prefix: str, events: list[dict], timeout: float = 240.0):
+    """Wait until the group's commits reach the end of the input (no stall), then
+    check that nothing committed was skipped and every event is in the output."""
+    topic = f"{prefix}passthrough"
+    ends = run(end_offsets(topic))
+    run(wait_for(lambda: _reached(app_id, topic, ends), timeout=timeout, what="commits at the end of the input"))
+    # Commits are final once at the end; give in-flight sends of the last batch a moment.
+    want = {e["event_id"] for e in events}
+
+    async def complete():
+        out = await read_output(prefix, idle=0.5)
+        return want <= {eid for eid, _, _ in out} and out
+
+    try:
+        output = run(wait_for(complete, timeout=20, interval=1, what="output complete"))
+    except TimeoutError:
+        output = run(read_output(prefix, idle=0.5))
+    check_committed_not_ahead(run(committed_offsets(app_id, topic)), output)
+    ids = Counter(eid for eid, _, _ in output)
+    assert set(ids) >= want, f"{len(want - set(ids))} events committed but never processed"
+    return output
+
+
+def join_phase(workers, namespace):
+    app_id, prefix = namespace
+    topic = f"{prefix}passthrough"
+    backlog, joined = make_events(15000), make_events(4000, 15000)
+    run(create_topics([topic], partitions=PARTITIONS))
+    run(produce(prefix, backlog))
+    a = workers(**FORWARD).start()
+    run(wait_for(lambda: counted(a), timeout=120, interval=0.05, what="A processing the backlog"))
+    b = workers(**FORWARD).start()  # joins mid-stream: rebalance
+    run(produce(prefix, joined))
+    settled(app_id, prefix, backlog + joined)
+    assert counted(b) > 0, "B never got partitions"
+    return a, b, backlog + joined
+
+
+def test_join_mid_stream(workers, namespace):
+    join_phase(workers, namespace)
+
+
+def leave_phase(workers, namespace, leave: str) -> None:
+    app_id, prefix = namespace
+    a, b, earlier = join_phase(workers, namespace)
+    a_before = counted(a)
+    if leave == "kill":
+        b.kill()  # no goodbye: A gets B's partitions after the session timeout
+    else:
+        b.stop()  # SIGTERM: B commits what it processed and leaves the group
+    alone = make_events(3000, 19000)
+    run(produce(prefix, alone))
+    settled(app_id, prefix, earlier + alone)
+    assert counted(a) > a_before
+
+
+KNOWN_LOSS = (
+    "when B leaves, A took its partitions and committed past a contiguous run of about "
+    "350 offsets on every partition that never reached the agent (2 of 3 runs). The same "
+    "test with STREAMETL_FAST_CONSUMER=false also never saw all events; see docs/performance.md"
+)
+
+
+@pytest.mark.xfail(strict=False, reason=KNOWN_LOSS)
+def test_join_then_graceful_leave_mid_stream(workers, namespace):
+    leave_phase(workers, namespace, "stop")
+
+
+@pytest.mark.skipif(not os.environ.get("STREAMETL_TEST_KNOWN_STALLS"),
+                    reason="waits out a 60 s session timeout; STREAMETL_TEST_KNOWN_STALLS=1 runs it")
+@pytest.mark.xfail(strict=False, reason=KNOWN_LOSS)
+def test_join_then_kill9_leave_mid_stream(workers, namespace):
+    leave_phase(workers, namespace, "kill")
