@@ -6,7 +6,7 @@ Two phases against one real worker running the pipeline (and only it):
    *before* the worker starts; the rate is outputs / (last − first sink record
    timestamp), i.e. the worker's own output clock, like the raw baseline's consume rate.
 2. latency: events are produced at ``--rate`` (default 5,000/s) for ``latency_seconds``
-   (option, default 10) while a consumer reads the sink; latency = arrival − ``sent_at``.
+   (option, default 10); option ``profile=DIR`` runs the worker under pyinstrument while a consumer reads the sink; latency = arrival − ``sent_at``.
 
 The ``users`` reference data (one row per key) is loaded first through the HTTP API.
 """
@@ -24,6 +24,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.events import make_payloads
 from bench.harness import Context, Result, process_cpu_seconds
+from bench.scenarios.agent_passthrough import ProfiledWorker
 from bench.scenarios.raw_aiokafka import produce_raw
 from tests.support import Worker, create_topics, read_topic
 
@@ -103,9 +104,13 @@ async def run(ctx: Context) -> Result:
     payloads = [orjson.dumps(e) for e in events]
     await produce_raw(ctx, source, payloads, [e["user_id"].encode() for e in events])
 
-    worker = Worker(app_id=ctx.namespace, topic_prefix=prefix,
+    profile_dir = ctx.args.options.get("profile")  # option profile=DIR: run under pyinstrument
+    worker = (ProfiledWorker if profile_dir else Worker)(app_id=ctx.namespace, topic_prefix=prefix,
                     env={"STREAMETL_PIPELINES_FILE": str(config),
                          **{k: v for k, v in ctx.args.options.items() if k.startswith("STREAMETL_")}})
+    if profile_dir:
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        worker.profile_path = Path(profile_dir) / "transform.txt"
     worker.start(timeout=120)
     try:
         assert worker.proc is not None
