@@ -59,6 +59,7 @@ class WindowRunner:
         self.store = PartitionStore(table)
         self.buffer = WriteBackBuffer()
         self.input = input_topic
+        self.source_name = settings.topic(defn.source)
         self.sink = sink
         self.late = late
         self.stats: Counter[str] = Counter()
@@ -300,12 +301,32 @@ class WindowRunner:
             "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at,
         }
 
+    def _caught_up(self, input_name: str) -> bool:
+        """True when this worker has read up to the end of its partitions of the source
+        and input topics. Under load the rekey step can lag: records still waiting in
+        the source are not idleness."""
+        consumer = app.consumer
+        names = {input_name, self.source_name}
+        for tp in consumer.assignment():
+            if tp.topic not in names:
+                continue
+            read = consumer._read_offset.get(tp)
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # no fetch position yet
+                return False
+            if read is not None and high is not None and read + 1 < high:
+                return False
+        return True
+
     async def tick(self) -> None:
         """Timer: send a tick to each partition idle for ``idle_close`` with windows open."""
         if not app.tables.recovery.completed.is_set() or app.rebalancing:
             return
         now = time.monotonic()
         name = self.input.get_topic_name()
+        if not self._caught_up(name):
+            return  # input is waiting to be processed: the partition is busy, not idle
         for tp in app.consumer.assignment():
             if tp.topic != name:
                 continue

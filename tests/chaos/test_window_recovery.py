@@ -60,11 +60,11 @@ def test_windows_recover_from_the_changelog_after_kill_and_wiped_state(worker):
         # Replays after the crash may emit a window twice (same value), so wait for the
         # distinct windows, not for a record count.
         async def distinct(name=name, want=want):
-            got = emitted(await read_topic(f"{w.topic_prefix}{name}.aggregates", timeout=30, idle=1))
+            got = emitted(await read_topic(f"{w.topic_prefix}{name}.aggregates", timeout=60, idle=5))
             return got if len(got) >= len(want) else None
 
         try:
-            got = run(wait_for(distinct, timeout=180, interval=1, what=f"{name} windows"))
+            got = run(wait_for(distinct, timeout=120, interval=1, what=f"{name} windows"))
         except TimeoutError:
             got = emitted(read_results(w.topic_prefix, name, expect=10**9, timeout=5))
         assert got == want, name
