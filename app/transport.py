@@ -18,10 +18,6 @@ What changes (and only this):
   original path is taken unchanged.
 * Under exactly_once, ``FastConsumer.commit`` waits for agents' processing sections
   (:class:`CommitGuard`) so a transaction never holds outputs of unacked events.
-* After a seek (rebalance, recovery), a first record *beyond* the seek position is
-  treated as stale (fetched before the seek): the partition is fetched again from the
-  seek position instead of the jump being committed as a gap. Faust commits such a
-  gap as processed, losing the records in between.
 * ``FastConsumer.getmany`` reports each partition's end offset to the monitor once per
   fetched batch instead of once per message (the value is the same for the batch).
 
@@ -179,39 +175,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         if not finished:
             await self.wait_first(rest, suspend_flow.wait())
 
-    #: Partitions whose read offset was set by a seek and that have delivered nothing
-    #: since; maps to the offset a stale jump was already re-fetched from (or None).
-    _seeked: dict[Any, int | None]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._seeked = _SeekState()
-
-    async def perform_seek(self) -> None:
-        """Faust's seek to committed offsets, remembering which partitions were moved."""
-        await super().perform_seek()
-        for tp, offset in list(self._read_offset.items()):
-            if offset is not None:
-                self._seeked[tp] = None
-
-    def stale_after_seek(self, tp: Any, offset: int, r_offset: int) -> bool:
-        """True when the first record after a seek lies beyond the seek position and we
-        have not re-fetched from that position yet.
-
-        Why: after a rebalance Faust seeks to the committed offset, but records fetched
-        before the seek can still arrive. Faust's drain loop would record the jump as a
-        gap, and gaps are committed as if processed: the records in between are lost
-        (tests/chaos/test_rebalance.py). A genuine gap (compaction, transaction
-        markers) shows up again after the re-fetch and is then accepted.
-        """
-        if tp not in self._seeked:
-            return False
-        if self._seeked[tp] == r_offset:
-            del self._seeked[tp]  # re-fetched once and the jump is still there: genuine
-            return False
-        self._seeked[tp] = r_offset
-        return True
-
     async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
         """Faust's getmany, with the end-offset monitor call once per partition per batch."""
         records, active_partitions = await self._wait_next_records(timeout)
@@ -251,7 +214,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
         since_yield = 0
-        seeked = self._seeked
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -259,7 +221,6 @@ class FastConsumer(faust_aiokafka.Consumer):
                 await self.sleep(0)
                 if self.should_stop:
                     continue
-                skip_rest: set[Any] = set()  # partitions re-seeked in this batch
                 async for tp, message in ait:
                     since_yield += 1
                     if since_yield > YIELD_EVERY:
@@ -271,16 +232,10 @@ class FastConsumer(faust_aiokafka.Consumer):
                         self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
                         continue
                     if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        if tp in skip_rest:
-                            continue
-                        if self.stale_after_seek(tp, offset, r_offset):
-                            # Records from before the seek: fetch again from r_offset
-                            # instead of committing the jump as a "gap" (data loss).
-                            await self._seek(tp, r_offset)
-                            skip_rest.add(tp)
-                            continue
+                        # Faust's gap handling, unchanged. Known problem: after a seek,
+                        # records fetched before it can arrive first, and the jump is
+                        # then committed as a gap (docs/performance.md, "Known issue").
                         await self._add_gap(tp, r_offset + 1, offset)
-                    seeked.discard(tp)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         await self.commit()
@@ -302,13 +257,6 @@ class FastConsumer(faust_aiokafka.Consumer):
             raise
         finally:
             unset_flag(CONSUMER_FETCHING)
-
-
-class _SeekState(dict):
-    """``tp -> re-fetched offset``; ``discard`` mirrors ``set.discard``."""
-
-    def discard(self, tp: Any) -> None:
-        self.pop(tp, None)
 
 
 class Transport(faust_aiokafka.Transport):

@@ -187,19 +187,3 @@ def test_commit_guard_keeps_commits_between_processing_sections():
     # the commit waited for a; b waited for the commit; nothing interleaved
     assert log == ["a:start", "a:end", "commit", "commit:end", "b:start", "b:end"]
 
-
-def test_first_record_beyond_a_seek_is_refetched_once_then_accepted_as_a_gap():
-    from app.transport import _SeekState
-
-    class Host:
-        stale_after_seek = FastConsumer.stale_after_seek
-
-        def __init__(self):
-            self._seeked = _SeekState()
-
-    host = Host()
-    host._seeked["tp"] = None  # perform_seek moved tp to 100
-    assert host.stale_after_seek("tp", 450, 100)  # stale prefetched record: re-fetch
-    assert not host.stale_after_seek("tp", 450, 100)  # same jump after re-fetch: genuine gap
-    assert "tp" not in host._seeked
-    assert not host.stale_after_seek("other", 999, 1)  # not seeked: Faust's gap handling
