@@ -40,6 +40,7 @@ from app.topics import declare
 from operators.steps import Step, StepCounts, run_record
 from operators.transform import Seen
 from tables.reference import reference_store
+from tables.windows import RAW_SCHEMA, PartitionStore
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +67,24 @@ class PipelineCounters:
 
 
 class TableMemory:
-    """Deduplication memory of one step over a Faust table (keys prefixed by step)."""
+    """Deduplication memory of one step over a Faust table (keys prefixed by step).
 
-    def __init__(self, table: Any, step: Step, expiry: deque) -> None:
-        self.table, self.prefix, self.expiry = table, f"{step.index}|", expiry
+    Writes of a batch collect in the context's overlay and reach the table (RocksDB and
+    changelog, one record batch per partition) only after the batch's outputs were
+    acknowledged by the sink: a crash in between re-emits, it never loses a record.
+    """
+
+    def __init__(self, ctx: LiveContext, step: Step) -> None:
+        self.ctx, self.prefix = ctx, f"{step.index}|".encode()
 
     def get(self, key: str) -> Seen | None:
-        value = self.table.get(self.prefix + key)
+        value = self.ctx.read(self.prefix + key.encode())
         return None if value is None else Seen(value[0], value[1])
 
     def put(self, key: str, seen: Seen) -> None:
-        self.table[self.prefix + key] = [seen.at, seen.seq]
-        self.expiry.append((seen.at, seen.seq, self.prefix + key))
+        k = self.prefix + key.encode()
+        self.ctx.write(k, [seen.at, seen.seq])
+        self.ctx.expiry.setdefault(self.ctx.partition, deque()).append((seen.at, seen.seq, k))
 
 
 class LiveContext:
@@ -85,17 +92,40 @@ class LiveContext:
 
     def __init__(self, spec: PipelineSpec, table: Any) -> None:
         self.spec, self.table = spec, table
+        self.store = PartitionStore(table) if table is not None else None
+        self.event: Any = None
+        #: (partition, key) → (event, value) written in this batch, not yet stored.
+        self.overlay: dict[tuple[int, bytes], tuple[Any, Any]] = {}
         self.partition = 0
         self.offset = 0
         self.expiry: dict[int, deque] = {}
         self._now = 0.0
 
-    def at_event(self, partition: int, offset: int) -> None:
-        self.partition, self.offset, self._now = partition, offset, time.time()
+    def at_event(self, event: Any) -> None:
+        message = event.message
+        self.event, self.partition, self.offset, self._now = event, message.partition, message.offset, time.time()
 
     def memory(self, step_index: int) -> TableMemory:
-        step = self.spec.steps[step_index]
-        return TableMemory(self.table, step, self.expiry.setdefault(self.partition, deque()))
+        return TableMemory(self, self.spec.steps[step_index])
+
+    def read(self, key: bytes) -> Any:
+        """The stored value of ``key`` in the current event's partition (overlay first)."""
+        pending = self.overlay.get((self.partition, key))
+        if pending is not None:
+            return pending[1]
+        assert self.store is not None
+        return self.store.read(self.event, key)
+
+    def write(self, key: bytes, value: Any) -> None:
+        self.overlay[(self.partition, key)] = (self.event, value)
+
+    async def flush(self) -> None:
+        """Store the batch's writes (after its outputs reached the sink)."""
+        if self.overlay:
+            assert self.store is not None
+            items = [(ev, key, value) for (_, key), (ev, value) in self.overlay.items()]
+            self.overlay = {}
+            await self.store.write_many(items)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -124,9 +154,11 @@ class LiveContext:
             if not (old_by_time or old_by_count):
                 return
             queue.popleft()
-            current = self.table.get(key)
+            current = self.read(key)
             if current is not None and current[0] == at and current[1] == seq:
-                del self.table[key]
+                self.overlay.pop((self.partition, key), None)
+                assert self.store is not None
+                self.store.delete(self.event, key)
 
 
 async def emit(sink: Any, sink_name: str, outputs: list[OutgoingMessage]) -> None:
@@ -162,6 +194,7 @@ def build(spec: PipelineSpec) -> None:
     if spec.has_state:
         table = app.Table(
             f"pipeline-{spec.name}-dedupe", partitions=settings.topic_partitions,
+            key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
         )
     counters = COUNTERS.setdefault(spec.name, PipelineCounters())
     counters.steps = {s.index: StepCounts(s.index, s.op) for s in spec.steps if not s.terminal}
@@ -184,7 +217,7 @@ def build(spec: PipelineSpec) -> None:
                     # event; in a batch that must be this event, not the last one.
                     set_current_event(event)
                 counters.into += 1
-                ctx.at_event(message.partition, message.offset)
+                ctx.at_event(event)
                 try:
                     record = loads_object(event.value)
                 except RecordError as exc:
@@ -214,6 +247,8 @@ def build(spec: PipelineSpec) -> None:
                                            partition=message.partition, offset=message.offset)
             if outputs:
                 await emit(sink, sink_name, outputs)
+            if table is not None:
+                await ctx.flush()
 
     app.agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 
