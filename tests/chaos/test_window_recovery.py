@@ -32,6 +32,7 @@ def worker(kafka):
     w.kill()
 
 
+@pytest.mark.timeout(600)  # five window types on one worker, on 2 shared cores
 def test_windows_recover_from_the_changelog_after_kill_and_wiped_state(worker):
     w = worker
     records = make_records(3000, keys=30, seed=23, late=10)
@@ -64,7 +65,7 @@ def test_windows_recover_from_the_changelog_after_kill_and_wiped_state(worker):
             return got if len(got) >= len(want) else None
 
         try:
-            got = run(wait_for(distinct, timeout=120, interval=1, what=f"{name} windows"))
+            got = run(wait_for(distinct, timeout=240, interval=1, what=f"{name} windows"))
         except TimeoutError:
             got = emitted(read_results(w.topic_prefix, name, expect=10**9, timeout=5))
         assert got == want, name
