@@ -307,8 +307,6 @@ class WindowRunner:
         the source are not idleness."""
         consumer = app.consumer
         names = {input_name, self.source_name}
-        if any(m.topic in names for m in list(consumer.unacked)):
-            return False  # read but not yet processed (other agents' messages do not count)
         for tp in consumer.assignment():
             if tp.topic not in names:
                 continue
