@@ -37,6 +37,7 @@ from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
+from app.transport import commit_guard
 from operators.steps import Step, StepCounts, run_record
 from operators.transform import Seen
 from tables.reference import reference_store
@@ -161,21 +162,24 @@ class LiveContext:
                 self.store.delete(self.event, key)
 
 
-async def emit(sink: Any, sink_name: str, outputs: list[OutgoingMessage]) -> None:
-    """Write a batch's outputs to the sink before the batch's offsets can be committed.
+async def emit(sink: Any, sink_name: str, outputs: list[tuple[Any, OutgoingMessage]]) -> None:
+    """Write a batch's outputs (with the events they came from) to the sink before the
+    batch is acked, so its offsets can only be committed after its outputs are durable.
 
-    Faust acks a ``take_events`` batch only after this returns, so awaiting the
-    broker's acknowledgement here keeps at-least-once. Under at_least_once the batch
-    goes out as one record batch per partition (app/kafka_io.py): Faust's per-message
-    send path costs more than the whole transformation. Under exactly_once every
-    output must be inside the partition's Kafka transaction, so Faust sends it.
+    Under at_least_once the batch goes out as one record batch per partition
+    (app/kafka_io.py): Faust's per-message send path costs more than the whole
+    transformation. Under exactly_once every output must join a Kafka transaction, and
+    Faust picks the transaction by the *output* partition (one transactional producer
+    per partition number, committing that partition's input offsets); so each output
+    keeps its input's partition number, sent through Faust with its event current.
     """
     if settings.processing_guarantee == "exactly_once":
-        for m in outputs:
-            await sink.send(key=m.key, value=m.value)
+        for event, m in outputs:
+            set_current_event(event)
+            await sink.send(key=m.key, value=m.value, partition=event.message.partition)
         return
     partitions = await kafka_io.partition_count(sink_name)
-    await kafka_io.send_batch(sink_name, outputs, partitions or settings.topic_partitions)
+    await kafka_io.send_batch(sink_name, [m for _, m in outputs], partitions or settings.topic_partitions)
 
 
 def set_current_event(event: Any) -> None:
@@ -209,46 +213,50 @@ def build(spec: PipelineSpec) -> None:
         ctx = LiveContext(spec, table)
         count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            outputs: list[OutgoingMessage] = []
-            for event in events:
-                message = event.message
-                if table is not None:
-                    # Faust writes a table change to the partition of the *current*
-                    # event; in a batch that must be this event, not the last one.
+            # One commit-free section per batch: outputs, state and acks together (no
+            # offset commit, or transaction, can fall between them; app/transport.py).
+            async with commit_guard.processing():
+                outputs: list[tuple[Any, OutgoingMessage]] = []
+                for event in events:
+                    message = event.message
+                    # Faust writes table changes (and picks transactions) by the
+                    # *current* event; in a batch that must be this event, not the last.
                     set_current_event(event)
-                counters.into += 1
-                ctx.at_event(event)
-                try:
-                    record = loads_object(event.value)
-                except RecordError as exc:
-                    counters.dead_lettered += 1
-                    await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
-                                           source_topic=source_name, pipeline=spec.name, step="parse",
-                                           partition=message.partition, offset=message.offset)
-                    continue
-                outcome = run_record(spec.steps, record, ctx, count_step)
+                    counters.into += 1
+                    ctx.at_event(event)
+                    try:
+                        record = loads_object(event.value)
+                    except RecordError as exc:
+                        counters.dead_lettered += 1
+                        await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
+                                               source_topic=source_name, pipeline=spec.name, step="parse",
+                                               partition=message.partition, offset=message.offset)
+                        continue
+                    outcome = run_record(spec.steps, record, ctx, count_step)
+                    if table is not None:
+                        ctx.expire()
+                    if outcome.record is not None:
+                        counters.out += 1
+                        key = message.key
+                        if spec.key_by is not None:
+                            value = outcome.record.get(spec.key_by)
+                            key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
+                        outputs.append((event, OutgoingMessage(key, orjson.dumps(outcome.record))))
+                    elif outcome.dropped:
+                        counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
+                    else:
+                        counters.dead_lettered += 1
+                        assert outcome.step is not None
+                        await send_dead_letter(message.key, event.value, reason="step_failed",
+                                               message=outcome.failed or "", source_topic=source_name,
+                                               pipeline=spec.name, step=outcome.step.label,
+                                               partition=message.partition, offset=message.offset)
+                if outputs:
+                    await emit(sink, sink_name, outputs)
                 if table is not None:
-                    ctx.expire()
-                if outcome.record is not None:
-                    counters.out += 1
-                    key = message.key
-                    if spec.key_by is not None:
-                        value = outcome.record.get(spec.key_by)
-                        key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
-                    outputs.append(OutgoingMessage(key, orjson.dumps(outcome.record)))
-                elif outcome.dropped:
-                    counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
-                else:
-                    counters.dead_lettered += 1
-                    assert outcome.step is not None
-                    await send_dead_letter(message.key, event.value, reason="step_failed",
-                                           message=outcome.failed or "", source_topic=source_name,
-                                           pipeline=spec.name, step=outcome.step.label,
-                                           partition=message.partition, offset=message.offset)
-            if outputs:
-                await emit(sink, sink_name, outputs)
-            if table is not None:
-                await ctx.flush()
+                    await ctx.flush()
+                for event in events:
+                    await stream.ack(event)
 
     app.agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 

@@ -111,3 +111,25 @@ def test_duplicates_and_filtered_records_are_counted_not_emitted(worker):
     assert c["dropped_by_reason"].get("filtered", 0) == c0["dropped_by_reason"].get("filtered", 0) + 1
     after = run(read_topic(p + "events.clean", idle=1.5))
     assert len(after) == before + 1
+
+
+def test_exactly_once_pipeline_commits_its_outputs_in_transactions(kafka):
+    name = unique("eos")
+    w = Worker(app_id=name, topic_prefix=f"{name}.",
+               env={"STREAMETL_PIPELINES_FILE": write_config(PIPELINE),
+                    "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"})
+    try:
+        w.start(timeout=120)
+        sent = [{"event_id": f"x{i}", "user_id": f"u{i % 5}", "action": "Click", "value": i + 1} for i in range(200)]
+        run(produce_json(w.topic_prefix + "events", sent + sent[:50], key="user_id"))
+        out = run(read_topic(w.topic_prefix + "events.clean", expect=200, timeout=60,
+                             isolation_level="read_committed"))
+        ids = [r.json()["event_id"] for r in out]
+        assert sorted(ids) == sorted(s["event_id"] for s in sent)  # each once, duplicates dropped
+        # Faust's transactions are per partition number: outputs keep their input's.
+        by_user = {}
+        for r in out:
+            by_user.setdefault(r.json()["user_id"], set()).add(r.partition)
+        assert all(len(p) == 1 for p in by_user.values())
+    finally:
+        w.kill()
