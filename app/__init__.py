@@ -7,6 +7,8 @@ this module stays cheap and free of import cycles.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faust
 
 from app import transport as _transport
@@ -19,7 +21,8 @@ app = faust.App(
     settings.app_id,
     broker=_transport.broker_url(settings.broker, settings.fast_consumer),
     store=settings.store,
-    datadir=settings.data_dir,
+    # One folder per app id: local table state of one app must never be read by another.
+    datadir=str(Path(settings.data_dir) / settings.app_id),
     processing_guarantee=settings.processing_guarantee,
     topic_partitions=settings.topic_partitions,
     topic_replication_factor=settings.topic_replication,
