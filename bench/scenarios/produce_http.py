@@ -10,7 +10,7 @@ import orjson
 
 from bench.events import make_payloads
 from bench.harness import Context, Result, process_cpu_seconds
-from tests.support import Worker
+from tests.support import Worker, create_topics
 
 NAME = "produce-http"
 DESCRIPTION = "batches of 1,000 ~300-byte events through POST /api/v1/produce"
@@ -19,9 +19,12 @@ DESCRIPTION = "batches of 1,000 ~300-byte events through POST /api/v1/produce"
 async def run(ctx: Context) -> Result:
     batch_size = int(ctx.args.options.get("batch", 1000))
     concurrency = int(ctx.args.options.get("concurrency", 4))
+    # A topic no agent reads: this measures the produce path, not the sample pipelines
+    # that would otherwise consume `events` on the same two cores.
+    topic = f"{ctx.namespace}.produce-bench"
+    await create_topics([topic], partitions=4)
     worker = Worker(app_id=ctx.namespace, topic_prefix=f"{ctx.namespace}.").start()
     try:
-        topic = worker.topic_prefix + "events"
         events = make_payloads(ctx.events, ctx.keys)
         bodies = [
             orjson.dumps({"topic": topic, "key_field": "user_id", "messages": events[i : i + batch_size]})
