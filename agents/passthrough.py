@@ -30,33 +30,68 @@ def count(n: int) -> None:
 
 
 if settings.passthrough_enabled:
+    from app.batches import Batch, batch_agent
+    from app.kafka_io import OutgoingMessage, kafka_io
     from app.topics import declare
     from app.transport import commit_guard
 
     passthrough_topic = declare("passthrough")
+    mode = settings.passthrough_mode
 
-    if settings.passthrough_mode == "forward":
+    if mode == "batch":
+
+        @batch_agent(passthrough_topic, name="passthrough")
+        async def passthrough(records: Batch) -> None:
+            """Count each fetched batch (the batch delivery path: app/batches.py)."""
+            count(len(records))
+
+    elif mode in {"forward", "forward-stream"}:
         passthrough_out = declare("passthrough.out")
 
-        @app.agent(passthrough_topic, name="passthrough")
-        async def passthrough(stream):
-            """Copy each event to ``passthrough.out`` with its source ``partition:offset``
-            in header ``src``, on the same partition number (so under exactly_once the
-            output joins the transaction of its input partition); the delivery-semantics
-            tests compare it with the input."""
-            async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-                # Outputs and acks of one batch in one section: no commit (transaction,
-                # under exactly_once) can hold outputs of events it does not ack.
-                async with commit_guard.processing():
-                    for event in events:
-                        m = event.message
-                        await passthrough_out.send(key=m.key, value=m.value, partition=m.partition,
-                                                   headers=[("src", f"{m.partition}:{m.offset}".encode())])
-                    for event in events:
-                        event.ack()
-                count(len(events))
+        def src(partition: int, offset: int) -> list[tuple[str, bytes]]:
+            return [("src", f"{partition}:{offset}".encode())]
 
-    elif settings.passthrough_mode == "each":
+        if mode == "forward":
+
+            @batch_agent(passthrough_topic, name="passthrough")
+            async def passthrough(records: Batch) -> None:
+                """Copy each record to ``passthrough.out`` with its source ``partition:offset``
+                in header ``src``, on the same partition number (under exactly_once the
+                output joins the transaction of its input partition); the delivery-semantics
+                tests compare it with the input. Outputs are awaited before the batch is
+                acked (the consumer acks when this returns)."""
+                if settings.processing_guarantee == "exactly_once":
+                    for r in records:
+                        await passthrough_out.send(key=r.key, value=r.value, partition=r.partition,
+                                                   headers=src(r.partition, r.offset))
+                else:
+                    await kafka_io.ready.wait()
+                    await kafka_io.send_batch(
+                        passthrough_out.get_topic_name(),
+                        [OutgoingMessage(r.key, r.value, tuple(src(r.partition, r.offset)), r.partition)
+                         for r in records],
+                        settings.topic_partitions,
+                    )
+                count(len(records))
+
+        else:
+
+            @app.agent(passthrough_topic, name="passthrough")
+            async def passthrough(stream):
+                """The same copy through a Faust stream (``take_events``), for comparison."""
+                async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
+                    # Outputs and acks of one batch in one section: no commit (transaction,
+                    # under exactly_once) can hold outputs of events it does not ack.
+                    async with commit_guard.processing():
+                        for event in events:
+                            m = event.message
+                            await passthrough_out.send(key=m.key, value=m.value, partition=m.partition,
+                                                       headers=src(m.partition, m.offset))
+                        for event in events:
+                            event.ack()
+                    count(len(events))
+
+    elif mode == "each":
 
         @app.agent(passthrough_topic, name="passthrough")
         async def passthrough(stream):
@@ -68,6 +103,6 @@ if settings.passthrough_enabled:
 
         @app.agent(passthrough_topic, name="passthrough")
         async def passthrough(stream):
-            """Count events in batches (``take``: the path the project's agents use)."""
+            """Count events in batches (``take``: Faust's stream path)."""
             async for batch in stream.take(settings.batch_max, within=settings.batch_within):
                 count(len(batch))

@@ -37,6 +37,8 @@ class OutgoingMessage:
     key: bytes | None
     value: bytes | None  # None is a tombstone (deletes the key of a compacted topic)
     headers: Sequence[tuple[str, bytes]] = ()
+    #: An explicit partition; None = by key (murmur2), or sticky when keyless.
+    partition: int | None = None
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,9 @@ class KafkaIO(Service):
         sticky = next(self._round_robin)
         by_partition: dict[int, list[int]] = {}
         for index, message in enumerate(messages):
-            p = partition_for(message.key, num_partitions, sticky)
+            p = message.partition
+            if p is None:
+                p = partition_for(message.key, num_partitions, sticky)
             by_partition.setdefault(p, []).append(index)
 
         pending: list[tuple[asyncio.Future, list[int]]] = []

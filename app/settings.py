@@ -61,14 +61,19 @@ class Settings:
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
     max_poll_records: int = 5000
+    # Longest time the broker parks a fetch with no new data (Faust hard-codes 1500 ms;
+    # parked fetches also hold back partitions that have data: app/transport.py).
+    fetch_max_wait_ms: int = 100
     # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
     # ms turns one produce request per table write into one per batch (pattern-detect).
     producer_linger: float = 0.005
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False
-    # take (batches of batch_max), each (per event) or forward (copy to passthrough.out)
-    passthrough_mode: str = "take"
+    # batch (the batch delivery path, app/batches.py), take (Faust stream batches of
+    # batch_max), each (Faust, per event), forward (batch path, copy to passthrough.out)
+    # or forward-stream (the same copy through a Faust stream)
+    passthrough_mode: str = "batch"
     # Faust's own consumer drain loop instead of app/transport.py's fast path (for
     # before/after comparisons only).
     fast_consumer: bool = True

@@ -41,6 +41,8 @@ from typing import Any
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types.tuples import ack_lock
+from mode.utils.futures import notify
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -158,6 +160,9 @@ commit_guard = CommitGuard()
 class FastConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with an inline (task-free) delivery fast path."""
 
+    def _new_consumer_thread(self) -> FastConsumerThread:
+        return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Faust's commit; under exactly_once only between agents' processing sections."""
         if not self.app.in_transaction:
@@ -175,36 +180,126 @@ class FastConsumer(faust_aiokafka.Consumer):
         if not finished:
             await self.wait_first(rest, suspend_flow.wait())
 
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-        """Faust's getmany, with the end-offset monitor call once per partition per batch."""
+    async def fetch(self, timeout: float) -> tuple[dict[Any, list[Any]], Any, int] | None:
+        """One fetch: ``(records by partition, active partitions, generation id)``, or
+        None when there is nothing to deliver (Faust's ``getmany`` preamble, unchanged:
+        a fetch while flow is suspended seeks back to the committed offsets)."""
+        started_in = self.app.consumer_generation_id
         records, active_partitions = await self._wait_next_records(timeout)
         generation_id = self.app.consumer_generation_id
         if records is None or self.should_stop:
-            return
+            return None
+        if generation_id != started_in:
+            return None  # a rebalance overtook this fetch; a seek follows it
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
             try:
                 await self.perform_seek()
             except Exception as ex:
                 self.log.warning(f"exception performing seek when flow not active {ex}")
-            return
-        app = self.app
-        track_end = app.monitor.track_tp_end_offset
+            return None
+        track_end = self.app.monitor.track_tp_end_offset
         for tp in records:
+            # Once per partition per fetch (Faust: once per message; same value).
             track_end(tp, self.highwater(tp))
+        return records, active_partitions, generation_id
+
+    def _still_current(self, generation_id: int) -> bool:
+        # Faust's stop conditions inside a fetch: flow suspended or a new generation
+        # (rebalance) ends it; the rest is fetched again after seeking.
+        return self.flow_active and self.app.consumer_generation_id == generation_id
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
+        """Faust's getmany (per message), with the end-offset monitor call once per
+        partition per fetch. Used for topics without a batch agent."""
+        fetched = await self.fetch(timeout)
+        if fetched is None:
+            return
+        records, active_partitions, generation_id = fetched
         buffered = self._buffered_partitions
         to_message = self._to_message
         for tp, record in self.scheduler.iterate(records):
-            # Same stop conditions as Faust's: flow suspended or a new generation
-            # (rebalance) ends the batch; the rest is fetched again after seeking.
-            if not self.flow_active or app.consumer_generation_id != generation_id:
+            if not self._still_current(generation_id):
                 break
             if active_partitions is None or tp in active_partitions or tp in buffered:
                 yield tp, to_message(tp, record)
 
+    async def deliver_batches(self, records: dict[Any, list[Any]], active_partitions: Any,
+                              generation_id: int) -> None:
+        """Hand each batch agent its topic's records of this fetch, then ack them.
+
+        Per partition the same filtering as the per-message loop: records below the read
+        offset (fetched before a seek) are dropped, a jump past it is recorded as a gap
+        (Faust's ``_add_gap``: offsets with no record, e.g. transaction markers)."""
+        from app.batches import Batch, for_topic
+
+        by_agent: dict[str, tuple[Any, Batch, dict[Any, tuple[int, int]]]] = {}
+        read_offset = self._read_offset
+        buffered = self._buffered_partitions
+        for tp, tp_records in records.items():
+            agent = for_topic(tp.topic)
+            if agent is None or not tp_records:
+                continue
+            if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                continue
+            r_offset = read_offset[tp]
+            if r_offset is not None:
+                if tp_records[0].offset < r_offset:  # fetched before a seek: drop
+                    tp_records = [r for r in tp_records if r.offset >= r_offset]
+                if not tp_records:
+                    continue
+                first = tp_records[0].offset
+                if r_offset and first - r_offset > 1:
+                    await self._add_gap(tp, r_offset + 1, first)
+            entry = by_agent.setdefault(agent.name, (agent, Batch(), {}))
+            entry[1].add(tp, tp_records)
+            entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
+        for agent, batch, spans in by_agent.values():
+            if not self._still_current(generation_id):
+                return
+            in_flight = InFlight()
+            self._unacked_messages.add(in_flight)  # what a rebalance waits for (wait_empty)
+            try:
+                async with commit_guard.processing():
+                    try:
+                        await agent.handler(batch)
+                    except Exception as exc:
+                        agent.errors.append(repr(exc))
+                        self.log.exception("Batch agent %s failed; the worker stops without "
+                                           "acking its batch: %r", agent.name, exc)
+                        await self.app.crash(exc)
+                        raise
+                    self.ack_spans(spans)
+            finally:
+                in_flight.acked = True
+                self._unacked_messages.discard(in_flight)
+                notify(self._waiting_for_ack)
+            agent.batches += 1
+            agent.records += len(batch)
+            for tp, (_first, last) in spans.items():
+                read_offset[tp] = last
+
+    def ack_spans(self, spans: dict[Any, tuple[int, int]]) -> None:
+        """Ack every offset from first to last of each partition: one bookkeeping step per
+        partition instead of ``Consumer.ack`` per message. Offsets between records of one
+        fetch hold no record (markers, compaction), so acking them is what Faust's gaps do."""
+        with ack_lock:
+            for tp, (first, last) in spans.items():
+                committed = self._committed_offset[tp]
+                if committed is not None:
+                    first = max(first, committed)
+                acked_index = self._acked_index[tp]
+                fresh = [o for o in range(first, last + 1) if o not in acked_index]
+                acked_index.update(fresh)
+                self._acked[tp].extend(fresh)
+                self._n_acked += len(fresh)
+
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by Fetcher
         # The same loop as Faust's (read offsets, gaps, commit_every, stop handling);
-        # only the per-message delivery differs (see ``deliver``).
+        # what differs: batch agents get their topics' records per fetch
+        # (``deliver_batches``), other records are delivered inline (``deliver``).
+        from app.batches import BATCH_AGENTS
+
         callback = self.callback
         deliver = self.deliver
         consumer_should_stop = self._stopped.is_set
@@ -213,15 +308,37 @@ class FastConsumer(faust_aiokafka.Consumer):
         set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
         commit_every = self._commit_every
         acks_enabled_for = self.app.topics.acks_enabled_for
+        buffered = self._buffered_partitions
+        to_message = self._to_message
         since_yield = 0
+        prefetch: asyncio.Future | None = None
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
-                ait = self.getmany(timeout=1.0)
+                if prefetch is not None:
+                    fetched, prefetch = await prefetch, None
+                else:
+                    fetched = await self.fetch(timeout=1.0)
                 await self.sleep(0)
-                if self.should_stop:
+                if fetched is None or self.should_stop:
+                    unset_flag(CONSUMER_FETCHING)
                     continue
-                async for tp, message in ait:
+                records, active_partitions, generation_id = fetched
+                if BATCH_AGENTS and any(tp.topic in BATCH_AGENTS for tp in records):
+                    # Fetch (and parse, in the consumer thread) the next records while
+                    # this batch is processed. Records of a fetch that a rebalance
+                    # overtook are never delivered: ``fetch`` reports the generation it
+                    # started in, and a seek to the committed offsets follows a rebalance.
+                    prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
+                    await self.deliver_batches(records, active_partitions, generation_id)
+                    records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
+                    await asyncio.sleep(0)
+                for tp, record in self.scheduler.iterate(records):
+                    if not self._still_current(generation_id):
+                        break
+                    if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                        continue
+                    message = to_message(tp, record)
                     since_yield += 1
                     if since_yield > YIELD_EVERY:
                         await asyncio.sleep(0)
@@ -241,6 +358,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                         await self.commit()
                     await deliver(callback, message)
                     read_offset[tp] = offset
+                if commit_every is not None and self._n_acked >= commit_every:
+                    self._n_acked = 0
+                    await self.commit()
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -256,7 +376,38 @@ class FastConsumer(faust_aiokafka.Consumer):
             self.log.exception("Drain messages raised: %r", exc)
             raise
         finally:
+            if prefetch is not None and not prefetch.done():
+                prefetch.cancel()
             unset_flag(CONSUMER_FETCHING)
+
+
+class InFlight:
+    """Stands for a batch being processed in ``Consumer._unacked_messages``, which a
+    rebalance waits to empty (``wait_empty``) before it commits and hands partitions on."""
+
+    __slots__ = ("acked", "refcount", "__weakref__")
+
+    def __init__(self) -> None:
+        self.acked = False
+        self.refcount = 1
+
+
+class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with a shorter fetch long-poll.
+
+    Why: Faust hard-codes ``fetch_max_wait_ms=1500``. aiokafka sends one fetch request
+    per broker at a time, so while a request for partitions with no new data is parked
+    on the broker, partitions that do have data wait too: measured as 1.5 s stalls in
+    agent-passthrough, and as latency in a live stream. ``Settings.fetch_max_wait_ms``
+    bounds that wait (the broker still answers at once when there is data).
+    """
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        from app import settings
+
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read by start() (Fetcher)
+        return consumer
 
 
 class Transport(faust_aiokafka.Transport):

@@ -6,9 +6,10 @@ time from the agent's first to its last counted batch (the worker's own clock, r
 ``GET /api/v1/passthrough``), like the raw baseline's consume rate, which also starts at
 its first received record. CPU is the worker process's, from ready to done.
 
-Options (``--option K=V``): ``mode`` = ``take`` (default; ``stream.take(batch_max,
-within=batch_within)`` as the project's agents do) or ``each`` (``async for event in
-stream``), or ``both``; ``fast`` = ``true`` (default; app/transport.py's consumer) or
+Options (``--option K=V``): ``mode`` = ``batch`` (default; the batch delivery path of
+app/batches.py, which the project's agents use), ``take`` (a Faust stream,
+``stream.take(batch_max, within=batch_within)``), ``each`` (``async for event in
+stream``), or ``all`` (the three in turn); ``fast`` = ``true`` (default; app/transport.py's consumer) or
 ``false`` (Faust's own drain loop, for the before/after comparison); ``profile`` =
 a directory: the worker runs under pyinstrument and writes ``<scenario>.txt`` there on
 shutdown; any ``STREAMETL_*`` key is passed to the worker's environment.
@@ -31,7 +32,7 @@ from bench.scenarios.raw_aiokafka import produce_raw
 from tests.support import Worker, create_topics
 
 NAME = "agent-passthrough"
-DESCRIPTION = "bare counting Faust agent (take or per event) vs the raw aiokafka consumer group"
+DESCRIPTION = "bare counting agent (batch path, Faust take or per event) vs the raw aiokafka consumer group"
 
 
 class ProfiledWorker(Worker):
@@ -82,7 +83,7 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     env = {"STREAMETL_PASSTHROUGH_ENABLED": "true", "STREAMETL_PASSTHROUGH_MODE": mode,
            "STREAMETL_FAST_CONSUMER": "true" if fast else "false"}
     env.update({k.upper(): v for k, v in ctx.args.options.items() if k.upper().startswith("STREAMETL_")})
-    name = "agent-passthrough" if (mode, fast) == ("take", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
+    name = "agent-passthrough" if (mode, fast) == ("batch", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
     profile_dir = ctx.args.options.get("profile")
     if profile_dir:
         worker: Worker = ProfiledWorker(app_id=ns, topic_prefix=f"{ns}.", env=env)
@@ -111,8 +112,8 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
 
 async def run(ctx: Context) -> list[Result]:
     opts = ctx.args.options
-    mode = opts.get("mode", "take")
-    modes = ["take", "each"] if mode == "both" else [mode]
+    mode = opts.get("mode", "batch")
+    modes = ["batch", "take", "each"] if mode == "all" else [mode]
     fasts = [opts.get("fast", "true").lower() == "true"]
     if opts.get("fast") == "both":
         fasts = [True, False]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.support import http, read_topic, run
+from tests.support import create_topics, http, read_topic, run
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,7 @@ def test_the_readme_curl_produces_one_message_readable_with_plain_kafka(two_work
 
 def test_both_workers_serve_the_api_and_keys_follow_kafkas_partitioner(two_workers):
     topic = two_workers[0].topic_prefix + "keyed"
-    for w in two_workers:
-        # the app declares only its own topics; create this one through a worker
-        pass
-    from tests.support import create_topics
-
+    # the app declares only its own topics; this one is created directly
     run(create_topics([topic], partitions=4))
     sent = []
     for i, w in enumerate(two_workers):

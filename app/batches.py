@@ -1,0 +1,147 @@
+"""Batch agents: a handler receives, in one call, every record one fetch returned for its
+topic, and the consumer acks them all when it returns.
+
+Why: Faust delivers each record on its own (decode through the serializer registry, a
+``Message`` and an ``Event`` object, a queue hop into the agent's stream, one ack per
+record), about 80-100 µs per record here: a bare ``take`` agent peaks near 9,000
+events/s while the aiokafka consumer under it fetches 200,000+/s (issue 6, profiles in
+docs/performance.md). A batch agent skips all of that: it gets the fetched aiokafka records
+as a :class:`Batch`, iterated as slotted :class:`BatchRecord` objects (no decoding: the
+handler decodes what it reads), and the whole batch is acked with one bookkeeping step
+per partition.
+
+Delivery contract (implemented in ``app.transport.FastConsumer``):
+
+* The handler runs in the consumer's fetch loop; the next fetch's records are delivered
+  only after it returns, so at most one batch per worker is in flight (the natural
+  backpressure; aiokafka keeps prefetching meanwhile).
+* Records are acked only after the handler returned: an offset is never committed before
+  its record was processed (at-least-once). Under exactly_once the call and its acks form
+  one ``commit_guard.processing()`` section, so a transaction commits outputs and the
+  offsets of the records that produced them together, or neither.
+* Rebalances wait for a running handler (``Consumer.wait_empty``), and no batch starts
+  while flow is suspended or after the consumer generation changed.
+* A handler that raises crashes the worker without acking its batch (like Kafka Streams'
+  default): records are reprocessed from the last commit after a restart. Handlers send
+  bad *records* to the dead-letter topic themselves; an exception means the worker
+  cannot go on (e.g. the sink is unreachable).
+* Within one partition records arrive in offset order; a batch may mix partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from faust.types import TP
+
+
+class BatchRecord:
+    """One consumed record. Mirrors the fields of Faust's ``Event``/``Message`` that this
+    project reads (``.message`` is the record itself), so code written for Faust events
+    (and Faust tables, which read the current event's ``message.partition``) accepts it.
+    ``key`` and ``value`` are the raw bytes; ``timestamp`` is in seconds, as in Faust."""
+
+    __slots__ = ("tp", "topic", "partition", "offset", "timestamp", "key", "value", "raw_headers", "__weakref__")
+
+    def __init__(self, tp: TP, record: Any) -> None:
+        self.tp = tp
+        self.topic = record.topic
+        self.partition = record.partition
+        self.offset = record.offset
+        ts = record.timestamp
+        self.timestamp = None if ts is None else ts / 1000.0
+        self.key = record.key
+        self.value = record.value
+        self.raw_headers = record.headers
+
+    @property
+    def message(self) -> BatchRecord:
+        return self
+
+    @property
+    def headers(self) -> dict[str, bytes]:
+        """Headers as a dict (Faust ``Event.headers``); the last value of a repeated key."""
+        raw = self.raw_headers
+        return dict(raw) if raw else {}
+
+    def __repr__(self) -> str:
+        return f"<BatchRecord {self.topic}[{self.partition}]@{self.offset}>"
+
+
+class Batch:
+    """The records one fetch returned for one batch agent, grouped by partition.
+
+    Records are wrapped in :class:`BatchRecord` only as they are iterated (about 1 µs
+    each): a handler that needs only the count (``len``) or one partition's raw
+    aiokafka records (``parts``) pays nothing per record."""
+
+    __slots__ = ("parts", "_len")
+
+    def __init__(self) -> None:
+        #: (partition, raw aiokafka records of it, in offset order)
+        self.parts: list[tuple[TP, list[Any]]] = []
+        self._len = 0
+
+    def add(self, tp: TP, records: list[Any]) -> None:
+        self.parts.append((tp, records))
+        self._len += len(records)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[BatchRecord]:
+        for tp, records in self.parts:
+            for record in records:
+                yield BatchRecord(tp, record)
+
+    def __repr__(self) -> str:
+        return f"<Batch of {self._len} records from {len(self.parts)} partitions>"
+
+
+Handler = Callable[[Batch], Awaitable[None]]
+
+
+@dataclass
+class BatchAgent:
+    """A registered batch handler of one topic, with counters for ``/health``-style views."""
+
+    name: str
+    topic: Any
+    handler: Handler
+    batches: int = 0
+    records: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+#: topic name -> its batch agent (one per topic: records are acked by the consumer once).
+BATCH_AGENTS: dict[str, BatchAgent] = {}
+
+
+def batch_agent(topic: Any, name: str) -> Callable[[Handler], Handler]:
+    """Register ``handler`` as the batch agent of ``topic`` (a Faust topic) and subscribe
+    the worker to it. Every record of that topic then goes to the handler, never to a
+    Faust stream, so a topic has either a batch agent or Faust agents, not both."""
+
+    def register(handler: Handler) -> Handler:
+        topic_name = topic.get_topic_name()
+        if topic_name in BATCH_AGENTS:
+            raise ValueError(f"topic {topic_name!r} already has batch agent {BATCH_AGENTS[topic_name].name!r}")
+        BATCH_AGENTS[topic_name] = BatchAgent(name, topic, handler)
+        from app import app  # here: app.transport imports this module before app exists
+
+        # The conductor subscribes the consumer to its topics and marks them as acked
+        # topics (commits follow acks); the consumer routes their records here.
+        app.topics.add(topic)
+        return handler
+
+    return register
+
+
+def for_topic(topic_name: str) -> BatchAgent | None:
+    """The batch agent reading ``topic_name``, if any."""
+    return BATCH_AGENTS.get(topic_name)
+
+
+__all__ = ["BATCH_AGENTS", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]
