@@ -2,8 +2,8 @@
 
 A record that is not a JSON object, or fails a step, goes to the dead-letter topic
 with the pipeline, step and reason in its headers; the pipeline keeps running.
-Events are processed in ``take_events`` batches and each batch's outputs are written
-together (see ``emit``).
+Each pipeline is a batch agent (app/batches.py): it gets every record of a fetch at
+once, and each batch's outputs are written together (see ``emit``).
 
 Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
 default). Faust writes a table change to the changelog partition of the event being
@@ -32,12 +32,12 @@ import orjson
 from faust.streams import _current_event
 
 from app import app, settings
+from app.batches import Batch, batch_agent
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
-from app.transport import commit_guard
 from operators.steps import Step, StepCounts, run_record
 from operators.transform import Seen
 from tables.reference import reference_store
@@ -205,60 +205,56 @@ def build(spec: PipelineSpec) -> None:
     PIPELINES[spec.name] = spec
     source_name = source.get_topic_name()
 
-    async def run_pipeline(stream):
+    sink_name = sink.get_topic_name()
+    ctx = LiveContext(spec, table)
+    count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
+
+    async def run_pipeline(records: Batch) -> None:
+        """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
+        the batch when this returns (app/batches.py), in one commit-free section."""
         if spec.reads_reference:
             await reference_store.caught_up.wait()
         await kafka_io.ready.wait()
-        sink_name = sink.get_topic_name()
-        ctx = LiveContext(spec, table)
-        count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            # One commit-free section per batch: outputs, state and acks together (no
-            # offset commit, or transaction, can fall between them; app/transport.py).
-            async with commit_guard.processing():
-                outputs: list[tuple[Any, OutgoingMessage]] = []
-                for event in events:
-                    message = event.message
-                    # Faust writes table changes (and picks transactions) by the
-                    # *current* event; in a batch that must be this event, not the last.
-                    set_current_event(event)
-                    counters.into += 1
-                    ctx.at_event(event)
-                    try:
-                        record = loads_object(event.value)
-                    except RecordError as exc:
-                        counters.dead_lettered += 1
-                        await send_dead_letter(message.key, event.value, reason=exc.reason, message=str(exc),
-                                               source_topic=source_name, pipeline=spec.name, step="parse",
-                                               partition=message.partition, offset=message.offset)
-                        continue
-                    outcome = run_record(spec.steps, record, ctx, count_step)
-                    if table is not None:
-                        ctx.expire()
-                    if outcome.record is not None:
-                        counters.out += 1
-                        key = message.key
-                        if spec.key_by is not None:
-                            value = outcome.record.get(spec.key_by)
-                            key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
-                        outputs.append((event, OutgoingMessage(key, orjson.dumps(outcome.record))))
-                    elif outcome.dropped:
-                        counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
-                    else:
-                        counters.dead_lettered += 1
-                        assert outcome.step is not None
-                        await send_dead_letter(message.key, event.value, reason="step_failed",
-                                               message=outcome.failed or "", source_topic=source_name,
-                                               pipeline=spec.name, step=outcome.step.label,
-                                               partition=message.partition, offset=message.offset)
-                if outputs:
-                    await emit(sink, sink_name, outputs)
-                if table is not None:
-                    await ctx.flush()
-                for event in events:
-                    await stream.ack(event)
+        outputs: list[tuple[Any, OutgoingMessage]] = []
+        for event in records:
+            # Faust writes table changes (and picks transactions) by the *current*
+            # event; in a batch that must be this record, not the last one.
+            set_current_event(event)
+            counters.into += 1
+            ctx.at_event(event)
+            try:
+                record = loads_object(event.value)
+            except RecordError as exc:
+                counters.dead_lettered += 1
+                await send_dead_letter(event.key, event.value, reason=exc.reason, message=str(exc),
+                                       source_topic=source_name, pipeline=spec.name, step="parse",
+                                       partition=event.partition, offset=event.offset)
+                continue
+            outcome = run_record(spec.steps, record, ctx, count_step)
+            if table is not None:
+                ctx.expire()
+            if outcome.record is not None:
+                counters.out += 1
+                key = event.key
+                if spec.key_by is not None:
+                    value = outcome.record.get(spec.key_by)
+                    key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
+                outputs.append((event, OutgoingMessage(key, orjson.dumps(outcome.record))))
+            elif outcome.dropped:
+                counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
+            else:
+                counters.dead_lettered += 1
+                assert outcome.step is not None
+                await send_dead_letter(event.key, event.value, reason="step_failed",
+                                       message=outcome.failed or "", source_topic=source_name,
+                                       pipeline=spec.name, step=outcome.step.label,
+                                       partition=event.partition, offset=event.offset)
+        if outputs:
+            await emit(sink, sink_name, outputs)
+        if table is not None:
+            await ctx.flush()
 
-    app.agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
+    batch_agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 
 
 for _spec in configured_pipelines():
