@@ -110,7 +110,8 @@ def _iso(seconds: float) -> str:
         dt = datetime.fromtimestamp(seconds, tz=UTC)
     except (OverflowError, OSError, ValueError):
         raise RecordFailure(f"timestamp out of range: {seconds!r}") from None
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # isoformat (C) instead of strftime: this runs once per timestamp field per record.
+    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def epoch_seconds(value: Any) -> float:

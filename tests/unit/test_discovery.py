@@ -9,7 +9,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
-DISCOVER = "from app import app; app.discover(); print(sorted(a for a in app.agents))"
+# Faust agents and batch agents (app/batches.py) alike.
+DISCOVER = ("from app import app; app.discover(); from app.batches import BATCH_AGENTS; "
+            "print(sorted([*app.agents, *(a.name for a in BATCH_AGENTS.values())]))")
 
 
 def run_discovery(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
