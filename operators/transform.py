@@ -180,17 +180,27 @@ class NormalizeSpec:
     schema: Mapping[str, FieldSchema] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1024)  # records of one stream share their field lists
+def _normalized_names(keys: tuple[str, ...], to_snake_case: bool) -> tuple[str, ...]:
+    """The output name of each field, in order; RecordFailure if two collide."""
+    names = tuple(snake_case(k) for k in keys) if to_snake_case else keys
+    if len(set(names)) != len(names):
+        seen: dict[str, str] = {}
+        for key, name in zip(keys, names, strict=True):
+            if name in seen:
+                raise RecordFailure(f"fields {seen[name]!r} and {key!r} both normalize to {name!r}")
+            seen[name] = key
+    return names
+
+
 def normalize(record: Mapping[str, Any], spec: NormalizeSpec) -> dict[str, Any]:
     """Field names to snake_case, strings trimmed, enum fields lower-cased, timestamps
     canonical, and the schema's types, defaults and required fields applied."""
-    out: dict[str, Any] = {}
-    for key, value in record.items():
-        name = snake_case(key) if spec.snake_case else key
-        if name in out:
-            raise RecordFailure(f"fields {key!r} and another both normalize to {name!r}")
-        if spec.trim and isinstance(value, str):
-            value = value.strip()
-        out[name] = value
+    names = _normalized_names(tuple(record), spec.snake_case)
+    if spec.trim:
+        out = {n: (v.strip() if isinstance(v, str) else v) for n, v in zip(names, record.values(), strict=True)}
+    else:
+        out = dict(zip(names, record.values(), strict=True))
     for name in spec.lowercase:
         if isinstance(out.get(name), str):
             out[name] = out[name].lower()
