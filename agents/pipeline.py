@@ -101,13 +101,17 @@ class LiveContext:
         self.offset = 0
         self.expiry: dict[int, deque] = {}
         self._now = 0.0
+        self._memories: dict[int, TableMemory] = {}
 
     def at_event(self, event: Any) -> None:
         message = event.message
         self.event, self.partition, self.offset, self._now = event, message.partition, message.offset, time.time()
 
     def memory(self, step_index: int) -> TableMemory:
-        return TableMemory(self, self.spec.steps[step_index])
+        memory = self._memories.get(step_index)
+        if memory is None:
+            memory = self._memories[step_index] = TableMemory(self, self.spec.steps[step_index])
+        return memory
 
     def read(self, key: bytes) -> Any:
         """The stored value of ``key`` in the current event's partition (overlay first)."""
@@ -209,6 +213,8 @@ def build(spec: PipelineSpec) -> None:
     ctx = LiveContext(spec, table)
     count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
 
+    exactly_once = settings.processing_guarantee == "exactly_once"
+
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
         the batch when this returns (app/batches.py), in one commit-free section."""
@@ -217,9 +223,11 @@ def build(spec: PipelineSpec) -> None:
         await kafka_io.ready.wait()
         outputs: list[tuple[Any, OutgoingMessage]] = []
         for event in records:
-            # Faust writes table changes (and picks transactions) by the *current*
-            # event; in a batch that must be this record, not the last one.
-            set_current_event(event)
+            # Under exactly_once Faust writes table changes (and picks transactions) by
+            # the *current* event; in a batch that must be this record, not the last
+            # one. Under at_least_once state goes to explicit partitions (PartitionStore).
+            if exactly_once:
+                set_current_event(event)
             counters.into += 1
             ctx.at_event(event)
             try:

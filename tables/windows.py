@@ -123,8 +123,9 @@ class PartitionStore:
                 with as_current(ev):
                     store[key] = raw
             else:
-                # What Faust's RocksDB ``Store._set`` does, minus the current-event lookup.
-                store._key_index[key] = partition
+                # Faust's RocksDB ``Store._set`` minus the current-event lookup and its
+                # key→partition LRU (a hint for reads outside a stream, which then look
+                # in each partition's database instead).
                 db.put(key, raw)
         last: dict[int, int] = {}
         for meta, n in zip(metas, counts, strict=True):
