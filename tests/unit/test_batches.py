@@ -1,0 +1,175 @@
+"""The batch delivery path (app/batches.py, FastConsumer.deliver_batches), no broker.
+
+What must hold: a handler sees each fetched record once, in offset order per partition;
+records fetched before a seek (below the read offset) are dropped; offsets are acked only
+after the handler returned, never below the committed offset, never twice; a failing
+handler acks nothing and crashes the worker; a rebalance overtaking a fetch delivers
+nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from weakref import WeakSet
+
+import pytest
+from aiokafka.structs import ConsumerRecord
+from faust.types import TP
+
+from app.batches import BATCH_AGENTS, Batch, BatchAgent, BatchRecord
+from app.transport import FastConsumer
+
+TOPIC = "t"
+
+
+def record(partition: int, offset: int, value: bytes = b"v", headers=()) -> ConsumerRecord:
+    return ConsumerRecord(TOPIC, partition, offset, 1_700_000_000_123, 0, b"k", value, None, 1, len(value),
+                          tuple(headers))
+
+
+class FakeApp:
+    def __init__(self) -> None:
+        self.consumer_generation_id = 1
+        self.crashed: list[BaseException] = []
+        self.in_transaction = False
+
+    async def crash(self, exc: BaseException) -> None:
+        self.crashed.append(exc)
+
+
+class ConsumerHost:
+    """Just the state ``deliver_batches`` and ``ack_spans`` use."""
+
+    deliver_batches = FastConsumer.deliver_batches
+    ack_spans = FastConsumer.ack_spans
+    _still_current = FastConsumer._still_current
+
+    def __init__(self) -> None:
+        self.app = FakeApp()
+        self.flow_active = True
+        self._read_offset: dict = defaultdict(lambda: None)
+        self._committed_offset: dict = defaultdict(lambda: None)
+        self._acked: dict = defaultdict(list)
+        self._acked_index: dict = defaultdict(set)
+        self._n_acked = 0
+        self._buffered_partitions: set = set()
+        self._unacked_messages: WeakSet = WeakSet()
+        self._waiting_for_ack = None
+        self.gaps: list[tuple] = []
+        self.log = logging.getLogger("test")
+
+    async def _add_gap(self, tp, start, end) -> None:
+        self.gaps.append((tp, start, end))
+
+
+@pytest.fixture
+def agent():
+    seen: list[list[BatchRecord]] = []
+    during: list[int] = []
+
+    async def handler(batch: Batch) -> None:
+        during.append(len(host_ref[0]._unacked_messages))
+        seen.append(list(batch))
+
+    host_ref: list[ConsumerHost] = []
+    BATCH_AGENTS[TOPIC] = BatchAgent("test", None, handler)
+    try:
+        yield seen, during, host_ref
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)
+
+
+def test_batch_wraps_lazily_and_records_mirror_faust_events():
+    tp = TP(TOPIC, 2)
+    batch = Batch()
+    batch.add(tp, [record(2, 5, headers=[("a", b"1")]), record(2, 6)])
+    assert len(batch) == 2
+    first, second = list(batch)
+    assert (first.topic, first.partition, first.offset, first.key, first.value) == (TOPIC, 2, 5, b"k", b"v")
+    assert first.message is first and first.tp == tp
+    assert first.timestamp == pytest.approx(1_700_000_000.123)
+    assert first.headers == {"a": b"1"} and second.headers == {}
+
+
+def test_records_are_acked_after_the_handler_and_only_once(agent):
+    seen, during, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    records = {tp0: [record(0, o) for o in range(10, 13)], tp1: [record(1, o) for o in range(0, 2)]}
+    asyncio.run(host.deliver_batches(records, None, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(0, 10), (0, 11), (0, 12), (1, 0), (1, 1)]
+    assert during == [1]  # the batch was in flight (a rebalance waits for it)
+    assert not host._unacked_messages
+    assert host._acked[tp0] == [10, 11, 12] and host._acked[tp1] == [0, 1]
+    assert host._n_acked == 5
+    assert host._read_offset[tp0] == 12 and host._read_offset[tp1] == 1
+    # The same offsets again (a re-fetch after a seek) are not delivered twice.
+    asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(10, 14)]}, None, 1))
+    assert [r.offset for r in seen[1]] == [12, 13]
+    assert host._acked[tp0] == [10, 11, 12, 13]
+
+
+def test_offsets_between_records_are_acked_and_committed_offsets_respected(agent):
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp = TP(TOPIC, 0)
+    host._committed_offset[tp] = 21
+    # Offsets 20..24 with 22 missing (a transaction marker): 21..24 acked (20 is below the
+    # committed offset already), 22 included.
+    asyncio.run(host.deliver_batches({tp: [record(0, 20), record(0, 21), record(0, 23), record(0, 24)]}, None, 1))
+    assert host._acked[tp] == [21, 22, 23, 24]
+
+
+def test_a_jump_past_the_read_offset_is_recorded_as_a_gap(agent):
+    _, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp = TP(TOPIC, 0)
+    host._read_offset[tp] = 5
+    asyncio.run(host.deliver_batches({tp: [record(0, 9)]}, None, 1))
+    assert host.gaps == [(tp, 6, 9)]
+
+
+def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
+    async def handler(batch: Batch) -> None:
+        raise RuntimeError("sink down")
+
+    BATCH_AGENTS[TOPIC] = BatchAgent("failing", None, handler)
+    try:
+        host = ConsumerHost()
+        tp = TP(TOPIC, 0)
+        with pytest.raises(RuntimeError):
+            asyncio.run(host.deliver_batches({tp: [record(0, 0), record(0, 1)]}, None, 1))
+        assert host._acked[tp] == [] and host._n_acked == 0
+        assert [str(e) for e in host.app.crashed] == ["sink down"]
+        assert host._read_offset[tp] is None
+        assert not host._unacked_messages
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)
+
+
+def test_nothing_is_delivered_after_a_rebalance_or_while_flow_is_suspended(agent):
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp = TP(TOPIC, 0)
+    host.app.consumer_generation_id = 2
+    asyncio.run(host.deliver_batches({tp: [record(0, 0)]}, None, 1))  # fetched in generation 1
+    host.app.consumer_generation_id = 1
+    host.flow_active = False
+    asyncio.run(host.deliver_batches({tp: [record(0, 0)]}, None, 1))
+    assert seen == [] and host._acked[tp] == []
+
+
+def test_partitions_not_active_are_not_delivered(agent):
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    asyncio.run(host.deliver_batches({tp0: [record(0, 0)], tp1: [record(1, 0)]}, {tp1}, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
+    assert host._acked[tp0] == []
