@@ -15,7 +15,6 @@ in the partition its records come from (co-partitioned with the input topic).
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ from faust.streams import _current_event
 from faust.types import TP
 
 from app import app, settings
-from app.kafka_io import kafka_io
+from app.kafka_io import OutgoingMessage, kafka_io
 from app.windows import WindowDef, load_window_defs
 
 #: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
@@ -95,26 +94,13 @@ class PartitionStore:
                 with as_current(ev):
                     self.table[key] = raw
             return
-        assert kafka_io.producer is not None
-        producer = kafka_io.producer
         topic = self.table.changelog_topic.get_topic_name()
-        by_partition: dict[int, list[tuple[bytes, bytes]]] = {}
-        for ev, key, raw in encoded:
-            by_partition.setdefault(ev.message.partition, []).append((key, raw))
-        pending, counts = [], []
-        for partition, records in by_partition.items():
-            batch, n = producer.create_batch(), 0
-            for key, raw in records:
-                if batch.append(key=key, value=raw, timestamp=None) is None:
-                    pending.append(await producer.send_batch(batch, topic, partition=partition))
-                    counts.append(n)
-                    batch, n = producer.create_batch(), 0
-                    if batch.append(key=key, value=raw, timestamp=None) is None:
-                        raise ValueError(f"window state of {key!r} is larger than one record batch")
-                n += 1
-            pending.append(await producer.send_batch(batch, topic, partition=partition))
-            counts.append(n)
-        metas = await asyncio.gather(*pending)
+        # Explicit partitions: a key's changelog record goes to the partition it is
+        # stored in (the partition of the record that changed it).
+        delivered = await kafka_io.send_batch(
+            topic, [OutgoingMessage(key, raw, partition=ev.message.partition) for ev, key, raw in encoded],
+            settings.topic_partitions,
+        )
         store = self.table.data
         for ev, key, raw in encoded:
             partition = ev.message.partition
@@ -128,11 +114,11 @@ class PartitionStore:
                 # in each partition's database instead).
                 db.put(key, raw)
         last: dict[int, int] = {}
-        for meta, n in zip(metas, counts, strict=True):
-            # A batch reports its first record's offset; its records are consecutive.
-            last[meta.partition] = max(last.get(meta.partition, -1), meta.offset + n - 1)
-        for partition in by_partition:
-            self.table.data.set_persisted_offset(TP(topic, partition), last[partition])
+        for d in delivered:
+            if d.offset > last.get(d.partition, -1):
+                last[d.partition] = d.offset
+        for partition, offset in last.items():
+            self.table.data.set_persisted_offset(TP(topic, partition), offset)
 
     def delete(self, event: Any, key: bytes) -> None:
         """Remove ``key`` (a changelog tombstone)."""
