@@ -55,7 +55,7 @@ def test_transactions_commit_output_and_offsets(workers, namespace):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "1 of 3 runs: 3 of the very first events (offsets 0-1) repeated in the committed output "
+    "1-2 of 4 runs: 1-3 of the very first events (offsets 0-1) repeated in the committed output "
     "after kill -9; suspect Faust treating committed offset 0 as 'none' (perform_seek, "
     "_new_offset). Without app/transport.py's commit guard: 86 repeats. docs/performance.md"))
 def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(workers, namespace):
