@@ -34,6 +34,7 @@ app = faust.App(
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
     broker_commit_interval=settings.commit_interval,
     broker_max_poll_records=settings.max_poll_records,
+    consumer_max_fetch_size=settings.max_partition_fetch_bytes,
     producer_linger=settings.producer_linger,
     stream_buffer_maxsize=settings.stream_buffer_maxsize,
     consumer_auto_offset_reset="earliest",

@@ -64,6 +64,9 @@ class Settings:
     # Longest time the broker parks a fetch with no new data (Faust hard-codes 1500 ms;
     # parked fetches also hold back partitions that have data: app/transport.py).
     fetch_max_wait_ms: int = 100
+    # Most bytes one fetch returns per partition (Faust's default is 1 MiB: a backlog
+    # then takes more fetch round trips than records per poll need).
+    max_partition_fetch_bytes: int = 8 * 1024 * 1024
     # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
     # ms turns one produce request per table write into one per batch (pattern-detect).
     producer_linger: float = 0.005

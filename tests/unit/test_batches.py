@@ -45,6 +45,7 @@ class ConsumerHost:
     deliver_batches = FastConsumer.deliver_batches
     ack_spans = FastConsumer.ack_spans
     _still_current = FastConsumer._still_current
+    _new_offset = FastConsumer._new_offset
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -57,11 +58,8 @@ class ConsumerHost:
         self._buffered_partitions: set = set()
         self._unacked_messages: WeakSet = WeakSet()
         self._waiting_for_ack = None
-        self.gaps: list[tuple] = []
+        self._batch_next: dict = {}
         self.log = logging.getLogger("test")
-
-    async def _add_gap(self, tp, start, end) -> None:
-        self.gaps.append((tp, start, end))
 
 
 @pytest.fixture
@@ -103,35 +101,39 @@ def test_records_are_acked_after_the_handler_and_only_once(agent):
     assert [(r.partition, r.offset) for r in seen[0]] == [(0, 10), (0, 11), (0, 12), (1, 0), (1, 1)]
     assert during == [1]  # the batch was in flight (a rebalance waits for it)
     assert not host._unacked_messages
-    assert host._acked[tp0] == [10, 11, 12] and host._acked[tp1] == [0, 1]
+    assert set(host._acked) == {tp0, tp1}  # both have something to commit
+    assert host._new_offset(tp0) == 13 and host._new_offset(tp1) == 2
+    assert host._new_offset(tp0) is None  # committed once
     assert host._n_acked == 5
     assert host._read_offset[tp0] == 12 and host._read_offset[tp1] == 1
     # The same offsets again (a re-fetch after a seek) are not delivered twice.
     asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(10, 14)]}, None, 1))
     assert [r.offset for r in seen[1]] == [12, 13]
-    assert host._acked[tp0] == [10, 11, 12, 13]
+    assert host._new_offset(tp0) == 14
 
 
-def test_offsets_between_records_are_acked_and_committed_offsets_respected(agent):
+def test_offsets_between_records_are_committed_past_and_old_batches_ignored(agent):
     seen, _, host_ref = agent
     host = ConsumerHost()
     host_ref.append(host)
     tp = TP(TOPIC, 0)
-    host._committed_offset[tp] = 21
-    # Offsets 20..24 with 22 missing (a transaction marker): 21..24 acked (20 is below the
-    # committed offset already), 22 included.
+    # Offset 22 holds no record (a transaction marker): the commit goes past it.
     asyncio.run(host.deliver_batches({tp: [record(0, 20), record(0, 21), record(0, 23), record(0, 24)]}, None, 1))
-    assert host._acked[tp] == [21, 22, 23, 24]
+    assert host._new_offset(tp) == 25
+    # A batch entirely below the committed offset commits nothing.
+    host._committed_offset[tp] = 30
+    asyncio.run(host.deliver_batches({tp: [record(0, 25), record(0, 26)]}, None, 1))
+    assert host._new_offset(tp) is None
 
 
-def test_a_jump_past_the_read_offset_is_recorded_as_a_gap(agent):
+def test_a_jump_past_the_read_offset_is_committed_past_like_a_gap(agent):
     _, _, host_ref = agent
     host = ConsumerHost()
     host_ref.append(host)
     tp = TP(TOPIC, 0)
     host._read_offset[tp] = 5
     asyncio.run(host.deliver_batches({tp: [record(0, 9)]}, None, 1))
-    assert host.gaps == [(tp, 6, 9)]
+    assert host._new_offset(tp) == 10
 
 
 def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
@@ -144,7 +146,7 @@ def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
         tp = TP(TOPIC, 0)
         with pytest.raises(RuntimeError):
             asyncio.run(host.deliver_batches({tp: [record(0, 0), record(0, 1)]}, None, 1))
-        assert host._acked[tp] == [] and host._n_acked == 0
+        assert host._new_offset(tp) is None and host._n_acked == 0
         assert [str(e) for e in host.app.crashed] == ["sink down"]
         assert host._read_offset[tp] is None
         assert not host._unacked_messages
@@ -162,7 +164,7 @@ def test_nothing_is_delivered_after_a_rebalance_or_while_flow_is_suspended(agent
     host.app.consumer_generation_id = 1
     host.flow_active = False
     asyncio.run(host.deliver_batches({tp: [record(0, 0)]}, None, 1))
-    assert seen == [] and host._acked[tp] == []
+    assert seen == [] and host._new_offset(tp) is None
 
 
 def test_partitions_not_active_are_not_delivered(agent):
@@ -172,4 +174,4 @@ def test_partitions_not_active_are_not_delivered(agent):
     tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
     asyncio.run(host.deliver_batches({tp0: [record(0, 0)], tp1: [record(1, 0)]}, {tp1}, 1))
     assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
-    assert host._acked[tp0] == []
+    assert host._new_offset(tp0) is None and host._new_offset(tp1) == 1
