@@ -80,8 +80,12 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     topic = f"{ns}.passthrough"
     await create_topics([topic], partitions=4)
     await produce_raw(ctx, topic, payloads, keys)
+    # A bare worker: only the counting agent (the sample pipelines, windows and patterns
+    # would otherwise share the consumer and the event loop; option STREAMETL_PIPELINES_FILE
+    # overrides).
     env = {"STREAMETL_PASSTHROUGH_ENABLED": "true", "STREAMETL_PASSTHROUGH_MODE": mode,
-           "STREAMETL_FAST_CONSUMER": "true" if fast else "false"}
+           "STREAMETL_FAST_CONSUMER": "true" if fast else "false",
+           "STREAMETL_PIPELINES_FILE": str(Path(__file__).resolve().parents[1] / "config" / "bare.yaml")}
     env.update({k.upper(): v for k, v in ctx.args.options.items() if k.upper().startswith("STREAMETL_")})
     name = "agent-passthrough" if (mode, fast) == ("batch", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
     profile_dir = ctx.args.options.get("profile")
