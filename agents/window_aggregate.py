@@ -4,16 +4,19 @@ Per window ``W`` (see app/windows.py):
 
 - ``window-W-rekey`` (when ``repartition``): reads the source topic, decodes each record
   (bad ones → dead-letter topic) and forwards ``[ts, values]`` to ``W.keyed``, keyed by
-  ``key_by``, with the source partition/offset in headers.
-- ``window-W``: reads ``W.keyed`` in batches (``take_events``), updates each key's
-  windows in a write-back buffer, emits results and late records, then writes every
+  ``key_by``, with the source partition/offset in headers; under at_least_once one
+  ``kafka_io.send_batch`` per fetch, awaited before the fetch is acked.
+- ``window-W``: a batch agent (app/batches.py) on ``W.keyed``: one batch is one fetch
+  (at most ``STREAMETL_MAX_POLL_RECORDS`` records; ``window_batch_max`` no longer bounds
+  it, and ``window_flush_interval`` is only used for rate accounting). It updates each
+  key's windows in a write-back buffer, emits results and late records, then writes every
   dirty key once to the window table (RocksDB + changelog).
 - ``window-W-idle`` (when ``idle_close``): a timer that sends a tick into a partition of
   ``W.keyed`` that has had no input for ``idle_close`` seconds; the agent closes that
   partition's windows when it reads the tick, inside normal stream processing.
 
-Guarantees (argued in docs/windows.md): Faust acks a ``take_events`` batch only after
-this loop body returns, and flushes the producer before committing, so a commit never
+Guarantees (argued in docs/windows.md): the consumer acks a batch only after the handler
+returns (outputs awaited), and flushes the producer before committing, so a commit never
 covers a buffered update. Each key's state remembers the last source offset it
 applied per source partition, so records replayed after a crash are not counted twice.
 Results and late records are delivered (awaited) before the state that drops a closed
@@ -32,6 +35,7 @@ from typing import Any
 import orjson
 
 from app import app, settings
+from app.batches import Batch, batch_agent
 from app.codec import RecordError
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
@@ -346,6 +350,49 @@ class WindowRunner:
 RUNNERS: dict[str, WindowRunner] = {}
 
 
+_REKEY_TARGETS: dict[str, list[tuple[WindowDef, WindowRunner, Any]]] = {}
+
+
+def _rekey_handler(targets: list[tuple[WindowDef, WindowRunner, Any]]) -> Any:
+    """The rekey batch handler of one source topic, for every window in ``targets``."""
+
+    async def rekey(records: Batch) -> None:
+        # Outputs are awaited before returning: the consumer acks the fetch after that,
+        # so a commit never covers a record whose keyed output is not durable.
+        eos = settings.processing_guarantee == "exactly_once"
+        out: dict[str, list[OutgoingMessage]] = {}
+        for r in records:
+            headers = ((SRC_PARTITION, str(r.partition).encode()),
+                       (SRC_OFFSET, str(r.offset).encode()))
+            for defn, runner, keyed in targets:
+                try:
+                    key, ts, values = decode_source(defn, defn.aggs, r.value, r.timestamp)
+                except RecordError as exc:
+                    await send_dead_letter(
+                        r.key, r.value, reason=exc.reason, message=str(exc),
+                        source_topic=r.topic, pipeline=defn.name, step="window",
+                        partition=r.partition, offset=r.offset,
+                    )
+                    runner.stats["dead_letters"] += 1
+                    continue
+                if eos:
+                    # exactly_once: through Faust, joining the transaction (as before).
+                    await keyed.send(key=key.encode(), value=orjson.dumps([ts, values]),
+                                     headers=list(headers))
+                else:
+                    out.setdefault(keyed.get_topic_name(), []).append(
+                        OutgoingMessage(key.encode(), orjson.dumps([ts, values]), headers))
+        if out:
+            await kafka_io.ready.wait()
+            futures = []
+            for name, messages in out.items():
+                partitions = await kafka_io.partition_count(name) or settings.topic_partitions
+                futures.append(kafka_io.send_batch(name, messages, partitions))
+            await asyncio.gather(*futures)
+
+    return rekey
+
+
 def _register(defn: WindowDef) -> None:
     source = declare(defn.source)
     keyed = declare(defn.keyed_topic) if defn.repartition else source
@@ -354,37 +401,20 @@ def _register(defn: WindowDef) -> None:
     RUNNERS[defn.name] = runner
 
     if defn.repartition:
-        aggs = defn.aggs
+        # One batch agent per source topic (a topic takes one batch agent): windows that
+        # share a source share its rekey handler.
+        src_name = source.get_topic_name()
+        targets = _REKEY_TARGETS.get(src_name)
+        if targets is None:
+            targets = _REKEY_TARGETS[src_name] = []
+            batch_agent(source, name=f"window-{defn.name}-rekey")(_rekey_handler(targets))
+        targets.append((defn, runner, keyed))
 
-        async def rekey(stream: Any) -> None:
-            async for events in stream.take_events(settings.batch_max, settings.batch_within):
-                for ev in events:
-                    msg = ev.message
-                    try:
-                        key, ts, values = decode_source(defn, aggs, msg.value, msg.timestamp)
-                    except RecordError as exc:
-                        await send_dead_letter(
-                            msg.key, msg.value, reason=exc.reason, message=str(exc),
-                            source_topic=msg.topic, pipeline=defn.name, step="window",
-                            partition=msg.partition, offset=msg.offset,
-                        )
-                        runner.stats["dead_letters"] += 1
-                        continue
-                    await keyed.send(
-                        key=key.encode(), value=orjson.dumps([ts, values]),
-                        headers=[(SRC_PARTITION, str(msg.partition).encode()),
-                                 (SRC_OFFSET, str(msg.offset).encode())],
-                    )
-
-        app.agent(source, name=f"window-{defn.name}-rekey")(rekey)
-
-    async def aggregate(stream: Any) -> None:
-        # One batch = one flush of the write-back buffer: up to window_batch_max events
-        # or window_flush_interval seconds (the commit-interval cache of Kafka Streams).
-        async for events in stream.take_events(settings.window_batch_max, settings.window_flush_interval):
-            await runner.process(events)
-
-    app.agent(keyed, name=f"window-{defn.name}")(aggregate)
+    @batch_agent(keyed, name=f"window-{defn.name}")
+    async def aggregate(records: Batch) -> None:
+        # One batch = one fetch (at most STREAMETL_MAX_POLL_RECORDS records) = one flush
+        # of the write-back buffer (the commit-interval cache of Kafka Streams).
+        await runner.process(list(records))
 
     if defn.idle_close > 0:
         async def idle_tick() -> None:
