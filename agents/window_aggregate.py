@@ -7,8 +7,8 @@ Per window ``W`` (see app/windows.py):
   ``key_by``, with the source partition/offset in headers; under at_least_once one
   ``kafka_io.send_batch`` per fetch, awaited before the fetch is acked.
 - ``window-W``: a batch agent (app/batches.py) on ``W.keyed``: one batch is one fetch
-  (at most ``STREAMETL_MAX_POLL_RECORDS`` records; ``window_batch_max`` no longer bounds
-  it, and ``window_flush_interval`` is only used for rate accounting). It updates each
+  (at most ``STREAMETL_MAX_POLL_RECORDS`` records; ``window_flush_interval`` is only
+  used for rate accounting). It updates each
   key's windows in a write-back buffer, emits results and late records, then writes every
   dirty key once to the window table (RocksDB + changelog).
 - ``window-W-idle`` (when ``idle_close``): a timer that sends a tick into a partition of

@@ -80,9 +80,8 @@ class Settings:
     # Faust's own consumer drain loop instead of app/transport.py's fast path (for
     # before/after comparisons only).
     fast_consumer: bool = True
-    # Window aggregation: events per write-back flush, and the longest wait for a full
-    # batch (each flush writes every dirty key once; Faust commits after the batch).
-    window_batch_max: int = 10_000
+    # Window aggregation: one write-back flush per fetched batch (at most
+    # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25
     # Declarative pipelines and patterns
     pipelines_file: str = str(REPO_ROOT / "config" / "pipelines.yaml")
