@@ -26,9 +26,10 @@ from typing import Any
 import orjson
 
 from app import app, settings
+from app.batches import Batch, batch_agent
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
-from app.kafka_io import kafka_io
+from app.kafka_io import OutgoingMessage, kafka_io
 from app.models.patterns import Alert
 from app.patterns import Pattern, event_time
 from operators.patterns import Match
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 class Item:
     """One input to match: an event (or a timer tick) for one entity key."""
 
-    fevent: Any  # the Faust event it came from (its partition owns the key)
+    fevent: Any  # the Faust event or BatchRecord it came from (its partition owns the key)
     table_key: str
     key_by: str
     key: str
@@ -92,14 +93,21 @@ async def dead_letter(fevent: Any, reason: str, message: str) -> None:
                            pipeline="patterns", partition=m.partition, offset=m.offset)
 
 
-async def split_source_batch(source: str, fevents: list[Any]) -> list[Item]:
+async def split_source_batch(source: str, fevents: Any) -> list[Item]:
     """Parse a batch of source records; forward the ones to repartition; return the
-    ones matched in place."""
+    ones matched in place.
+
+    Under at_least_once the forwarded records go out as one ``kafka_io.send_batch``
+    (pipelined record batches, awaited before returning, so the consumer acks the inputs
+    only after the broker has them); under exactly_once through Faust's producer, so
+    they join the transaction of the input partition."""
     patterns = catalog.patterns()
     groups = by_key_by(patterns, source)
     local: list[Item] = []
     if not groups:
         return local  # no pattern reads this source (yet): nothing to parse
+    transactional = settings.processing_guarantee == "exactly_once"
+    forward: list[OutgoingMessage] = []
     for fe in fevents:
         m = fe.message
         try:
@@ -125,11 +133,15 @@ async def split_source_batch(source: str, fevents: list[Any]) -> list[Item]:
             if kb == ENGINE.source_key:
                 local.append(Item(fe, tkey, kb, key, source, m.topic, m.offset, event, ts, event_id))
             else:
-                await repartition_topic.send(
-                    key=key.encode(),
-                    value=orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
-                                        "id": event_id, "e": event}),
-                )
+                value = orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
+                                      "id": event_id, "e": event})
+                if transactional:
+                    await repartition_topic.send(key=key.encode(), value=value)
+                else:
+                    forward.append(OutgoingMessage(key.encode(), value, ()))
+    if forward:
+        await kafka_io.ready.wait()
+        await kafka_io.send_batch(repartition_topic.get_topic_name(), forward, settings.topic_partitions)
     return local
 
 
@@ -225,6 +237,8 @@ async def send_alert(p: Pattern, item: Item, match: Match) -> None:
 
 
 def make_source_agent(source: str, topic: Any) -> None:
+    # Still a Faust agent: a source topic may also be a pipeline's source, and a topic
+    # can have only one batch agent (app/batches.py); see docs/patterns.md.
     async def patterns_source(stream):
         async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
             # After a restart, runtime patterns must be known before any event is matched.
@@ -241,21 +255,21 @@ for _source, _topic in source_topics.items():
     make_source_agent(_source, _topic)
 
 
-@app.agent(repartition_topic, name="agents.patterns.repartitioned")
-async def patterns_repartitioned(stream):
-    async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
-        await catalog.loaded.wait()
-        items = []
-        for fe in fevents:
-            try:
-                item = parse_repartitioned(fe)
-            except (ValueError, KeyError, TypeError) as exc:
-                await dead_letter(fe, "invalid_internal_record", str(exc))
-                continue
-            if item is not None:
-                items.append(item)
-        if items:
-            await apply_items(items)
+@batch_agent(repartition_topic, name="agents.patterns.repartitioned")
+async def patterns_repartitioned(records: Batch) -> None:
+    """Match forwarded events and timer ticks of one fetched batch."""
+    await catalog.loaded.wait()
+    items = []
+    for fe in records:
+        try:
+            item = parse_repartitioned(fe)
+        except (ValueError, KeyError, TypeError) as exc:
+            await dead_letter(fe, "invalid_internal_record", str(exc))
+            continue
+        if item is not None:
+            items.append(item)
+    if items:
+        await apply_items(items)
 
 
 #: When a tick was last sent per key, so a slow partition does not get a tick storm.
