@@ -237,18 +237,17 @@ async def send_alert(p: Pattern, item: Item, match: Match) -> None:
 
 
 def make_source_agent(source: str, topic: Any) -> None:
-    # Still a Faust agent: a source topic may also be a pipeline's source, and a topic
-    # can have only one batch agent (app/batches.py); see docs/patterns.md.
-    async def patterns_source(stream):
-        async for fevents in stream.take_events(settings.batch_max, within=settings.batch_within):
-            # After a restart, runtime patterns must be known before any event is matched.
-            await catalog.loaded.wait()
-            local = await split_source_batch(source, list(fevents))
-            if local:
-                await apply_items(local)
+    # A batch agent; the source topic may also feed a pipeline's batch agent, and each
+    # gets every record (app/batches.py).
+    async def patterns_source(records: Batch) -> None:
+        # After a restart, runtime patterns must be known before any event is matched.
+        await catalog.loaded.wait()
+        local = await split_source_batch(source, list(records))
+        if local:
+            await apply_items(local)
 
     patterns_source.__name__ = patterns_source.__qualname__ = f"patterns_source_{source}"
-    app.agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
+    batch_agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
 
 
 for _source, _topic in source_topics.items():

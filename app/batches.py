@@ -129,14 +129,16 @@ class BatchAgent:
     errors: list[str] = field(default_factory=list)
 
 
-#: topic name -> its batch agent (one per topic: records are acked by the consumer once).
-BATCH_AGENTS: dict[str, BatchAgent] = {}
+#: topic name -> its batch agents, called in turn with the same batch; the records are
+#: acked once, after the last of them returned.
+BATCH_AGENTS: dict[str, list[BatchAgent]] = {}
 
 
 def batch_agent(topic: Any, name: str) -> Callable[[Handler], Handler]:
-    """Register ``handler`` as the batch agent of ``topic`` (a Faust topic) and subscribe
-    the worker to it. Every record of that topic then goes to the handler, never to a
-    Faust stream, so a topic has either a batch agent or Faust agents, not both."""
+    """Register ``handler`` as a batch agent of ``topic`` (a Faust topic) and subscribe
+    the worker to it. Every record of that topic then goes to its batch agents (several
+    may read one topic, e.g. a pipeline and the patterns on ``events``), never to a Faust
+    stream: a topic has batch agents or Faust agents, not both."""
 
     def register(handler: Handler) -> Handler:
         from app import app, settings  # here: app.transport imports this module before app exists
@@ -145,9 +147,10 @@ def batch_agent(topic: Any, name: str) -> Callable[[Handler], Handler]:
             stream_fallback(app, settings, topic, name, handler)
             return handler
         topic_name = topic.get_topic_name()
-        if topic_name in BATCH_AGENTS:
-            raise ValueError(f"topic {topic_name!r} already has batch agent {BATCH_AGENTS[topic_name].name!r}")
-        BATCH_AGENTS[topic_name] = BatchAgent(name, topic, handler)
+        agents = BATCH_AGENTS.setdefault(topic_name, [])
+        if any(a.name == name for a in agents):
+            raise ValueError(f"topic {topic_name!r} already has a batch agent named {name!r}")
+        agents.append(BatchAgent(name, topic, handler))
         # The conductor subscribes the consumer to its topics and marks them as acked
         # topics (commits follow acks); the consumer routes their records here.
         app.topics.add(topic)
@@ -180,8 +183,8 @@ def stream_fallback(app: Any, settings: Any, topic: Any, name: str, handler: Han
     app.agent(topic, name=name)(run_batches)
 
 
-def for_topic(topic_name: str) -> BatchAgent | None:
-    """The batch agent reading ``topic_name``, if any."""
+def for_topic(topic_name: str) -> list[BatchAgent] | None:
+    """The batch agents reading ``topic_name``, if any."""
     return BATCH_AGENTS.get(topic_name)
 
 

@@ -238,12 +238,12 @@ class FastConsumer(faust_aiokafka.Consumer):
         no record, e.g. transaction markers), committed past like Faust's gaps."""
         from app.batches import Batch, for_topic
 
-        by_agent: dict[str, tuple[Any, Batch, dict[Any, tuple[int, int]]]] = {}
+        by_topic: dict[str, tuple[list[Any], Batch, dict[Any, tuple[int, int]]]] = {}
         read_offset = self._read_offset
         buffered = self._buffered_partitions
         for tp, tp_records in records.items():
-            agent = for_topic(tp.topic)
-            if agent is None or not tp_records:
+            agents = for_topic(tp.topic)
+            if not agents or not tp_records:
                 continue
             if not (active_partitions is None or tp in active_partitions or tp in buffered):
                 continue
@@ -255,31 +255,32 @@ class FastConsumer(faust_aiokafka.Consumer):
                     continue
                 # A jump past the read offset (first record > r_offset + 1) is a gap:
                 # acking the batch commits past it (``ack_spans``), as Faust's gaps do.
-            entry = by_agent.setdefault(agent.name, (agent, Batch(), {}))
+            entry = by_topic.setdefault(tp.topic, (agents, Batch(), {}))
             entry[1].add(tp, tp_records)
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
-        for agent, batch, spans in by_agent.values():
+        for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
                 return
             in_flight = InFlight()
             self._unacked_messages.add(in_flight)  # what a rebalance waits for (wait_empty)
             try:
                 async with commit_guard.processing():
-                    try:
-                        await agent.handler(batch)
-                    except Exception as exc:
-                        agent.errors.append(repr(exc))
-                        self.log.exception("Batch agent %s failed; the worker stops without "
-                                           "acking its batch: %r", agent.name, exc)
-                        await self.app.crash(exc)
-                        raise
+                    for agent in agents:
+                        try:
+                            await agent.handler(batch)
+                        except Exception as exc:
+                            agent.errors.append(repr(exc))
+                            self.log.exception("Batch agent %s failed; the worker stops without "
+                                               "acking its batch: %r", agent.name, exc)
+                            await self.app.crash(exc)
+                            raise
+                        agent.batches += 1
+                        agent.records += len(batch)
                     self.ack_spans(spans)
             finally:
                 in_flight.acked = True
                 self._unacked_messages.discard(in_flight)
                 notify(self._waiting_for_ack)
-            agent.batches += 1
-            agent.records += len(batch)
             for tp, (_first, last) in spans.items():
                 read_offset[tp] = last
 

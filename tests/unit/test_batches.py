@@ -72,7 +72,7 @@ def agent():
         seen.append(list(batch))
 
     host_ref: list[ConsumerHost] = []
-    BATCH_AGENTS[TOPIC] = BatchAgent("test", None, handler)
+    BATCH_AGENTS[TOPIC] = [BatchAgent("test", None, handler)]
     try:
         yield seen, during, host_ref
     finally:
@@ -140,7 +140,7 @@ def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
     async def handler(batch: Batch) -> None:
         raise RuntimeError("sink down")
 
-    BATCH_AGENTS[TOPIC] = BatchAgent("failing", None, handler)
+    BATCH_AGENTS[TOPIC] = [BatchAgent("failing", None, handler)]
     try:
         host = ConsumerHost()
         tp = TP(TOPIC, 0)
@@ -175,3 +175,22 @@ def test_partitions_not_active_are_not_delivered(agent):
     asyncio.run(host.deliver_batches({tp0: [record(0, 0)], tp1: [record(1, 0)]}, {tp1}, 1))
     assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
     assert host._new_offset(tp0) is None and host._new_offset(tp1) == 1
+
+
+def test_every_batch_agent_of_a_topic_gets_the_batch_before_it_is_acked():
+    calls = []
+
+    def make(name):
+        async def handler(batch: Batch) -> None:
+            calls.append((name, [r.offset for r in batch], dict(host._batch_next)))
+        return BatchAgent(name, None, handler)
+
+    host = ConsumerHost()
+    BATCH_AGENTS[TOPIC] = [make("pipeline"), make("patterns")]
+    try:
+        tp = TP(TOPIC, 0)
+        asyncio.run(host.deliver_batches({tp: [record(0, 0), record(0, 1)]}, None, 1))
+        assert calls == [("pipeline", [0, 1], {}), ("patterns", [0, 1], {})]
+        assert host._new_offset(tp) == 2
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)

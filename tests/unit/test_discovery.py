@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Faust agents and batch agents (app/batches.py) alike.
 DISCOVER = ("from app import app; app.discover(); from app.batches import BATCH_AGENTS; "
-            "print(sorted([*app.agents, *(a.name for a in BATCH_AGENTS.values())]))")
+            "print(sorted([*app.agents, *(a.name for agents in BATCH_AGENTS.values() for a in agents)]))")
 
 
 def run_discovery(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -27,6 +27,8 @@ def test_all_modules_import_with_the_shipped_config():
     result = run_discovery({})
     assert result.returncode == 0, result.stderr
     assert "pipeline.clean_events" in result.stdout
+    # The shipped patterns read the pipeline's source topic too: both must be registered.
+    assert "agents.patterns.source.events" in result.stdout
 
 
 def test_an_invalid_pipeline_config_stops_the_worker(tmp_path):
