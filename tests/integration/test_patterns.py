@@ -313,3 +313,30 @@ def test_exactly_once_alerts_are_committed_once_including_timer_fired_ones(kafka
             ("fraud", "x"), ("no-heartbeat", "d9")]
     finally:
         w.kill()
+
+
+def test_a_pipeline_and_patterns_on_the_same_topic_both_see_every_event(kafka):
+    """``events`` feeds a pipeline and a pattern (as in the shipped config): two batch
+    agents of one topic, and each must get every record."""
+    name = unique("patpipe")
+    config = Path(tempfile.mkdtemp(prefix="streametl-pat-")) / "pipelines.yaml"
+    config.write_text(yaml.safe_dump({
+        "pipelines": [{"name": "clean", "source": "events", "sink": "events.clean",
+                       "steps": ["normalize"]}],
+        "patterns": {"sources": ["events"], "source_key": "user_id", "time_field": "ts",
+                     "definitions": [{"name": "big", "type": "threshold", "key_by": "user_id",
+                                      "where": "value > 100"}]},
+    }))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": str(config)})
+    w.start(timeout=120)
+    try:
+        now = time.time()
+        events = [{"event_id": f"e{i}", "user_id": f"u{i % 3}", "value": 50 + 40 * i, "ts": now + i}
+                  for i in range(5)]  # values 50, 90, 130, 170, 210: three above 100
+        run(produce_json(f"{name}.events", events, key="user_id"))
+        clean = run(read_topic(f"{name}.events.clean", expect=len(events), timeout=60))
+        assert sorted(r.json()["event_id"] for r in clean) == [e["event_id"] for e in events]
+        alerts = wait_alerts([w], "big", 3)
+        assert sorted(a["key"] for a in alerts) == sorted(e["user_id"] for e in events if e["value"] > 100)
+    finally:
+        w.kill()
