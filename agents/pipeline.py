@@ -197,7 +197,7 @@ PIPELINES: dict[str, PipelineSpec] = {}
 
 def build(spec: PipelineSpec) -> None:
     """Declare the topics, table and agent of one pipeline."""
-    source, sink = declare(spec.source), declare(spec.sink)
+    source, sink = declare(spec.source), declare(spec.output_topic)
     table = None
     if spec.has_state:
         table = app.Table(

@@ -9,6 +9,20 @@
 
 The steps use exactly the language of ``POST /api/v1/process``. A bad entry stops the
 worker at start with a message naming the pipeline, step and parameter.
+
+A pipeline may end in a **window step** (only in live pipelines)::
+
+    steps: [normalize, {op: filter, where: "action == 'click'"},
+            {op: window, key_by: user_id, time_field: ts, window: {type: tumbling, size: 10},
+             aggregations: [{name: clicks, type: count}], emit: final}]
+
+It takes the fields of a ``windows:`` entry (app/windows.py) except ``name``, ``source``,
+``sink`` and ``repartition``. It becomes a window named ``pipeline.<name>`` whose source
+is the internal topic ``pipeline.<name>.windowed`` the pipeline writes its records to,
+and whose results go to the pipeline's ``sink``. The window rekeys that topic by
+``key_by`` (``repartition: true``). That costs one extra hop, but it keeps a key's
+records in one partition under both guarantees: under exactly_once the pipeline's
+outputs keep their input partition.
 """
 
 from __future__ import annotations
@@ -18,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config_file import section
-from operators.steps import Step, StepSpecError, parse_steps
+from app.windows import WindowConfigError, WindowDef, parse_window_def
+from operators.steps import STEP_PARSERS, Step, StepSpecError, parse_steps
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -38,6 +53,13 @@ class PipelineSpec:
     steps: list[Step] = field(compare=False)
     step_specs: list[Any] = field(compare=False)
     key_by: str | None = None
+    #: The window a terminal window step feeds (None without one).
+    window: WindowDef | None = None
+
+    @property
+    def output_topic(self) -> str:
+        """Where the pipeline writes its records: the sink, or its window's input."""
+        return self.window.source if self.window is not None else self.sink
 
     @property
     def has_state(self) -> bool:
@@ -46,6 +68,34 @@ class PipelineSpec:
     @property
     def reads_reference(self) -> bool:
         return any(s.op == "enrich" and s.params.source for s in self.steps)
+
+
+#: The fields of a window step: those of a ``windows:`` entry the pipeline does not fix.
+WINDOW_STEP_FIELDS = {"op", "key_by", "time_field", "time_unit", "window", "aggregations", "emit",
+                      "late_topic", "idle_close"}
+
+
+def parse_window_step(index: int, spec: Any) -> Step:
+    """The terminal ``window`` step: its shape here; the window itself is checked with
+    the pipeline (``window_of``), which knows the names and topics."""
+    unknown = set(spec) - WINDOW_STEP_FIELDS
+    if unknown:
+        raise StepSpecError(index, "window", sorted(unknown)[0],
+                            f"unknown parameter; allowed: {sorted(WINDOW_STEP_FIELDS - {'op'})}")
+    return Step(index, "window", dict(spec), lambda record, ctx: (record, None), terminal=True)
+
+
+STEP_PARSERS.setdefault("window", parse_window_step)
+
+
+def window_of(name: str, sink: str, step: Step, where: str) -> WindowDef:
+    """The window a pipeline's window step declares."""
+    raw = {k: v for k, v in step.params.items() if k != "op"}
+    raw.update(name=f"pipeline.{name}", source=f"pipeline.{name}.windowed", sink=sink, repartition=True)
+    try:
+        return parse_window_def(raw, f"{where} step {step.index} (window)")
+    except WindowConfigError as exc:
+        raise PipelineConfigError(str(exc)) from None
 
 
 def parse_pipelines(raw: Any) -> list[PipelineSpec]:
@@ -82,10 +132,21 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             steps = parse_steps(entry.get("steps", []))
         except StepSpecError as exc:
             raise PipelineConfigError(f"{where}: {exc}") from None
-        specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by))
+        window = None
+        if steps and steps[-1].op == "window":
+            window = window_of(name, entry["sink"], steps[-1], where)
+            # Keyed like the window, so the rekey step's partitioning is the same.
+            key_by = key_by or window.key_by
+        specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,
+                                  window))
     return specs
 
 
 def configured_pipelines() -> list[PipelineSpec]:
     """The pipelines of the config file (settings.pipelines_file)."""
     return parse_pipelines(section("pipelines"))
+
+
+def pipeline_windows() -> list[WindowDef]:
+    """The windows that configured pipelines' window steps declare."""
+    return [p.window for p in configured_pipelines() if p.window is not None]

@@ -27,6 +27,7 @@ from faust.types import TP
 
 from app import app, settings
 from app.kafka_io import OutgoingMessage, kafka_io
+from app.pipelines import pipeline_windows
 from app.windows import WindowDef, load_window_defs
 
 #: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
@@ -157,7 +158,10 @@ def _table(name: str) -> Any:
 
 #: Every configured window; a bad ``windows:`` section stops the worker at start
 #: (WindowConfigError names the entry and field) rather than running half-configured.
-WINDOW_DEFS: list[WindowDef] = load_window_defs()
+WINDOW_DEFS: list[WindowDef] = load_window_defs() + pipeline_windows()
+if len({d.name for d in WINDOW_DEFS}) != len(WINDOW_DEFS):
+    raise ValueError(f"window names must be unique (pipeline window steps are named pipeline.<name>): "
+                     f"{[d.name for d in WINDOW_DEFS]}")
 
 #: name -> table holding that window's per-key state.
 window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WINDOW_DEFS}

@@ -225,3 +225,26 @@ def test_bad_records_reach_the_dead_letter_topic_with_the_reason(worker):
     mine = [r for r in got if r.headers.get("dlq.pipeline") == b"tumb"]
     assert sorted(r.headers["dlq.reason"] for r in mine) == [b"invalid_json", b"missing_key", b"not_numeric"]
     assert {r.value for r in mine} == {b"not json", b'{"ts": 1, "value": 1}', b'{"user_id": "u1", "ts": 1, "value": "x"}'}
+
+
+def test_a_pipeline_window_step_aggregates_the_pipelines_output(kafka):
+    """``{op: window}`` as a pipeline's last step: the pipeline's records (here filtered)
+    are aggregated, and the results on the pipeline's sink equal the fold of what the
+    pipeline let through."""
+    name = unique("pwin")
+    config = {"pipelines": [{
+        "name": "clicks", "source": "events", "sink": "clicks.per_user",
+        "steps": ["normalize", {"op": "filter", "where": "value > 5"},
+                  {"op": "window", "key_by": "user_id", "time_field": "ts", "window": WINDOWS["tumb"],
+                   "aggregations": AGGS, "emit": "final", "idle_close": 3}],
+    }]}
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(config)})
+    w.start(timeout=150)
+    try:
+        records = make_records(200, keys=5, seed=5)
+        run(produce_json(f"{name}.events", records, key="user_id"))
+        want, _ = fold("tumb", [r for r in records if r["value"] > 5])
+        got = emitted(run(read_topic(f"{name}.clicks.per_user", expect=len(want), timeout=120, idle=120)))
+        assert got == want
+    finally:
+        w.kill()
