@@ -94,6 +94,14 @@ def test_a_bad_step_is_rejected_before_anything_runs_naming_step_and_parameter(w
     assert reply["error"]["details"]["step"] == len(body["transformations"]) - 1
 
 
+def test_a_window_step_is_for_live_pipelines_only(worker):
+    step = {"op": "window", "key_by": "user_id", "window": {"type": "tumbling", "size": 10},
+            "aggregations": [{"name": "n", "type": "count"}]}
+    status, reply = worker.post("/api/v1/process", {"records": [{"user_id": "u1"}], "transformations": [step]})
+    assert status == 422, reply
+    assert "live pipelines" in reply["error"]["message"]
+
+
 @pytest.mark.parametrize(
     "kwargs,status",
     [
