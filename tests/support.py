@@ -209,19 +209,22 @@ class Consumed:
     headers: dict[str, bytes]
     partition: int
     offset: int
+    timestamp: int | None = None  # Kafka timestamp, ms
 
     def json(self) -> Any:
         return json.loads(self.value) if self.value is not None else None
 
 
 async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 30.0,
-                     idle: float = 2.0, isolation_level: str = "read_uncommitted") -> list[Consumed]:
+                     idle: float = 2.0, isolation_level: str = "read_uncommitted",
+                     bootstrap: str | None = None) -> list[Consumed]:
     """Read a topic from the beginning with a plain aiokafka consumer (no group).
 
     Stops at ``expect`` records, or when nothing new arrived for ``idle`` seconds after
-    reaching the current end, or at ``timeout``.
+    reaching the current end, or at ``timeout``. ``bootstrap`` defaults to the test
+    broker (the benchmarks pass theirs).
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap or BOOTSTRAP, enable_auto_commit=False,
                                 auto_offset_reset="earliest", isolation_level=isolation_level)
     await consumer.start()
     out: list[Consumed] = []
@@ -244,7 +247,7 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
             for tp, msgs in batch.items():
                 for m in msgs:
                     got = True
-                    out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset))
+                    out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset, m.timestamp))
             if got:
                 last_new = time.monotonic()
             if expect is not None and len(out) >= expect:
@@ -252,7 +255,7 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
                 extra = await consumer.getmany(timeout_ms=500)
                 for tp, msgs in extra.items():
                     for m in msgs:
-                        out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset))
+                        out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset, m.timestamp))
                 break
             if expect is None and time.monotonic() - last_new > idle:
                 break

@@ -138,20 +138,8 @@ async def run(ctx: Context) -> Result:
 
 async def read_topic_timestamps(ctx: Context, topic: str, expected: int) -> list[int]:
     """Kafka timestamps of the first ``expected`` records of a topic (waits for them)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=ctx.bootstrap, auto_offset_reset="earliest",
-                                group_id=f"{ctx.namespace}-ts", enable_auto_commit=False,
-                                max_poll_records=5000)
-    await consumer.start()
-    stamps: list[int] = []
-    deadline = time.monotonic() + 600
-    try:
-        while len(stamps) < expected and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
-            for messages in batch.values():
-                stamps.extend(m.timestamp for m in messages)
-    finally:
-        await consumer.stop()
-    return stamps
+    records = await read_topic(topic, expect=expected, timeout=600, bootstrap=ctx.bootstrap)
+    return [r.timestamp for r in records[:expected]]
 
 
 __all__ = ["NAME", "DESCRIPTION", "run", "read_topic"]

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from bench.events import make_event
 from bench.harness import Context, Result, process_cpu_seconds
-from tests.support import Worker, create_topics
+from tests.support import Worker, create_topics, read_topic
 
 NAME = "window-aggregate"
 DESCRIPTION = "count + sum per user_id, 10 s tumbling and 60 s / 10 s hopping windows, 10k keys"
@@ -151,31 +151,8 @@ async def run_one(ctx: Context, kind: str) -> Result:
 
 async def read_sink(bootstrap: str, topic: str, idle: float = 8.0) -> list[tuple[int, bytes]]:
     """(Kafka timestamp ms, value) of every record on ``topic``, read until idle."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    out: list[tuple[int, bytes]] = []
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        for _ in range(50):
-            if parts:
-                break
-            await consumer._client.force_metadata_update()
-            await asyncio.sleep(0.2)
-            parts = consumer.partitions_for_topic(topic)
-        tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        last = time.monotonic()
-        while time.monotonic() - last < idle:
-            batch = await consumer.getmany(timeout_ms=300, max_records=10000)
-            for msgs in batch.values():
-                for m in msgs:
-                    out.append((m.timestamp, m.value))
-                    last = time.monotonic()
-    finally:
-        await consumer.stop()
-    return out
+    records = await read_topic(topic, idle=idle, timeout=3600, bootstrap=bootstrap)
+    return [(r.timestamp, r.value) for r in records]
 
 
 async def run(ctx: Context) -> list[Result]:
