@@ -274,9 +274,7 @@ class WindowRunner:
             for topic, key, value, *rest in out:
                 by_topic.setdefault(topic.get_topic_name(), []).append(
                     OutgoingMessage(key, value, tuple(rest[0]) if rest else ()))
-            for name, messages in by_topic.items():
-                partitions = await kafka_io.partition_count(name) or settings.topic_partitions
-                futures.append(kafka_io.send_batch(name, messages, partitions))
+            futures.append(kafka_io.send_topics(by_topic))
         else:
             # exactly_once: through Faust, inside the transaction of this batch.
             for topic, key, value, *rest in out:
@@ -350,45 +348,36 @@ class WindowRunner:
 RUNNERS: dict[str, WindowRunner] = {}
 
 
-_REKEY_TARGETS: dict[str, list[tuple[WindowDef, WindowRunner, Any]]] = {}
-
-
-def _rekey_handler(targets: list[tuple[WindowDef, WindowRunner, Any]]) -> Any:
-    """The rekey batch handler of one source topic, for every window in ``targets``."""
+def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
+    """The rekey batch handler of one window: source records to ``keyed`` by ``key_by``."""
+    aggs = defn.aggs  # built once, not per record
+    keyed_name = keyed.get_topic_name()
 
     async def rekey(records: Batch) -> None:
         # Outputs are awaited before returning: the consumer acks the fetch after that,
         # so a commit never covers a record whose keyed output is not durable.
         eos = settings.processing_guarantee == "exactly_once"
-        out: dict[str, list[OutgoingMessage]] = {}
+        out: list[OutgoingMessage] = []
         for r in records:
-            headers = ((SRC_PARTITION, str(r.partition).encode()),
-                       (SRC_OFFSET, str(r.offset).encode()))
-            for defn, runner, keyed in targets:
-                try:
-                    key, ts, values = decode_source(defn, defn.aggs, r.value, r.timestamp)
-                except RecordError as exc:
-                    await send_dead_letter(
-                        r.key, r.value, reason=exc.reason, message=str(exc),
-                        source_topic=r.topic, pipeline=defn.name, step="window",
-                        partition=r.partition, offset=r.offset,
-                    )
-                    runner.stats["dead_letters"] += 1
-                    continue
-                if eos:
-                    # exactly_once: through Faust, joining the transaction (as before).
-                    await keyed.send(key=key.encode(), value=orjson.dumps([ts, values]),
-                                     headers=list(headers))
-                else:
-                    out.setdefault(keyed.get_topic_name(), []).append(
-                        OutgoingMessage(key.encode(), orjson.dumps([ts, values]), headers))
+            try:
+                key, ts, values = decode_source(defn, aggs, r.value, r.timestamp)
+            except RecordError as exc:
+                await send_dead_letter(
+                    r.key, r.value, reason=exc.reason, message=str(exc),
+                    source_topic=r.topic, pipeline=defn.name, step="window",
+                    partition=r.partition, offset=r.offset,
+                )
+                runner.stats["dead_letters"] += 1
+                continue
+            headers = ((SRC_PARTITION, str(r.partition).encode()), (SRC_OFFSET, str(r.offset).encode()))
+            if eos:
+                # exactly_once: through Faust, joining the transaction (as before).
+                await keyed.send(key=key.encode(), value=orjson.dumps([ts, values]), headers=list(headers))
+            else:
+                out.append(OutgoingMessage(key.encode(), orjson.dumps([ts, values]), headers))
         if out:
             await kafka_io.ready.wait()
-            futures = []
-            for name, messages in out.items():
-                partitions = await kafka_io.partition_count(name) or settings.topic_partitions
-                futures.append(kafka_io.send_batch(name, messages, partitions))
-            await asyncio.gather(*futures)
+            await kafka_io.send_topics({keyed_name: out})
 
     return rekey
 
@@ -401,14 +390,9 @@ def _register(defn: WindowDef) -> None:
     RUNNERS[defn.name] = runner
 
     if defn.repartition:
-        # One batch agent per source topic (a topic takes one batch agent): windows that
-        # share a source share its rekey handler.
-        src_name = source.get_topic_name()
-        targets = _REKEY_TARGETS.get(src_name)
-        if targets is None:
-            targets = _REKEY_TARGETS[src_name] = []
-            batch_agent(source, name=f"window-{defn.name}-rekey")(_rekey_handler(targets))
-        targets.append((defn, runner, keyed))
+        # Windows that share a source each have a rekey batch agent on it; every one of
+        # them gets each fetch (app/batches.py).
+        batch_agent(source, name=f"window-{defn.name}-rekey")(_rekey_handler(defn, runner, keyed))
 
     @batch_agent(keyed, name=f"window-{defn.name}")
     async def aggregate(records: Batch) -> None:

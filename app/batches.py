@@ -31,7 +31,7 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from faust.types import TP
@@ -119,14 +119,11 @@ Handler = Callable[[Batch], Awaitable[None]]
 
 @dataclass
 class BatchAgent:
-    """A registered batch handler of one topic, with counters for ``/health``-style views."""
+    """A registered batch handler of one topic."""
 
     name: str
     topic: Any
     handler: Handler
-    batches: int = 0
-    records: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 #: topic name -> its batch agents, called in turn with the same batch; the records are

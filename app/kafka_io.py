@@ -151,6 +151,15 @@ class KafkaIO(Service):
             await asyncio.sleep(0.1)
         raise RuntimeError(f"topic {topic} was created but its metadata never arrived")
 
+    async def send_topics(self, by_topic: dict[str, list[OutgoingMessage]]) -> None:
+        """``send_batch`` to several topics at once (each with its own partition count);
+        returns when the broker acknowledged every message."""
+        sends = []
+        for name, messages in by_topic.items():
+            partitions = await self.partition_count(name) or settings.topic_partitions
+            sends.append(self.send_batch(name, messages, partitions))
+        await asyncio.gather(*sends)
+
     async def send_batch(
         self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int
     ) -> list[Delivered]:

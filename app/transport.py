@@ -18,8 +18,10 @@ What changes (and only this):
   original path is taken unchanged.
 * Under exactly_once, ``FastConsumer.commit`` waits for agents' processing sections
   (:class:`CommitGuard`) so a transaction never holds outputs of unacked events.
-* ``FastConsumer.getmany`` reports each partition's end offset to the monitor once per
+* ``FastConsumer.fetch`` reports each partition's end offset to the monitor once per
   fetched batch instead of once per message (the value is the same for the batch).
+* Topics with batch agents (app/batches.py) get each fetch's records in one call
+  (``deliver_batches``), acked once per partition (``ack_spans``).
 
 Everything else is Faust's: read offsets, gap tracking, acks, ``commit_every``,
 commits, rebalance listeners, transactions (exactly_once), the consumer thread.
@@ -43,6 +45,8 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
+
+from app.batches import BATCH_AGENTS, Batch, for_topic
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -214,21 +218,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         # (rebalance) ends it; the rest is fetched again after seeking.
         return self.flow_active and self.app.consumer_generation_id == generation_id
 
-    async def getmany(self, timeout: float) -> AsyncIterator[tuple[Any, Any]]:
-        """Faust's getmany (per message), with the end-offset monitor call once per
-        partition per fetch. Used for topics without a batch agent."""
-        fetched = await self.fetch(timeout)
-        if fetched is None:
-            return
-        records, active_partitions, generation_id = fetched
-        buffered = self._buffered_partitions
-        to_message = self._to_message
-        for tp, record in self.scheduler.iterate(records):
-            if not self._still_current(generation_id):
-                break
-            if active_partitions is None or tp in active_partitions or tp in buffered:
-                yield tp, to_message(tp, record)
-
     async def deliver_batches(self, records: dict[Any, list[Any]], active_partitions: Any,
                               generation_id: int) -> None:
         """Hand each batch agent its topic's records of this fetch, then ack them.
@@ -236,8 +225,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         Per partition the same filtering as the per-message loop: records below the read
         offset (fetched before a seek) are dropped; a jump past it is a gap (offsets with
         no record, e.g. transaction markers), committed past like Faust's gaps."""
-        from app.batches import Batch, for_topic
-
         by_topic: dict[str, tuple[list[Any], Batch, dict[Any, tuple[int, int]]]] = {}
         read_offset = self._read_offset
         buffered = self._buffered_partitions
@@ -269,13 +256,10 @@ class FastConsumer(faust_aiokafka.Consumer):
                         try:
                             await agent.handler(batch)
                         except Exception as exc:
-                            agent.errors.append(repr(exc))
                             self.log.exception("Batch agent %s failed; the worker stops without "
                                                "acking its batch: %r", agent.name, exc)
                             await self.app.crash(exc)
                             raise
-                        agent.batches += 1
-                        agent.records += len(batch)
                     self.ack_spans(spans)
             finally:
                 in_flight.acked = True
@@ -316,8 +300,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         # The same loop as Faust's (read offsets, gaps, commit_every, stop handling);
         # what differs: batch agents get their topics' records per fetch
         # (``deliver_batches``), other records are delivered inline (``deliver``).
-        from app.batches import BATCH_AGENTS
-
         callback = self.callback
         deliver = self.deliver
         consumer_should_stop = self._stopped.is_set
