@@ -38,7 +38,7 @@ from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
-from operators.steps import Step, StepCounts, run_record
+from operators.steps import Step, StepTally, run_record
 from operators.transform import Seen
 from tables.reference import reference_store
 from tables.windows import RAW_SCHEMA, PartitionStore
@@ -57,13 +57,13 @@ class PipelineCounters:
     out: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
-    steps: dict[int, StepCounts] = field(default_factory=dict)
+    steps: StepTally = field(default_factory=lambda: StepTally([]))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "in": self.into, "out": self.out, "dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(self.dropped), "dead_lettered": self.dead_lettered,
-            "steps": [c.as_dict() for c in self.steps.values()],
+            "steps": [c.as_dict() for c in self.steps.counts()],
         }
 
 
@@ -83,9 +83,10 @@ class TableMemory:
         return None if value is None else Seen(value[0], value[1])
 
     def put(self, key: str, seen: Seen) -> None:
+        ctx = self.ctx
         k = self.prefix + key.encode()
-        self.ctx.write(k, [seen.at, seen.seq])
-        self.ctx.expiry.setdefault(self.ctx.partition, deque()).append((seen.at, seen.seq, k))
+        ctx.write(k, [seen.at, seen.seq])
+        ctx.expiry_queue().append((seen.at, seen.seq, k))
 
 
 class LiveContext:
@@ -95,17 +96,41 @@ class LiveContext:
         self.spec, self.table = spec, table
         self.store = PartitionStore(table) if table is not None else None
         self.event: Any = None
-        #: (partition, key) → (event, value) written in this batch, not yet stored.
-        self.overlay: dict[tuple[int, bytes], tuple[Any, Any]] = {}
-        self.partition = 0
+        #: partition → key → (event, value) written in this batch, not yet stored.
+        self.overlays: dict[int, dict[bytes, tuple[Any, Any]]] = {}
+        self._overlay: dict[bytes, tuple[Any, Any]] = {}
+        self.partition = -1
         self.offset = 0
         self.expiry: dict[int, deque] = {}
         self._now = 0.0
         self._memories: dict[int, TableMemory] = {}
+        #: The RocksDB of each partition seen in this batch (None: another store kind).
+        #: Cached per batch only: a rebalance may close a partition's database, and no
+        #: rebalance completes while a batch is in flight (app/batches.py).
+        self._dbs: dict[int, Any] = {}
+        self._db: Any = None
+        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
+        self._horizon_s = dedupe["horizon_seconds"] if dedupe else None
+        self._horizon_n = dedupe["horizon_count"] if dedupe else None
+
+    def begin_batch(self) -> None:
+        self._dbs = {}
 
     def at_event(self, event: Any) -> None:
         message = event.message
-        self.event, self.partition, self.offset, self._now = event, message.partition, message.offset, time.time()
+        self.event, self.offset, self._now = event, message.offset, time.time()
+        if message.partition != self.partition or message.partition not in self._dbs:
+            self._enter_partition(message.partition)
+
+    def _enter_partition(self, partition: int) -> None:
+        self.partition = partition
+        overlay = self.overlays.get(partition)
+        if overlay is None:
+            overlay = self.overlays[partition] = {}
+        self._overlay = overlay
+        if partition not in self._dbs:
+            self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
+        self._db = self._dbs[partition]
 
     def memory(self, step_index: int) -> TableMemory:
         memory = self._memories.get(step_index)
@@ -115,21 +140,31 @@ class LiveContext:
 
     def read(self, key: bytes) -> Any:
         """The stored value of ``key`` in the current event's partition (overlay first)."""
-        pending = self.overlay.get((self.partition, key))
+        pending = self._overlay.get(key)
         if pending is not None:
             return pending[1]
+        if self._db is not None:
+            raw = self._db.get(key)
+            return None if raw is None else orjson.loads(raw)
         assert self.store is not None
         return self.store.read(self.event, key)
 
     def write(self, key: bytes, value: Any) -> None:
-        self.overlay[(self.partition, key)] = (self.event, value)
+        self._overlay[key] = (self.event, value)
+
+    def expiry_queue(self) -> deque:
+        queue = self.expiry.get(self.partition)
+        if queue is None:
+            queue = self.expiry[self.partition] = deque()
+        return queue
 
     async def flush(self) -> None:
         """Store the batch's writes (after its outputs reached the sink)."""
-        if self.overlay:
+        items = [(ev, key, value) for overlay in self.overlays.values() for key, (ev, value) in overlay.items()]
+        for overlay in self.overlays.values():
+            overlay.clear()
+        if items:
             assert self.store is not None
-            items = [(ev, key, value) for (_, key), (ev, value) in self.overlay.items()]
-            self.overlay = {}
             await self.store.write_many(items)
 
     def lookup(self, source: str, key: str):
@@ -148,8 +183,7 @@ class LiveContext:
         queue = self.expiry.get(self.partition)
         if not queue:
             return
-        dedupe = next(s for s in self.spec.steps if s.op == "deduplicate").params
-        horizon_s, horizon_n = dedupe["horizon_seconds"], dedupe["horizon_count"]
+        horizon_s, horizon_n = self._horizon_s, self._horizon_n
         for _ in range(EXPIRE_PER_EVENT):
             if not queue:
                 return
@@ -161,7 +195,7 @@ class LiveContext:
             queue.popleft()
             current = self.read(key)
             if current is not None and current[0] == at and current[1] == seq:
-                self.overlay.pop((self.partition, key), None)
+                self._overlay.pop(key, None)
                 assert self.store is not None
                 self.store.delete(self.event, key)
 
@@ -205,13 +239,13 @@ def build(spec: PipelineSpec) -> None:
             key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
         )
     counters = COUNTERS.setdefault(spec.name, PipelineCounters())
-    counters.steps = {s.index: StepCounts(s.index, s.op) for s in spec.steps if not s.terminal}
+    counters.steps = StepTally(spec.steps)
     PIPELINES[spec.name] = spec
     source_name = source.get_topic_name()
 
     sink_name = sink.get_topic_name()
     ctx = LiveContext(spec, table)
-    count_step = lambda step, outcome: counters.steps[step.index].record(outcome)  # noqa: E731
+    tally, steps = counters.steps, spec.steps
 
     exactly_once = settings.processing_guarantee == "exactly_once"
 
@@ -222,13 +256,14 @@ def build(spec: PipelineSpec) -> None:
             await reference_store.caught_up.wait()
         await kafka_io.ready.wait()
         outputs: list[tuple[Any, OutgoingMessage]] = []
+        ctx.begin_batch()
+        counters.into += len(records)
         for event in records:
             # Under exactly_once Faust writes table changes (and picks transactions) by
             # the *current* event; in a batch that must be this record, not the last
             # one. Under at_least_once state goes to explicit partitions (PartitionStore).
             if exactly_once:
                 set_current_event(event)
-            counters.into += 1
             ctx.at_event(event)
             try:
                 record = loads_object(event.value)
@@ -238,7 +273,8 @@ def build(spec: PipelineSpec) -> None:
                                        source_topic=source_name, pipeline=spec.name, step="parse",
                                        partition=event.partition, offset=event.offset)
                 continue
-            outcome = run_record(spec.steps, record, ctx, count_step)
+            outcome = run_record(steps, record, ctx)
+            tally.add(outcome)
             if table is not None:
                 ctx.expire()
             if outcome.record is not None:

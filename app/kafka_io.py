@@ -14,7 +14,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 MAX_BATCH_BYTES = 900 * 1024
 
 
-@dataclass(frozen=True)
-class OutgoingMessage:
-    """One message ready for Kafka: bytes in, bytes out."""
+class OutgoingMessage(NamedTuple):
+    """One message ready for Kafka: bytes in, bytes out.
+
+    A NamedTuple: agents build one per output record, and a frozen dataclass costs
+    ~1 µs to build where a tuple costs ~0.3 µs."""
 
     key: bytes | None
     value: bytes | None  # None is a tombstone (deletes the key of a compacted topic)
@@ -42,8 +44,7 @@ class OutgoingMessage:
     partition: int | None = None
 
 
-@dataclass(frozen=True)
-class Delivered:
+class Delivered(NamedTuple):
     """Where the broker stored one message."""
 
     partition: int
@@ -186,12 +187,14 @@ class KafkaIO(Service):
             in_batch: list[int] = []
             for index in indexes:
                 m = messages[index]
-                if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers)) is None:
+                # aiokafka's (C) builder wants a list; most messages have no headers.
+                headers = list(m.headers) if m.headers else []
+                if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
                     if not in_batch:
                         raise ValueError(f"message {index} is larger than one record batch")
                     pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))
                     batch, in_batch = producer.create_batch(), []
-                    if batch.append(key=m.key, value=m.value, timestamp=None, headers=list(m.headers)) is None:
+                    if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
                         raise ValueError(f"message {index} is larger than one record batch")
                 in_batch.append(index)
             pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))

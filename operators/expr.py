@@ -19,6 +19,7 @@ wrong types or division by zero raises ``EvalError`` for that record.
 from __future__ import annotations
 
 import math
+import operator
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -371,6 +372,31 @@ def _arith(op: str, a: Any, b: Any) -> Any:
 
 Evaluator = Callable[[Mapping[str, Any]], Any]
 
+_ORDERINGS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+def _compile_field_vs_literal(op: str, name: str, constant: Any) -> Evaluator:
+    """``field <op> literal``, the usual filter, in one closure instead of three.
+
+    Same results as the general form: an ordering against a number takes the direct
+    path only when the field holds a plain int or float (not bool, not None);
+    anything else goes through ``_compare``."""
+    if op == "==":
+        return lambda r: r.get(name) == constant
+    if op == "!=":
+        return lambda r: r.get(name) != constant
+    ordering = _ORDERINGS[op]
+    if constant.__class__ not in (int, float):
+        return lambda r: _compare(op, r.get(name), constant)
+
+    def compare_number(r: Mapping[str, Any]) -> bool:
+        value = r.get(name)
+        if value.__class__ is int or value.__class__ is float:
+            return ordering(value, constant)
+        return _compare(op, value, constant)
+
+    return compare_number
+
 
 def _compile(node: tuple) -> Evaluator:
     """Turn a checked tree into nested closures, once per expression.
@@ -392,13 +418,16 @@ def _compile(node: tuple) -> Evaluator:
     if kind in ("and", "or"):
         left, right = _compile(node[1]), _compile(node[2])
         if kind == "and":
-            return lambda r: bool(left(r)) and bool(right(r))
-        return lambda r: bool(left(r)) or bool(right(r))
+            return lambda r: True if left(r) and right(r) else False
+        return lambda r: True if left(r) or right(r) else False
     if kind == "not":
         inner = _compile(node[1])
         return lambda r: not inner(r)
     if kind == "cmp":
-        op, left, right = node[1], _compile(node[2]), _compile(node[3])
+        op, left_node, right_node = node[1], node[2], node[3]
+        if left_node[0] == "field" and len(left_node[1]) == 1 and right_node[0] == "lit":
+            return _compile_field_vs_literal(op, left_node[1][0], right_node[1])
+        left, right = _compile(left_node), _compile(right_node)
         if op == "==":
             return lambda r: left(r) == right(r)
         if op == "!=":
@@ -462,16 +491,14 @@ def _compile(node: tuple) -> Evaluator:
 class Expr:
     """A compiled expression; ``evaluate(record)`` returns its value."""
 
-    __slots__ = ("text", "tree", "_evaluate")
+    __slots__ = ("text", "tree", "evaluate")
 
     def __init__(self, text: str, tree: tuple) -> None:
         self.text = text
         self.tree = tree
-        self._evaluate = _compile(tree)
-
-    def evaluate(self, record: Mapping[str, Any]) -> Any:
-        """The value of this expression for one record; EvalError if it cannot be had."""
-        return self._evaluate(record)
+        #: ``evaluate(record)``: the value of this expression for one record; EvalError
+        #: if it cannot be had. The compiled closure itself (no method call per record).
+        self.evaluate: Evaluator = _compile(tree)
 
     def __repr__(self) -> str:
         return f"Expr({self.text!r})"
