@@ -3,7 +3,7 @@
 A record that is not a JSON object, or fails a step, goes to the dead-letter topic
 with the pipeline, step and reason in its headers; the pipeline keeps running.
 Each pipeline is a batch agent (app/batches.py): it gets every record of a fetch at
-once, and each batch's outputs are written together (see ``emit``).
+once, and each batch's outputs are written together (see ``SinkWriter``).
 
 Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
 default). Faust writes a table change to the changelog partition of the event being
@@ -35,7 +35,7 @@ from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
-from app.kafka_io import OutgoingMessage, kafka_io
+from app.kafka_io import KeyPartitioner, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
 from operators.steps import Step, StepTally, run_record
@@ -200,24 +200,56 @@ class LiveContext:
                 self.store.delete(self.event, key)
 
 
-async def emit(sink: Any, sink_name: str, outputs: list[tuple[Any, OutgoingMessage]]) -> None:
-    """Write a batch's outputs (with the events they came from) to the sink before the
-    batch is acked, so its offsets can only be committed after its outputs are durable.
+class SinkWriter:
+    """Where a pipeline's outputs go, one batch at a time: written before the batch is
+    acked, so its offsets can only be committed after its outputs are durable.
 
-    Under at_least_once the batch goes out as one record batch per partition
-    (app/kafka_io.py): Faust's per-message send path costs more than the whole
-    transformation. Under exactly_once every output must join a Kafka transaction, and
-    Faust picks the transaction by the *output* partition (one transactional producer
-    per partition number, committing that partition's input offsets); so each output
-    keeps its input's partition number, sent through Faust with its event current.
+    Under at_least_once a batch's outputs go out as one record batch per partition
+    (``kafka_io.send_partitioned``), grouped here as they are made: Faust's per-message
+    send path costs more than the whole transformation. Under exactly_once every output
+    must join a Kafka transaction, and Faust picks the transaction by the *output*
+    partition (one transactional producer per partition number, committing that
+    partition's input offsets); so each output keeps its input's partition number,
+    sent through Faust with its event current.
     """
-    if settings.processing_guarantee == "exactly_once":
-        for event, m in outputs:
-            set_current_event(event)
-            await sink.send(key=m.key, value=m.value, partition=event.message.partition)
-        return
-    partitions = await kafka_io.partition_count(sink_name)
-    await kafka_io.send_batch(sink_name, [m for _, m in outputs], partitions or settings.topic_partitions)
+
+    def __init__(self, sink: Any, exactly_once: bool) -> None:
+        self.sink, self.name, self.exactly_once = sink, sink.get_topic_name(), exactly_once
+        self.partition_of: KeyPartitioner | None = None
+        self.groups: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        self.transactional: list[tuple[Any, bytes | None, bytes]] = []
+        self.count = 0
+        self._keyless = 0
+
+    async def begin_batch(self) -> None:
+        count = await kafka_io.partition_count(self.name) or settings.topic_partitions
+        if self.partition_of is None or self.partition_of.num_partitions != count:
+            self.partition_of = KeyPartitioner(count)
+        # Keyless outputs of one batch share a partition (like Kafka's sticky partitioner).
+        self._keyless = (self._keyless + 1) % count
+
+    def add(self, event: Any, key: bytes | None, value: bytes) -> None:
+        self.count += 1
+        if self.exactly_once:
+            self.transactional.append((event, key, value))
+            return
+        assert self.partition_of is not None
+        partition = self._keyless if key is None else self.partition_of(key)
+        group = self.groups.get(partition)
+        if group is None:
+            group = self.groups[partition] = []
+        group.append((key, value))
+
+    async def flush(self) -> None:
+        if self.exactly_once:
+            outputs, self.transactional = self.transactional, []
+            for event, key, value in outputs:
+                set_current_event(event)
+                await self.sink.send(key=key, value=value, partition=event.message.partition)
+        elif self.groups:
+            groups, self.groups = self.groups, {}
+            await kafka_io.send_partitioned(self.name, groups)
+        self.count = 0
 
 
 def set_current_event(event: Any) -> None:
@@ -243,11 +275,10 @@ def build(spec: PipelineSpec) -> None:
     PIPELINES[spec.name] = spec
     source_name = source.get_topic_name()
 
-    sink_name = sink.get_topic_name()
     ctx = LiveContext(spec, table)
-    tally, steps = counters.steps, spec.steps
-
+    tally, steps, key_by = counters.steps, spec.steps, spec.key_by
     exactly_once = settings.processing_guarantee == "exactly_once"
+    writer = SinkWriter(sink, exactly_once)
 
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
@@ -255,7 +286,7 @@ def build(spec: PipelineSpec) -> None:
         if spec.reads_reference:
             await reference_store.caught_up.wait()
         await kafka_io.ready.wait()
-        outputs: list[tuple[Any, OutgoingMessage]] = []
+        await writer.begin_batch()
         ctx.begin_batch()
         counters.into += len(records)
         for event in records:
@@ -278,12 +309,11 @@ def build(spec: PipelineSpec) -> None:
             if table is not None:
                 ctx.expire()
             if outcome.record is not None:
-                counters.out += 1
                 key = event.key
-                if spec.key_by is not None:
-                    value = outcome.record.get(spec.key_by)
-                    key = None if value is None else (value if isinstance(value, str) else orjson.dumps(value).decode()).encode()
-                outputs.append((event, OutgoingMessage(key, orjson.dumps(outcome.record))))
+                if key_by is not None:
+                    value = outcome.record.get(key_by)
+                    key = None if value is None else (value if value.__class__ is str else orjson.dumps(value).decode()).encode()
+                writer.add(event, key, orjson.dumps(outcome.record))
             elif outcome.dropped:
                 counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
             else:
@@ -293,8 +323,8 @@ def build(spec: PipelineSpec) -> None:
                                        message=outcome.failed or "", source_topic=source_name,
                                        pipeline=spec.name, step=outcome.step.label,
                                        partition=event.partition, offset=event.offset)
-        if outputs:
-            await emit(sink, sink_name, outputs)
+        counters.out += writer.count
+        await writer.flush()
         if table is not None:
             await ctx.flush()
 

@@ -62,6 +62,26 @@ def partition_for(key: bytes | None, num_partitions: int, fallback: int) -> int:
 _murmur2 = functools.lru_cache(maxsize=65_536)(murmur2)
 
 
+class KeyPartitioner:
+    """``partition_for`` of keyed messages for one partition count, remembered per key.
+
+    Why: an agent's sink partitions every output by key; a dict lookup costs ~40 ns
+    where the lru-cached murmur2 call costs ~200 ns. Bounded: cleared when it grows
+    past ``max_keys`` (a key space that large just recomputes)."""
+
+    def __init__(self, num_partitions: int, max_keys: int = 200_000) -> None:
+        self.num_partitions, self.max_keys = num_partitions, max_keys
+        self._known: dict[bytes, int] = {}
+
+    def __call__(self, key: bytes) -> int:
+        partition = self._known.get(key)
+        if partition is None:
+            if len(self._known) >= self.max_keys:
+                self._known.clear()
+            partition = self._known[key] = (murmur2(key) & 0x7FFFFFFF) % self.num_partitions
+        return partition
+
+
 async def ensure_topics(admin: AIOKafkaAdminClient, specs: Iterable[TopicSpec]) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
     new = [
@@ -160,6 +180,39 @@ class KafkaIO(Service):
             partitions = await self.partition_count(name) or settings.topic_partitions
             sends.append(self.send_batch(name, messages, partitions))
         await asyncio.gather(*sends)
+
+    async def send_partitioned(
+        self, topic: str, groups: dict[int, list[tuple[bytes | None, bytes | None]]]
+    ) -> dict[int, int]:
+        """Send (key, value) pairs already grouped by partition, pipelined, without
+        headers; return the offset of the last record stored in each partition.
+
+        The hot path of agents' sinks and changelogs: no per-message objects (building
+        an ``OutgoingMessage`` and a ``Delivered`` per record cost more than the send).
+        Returns only after the broker acknowledged all of them (acks=all)."""
+        assert self.producer is not None
+        producer = self.producer
+        pending: list[tuple[asyncio.Future, int]] = []
+        for partition, records in groups.items():
+            batch, count = producer.create_batch(), 0
+            for key, value in records:
+                if batch.append(key=key, value=value, timestamp=None, headers=[]) is None:
+                    if not count:
+                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                    pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=key, value=value, timestamp=None, headers=[]) is None:
+                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                count += 1
+            if count:
+                pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+        last: dict[int, int] = {}
+        metas = await asyncio.gather(*(fut for fut, _ in pending))
+        for meta, (_, count) in zip(metas, pending, strict=True):
+            end = meta.offset + count - 1
+            if end > last.get(meta.partition, -1):
+                last[meta.partition] = end
+        return last
 
     async def send_batch(
         self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int

@@ -48,7 +48,8 @@ class ReferenceStore(Service):
 
     def lookup(self, name: str, key: str) -> Mapping[str, Any] | None:
         """One row, or None."""
-        return self.rows.get(name, {}).get(key)
+        rows = self.rows.get(name)
+        return None if rows is None else rows.get(key)
 
     async def on_start(self) -> None:
         self._consumer = AIOKafkaConsumer(
