@@ -39,7 +39,6 @@ from app.kafka_io import KeyPartitioner, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
 from operators.steps import Step, StepTally, run_record
-from operators.transform import Seen
 from tables.reference import reference_store
 from tables.windows import RAW_SCHEMA, PartitionStore
 
@@ -78,15 +77,15 @@ class TableMemory:
     def __init__(self, ctx: LiveContext, step: Step) -> None:
         self.ctx, self.prefix = ctx, f"{step.index}|".encode()
 
-    def get(self, key: str) -> Seen | None:
-        value = self.ctx.read(self.prefix + key.encode())
-        return None if value is None else Seen(value[0], value[1])
+    def get(self, key: str) -> list | None:
+        """The stored ``[at, seq]`` of ``key`` (a Seen by position), or None."""
+        return self.ctx.read(self.prefix + key.encode())
 
-    def put(self, key: str, seen: Seen) -> None:
+    def put(self, key: str, at: float, seq: int) -> None:
         ctx = self.ctx
         k = self.prefix + key.encode()
-        ctx.write(k, [seen.at, seen.seq])
-        ctx.expiry_queue().append((seen.at, seen.seq, k))
+        ctx.write(k, [at, seq])
+        ctx.expiry_queue().append((at, seq, k))
 
 
 class LiveContext:

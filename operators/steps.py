@@ -47,11 +47,12 @@ class StepSpecError(ValueError):
 
 
 class DedupeMemory(Protocol):
-    """What deduplication remembers: key → when it was admitted."""
+    """What deduplication remembers: key → when it was admitted, as a ``Seen`` or the
+    ``[at, seq]`` pair it is stored as (read by position)."""
 
-    def get(self, key: str) -> Seen | None: ...
+    def get(self, key: str) -> Seen | Sequence[Any] | None: ...
 
-    def put(self, key: str, seen: Seen) -> None: ...
+    def put(self, key: str, at: float, seq: int) -> None: ...
 
 
 class StepContext(Protocol):
@@ -135,7 +136,7 @@ def parse_deduplicate(index: int, spec: Mapping[str, Any]) -> Step:
         memory = ctx.memory(index)
         if is_duplicate(memory.get(key), now, seq, horizon_seconds, horizon_count):
             return None, "duplicate"
-        memory.put(key, Seen(now, seq))
+        memory.put(key, now, seq)
         return record, None
 
     params = {"fields": fields, "horizon_seconds": horizon_seconds, "horizon_count": horizon_count, "time_field": time_field}
@@ -390,8 +391,8 @@ class _DictMemory:
     def get(self, key: str) -> Seen | None:
         return self.data.get(key)
 
-    def put(self, key: str, seen: Seen) -> None:
-        self.data[key] = seen
+    def put(self, key: str, at: float, seq: int) -> None:
+        self.data[key] = Seen(at, seq)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import functools
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -55,15 +55,16 @@ class Seen(NamedTuple):
     seq: int
 
 
-def is_duplicate(previous: Seen | None, now: float, seq: int,
+def is_duplicate(previous: Seen | Sequence[Any] | None, now: float, seq: int,
                  horizon_seconds: float | None, horizon_count: int | None) -> bool:
     """A record is a duplicate if its key was admitted within the horizon (time and/or
-    count of records since); with no horizon, forever."""
+    count of records since); with no horizon, forever. ``previous`` is a ``Seen`` or
+    the stored ``[at, seq]`` pair it was saved as."""
     if previous is None:
         return False
-    if horizon_seconds is not None and now - previous.at > horizon_seconds:
+    if horizon_seconds is not None and now - previous[0] > horizon_seconds:
         return False
-    if horizon_count is not None and seq - previous.seq > horizon_count:
+    if horizon_count is not None and seq - previous[1] > horizon_count:
         return False
     return True
 
