@@ -61,3 +61,4 @@ __all__ = ["app", "settings"]
 # Our CLI commands must be registered before Faust parses the command line, for
 # ``streametl`` and ``faust -A app`` alike; they import only ``app``.
 from app import commands as _commands  # noqa: E402,F401
+from app import gc_tuning as _gc_tuning  # noqa: E402,F401 - a start-up task

@@ -70,6 +70,10 @@ class Settings:
     # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
     # ms turns one produce request per table write into one per batch (pattern-detect).
     producer_linger: float = 0.005
+    # Garbage collector (app/gc_tuning.py): once the worker has started, its objects are
+    # frozen (never scanned again) and the youngest generation is collected only after
+    # this many new container objects (Python's default: 700). 0 keeps Python's defaults.
+    gc_gen0_threshold: int = 50_000
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False
@@ -108,6 +112,8 @@ class Settings:
 
     def validate(self) -> None:
         """Refuse settings that can only fail later, and say which one is wrong."""
+        if self.gc_gen0_threshold < 0:
+            raise SettingsError("gc_gen0_threshold must be 0 (Python's defaults) or a positive count")
         if self.processing_guarantee not in {"at_least_once", "exactly_once"}:
             raise SettingsError(
                 "processing_guarantee must be at_least_once or exactly_once, "
