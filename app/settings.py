@@ -70,10 +70,9 @@ class Settings:
     # Faust producer linger (seconds) for changelog/sink sends; 0 = Faust's default. A few
     # ms turns one produce request per table write into one per batch (pattern-detect).
     producer_linger: float = 0.005
-    # Garbage collector (app/gc_tuning.py): once the worker has started, its objects are
-    # frozen (never scanned again) and the youngest generation is collected only after
-    # this many new container objects (Python's default: 700). 0 keeps Python's defaults.
-    gc_gen0_threshold: int = 50_000
+    # Freeze the worker's start-up objects so garbage collections never walk them again
+    # (app/gc_tuning.py: full collections of the whole heap were the consume path's stalls).
+    gc_freeze: bool = True
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False
@@ -112,8 +111,6 @@ class Settings:
 
     def validate(self) -> None:
         """Refuse settings that can only fail later, and say which one is wrong."""
-        if self.gc_gen0_threshold < 0:
-            raise SettingsError("gc_gen0_threshold must be 0 (Python's defaults) or a positive count")
         if self.processing_guarantee not in {"at_least_once", "exactly_once"}:
             raise SettingsError(
                 "processing_guarantee must be at_least_once or exactly_once, "

@@ -1,23 +1,15 @@
-"""app/gc_tuning.py: freeze after start-up and a higher young-generation threshold."""
+"""app/gc_tuning.py: what start-up built is frozen, out of every collection's walk."""
 
 import gc
 
-from app.gc_tuning import tune_gc
+from app.gc_tuning import freeze_heap
 
 
-def test_tune_gc_freezes_and_raises_the_young_threshold():
-    before = gc.get_threshold()
+def test_freeze_heap_moves_live_objects_to_the_permanent_generation():
     try:
-        tune_gc(12_345)
-        assert gc.get_threshold() == (12_345, before[1], before[2])
-        assert gc.get_freeze_count() > 0
+        kept = [object() for _ in range(10)]
+        frozen = freeze_heap()
+        assert frozen == gc.get_freeze_count() > 0
+        assert kept
     finally:
         gc.unfreeze()
-        gc.set_threshold(*before)
-
-
-def test_zero_keeps_pythons_defaults():
-    before = gc.get_threshold()
-    tune_gc(0)
-    assert gc.get_threshold() == before
-    assert gc.get_freeze_count() == 0
