@@ -115,13 +115,20 @@ def _iso(seconds: float) -> str:
     ~3 µs; records of a stream share their seconds. The rounding is datetime's own:
     microseconds rounded half-even (carrying into the second), then cut to milliseconds.
     """
+    global _last_second
     frac, whole = math.modf(seconds)
     micros = round(frac * 1e6)
     if micros >= 1_000_000:
         whole, micros = whole + 1, micros - 1_000_000
     elif micros < 0:
         whole, micros = whole - 1, micros + 1_000_000
-    return f"{_iso_second(int(whole))}.{micros // 1000:03d}Z"
+    if whole != _last_second[0]:  # consecutive records mostly share their second
+        _last_second = (whole, _iso_second(int(whole)))
+    return f"{_last_second[1]}.{micros // 1000:03d}Z"
+
+
+#: (whole second, its text) of the last timestamp formatted.
+_last_second: tuple[float, str] = (math.nan, "")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -214,10 +221,21 @@ def _normalized_names(keys: tuple[str, ...], to_snake_case: bool) -> tuple[str, 
     return None if names == keys else names
 
 
+#: (field names, snake_case flag, their output names) of the last record normalized.
+_last_fields: tuple[tuple[str, ...], bool | None, tuple[str, ...] | None] = ((), None, None)
+
+
 def normalize(record: Mapping[str, Any], spec: NormalizeSpec) -> dict[str, Any]:
     """Field names to snake_case, strings trimmed, enum fields lower-cased, timestamps
     canonical, and the schema's types, defaults and required fields applied."""
-    names = _normalized_names(tuple(record), spec.snake_case)
+    global _last_fields
+    keys = tuple(record)
+    # Consecutive records of a stream mostly have the same fields in the same order:
+    # comparing with the last field list is cheaper than the cache's hashing.
+    last_keys, last_snake, names = _last_fields
+    if keys != last_keys or last_snake is not spec.snake_case:
+        names = _normalized_names(keys, spec.snake_case)
+        _last_fields = (keys, spec.snake_case, names)
     # ``__class__ is str``: JSON gives plain str; this runs for every field of every record.
     if names is None:
         if spec.trim:
