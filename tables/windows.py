@@ -24,9 +24,10 @@ import faust
 import orjson
 from faust.streams import _current_event
 from faust.types import TP
+from rocksdict import WriteBatch
 
 from app import app, settings
-from app.kafka_io import OutgoingMessage, kafka_io
+from app.kafka_io import kafka_io
 from app.pipelines import pipeline_windows
 from app.windows import WindowDef, load_window_defs
 
@@ -80,44 +81,49 @@ class PartitionStore:
         """Store many (event, key, JSON value): the flush of a write-back buffer.
 
         Under at_least_once the changelog records are sent as pipelined record batches,
-        one per partition (app.kafka_io's producer), and awaited *before* the local
-        RocksDB puts, then the changelog offset is recorded as Faust does: a crash
-        leaves either both or only the changelog (which recovery replays), never a
-        local write the changelog lacks. Faust's per-record changelog path costs several
-        times more per record. Under exactly_once every write goes through Faust, inside
-        the transaction.
+        one per partition (``kafka_io.send_partitioned``), and awaited *before* the local
+        RocksDB writes (one ``WriteBatch`` per partition), then the changelog offset is
+        recorded as Faust does: a crash leaves either both or only the changelog (which
+        recovery replays), never a local write the changelog lacks. Faust's per-record
+        changelog path costs several times more per record, and a RocksDB put per key
+        ~3 µs against ~0.7 µs in a batch. Under exactly_once every write goes through
+        Faust, inside the transaction.
         """
         if not items:
             return
-        encoded = [(ev, key, orjson.dumps(v, option=orjson.OPT_NON_STR_KEYS)) for ev, key, v in items]
+        dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
         if settings.processing_guarantee != "at_least_once" or not kafka_io.ready.is_set():
-            for ev, key, raw in encoded:
+            for ev, key, value in items:
                 with as_current(ev):
-                    self.table[key] = raw
+                    self.table[key] = dumps(value, option=option)
             return
-        topic = self.table.changelog_topic.get_topic_name()
         # Explicit partitions: a key's changelog record goes to the partition it is
         # stored in (the partition of the record that changed it).
-        delivered = await kafka_io.send_batch(
-            topic, [OutgoingMessage(key, raw, partition=ev.message.partition) for ev, key, raw in encoded],
-            settings.topic_partitions,
-        )
-        store = self.table.data
-        for ev, key, raw in encoded:
+        groups: dict[int, list[tuple[bytes, bytes]]] = {}
+        events: dict[int, Any] = {}
+        for ev, key, value in items:
             partition = ev.message.partition
+            group = groups.get(partition)
+            if group is None:
+                group = groups[partition] = []
+                events[partition] = ev
+            group.append((key, dumps(value, option=option)))
+        topic = self.table.changelog_topic.get_topic_name()
+        last = await kafka_io.send_partitioned(topic, groups)
+        for partition, records in groups.items():
             db = self._partition_db(partition)
             if db is None:
-                with as_current(ev):
-                    store[key] = raw
-            else:
-                # Faust's RocksDB ``Store._set`` minus the current-event lookup and its
-                # key→partition LRU (a hint for reads outside a stream, which then look
-                # in each partition's database instead).
-                db.put(key, raw)
-        last: dict[int, int] = {}
-        for d in delivered:
-            if d.offset > last.get(d.partition, -1):
-                last[d.partition] = d.offset
+                with as_current(events[partition]):
+                    for key, raw in records:
+                        self.table.data[key] = raw
+                continue
+            # Faust's RocksDB ``Store._set`` minus the current-event lookup and its
+            # key→partition LRU (a hint for reads outside a stream, which then look in
+            # each partition's database instead), one write for the whole batch.
+            batch = WriteBatch(raw_mode=True)
+            for key, raw in records:
+                batch.put(key, raw)
+            db.write(batch)
         for partition, offset in last.items():
             self.table.data.set_persisted_offset(TP(topic, partition), offset)
 
