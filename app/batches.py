@@ -31,6 +31,7 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +117,11 @@ class Batch:
 
 Handler = Callable[[Batch], Awaitable[None]]
 
+#: The source topic of the batch being handled in this context (None outside a
+#: handler). Under exactly_once, sends made while it is set must join the transaction
+#: of the input (``app.transport.TransactionManager``).
+PROCESSING_TOPIC: ContextVar[str | None] = ContextVar("streametl_processing_topic", default=None)
+
 
 @dataclass
 class BatchAgent:
@@ -168,12 +174,18 @@ def stream_fallback(app: Any, settings: Any, topic: Any, name: str, handler: Han
     """
     from app.transport import commit_guard
 
+    topic_name = topic.get_topic_name()
+
     async def run_batches(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
             # Outputs and acks of one batch in one section: no transaction commit can
             # hold outputs of events it does not ack (app/transport.py, CommitGuard).
             async with commit_guard.processing():
-                await handler(Batch([BatchRecord.from_message(e.message) for e in events]))
+                processing = PROCESSING_TOPIC.set(topic_name)  # sends join the input's transactions
+                try:
+                    await handler(Batch([BatchRecord.from_message(e.message) for e in events]))
+                finally:
+                    PROCESSING_TOPIC.reset(processing)
                 for event in events:
                     event.ack()
 
@@ -185,4 +197,4 @@ def for_topic(topic_name: str) -> list[BatchAgent] | None:
     return BATCH_AGENTS.get(topic_name)
 
 
-__all__ = ["BATCH_AGENTS", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]
+__all__ = ["BATCH_AGENTS", "PROCESSING_TOPIC", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]
