@@ -22,6 +22,9 @@ What changes (and only this):
   fetched batch instead of once per message (the value is the same for the batch).
 * Topics with batch agents (app/batches.py) get each fetch's records in one call
   (``deliver_batches``), acked once per partition (``ack_spans``).
+* A fetch that a rebalance overtook is dropped *and* followed by a seek to the committed
+  offsets (``seek_after_drop``); revoked partitions forget their uncommitted batch acks
+  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md).
 * Under exactly_once, :class:`TransactionManager` puts every output sent while input is
   processed into a transaction (Faust sent outputs to topics the consumer does not read
   outside any transaction; docs/delivery.md).
@@ -177,6 +180,24 @@ class FastConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await super().on_partitions_revoked(revoked)
+        self.forget_batches(revoked)
+
+    def forget_batches(self, revoked: Any) -> None:
+        """Drop the committable offsets of revoked partitions' acked batches.
+
+        Why: Faust does not commit on revocation; it forgets the revoked partitions'
+        acks (``_acked``) and the next owner starts from the committed offset. The batch
+        path's ``_batch_next`` must be forgotten too, and only after Faust's revoke
+        handler returned (it waits for a batch in flight, which acks on its way out).
+        A stale entry outlived the revocation (seen: ``{p2: 6123}`` kept while the new
+        generation restarted p2 at 5991) and would be committed when the partition comes
+        back, ahead of what that generation processed: under exactly_once the outputs
+        of those offsets were in the aborted transaction, so they would be lost."""
+        for tp in revoked:
+            self._batch_next.pop(tp, None)
+
     async def track_topic_metadata(self, topic: str) -> None:
         """Make the consumer's client fetch (and keep fetching) metadata for ``topic``,
         so ``key_partition`` can place records for it (see :class:`TransactionManager`)."""
@@ -209,7 +230,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         if records is None or self.should_stop:
             return None
         if generation_id != started_in:
-            return None  # a rebalance overtook this fetch; a seek follows it
+            # A rebalance overtook this fetch: its records are not delivered.
+            await self.seek_after_drop(records)
+            return None
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
             try:
@@ -222,6 +245,31 @@ class FastConsumer(faust_aiokafka.Consumer):
             # Once per partition per fetch (Faust: once per message; same value).
             track_end(tp, self.highwater(tp))
         return records, active_partitions, generation_id
+
+    async def seek_after_drop(self, records: dict[Any, list[Any]] | None) -> None:
+        """Seek back to the committed offsets after dropping fetched records that a
+        rebalance overtook.
+
+        Why (root cause of the graceful-leave loss, docs/delivery.md): aiokafka's
+        positions are already past the records a fetch returned. Faust's
+        ``_wait_next_records`` waits for flow to resume *before* it fetches, and flow
+        resumes after a rebalance just before Recovery seeks to the committed offsets.
+        So a fetch begun in the old generation can run, in the new one, after that
+        seek; dropping its records then left nothing to fetch them again: the
+        partition stalled, or, once later input was fetched and acked past the jump,
+        the dropped run was committed as processed (measured: offsets 7057-7405 of
+        every partition). Seeking to the committed offsets again is exact here: the
+        dropped fetch is the only one in flight, so nothing of the new generation was
+        delivered yet, and the old generation's progress was committed on revocation.
+        """
+        if not records or not any(records.values()):
+            return
+        self.log.info("Dropped a fetch a rebalance overtook (%s); seeking to committed offsets",
+                      {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
+        try:
+            await self.perform_seek()
+        except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
+            self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation
@@ -257,6 +305,9 @@ class FastConsumer(faust_aiokafka.Consumer):
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
         for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
+                if self.app.consumer_generation_id != generation_id:
+                    # The rest of this fetch is dropped: rewind (see seek_after_drop).
+                    await self.seek_after_drop({tp: rs for tp, rs in records.items() if tp.topic in BATCH_AGENTS})
                 return
             in_flight = InFlight()
             self._unacked_messages.add(in_flight)  # what a rebalance waits for (wait_empty)
@@ -340,13 +391,16 @@ class FastConsumer(faust_aiokafka.Consumer):
                     # Fetch (and parse, in the consumer thread) the next records while
                     # this batch is processed. Records of a fetch that a rebalance
                     # overtook are never delivered: ``fetch`` reports the generation it
-                    # started in, and a seek to the committed offsets follows a rebalance.
+                    # started in, and drops such a fetch and seeks to the committed
+                    # offsets (``seek_after_drop``).
                     prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                     await self.deliver_batches(records, active_partitions, generation_id)
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)
                 for tp, record in self.scheduler.iterate(records):
                     if not self._still_current(generation_id):
+                        if self.app.consumer_generation_id != generation_id:
+                            await self.seek_after_drop(records)  # the rest is dropped: rewind
                         break
                     if not (active_partitions is None or tp in active_partitions or tp in buffered):
                         continue
