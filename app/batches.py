@@ -18,7 +18,9 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 * Records are acked only after the handler returned: an offset is never committed before
   its record was processed (at-least-once). Under exactly_once the call and its acks form
   one ``commit_guard.processing()`` section, so a transaction commits outputs and the
-  offsets of the records that produced them together, or neither.
+  offsets of the records that produced them together, or neither; sends made in the
+  handler join the transaction of their partition number (``PROCESSING_TOPIC``,
+  ``app.transport.TransactionManager``; docs/delivery.md).
 * Rebalances wait for a running handler (``Consumer.wait_empty``), and no batch starts
   while flow is suspended or after the consumer generation changed.
 * A handler that raises crashes the worker without acking its batch (like Kafka Streams'
@@ -31,6 +33,7 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,15 +59,6 @@ class BatchRecord:
         self.value = record.value
         self.raw_headers = record.headers
 
-    @classmethod
-    def from_message(cls, message: Any) -> BatchRecord:
-        """The record of a Faust ``Message`` (its raw key/value bytes; seconds)."""
-        record = cls.__new__(cls)
-        record.tp, record.topic, record.partition = message.tp, message.topic, message.partition
-        record.offset, record.timestamp = message.offset, message.timestamp
-        record.key, record.value, record.raw_headers = message.key, message.value, message.headers
-        return record
-
     @property
     def message(self) -> BatchRecord:
         return self
@@ -86,14 +80,12 @@ class Batch:
     each): a handler that needs only the count (``len``) or one partition's raw
     aiokafka records (``parts``) pays nothing per record."""
 
-    __slots__ = ("parts", "_len", "_records")
+    __slots__ = ("parts", "_len")
 
-    def __init__(self, records: list[BatchRecord] | None = None) -> None:
+    def __init__(self) -> None:
         #: (partition, raw aiokafka records of it, in offset order)
         self.parts: list[tuple[TP, list[Any]]] = []
-        #: Records already wrapped (the exactly_once stream fallback), or None.
-        self._records = records
-        self._len = len(records) if records is not None else 0
+        self._len = 0
 
     def add(self, tp: TP, records: list[Any]) -> None:
         self.parts.append((tp, records))
@@ -103,9 +95,6 @@ class Batch:
         return self._len
 
     def __iter__(self) -> Iterator[BatchRecord]:
-        if self._records is not None:
-            yield from self._records
-            return
         for tp, records in self.parts:
             for record in records:
                 yield BatchRecord(tp, record)
@@ -115,6 +104,11 @@ class Batch:
 
 
 Handler = Callable[[Batch], Awaitable[None]]
+
+#: The source topic of the batch being handled in this context (None outside a
+#: handler). Under exactly_once, sends made while it is set must join the transaction
+#: of the input (``app.transport.TransactionManager``).
+PROCESSING_TOPIC: ContextVar[str | None] = ContextVar("streametl_processing_topic", default=None)
 
 
 @dataclass
@@ -138,11 +132,8 @@ def batch_agent(topic: Any, name: str) -> Callable[[Handler], Handler]:
     stream: a topic has batch agents or Faust agents, not both."""
 
     def register(handler: Handler) -> Handler:
-        from app import app, settings  # here: app.transport imports this module before app exists
+        from app import app  # here: app.transport imports this module before app exists
 
-        if settings.processing_guarantee == "exactly_once":
-            stream_fallback(app, settings, topic, name, handler)
-            return handler
         topic_name = topic.get_topic_name()
         agents = BATCH_AGENTS.setdefault(topic_name, [])
         if any(a.name == name for a in agents):
@@ -156,33 +147,9 @@ def batch_agent(topic: Any, name: str) -> Callable[[Handler], Handler]:
     return register
 
 
-def stream_fallback(app: Any, settings: Any, topic: Any, name: str, handler: Handler) -> None:
-    """Under exactly_once, run ``handler`` on Faust stream batches (``take_events``)
-    instead of the batch delivery path.
-
-    Why: with the batch path, tests/integration/test_exactly_once.py's kill -9 test
-    repeated one whole fetch (5,000 events) in the committed output in 3 of 3 runs; through
-    the stream it repeats at most the first few events in 1 of 3 (a known, documented
-    defect). Until the cause is found, exactly_once keeps the slower path that holds up
-    better. The handler sees the same ``Batch`` of ``BatchRecord`` objects either way.
-    """
-    from app.transport import commit_guard
-
-    async def run_batches(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within):
-            # Outputs and acks of one batch in one section: no transaction commit can
-            # hold outputs of events it does not ack (app/transport.py, CommitGuard).
-            async with commit_guard.processing():
-                await handler(Batch([BatchRecord.from_message(e.message) for e in events]))
-                for event in events:
-                    event.ack()
-
-    app.agent(topic, name=name)(run_batches)
-
-
 def for_topic(topic_name: str) -> list[BatchAgent] | None:
     """The batch agents reading ``topic_name``, if any."""
     return BATCH_AGENTS.get(topic_name)
 
 
-__all__ = ["BATCH_AGENTS", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]
+__all__ = ["BATCH_AGENTS", "PROCESSING_TOPIC", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]

@@ -22,9 +22,15 @@ What changes (and only this):
   fetched batch instead of once per message (the value is the same for the batch).
 * Topics with batch agents (app/batches.py) get each fetch's records in one call
   (``deliver_batches``), acked once per partition (``ack_spans``).
+* A fetch that a rebalance overtook is dropped *and* followed by a seek to the committed
+  offsets (``seek_after_drop``); revoked partitions forget their uncommitted batch acks
+  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md).
+* Under exactly_once, :class:`TransactionManager` puts every output sent while input is
+  processed into a transaction (Faust sent outputs to topics the consumer does not read
+  outside any transaction; docs/delivery.md).
 
 Everything else is Faust's: read offsets, gap tracking, acks, ``commit_every``,
-commits, rebalance listeners, transactions (exactly_once), the consumer thread.
+commits, rebalance listeners, transactional producers and commits, the consumer thread.
 
 Constraint this relies on: the delivery callback must not use ``asyncio.timeout`` or
 ``asyncio.current_task()`` across its first suspension point (its first step runs in
@@ -40,13 +46,15 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any
 
+from faust import current_event as faust_current_event
 from faust.transport.consumer import CONSUMER_FETCHING
+from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from app.batches import BATCH_AGENTS, Batch, for_topic
+from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, Batch, for_topic
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -172,6 +180,29 @@ class FastConsumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await super().on_partitions_revoked(revoked)
+        self.forget_batches(revoked)
+
+    def forget_batches(self, revoked: Any) -> None:
+        """Drop the committable offsets of revoked partitions' acked batches.
+
+        Why: Faust does not commit on revocation; it forgets the revoked partitions'
+        acks (``_acked``) and the next owner starts from the committed offset. The batch
+        path's ``_batch_next`` must be forgotten too, and only after Faust's revoke
+        handler returned (it waits for a batch in flight, which acks on its way out).
+        A stale entry outlived the revocation (seen: ``{p2: 6123}`` kept while the new
+        generation restarted p2 at 5991) and would be committed when the partition comes
+        back, ahead of what that generation processed: under exactly_once the outputs
+        of those offsets were in the aborted transaction, so they would be lost."""
+        for tp in revoked:
+            self._batch_next.pop(tp, None)
+
+    async def track_topic_metadata(self, topic: str) -> None:
+        """Make the consumer's client fetch (and keep fetching) metadata for ``topic``,
+        so ``key_partition`` can place records for it (see :class:`TransactionManager`)."""
+        await self._thread.track_topic_metadata(topic)
+
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Faust's commit; under exactly_once only between agents' processing sections."""
         if not self.app.in_transaction:
@@ -199,7 +230,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         if records is None or self.should_stop:
             return None
         if generation_id != started_in:
-            return None  # a rebalance overtook this fetch; a seek follows it
+            # A rebalance overtook this fetch: its records are not delivered.
+            await self.seek_after_drop(records)
+            return None
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
             try:
@@ -212,6 +245,31 @@ class FastConsumer(faust_aiokafka.Consumer):
             # Once per partition per fetch (Faust: once per message; same value).
             track_end(tp, self.highwater(tp))
         return records, active_partitions, generation_id
+
+    async def seek_after_drop(self, records: dict[Any, list[Any]] | None) -> None:
+        """Seek back to the committed offsets after dropping fetched records that a
+        rebalance overtook.
+
+        Why (root cause of the graceful-leave loss, docs/delivery.md): aiokafka's
+        positions are already past the records a fetch returned. Faust's
+        ``_wait_next_records`` waits for flow to resume *before* it fetches, and flow
+        resumes after a rebalance just before Recovery seeks to the committed offsets.
+        So a fetch begun in the old generation can run, in the new one, after that
+        seek; dropping its records then left nothing to fetch them again: the
+        partition stalled, or, once later input was fetched and acked past the jump,
+        the dropped run was committed as processed (measured: offsets 7057-7405 of
+        every partition). Seeking to the committed offsets again is exact here: the
+        dropped fetch is the only one in flight, so nothing of the new generation was
+        delivered yet, and the old generation's progress was committed on revocation.
+        """
+        if not records or not any(records.values()):
+            return
+        self.log.info("Dropped a fetch a rebalance overtook (%s); seeking to committed offsets",
+                      {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
+        try:
+            await self.perform_seek()
+        except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
+            self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation
@@ -247,9 +305,13 @@ class FastConsumer(faust_aiokafka.Consumer):
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
         for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
+                if self.app.consumer_generation_id != generation_id:
+                    # The rest of this fetch is dropped: rewind (see seek_after_drop).
+                    await self.seek_after_drop({tp: rs for tp, rs in records.items() if tp.topic in BATCH_AGENTS})
                 return
             in_flight = InFlight()
             self._unacked_messages.add(in_flight)  # what a rebalance waits for (wait_empty)
+            processing = PROCESSING_TOPIC.set(batch.parts[0][0].topic)  # sends join its transactions
             try:
                 async with commit_guard.processing():
                     for agent in agents:
@@ -262,6 +324,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                             raise
                     self.ack_spans(spans)
             finally:
+                PROCESSING_TOPIC.reset(processing)
                 in_flight.acked = True
                 self._unacked_messages.discard(in_flight)
                 notify(self._waiting_for_ack)
@@ -328,13 +391,16 @@ class FastConsumer(faust_aiokafka.Consumer):
                     # Fetch (and parse, in the consumer thread) the next records while
                     # this batch is processed. Records of a fetch that a rebalance
                     # overtook are never delivered: ``fetch`` reports the generation it
-                    # started in, and a seek to the committed offsets follows a rebalance.
+                    # started in, and drops such a fetch and seeks to the committed
+                    # offsets (``seek_after_drop``).
                     prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                     await self.deliver_batches(records, active_partitions, generation_id)
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)
                 for tp, record in self.scheduler.iterate(records):
                     if not self._still_current(generation_id):
+                        if self.app.consumer_generation_id != generation_id:
+                            await self.seek_after_drop(records)  # the rest is dropped: rewind
                         break
                     if not (active_partitions is None or tp in active_partitions or tp in buffered):
                         continue
@@ -409,11 +475,128 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read by start() (Fetcher)
         return consumer
 
+    async def track_topic_metadata(self, topic: str) -> None:
+        """Add ``topic`` to the metadata the aiokafka client tracks and wait for one
+        refresh (run in the consumer thread, which owns the client)."""
+
+        async def add() -> None:
+            client = self._ensure_consumer()._client
+            client.add_topic(topic)  # tracked from now on (until the subscription changes)
+            await client.force_metadata_update()
+
+        await self.call_thread(add)
+
+
+class TransactionalSendError(Exception):
+    """An exactly_once send, made while processing input, that cannot be placed in a
+    transaction (unknown partition or topic group)."""
+
+
+class TransactionManager(FaustTransactionManager):
+    """Faust's transaction manager without its silent non-transactional fallback.
+
+    Why (root cause of the exactly_once kill -9 repeats; evidence in docs/delivery.md):
+    Faust's ``TransactionManager.send`` picks the transactional producer
+    ``{app id}-{topic group}-{partition}`` only if ``consumer.key_partition(topic)`` is
+    not None, and that reads the *consumer's* metadata, which covers only the topics
+    the consumer subscribes to. For a sink topic (``passthrough.out``, a pipeline's
+    sink) it is None, and Faust then sends with ``transactional_id=None``, through the
+    plain producer, outside any transaction. (Had the metadata been there, Faust would
+    have failed instead: the assignor knows topic groups of source topics only.) So
+    every output of the agents went out non-transactionally: visible to
+    ``read_committed`` at once, not tied to the offsets committed in the transaction,
+    and written again after a kill -9 (measured: no transaction marker at all in the
+    output partitions; a whole 5,000-record fetch repeated on the batch path).
+
+    Here, a send made while input is processed (a batch agent's handler, a stream
+    agent's event) always joins a transaction:
+
+    * partition: the one given, else the key's partition once the consumer has
+      fetched metadata for the topic;
+    * topic group: the topic's own group if the assignor knows it (changelogs, source
+      topics), else the group of the source topic being processed. As in Faust, the
+      transaction is the one of *that partition number*, so an agent must send to the
+      partition number of its input record (the documented convention) for outputs and
+      offsets to commit together. An output partition this worker does not own has no
+      transaction to join: it is sent as before (plain producer), with a warning.
+
+    Sends outside any processing (e.g. an HTTP handler writing reference data) are not
+    tied to consumed offsets and keep Faust's plain send.
+    """
+
+    #: How long a send waits for a sink topic to appear in the consumer's metadata.
+    metadata_timeout: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._warned: set[tuple[str, int]] = set()  # output partitions warned about
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
+                   timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
+        source = processing_topic()
+        groups = self.app.assignor._topic_groups  # Faust's own map (group_for_topic raises KeyError)
+        group = groups.get(topic)
+        if group is None and source is not None:
+            group = groups.get(source)
+        if group is None:
+            if source is not None:
+                raise TransactionalSendError(
+                    f"no topic group for {topic!r} (source {source!r}): refusing to send outside a transaction")
+            # Not processing input: nothing to commit with it (Faust's plain send).
+            return await self.producer.send(topic, key, value, partition, timestamp, headers,
+                                            transactional_id=None)
+        if partition is not None:
+            p = partition
+        else:
+            p = self.consumer.key_partition(topic, key, None)
+            if p is None:
+                p = await self._partition_with_metadata(topic, key)
+        tid = f"{self.app.conf.id}-{group}-{p}"
+        if tid not in self.producer._transaction_producers:
+            # This worker does not own partition ``p`` of the source group (an output
+            # keyed to another partition, several workers): there is no transaction it
+            # could join. Faust would raise; before this class such sends silently went
+            # out non-transactionally, and they still do, but visibly (docs/delivery.md).
+            if (topic, p) not in self._warned:
+                self._warned.add((topic, p))
+                self.log.warning("exactly_once: %s[%s] is not a partition this worker owns; its "
+                                 "outputs are sent outside a transaction (at-least-once)", topic, p)
+            return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=None)
+        return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=tid)
+
+    async def _partition_with_metadata(self, topic: str, key: bytes | None) -> int:
+        """The key's partition of ``topic`` once the consumer's metadata knows the topic
+        (added to the metadata the consumer tracks, in the consumer's thread)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.metadata_timeout
+        while True:
+            await self.consumer.track_topic_metadata(topic)
+            p = self.consumer.key_partition(topic, key, None)
+            if p is not None:
+                return p
+            if loop.time() >= deadline:
+                raise TransactionalSendError(
+                    f"no metadata for topic {topic!r} after {self.metadata_timeout}s: refusing to "
+                    "send outside a transaction")
+            await asyncio.sleep(0.1)
+
+
+def processing_topic() -> str | None:
+    """The source topic whose input is being processed here, if any: a batch agent's
+    topic (``PROCESSING_TOPIC``) or the topic of Faust's current stream event."""
+    source = PROCESSING_TOPIC.get()
+    if source is not None:
+        return source
+    event = faust_current_event()
+    return event.message.topic if event is not None else None
+
 
 class Transport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport with :class:`FastConsumer` as its consumer."""
+    """Faust's aiokafka transport with :class:`FastConsumer` as its consumer and a
+    :class:`TransactionManager` that never sends outside a transaction."""
 
     Consumer = FastConsumer
+    TransactionManager = TransactionManager
 
 
 def install() -> None:
@@ -437,4 +620,5 @@ def broker_url(url: str, fast: bool = True) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "ResumeDelivery", "Transport", "broker_url", "install", "start_inline"]
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "ResumeDelivery", "TransactionManager",
+           "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pytest
-
 from tests.integration.test_delivery_semantics import (
     FORWARD,
     PARTITIONS,
@@ -52,12 +50,14 @@ def test_transactions_commit_output_and_offsets(workers, namespace):
     exactly_each_once(output, events)
     ends = run(end_offsets(topic))
     run(wait_for(lambda: _reached(app_id, topic, ends), timeout=60, what="offsets committed in transactions"))
+    # The outputs were written in transactions: each output partition holds commit
+    # markers besides its records (end offset > record count). Faust used to send them
+    # through the plain producer, with no marker at all (docs/delivery.md).
+    out_ends = run(end_offsets(f"{prefix}passthrough.out"))
+    per_partition = Counter(partition for _, partition, _ in output)
+    assert all(out_ends[p] > n for p, n in per_partition.items()), (out_ends, per_partition)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "1-2 of 4 runs: 1-3 of the very first events (offsets 0-1) repeated in the committed output "
-    "after kill -9; suspect Faust treating committed offset 0 as 'none' (perform_seek, "
-    "_new_offset). Without app/transport.py's commit guard: 86 repeats. docs/performance.md"))
 def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(workers, namespace):
     app_id, prefix = namespace
     topic = f"{prefix}passthrough"

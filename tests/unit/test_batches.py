@@ -46,6 +46,9 @@ class ConsumerHost:
     ack_spans = FastConsumer.ack_spans
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
+    seek_after_drop = FastConsumer.seek_after_drop
+    forget_batches = FastConsumer.forget_batches
+    fetch = FastConsumer.fetch
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -60,6 +63,11 @@ class ConsumerHost:
         self._waiting_for_ack = None
         self._batch_next: dict = {}
         self.log = logging.getLogger("test")
+        self.should_stop = False
+        self.seeks = 0  # perform_seek calls (seek to the committed offsets)
+
+    async def perform_seek(self) -> None:
+        self.seeks += 1
 
 
 @pytest.fixture
@@ -165,6 +173,33 @@ def test_nothing_is_delivered_after_a_rebalance_or_while_flow_is_suspended(agent
     host.flow_active = False
     asyncio.run(host.deliver_batches({tp: [record(0, 0)]}, None, 1))
     assert seen == [] and host._new_offset(tp) is None
+    # Dropped in a newer generation: aiokafka's position is past the records and the
+    # rebalance's own seek may already have run, so the consumer seeks again. While
+    # flow is suspended (same generation), the rebalance's seek is still to come.
+    assert host.seeks == 1
+
+
+def test_a_fetch_overtaken_by_a_rebalance_is_dropped_and_rewound():
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+
+    async def wait_next_records(timeout):
+        # Faust waits for flow to resume, then fetches: in the next generation, possibly
+        # after Recovery's seek to the committed offsets (the graceful-leave loss).
+        host.app.consumer_generation_id = 2
+        return {tp: [record(0, 7057)]}, {tp}
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host.seeks == 1
+
+    async def nothing(timeout):
+        host.app.consumer_generation_id = 3
+        return {}, {tp}
+
+    host._wait_next_records = nothing
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host.seeks == 1  # nothing was dropped: no seek
 
 
 def test_partitions_not_active_are_not_delivered(agent):
@@ -194,3 +229,20 @@ def test_every_batch_agent_of_a_topic_gets_the_batch_before_it_is_acked():
         assert host._new_offset(tp) == 2
     finally:
         BATCH_AGENTS.pop(TOPIC, None)
+
+
+def test_revoked_partitions_forget_their_uncommitted_batches(agent):
+    # Faust does not commit on revocation: the next owner restarts at the committed
+    # offset, so an acked-but-uncommitted batch must not be committed later (ahead of
+    # what the new generation processed).
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(100, 123)],
+                                      tp1: [record(1, 0)]}, None, 1))
+    host.forget_batches({tp0})
+    host._read_offset[tp0] = 91  # the seek to the committed offset, next generation
+    asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(91, 95)]}, None, 1))
+    assert host._new_offset(tp0) == 95  # not 123
+    assert host._new_offset(tp1) == 1

@@ -12,7 +12,16 @@ import asyncio
 import pytest
 from mode import Service
 
-from app.transport import SCHEME, FastConsumer, Transport, broker_url, install, start_inline
+from app.batches import PROCESSING_TOPIC
+from app.transport import (
+    SCHEME,
+    FastConsumer,
+    TransactionManager,
+    Transport,
+    broker_url,
+    install,
+    start_inline,
+)
 
 
 class DeliveryHost(Service):
@@ -187,3 +196,93 @@ def test_commit_guard_keeps_commits_between_processing_sections():
     # the commit waited for a; b waited for the commit; nothing interleaved
     assert log == ["a:start", "a:end", "commit", "commit:end", "b:start", "b:end"]
 
+
+
+class FakeTxnApp:
+    class conf:  # noqa: N801 - mirrors app.conf
+        id = "g"
+
+    class assignor:  # noqa: N801
+        _topic_groups = {"src": 1, "src-changelog": 1}
+
+
+class FakeTxnConsumer:
+    """Consumer metadata that learns a topic only once it is tracked (as aiokafka's)."""
+
+    def __init__(self, known=("src",)):
+        self.known = set(known)
+        self.tracked = []
+
+    def key_partition(self, topic, key, partition=None):
+        if topic not in self.known:
+            return None
+        return partition if partition is not None else 2
+
+    async def track_topic_metadata(self, topic):
+        self.tracked.append(topic)
+        self.known.add(topic)
+
+
+class FakeTxnProducer:
+    def __init__(self, owned=(0, 1, 2, 3)):
+        self._transaction_producers = {f"g-1-{p}": object() for p in owned}
+        self.sent = []
+
+    async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
+        self.sent.append((topic, partition, transactional_id))
+
+
+class TxnHost:
+    """Just what ``TransactionManager.send`` uses."""
+
+    send = TransactionManager.send
+    _partition_with_metadata = TransactionManager._partition_with_metadata
+    metadata_timeout = 1.0
+
+    def __init__(self, consumer=None, producer=None):
+        import logging
+
+        self.app = FakeTxnApp()
+        self.consumer = consumer or FakeTxnConsumer()
+        self.producer = producer or FakeTxnProducer()
+        self._warned = set()
+        self.log = logging.getLogger("test")
+
+
+def test_outputs_to_a_sink_the_consumer_does_not_read_join_the_input_transaction():
+    # Faust sent these with transactional_id=None (the consumer's metadata lacks the
+    # sink): visible to read_committed at once, repeated after a kill -9.
+    host = TxnHost()
+
+    async def main():
+        token = PROCESSING_TOPIC.set("src")
+        try:
+            await host.send("sink", b"k", b"v", 3, None, None)  # the input's partition number
+            await host.send("sink", b"k", b"v", None, None, None)  # keyed: needs metadata
+        finally:
+            PROCESSING_TOPIC.reset(token)
+
+    run(main())
+    assert host.producer.sent == [("sink", 3, "g-1-3"), ("sink", 2, "g-1-2")]
+    assert host.consumer.tracked == ["sink"]
+
+
+def test_sends_outside_processing_and_to_unowned_partitions_stay_plain():
+    host = TxnHost(producer=FakeTxnProducer(owned=(0,)))
+
+    async def main():
+        await host.send("sink", b"k", b"v", 0, None, None)  # e.g. an HTTP handler: no input
+        await host.send("src-changelog", b"k", b"v", 0, None, None)  # a known group
+        token = PROCESSING_TOPIC.set("src")
+        try:
+            await host.send("sink", b"k", b"v", 3, None, None)  # partition 3 not owned here
+        finally:
+            PROCESSING_TOPIC.reset(token)
+
+    run(main())
+    assert host.producer.sent == [("sink", 0, None), ("src-changelog", 0, "g-1-0"), ("sink", 3, None)]
+    assert host._warned == {("sink", 3)}
+
+
+def test_transport_uses_the_transaction_manager():
+    assert Transport.TransactionManager is TransactionManager
