@@ -120,9 +120,11 @@ def condition(text: Any, where: str) -> ops.Predicate:
     except ExprError as exc:
         raise PatternError(where, f"invalid condition: {exc}") from None
 
+    evaluate = expr.evaluate  # bound once: this runs for every pattern on every event
+
     def predicate(record: Mapping[str, Any]) -> bool:
         try:
-            return bool(expr.evaluate(record))
+            return bool(evaluate(record))
         except Exception:  # a condition that cannot be evaluated on this record is false
             return False
 
