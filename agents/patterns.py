@@ -66,7 +66,7 @@ def count_batch(records: int, alerts: int) -> None:
     stats["alerts"] += alerts
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One input to match: an event (or a timer tick) for one entity key."""
 
@@ -214,7 +214,10 @@ def match_items(items: list[Item]) -> tuple:
                 else:
                     new, matches = p.matcher.step(st, event, item.ts, item.event_id)
                 if new is not st:
-                    states[p.name] = {"f": fingerprint, "st": new}
+                    if st is not None:
+                        entry["st"] = new  # our own decoded (or cached) copy: no new dict
+                    else:
+                        states[p.name] = {"f": fingerprint, "st": new}
                 if matches:
                     partition = item.fevent.message.partition
                     for match in matches:

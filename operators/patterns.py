@@ -307,6 +307,39 @@ class SeqStep:
 BOUND_KEY = "match"
 
 
+class WithMatch(abc.Mapping):
+    """The event plus ``match`` (the bound events) as one read-only mapping, without
+    copying the event: a sequence evaluates its conditions on every event of a key
+    with a partial match, and a ``{**event, "match": ...}`` copy each time was most of
+    that cost. An event field named ``match`` is shadowed, as it was by the copy."""
+
+    __slots__ = ("_event", "_bound")
+
+    def __init__(self, event: Mapping[str, Any], bound: Mapping[str, Any]) -> None:
+        self._event = event
+        self._bound = bound
+
+    def __getitem__(self, key: str) -> Any:
+        if key == BOUND_KEY:
+            return self._bound
+        return self._event[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == BOUND_KEY:
+            return self._bound
+        return self._event.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == BOUND_KEY or key in self._event
+
+    def __iter__(self):
+        yield from (k for k in self._event if k != BOUND_KEY)
+        yield BOUND_KEY
+
+    def __len__(self) -> int:
+        return len(self._event) + (BOUND_KEY not in self._event)
+
+
 @dataclass
 class Sequence_(Matcher):
     """Steps A then B then C ... (relaxed contiguity: other events may come in between)
@@ -338,7 +371,7 @@ class Sequence_(Matcher):
     def _record(self, event, bound):
         if not self.bind_events or not bound:
             return event
-        return {**event, BOUND_KEY: bound}
+        return WithMatch(event, bound)
 
     def _next_positive(self, index: int) -> int | None:
         for i in range(index, len(self.steps)):
