@@ -16,6 +16,7 @@ the state and the offset commit are one transaction.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -30,7 +31,6 @@ from app.batches import Batch, batch_agent
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
-from app.models.patterns import Alert
 from app.patterns import Pattern, event_time
 from operators.patterns import Match
 from tables.patterns import (
@@ -38,18 +38,35 @@ from tables.patterns import (
     alerts_topic,
     catalog,
     clock,
-    in_partition_of,
-    pattern_counts,
-    pattern_state,
-    pattern_timers,
+    count_store,
     repartition_topic,
     source_topics,
+    state_cache,
+    state_store,
+    table_key_bytes,
+    timer_store,
 )
 
 log = logging.getLogger(__name__)
 
+#: This worker's engine counters (GET /api/v1/patterns "engine"): source records seen,
+#: batches handled, and the wall time of the first and last handled batch, so a
+#: benchmark can time the worker's own processing of a backlog.
+stats: dict[str, Any] = {"records": 0, "batches": 0, "alerts": 0,
+                         "first_batch_at": None, "last_batch_at": None}
 
-@dataclass
+
+def count_batch(records: int, alerts: int) -> None:
+    now = time.time()
+    if stats["first_batch_at"] is None:
+        stats["first_batch_at"] = now
+    stats["last_batch_at"] = now
+    stats["records"] += records
+    stats["batches"] += 1
+    stats["alerts"] += alerts
+
+
+@dataclass(slots=True)
 class Item:
     """One input to match: an event (or a timer tick) for one entity key."""
 
@@ -157,83 +174,151 @@ def parse_repartitioned(fe: Any) -> Item | None:
                 m.offset, body["e"], body["ts"], body["id"])
 
 
-async def apply_items(items: list[Item]) -> int:
-    """Run items through the matchers, one state read and write per key; returns the
-    number of alerts sent."""
+def match_items(items: list[Item]) -> tuple:
+    """The pure part of ``apply_items``: read each key's state once, match the batch's
+    items for it in memory; returns what to send and write."""
     patterns = catalog.patterns()
     by_key: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_key[item.table_key].append(item)
-    groups: dict[tuple[str, str], list[Pattern]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[tuple[Pattern, str]]] = defaultdict(list)
     for p in patterns.values():
-        groups[(p.key_by, p.source)].append(p)
-    counts: dict[tuple[str, int], tuple[Any, int]] = {}
-    sent = 0
+        groups[(p.key_by, p.source)].append((p, p.fingerprint))
+    counts: dict[tuple[str, int], list] = {}  # (pattern, partition) -> [record, n]
+    alerts: list[tuple[Any, bytes, bytes]] = []  # (record, key, value)
+    state_writes: list[tuple[Any, bytes, Any]] = []
+    timer_writes: list[tuple[Any, bytes, Any]] = []
+    cache = state_cache.entries
     for tkey, group in by_key.items():
         first = group[0]
-        active = groups.get((first.key_by, first.source), [])
-        # Faust reads (not only writes) a key from the RocksDB of the *current* event's
-        # partition; a batch mixes partitions, so point it at this key's partition first.
-        in_partition_of(first.fevent)
-        stored = pattern_state.get(tkey) or {}
-        offsets = dict(stored.get("o", {}))
-        states = {name: s for name, s in stored.get("s", {}).items()}
+        active = groups.get((first.key_by, first.source), ())
+        kbytes = table_key_bytes(tkey)
+        stored = cache.get((first.fevent.message.partition, kbytes))
+        if stored is None:
+            stored = state_store.read(first.fevent, kbytes) or {}
+        offsets = stored.get("o") or {}
+        states = stored.get("s") or {}
         changed = False
         for item in group:
-            if item.offset <= offsets.get(item.topic, -1):
+            topic = item.topic
+            if item.offset <= offsets.get(topic, -1):
                 continue  # applied before a crash; the offset commit did not make it
-            offsets[item.topic] = item.offset
+            offsets[topic] = item.offset
             changed = True
-            for p in active:
+            event = item.event
+            for p, fingerprint in active:
                 entry = states.get(p.name)
-                st = entry["st"] if entry and entry.get("f") == p.fingerprint else None
-                if item.event is None:
+                st = entry["st"] if entry is not None and entry.get("f") == fingerprint else None
+                if event is None:
                     new, matches = p.matcher.on_timer(st, item.ts)
                 else:
-                    new, matches = p.matcher.step(st, item.event, item.ts, item.event_id)
+                    new, matches = p.matcher.step(st, event, item.ts, item.event_id)
                 if new is not st:
-                    states[p.name] = {"f": p.fingerprint, "st": new}
-                for match in matches:
-                    await send_alert(p, item, match)
-                    sent += 1
-                    ck = (p.name, item.fevent.message.partition)
-                    counts[ck] = (item.fevent, counts.get(ck, (None, 0))[1] + 1)
+                    if st is not None:
+                        entry["st"] = new  # our own decoded (or cached) copy: no new dict
+                    else:
+                        states[p.name] = {"f": fingerprint, "st": new}
+                if matches:
+                    partition = item.fevent.message.partition
+                    for match in matches:
+                        alerts.append((item.fevent, item.key.encode(), alert_value(p, item, match)))
+                    ck = (p.name, partition)
+                    slot = counts.get(ck)
+                    if slot is None:
+                        counts[ck] = [item.fevent, len(matches)]
+                    else:
+                        slot[1] += len(matches)
         if not changed:
             continue
-        names = {p.name for p in active}
-        states = {n: s for n, s in states.items() if n in names}  # deleted patterns
-        due = [d for p in active if p.name in states
-               for d in [p.matcher.deadline(states[p.name]["st"])] if d is not None]
-        deadline = min(due) if due else None
-        in_partition_of(group[-1].fevent)
+        if len(states) > len(active):
+            names = {p.name for p, _ in active}
+            states = {n: s for n, s in states.items() if n in names}  # deleted patterns
+        deadline = None
+        for p, _ in active:
+            entry = states.get(p.name)
+            if entry is not None:
+                d = p.matcher.deadline(entry["st"])
+                if d is not None and (deadline is None or d < deadline):
+                    deadline = d
+        last = group[-1].fevent
         new_state: dict[str, Any] = {"o": offsets, "s": states}
         if deadline is not None:
             new_state["t"] = deadline
-        pattern_state[tkey] = new_state
+        state_writes.append((last, kbytes, new_state))
         # The state remembers its timer, so the timers table is touched only on change.
         if deadline != stored.get("t"):
             if deadline is None:
-                pattern_timers.pop(tkey, None)
+                timer_writes.append((last, kbytes, {}))
                 timer_index.entries.pop(tkey, None)
             else:
-                entry = {"d": deadline, "p": group[-1].fevent.message.partition,
+                entry = {"d": deadline, "p": last.message.partition,
                          "k": first.key_by, "v": first.key, "src": first.source}
-                pattern_timers[tkey] = entry
+                timer_writes.append((last, kbytes, entry))
                 timer_index.entries[tkey] = entry
-    for (name, partition), (fe, n) in counts.items():
-        in_partition_of(fe)
-        key = f"{name}|{partition}"
-        pattern_counts[key] = pattern_counts[key] + n
-    return sent
+    return alerts, state_writes, timer_writes, counts
 
 
-async def send_alert(p: Pattern, item: Item, match: Match) -> None:
-    alert = Alert(
-        alert_id=alert_id(p, item.table_key, match), pattern=p.name, kind=p.kind,
-        key_by=p.key_by, key=item.key, at=match.at, detected_at=time.time(),
-        evidence=match.evidence, detail=match.detail, source=p.source,
-    )
-    await alerts_topic.send(key=item.key.encode(), value=orjson.dumps(alert.to_json_dict()))
+async def apply_items(items: list[Item]) -> int:
+    """Run one batch's items through the matchers and return the number of alerts.
+
+    Each key's state is read once (the decoded-state cache, else its partition's
+    RocksDB directly), all of the batch's items for that key are matched in memory, and
+    each changed key is written once (RocksDB + one changelog record), all keys of the
+    batch in one pipelined send.
+
+    Order, so that a crash at any point loses nothing (at_least_once): the alerts,
+    timer entries and match counts are acknowledged by the broker *before* the state
+    that records the items as applied (the per-topic offsets in ``o``). A crash in
+    between replays the items: the alerts come again with the same ``alert_id``.
+    Under exactly_once everything goes through Faust inside the input's transaction.
+    """
+    state_cache.check(frozenset(app.consumer.assignment()))
+    try:
+        alerts, state_writes, timer_writes, counts = match_items(items)
+        count_writes = []
+        for (name, partition), (record, n) in counts.items():
+            key = table_key_bytes(f"{name}|{partition}")
+            count_writes.append((record, key, (count_store.read(record, key) or 0) + n))
+        # Outputs first (the broker has them when this returns), then the state that
+        # marks the items applied.
+        await asyncio.gather(send_alerts(alerts), timer_store.write_many(timer_writes),
+                             count_store.write_many(count_writes))
+        await state_store.write_many(state_writes)
+    except BaseException:
+        # The cached states may hold changes that were never written.
+        state_cache.clear()
+        raise
+    for record, key, value in state_writes:
+        state_cache.put(record.message.partition, key, value)
+    return len(alerts)
+
+
+def alert_value(p: Pattern, item: Item, match: Match) -> bytes:
+    """The JSON of one alert (the fields of ``app.models.patterns.Alert``), built as a
+    plain dict: a Faust Record per alert costs more than the whole match."""
+    return orjson.dumps({
+        "alert_id": alert_id(p, item.table_key, match), "pattern": p.name, "kind": p.kind,
+        "key_by": p.key_by, "key": item.key, "at": match.at, "detected_at": time.time(),
+        "evidence": match.evidence, "detail": match.detail, "source": p.source,
+    })
+
+
+async def send_alerts(alerts: list[tuple[Any, bytes, bytes]]) -> None:
+    """Send a batch's alerts, keyed by the entity key; returns once the broker has them.
+
+    at_least_once: one pipelined ``kafka_io.send_batch`` (record batches per partition).
+    exactly_once: through Faust's transactional producer, one send each, so the alerts
+    join the input partition's transaction (committed with its offsets, or not at all).
+    """
+    if not alerts:
+        return
+    if settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
+        await kafka_io.send_batch(alerts_topic.get_topic_name(),
+                                  [OutgoingMessage(key, value) for _, key, value in alerts],
+                                  settings.topic_partitions)
+        return
+    for _, key, value in alerts:
+        await alerts_topic.send(key=key, value=value)
 
 
 def make_source_agent(source: str, topic: Any) -> None:
@@ -243,8 +328,8 @@ def make_source_agent(source: str, topic: Any) -> None:
         # After a restart, runtime patterns must be known before any event is matched.
         await catalog.loaded.wait()
         local = await split_source_batch(source, list(records))
-        if local:
-            await apply_items(local)
+        sent = await apply_items(local) if local else 0
+        count_batch(len(records), sent)
 
     patterns_source.__name__ = patterns_source.__qualname__ = f"patterns_source_{source}"
     batch_agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
@@ -291,7 +376,8 @@ class TimerIndex:
     def refresh(self) -> None:
         assignment = frozenset(app.consumer.assignment())
         if assignment != self.assignment or time.monotonic() - self.built_at > self.REBUILD_EVERY:
-            self.entries = {k: v for k, v in pattern_timers.items() if v}
+            self.entries = {orjson.loads(k): v for k, v in timer_store.scan()
+                            if isinstance(v, dict) and v.get("d") is not None}
             self.assignment = assignment
             self.built_at = time.monotonic()
 

@@ -106,11 +106,15 @@ class Frequency(Matcher):
     def step(self, state, event, now, event_id=None):
         if not self.where(event):
             return state, []
-        history = list((state or {}).get("h", []))
-        history.append([now, event_id])
-        history.sort(key=lambda item: item[0])  # tolerate out-of-order arrival
+        old = state.get("h", ()) if state else ()
+        entry = [now, event_id]
+        if not old or old[-1][0] <= now:
+            history = [*old, entry]
+        else:  # tolerate out-of-order arrival
+            history = sorted([*old, entry], key=_first)
         newest = history[-1][0]
-        history = [h for h in history if newest - h[0] <= self.within]
+        if newest - history[0][0] > self.within:
+            history = [h for h in history if newest - h[0] <= self.within]
         if len(history) >= self.count:
             evidence = [_evidence(eid, ts) for ts, eid in history]
             return {"h": []}, [Match(now, evidence, {"count": len(history), "within": self.within})]
@@ -122,13 +126,32 @@ def least_squares_slope(points: abc.Sequence[tuple[float, float]]) -> float | No
     n = len(points)
     if n < 2:
         return None
-    mean_x = sum(p[0] for p in points) / n
-    mean_y = sum(p[1] for p in points) / n
-    sxx = sum((p[0] - mean_x) ** 2 for p in points)
+    sum_x = sum_y = 0.0
+    for x, y in points:
+        sum_x += x
+        sum_y += y
+    mean_x, mean_y = sum_x / n, sum_y / n
+    # Centered sums (two passes): x may be epoch seconds, where the one-pass
+    # n*sxy - sx*sy form loses every significant digit.
+    sxx = sxy = 0.0
+    for x, y in points:
+        dx = x - mean_x
+        sxx += dx * dx
+        sxy += dx * (y - mean_y)
     if sxx == 0:
         return None
-    sxy = sum((p[0] - mean_x) * (p[1] - mean_y) for p in points)
     return sxy / sxx
+
+
+def _slope_per_point(values: abc.Sequence[float]) -> float:
+    """Least-squares slope of values at x = 0, 1, 2 ... (n >= 2): the x sums are known."""
+    n = len(values)
+    mean_x = (n - 1) / 2
+    mean_y = sum(values) / n
+    sxy = 0.0
+    for i, y in enumerate(values):
+        sxy += (i - mean_x) * (y - mean_y)
+    return sxy / (n * (n * n - 1) / 12)
 
 
 @dataclass
@@ -152,22 +175,29 @@ class Trend(Matcher):
 
     def step(self, state, event, now, event_id=None):
         value = _number(event.get(self.field))
-        if value is None or not self.where(event):
+        if value is None or (self.where is not always and not self.where(event)):
             return state, []
-        pts = list((state or {}).get("p", []))
-        pts.append([now, value, event_id])
-        pts.sort(key=lambda p: p[0])  # "last N" by event time, whatever the arrival order
+        old = state.get("p", ()) if state else ()
+        point = [now, value, event_id]
+        if not old or old[-1][0] <= now:
+            pts = [*old, point]
+        else:  # out of order: "last N" is by event time, whatever the arrival order
+            pts = sorted([*old, point], key=_first)
         if self.points is not None:
-            pts = pts[-self.points:]
+            if len(pts) > self.points:
+                pts = pts[-self.points:]
             ready = len(pts) >= self.points
         else:
             assert self.within is not None
-            pts = [p for p in pts if now - p[0] <= self.within]
+            if now - pts[0][0] > self.within:
+                pts = [p for p in pts if now - p[0] <= self.within]
             ready = len(pts) >= self.min_points
         if not ready:
             return {"p": pts}, []
-        xy = [((p[0] if self.per == "second" else i), p[1]) for i, p in enumerate(pts)]
-        slope = least_squares_slope(xy)
+        if self.per == "second":
+            slope = least_squares_slope([(p[0], p[1]) for p in pts])
+        else:
+            slope = _slope_per_point([p[1] for p in pts])
         if slope is None:
             return {"p": pts}, []
         hit = slope >= self.min_slope if self.direction == "rising" else slope <= -self.min_slope
@@ -176,6 +206,10 @@ class Trend(Matcher):
         evidence = [_evidence(eid, ts, value=v) for ts, v, eid in pts]
         return {"p": []}, [Match(now, evidence, {"slope": slope, "direction": self.direction,
                                                  "points": len(pts)})]
+
+
+def _first(item: abc.Sequence[Any]) -> Any:
+    return item[0]
 
 
 def mean_std(values: abc.Sequence[float]) -> tuple[float, float]:
@@ -273,6 +307,39 @@ class SeqStep:
 BOUND_KEY = "match"
 
 
+class WithMatch(abc.Mapping):
+    """The event plus ``match`` (the bound events) as one read-only mapping, without
+    copying the event: a sequence evaluates its conditions on every event of a key
+    with a partial match, and a ``{**event, "match": ...}`` copy each time was most of
+    that cost. An event field named ``match`` is shadowed, as it was by the copy."""
+
+    __slots__ = ("_event", "_bound")
+
+    def __init__(self, event: Mapping[str, Any], bound: Mapping[str, Any]) -> None:
+        self._event = event
+        self._bound = bound
+
+    def __getitem__(self, key: str) -> Any:
+        if key == BOUND_KEY:
+            return self._bound
+        return self._event[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == BOUND_KEY:
+            return self._bound
+        return self._event.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key == BOUND_KEY or key in self._event
+
+    def __iter__(self):
+        yield from (k for k in self._event if k != BOUND_KEY)
+        yield BOUND_KEY
+
+    def __len__(self) -> int:
+        return len(self._event) + (BOUND_KEY not in self._event)
+
+
 @dataclass
 class Sequence_(Matcher):
     """Steps A then B then C ... (relaxed contiguity: other events may come in between)
@@ -289,6 +356,12 @@ class Sequence_(Matcher):
     steps: list[SeqStep]
     within: float
     bind_events: bool = True
+    #: Which fields of each step's event later conditions read (``match.<step>.<field>``):
+    #: step name -> field names, or None for the whole event. A step not in the map is
+    #: not bound at all. ``None`` (the default) binds every step's whole event. Why:
+    #: the bound events live in the key's state, which is decoded, re-encoded and
+    #: written to RocksDB and the changelog on every batch; a whole event is most of it.
+    bind_fields: dict[str, tuple[str, ...] | None] | None = None
     kind = "sequence"
 
     def __post_init__(self) -> None:
@@ -298,7 +371,7 @@ class Sequence_(Matcher):
     def _record(self, event, bound):
         if not self.bind_events or not bound:
             return event
-        return {**event, BOUND_KEY: bound}
+        return WithMatch(event, bound)
 
     def _next_positive(self, index: int) -> int | None:
         for i in range(index, len(self.steps)):
@@ -373,7 +446,15 @@ class Sequence_(Matcher):
         step = self.steps[index]
         count = (p["c"] if p["i"] == index else 0) + 1
         ev = [*p["ev"], _evidence(event_id, now, step=step.name)]
-        bound = {**p["b"], step.name: dict(event)} if self.bind_events else p["b"]
+        bound = p["b"]
+        if self.bind_events:
+            fields = self.bind_fields
+            if fields is None:
+                bound = {**bound, step.name: dict(event)}
+            elif step.name in fields:
+                wanted = fields[step.name]
+                kept = dict(event) if wanted is None else {f: event[f] for f in wanted if f in event}
+                bound = {**bound, step.name: kept}
         new = {"s": p["s"], "i": index, "c": count, "ev": ev, "b": bound}
         if count < step.times:
             return new

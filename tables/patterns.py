@@ -7,7 +7,9 @@ Tables (RocksDB + changelog, so a kill -9 loses nothing that was committed):
   pattern keyed by that field, plus the last applied offset per input topic (so a
   redelivered record is not applied twice);
 * ``pattern-timers``: entity keys that have a pending timer (absence, trailing
-  not-followed-by), with the due event time and the partition that owns them;
+  not-followed-by), with the due event time and the partition that owns them; a
+  cleared timer is stored as ``{}`` (no ``d``), not deleted, so every write of this
+  table goes through the same batched, ordered path;
 * ``pattern-counts``: matches per (pattern, partition).
 
 The catalog (runtime definitions and global match counts) is a hand-made global
@@ -20,15 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
-import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from faust.streams import _current_event
 from mode import Service
 
 from app import app, settings
@@ -41,6 +41,7 @@ from app.patterns import (
     parse_definition,
 )
 from app.topics import declare
+from tables.windows import RAW_SCHEMA, PartitionStore
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +54,75 @@ repartition_topic = declare("patterns-repartition")
 definitions_topic = declare("pattern-definitions", compacted=True)
 source_topics = {name: declare(name) for name in ENGINE.sources}
 
-#: Keys are strings, values plain JSON (the matchers' state is JSON by contract).
-JSON_SCHEMA = faust.Schema(key_serializer="json", value_serializer="json")
-
-pattern_state = app.Table(
-    "pattern-state", default=None, partitions=settings.topic_partitions,
-    schema=JSON_SCHEMA,
-)
-pattern_timers = app.Table(
-    "pattern-timers", default=None, partitions=settings.topic_partitions,
-    schema=JSON_SCHEMA,
-)
-pattern_counts = app.Table(
-    "pattern-counts", default=int, partitions=settings.topic_partitions,
-    schema=JSON_SCHEMA,
-)
+#: Keys and values are bytes this module encodes itself with orjson (RAW_SCHEMA), read
+#: and written through ``PartitionStore`` (the partition's RocksDB directly, changelog
+#: records as one pipelined send per batch), not through Faust's per-record table API.
+#: The bytes are the JSON Faust's json serializer wrote before (keys are JSON strings,
+#: ``"user_id=u1"``), so existing changelogs recover unchanged.
+def _table(name: str) -> Any:
+    return app.Table(name, default=None, partitions=settings.topic_partitions,
+                     key_type=bytes, value_type=bytes, schema=RAW_SCHEMA)
 
 
-def in_partition_of(event: Any) -> None:
-    """Make ``event`` the current event, so the next table read or write uses its
-    partition.
+pattern_state = _table("pattern-state")
+pattern_timers = _table("pattern-timers")
+pattern_counts = _table("pattern-counts")
 
-    A batch from ``take_events`` mixes partitions, and Faust routes a table write (the
-    RocksDB file and the changelog partition) by the *current* event; without this
-    the state of a key could be read from (and written to) another key's partition:
-    a lost partial match, or state that comes back on the wrong worker after a restart.
+state_store = PartitionStore(pattern_state)
+timer_store = PartitionStore(pattern_timers)
+count_store = PartitionStore(pattern_counts)
+
+
+def table_key_bytes(key: str) -> bytes:
+    """The stored form of a table key: its JSON string."""
+    return orjson.dumps(key)
+
+
+class StateCache:
+    """The decoded ``pattern-state`` values of recently matched keys, by (partition, key).
+
+    Why: with many keys nearly every event is a distinct key in its batch, and reading a
+    state back (RocksDB get + JSON decode, ~10 µs) cost as much as matching it. This
+    worker is the only writer of the partitions it owns, so what it last wrote is what
+    RocksDB holds, *while it keeps owning them*: the cache is dropped whenever
+    partitions are revoked or assigned (Faust's signals, and a per-batch check of the
+    assignment in case a signal is missed), and by a handler that fails half-way.
+    ``STREAMETL_PATTERN_STATE_CACHE`` keys at most (0 = off); when full it starts over.
     """
-    _current_event.set(weakref.ref(event))
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: dict[tuple[int, bytes], Any] = {}
+        self.assignment: frozenset | None = None
+
+    def check(self, assignment: frozenset) -> None:
+        if assignment != self.assignment:
+            self.entries.clear()
+            self.assignment = assignment
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.assignment = None
+
+    def put(self, partition: int, key: bytes, value: Any) -> None:
+        if self.limit <= 0:
+            return
+        if len(self.entries) >= self.limit:
+            self.entries.clear()
+        self.entries[(partition, key)] = value
+
+
+state_cache = StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")))
+
+
+@app.on_partitions_revoked.connect
+async def _drop_state_cache_on_revoke(sender: Any, *args: Any, **kwargs: Any) -> None:
+    state_cache.clear()
+
+
+@app.on_partitions_assigned.connect
+async def _drop_state_cache_on_assign(sender: Any, *args: Any, **kwargs: Any) -> None:
+    state_cache.clear()
 
 
 class EventClock:
@@ -216,6 +259,6 @@ app.service(catalog)
 
 __all__ = [
     "CONFIG_PATTERNS", "ENGINE", "EventClock", "PatternCatalog", "alerts_topic", "catalog", "clock",
-    "definitions_topic", "in_partition_of", "pattern_counts", "pattern_state", "pattern_timers",
-    "repartition_topic", "source_topics",
+    "count_store", "definitions_topic", "pattern_counts", "pattern_state", "pattern_timers",
+    "repartition_topic", "source_topics", "state_cache", "state_store", "table_key_bytes", "timer_store",
 ]

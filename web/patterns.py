@@ -54,7 +54,9 @@ class Patterns(ApiView):
 
     async def get(self, request: Any) -> Any:
         patterns = sorted(catalog.patterns().values(), key=lambda p: p.name)
-        return self.reply({"patterns": [describe(p) for p in patterns]})
+        from agents.patterns import stats  # the agents module imports the app: late
+
+        return self.reply({"patterns": [describe(p) for p in patterns], "engine": dict(stats)})
 
 
 @endpoint("/api/v1/patterns/{name}", "Delete a runtime pattern")

@@ -377,3 +377,57 @@ def test_pattern_conditions(text, record, expected):
 def test_conditions_refuse_anything_but_plain_expressions(text):
     with pytest.raises(PatternError):
         condition(text, "where")
+
+
+# cost-driven changes must not change results -------------------------------------------
+
+
+def test_out_of_order_points_are_kept_in_event_time_order():
+    freq = Frequency(field_is("a", "x"), count=3, within=10)
+    _, found = feed(freq, [ev(5, a="x"), ev(3, a="x"), ev(20, a="x"), ev(14, a="x"), ev(12, a="x")])
+    # 20, 14 (late), 12 (late): all within 10 s of the newest (20) -> one match
+    assert [[e["ts"] for e in m.evidence] for m in found] == [[12, 14, 20]]
+    trend = Trend(field="v", direction="rising", min_slope=0.5, points=3, per="point")
+    state, found = feed(trend, [ev(2, v=5), ev(1, v=1), ev(3, v=9)])
+    assert [e["ts"] for e in found[0].evidence] == [1, 2, 3]
+    assert found[0].detail["slope"] == pytest.approx(4.0)
+
+
+def test_per_point_slope_equals_the_general_least_squares():
+    from operators.patterns import _slope_per_point
+
+    values = [3.0, 7.5, 2.0, 11.0, 4.25, 9.0]
+    expected = least_squares_slope(list(enumerate(values)))
+    assert _slope_per_point(values) == pytest.approx(expected)
+    # epoch-second x values: the centered sums keep their precision
+    base = 1_795_750_000.0
+    assert least_squares_slope([(base + i, 2.0 * i) for i in range(5)]) == pytest.approx(2.0)
+
+
+def test_sequences_bind_only_the_fields_later_steps_read():
+    from app.patterns import EngineConfig, bound_fields, parse_definition
+
+    steps = [{"name": "fail", "where": "action == 'login'", "times": 2},
+             {"name": "buy", "where": "action == 'buy' and country != match.fail.country "
+                                      "and exists(match.fail.card.id)"}]
+    assert bound_fields(steps, ["fail", "buy"]) == {"fail": ("card", "country")}
+    assert bound_fields([steps[0], {"name": "b", "where": "match.fail != null"}], ["fail", "b"]) == {"fail": None}
+    assert bound_fields([steps[0], {"name": "b", "where": "exists(match)"}], ["fail", "b"]) == \
+        {"fail": None, "b": None}
+    assert bound_fields([steps[0]], ["fail"]) == {}
+
+    lean = parse_definition({"name": "s", "type": "sequence", "key_by": "u", "within": 60,
+                             "steps": steps}, EngineConfig()).matcher
+    full = Sequence(lean.steps, lean.within)  # binds whole events
+    events = [ev(1, a="1", action="login", country="DE", card={"id": 7}, page="/x" * 50),
+              ev(2, a="2", action="login", country="DE", card={"id": 7}),
+              ev(3, a="3", action="buy", country="DE"),
+              ev(4, a="4", action="buy", country="FR")]
+    lean_state, lean_found = feed(lean, events[:2])
+    full_state, _ = feed(full, events[:2])
+    assert len(json.dumps(lean_state)) < len(json.dumps(full_state))
+    assert lean_state["p"][0]["b"] == {"fail": {"country": "DE", "card": {"id": 7}}}
+    _, lean_found = feed(lean, events)
+    _, full_found = feed(full, events)
+    assert [m.evidence for m in lean_found] == [m.evidence for m in full_found]
+    assert [e["event_id"] for e in lean_found[0].evidence] == ["e1", "e2", "e4"]

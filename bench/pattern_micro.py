@@ -1,0 +1,112 @@
+"""CPU per event of the pattern engine's handler without Kafka (no broker needed).
+
+Runs the bench's pattern-detect events through ``split_source_batch`` + ``match_items``
+in batches of 5,000, with a dict standing in for RocksDB (get + JSON decode on a cache
+miss, JSON encode per written state, as ``PartitionStore`` does), and prints
+``time.process_time`` per event. Also the five matchers alone.
+
+    .venv/bin/python -m bench.pattern_micro [EVENTS] [--no-cache] [--gc-threshold] [--no-gc] [--profile]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sys
+import tempfile
+import time
+
+import orjson
+import yaml
+
+from bench.events import make_payloads
+from bench.scenarios.pattern_detect import PATTERNS
+
+
+class Record:
+    """The fields of a BatchRecord the pattern agent reads."""
+
+    __slots__ = ("topic", "partition", "offset", "key", "value", "__weakref__")
+
+    def __init__(self, topic: str, partition: int, offset: int, key: bytes, value: bytes) -> None:
+        self.topic, self.partition, self.offset, self.key, self.value = topic, partition, offset, key, value
+
+    @property
+    def message(self) -> Record:
+        return self
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    n = int(next((a for a in args if a.isdigit()), 100_000))
+    config = os.path.join(tempfile.mkdtemp(), "patterns.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({"patterns": {"sources": ["events"], "source_key": "user_id",
+                                     "definitions": PATTERNS}}, f)
+    os.environ["STREAMETL_PIPELINES_FILE"] = config
+    os.environ["STREAMETL_DATA_DIR"] = tempfile.mkdtemp()
+    if "--no-cache" in args:
+        os.environ["STREAMETL_PATTERN_STATE_CACHE"] = "0"
+    import agents.patterns as engine  # after the environment: the app reads it at import
+    from app.kafka_io import partition_for
+
+    store: dict[bytes, bytes] = {}
+    engine.state_store.read = lambda _record, key: orjson.loads(store[key]) if key in store else None
+    engine.state_cache.assignment = frozenset()
+    engine.catalog.loaded.set()
+
+    events = make_payloads(n, 10_000)
+    base = time.time() - 100
+    offsets = [0, 0, 0, 0]
+    records = []
+    for i, e in enumerate(events):
+        e["ts"] = base + i / 20_000
+        p = partition_for(e["user_id"].encode(), 4, 0)
+        records.append(Record("events", p, offsets[p], e["user_id"].encode(), orjson.dumps(e)))
+        offsets[p] += 1
+
+    async def run() -> int:
+        alerts_total = 0
+        for i in range(0, n, 5000):
+            local = await engine.split_source_batch("events", records[i:i + 5000])
+            alerts, state_writes, _timers, _counts = engine.match_items(local)
+            for record, key, value in state_writes:
+                store[key] = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+                engine.state_cache.put(record.message.partition, key, value)
+            alerts_total += len(alerts)
+        return alerts_total
+
+    if "--gc-threshold" in args:
+        gc.set_threshold(50_000, 20, 100)
+    if "--no-gc" in args:
+        gc.disable()
+    if "--profile" in args:
+        import cProfile
+        import pstats
+
+        cProfile.runctx("asyncio.run(run())", globals(), locals(), "/tmp/pattern_micro.prof")
+        pstats.Stats("/tmp/pattern_micro.prof").sort_stats("tottime").print_stats(25)
+        return
+    t0 = time.process_time()
+    found = asyncio.run(run())
+    spent = time.process_time() - t0
+    print(f"handler: {spent / n * 1e6:.1f} CPU-µs per event ({n} events, {found} alerts)")
+
+    from app.patterns import EngineConfig, parse_definition
+
+    total = 0.0
+    for p in (parse_definition(d, EngineConfig()) for d in PATTERNS):
+        states: dict[str, object] = {}
+        t0 = time.process_time()
+        for e in events:
+            k = e["user_id"]
+            states[k], _ = p.matcher.step(states.get(k), e, e["ts"], e["event_id"])
+        spent = time.process_time() - t0
+        total += spent
+        print(f"  {p.name:24s} {spent / n * 1e6:6.2f} µs per event")
+    print(f"matchers alone: {total / n * 1e6:.1f} µs per event")
+
+
+if __name__ == "__main__":
+    main()
