@@ -125,6 +125,11 @@ class CommitGuard:
         self._committing = 0
         self._idle: asyncio.Event | None = None
         self._open: asyncio.Event | None = None
+        #: Called (awaited, in order) before every offset commit, between processing
+        #: sections: state kept in memory across batches (the window agents' write-back
+        #: buffers) is made durable here, like Kafka Streams flushing its record caches
+        #: at commit. A hook that raises stops the commit: its offsets stay uncommitted.
+        self.before_commit: list[Callable[[], Awaitable[None]]] = []
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         # Created lazily: the worker's event loop does not exist at import time.
@@ -204,10 +209,15 @@ class FastConsumer(faust_aiokafka.Consumer):
         await self._thread.track_topic_metadata(topic)
 
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
-        """Faust's commit; under exactly_once only between agents' processing sections."""
-        if not self.app.in_transaction:
+        """Faust's commit; under exactly_once, or when ``before_commit`` hooks exist, only
+        between agents' processing sections (so the offsets it commits are those of
+        batches whose state the hooks just flushed)."""
+        hooks = commit_guard.before_commit
+        if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
         async with commit_guard.committing():
+            for hook in hooks:
+                await hook()
             return await super().commit(topics, start_new_transaction=start_new_transaction)
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
