@@ -258,6 +258,9 @@ class AggSpec:
     params: Mapping[str, Any] = dc_field(default_factory=dict)
 
 
+_MISSING = object()
+
+
 class AggregateSet:
     """Several named aggregations computed together over one window's records."""
 
@@ -275,10 +278,36 @@ class AggregateSet:
                 raise AggregationError("invalid_spec", f"aggregation {s.name!r} ({s.kind}) needs a field")
             self.aggs.append(agg)
         self._items = list(zip(self.specs, self.aggs, strict=True))
+        # Hot-path tables (one lookup per aggregation per record, no attribute walks).
+        self._adders = tuple((s.name, a.add) for s, a in self._items)
+        self._inits = tuple((s.name, a.init) for s, a in self._items)
+        self._results = tuple((s.name, a.result) for s, a in self._items)
+        #: (name, top-level field or None, numeric) when every field is a plain name
+        #: (no dots): ``extract`` then reads it with one dict lookup.
+        self._plain = (
+            tuple((s.name, s.field or None, a.numeric) for s, a in self._items)
+            if all(not s.field or "." not in s.field for s in self.specs) else None
+        )
 
     def extract(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The input value of each aggregation from one record; AggregationError if
         a field is missing or a numeric aggregation gets a non-number."""
+        plain = self._plain
+        if plain is not None and type(record) is dict:
+            fast: dict[str, Any] = {}
+            for name, fld, numeric in plain:
+                if fld is None:
+                    fast[name] = None
+                    continue
+                v = record.get(fld, _MISSING)
+                # Exact types: bool (an int subclass), NaN/inf and missing fields take
+                # the checked path below, which raises the precise error.
+                if v is _MISSING or (numeric and not (
+                        type(v) is int or (type(v) is float and v - v == 0))):
+                    break
+                fast[name] = v
+            else:
+                return fast
         values: dict[str, Any] = {}
         for spec, agg in self._items:
             if not spec.field:
@@ -300,12 +329,12 @@ class AggregateSet:
 
     def init(self) -> dict[str, Any]:
         """The empty state of every aggregation."""
-        return {spec.name: agg.init() for spec, agg in self._items}
+        return {name: init() for name, init in self._inits}
 
     def add(self, state: dict[str, Any], values: Mapping[str, Any], ts: int) -> dict[str, Any]:
         """Add one record's extracted values (from ``extract``) to ``state`` in place."""
-        for spec, agg in self._items:
-            state[spec.name] = agg.add(state[spec.name], values[spec.name], ts)
+        for name, add in self._adders:
+            state[name] = add(state[name], values[name], ts)
         return state
 
     def merge(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +343,7 @@ class AggregateSet:
 
     def result(self, state: Mapping[str, Any]) -> dict[str, Any]:
         """The output value of every aggregation."""
-        return {spec.name: agg.result(state[spec.name]) for spec, agg in self._items}
+        return {name: result(state[name]) for name, result in self._results}
 
 
 def parse_agg_specs(raw: Any) -> list[AggSpec]:

@@ -1,10 +1,10 @@
-"""A per-key write-back cache for window state, flushed once per batch.
+"""A per-key write-back cache for window state, flushed before each offset commit.
 
 Writing one RocksDB put and one changelog record per event per window is what makes
 naive windowed aggregation slow. Like Kafka Streams' record cache, this buffer keeps
 each key's decoded state in memory, lets any number of events update it, and hands
-back each *dirty* key once when the caller flushes (end of a processing batch, which
-is before Faust acks the batch's offsets, so a commit never covers an unflushed
+back each *dirty* key once when the caller flushes (the window agent: before each
+offset commit, or per batch under exactly_once; so a commit never covers an unflushed
 update). Clean entries stay cached for the next batch up to ``max_entries``; the caller
 must ``clear()`` it whenever partitions move (another worker may change that state).
 
@@ -61,6 +61,24 @@ class WriteBackBuffer:
             self.writes += 1
             yield key, self._values[key], partition
         self._evict()
+
+    def take_dirty(self) -> list[tuple[Hashable, Any, int]]:
+        """Every dirty (key, value, partition), marking them clean: a flush that writes
+        them asynchronously; ``restore_dirty`` them if that write fails."""
+        dirty, self._dirty = self._dirty, {}
+        values = self._values
+        taken = [(key, values[key], partition) for key, partition in dirty.items()]
+        self.writes += len(taken)
+        self._evict()
+        return taken
+
+    def restore_dirty(self, taken: list[tuple[Hashable, Any, int]]) -> None:
+        """Mark what ``take_dirty`` returned dirty again (the write did not happen).
+        A key updated meanwhile keeps its newer value (and stays dirty)."""
+        for key, value, partition in taken:
+            self._values.setdefault(key, value)
+            self._dirty.setdefault(key, partition)
+            self.writes -= 1
 
     def flush(self, write: Callable[[Hashable, Any, int], None]) -> int:
         """Write every dirty key once with ``write(key, value, partition)``; returns how many."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from operators.aggregations import AggregateSet
@@ -168,14 +168,21 @@ def mark_applied(state: dict[str, Any], partition: int, offset: int) -> None:
     state.setdefault("o", {})[str(partition)] = offset
 
 
-@dataclass
 class Applied:
-    """What one record did: the windows it updated and how many closed ones it missed."""
+    """What one record did: the windows it updated and how many closed ones it missed.
 
-    updated: list[dict[str, Any]] = field(default_factory=list)
-    missed: int = 0
-    #: Session windows that disappeared because they merged into an updated one.
-    merged_away: list[dict[str, Any]] = field(default_factory=list)
+    A slotted plain class, not a dataclass: one is made per record on the hot path."""
+
+    __slots__ = ("updated", "missed", "merged_away", "created")
+
+    def __init__(self) -> None:
+        self.updated: list[dict[str, Any]] = []
+        self.missed = 0
+        #: Session windows that disappeared because they merged into an updated one.
+        self.merged_away: list[dict[str, Any]] = []
+        #: Whether the record opened a window (which may close earlier than the
+        #: key's other windows: the caller's close index must look again).
+        self.created = False
 
     @property
     def late(self) -> bool:
@@ -196,6 +203,28 @@ def _add(window: dict[str, Any], aggs: AggregateSet, values: Mapping[str, Any], 
     window["n"] += 1
 
 
+def _fixed_window(windows: list[dict[str, Any]], start: int, size: int, aggs: AggregateSet,
+                  out: Applied) -> dict[str, Any]:
+    """The window starting at ``start`` of a start-sorted list, created in place if missing.
+
+    Why a scan: a key has few open windows (tumbling: usually one; hopping: size/step),
+    and records mostly arrive in time order, so the match is usually the last window."""
+    for i in range(len(windows) - 1, -1, -1):
+        w = windows[i]
+        s = w["s"]
+        if s == start:
+            return w
+        if s < start:
+            w = _window(start, start + size, aggs)
+            windows.insert(i + 1, w)
+            out.created = True
+            return w
+    w = _window(start, start + size, aggs)
+    windows.insert(0, w)
+    out.created = True
+    return w
+
+
 def apply_record(
     spec: WindowSpec, aggs: AggregateSet, state: dict[str, Any], ts: int,
     values: Mapping[str, Any], stream_time: int,
@@ -205,19 +234,25 @@ def apply_record(
     kind = spec.kind
     windows: list[dict[str, Any]] = state.setdefault("w", [])
     out = Applied()
-    if kind in ("tumbling", "hopping"):
-        by_start = {w["s"]: w for w in windows}
-        for r in time_ranges(spec, ts):
-            if r.end + spec.grace <= stream_time:
+    if kind == "tumbling" or kind == "hopping":
+        # Window assignment by arithmetic (no range objects): the starts are the
+        # multiples of the hop in (ts - size, ts], oldest first. Windows stay sorted
+        # by start, which for a fixed size is also the order in which they close.
+        size = spec.size
+        hop = size if kind == "tumbling" else spec.step
+        horizon = stream_time - spec.grace  # a window with end <= horizon is closed
+        last = ts - ts % hop
+        start = last - (size - (ts - last) - 1) // hop * hop
+        add = aggs.add
+        while start <= last:
+            if start + size <= horizon:
                 out.missed += 1
-                continue
-            w = by_start.get(r.start)
-            if w is None:
-                w = _window(r.start, r.end, aggs)
-                windows.append(w)
-            _add(w, aggs, values, ts)
-            out.updated.append(w)
-        windows.sort(key=lambda w: w["s"])
+            else:
+                w = _fixed_window(windows, start, size, aggs, out)
+                add(w["a"], values, ts)
+                w["n"] += 1
+                out.updated.append(w)
+            start += hop
     elif kind == "count":
         index = state.get("c", 0)
         state["c"] = index + 1
@@ -293,7 +328,21 @@ def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[di
     """Remove and return the windows of this key that are closed at ``stream_time``
     (count windows: the full ones), oldest end first."""
     windows = state.get("w", [])
-    if spec.kind == "count":
+    kind = spec.kind
+    if kind == "tumbling" or kind == "hopping":
+        # Sorted by start = by end (fixed size): the closed ones are a prefix.
+        horizon = stream_time - spec.grace
+        n = 0
+        for w in windows:
+            if w["e"] > horizon:
+                break
+            n += 1
+        if not n:
+            return []
+        closed = windows[:n]
+        del windows[:n]
+        return closed
+    if kind == "count":
         closed = [w for w in windows if w["n"] >= spec.size]
     else:
         closed = [w for w in windows if close_time(spec, w) <= stream_time]
@@ -320,6 +369,10 @@ def close_all(spec: WindowSpec, state: dict[str, Any]) -> tuple[list[dict[str, A
 
 def next_close(spec: WindowSpec, state: Mapping[str, Any]) -> int | None:
     """The earliest stream time at which one of this key's windows closes."""
+    kind = spec.kind
+    if kind == "tumbling" or kind == "hopping":
+        windows = state.get("w")
+        return windows[0]["e"] + spec.grace if windows else None
     times = [close_time(spec, w) for w in state.get("w", [])]
     return min((t for t in times if t is not None), default=None)
 
