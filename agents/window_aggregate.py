@@ -303,7 +303,6 @@ class WindowRunner:
             writes = [(p, key, state) for key, state, p in dirty]
             writes.extend((p, meta_key(p), self.meta[p]) for p in metas if p in self.meta)
             try:
-                await _kafka_io_ready()
                 await self.store.write_partitions(writes)
             except BaseException:
                 # Not durable: keep it dirty, so no later commit can cover it unflushed.

@@ -133,3 +133,16 @@ def test_spec_parsing_names_the_problem():
         AggregateSet([AggSpec("s", "count"), AggSpec("s", "count")])
     with pytest.raises(AggregationError):
         parse_agg_specs([])
+
+
+def test_extract_fast_path_gives_the_same_values_and_errors():
+    aggs = AggregateSet([AggSpec("n", "count"), AggSpec("total", "sum", "v"), AggSpec("who", "last", "u")])
+    assert aggs.extract({"v": 2.5, "u": [1]}) == {"n": None, "total": 2.5, "who": [1]}
+    for bad, reason in (({"v": True, "u": 1}, "not_numeric"), ({"v": float("nan"), "u": 1}, "not_numeric"),
+                        ({"v": float("inf"), "u": 1}, "not_numeric"), ({"v": "1", "u": 1}, "not_numeric"),
+                        ({"u": 1}, "missing_field"), ({"v": 1}, "missing_field")):
+        with pytest.raises(AggregationError) as exc:
+            aggs.extract(bad)
+        assert exc.value.reason == reason
+    dotted = AggregateSet([AggSpec("total", "sum", "a.v")])
+    assert dotted.extract({"a": {"v": 3}}) == {"total": 3}

@@ -221,3 +221,44 @@ def test_write_back_buffer_writes_each_dirty_key_once_per_flush():
     buf.put("x", 1, 0)
     with pytest.raises(RuntimeError):
         buf.clear()
+
+
+def test_fixed_window_assignment_equals_the_ranges():
+    # Arithmetic assignment (apply_record) against hopping_ranges/tumbling_range, also
+    # when size is not a multiple of step and for negative times.
+    for kind, size, step in (("tumbling", 10, 0), ("hopping", 60, 10), ("hopping", 25, 10),
+                             ("hopping", 7, 3), ("hopping", 9, 1)):
+        spec = WindowSpec(kind, size=size, step=step)
+        for ts in range(-40, 130):
+            state = {"w": []}
+            applied = apply_record(spec, AGGS, state, ts, {"n": None, "total": 1}, ts)
+            want = ([(tumbling_range(ts, size).start, tumbling_range(ts, size).end)] if kind == "tumbling"
+                    else [(r.start, r.end) for r in hopping_ranges(ts, size, step)])
+            assert [(w["s"], w["e"]) for w in applied.updated] == want
+            assert [(w["s"], w["e"]) for w in state["w"]] == want
+
+
+def test_out_of_order_records_keep_fixed_windows_sorted_and_expire_in_order():
+    spec = WindowSpec("hopping", size=6_000, step=2_000, grace=10_000)
+    state, st = {"w": []}, 0
+    for ts in (9_000, 1_000, 5_500, 13_000, 3_000):
+        st = max(st, ts)
+        apply_record(spec, AGGS, state, ts, {"n": None, "total": 1}, st)
+    starts = [w["s"] for w in state["w"]]
+    assert starts == sorted(starts) and len(set(starts)) == len(starts)
+    closed = expire(spec, state, 20_000)
+    assert [w["e"] for w in closed] == sorted(w["e"] for w in closed)
+    assert all(w["e"] + 10_000 <= 20_000 for w in closed)
+    assert all(w["e"] + 10_000 > 20_000 for w in state["w"])
+
+
+def test_write_back_buffer_take_and_restore_dirty():
+    buf = WriteBackBuffer()
+    buf.put("a", 1, 0)
+    buf.put("b", 2, 1)
+    taken = buf.take_dirty()
+    assert sorted(taken) == [("a", 1, 0), ("b", 2, 1)] and buf.dirty_count == 0
+    buf.put("a", 5, 0)  # updated while the failed write was under way: newer value stays
+    buf.restore_dirty(taken)
+    assert buf.dirty_count == 2
+    assert sorted(buf.take_dirty()) == [("a", 5, 0), ("b", 2, 1)]
