@@ -244,14 +244,37 @@ def apply_record(
         last = ts - ts % hop
         start = last - (size - (ts - last) - 1) // hop * hop
         add = aggs.add
+        if kind == "tumbling" or len(windows) < 2:
+            while start <= last:
+                if start + size <= horizon:
+                    out.missed += 1
+                else:
+                    w = _fixed_window(windows, start, size, aggs, out)
+                    add(w["a"], values, ts)
+                    w["n"] += 1
+                    out.updated.append(w)
+                start += hop
+            return out
+        # Hopping: the starts ascend, so one forward walk over the sorted windows finds
+        # or places every one of them (no rescans per start).
+        i, n = 0, len(windows)
         while start <= last:
             if start + size <= horizon:
                 out.missed += 1
             else:
-                w = _fixed_window(windows, start, size, aggs, out)
+                while i < n and windows[i]["s"] < start:
+                    i += 1
+                if i < n and windows[i]["s"] == start:
+                    w = windows[i]
+                else:
+                    w = _window(start, start + size, aggs)
+                    windows.insert(i, w)
+                    n += 1
+                    out.created = True
                 add(w["a"], values, ts)
                 w["n"] += 1
                 out.updated.append(w)
+                i += 1
             start += hop
     elif kind == "count":
         index = state.get("c", 0)
