@@ -38,7 +38,7 @@ from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError
 from app.dead_letter import send_dead_letter
-from app.kafka_io import kafka_io
+from app.kafka_io import OutgoingMessage, kafka_io
 from app.topics import declare
 from app.transport import FastConsumer, commit_guard
 from app.windows import WindowDef, decode_source, make_decoder
@@ -48,7 +48,6 @@ from tables.windows import (
     META_PREFIX,
     WINDOW_DEFS,
     AtPartition,
-    Outgoing,
     PartitionStore,
     meta_key,
     window_tables,
@@ -382,13 +381,13 @@ class WindowRunner:
         if out and settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
             # Pipelined record batches (app.kafka_io): far cheaper per message than
             # Faust's per-message send. Awaited below, before any state is written.
-            by_topic: dict[str, list[Outgoing]] = {}
-            names: dict[int, list[Outgoing]] = {}
+            by_topic: dict[str, list[OutgoingMessage]] = {}
+            names: dict[int, list[OutgoingMessage]] = {}
             for topic, key, value, *rest in out:
                 msgs = names.get(id(topic))
                 if msgs is None:
                     msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
-                msgs.append(Outgoing(key, value, tuple(rest[0]) if rest else (), None))
+                msgs.append(OutgoingMessage(key, value, tuple(rest[0]) if rest else (), None))
             futures.append(kafka_io.send_topics(by_topic))
         else:
             # exactly_once: through Faust, inside the transaction of this batch.
@@ -482,7 +481,7 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
         # Outputs are awaited before returning: the consumer acks the fetch after that,
         # so a commit never covers a record whose keyed output is not durable.
         eos = settings.processing_guarantee == "exactly_once"
-        out: list[Outgoing] = []
+        out: list[OutgoingMessage] = []
         for r in records:
             try:
                 key, ts, values = decode_source(defn, aggs, r.value, r.timestamp)
@@ -499,7 +498,7 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
                 # exactly_once: through Faust, joining the transaction (as before).
                 await keyed.send(key=key.encode(), value=orjson.dumps([ts, values]), headers=list(headers))
             else:
-                out.append(Outgoing(key.encode(), orjson.dumps([ts, values]), headers, None))
+                out.append(OutgoingMessage(key.encode(), orjson.dumps([ts, values]), headers, None))
         if out:
             await kafka_io.ready.wait()
             await kafka_io.send_topics({keyed_name: out})

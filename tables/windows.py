@@ -16,9 +16,9 @@ in the partition its records come from (co-partitioned with the input topic).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any
 
 import faust
 import orjson
@@ -46,17 +46,6 @@ def as_current(event: Any) -> Iterator[None]:
         _current_event.reset(token)
 
 
-class Outgoing(NamedTuple):
-    """The fields of ``app.kafka_io.OutgoingMessage`` that ``send_batch`` reads, as a
-    named tuple: built per result and per state write on the hot path, where the frozen
-    dataclass (every field set through ``object.__setattr__``) costs several times more."""
-
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]]
-    partition: int | None
-
-
 class AtPartition:
     """What Faust's table needs of "the current event" to pick a partition."""
 
@@ -68,17 +57,6 @@ class AtPartition:
     @property
     def message(self) -> AtPartition:
         return self
-
-
-class _FaustStore:
-    """``put`` into a non-RocksDB store (tests' memory store) in one partition."""
-
-    def __init__(self, table: Any, partition: int) -> None:
-        self.table, self.partition = table, partition
-
-    def put(self, key: bytes, raw: bytes) -> None:
-        with as_current(AtPartition(self.partition)):
-            self.table.data[key] = raw
 
 
 class PartitionStore:
@@ -165,41 +143,16 @@ class PartitionStore:
     async def write_partitions(self, items: list[tuple[int, bytes, Any]]) -> None:
         """Store many (partition, key, JSON value): ``write_many`` addressed by partition
         number instead of by an event (what a write-back buffer flushed at commit time
-        knows), with the same order and guarantees: under at_least_once the changelog
-        records are sent (one pipelined record batch per partition) and acknowledged
-        *before* the RocksDB puts, then the changelog offsets are recorded; otherwise
-        every write goes through Faust (inside the transaction under exactly_once)."""
+        knows), with the same order and guarantees."""
         if not items:
             return
-        dumps, opt = orjson.dumps, orjson.OPT_NON_STR_KEYS
-        encoded = [(p, key, dumps(v, option=opt)) for p, key, v in items]
         if (settings.processing_guarantee == "at_least_once" and not kafka_io.ready.is_set()
                 and not kafka_io.should_stop):
             # Starting up: wait for the batch producer rather than take Faust's
             # per-record path (several times the cost); while stopping, Faust's path.
             await kafka_io.ready.wait()
-        if settings.processing_guarantee != "at_least_once" or not kafka_io.ready.is_set():
-            for p, key, raw in encoded:
-                with as_current(AtPartition(p)):
-                    self.table[key] = raw
-            return
-        topic = self.table.changelog_topic.get_topic_name()
-        delivered = await kafka_io.send_batch(
-            topic, [Outgoing(key, raw, (), p) for p, key, raw in encoded],
-            settings.topic_partitions,
-        )
-        dbs: dict[int, Any] = {}
-        for p, key, raw in encoded:
-            db = dbs.get(p)
-            if db is None:
-                db = dbs[p] = self._partition_db(p) or _FaustStore(self.table, p)
-            db.put(key, raw)
-        last: dict[int, int] = {}
-        for d in delivered:
-            if d.offset > last.get(d.partition, -1):
-                last[d.partition] = d.offset
-        for partition, offset in last.items():
-            self.table.data.set_persisted_offset(TP(topic, partition), offset)
+        at = {p: AtPartition(p) for p in {p for p, _, _ in items}}
+        await self.write_many([(at[p], key, value) for p, key, value in items])
 
     def delete(self, event: Any, key: bytes) -> None:
         """Remove ``key`` (a changelog tombstone)."""
@@ -249,5 +202,5 @@ window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WIN
 #: window_id -> {"spec", "state", "st", "closed", "o"} of the aggregate API.
 api_windows = _table("aggregate-api")
 
-__all__ = ["META_PREFIX", "AtPartition", "Outgoing", "PartitionStore", "WINDOW_DEFS", "api_windows", "as_current",
+__all__ = ["META_PREFIX", "AtPartition", "PartitionStore", "WINDOW_DEFS", "api_windows", "as_current",
            "meta_key", "window_tables"]
