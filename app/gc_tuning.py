@@ -12,10 +12,16 @@ They were the "sporadic stalls" of the consume path (docs/performance.md).
 which no collection scans. It runs when the worker starts (after autodiscovery: the
 modules, the app, agents, tables and views exist) and once more after the first
 assignment and table recovery (clients, stores, recovered state). Full passes then walk
-only what was created since. Python's thresholds are kept: raising the young-generation
-threshold made each young pass walk a whole fetch in flight (30–150 ms pauses).
-Records are still freed by reference counting the moment they are processed, and the
-collector still runs for cycles.
+only what was created since.
+
+The thresholds go from Python's 700/10/10 to ``Settings.gc_thresholds`` (50,000/20/100):
+fewer, larger passes. Records in flight then mostly die (reference counting frees them
+the moment they are processed) before a young pass would have walked and promoted them.
+Measured on the idle machine, against the freeze alone: pattern-detect 14.4k → 20.1k
+events/s (73 → 53 CPU s per million events), transform's p99 latency at 5,000 events/s
+210–465 → 74–79 ms. (On a machine loaded 3×, the larger young passes looked like
+30–150 ms pauses; on the idle machine the latency got better, not worse.) The collector
+still runs for cycles.
 """
 
 from __future__ import annotations
@@ -39,9 +45,12 @@ def freeze_heap() -> int:
 
 
 @app.on_worker_init.connect
-def freeze_at_worker_init(sender: Any = None, **kwargs: Any) -> None:
+def tune_gc_at_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    thresholds = settings.gc_threshold_values()
+    if thresholds is not None:
+        gc.set_threshold(*thresholds)
     if settings.gc_freeze:
-        log.info("gc: %d objects frozen at worker start", freeze_heap())
+        freeze_heap()
 
 
 @app.on_rebalance_complete.connect

@@ -73,6 +73,9 @@ class Settings:
     # Freeze the worker's start-up objects so garbage collections never walk them again
     # (app/gc_tuning.py: full collections of the whole heap were the consume path's stalls).
     gc_freeze: bool = True
+    # Collector thresholds of a worker (gen0,gen1,gen2; empty = Python's 700,10,10):
+    # fewer, larger young passes (app/gc_tuning.py).
+    gc_thresholds: str = "50000,20,100"
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False
@@ -111,6 +114,7 @@ class Settings:
 
     def validate(self) -> None:
         """Refuse settings that can only fail later, and say which one is wrong."""
+        self.gc_threshold_values()  # raises SettingsError when malformed
         if self.processing_guarantee not in {"at_least_once", "exactly_once"}:
             raise SettingsError(
                 "processing_guarantee must be at_least_once or exactly_once, "
@@ -131,6 +135,18 @@ class Settings:
         return ",".join(
             part.split("://", 1)[-1] for part in self.broker.split(";") if part.strip()
         )
+
+    def gc_threshold_values(self) -> tuple[int, int, int] | None:
+        """``gc_thresholds`` as three positive ints, or None for Python's defaults."""
+        if not self.gc_thresholds.strip():
+            return None
+        try:
+            values = tuple(int(v) for v in self.gc_thresholds.split(","))
+        except ValueError:
+            values = ()
+        if len(values) != 3 or min(values) <= 0:
+            raise SettingsError(f"gc_thresholds must be three positive integers like '50000,20,100', not {self.gc_thresholds!r}")
+        return values  # type: ignore[return-value]
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and benchmarks)."""

@@ -13,3 +13,15 @@ def test_freeze_heap_moves_live_objects_to_the_permanent_generation():
         assert kept
     finally:
         gc.unfreeze()
+
+
+def test_gc_thresholds_setting_parses_and_refuses_bad_values():
+    import pytest
+
+    from app.settings import Settings, SettingsError
+
+    assert Settings().gc_threshold_values() == (50_000, 20, 100)
+    assert Settings(gc_thresholds="").gc_threshold_values() is None
+    for bad in ("1,2", "a,b,c", "0,10,10", "700,10,-1"):
+        with pytest.raises(SettingsError, match="gc_thresholds"):
+            Settings(gc_thresholds=bad).validate()
