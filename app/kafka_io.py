@@ -14,7 +14,7 @@ import functools
 import itertools
 import logging
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -193,25 +193,8 @@ class KafkaIO(Service):
         The hot path of agents' sinks and changelogs: no per-message objects (building
         an ``OutgoingMessage`` and a ``Delivered`` per record cost more than the send).
         Returns only after the broker acknowledged all of them (acks=all)."""
-        assert self.producer is not None
-        producer = self.producer
-        pending: list[tuple[asyncio.Future, int]] = []
-        for partition, records in groups.items():
-            batch, count = producer.create_batch(), 0
-            for key, value in records:
-                if batch.append(key=key, value=value, timestamp=None, headers=[]) is None:
-                    if not count:
-                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
-                    pending.append((await producer.send_batch(batch, topic, partition=partition), count))
-                    batch, count = producer.create_batch(), 0
-                    if batch.append(key=key, value=value, timestamp=None, headers=[]) is None:
-                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
-                count += 1
-            if count:
-                pending.append((await producer.send_batch(batch, topic, partition=partition), count))
         last: dict[int, int] = {}
-        metas = await asyncio.gather(*(fut for fut, _ in pending))
-        for meta, (_, count) in zip(metas, pending, strict=True):
+        for meta, count in await self._send_record_batches(topic, groups, with_headers=False):
             end = meta.offset + count - 1
             if end > last.get(meta.partition, -1):
                 last[meta.partition] = end
@@ -225,42 +208,55 @@ class KafkaIO(Service):
         Returns only after the broker acknowledged all of them (acks=all); raises if any
         batch failed, so the caller never reports a message as stored that is not.
         """
-        assert self.producer is not None
-        producer = self.producer
         # Keyless messages go to one partition per request (like Kafka's sticky
         # partitioner) so a request makes few, full batches.
         sticky = next(self._round_robin)
-        by_partition: dict[int, list[int]] = {}
+        indexes: dict[int, list[int]] = {}
         for index, message in enumerate(messages):
             p = message.partition
             if p is None:
                 p = partition_for(message.key, num_partitions, sticky)
-            by_partition.setdefault(p, []).append(index)
-
-        pending: list[tuple[asyncio.Future, list[int]]] = []
-        for partition, indexes in by_partition.items():
-            batch = producer.create_batch()
-            in_batch: list[int] = []
-            for index in indexes:
-                m = messages[index]
-                # aiokafka's (C) builder wants a list; most messages have no headers.
-                headers = list(m.headers) if m.headers else []
-                if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
-                    if not in_batch:
-                        raise ValueError(f"message {index} is larger than one record batch")
-                    pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))
-                    batch, in_batch = producer.create_batch(), []
-                    if batch.append(key=m.key, value=m.value, timestamp=None, headers=headers) is None:
-                        raise ValueError(f"message {index} is larger than one record batch")
-                in_batch.append(index)
-            pending.append((await producer.send_batch(batch, topic, partition=partition), in_batch))
+            indexes.setdefault(p, []).append(index)
+        groups = {p: [messages[i] for i in positions] for p, positions in indexes.items()}
+        sent = iter(await self._send_record_batches(topic, groups, with_headers=True))
 
         results: list[Delivered | None] = [None] * len(messages)
-        metas = await asyncio.gather(*(fut for fut, _ in pending))
-        for meta, (_, indexes) in zip(metas, pending, strict=True):
-            for relative, index in enumerate(indexes):
-                results[index] = Delivered(meta.partition, meta.offset + relative)
+        for positions in indexes.values():  # record batches come partition by partition
+            done = 0
+            while done < len(positions):
+                meta, count = next(sent)
+                for relative in range(count):
+                    results[positions[done + relative]] = Delivered(meta.partition, meta.offset + relative)
+                done += count
         return results  # type: ignore[return-value]
+
+    async def _send_record_batches(
+        self, topic: str, groups: dict[int, Sequence[Sequence[Any]]], with_headers: bool
+    ) -> list[tuple[Any, int]]:
+        """Append each partition's records (``[0]`` key, ``[1]`` value, ``[2]`` headers
+        when ``with_headers``) to record batches and send them, pipelined; return
+        (record metadata, record count) per record batch, partition by partition in
+        the order given. Returns only after the broker acknowledged all of them."""
+        assert self.producer is not None
+        producer = self.producer
+        pending: list[tuple[asyncio.Future, int]] = []
+        for partition, records in groups.items():
+            batch, count = producer.create_batch(), 0
+            for record in records:
+                # aiokafka's (C) builder wants a list; most records have no headers.
+                headers = list(record[2]) if with_headers and record[2] else []
+                if batch.append(key=record[0], value=record[1], timestamp=None, headers=headers) is None:
+                    if not count:
+                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                    pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=record[0], value=record[1], timestamp=None, headers=headers) is None:
+                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                count += 1
+            if count:
+                pending.append((await producer.send_batch(batch, topic, partition=partition), count))
+        metas = await asyncio.gather(*(fut for fut, _ in pending))
+        return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
 
 
 kafka_io = KafkaIO()
