@@ -1,11 +1,14 @@
-"""The benchmark's event shape: ~300-byte JSON click events over a key space."""
+"""The benchmark's event shape (~300-byte JSON click events over a key space) and how
+scenarios send them."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
 import orjson
+from aiokafka import AIOKafkaProducer
 
 ACTIONS = ("click", "view", "scroll", "purchase", "login")
 COUNTRIES = ("DE", "FR", "US", "GB", "NL", "ES", "IT", "PL")
@@ -35,3 +38,26 @@ def make_payloads(n: int, keys: int = 10_000, seed: int = 7) -> list[dict]:
 
 def encoded_size(event: dict) -> int:
     return len(orjson.dumps(event))
+
+
+async def produce_events(bootstrap: str, topic: str, events: list[dict], rate: float = 0,
+                         pace_every: int = 1) -> None:
+    """Send events keyed by user_id; paced at ``rate``/s when given (then ``sent_at`` and
+    ``ts`` are the send time), checking the pace every ``pace_every`` events."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+                                max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        futures = []
+        t0 = time.perf_counter()
+        for i, e in enumerate(events):
+            if rate and i % pace_every == 0:
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            if rate:
+                e["sent_at"] = e["ts"] = time.time()
+            futures.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from bench.events import make_payloads
+from bench.events import make_payloads, produce_events
 from bench.harness import Context, Result, process_cpu_seconds
 from tests.support import Worker, create_topics
 
@@ -95,28 +95,6 @@ def expected_alerts(events: list[dict]) -> dict[str, int]:
     return counts
 
 
-async def produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0) -> None:
-    """Send events keyed by user_id; paced at ``rate``/s when given (sent_at, ts = now)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        futures = []
-        t0 = time.perf_counter()
-        for i, e in enumerate(events):
-            if rate and i % 50 == 0:
-                # Pace in steps of 50 so the producer is not a timer loop.
-                delay = t0 + i / rate - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            if rate:
-                e["sent_at"] = e["ts"] = time.time()
-            futures.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-
-
 async def engine_stats(workers: list[Worker]) -> list[dict]:
     out = []
     for w in workers:
@@ -156,7 +134,7 @@ async def run(ctx: Context) -> Result:
     base = time.time() - ctx.events / event_rate - 60
     for i, e in enumerate(backlog):
         e["ts"] = e["sent_at"] = base + i / event_rate
-    await produce(ctx.bootstrap, events_topic, backlog)
+    await produce_events(ctx.bootstrap, events_topic, backlog)
 
     for w in workers:
         await asyncio.to_thread(w.start, True, 180)
@@ -173,7 +151,8 @@ async def run(ctx: Context) -> Result:
         for i, e in enumerate(live):
             e["event_id"] = f"l-{i:012d}"
         live_start = time.time()
-        await produce(ctx.bootstrap, events_topic, live, rate=rate)
+        # Paced in steps of 50 so the producer is not a timer loop.
+        await produce_events(ctx.bootstrap, events_topic, live, rate=rate, pace_every=50)
         await wait_processed(workers, ctx.events + live_n)
         alerts = await read_alerts(ctx.bootstrap, alerts_topic)
     finally:

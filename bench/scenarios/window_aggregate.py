@@ -28,9 +28,8 @@ from pathlib import Path
 
 import orjson
 import yaml
-from aiokafka import AIOKafkaProducer
 
-from bench.events import make_event
+from bench.events import make_event, produce_events
 from bench.harness import Context, Result, process_cpu_seconds
 from tests.support import Worker, create_topics, read_topic
 
@@ -51,27 +50,6 @@ def config(kind: str, repartition: bool) -> dict:
                          {"name": "sum", "type": "sum", "field": "value"}],
         "emit": "final", "idle_close": 5, "repartition": repartition,
     }]}
-
-
-async def produce(bootstrap: str, topic: str, events: list[dict], rate: float = 0) -> None:
-    """Send events keyed by user_id; paced at ``rate``/s when given (sent_at, ts = now)."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        futures = []
-        t0 = time.perf_counter()
-        for i, e in enumerate(events):
-            if rate:
-                due = t0 + i / rate
-                delay = due - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                e["sent_at"] = e["ts"] = time.time()
-            futures.append(await producer.send(topic, orjson.dumps(e), key=e["user_id"].encode()))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
 
 
 async def wait_processed(worker: Worker, name: str, n: int, timeout: float = 900) -> dict:
@@ -108,7 +86,7 @@ async def run_one(ctx: Context, kind: str) -> Result:
     span = ctx.events / event_rate
     base = time.time() - span - 60
     backlog = [make_event(i, ctx.keys, rng, ts=base + i / event_rate) for i in range(ctx.events)]
-    await produce(ctx.bootstrap, topic, backlog)
+    await produce_events(ctx.bootstrap, topic, backlog)
 
     await asyncio.to_thread(worker.start, True, 180)
     try:
@@ -121,7 +99,7 @@ async def run_one(ctx: Context, kind: str) -> Result:
         live_n = int(rate * latency_seconds)
         live = [make_event(ctx.events + i, ctx.keys, rng) for i in range(live_n)]
         live_start = time.time() * 1000
-        await produce(ctx.bootstrap, topic, live, rate=rate)
+        await produce_events(ctx.bootstrap, topic, live, rate=rate)
         live_end = time.time() * 1000
         await wait_processed(worker, name, ctx.events + live_n)
         results = await read_sink(ctx.bootstrap, f"{ns}.{name}.aggregates")
