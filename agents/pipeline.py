@@ -26,6 +26,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -98,6 +99,11 @@ class LiveContext:
         #: partition → key → (event, value) written in this batch, not yet stored.
         self.overlays: dict[int, dict[bytes, tuple[Any, Any]]] = {}
         self._overlay: dict[bytes, tuple[Any, Any]] = {}
+        #: The overlays of earlier batches whose writes are being stored (oldest first):
+        #: read like the current one until they are in RocksDB (``store_after``).
+        self.storing: list[dict[int, dict[bytes, tuple[Any, Any]]]] = []
+        #: This partition's overlays in ``storing``, newest first.
+        self._storing_here: list[dict[bytes, tuple[Any, Any]]] = []
         self.partition = -1
         self.offset = 0
         self.expiry: dict[int, deque] = {}
@@ -114,6 +120,7 @@ class LiveContext:
 
     def begin_batch(self) -> None:
         self._dbs = {}
+        self.partition = -1
 
     def at_event(self, event: Any) -> None:
         message = event.message
@@ -127,6 +134,7 @@ class LiveContext:
         if overlay is None:
             overlay = self.overlays[partition] = {}
         self._overlay = overlay
+        self._storing_here = [layer[partition] for layer in reversed(self.storing) if partition in layer]
         if partition not in self._dbs:
             self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
         self._db = self._dbs[partition]
@@ -142,6 +150,10 @@ class LiveContext:
         pending = self._overlay.get(key)
         if pending is not None:
             return pending[1]
+        for layer in self._storing_here:
+            pending = layer.get(key)
+            if pending is not None:
+                return pending[1]
         if self._db is not None:
             raw = self._db.get(key)
             return None if raw is None else orjson.loads(raw)
@@ -157,14 +169,28 @@ class LiveContext:
             queue = self.expiry[self.partition] = deque()
         return queue
 
-    async def flush(self) -> None:
-        """Store the batch's writes (after its outputs reached the sink)."""
-        items = [(ev, key, value) for overlay in self.overlays.values() for key, (ev, value) in overlay.items()]
-        for overlay in self.overlays.values():
-            overlay.clear()
-        if items:
-            assert self.store is not None
-            await self.store.write_many(items)
+    def detach_writes(self) -> dict[int, dict[bytes, tuple[Any, Any]]]:
+        """End the batch's writes: they stay readable (``storing``) until ``store_after``
+        has stored them, while the next batch writes to fresh overlays."""
+        layer = {p: overlay for p, overlay in self.overlays.items() if overlay}
+        self.overlays, self._overlay, self.partition = {}, {}, -1
+        if layer:
+            self.storing.append(layer)
+        return layer
+
+    async def store_after(self, outputs_acked: Awaitable[Any] | None,
+                          layer: dict[int, dict[bytes, tuple[Any, Any]]]) -> None:
+        """Store one batch's writes (RocksDB and changelog), only once its outputs are
+        acknowledged by the sink: a crash in between re-emits, it never loses a record."""
+        if outputs_acked is not None:
+            await outputs_acked
+        if not layer:
+            return
+        items = [(ev, key, value) for overlay in layer.values() for key, (ev, value) in overlay.items()]
+        assert self.store is not None
+        await self.store.write_many(items)
+        # Stored: reads find it in RocksDB now (identity, not ==: layers are dicts).
+        self.storing = [other for other in self.storing if other is not layer]
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -190,6 +216,11 @@ class LiveContext:
             old_by_time = horizon_s is not None and self._now - at > horizon_s
             old_by_count = horizon_n is not None and self.offset - seq > horizon_n
             if not (old_by_time or old_by_count):
+                return
+            if any(key in layer for layer in self._storing_here):
+                # Still being stored: deleting now would let that store bring it back;
+                # the next events retry (expiry only reclaims space: ``is_duplicate``
+                # judges the horizon itself).
                 return
             queue.popleft()
             current = self.read(key)
@@ -239,16 +270,20 @@ class SinkWriter:
             group = self.groups[partition] = []
         group.append((key, value))
 
-    async def flush(self) -> None:
+    async def send(self) -> Awaitable[Any] | None:
+        """Send the batch's outputs; returns what completes when the broker acknowledged
+        them (None: nothing to wait for; under exactly_once the transaction commits them)."""
+        self.count = 0
         if self.exactly_once:
             outputs, self.transactional = self.transactional, []
             for event, key, value in outputs:
                 set_current_event(event)
                 await self.sink.send(key=key, value=value, partition=event.message.partition)
-        elif self.groups:
-            groups, self.groups = self.groups, {}
-            await kafka_io.send_partitioned(self.name, groups)
-        self.count = 0
+            return None
+        if not self.groups:
+            return None
+        groups, self.groups = self.groups, {}
+        return await kafka_io.start_partitioned(self.name, groups)
 
 
 def set_current_event(event: Any) -> None:
@@ -281,7 +316,7 @@ def build(spec: PipelineSpec) -> None:
 
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
-        the batch when this returns (app/batches.py), in one commit-free section."""
+        the batch once both are stored (app/batches.py)."""
         if spec.reads_reference:
             await reference_store.caught_up.wait()
         await kafka_io.ready.wait()
@@ -323,9 +358,14 @@ def build(spec: PipelineSpec) -> None:
                                        pipeline=spec.name, step=outcome.step.label,
                                        partition=event.partition, offset=event.offset)
         counters.out += writer.count
-        await writer.flush()
+        outputs_acked = await writer.send()
+        # The acks of the outputs, then the dedupe state, may complete while the next
+        # batch is handled (at_least_once; app/batches.py): that batch reads this
+        # one's writes from ``ctx.storing`` meanwhile.
         if table is not None:
-            await ctx.flush()
+            records.finish_later(ctx.store_after(outputs_acked, ctx.detach_writes()))
+        elif outputs_acked is not None:
+            records.finish_later(outputs_acked)
 
     batch_agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 

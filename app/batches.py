@@ -28,6 +28,13 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
   bad *records* to the dead-letter topic themselves; an exception means the worker
   cannot go on (e.g. the sink is unreachable).
 * Within one partition records arrive in offset order; a batch may mix partitions.
+* Work a handler hands to :meth:`Batch.finish_later` (typically: wait for the acks of
+  the outputs it sent, then store its state) must finish before the batch is acked, but
+  under at_least_once the next batch may be handled meanwhile: at most one batch
+  finishes in the background while the next is handled, batches are acked in order, a
+  rebalance waits for both, and a failure there crashes the worker like a handler
+  failure. Under exactly_once that work is awaited inside the handler's section, before
+  the acks, as if the handler had awaited it.
 """
 
 from __future__ import annotations
@@ -80,12 +87,27 @@ class Batch:
     each): a handler that needs only the count (``len``) or one partition's raw
     aiokafka records (``parts``) pays nothing per record."""
 
-    __slots__ = ("parts", "_len")
+    __slots__ = ("parts", "_len", "_later")
 
     def __init__(self) -> None:
         #: (partition, raw aiokafka records of it, in offset order)
         self.parts: list[tuple[TP, list[Any]]] = []
         self._len = 0
+        self._later: list[Awaitable[Any]] = []
+
+    def finish_later(self, work: Awaitable[Any]) -> None:
+        """Await ``work`` before this batch is acked, possibly while the next batch is
+        handled (see the module's delivery contract).
+
+        Why: waiting for the broker's acks of a batch's outputs and state takes a few
+        milliseconds per batch in which the worker has nothing else to do; a live stream
+        spends that time idle between batches, and its records wait for it."""
+        self._later.append(work)
+
+    def take_later(self) -> list[Awaitable[Any]]:
+        """The work handed to :meth:`finish_later`, in order (and forget it)."""
+        later, self._later = self._later, []
+        return later
 
     def add(self, tp: TP, records: list[Any]) -> None:
         self.parts.append((tp, records))

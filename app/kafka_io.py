@@ -193,12 +193,28 @@ class KafkaIO(Service):
         The hot path of agents' sinks and changelogs: no per-message objects (building
         an ``OutgoingMessage`` and a ``Delivered`` per record cost more than the send).
         Returns only after the broker acknowledged all of them (acks=all)."""
-        last: dict[int, int] = {}
-        for meta, count in await self._send_record_batches(topic, groups, with_headers=False):
-            end = meta.offset + count - 1
-            if end > last.get(meta.partition, -1):
-                last[meta.partition] = end
-        return last
+        return await (await self.start_partitioned(topic, groups))
+
+    async def start_partitioned(
+        self, topic: str, groups: dict[int, list[tuple[bytes | None, bytes | None]]]
+    ) -> asyncio.Future[dict[int, int]]:
+        """``send_partitioned`` in two halves: returns once the records are handed to the
+        producer (in order, behind earlier sends), with a future of what
+        ``send_partitioned`` returns, done when the broker acknowledged all of them.
+
+        Why: a batch agent can then handle its next batch while the broker acks this
+        one's outputs (``Batch.finish_later``)."""
+        pending = await self._append_record_batches(topic, groups, with_headers=False)
+
+        async def last_offsets() -> dict[int, int]:
+            last: dict[int, int] = {}
+            for meta, count in await self._acked(pending):
+                end = meta.offset + count - 1
+                if end > last.get(meta.partition, -1):
+                    last[meta.partition] = end
+            return last
+
+        return asyncio.ensure_future(last_offsets())
 
     async def send_batch(
         self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int
@@ -237,6 +253,18 @@ class KafkaIO(Service):
         when ``with_headers``) to record batches and send them, pipelined; return
         (record metadata, record count) per record batch, partition by partition in
         the order given. Returns only after the broker acknowledged all of them."""
+        return await self._acked(await self._append_record_batches(topic, groups, with_headers))
+
+    @staticmethod
+    async def _acked(pending: list[tuple[asyncio.Future, int]]) -> list[tuple[Any, int]]:
+        metas = await asyncio.gather(*(fut for fut, _ in pending))
+        return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
+
+    async def _append_record_batches(
+        self, topic: str, groups: dict[int, Sequence[Sequence[Any]]], with_headers: bool
+    ) -> list[tuple[asyncio.Future, int]]:
+        """The sending half of ``_send_record_batches``: (delivery future, record count)
+        per record batch handed to the producer."""
         assert self.producer is not None
         producer = self.producer
         pending: list[tuple[asyncio.Future, int]] = []
@@ -255,8 +283,7 @@ class KafkaIO(Service):
                 count += 1
             if count:
                 pending.append((await producer.send_batch(batch, topic, partition=partition), count))
-        metas = await asyncio.gather(*(fut for fut, _ in pending))
-        return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
+        return pending
 
 
 kafka_io = KafkaIO()

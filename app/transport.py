@@ -22,6 +22,8 @@ What changes (and only this):
   fetched batch instead of once per message (the value is the same for the batch).
 * Topics with batch agents (app/batches.py) get each fetch's records in one call
   (``deliver_batches``), acked once per partition (``ack_spans``).
+* Work a batch handler defers (``Batch.finish_later``: waiting for acks, storing state)
+  runs while the next batch is handled, under at_least_once; the batch is acked after it.
 * A fetch that a rebalance overtook is dropped *and* followed by a seek to the committed
   offsets (``seek_after_drop``); revoked partitions forget their uncommitted batch acks
   (``forget_batches``). Both closed losses on rebalances (docs/delivery.md).
@@ -58,6 +60,9 @@ from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, Batch, for_topic
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
+
+#: How long a stopping consumer waits for the batch finishing in the background.
+FINISH_ON_STOP_SECONDS = 10.0
 
 #: Yield to the event loop after this many inline deliveries, so the web server, timers
 #: and the stream's own tasks get a turn even when deliveries never suspend.
@@ -181,6 +186,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         #: Batch partitions: the offset after the last acked batch, not yet committed.
         self._batch_next: dict[Any, int] = {}
+        #: The batch whose deferred work (``Batch.finish_later``) runs in the background.
+        self._finishing: asyncio.Future | None = None
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -322,6 +329,7 @@ class FastConsumer(faust_aiokafka.Consumer):
             in_flight = InFlight()
             self._unacked_messages.add(in_flight)  # what a rebalance waits for (wait_empty)
             processing = PROCESSING_TOPIC.set(batch.parts[0][0].topic)  # sends join its transactions
+            later: list[Awaitable[Any]] = []
             try:
                 async with commit_guard.processing():
                     for agent in agents:
@@ -332,14 +340,57 @@ class FastConsumer(faust_aiokafka.Consumer):
                                                "acking its batch: %r", agent.name, exc)
                             await self.app.crash(exc)
                             raise
-                    self.ack_spans(spans)
+                    later = batch.take_later()
+                    if later and self.app.in_transaction:
+                        # exactly_once: the rest belongs in this section's transaction.
+                        work, later = later, []
+                        await self._finish(work, agents)
+                    if not later:
+                        self.ack_spans(spans)
             finally:
                 PROCESSING_TOPIC.reset(processing)
-                in_flight.acked = True
-                self._unacked_messages.discard(in_flight)
-                notify(self._waiting_for_ack)
+                if not later:
+                    self._release(in_flight)
             for tp, (_first, last) in spans.items():
                 read_offset[tp] = last
+            if later:
+                # At most one batch finishes in the background: wait for the previous
+                # one (it acks first, so acks stay in offset order), then hand this on.
+                await self.wait_finishing()
+                self._finishing = asyncio.ensure_future(self._finish_and_ack(later, agents, spans, in_flight))
+
+    async def _finish(self, work: list[Awaitable[Any]], agents: list[Any]) -> None:
+        """Await a batch's deferred work (``Batch.finish_later``); a failure crashes the
+        worker, like a failing handler, and the batch is not acked."""
+        try:
+            for awaitable in work:
+                await awaitable
+        except Exception as exc:
+            self.log.exception("Finishing a batch of %s failed; the worker stops without "
+                               "acking it: %r", [a.name for a in agents], exc)
+            await self.app.crash(exc)
+            raise
+
+    async def _finish_and_ack(self, work: list[Awaitable[Any]], agents: list[Any],
+                              spans: dict[Any, tuple[int, int]], in_flight: InFlight) -> None:
+        try:
+            await self._finish(work, agents)
+            self.ack_spans(spans)
+        except Exception:  # noqa: S110 - logged and crashed in _finish; nothing to ack
+            pass
+        finally:
+            self._release(in_flight)
+
+    async def wait_finishing(self, timeout: float | None = None) -> None:
+        """Wait for the batch finishing in the background, if any."""
+        finishing = self._finishing
+        if finishing is not None and not finishing.done():
+            await asyncio.wait({finishing}, timeout=timeout)
+
+    def _release(self, in_flight: InFlight) -> None:
+        in_flight.acked = True
+        self._unacked_messages.discard(in_flight)
+        notify(self._waiting_for_ack)
 
     def ack_spans(self, spans: dict[Any, tuple[int, int]]) -> None:
         """Ack every offset from first to last of each partition: one bookkeeping step per
@@ -455,6 +506,9 @@ class FastConsumer(faust_aiokafka.Consumer):
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()
             unset_flag(CONSUMER_FETCHING)
+            # Let the batch finishing in the background store and ack what it can (a
+            # stop then commits it); bounded, since the broker may be what is failing.
+            await self.wait_finishing(timeout=FINISH_ON_STOP_SECONDS)
 
 
 class InFlight:

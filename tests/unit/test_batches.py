@@ -49,6 +49,10 @@ class ConsumerHost:
     seek_after_drop = FastConsumer.seek_after_drop
     forget_batches = FastConsumer.forget_batches
     fetch = FastConsumer.fetch
+    _finish = FastConsumer._finish
+    _finish_and_ack = FastConsumer._finish_and_ack
+    wait_finishing = FastConsumer.wait_finishing
+    _release = FastConsumer._release
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -62,6 +66,7 @@ class ConsumerHost:
         self._unacked_messages: WeakSet = WeakSet()
         self._waiting_for_ack = None
         self._batch_next: dict = {}
+        self._finishing = None
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
@@ -246,3 +251,91 @@ def test_revoked_partitions_forget_their_uncommitted_batches(agent):
     asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(91, 95)]}, None, 1))
     assert host._new_offset(tp0) == 95  # not 123
     assert host._new_offset(tp1) == 1
+
+
+class Deferring:
+    """A batch agent that hands "wait for the broker" to ``finish_later``; the test
+    releases each batch's wait by hand."""
+
+    def __init__(self) -> None:
+        self.handled: list[list[int]] = []
+        self.gates: list[asyncio.Future] = []
+        self.finished: list[int] = []
+
+    async def handler(self, batch: Batch) -> None:
+        offsets = [r.offset for r in batch]
+        self.handled.append(offsets)
+        gate = asyncio.get_running_loop().create_future()
+        self.gates.append(gate)
+
+        async def finish() -> None:
+            await gate
+            self.finished.append(offsets[-1])
+
+        batch.finish_later(finish())
+
+
+@pytest.fixture
+def deferring():
+    agent = Deferring()
+    BATCH_AGENTS[TOPIC] = [BatchAgent("deferring", None, agent.handler)]
+    try:
+        yield agent
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)
+
+
+def test_deferred_work_finishes_before_the_ack_while_the_next_batch_is_handled(deferring):
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+
+    async def run() -> None:
+        await host.deliver_batches({tp: [record(0, 0), record(0, 1)]}, None, 1)
+        # Handled, not finished: nothing acked, the batch still counts as in flight
+        # (what a rebalance waits for), and the next batch may be handled already.
+        assert host._new_offset(tp) is None and len(host._unacked_messages) == 1
+        second = asyncio.ensure_future(host.deliver_batches({tp: [record(0, 2)]}, None, 1))
+        await asyncio.sleep(0.01)
+        assert deferring.handled == [[0, 1], [2]]
+        assert not second.done()  # waits for the first batch to finish: one at a time
+        deferring.gates[0].set_result(None)
+        await second
+        assert deferring.finished == [1]
+        assert host._batch_next == {tp: 2}
+        deferring.gates[1].set_result(None)
+        await host.wait_finishing()
+        assert deferring.finished == [1, 2] and host._batch_next == {tp: 3}
+        assert not host._unacked_messages and not host.app.crashed
+
+    asyncio.run(run())
+
+
+def test_failing_deferred_work_acks_nothing_and_crashes_the_worker(deferring):
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+
+    async def run() -> None:
+        await host.deliver_batches({tp: [record(0, 0)]}, None, 1)
+        deferring.gates[0].set_exception(RuntimeError("sink down"))
+        await host.wait_finishing()
+
+    asyncio.run(run())
+    assert host._new_offset(tp) is None and host._n_acked == 0
+    assert [str(e) for e in host.app.crashed] == ["sink down"]
+    assert not host._unacked_messages
+
+
+def test_under_exactly_once_deferred_work_is_awaited_before_the_ack(deferring):
+    host = ConsumerHost()
+    host.app.in_transaction = True
+    tp = TP(TOPIC, 0)
+
+    async def run() -> None:
+        delivery = asyncio.ensure_future(host.deliver_batches({tp: [record(0, 0)]}, None, 1))
+        await asyncio.sleep(0.01)
+        assert not delivery.done() and host._new_offset(tp) is None
+        deferring.gates[0].set_result(None)
+        await delivery
+        assert host._finishing is None and host._batch_next == {tp: 1}
+
+    asyncio.run(run())

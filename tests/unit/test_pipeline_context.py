@@ -1,0 +1,106 @@
+"""The live pipeline's dedupe memory across batches (agents/pipeline.py ``LiveContext``),
+no broker: a batch's writes are stored after its outputs were acked, possibly while the
+next batch runs (``Batch.finish_later``), so until then the next batch must read them
+from memory, or it would admit a duplicate."""
+
+from __future__ import annotations
+
+import asyncio
+
+from agents.pipeline import LiveContext
+from app.pipelines import parse_pipelines
+from operators.steps import run_record
+
+
+class Record:
+    """The fields of a batch record that ``LiveContext`` reads."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self.partition, self.offset = partition, offset
+        self.message = self
+
+
+class FakeStore:
+    """A partition's RocksDB as a dict; ``write_many`` waits for the test to let it."""
+
+    def __init__(self) -> None:
+        self.dbs: dict[int, dict[bytes, list]] = {}
+        self.gate: asyncio.Event | None = None
+
+    def _partition_db(self, partition: int) -> "FakeDB":
+        return FakeDB(self.dbs.setdefault(partition, {}))
+
+    async def write_many(self, items) -> None:
+        assert self.gate is not None
+        await self.gate.wait()
+        for event, key, value in items:
+            self.dbs.setdefault(event.message.partition, {})[key] = value
+
+
+class FakeDB:
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def get(self, key: bytes):
+        import orjson
+
+        value = self.data.get(key)
+        return None if value is None else orjson.dumps(value)
+
+
+def context() -> tuple[LiveContext, list, FakeStore]:
+    (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out",
+                                "steps": [{"op": "deduplicate", "horizon_seconds": 60}]}])
+    ctx = LiveContext(spec, table=None)
+    store = ctx.store = FakeStore()
+    return ctx, spec.steps, store
+
+
+def admitted(ctx: LiveContext, steps: list, events: list[tuple[Record, str]]) -> list[str]:
+    ctx.begin_batch()
+    out = []
+    for event, event_id in events:
+        ctx.at_event(event)
+        if run_record(steps, {"event_id": event_id}, ctx).record is not None:
+            out.append(event_id)
+    return out
+
+
+def test_the_next_batch_sees_writes_still_being_stored_and_then_the_store():
+    ctx, steps, store = context()
+
+    async def run() -> None:
+        store.gate = asyncio.Event()
+        assert admitted(ctx, steps, [(Record(0, 0), "a"), (Record(1, 0), "b")]) == ["a", "b"]
+        storing = asyncio.ensure_future(ctx.store_after(None, ctx.detach_writes()))
+        await asyncio.sleep(0)
+        assert not storing.done() and store.dbs.get(0, {}) == {}
+        # The first batch is not stored yet: its ids are still duplicates.
+        assert admitted(ctx, steps, [(Record(0, 1), "a"), (Record(0, 2), "c"), (Record(1, 1), "b")]) == ["c"]
+        second = asyncio.ensure_future(ctx.store_after(None, ctx.detach_writes()))
+        store.gate.set()
+        await asyncio.gather(storing, second)
+        assert ctx.storing == []
+        assert sorted(store.dbs[0]) == [b"0|id:a", b"0|id:c"] and sorted(store.dbs[1]) == [b"0|id:b"]
+        # Stored: now read from the partition's database.
+        assert admitted(ctx, steps, [(Record(0, 3), "a"), (Record(0, 4), "c"), (Record(0, 5), "d")]) == ["d"]
+
+    asyncio.run(run())
+
+
+def test_a_store_waits_for_the_outputs_to_be_acked():
+    ctx, steps, store = context()
+
+    async def run() -> None:
+        store.gate = asyncio.Event()
+        store.gate.set()
+        admitted(ctx, steps, [(Record(0, 0), "a")])
+        acked = asyncio.get_running_loop().create_future()
+        storing = asyncio.ensure_future(ctx.store_after(acked, ctx.detach_writes()))
+        await asyncio.sleep(0.01)
+        assert store.dbs.get(0, {}) == {} and len(ctx.storing) == 1
+        acked.set_result({0: 10})
+        await storing
+        assert list(store.dbs[0]) == [b"0|id:a"] and ctx.storing == []
+
+    asyncio.run(run())
