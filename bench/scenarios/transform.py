@@ -23,7 +23,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.events import make_payloads
-from bench.harness import Context, Result, process_cpu_seconds
+from bench.harness import Context, Result, percentile, process_cpu_seconds
 from bench.scenarios.agent_passthrough import ProfiledWorker
 from bench.scenarios.raw_aiokafka import produce_raw
 from tests.support import Worker, create_topics, read_topic
@@ -55,7 +55,10 @@ async def load_users(worker: Worker, keys: int) -> None:
             raise RuntimeError(f"loading users failed: {reply}")
 
 
-async def latency_phase(ctx: Context, source: str, sink: str, rate: float, seconds: float) -> list[float]:
+async def latency_phase(ctx: Context, source: str, sink: str, rate: float, seconds: float,
+                        worker_side: list[float] | None = None) -> list[float]:
+    """End-to-end latencies (ms) of paced events; ``worker_side`` collects the part up to
+    the worker's append of each output (its sink record timestamp minus ``sent_at``)."""
     consumer = AIOKafkaConsumer(sink, bootstrap_servers=ctx.bootstrap, auto_offset_reset="latest",
                                 group_id=f"{ctx.namespace}-lat", enable_auto_commit=False)
     await consumer.start()
@@ -84,7 +87,10 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
             now = time.time()
             for messages in batch.values():
                 for m in messages:
-                    latencies.append((now - json.loads(m.value)["sent_at"]) * 1000)
+                    sent_at = json.loads(m.value)["sent_at"]
+                    latencies.append((now - sent_at) * 1000)
+                    if worker_side is not None:
+                        worker_side.append(m.timestamp - sent_at * 1000)
 
     try:
         await asyncio.gather(produce(), consume())
@@ -122,18 +128,28 @@ async def run(ctx: Context) -> Result:
         seconds = (max(out) - min(out)) / 1000 if len(out) > 1 else float("nan")
         rate = ctx.args.rate or 5000
         lat_seconds = float(ctx.args.options.get("latency_seconds", 10))
-        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds)
+        worker_side: list[float] = []
+        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side)
         _, pipelines = worker.get("/api/v1/pipelines")
     finally:
         worker.stop()
     return Result(
         NAME, len(out), seconds, latencies, cpu,
+        extra={"latency_to_sink_append_ms": spread(worker_side)},
         settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
                   "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter"},
         notes=["throughput: backlog produced before start; sink record timestamps first→last",
                "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
+               "latency_to_sink_append_ms: sent_at to the worker's append of the output "
+               "(its sink record timestamp); the rest is the sink's ack and the reader's fetch",
                f"worker counters: {pipelines['pipelines'][0]['counters'] if isinstance(pipelines, dict) else pipelines}"],
     )
+
+
+def spread(values: list[float]) -> dict[str, float | None]:
+    """p50 / p95 / p99 of ``values``, rounded to 0.1."""
+    ordered = sorted(values)
+    return {f"p{q}": (None if not ordered else round(percentile(ordered, q), 1)) for q in (50, 95, 99)}
 
 
 async def read_topic_timestamps(ctx: Context, topic: str, expected: int) -> list[int]:
