@@ -61,6 +61,17 @@ from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, Batch, for_topic
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
 
+#: ``FastConsumer.freshen``: at most this many extra fetches per batch, each waiting at
+#: most this long for records, and only while a batch has fewer records than this.
+FRESHEN_ROUNDS = 2
+FRESHEN_TIMEOUT = 0.003
+FRESHEN_BELOW = 1000
+
+
+async def _done(value: Any) -> Any:
+    return value
+
+
 #: How long a stopping consumer waits for the batch finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
@@ -263,6 +274,43 @@ class FastConsumer(faust_aiokafka.Consumer):
             track_end(tp, self.highwater(tp))
         return records, active_partitions, generation_id
 
+    async def freshen(self, fetched: tuple[dict[Any, list[Any]], Any, int]
+                      ) -> tuple[tuple[dict[Any, list[Any]], Any, int], asyncio.Future | None]:
+        """Add what arrived since ``fetched`` was fetched: up to ``FRESHEN_ROUNDS`` more
+        fetches of at most ``FRESHEN_TIMEOUT`` each, while the batch is small. Returns
+        the merged fetch, and a fetch of a newer generation to deliver next (or None).
+
+        Why: aiokafka fetches a partition again only once its previous response was
+        taken, and that response then waits for the batch being handled; so a record
+        of a caught-up stream waited for one or two whole batches before its own began
+        (measured: the oldest record of a batch 35-40 ms old at 5,000 events/s, where a
+        batch takes about 10 ms). Taking the waiting response and the one its taking
+        triggers starts each batch with records a fetch round trip old. A backlog
+        (a full fetch) skips this."""
+        records, active_partitions, generation_id = fetched
+        count = sum(len(rs) for rs in records.values())
+        for _ in range(FRESHEN_ROUNDS):
+            if count >= FRESHEN_BELOW or self.should_stop:
+                break
+            more = await self.fetch(timeout=FRESHEN_TIMEOUT)
+            if more is None:
+                break
+            if more[2] != generation_id:
+                # A rebalance in between: deliver_batches drops the older records and
+                # seeks; the newer ones are delivered after that, on their own.
+                return fetched, asyncio.ensure_future(_done(more))
+            added = 0
+            for tp, rs in more[0].items():
+                if rs:
+                    mine = records.get(tp)
+                    records[tp] = rs if mine is None else mine + rs
+                    added += len(rs)
+            if not added:
+                break
+            count += added
+            active_partitions = more[1]
+        return (records, active_partitions, generation_id), None
+
     async def seek_after_drop(self, records: dict[Any, list[Any]] | None) -> None:
         """Seek back to the committed offsets after dropping fetched records that a
         rebalance overtook.
@@ -443,6 +491,8 @@ class FastConsumer(faust_aiokafka.Consumer):
                     fetched, prefetch = await prefetch, None
                 else:
                     fetched = await self.fetch(timeout=1.0)
+                if fetched is not None and BATCH_AGENTS:
+                    fetched, prefetch = await self.freshen(fetched)
                 await self.sleep(0)
                 if fetched is None or self.should_stop:
                     unset_flag(CONSUMER_FETCHING)
@@ -454,7 +504,8 @@ class FastConsumer(faust_aiokafka.Consumer):
                     # overtook are never delivered: ``fetch`` reports the generation it
                     # started in, and drops such a fetch and seeks to the committed
                     # offsets (``seek_after_drop``).
-                    prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
+                    if prefetch is None:  # (else: a newer generation's fetch, from freshen)
+                        prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                     await self.deliver_batches(records, active_partitions, generation_id)
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)

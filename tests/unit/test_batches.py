@@ -339,3 +339,54 @@ def test_under_exactly_once_deferred_work_is_awaited_before_the_ack(deferring):
         assert host._finishing is None and host._batch_next == {tp: 1}
 
     asyncio.run(run())
+
+
+class ScriptedFetches(ConsumerHost):
+    """``fetch`` returns the scripted results in turn, then None (nothing more)."""
+
+    freshen = FastConsumer.freshen
+
+    def __init__(self, results: list) -> None:
+        super().__init__()
+        self.results = list(results)
+        self.fetches = 0
+
+    async def fetch(self, timeout: float):
+        self.fetches += 1
+        return self.results.pop(0) if self.results else None
+
+
+def test_freshen_adds_what_arrived_meanwhile_in_offset_order():
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host = ScriptedFetches([({tp0: [record(0, 2)], tp1: [record(1, 7)]}, {tp0, tp1}, 1),
+                            ({tp0: [record(0, 3), record(0, 4)]}, {tp0, tp1}, 1)])
+    (records, _active, generation), newer = asyncio.run(host.freshen(({tp0: [record(0, 1)]}, {tp0}, 1)))
+    assert generation == 1 and newer is None
+    assert {tp: [r.offset for r in rs] for tp, rs in records.items()} == {tp0: [1, 2, 3, 4], tp1: [7]}
+    assert host.fetches == 2  # FRESHEN_ROUNDS
+
+
+def test_freshen_stops_when_nothing_more_came_or_the_batch_is_large():
+    tp0 = TP(TOPIC, 0)
+    host = ScriptedFetches([])
+    (records, _a, _g), _ = asyncio.run(host.freshen(({tp0: [record(0, 1)]}, None, 1)))
+    assert [r.offset for r in records[tp0]] == [1] and host.fetches == 1
+    from app import transport
+
+    big = {tp0: [record(0, o) for o in range(transport.FRESHEN_BELOW)]}
+    host = ScriptedFetches([({tp0: [record(0, 5000)]}, None, 1)])
+    asyncio.run(host.freshen((big, None, 1)))
+    assert host.fetches == 0  # a backlog: deliver what came at once
+
+
+def test_freshen_keeps_a_newer_generations_fetch_for_later():
+    tp0 = TP(TOPIC, 0)
+    newer_fetch = ({tp0: [record(0, 0)]}, None, 2)
+    host = ScriptedFetches([newer_fetch])
+
+    async def run():
+        (records, _a, generation), newer = await host.freshen(({tp0: [record(0, 9)]}, None, 1))
+        assert generation == 1 and [r.offset for r in records[tp0]] == [9]
+        assert await newer == newer_fetch
+
+    asyncio.run(run())
