@@ -1,0 +1,68 @@
+"""A deduplicating pipeline under exactly_once survives kill -9 (and the loss of its
+local state): a ``read_committed`` reader of the sink sees every distinct event exactly
+once, though each event is sent twice and the worker dies mid-stream.
+
+Why this matters beyond the passthrough test (tests/integration/test_exactly_once.py):
+here the transaction must hold three things together — the sink outputs, the dedupe
+table's changelog records and the input offsets. A dedupe write outside the transaction
+would survive an aborted batch and drop its re-delivered records as duplicates (loss);
+an output outside it would repeat after the restart.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from tests.integration.test_pipelines import write_config
+from tests.support import Worker, create_topics, produce_json, read_topic, run, unique, wait_for
+
+PARTITIONS = 4
+CONFIG = {"pipelines": [{
+    "name": "eos", "source": "events", "sink": "events.clean",
+    "steps": [{"op": "deduplicate", "horizon_seconds": 3600}, "normalize"],
+}]}
+
+
+def test_kill9_mid_stream_every_distinct_event_exactly_once(kafka):
+    name = unique("peos")
+    prefix = f"{name}."
+    env = {"STREAMETL_PIPELINES_FILE": write_config(CONFIG), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
+           "STREAMETL_COMMIT_INTERVAL": "0.2"}
+    source, sink = prefix + "events", prefix + "events.clean"
+    run(create_topics([source, sink], partitions=PARTITIONS))
+    distinct = [{"event_id": f"e{i}", "user_id": f"u{i % 50}", "value": i} for i in range(8000)]
+    # Each event twice, the copy 1,000 events later: duplicates keyed alike (event_id)
+    # meet in one partition, often in another batch, and some across the kill.
+    sent = []
+    for i in range(0, len(distinct), 1000):
+        sent += distinct[i:i + 1000] + distinct[max(0, i - 1000):i]
+    sent += distinct[-1000:]
+    run(produce_json(source, sent, key="event_id"))
+
+    first = Worker(app_id=name, topic_prefix=prefix, env=env)
+    second = Worker(app_id=name, topic_prefix=prefix, env=env)
+    try:
+        first.start(timeout=120)
+
+        def handled() -> int:
+            status, body = first.get("/api/v1/pipelines", timeout=5)
+            if status != 200:
+                return 0
+            return next(p["counters"]["in"] for p in body["pipelines"] if p["name"] == "eos")
+
+        run(wait_for(lambda: handled() >= 4000, timeout=120, interval=0.05, what="part of the input handled"))
+        first.kill()
+        first.wipe_state()  # the dedupe memory must come back from the committed changelog
+        before = run(read_topic(sink, isolation_level="read_committed", idle=1.0))
+        assert len(before) < len(distinct), "killed too late to test anything"
+        assert all(n == 1 for n in Counter(r.json()["event_id"] for r in before).values())
+
+        second.start(timeout=120)
+        out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=3.0, isolation_level="read_committed"))
+        ids = Counter(r.json()["event_id"] for r in out)
+        want = Counter(e["event_id"] for e in distinct)
+        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
+                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+    finally:
+        first.kill()
+        second.kill()
