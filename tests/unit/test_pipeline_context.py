@@ -60,7 +60,9 @@ def admitted(ctx: LiveContext, steps: list, events: list[tuple[Record, str]]) ->
     ctx.begin_batch()
     out = []
     for event, event_id in events:
-        ctx.at_event(event)
+        if event.partition != ctx.partition:
+            ctx.enter_partition(event)
+        ctx.at_offset(event.offset)
         if run_record(steps, {"event_id": event_id}, ctx).record is not None:
             out.append(event_id)
     return out
