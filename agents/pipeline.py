@@ -45,8 +45,8 @@ from tables.windows import RAW_SCHEMA, PartitionStore
 
 log = logging.getLogger(__name__)
 
-#: Deleted per event at most, so expiry never stalls the stream.
-EXPIRE_PER_EVENT = 8
+#: Expired keys deleted per record handled at most, so expiry never stalls the stream.
+EXPIRE_PER_RECORD = 8
 
 
 @dataclass
@@ -207,13 +207,15 @@ class LiveContext:
         # means "within the last N records of this partition", with no extra state.
         return self.offset
 
-    def expire(self) -> None:
-        """Delete a few keys of this partition whose horizon has passed."""
+    def expire(self, at_most: int) -> None:
+        """Delete up to ``at_most`` keys of this partition whose horizon has passed (by
+        the time and offset of the last record); called once per partition per batch,
+        since a check per record cost as much as a step."""
         queue = self.expiry.get(self.partition)
         if not queue:
             return
         horizon_s, horizon_n = self._horizon_s, self._horizon_n
-        for _ in range(EXPIRE_PER_EVENT):
+        for _ in range(at_most):
             if not queue:
                 return
             at, seq, key = queue[0]
@@ -350,8 +352,6 @@ def build(spec: PipelineSpec) -> None:
                     continue
                 outcome = run_record(steps, record, ctx)
                 tally.add(outcome)
-                if table is not None:
-                    ctx.expire()
                 if outcome.record is not None:
                     key = raw.key
                     if key_by is not None:
@@ -367,6 +367,8 @@ def build(spec: PipelineSpec) -> None:
                                            message=outcome.failed or "", source_topic=source_name,
                                            pipeline=spec.name, step=outcome.step.label,
                                            partition=partition, offset=raw.offset)
+            if table is not None:
+                ctx.expire(EXPIRE_PER_RECORD * len(raw_records))
         counters.out += writer.count
         outputs_acked = await writer.send()
         # The acks of the outputs, then the dedupe state, may complete while the next

@@ -26,9 +26,14 @@ class FakeStore:
     def __init__(self) -> None:
         self.dbs: dict[int, dict[bytes, list]] = {}
         self.gate: asyncio.Event | None = None
+        self.deleted: list[bytes] = []
 
     def _partition_db(self, partition: int) -> "FakeDB":
         return FakeDB(self.dbs.setdefault(partition, {}))
+
+    def delete(self, event, key: bytes) -> None:
+        self.dbs.get(event.message.partition, {}).pop(key, None)
+        self.deleted.append(key)
 
     async def write_many(self, items) -> None:
         assert self.gate is not None
@@ -48,9 +53,9 @@ class FakeDB:
         return None if value is None else orjson.dumps(value)
 
 
-def context() -> tuple[LiveContext, list, FakeStore]:
+def context(dedupe: dict | None = None) -> tuple[LiveContext, list, FakeStore]:
     (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out",
-                                "steps": [{"op": "deduplicate", "horizon_seconds": 60}]}])
+                                "steps": [dedupe or {"op": "deduplicate", "horizon_seconds": 60}]}])
     ctx = LiveContext(spec, table=None)
     store = ctx.store = FakeStore()
     return ctx, spec.steps, store
@@ -104,5 +109,30 @@ def test_a_store_waits_for_the_outputs_to_be_acked():
         acked.set_result({0: 10})
         await storing
         assert list(store.dbs[0]) == [b"0|id:a"] and ctx.storing == []
+
+    asyncio.run(run())
+
+
+def test_expired_keys_are_deleted_once_stored_and_at_most_a_few_per_record():
+    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3})
+
+    async def run() -> None:
+        store.gate = asyncio.Event()
+        admitted(ctx, steps, [(Record(0, o), f"id{o}") for o in range(6)])
+        storing = asyncio.ensure_future(ctx.store_after(None, ctx.detach_writes()))
+        admitted(ctx, steps, [(Record(0, 6), "id6")])
+        # ids 0-2 are more than 3 records behind offset 6, but their batch is still
+        # being stored: a delete now would be undone by that store.
+        ctx.expire(100)
+        assert store.deleted == []
+        store.gate.set()
+        await storing
+        await ctx.store_after(None, ctx.detach_writes())
+        admitted(ctx, steps, [(Record(0, 7), "id7")])
+        ctx.expire(1)  # a budget: one at most
+        assert store.deleted == [b"0|id:id0"]
+        ctx.expire(100)  # offsets 0-3 are more than 3 records behind 7
+        assert store.deleted == [b"0|id:id0", b"0|id:id1", b"0|id:id2", b"0|id:id3"]
+        assert sorted(store.dbs[0]) == [b"0|id:id4", b"0|id:id5", b"0|id:id6"]
 
     asyncio.run(run())
