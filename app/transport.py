@@ -199,6 +199,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._batch_next: dict[Any, int] = {}
         #: The batch whose deferred work (``Batch.finish_later``) runs in the background.
         self._finishing: asyncio.Future | None = None
+        #: Set when a batch's deferred work failed: no later batch may be acked.
+        self._finish_failed: BaseException | None = None
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -394,7 +396,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                         work, later = later, []
                         await self._finish(work, agents)
                     if not later:
-                        self.ack_spans(spans)
+                        # An earlier batch still finishing must ack first (offset order).
+                        await self.wait_finishing()
+                        self.ack_if_none_failed(spans)
             finally:
                 PROCESSING_TOPIC.reset(processing)
                 if not later:
@@ -414,6 +418,7 @@ class FastConsumer(faust_aiokafka.Consumer):
             for awaitable in work:
                 await awaitable
         except Exception as exc:
+            self._finish_failed = exc
             self.log.exception("Finishing a batch of %s failed; the worker stops without "
                                "acking it: %r", [a.name for a in agents], exc)
             await self.app.crash(exc)
@@ -423,11 +428,17 @@ class FastConsumer(faust_aiokafka.Consumer):
                               spans: dict[Any, tuple[int, int]], in_flight: InFlight) -> None:
         try:
             await self._finish(work, agents)
-            self.ack_spans(spans)
+            self.ack_if_none_failed(spans)
         except Exception:  # noqa: S110 - logged and crashed in _finish; nothing to ack
             pass
         finally:
             self._release(in_flight)
+
+    def ack_if_none_failed(self, spans: dict[Any, tuple[int, int]]) -> None:
+        """``ack_spans``, unless an earlier batch failed to finish: acking a later batch
+        would let a commit (the one on the way out, too) skip the failed one."""
+        if self._finish_failed is None:
+            self.ack_spans(spans)
 
     async def wait_finishing(self, timeout: float | None = None) -> None:
         """Wait for the batch finishing in the background, if any."""

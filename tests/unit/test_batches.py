@@ -53,6 +53,7 @@ class ConsumerHost:
     _finish_and_ack = FastConsumer._finish_and_ack
     wait_finishing = FastConsumer.wait_finishing
     _release = FastConsumer._release
+    ack_if_none_failed = FastConsumer.ack_if_none_failed
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -67,6 +68,7 @@ class ConsumerHost:
         self._waiting_for_ack = None
         self._batch_next: dict = {}
         self._finishing = None
+        self._finish_failed = None
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
@@ -323,6 +325,53 @@ def test_failing_deferred_work_acks_nothing_and_crashes_the_worker(deferring):
     assert host._new_offset(tp) is None and host._n_acked == 0
     assert [str(e) for e in host.app.crashed] == ["sink down"]
     assert not host._unacked_messages
+
+
+def test_no_later_batch_is_acked_after_one_failed_to_finish(deferring):
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+
+    async def run() -> None:
+        await host.deliver_batches({tp: [record(0, 0)]}, None, 1)
+        second = asyncio.ensure_future(host.deliver_batches({tp: [record(0, 1)]}, None, 1))
+        await asyncio.sleep(0.01)
+        deferring.gates[0].set_exception(RuntimeError("sink down"))
+        await second
+        deferring.gates[1].set_result(None)  # the later batch finishes fine...
+        await host.wait_finishing()
+
+    asyncio.run(run())
+    # ...but acking it would let a commit skip the failed one.
+    assert host._new_offset(tp) is None and host._n_acked == 0
+    assert [str(e) for e in host.app.crashed] == ["sink down"]
+
+
+def test_a_batch_without_deferred_work_acks_after_the_one_still_finishing():
+    tp = TP(TOPIC, 0)
+    gates: list[asyncio.Future] = []
+
+    async def handler(batch: Batch) -> None:
+        if not gates:  # only the first batch defers
+            gate = asyncio.get_running_loop().create_future()
+            gates.append(gate)
+            batch.finish_later(gate)
+
+    BATCH_AGENTS[TOPIC] = [BatchAgent("sometimes", None, handler)]
+    try:
+        host = ConsumerHost()
+
+        async def run() -> None:
+            await host.deliver_batches({tp: [record(0, 0)]}, None, 1)
+            second = asyncio.ensure_future(host.deliver_batches({tp: [record(0, 1)]}, None, 1))
+            await asyncio.sleep(0.01)
+            assert not second.done() and host._batch_next == {}
+            gates[0].set_result(None)
+            await second
+            assert host._batch_next == {tp: 2}
+
+        asyncio.run(run())
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)
 
 
 def test_under_exactly_once_deferred_work_is_awaited_before_the_ack(deferring):
