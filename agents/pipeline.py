@@ -26,7 +26,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -78,15 +78,31 @@ class TableMemory:
     def __init__(self, ctx: LiveContext, step: Step) -> None:
         self.ctx, self.prefix = ctx, f"{step.index}|".encode()
 
-    def get(self, key: str) -> list | None:
+    def get(self, key: str) -> Sequence[Any] | None:
         """The stored ``[at, seq]`` of ``key`` (a Seen by position), or None."""
         return self.ctx.read(self.prefix + key.encode())
 
     def put(self, key: str, at: float, seq: int) -> None:
         ctx = self.ctx
         k = self.prefix + key.encode()
-        ctx.write(k, [at, seq])
+        # Tuples of atoms, not lists: CPython stops tracking such a tuple at the first
+        # collection it survives, so the entries kept per admitted id (until stored,
+        # and until expired) do not pile up in the older generations that full
+        # collections walk. A list and a (record, value) pair per id did: 2-3 tracked
+        # containers left behind per admitted id.
+        ctx.write(k, (at, seq))
         ctx.expiry_queue().append((at, seq, k))
+
+
+class Writes:
+    """One batch's dedupe writes in one partition, not yet stored."""
+
+    __slots__ = ("event", "values")
+
+    def __init__(self, event: Any) -> None:
+        #: Stands for the partition's records where a store needs the current event.
+        self.event = event
+        self.values: dict[bytes, Any] = {}
 
 
 class LiveContext:
@@ -96,14 +112,14 @@ class LiveContext:
         self.spec, self.table = spec, table
         self.store = PartitionStore(table) if table is not None else None
         self.event: Any = None
-        #: partition → key → (event, value) written in this batch, not yet stored.
-        self.overlays: dict[int, dict[bytes, tuple[Any, Any]]] = {}
-        self._overlay: dict[bytes, tuple[Any, Any]] = {}
-        #: The overlays of earlier batches whose writes are being stored (oldest first):
-        #: read like the current one until they are in RocksDB (``store_after``).
-        self.storing: list[dict[int, dict[bytes, tuple[Any, Any]]]] = []
-        #: This partition's overlays in ``storing``, newest first.
-        self._storing_here: list[dict[bytes, tuple[Any, Any]]] = []
+        #: partition → what this batch wrote there, not yet stored.
+        self.overlays: dict[int, Writes] = {}
+        self._overlay: dict[bytes, Any] = {}
+        #: The writes of earlier batches being stored (oldest first): read like the
+        #: current ones until they are in RocksDB (``store_after``).
+        self.storing: list[dict[int, Writes]] = []
+        #: This partition's values in ``storing``, newest first.
+        self._storing_here: list[dict[bytes, Any]] = []
         self.partition = -1
         self.offset = 0
         self.expiry: dict[int, deque] = {}
@@ -127,6 +143,7 @@ class LiveContext:
         them where a store needs "the current event" (its partition and topic)."""
         self.event = event
         self._enter_partition(event.message.partition)
+        self.overlays[self.partition].event = event
 
     def at_offset(self, offset: int) -> None:
         """The next record is at ``offset`` of the current partition."""
@@ -134,11 +151,11 @@ class LiveContext:
 
     def _enter_partition(self, partition: int) -> None:
         self.partition = partition
-        overlay = self.overlays.get(partition)
-        if overlay is None:
-            overlay = self.overlays[partition] = {}
-        self._overlay = overlay
-        self._storing_here = [layer[partition] for layer in reversed(self.storing) if partition in layer]
+        writes = self.overlays.get(partition)
+        if writes is None:
+            writes = self.overlays[partition] = Writes(self.event)
+        self._overlay = writes.values
+        self._storing_here = [layer[partition].values for layer in reversed(self.storing) if partition in layer]
         if partition not in self._dbs:
             self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
         self._db = self._dbs[partition]
@@ -153,11 +170,11 @@ class LiveContext:
         """The stored value of ``key`` in the current event's partition (overlay first)."""
         pending = self._overlay.get(key)
         if pending is not None:
-            return pending[1]
-        for layer in self._storing_here:
-            pending = layer.get(key)
+            return pending
+        for values in self._storing_here:
+            pending = values.get(key)
             if pending is not None:
-                return pending[1]
+                return pending
         if self._db is not None:
             raw = self._db.get(key)
             return None if raw is None else orjson.loads(raw)
@@ -165,7 +182,8 @@ class LiveContext:
         return self.store.read(self.event, key)
 
     def write(self, key: bytes, value: Any) -> None:
-        self._overlay[key] = (self.event, value)
+        """``value`` (not None) for ``key`` in the current partition, stored with the batch."""
+        self._overlay[key] = value
 
     def expiry_queue(self) -> deque:
         queue = self.expiry.get(self.partition)
@@ -173,24 +191,24 @@ class LiveContext:
             queue = self.expiry[self.partition] = deque()
         return queue
 
-    def detach_writes(self) -> dict[int, dict[bytes, tuple[Any, Any]]]:
+    def detach_writes(self) -> dict[int, Writes]:
         """End the batch's writes: they stay readable (``storing``) until ``store_after``
         has stored them, while the next batch writes to fresh overlays."""
-        layer = {p: overlay for p, overlay in self.overlays.items() if overlay}
+        layer = {p: writes for p, writes in self.overlays.items() if writes.values}
         self.overlays, self._overlay, self.partition = {}, {}, -1
         if layer:
             self.storing.append(layer)
         return layer
 
     async def store_after(self, outputs_acked: Awaitable[Any] | None,
-                          layer: dict[int, dict[bytes, tuple[Any, Any]]]) -> None:
+                          layer: dict[int, Writes]) -> None:
         """Store one batch's writes (RocksDB and changelog), only once its outputs are
         acknowledged by the sink: a crash in between re-emits, it never loses a record."""
         if outputs_acked is not None:
             await outputs_acked
         if not layer:
             return
-        items = [(ev, key, value) for overlay in layer.values() for key, (ev, value) in overlay.items()]
+        items = [(writes.event, key, value) for writes in layer.values() for key, value in writes.values.items()]
         assert self.store is not None
         await self.store.write_many(items)
         # Stored: reads find it in RocksDB now (identity, not ==: layers are dicts).
