@@ -63,6 +63,8 @@ class Matcher:
     """Base: no timers. Subclasses override ``step`` (and timers when they need them)."""
 
     kind = "matcher"
+    #: Whether ``deadline`` can ever be set (the engine asks only these matchers).
+    has_timers = False
 
     def step(self, state: State, event: Mapping[str, Any], now: float,
              event_id: str | None = None) -> tuple[State, list[Match]]:
@@ -177,35 +179,50 @@ class Trend(Matcher):
         value = _number(event.get(self.field))
         if value is None or (self.where is not always and not self.where(event)):
             return state, []
+        # The points are one flat list, time, value, event id, time, value, ... (oldest
+        # first): one container per key instead of one per point. The key's state is
+        # encoded and stored on every batch, and walked by the garbage collector while
+        # cached; nested [t, v, id] lists made this the costliest matcher state.
         old = state.get("p", ()) if state else ()
-        point = [now, value, event_id]
-        if not old or old[-1][0] <= now:
-            pts = [*old, point]
+        if old and old[0].__class__ is list:
+            old = [x for point in old for x in point]  # stored as [[t, v, id], ...] before
+        if not old or old[-3] <= now:
+            if self.points is not None and len(old) >= 3 * self.points:
+                pts = old[len(old) - 3 * self.points + 3:]  # the oldest point drops out
+            else:
+                pts = list(old)
+            pts += (now, value, event_id)
         else:  # out of order: "last N" is by event time, whatever the arrival order
-            pts = sorted([*old, point], key=_first)
+            triples = sorted([*_triples(old), (now, value, event_id)], key=_first)
+            pts = [x for point in triples for x in point]
         if self.points is not None:
-            if len(pts) > self.points:
-                pts = pts[-self.points:]
-            ready = len(pts) >= self.points
+            if len(pts) > 3 * self.points:
+                pts = pts[-3 * self.points:]
+            ready = len(pts) >= 3 * self.points
         else:
             assert self.within is not None
-            if now - pts[0][0] > self.within:
-                pts = [p for p in pts if now - p[0] <= self.within]
-            ready = len(pts) >= self.min_points
+            if now - pts[0] > self.within:
+                pts = [x for point in _triples(pts) if now - point[0] <= self.within for x in point]
+            ready = len(pts) >= 3 * self.min_points
         if not ready:
             return {"p": pts}, []
         if self.per == "second":
-            slope = least_squares_slope([(p[0], p[1]) for p in pts])
+            slope = least_squares_slope(list(zip(pts[0::3], pts[1::3])))
         else:
-            slope = _slope_per_point([p[1] for p in pts])
+            slope = _slope_per_point(pts[1::3])
         if slope is None:
             return {"p": pts}, []
         hit = slope >= self.min_slope if self.direction == "rising" else slope <= -self.min_slope
         if not hit:
             return {"p": pts}, []
-        evidence = [_evidence(eid, ts, value=v) for ts, v, eid in pts]
+        evidence = [_evidence(eid, ts, value=v) for ts, v, eid in _triples(pts)]
         return {"p": []}, [Match(now, evidence, {"slope": slope, "direction": self.direction,
-                                                 "points": len(pts)})]
+                                                 "points": len(pts) // 3})]
+
+
+def _triples(flat: abc.Sequence[Any]) -> list[tuple[Any, Any, Any]]:
+    """(time, value, event id) of each point of a flat trend state."""
+    return list(zip(flat[0::3], flat[1::3], flat[2::3]))
 
 
 def _first(item: abc.Sequence[Any]) -> Any:
@@ -367,6 +384,7 @@ class Sequence_(Matcher):
     def __post_init__(self) -> None:
         self._positive = [i for i, s in enumerate(self.steps) if not s.negated]
         self._trailing_not = self.steps[-1].negated
+        self.has_timers = self._trailing_not  # only a trailing "not" waits for the clock
 
     def _record(self, event, bound):
         if not self.bind_events or not bound:
@@ -470,6 +488,8 @@ class Sequence_(Matcher):
 
     @staticmethod
     def _dedupe(partials: list[dict]) -> list[dict]:
+        if len(partials) < 2:
+            return partials  # the common case: nothing to choose between or sort
         best: dict[tuple[int, int], dict] = {}
         for p in partials:
             pos = (p["i"], p["c"])
@@ -512,6 +532,7 @@ class Absence(Matcher):
     expect: Predicate
     within: float
     kind = "absence"
+    has_timers = True
 
     def step(self, state, event, now, event_id=None):
         pending = state or {}
