@@ -181,11 +181,14 @@ def match_items(items: list[Item]) -> tuple:
     by_key: dict[str, list[Item]] = defaultdict(list)
     for item in items:
         by_key[item.table_key].append(item)
-    groups: dict[tuple[str, str], list[tuple[Pattern, str]]] = defaultdict(list)
+    # Per pattern what the inner loop needs, looked up once per batch, not per event:
+    # (pattern, fingerprint, name, bound step, bound on_timer).
+    groups: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
     # Only matchers that can set a timer are asked for a deadline (per changed key).
     timed: dict[tuple[str, str], list[Pattern]] = defaultdict(list)
     for p in patterns.values():
-        groups[(p.key_by, p.source)].append((p, p.fingerprint))
+        m = p.matcher
+        groups[(p.key_by, p.source)].append((p, p.fingerprint, p.name, m.step, m.on_timer))
         if p.matcher.has_timers:
             timed[(p.key_by, p.source)].append(p)
     counts: dict[tuple[str, int], list] = {}  # (pattern, partition) -> [record, n]
@@ -209,19 +212,19 @@ def match_items(items: list[Item]) -> tuple:
                 continue  # applied before a crash; the offset commit did not make it
             offsets[topic] = item.offset
             changed = True
-            event = item.event
-            for p, fingerprint in active:
-                entry = states.get(p.name)
+            event, ts, event_id = item.event, item.ts, item.event_id
+            for p, fingerprint, name, step, on_timer in active:
+                entry = states.get(name)
                 st = entry["st"] if entry is not None and entry.get("f") == fingerprint else None
                 if event is None:
-                    new, matches = p.matcher.on_timer(st, item.ts)
+                    new, matches = on_timer(st, ts)
                 else:
-                    new, matches = p.matcher.step(st, event, item.ts, item.event_id)
+                    new, matches = step(st, event, ts, event_id)
                 if new is not st:
                     if st is not None:
                         entry["st"] = new  # our own decoded (or cached) copy: no new dict
                     else:
-                        states[p.name] = {"f": fingerprint, "st": new}
+                        states[name] = {"f": fingerprint, "st": new}
                 if matches:
                     partition = item.fevent.message.partition
                     for match in matches:
@@ -235,7 +238,7 @@ def match_items(items: list[Item]) -> tuple:
         if not changed:
             continue
         if len(states) > len(active):
-            names = {p.name for p, _ in active}
+            names = {a[2] for a in active}
             states = {n: s for n, s in states.items() if n in names}  # deleted patterns
         deadline = None
         for p in timed.get((first.key_by, first.source), ()):

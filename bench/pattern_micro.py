@@ -72,7 +72,7 @@ def main() -> None:
             local = await engine.split_source_batch("events", records[i:i + 5000])
             alerts, state_writes, _timers, _counts = engine.match_items(local)
             for record, key, value in state_writes:
-                store[key] = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+                store[key] = engine.encode_state(value)  # as apply_items does
                 engine.state_cache.put(record.message.partition, key, value)
             alerts_total += len(alerts)
         return alerts_total
