@@ -385,6 +385,14 @@ class Sequence_(Matcher):
         self._positive = [i for i, s in enumerate(self.steps) if not s.negated]
         self._trailing_not = self.steps[-1].negated
         self.has_timers = self._trailing_not  # only a trailing "not" waits for the clock
+        # Per step index: the next positive step (None: only "not" steps remain) and
+        # the conditions of the negated steps before it. Computed once: ``_advance``
+        # runs for every partial match on every event of its key.
+        self._plan: list[tuple[int | None, tuple[Predicate, ...]]] = []
+        for index in range(len(self.steps)):
+            target = self._next_positive(index)
+            end = target if target is not None else len(self.steps)
+            self._plan.append((target, tuple(s.where for s in self.steps[index:end] if s.negated)))
 
     def _record(self, event, bound):
         if not self.bind_events or not bound:
@@ -438,7 +446,7 @@ class Sequence_(Matcher):
 
     def _waiting_at_end(self, p) -> bool:
         return self._trailing_not and p["i"] >= len(self.steps) - 1 and \
-            self._next_positive(p["i"]) is None
+            self._plan[p["i"]][0] is None
 
     def _advance(self, p, event, now, event_id):
         index = p["i"]
@@ -449,10 +457,10 @@ class Sequence_(Matcher):
             if step.where(self._record(event, bound)):
                 return self._count(p, index, event, now, event_id)
             return p
-        target = self._next_positive(index)
+        target, guards = self._plan[index]
         record = self._record(event, bound)
-        for guard in self.steps[index:target if target is not None else len(self.steps)]:
-            if guard.negated and guard.where(record):
+        for where in guards:
+            if where(record):
                 return None
         if target is None:
             return p  # waiting at a trailing "not" for the window to close
