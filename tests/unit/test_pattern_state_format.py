@@ -102,3 +102,68 @@ def test_a_stored_nested_state_is_read(kwargs):
         s_ref, m_ref = ref.step(s_ref, {"v": v}, ts, f"e{i}")
         assert m_new == m_ref
         assert nested(s_new) == s_ref
+
+
+# sequence: the per-step plan (next positive step, negated guards) computed once --------
+
+from operators.patterns import SeqStep, Sequence  # noqa: E402
+
+
+class UnplannedSequence(Sequence):
+    """The previous ``_advance`` / ``_waiting_at_end``, verbatim: the reference."""
+
+    def _waiting_at_end(self, p) -> bool:
+        return self._trailing_not and p["i"] >= len(self.steps) - 1 and \
+            self._next_positive(p["i"]) is None
+
+    def _advance(self, p, event, now, event_id):
+        index = p["i"]
+        bound = p["b"]
+        step = self.steps[index]
+        if not step.negated and p["c"] > 0:
+            if step.where(self._record(event, bound)):
+                return self._count(p, index, event, now, event_id)
+            return p
+        target = self._next_positive(index)
+        record = self._record(event, bound)
+        for guard in self.steps[index:target if target is not None else len(self.steps)]:
+            if guard.negated and guard.where(record):
+                return None
+        if target is None:
+            return p
+        if self.steps[target].where(record):
+            return self._count(p, target, event, now, event_id)
+        return p
+
+
+def is_(action):
+    return lambda e: e.get("a") == action
+
+
+SEQUENCES = [
+    [SeqStep("a", is_("a")), SeqStep("x", is_("x"), negated=True), SeqStep("b", is_("b"), times=2)],
+    [SeqStep("a", is_("a"), times=2), SeqStep("b", is_("b")), SeqStep("x", is_("x"), negated=True)],
+    [SeqStep("a", is_("a")), SeqStep("x", is_("x"), negated=True), SeqStep("y", is_("y"), negated=True),
+     SeqStep("b", is_("b")), SeqStep("c", is_("c"))],
+]
+
+
+@pytest.mark.parametrize("steps", SEQUENCES)
+@pytest.mark.parametrize("seed", range(6))
+def test_planned_sequence_matches_the_reference(steps, seed):
+    rng = random.Random(seed)
+    new, ref = Sequence(steps, within=10.0), UnplannedSequence(steps, within=10.0)
+    s_new = s_ref = None
+    t = 1_700_000_000.0
+    for i in range(500):
+        t += rng.uniform(0, 1.5)
+        event = {"a": rng.choice("aabbcxy")}
+        if rng.random() < 0.1:
+            s_new, m_new = new.on_timer(s_new, t)
+            s_ref, m_ref = ref.on_timer(s_ref, t)
+        else:
+            s_new, m_new = new.step(s_new, event, t, f"e{i}")
+            s_ref, m_ref = ref.step(s_ref, event, t, f"e{i}")
+        assert m_new == m_ref
+        assert s_new == s_ref
+        assert new.deadline(s_new) == ref.deadline(s_ref)
