@@ -336,6 +336,16 @@ class WindowRunner:
             writes.extend((p, meta_key(p), self.meta[p]) for p in metas if p in self.meta)
             try:
                 await self.store.write_partitions(writes)
+                if app.in_transaction:
+                    # Under exactly_once the writes went through Faust's table, whose
+                    # changelog sends only enter Faust's producer buffer (send_soon),
+                    # and Faust's transactional commit does not flush that buffer (its
+                    # at_least_once commit does). A commit right after this batch could
+                    # then commit its offsets while its state went into the *next*
+                    # transaction, which a kill -9 aborts: state lost for committed
+                    # offsets. Drained here, inside the batch, the writes are handed to
+                    # the transactional producer before any commit can run.
+                    await app.producer.flush()
             except BaseException:
                 # Not durable: keep it dirty, so no later commit can cover it unflushed.
                 self.buffer.restore_dirty(dirty)
