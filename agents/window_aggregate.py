@@ -630,9 +630,8 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
         # (idempotent, non-transactional) producer. Why: Faust's transactions are per
         # partition number, and a record rekeyed from source partition s to keyed
         # partition k joined the transaction of k while the offset of s is committed in
-        # the transaction of s. A kill -9 between those two commits lost records (the
-        # offset of s committed, the keyed record aborted; seen in
-        # tests/integration/test_windows_exactly_once.py: 8 records of one window gone).
+        # the transaction of s. A kill -9 between those two commits can lose records
+        # (the offset of s committed, the keyed record aborted).
         # Sent plainly and acknowledged before the source offset can commit, a record
         # is at worst repeated in the keyed topic after a crash, and the window agent
         # skips such repeats by their source partition/offset (headers), inside its own

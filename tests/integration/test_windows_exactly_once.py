@@ -81,10 +81,10 @@ def test_windows_under_exactly_once_equal_the_fold_each_once(eos_worker):
 
 @pytest.mark.timeout(900)
 @pytest.mark.xfail(strict=False, reason=(
-    "open in issue 4: after kill -9 and restart under exactly_once, some windows of one "
-    "window type came out missing or with too few records (2026-11-27, 2 runs checked: "
-    "count windows in one, hopping in the other; the other types equal to the fold, "
-    "none repeated). Cause not found; assertions unchanged."))
+    "issue 4, few runs yet: before the window flush drained Faust's producer buffer "
+    "under exactly_once, windows at the crash point came out missing or with too few "
+    "records (one window type per run); it passed every run since (2026-11-27). Remove "
+    "this mark once it has passed more runs; assertions unchanged."))
 @pytest.mark.parametrize("wipe", [False, True], ids=["rocksdb-kept", "rocksdb-wiped"])
 def test_windows_under_exactly_once_after_kill9_and_restart(eos_worker, wipe):
     w = eos_worker
