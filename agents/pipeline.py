@@ -25,8 +25,8 @@ import logging
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson

@@ -207,7 +207,7 @@ class Trend(Matcher):
         if not ready:
             return {"p": pts}, []
         if self.per == "second":
-            slope = least_squares_slope(list(zip(pts[0::3], pts[1::3])))
+            slope = least_squares_slope(list(zip(pts[0::3], pts[1::3], strict=False)))
         else:
             slope = _slope_per_point(pts[1::3])
         if slope is None:
@@ -222,7 +222,7 @@ class Trend(Matcher):
 
 def _triples(flat: abc.Sequence[Any]) -> list[tuple[Any, Any, Any]]:
     """(time, value, event id) of each point of a flat trend state."""
-    return list(zip(flat[0::3], flat[1::3], flat[2::3]))
+    return list(zip(flat[0::3], flat[1::3], flat[2::3], strict=False))
 
 
 def _first(item: abc.Sequence[Any]) -> Any:

@@ -122,7 +122,7 @@ async def run_one(ctx: Context, kind: str) -> Result:
                "latency: sink record timestamp - (window end + grace) as wall time (live phase: event time = send time; windows closed by event time)",
                "CPU: worker process while draining the backlog (includes idle polling)"],
         extra={"windows_emitted": len(results), "latency_windows": len(latencies),
-               "buffer": done["buffer"], "stats": done["stats"]},
+               "buffer": done["buffer"], "stats": done["stats"], "timing": done.get("timing")},
         compare_with="raw-aiokafka",
     )
 

@@ -33,11 +33,6 @@ def worker(kafka):
 
 
 @pytest.mark.timeout(600)  # five window types on one worker, on 2 shared cores
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, open in issue 4: after kill -9, wiped RocksDB and restart, windows of "
-    "records produced while the worker was down were still missing after 240 s in the "
-    "lead's clean-clone run (and in some of the windows engineer's runs); the pipeline "
-    "dedupe and pattern chaos tests pass the same treatment. Assertions unchanged."))
 def test_windows_recover_from_the_changelog_after_kill_and_wiped_state(worker):
     w = worker
     records = make_records(3000, keys=30, seed=23, late=10)

@@ -146,3 +146,31 @@ def test_extract_fast_path_gives_the_same_values_and_errors():
         assert exc.value.reason == reason
     dotted = AggregateSet([AggSpec("total", "sum", "a.v")])
     assert dotted.extract({"a": {"v": 3}}) == {"total": 3}
+
+
+def test_inline_builtins_equal_the_generic_functions():
+    """count/sum/min/max sets use a template init, one fused add and the state as the
+    result (AggregateSet's shortcuts); they must give what the four functions give."""
+    import random
+
+    from operators.aggregations import AggregateSet, AggSpec, make_aggregator
+
+    specs = [AggSpec("n", "count"), AggSpec("s", "sum", "v"), AggSpec("lo", "min", "v"),
+             AggSpec("hi", "max", "v"), AggSpec("it's \"odd\"", "sum", "w")]
+    fast = AggregateSet(specs)
+    assert "add" in vars(fast) and "init" in vars(fast) and "result" in vars(fast)
+    aggs = [make_aggregator(s.kind) for s in specs]
+    rng = random.Random(3)
+    state, ref = fast.init(), {s.name: a.init() for s, a in zip(specs, aggs, strict=True)}
+    assert state == ref and state is not fast.init()
+    for i in range(200):
+        values = fast.extract({"v": rng.choice([rng.randint(-50, 50), rng.random() * 100 - 50]), "w": i})
+        fast.add(state, values, i)
+        for s, a in zip(specs, aggs, strict=True):
+            ref[s.name] = a.add(ref[s.name], values[s.name], i)
+        assert state == ref
+    assert fast.result(state) == {s.name: a.result(ref[s.name]) for s, a in zip(specs, aggs, strict=True)}
+    assert fast.result(state) is not state
+    # A set with any other aggregation keeps the general path.
+    mixed = AggregateSet([AggSpec("n", "count"), AggSpec("m", "mean", "v")])
+    assert "add" not in vars(mixed) and "result" not in vars(mixed)

@@ -9,7 +9,14 @@ import random
 
 import pytest
 
-from operators.patterns import Match, Trend, _evidence, _first, _slope_per_point, least_squares_slope
+from operators.patterns import (
+    Match,
+    Trend,
+    _evidence,
+    _first,
+    _slope_per_point,
+    least_squares_slope,
+)
 
 
 class NestedTrend(Trend):

@@ -28,7 +28,7 @@ class FakeStore:
         self.gate: asyncio.Event | None = None
         self.deleted: list[bytes] = []
 
-    def _partition_db(self, partition: int) -> "FakeDB":
+    def _partition_db(self, partition: int) -> FakeDB:
         return FakeDB(self.dbs.setdefault(partition, {}))
 
     def delete(self, event, key: bytes) -> None:

@@ -160,3 +160,47 @@ def test_fast_decoder_equals_decode_source(raw):
             return ("error", exc.reason, str(exc))
 
     assert outcome(fast) == outcome(lambda r, t: decode_source(DEF, aggs, r, t))
+
+
+def test_results_in_flight_are_acknowledged_before_the_flush_and_a_failed_send_blocks_it():
+    """Results are sent without waiting (at_least_once); ``flush`` (before every offset
+    commit) first waits for every send, and a failed send fails that flush and every
+    later one, so no commit can cover the lost results."""
+    store = Store()
+    r = runner(store)
+    order = []
+
+    async def ok(tag):
+        await asyncio.sleep(0.01)
+        order.append(tag)
+
+    async def bad():
+        raise RuntimeError("broker down")
+
+    async def go():
+        r._sending.append(asyncio.ensure_future(ok("a")))
+        r._sending.append(asyncio.ensure_future(ok("b")))
+        r.buffer.put(b"k", {"w": []}, 0)
+        await r.flush()
+        assert order == ["a", "b"] and store.flushes == 1 and not r._sending
+        r._sending.append(asyncio.ensure_future(bad()))
+        r.buffer.put(b"k", {"w": []}, 0)
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="broker down"):
+                await r.flush()
+            assert store.flushes == 1 and r.buffer.dirty_count == 1
+
+    asyncio.run(go())
+
+
+def test_exactly_once_discards_only_the_named_tables_local_state(tmp_path):
+    from tables.windows import discard_local_state
+
+    for name in ("window-t-0.db", "window-t-3.db", "window-t-backups", "window-t-x-0.db",
+                 "window-tt-0.db", "aggregate-api-1.db", "pattern-state-0.db"):
+        (tmp_path / name).mkdir()
+    gone = discard_local_state(tmp_path, ["window-t", "aggregate-api"])
+    assert sorted(p.name for p in gone) == ["aggregate-api-1.db", "window-t-0.db", "window-t-3.db",
+                                            "window-t-backups"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pattern-state-0.db", "window-t-x-0.db",
+                                                          "window-tt-0.db"]

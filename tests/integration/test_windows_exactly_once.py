@@ -1,0 +1,106 @@
+"""Windows under ``processing_guarantee=exactly_once``, against the real broker.
+
+Under exactly_once each batch's results, late records and window state (changelog)
+are sent inside the Kafka transaction of its input partition, together with its
+offsets. So a ``read_committed`` reader of the sink must see every window exactly
+once (not "at least once with the same value"), with the value a fold of the input
+gives, also when the worker is killed (kill -9) in the middle of the stream and
+restarted, with its local RocksDB kept or wiped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.integration.test_windows import fold, make_records, window_config, write_config
+from tests.support import Worker, produce_json, read_topic, run, unique, wait_for
+
+NAMES = ("tumb", "hop", "sess", "cnt")
+EXACTLY_ONCE = {"STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}
+
+
+async def committed_windows(prefix: str, name: str, timeout: float = 60, idle: float = 5) -> Counter:
+    """How often each window (key, start, end) -> (count, total) is on the sink, as a
+    read_committed reader sees it."""
+    got = await read_topic(f"{prefix}{name}.aggregates", timeout=timeout, idle=idle,
+                           isolation_level="read_committed")
+    out: Counter = Counter()
+    for rec in got:
+        r = rec.json()
+        assert r["final"] is True
+        assert r["aggregates"]["n"] == r["count"]
+        out[(r["key"], r["start"], r["end"], r["count"], r["aggregates"]["total"])] += 1
+    return out
+
+
+def assert_exactly_the_fold(prefix: str, records: list[dict], names=NAMES) -> None:
+    for name in names:
+        want, want_late = fold(name, records)
+
+        async def complete(name=name, want=want):
+            got = await committed_windows(prefix, name, timeout=30, idle=3)
+            return got if len({k[:3] for k in got}) >= len(want) else None
+
+        try:
+            got = run(wait_for(complete, timeout=240, interval=1, what=f"{name} windows"))
+        except TimeoutError:
+            got = run(committed_windows(prefix, name, timeout=5, idle=2))
+        repeated = {k: n for k, n in got.items() if n > 1}
+        assert not repeated, f"{name}: windows repeated under exactly_once: {list(repeated.items())[:5]}"
+        assert {k[:3]: k[3:] for k in got} == want, name
+        if want_late:
+            late = run(read_topic(f"{prefix}{name}.late", timeout=30, idle=3,
+                                  isolation_level="read_committed"))
+            keys = Counter((r.json()["key"], r.json()["ts"]) for r in late)
+            assert all(n == 1 for n in keys.values()), f"{name}: a late record repeated"
+            assert len(keys) == len(want_late), name
+
+
+@pytest.fixture
+def eos_worker(kafka):
+    name = unique("weos")
+    # Idle close well above the restart gap (as in the chaos test): a partition idle
+    # while the worker restarts must not have its windows closed early.
+    w = Worker(app_id=name, topic_prefix=f"{name}.",
+               env={**EXACTLY_ONCE,
+                    "STREAMETL_PIPELINES_FILE": write_config(window_config(NAMES, idle_close=10))})
+    w.start(timeout=150)
+    yield w
+    w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_windows_under_exactly_once_equal_the_fold_each_once(eos_worker):
+    w = eos_worker
+    records = make_records(1500, keys=20, seed=31, late=8)
+    run(produce_json(f"{w.topic_prefix}events", records, key="user_id"))
+    assert_exactly_the_fold(w.topic_prefix, records)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 4, few runs yet: before the window flush drained Faust's producer buffer "
+    "under exactly_once, windows at the crash point came out missing or with too few "
+    "records (one window type per run); it passed every run since (2026-11-27). Remove "
+    "this mark once it has passed more runs; assertions unchanged."))
+@pytest.mark.parametrize("wipe", [False, True], ids=["rocksdb-kept", "rocksdb-wiped"])
+def test_windows_under_exactly_once_after_kill9_and_restart(eos_worker, wipe):
+    w = eos_worker
+    records = make_records(4000, keys=30, seed=37, late=10)
+    first, second = records[:3000], records[3000:]
+    run(produce_json(f"{w.topic_prefix}events", first, key="user_id"))
+
+    async def some_committed():
+        got = await read_topic(f"{w.topic_prefix}tumb.aggregates", timeout=2, idle=0.3,
+                               isolation_level="read_committed")
+        return len(got) > 0
+
+    run(wait_for(some_committed, timeout=120, interval=0.1, what="first committed window results"))
+    w.kill()  # mid-stream: its open transaction is never committed
+    if wipe:
+        w.wipe_state()
+    run(produce_json(f"{w.topic_prefix}events", second, key="user_id"))
+    w.start(timeout=150)
+    assert_exactly_the_fold(w.topic_prefix, records)
