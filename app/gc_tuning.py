@@ -44,37 +44,11 @@ def freeze_heap() -> int:
     return gc.get_freeze_count()
 
 
-#: Automatic young collections are held off to this many times the young threshold
-#: when ``gc_between_batches`` collects (a safety net for a worker that stops fetching).
-SAFETY_FACTOR = 8
-
-
-def collect_if_due(thresholds: tuple[int, int, int]) -> int | None:
-    """Run the collection CPython would run by now, if any (``gc_between_batches``):
-    returns the generation collected, or None.
-
-    Why: a collection walks the young objects alive when it runs. Triggered by
-    allocation, it lands in the middle of a batch, while the batch's records, parsed
-    values and outputs are all alive; between two batches most of them are freed."""
-    young, older, oldest = gc.get_count()
-    if young < thresholds[0]:
-        return None
-    generation = 2 if older >= thresholds[1] and oldest >= thresholds[2] else 1 if older >= thresholds[1] else 0
-    gc.collect(generation)
-    return generation
-
-
 @app.on_worker_init.connect
 def tune_gc_at_worker_init(sender: Any = None, **kwargs: Any) -> None:
     thresholds = settings.gc_threshold_values()
     if thresholds is not None:
         gc.set_threshold(*thresholds)
-    if settings.gc_between_batches:
-        from app.transport import BETWEEN_FETCHES
-
-        due = thresholds or gc.get_threshold()
-        gc.set_threshold(due[0] * SAFETY_FACTOR, due[1], due[2])
-        BETWEEN_FETCHES.append(lambda: collect_if_due(due))
     if settings.gc_freeze:
         freeze_heap()
 

@@ -76,8 +76,6 @@ class Settings:
     # Collector thresholds of a worker (gen0,gen1,gen2; empty = Python's 700,10,10):
     # fewer, larger young passes (app/gc_tuning.py).
     gc_thresholds: str = "50000,20,100"
-    # Run due collections between fetches' batches instead of mid-batch (app/gc_tuning.py).
-    gc_between_batches: bool = False
     # The bare counting agent of the consume benchmark (agents/passthrough.py); off in
     # production so it neither subscribes nor creates its topic.
     passthrough_enabled: bool = False

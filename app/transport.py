@@ -72,10 +72,6 @@ async def _done(value: Any) -> Any:
     return value
 
 
-#: Called after each fetch's batches were handled, when the worker holds least (e.g.
-#: ``app.gc_tuning.collect_if_due`` with ``Settings.gc_between_batches``).
-BETWEEN_FETCHES: list[Callable[[], None]] = []
-
 #: How long a stopping consumer waits for the batch finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
@@ -522,8 +518,6 @@ class FastConsumer(faust_aiokafka.Consumer):
                     if prefetch is None:  # (else: a newer generation's fetch, from freshen)
                         prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                     await self.deliver_batches(records, active_partitions, generation_id)
-                    for hook in BETWEEN_FETCHES:
-                        hook()
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)
                 for tp, record in self.scheduler.iterate(records):

@@ -25,22 +25,3 @@ def test_gc_thresholds_setting_parses_and_refuses_bad_values():
     for bad in ("1,2", "a,b,c", "0,10,10", "700,10,-1"):
         with pytest.raises(SettingsError, match="gc_thresholds"):
             Settings(gc_thresholds=bad).validate()
-
-
-def test_collect_if_due_runs_the_collection_cpython_would_have_run():
-    from app.gc_tuning import collect_if_due
-
-    was_enabled = gc.isenabled()
-    gc.disable()  # so only collect_if_due collects here
-    try:
-        gc.collect()
-        assert collect_if_due((10_000, 20, 100)) is None  # nothing due yet
-        keep = [[i] for i in range(2_000)]  # tracked containers: count toward gen0
-        assert collect_if_due((1_000, 20, 100)) == 0
-        assert gc.get_count()[0] < 1_000 and gc.get_count()[1] >= 1
-        keep += [[i] for i in range(2_000)]
-        assert collect_if_due((1_000, 1, 100)) == 1  # gen0 passes since the last gen1 pass: due
-        assert keep
-    finally:
-        if was_enabled:
-            gc.enable()
