@@ -8,7 +8,12 @@ Two phases against one real worker running the pipeline (and only it):
 2. latency: events are produced at ``--rate`` (default 5,000/s) for ``latency_seconds``
    (option, default 10); option ``profile=DIR`` runs the worker under pyinstrument while a consumer reads the sink; latency = arrival − ``sent_at``.
 
-The ``users`` reference data (one row per key) is loaded first through the HTTP API.
+The ``users`` reference data (one row per key) is loaded first through the HTTP API of
+a worker running no pipeline, which then stops: the measured worker starts with every
+row in the reference topic, so it enriches every event, and all its work on the backlog
+falls inside the CPU measurement. (Loading through the measured worker let it process
+the backlog while the rows arrived: early events went unenriched, and their CPU was
+missed by a measurement that started after the load.)
 """
 
 from __future__ import annotations
@@ -110,6 +115,16 @@ async def run(ctx: Context) -> Result:
     payloads = [orjson.dumps(e) for e in events]
     await produce_raw(ctx, source, payloads, [e["user_id"].encode() for e in events])
 
+    no_pipelines = config.with_name("no-pipelines.yaml")
+    no_pipelines.write_text(json.dumps({"pipelines": []}))
+    loader = Worker(app_id=ctx.namespace, topic_prefix=prefix,
+                    env={"STREAMETL_PIPELINES_FILE": str(no_pipelines)})
+    loader.start(timeout=120)
+    try:
+        await load_users(loader, ctx.keys)
+    finally:
+        loader.stop()
+
     profile_dir = ctx.args.options.get("profile")  # option profile=DIR: run under pyinstrument
     worker = (ProfiledWorker if profile_dir else Worker)(app_id=ctx.namespace, topic_prefix=prefix,
                     env={"STREAMETL_PIPELINES_FILE": str(config),
@@ -117,14 +132,19 @@ async def run(ctx: Context) -> Result:
     if profile_dir:
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
         worker.profile_path = Path(profile_dir) / "transform.txt"
-    worker.start(timeout=120)
+    worker.start(wait=False)
     try:
         assert worker.proc is not None
-        await load_users(worker, ctx.keys)  # the pipeline waits for reference data to catch up
-        cpu0 = process_cpu_seconds(worker.proc.pid)
+        # The backlog is handled as soon as the worker can, maybe before it answers
+        # HTTP: its CPU is sampled from the process start, and the CPU spent between
+        # its first and last output (the window the rate is measured over) is reported.
+        sampler = CpuSampler(worker.proc.pid)
+        sampling = asyncio.ensure_future(sampler.run())
+        await asyncio.to_thread(worker.wait_ready, 120)
         expected = sum(1 for e in events if e["value"] > 0)
         out = await read_topic_timestamps(ctx, sink, expected)
-        cpu = process_cpu_seconds(worker.proc.pid) - cpu0
+        sampling.cancel()
+        cpu = sampler.between(min(out) / 1000, max(out) / 1000) if out else None
         seconds = (max(out) - min(out)) / 1000 if len(out) > 1 else float("nan")
         rate = ctx.args.rate or 5000
         lat_seconds = float(ctx.args.options.get("latency_seconds", 10))
@@ -144,6 +164,31 @@ async def run(ctx: Context) -> Result:
                "(its sink record timestamp); the rest is the sink's ack and the reader's fetch",
                f"worker counters: {pipelines['pipelines'][0]['counters'] if isinstance(pipelines, dict) else pipelines}"],
     )
+
+
+class CpuSampler:
+    """CPU seconds of a process, sampled every ``interval`` seconds with the wall time."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, float]] = []
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.samples.append((time.time(), process_cpu_seconds(self.pid)))
+            except OSError:
+                return
+            await asyncio.sleep(self.interval)
+
+    def between(self, start: float, end: float) -> float:
+        """CPU seconds used from wall time ``start`` to ``end`` (nearest samples outside
+        the span, so it errs high by at most two intervals of CPU)."""
+        before = [cpu for at, cpu in self.samples if at <= start]
+        after = [cpu for at, cpu in self.samples if at >= end]
+        first = before[-1] if before else self.samples[0][1]
+        last = after[0] if after else self.samples[-1][1]
+        return last - first
 
 
 def spread(values: list[float]) -> dict[str, float | None]:
