@@ -59,3 +59,22 @@ def test_partitioner_matches_the_java_clients_default_partitioner():
         key = f"u{i}".encode()
         assert partition_for(key, 4, 0) == java_like(key, [0, 1, 2, 3], [0, 1, 2, 3])
     assert partition_for(None, 4, 6) == 2
+
+
+def test_records_appended_to_a_record_batch_are_counted_and_a_full_batch_refuses_more():
+    from aiokafka.producer.message_accumulator import BatchBuilder
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    from app.kafka_io import append_record, finished
+
+    batch = BatchBuilder(1024, 0)
+    count = 0
+    while append_record(batch, count, f"k{count}".encode(), b"v" * 100, [("h", b"1")] if count == 0 else []):
+        count += 1
+    assert 3 <= count < 10  # ~120 bytes a record in 1 KiB
+    built = finished(batch, count)
+    assert built.record_count() == count and built.closed()
+    records = list(DefaultRecordBatch(bytearray(built._build())))
+    assert [r.offset for r in records] == list(range(count))
+    assert [r.key for r in records] == [f"k{i}".encode() for i in range(count)]
+    assert records[0].headers == [("h", b"1")]
