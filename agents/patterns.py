@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from app import app, settings
-from app.batches import Batch, batch_agent
+from app.batches import Batch, batch_agent, from_partition
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
@@ -153,7 +153,8 @@ async def split_source_batch(source: str, fevents: Any) -> list[Item]:
                 value = orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
                                       "id": event_id, "e": event})
                 if transactional:
-                    await repartition_topic.send(key=key.encode(), value=value)
+                    with from_partition(m.partition):  # joins this record's transaction
+                        await repartition_topic.send(key=key.encode(), value=value)
                 else:
                     forward.append(OutgoingMessage(key.encode(), value, ()))
     if forward:
@@ -336,8 +337,9 @@ async def send_alerts(alerts: list[tuple[Any, bytes, bytes]]) -> None:
                                   [OutgoingMessage(key, value) for _, key, value in alerts],
                                   settings.topic_partitions)
         return
-    for _, key, value in alerts:
-        await alerts_topic.send(key=key, value=value)
+    for record, key, value in alerts:
+        with from_partition(record.message.partition):  # the matched record's transaction
+            await alerts_topic.send(key=key, value=value)
 
 
 def make_source_agent(source: str, topic: Any) -> None:

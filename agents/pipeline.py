@@ -33,7 +33,7 @@ import orjson
 from faust.streams import _current_event
 
 from app import app, settings
-from app.batches import Batch, BatchRecord, batch_agent
+from app.batches import Batch, BatchRecord, batch_agent, from_partition
 from app.codec import RecordError, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, kafka_io
@@ -258,20 +258,22 @@ class SinkWriter:
     """Where a pipeline's outputs go, one batch at a time: written before the batch is
     acked, so its offsets can only be committed after its outputs are durable.
 
-    Under at_least_once a batch's outputs go out as one record batch per partition
-    (``kafka_io.send_partitioned``), grouped here as they are made: Faust's per-message
-    send path costs more than the whole transformation. Under exactly_once every output
-    must join a Kafka transaction, and Faust picks the transaction by the *output*
-    partition (one transactional producer per partition number, committing that
-    partition's input offsets); so each output keeps its input's partition number,
-    sent through Faust with its event current.
+    Outputs go to their key's partition (``key_by``; keyless ones share one partition
+    per batch) under either guarantee. Under at_least_once a batch's outputs go out as
+    one record batch per partition (``kafka_io.send_partitioned``), grouped here as they
+    are made: Faust's per-message send path costs more than the whole transformation.
+    Under exactly_once every output goes through Faust into the transaction of the input
+    partition it came from (``from_partition``), the one that commits that input's
+    offset. (Before, each output kept its input's partition number, Faust's way of
+    finding a transaction, so ``key_by`` did not decide where it went.)
     """
 
     def __init__(self, sink: Any, exactly_once: bool) -> None:
         self.sink, self.name, self.exactly_once = sink, sink.get_topic_name(), exactly_once
         self.partition_of: KeyPartitioner | None = None
         self.groups: dict[int, list[tuple[bytes | None, bytes]]] = {}
-        self.transactional: list[tuple[Any, bytes | None, bytes]] = []
+        #: exactly_once: (input partition, output partition, key, value) per output.
+        self.transactional: list[tuple[int, int, bytes | None, bytes]] = []
         self.count = 0
         self._keyless = 0
 
@@ -284,11 +286,11 @@ class SinkWriter:
 
     def add(self, event: Any, key: bytes | None, value: bytes) -> None:
         self.count += 1
-        if self.exactly_once:
-            self.transactional.append((event, key, value))
-            return
         assert self.partition_of is not None
         partition = self._keyless if key is None else self.partition_of(key)
+        if self.exactly_once:
+            self.transactional.append((event.message.partition, partition, key, value))
+            return
         group = self.groups.get(partition)
         if group is None:
             group = self.groups[partition] = []
@@ -300,9 +302,9 @@ class SinkWriter:
         self.count = 0
         if self.exactly_once:
             outputs, self.transactional = self.transactional, []
-            for event, key, value in outputs:
-                set_current_event(event)
-                await self.sink.send(key=key, value=value, partition=event.message.partition)
+            for source_partition, partition, key, value in outputs:
+                with from_partition(source_partition):
+                    await self.sink.send(key=key, value=value, partition=partition)
             return None
         if not self.groups:
             return None

@@ -19,8 +19,9 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
   its record was processed (at-least-once). Under exactly_once the call and its acks form
   one ``commit_guard.processing()`` section, so a transaction commits outputs and the
   offsets of the records that produced them together, or neither; sends made in the
-  handler join the transaction of their partition number (``PROCESSING_TOPIC``,
-  ``app.transport.TransactionManager``; docs/delivery.md).
+  handler join the transaction of the input partition they come from, when the handler
+  says which (``from_partition``), else of their own partition number
+  (``PROCESSING_TOPIC``, ``app.transport.TransactionManager``; docs/delivery.md).
 * Rebalances wait for a running handler (``Consumer.wait_empty``), and no batch starts
   while flow is suspended or after the consumer generation changed.
 * A handler that raises crashes the worker without acking its batch (like Kafka Streams'
@@ -40,6 +41,7 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +134,22 @@ Handler = Callable[[Batch], Awaitable[None]]
 #: of the input (``app.transport.TransactionManager``).
 PROCESSING_TOPIC: ContextVar[str | None] = ContextVar("streametl_processing_topic", default=None)
 
+#: The partition (of ``PROCESSING_TOPIC``) of the record the outputs being sent now come
+#: from, when the handler says so (``from_partition``). Under exactly_once such an output
+#: joins that partition's transaction, the one that commits the record's offset, to
+#: whichever partition of its own topic it goes.
+SOURCE_PARTITION: ContextVar[int | None] = ContextVar("streametl_source_partition", default=None)
+
+
+@contextmanager
+def from_partition(partition: int | None) -> Iterator[None]:
+    """Sends inside come from a record of ``partition`` of the topic being processed."""
+    token = SOURCE_PARTITION.set(partition)
+    try:
+        yield
+    finally:
+        SOURCE_PARTITION.reset(token)
+
 
 @dataclass
 class BatchAgent:
@@ -174,4 +192,5 @@ def for_topic(topic_name: str) -> list[BatchAgent] | None:
     return BATCH_AGENTS.get(topic_name)
 
 
-__all__ = ["BATCH_AGENTS", "PROCESSING_TOPIC", "Batch", "BatchAgent", "BatchRecord", "batch_agent", "for_topic"]
+__all__ = ["BATCH_AGENTS", "PROCESSING_TOPIC", "SOURCE_PARTITION", "Batch", "BatchAgent", "BatchRecord", "batch_agent",
+           "for_topic", "from_partition"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from app.batches import from_partition
 from app.topics import dead_letters
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ async def send_dead_letter(
     partition: int | None = None, offset: int | None = None,
 ) -> None:
     """Send one refused record to the dead-letter topic (inside the current
-    transaction when processing is exactly-once, since it goes through Faust)."""
+    transaction when processing is exactly-once, since it goes through Faust: the one
+    of ``partition``, the refused record's own, when a batch of its topic is being
+    processed; ``app.batches.from_partition``)."""
     headers = dead_letter_headers(
         reason=reason, message=message, source_topic=source_topic, pipeline=pipeline,
         step=step, partition=partition, offset=offset,
     )
     log.debug("dead letter from %s: %s", source_topic, reason)
-    await dead_letters.send(key=key, value=value if value is not None else b"", headers=headers)
+    with from_partition(partition):
+        await dead_letters.send(key=key, value=value if value is not None else b"", headers=headers)

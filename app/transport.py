@@ -56,7 +56,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, Batch, for_topic
+from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch, for_topic
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -637,6 +637,13 @@ class TransactionManager(FaustTransactionManager):
     Here, a send made while input is processed (a batch agent's handler, a stream
     agent's event) always joins a transaction:
 
+    * when the handler names the input partition the output comes from
+      (``app.batches.from_partition``): that partition's transaction, which commits
+      the input record's offset, whatever partition the output goes to (Kafka
+      transactions span partitions; Kafka Streams likewise has one producer per task).
+      Batch agents do this for sinks keyed anywhere (pipelines' ``key_by``), pattern
+      repartitioning, alerts and dead letters. Otherwise, by the output's partition
+      number, as Faust does:
     * partition: the one given, else the key's partition once the consumer has
       fetched metadata for the topic;
     * topic group: the topic's own group if the assignor knows it (changelogs, source
@@ -661,6 +668,15 @@ class TransactionManager(FaustTransactionManager):
                    timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
         source = processing_topic()
         groups = self.app.assignor._topic_groups  # Faust's own map (group_for_topic raises KeyError)
+        source_partition = SOURCE_PARTITION.get()
+        if source is not None and source_partition is not None and source in groups:
+            # The handler said which input partition this output comes from: it joins
+            # that partition's transaction (the one committing that record's offset),
+            # whatever partition it goes to; Kafka transactions span partitions.
+            tid = f"{self.app.conf.id}-{groups[source]}-{source_partition}"
+            if tid in self.producer._transaction_producers:
+                return await self.producer.send(topic, key, value, partition, timestamp, headers,
+                                                transactional_id=tid)
         group = groups.get(topic)
         if group is None and source is not None:
             group = groups.get(source)

@@ -12,7 +12,7 @@ import asyncio
 import pytest
 from mode import Service
 
-from app.batches import PROCESSING_TOPIC
+from app.batches import PROCESSING_TOPIC, from_partition
 from app.transport import (
     SCHEME,
     FastConsumer,
@@ -282,6 +282,30 @@ def test_sends_outside_processing_and_to_unowned_partitions_stay_plain():
     run(main())
     assert host.producer.sent == [("sink", 0, None), ("src-changelog", 0, "g-1-0"), ("sink", 3, None)]
     assert host._warned == {("sink", 3)}
+
+
+def test_outputs_join_the_transaction_of_the_input_partition_they_come_from():
+    # Worker owns input partition 0 only: an output of a record of partition 0 keyed to
+    # partition 3 (another worker's) joins transaction g-1-0, which commits that record's
+    # offset; without from_partition it had no transaction to join (plain send).
+    host = TxnHost(producer=FakeTxnProducer(owned=(0,)))
+
+    async def main():
+        token = PROCESSING_TOPIC.set("src")
+        try:
+            with from_partition(0):
+                await host.send("sink", b"k", b"v", 3, None, None)
+                await host.send("sink", b"k", b"v", None, None, None)  # by key, left to the producer
+            with from_partition(1):  # not owned (revoked meanwhile): as before, plain
+                await host.send("sink", b"k", b"v", 3, None, None)
+        finally:
+            PROCESSING_TOPIC.reset(token)
+        with from_partition(0):  # not processing input: nothing to join
+            await host.send("sink", b"k", b"v", 3, None, None)
+
+    run(main())
+    assert host.producer.sent == [("sink", 3, "g-1-0"), ("sink", None, "g-1-0"), ("sink", 3, None),
+                                  ("sink", 3, None)]
 
 
 def test_transport_uses_the_transaction_manager():
