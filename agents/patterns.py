@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ def by_key_by(patterns: dict[str, Pattern], source: str) -> dict[str, list[Patte
 
 
 def alert_id(p: Pattern, tkey: str, match: Match) -> str:
-    ids = ",".join(str(e.get("event_id")) for e in match.evidence)
+    ids = ",".join([str(e.get("event_id")) for e in match.evidence])
     raw = f"{p.name}|{p.fingerprint}|{tkey}|{match.at}|{ids}"
     return hashlib.sha1(raw.encode()).hexdigest()[:20]
 
@@ -126,6 +127,14 @@ async def split_source_batch(source: str, fevents: Any) -> list[Item]:
         return local  # no pattern reads this source (yet): nothing to parse
     transactional = settings.processing_guarantee == "exactly_once"
     forward: list[OutgoingMessage] = []
+    time_field, source_key = ENGINE.time_field, ENGINE.source_key
+    # Nearly always every pattern of a source is keyed by one field: then no list of
+    # (field, value) per event (a list comprehension's frame and a list, ~5 % of the
+    # handler in pattern_micro).
+    only = next(iter(groups)) if len(groups) == 1 else None
+    #: The newest event time per partition, told to the clock once per batch (a call
+    #: and two wall-clock reads per event before; the clock is read between batches).
+    newest: dict[int, float] = {}
     for fe in fevents:
         m = fe.message
         try:
@@ -133,10 +142,13 @@ async def split_source_batch(source: str, fevents: Any) -> list[Item]:
         except RecordError as exc:
             await dead_letter(fe, exc.reason, str(exc))
             continue
-        keyed = [(kb, event.get(kb)) for kb in groups if event.get(kb) is not None]
+        if only is not None:
+            value = event.get(only)
+            keyed = ((only, value),) if value is not None else ()
+        else:
+            keyed = [(kb, event.get(kb)) for kb in groups if event.get(kb) is not None]
         if not keyed:
             continue  # no pattern is keyed by a field this event has: not for us
-        time_field = ENGINE.time_field
         ts = event_time(event.get(time_field))
         if ts is None:
             await dead_letter(fe, "invalid_event_time",
@@ -144,11 +156,12 @@ async def split_source_batch(source: str, fevents: Any) -> list[Item]:
             continue
         event_id = key_text(event["event_id"]) if event.get("event_id") is not None \
             else f"{m.topic}:{m.partition}:{m.offset}"
-        clock.observe(m.partition, ts)
+        if ts > newest.get(m.partition, -math.inf):
+            newest[m.partition] = ts
         for kb, value in keyed:
             key = key_text(value)
             tkey = table_key(kb, key)
-            if kb == ENGINE.source_key:
+            if kb == source_key:
                 local.append(Item(fe, tkey, kb, key, source, m.topic, m.offset, event, ts, event_id))
             else:
                 value = orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
@@ -157,6 +170,8 @@ async def split_source_batch(source: str, fevents: Any) -> list[Item]:
                     await repartition_topic.send(key=key.encode(), value=value)
                 else:
                     forward.append(OutgoingMessage(key.encode(), value, ()))
+    for partition, ts in newest.items():
+        clock.observe(partition, ts)
     if forward:
         await kafka_io.ready.wait()
         await kafka_io.send_batch(repartition_topic.get_topic_name(), forward, settings.topic_partitions)
@@ -194,16 +209,17 @@ def match_items(items: list[Item]) -> tuple:
             timed[(p.key_by, p.source)].append(p)
     counts: dict[tuple[str, int], list] = {}  # (pattern, partition) -> [record, n]
     alerts: list[tuple[Any, bytes, bytes]] = []  # (record, key, value)
-    state_writes: list[tuple[Any, bytes, Any]] = []
+    state_writes: list[tuple[Any, str, Any]] = []  # (record, table key, state)
     timer_writes: list[tuple[Any, bytes, Any]] = []
     cache = state_cache.entries
     for tkey, group in by_key.items():
         first = group[0]
         active = groups.get((first.key_by, first.source), ())
-        kbytes = table_key_bytes(tkey)
-        stored = cache.get((first.fevent.message.partition, kbytes))
+        # Cached by the table key itself: its stored form (JSON bytes) is made only
+        # for a read or a write (it was ~3 % of the handler per key per batch).
+        stored = cache.get((first.fevent.message.partition, tkey))
         if stored is None:
-            stored = state_store.read(first.fevent, kbytes) or {}
+            stored = state_store.read(first.fevent, table_key_bytes(tkey)) or {}
         offsets = stored.get("o") or {}
         states = stored.get("s") or {}
         changed = False
@@ -252,9 +268,10 @@ def match_items(items: list[Item]) -> tuple:
         new_state: dict[str, Any] = {"o": offsets, "s": states}
         if deadline is not None:
             new_state["t"] = deadline
-        state_writes.append((last, kbytes, new_state))
+        state_writes.append((last, tkey, new_state))
         # The state remembers its timer, so the timers table is touched only on change.
         if deadline != stored.get("t"):
+            kbytes = table_key_bytes(tkey)
             if deadline is None:
                 timer_writes.append((last, kbytes, {}))
                 timer_index.entries.pop(tkey, None)
@@ -300,22 +317,20 @@ async def apply_items(items: list[Item]) -> int:
         await asyncio.gather(send_alerts(alerts), timer_store.write_many(timer_writes),
                              count_store.write_many(count_writes))
         if defer:
-            put_dirty = state_cache.put_dirty
-            for record, key, value in state_writes:
-                put_dirty(record.message.partition, key, value)
+            state_cache.put_dirty_many(state_writes)
             if len(state_cache.dirty) >= max_dirty():
                 await flush_states()
         else:
-            await state_store.write_many([(record, key, encode_state(value))
-                                          for record, key, value in state_writes])
+            await state_store.write_many([(record, table_key_bytes(tkey), encode_state(value))
+                                          for record, tkey, value in state_writes])
     except BaseException:
         # The cached states may hold changes that were never written, or whose outputs
         # were never sent: none of them may be written or committed now.
         state_cache.fail()
         raise
     if not defer:
-        for record, key, value in state_writes:
-            state_cache.put(record.message.partition, key, value)
+        for record, tkey, value in state_writes:
+            state_cache.put(record.message.partition, tkey, value)
     return len(alerts)
 
 
@@ -363,11 +378,11 @@ async def flush_states() -> None:
             entries = state_cache.entries
             at: dict[int, Any] = {}
             items = []
-            for p, key in taken:
+            for p, tkey in taken:
                 record = at.get(p)
                 if record is None:
                     record = at[p] = state_store.at(p)
-                items.append((record, key, encode_state(entries[(p, key)])))
+                items.append((record, table_key_bytes(tkey), encode_state(entries[(p, tkey)])))
             await state_store.write_many(items)
         except BaseException:
             # Not written: still unwritten (with whatever became so meanwhile), so no

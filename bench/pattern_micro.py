@@ -62,6 +62,7 @@ def main() -> None:
         os.environ["STREAMETL_PATTERN_STATE_CACHE"] = "0"
     import agents.patterns as engine  # after the environment: the app reads it at import
     from app.kafka_io import partition_for
+    from tables.patterns import table_key_bytes
 
     store: dict[bytes, bytes] = {}
     engine.state_store.read = lambda _record, key: orjson.loads(store[key]) if key in store else None
@@ -99,11 +100,14 @@ def main() -> None:
             t1 = clock()
             alerts, state_writes, _timers, _counts = engine.match_items(local)
             t2 = clock()
-            for record, key, value in state_writes:  # as apply_items does
-                cache.put_dirty(record.message.partition, key, value)
+            if cache.limit <= 0:  # no cache: written every batch
+                for _record, tkey, value in state_writes:
+                    store[table_key_bytes(tkey)] = engine.encode_state(value)
+            else:
+                cache.put_dirty_many(state_writes)  # as apply_items does
             if (batch + 1) % flush_every == 0 or i + 5000 >= n:  # as flush_states does
-                for p, key in cache.dirty:
-                    store[key] = engine.encode_state(cache.entries[(p, key)])
+                for p, tkey in cache.dirty:
+                    store[table_key_bytes(tkey)] = engine.encode_state(cache.entries[(p, tkey)])
                 cache.dirty.clear()
             phases["split"] += t1 - t0
             phases["match"] += t2 - t1

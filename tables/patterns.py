@@ -79,7 +79,8 @@ def table_key_bytes(key: str) -> bytes:
 
 
 class StateCache:
-    """The decoded ``pattern-state`` values of recently matched keys, by (partition, key).
+    """The decoded ``pattern-state`` values of recently matched keys, by (partition,
+    table key) (the key as a string, ``"user_id=u1"``; stored as its JSON).
 
     Why: with many keys nearly every event is a distinct key in its batch, and reading a
     state back (RocksDB get + JSON decode, ~10 µs) cost as much as matching it. This
@@ -99,10 +100,10 @@ class StateCache:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.entries: dict[tuple[int, bytes], Any] = {}
+        self.entries: dict[tuple[int, str], Any] = {}
         self.assignment: frozenset | None = None
         #: (partition, key) of the cached states not written yet, in first-dirtied order.
-        self.dirty: dict[tuple[int, bytes], None] = {}
+        self.dirty: dict[tuple[int, str], None] = {}
         self.failed = False
 
     def check(self, assignment: frozenset) -> None:
@@ -126,19 +127,32 @@ class StateCache:
         self.entries.clear()
         self.assignment = None
 
-    def put(self, partition: int, key: bytes, value: Any) -> None:
+    def put(self, partition: int, key: str, value: Any) -> None:
         if self.limit <= 0:
             return
         if len(self.entries) >= self.limit:
-            # Start over, but keep what is not written yet.
-            dirty = self.dirty
-            self.entries = {k: v for k, v in self.entries.items() if k in dirty}
+            self._start_over()
         self.entries[(partition, key)] = value
 
-    def put_dirty(self, partition: int, key: bytes, value: Any) -> None:
+    def _start_over(self) -> None:
+        # Keep what is not written yet.
+        dirty = self.dirty
+        self.entries = {k: v for k, v in self.entries.items() if k in dirty}
+
+    def put_dirty(self, partition: int, key: str, value: Any) -> None:
         """Cache a state that is written later (before the next offset commit)."""
         self.put(partition, key, value)
         self.dirty[(partition, key)] = None
+
+    def put_dirty_many(self, writes: list[tuple[Any, str, Any]]) -> None:
+        """``put_dirty`` of a batch's (record, key, state): the room is made once."""
+        if len(self.entries) + len(writes) > self.limit:
+            self._start_over()
+        entries, dirty = self.entries, self.dirty
+        for record, key, value in writes:
+            ck = (record.message.partition, key)
+            entries[ck] = value
+            dirty[ck] = None
 
 
 state_cache = StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")))
