@@ -2,10 +2,23 @@
 
 Runs the bench's pattern-detect events through ``split_source_batch`` + ``match_items``
 in batches of 5,000, with a dict standing in for RocksDB (get + JSON decode on a cache
-miss, JSON encode per written state, as ``apply_items`` does), and prints
-``time.process_time`` per event. Also the five matchers alone.
+miss, JSON encode per written state), and prints ``time.process_time`` per event. Also
+the five matchers alone.
 
-    .venv/bin/python -m bench.pattern_micro [EVENTS] [--no-cache] [--gc-threshold] [--no-gc] [--profile]
+States are written as the worker writes them under at_least_once: changed states are
+kept unwritten in the cache and encoded once per commit (``flush_states``), here every
+``--flush-every=N`` batches. Default 2: Faust commits every ``broker_commit_every``
+(10,000) acked records as well as every second, so a backlog of 5,000-record fetches is
+committed every second batch. ``--flush-every=1`` writes every batch (exactly_once, or
+before the write-back).
+
+The garbage collector is set up as the worker sets it up (``app/gc_tuning.py``: the
+thresholds of ``STREAMETL_GC_THRESHOLDS``, 50,000/20/100 by default, and the start-up
+heap frozen), so the GC share is the worker's. Before, the micro ran with Python's
+700/10/10 unless told otherwise, and its GC share (~25 µs per event) was several times
+the worker's; ``--python-gc`` gives that set-up back.
+
+    .venv/bin/python -m bench.pattern_micro [EVENTS] [--no-cache] [--python-gc] [--no-gc] [--profile]
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ class Record:
 def main() -> None:
     args = sys.argv[1:]
     n = int(next((a for a in args if a.isdigit()), 100_000))
+    flush_every = int(next((a.split("=", 1)[1] for a in args if a.startswith("--flush-every=")), 2))
     config = os.path.join(tempfile.mkdtemp(), "patterns.yaml")
     with open(config, "w") as f:
         yaml.safe_dump({"patterns": {"sources": ["events"], "source_key": "user_id",
@@ -50,6 +64,7 @@ def main() -> None:
         os.environ["STREAMETL_PATTERN_STATE_CACHE"] = "0"
     import agents.patterns as engine  # after the environment: the app reads it at import
     from app.kafka_io import partition_for
+    from tables.patterns import table_key_bytes
 
     store: dict[bytes, bytes] = {}
     engine.state_store.read = lambda _record, key: orjson.loads(store[key]) if key in store else None
@@ -76,26 +91,41 @@ def main() -> None:
         else:
             phases["gc"] += time.process_time() - gc_started[0]
 
+    cache = engine.state_cache
+
     async def run() -> int:
         alerts_total = 0
         clock = time.process_time
-        for i in range(0, n, 5000):
+        for batch, i in enumerate(range(0, n, 5000)):
             t0 = clock()
             local = await engine.split_source_batch("events", records[i:i + 5000])
             t1 = clock()
             alerts, state_writes, _timers, _counts = engine.match_items(local)
             t2 = clock()
-            for record, key, value in state_writes:
-                store[key] = engine.encode_state(value)  # as apply_items does
-                engine.state_cache.put(record.message.partition, key, value)
+            if cache.limit <= 0:  # no cache: written every batch
+                for _record, tkey, value in state_writes:
+                    store[table_key_bytes(tkey)] = engine.encode_state(value)
+            else:
+                cache.put_dirty_many(state_writes)  # as apply_items does
+            if (batch + 1) % flush_every == 0 or i + 5000 >= n:  # as flush_states does
+                for p, tkey in cache.dirty:
+                    store[table_key_bytes(tkey)] = engine.encode_state(cache.entries[(p, tkey)])
+                cache.dirty.clear()
             phases["split"] += t1 - t0
             phases["match"] += t2 - t1
             phases["encode"] += clock() - t2
             alerts_total += len(alerts)
         return alerts_total
 
-    if "--gc-threshold" in args:
-        gc.set_threshold(50_000, 20, 100)
+    if "--python-gc" not in args:  # as the worker does (app/gc_tuning.py)
+        from app import settings
+        from app.gc_tuning import freeze_heap
+
+        thresholds = settings.gc_threshold_values()
+        if thresholds is not None:
+            gc.set_threshold(*thresholds)
+        if settings.gc_freeze:
+            freeze_heap()
     if "--no-gc" in args:
         gc.disable()
     if "--profile" in args:

@@ -79,7 +79,8 @@ def table_key_bytes(key: str) -> bytes:
 
 
 class StateCache:
-    """The decoded ``pattern-state`` values of recently matched keys, by (partition, key).
+    """The decoded ``pattern-state`` values of recently matched keys, by (partition,
+    table key) (the key as a string, ``"user_id=u1"``; stored as its JSON).
 
     Why: with many keys nearly every event is a distinct key in its batch, and reading a
     state back (RocksDB get + JSON decode, ~10 µs) cost as much as matching it. This
@@ -88,41 +89,73 @@ class StateCache:
     partitions are revoked or assigned (Faust's signals, and a per-batch check of the
     assignment in case a signal is missed), and by a handler that fails half-way.
     ``STREAMETL_PATTERN_STATE_CACHE`` keys at most (0 = off); when full it starts over.
+
+    It is also the write-back buffer of the states under at_least_once
+    (``agents.patterns``): ``dirty`` holds the keys whose cached state is newer than
+    RocksDB and the changelog; they are written before the next offset commit, and
+    never dropped unwritten (``clear`` refuses, a full cache keeps them). After a
+    failure that may have left a dirty state half-updated, ``failed`` is set: no flush
+    (so no commit) may write it, and a restart replays from the last commit.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.entries: dict[tuple[int, bytes], Any] = {}
+        self.entries: dict[tuple[int, str], Any] = {}
         self.assignment: frozenset | None = None
+        #: (partition, key) of the cached states not written yet, in first-dirtied order.
+        self.dirty: dict[tuple[int, str], None] = {}
+        self.failed = False
 
     def check(self, assignment: frozenset) -> None:
         if assignment != self.assignment:
-            self.entries.clear()
+            self.clear()
             self.assignment = assignment
 
     def clear(self) -> None:
+        if self.dirty:
+            raise RuntimeError(f"{len(self.dirty)} unwritten pattern states would be lost; flush first")
         self.entries.clear()
         self.assignment = None
 
-    def put(self, partition: int, key: bytes, value: Any) -> None:
+    def fail(self) -> None:
+        """Forget everything after a handler failed half-way: a cached state may hold
+        changes whose outputs were never sent. Unwritten states stay unwritten for
+        good (``failed``), so the offsets they cover are never committed."""
+        if self.dirty:
+            self.failed = True
+            self.dirty.clear()
+        self.entries.clear()
+        self.assignment = None
+
+    def put(self, partition: int, key: str, value: Any) -> None:
         if self.limit <= 0:
             return
         if len(self.entries) >= self.limit:
-            self.entries.clear()
+            self._start_over()
         self.entries[(partition, key)] = value
+
+    def _start_over(self) -> None:
+        # Keep what is not written yet.
+        dirty = self.dirty
+        self.entries = {k: v for k, v in self.entries.items() if k in dirty}
+
+    def put_dirty(self, partition: int, key: str, value: Any) -> None:
+        """Cache a state that is written later (before the next offset commit)."""
+        self.put(partition, key, value)
+        self.dirty[(partition, key)] = None
+
+    def put_dirty_many(self, writes: list[tuple[Any, str, Any]]) -> None:
+        """``put_dirty`` of a batch's (record, key, state): the room is made once."""
+        if len(self.entries) + len(writes) > self.limit:
+            self._start_over()
+        entries, dirty = self.entries, self.dirty
+        for record, key, value in writes:
+            ck = (record.message.partition, key)
+            entries[ck] = value
+            dirty[ck] = None
 
 
 state_cache = StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")))
-
-
-@app.on_partitions_revoked.connect
-async def _drop_state_cache_on_revoke(sender: Any, *args: Any, **kwargs: Any) -> None:
-    state_cache.clear()
-
-
-@app.on_partitions_assigned.connect
-async def _drop_state_cache_on_assign(sender: Any, *args: Any, **kwargs: Any) -> None:
-    state_cache.clear()
 
 
 class EventClock:
