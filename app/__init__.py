@@ -33,6 +33,7 @@ app = faust.App(
     web_port=settings.web_port,
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
     broker_commit_interval=settings.commit_interval,
+    broker_commit_every=settings.commit_every,
     broker_max_poll_records=settings.max_poll_records,
     consumer_max_fetch_size=settings.max_partition_fetch_bytes,
     producer_linger=settings.producer_linger,

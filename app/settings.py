@@ -57,6 +57,9 @@ class Settings:
     auto_create_topics: bool = False
     # Stream processing
     commit_interval: float = 1.0
+    # Also commit after this many acked records (Faust's broker_commit_every), besides
+    # every commit_interval seconds.
+    commit_every: int = 10_000
     batch_max: int = 2000
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
@@ -120,6 +123,8 @@ class Settings:
                 "processing_guarantee must be at_least_once or exactly_once, "
                 f"not {self.processing_guarantee!r}"
             )
+        if self.commit_every < 1:
+            raise SettingsError("commit_every must be >= 1")
         if self.topic_partitions < 1:
             raise SettingsError("topic_partitions must be >= 1")
         if not 0 < self.web_port < 65536:

@@ -74,3 +74,15 @@ def test_dockerfile_installs_the_package_and_runs_the_worker():
     text = (REPO / "Dockerfile").read_text()
     assert "pip install" in text
     assert 'CMD ["streametl", "worker"' in text
+
+
+def test_commit_every_reaches_faust_and_refuses_nonsense():
+    import pytest
+
+    from app import app
+    from app.settings import Settings, SettingsError
+
+    assert app.conf.broker_commit_every == Settings().commit_every == 10_000
+    assert Settings.from_env({"STREAMETL_COMMIT_EVERY": "50000"}).commit_every == 50_000
+    with pytest.raises(SettingsError, match="commit_every"):
+        Settings(commit_every=0).validate()
