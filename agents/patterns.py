@@ -318,6 +318,7 @@ async def apply_items(items: list[Item]) -> int:
         await asyncio.gather(send_alerts(alerts), timer_store.write_many(timer_writes),
                              count_store.write_many(count_writes))
         if defer:
+            flush_before_commits()
             state_cache.put_dirty_many(state_writes)
             if len(state_cache.dirty) >= max_dirty():
                 await flush_states()
@@ -403,10 +404,17 @@ async def _flush_and_drop_states(*args: Any, **kwargs: Any) -> None:
 
 app.on_partitions_revoked.connect(_flush_and_drop_states)
 app.on_partitions_assigned.connect(_flush_and_drop_states)
-if source_topics and settings.processing_guarantee == "at_least_once":
-    # Kafka Streams' commit: flush the state cache, then commit the offsets
-    # (app/transport.py runs these hooks between batches, before each commit).
-    commit_guard.before_commit.append(flush_states)
+def flush_before_commits() -> None:
+    """Kafka Streams' commit: flush the state cache, then commit the offsets
+    (app/transport.py runs these hooks between batches, before each commit).
+
+    Registered when the first state is left unwritten (before that batch is acked, so
+    before any commit could cover it), not at start: with a hook, every commit of the
+    worker waits for the batch in hand and holds the next one back for its round trip,
+    which a worker whose engine matches nothing (a transform pipeline on ``events``,
+    the engine's default source) should not pay."""
+    if flush_states not in commit_guard.before_commit:
+        commit_guard.before_commit.append(flush_states)
 
 
 def encode_state(value: dict[str, Any]) -> bytes:

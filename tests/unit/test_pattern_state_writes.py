@@ -181,3 +181,14 @@ def test_the_cache_never_drops_an_unwritten_state():
         cache.check(frozenset({"other"}))
     cache.fail()
     assert cache.failed and not cache.entries and not cache.dirty
+
+
+def test_the_flush_hook_is_registered_with_the_first_unwritten_state_and_once(env):
+    from app.transport import commit_guard
+
+    _, _, monkeypatch = env
+    monkeypatch.setattr(commit_guard, "before_commit", [])  # a worker whose engine matched nothing yet
+    run(engine.apply_items(batches()[0]))
+    assert commit_guard.before_commit == [engine.flush_states]  # before the batch's ack
+    run(engine.apply_items(batches()[1]))
+    assert commit_guard.before_commit == [engine.flush_states]
