@@ -99,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", type=int, default=8, help="fetches per commit (flush)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-gc", action="store_true", help="gc.disable() while measuring")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="Python's default collector set-up instead of the worker's "
+                             "(STREAMETL_GC_THRESHOLDS, heap frozen after set-up)")
     args = parser.parse_args(argv)
 
     path = Path(tempfile.mkdtemp(prefix="streametl-micro-")) / "pipelines.yaml"
@@ -149,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     batches = [sorted(b, key=lambda r: r[0]) for b in batches]
     del records
     gc.collect()
+    if not args.python_gc:
+        # As app/gc_tuning.py sets up a worker: larger young passes, start-up heap frozen.
+        from app import settings
+        from app.gc_tuning import freeze_heap
+
+        thresholds = settings.gc_threshold_values()
+        if thresholds is not None:
+            gc.set_threshold(*thresholds)
+        if settings.gc_freeze:
+            freeze_heap()
 
     async def go() -> None:
         flush = getattr(runner, "flush", None)
