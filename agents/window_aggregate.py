@@ -97,6 +97,8 @@ class WindowRunner:
         #: for the one before it, so results reach the broker in the order they were made.
         self._sending: list[asyncio.Future] = []
         self._sink_partitions: KeyPartitioner | None = None
+        #: (final, closed_by, superseded) -> result JSON template (``_result_format``).
+        self._formats: dict[tuple[bool, str | None, bool], bytes] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -179,17 +181,40 @@ class WindowRunner:
 
     # --- processing -------------------------------------------------------------------
 
+    def _result_format(self, final: bool, closed_by: str | None, superseded: bool) -> bytes:
+        """The JSON of app.models.windows.WindowResult (``to_json_dict``: same fields,
+        same order, orjson's compact form) with ``%``-placeholders for what differs per
+        window: key (JSON), start, end, count and aggregates (JSON).
+
+        Why a template rather than a dict for orjson: building the dict and encoding it
+        cost ~1.8 µs per result, and orjson's output object keeps an over-allocated
+        buffer (about 4 KB with orjson 3.12+) for as long as the result waits for its
+        acknowledgement; filling this template costs ~0.6 µs and makes an exact-size
+        bytes object. Window bounds and counts are ints (ms, records), so ``%d``."""
+        fmt = self._formats.get((final, closed_by, superseded))
+        if fmt is None:
+            def lit(value: Any) -> bytes:
+                return orjson.dumps(value).replace(b"%", b"%%")
+
+            d = self.defn
+            fmt = self._formats[(final, closed_by, superseded)] = (
+                b'{"source":' + lit(d.source) + b',"window":' + lit(d.name) + b',"key":%b'
+                b',"window_type":' + lit(self.spec.kind) + b',"start":%d,"end":%d,"count":%d'
+                b',"aggregates":%b,"final":' + lit(final) + b',"closed_by":' + lit(closed_by)
+                + b',"superseded":' + lit(superseded) + b"}")
+        return fmt
+
+    def _aggregates_json(self, state: dict[str, Any]) -> bytes:
+        aggs = self.aggs
+        return orjson.dumps(state if aggs.result_is_state else aggs.result(state))
+
     def _result(self, key: str, w: dict[str, Any], final: bool, closed_by: str | None = None,
                 superseded: bool = False) -> tuple[Any, bytes, bytes]:
-        # The JSON of app.models.windows.WindowResult (to_json_dict, same field order),
-        # built directly: a Faust Record costs ~40 µs to construct, this ~2 µs.
-        out = {
-            "source": self.defn.source, "window": self.defn.name, "key": key,
-            "window_type": self.spec.kind, "start": w["s"], "end": w["e"], "count": w["n"],
-            "aggregates": None if superseded else self.aggs.result(w["a"]), "final": final,
-            "closed_by": closed_by, "superseded": superseded,
-        }
-        return self.sink, key.encode(), orjson.dumps(out)
+        # A Faust Record (WindowResult) cost ~40 µs to construct; see _result_format.
+        aggregates = b"null" if superseded else self._aggregates_json(w["a"])
+        value = self._result_format(final, closed_by, superseded) % (
+            orjson.dumps(key), w["s"], w["e"], w["n"], aggregates)
+        return self.sink, key.encode(), value
 
     async def process(self, records: Any) -> None:
         """Apply one batch of records, emit results and late records (awaited), then
@@ -407,7 +432,10 @@ class WindowRunner:
         buffer = self.buffer
         cached = buffer._values
         expire = W.expire
-        result = self._result
+        sink = self.sink
+        fmt = self._result_format(True, "event_time", False)
+        dumps = orjson.dumps
+        aggregates_json = dumps if self.aggs.result_is_state else self._aggregates_json
         heappop = heapq.heappop
         while times and times[0] <= st:
             due = heappop(times)
@@ -421,9 +449,12 @@ class WindowRunner:
                 closed = expire(spec, state, st)
                 if closed:
                     if final:
-                        key_s = key.decode()
+                        # _result inlined (one call per closed window saved); the key is
+                        # already the bytes the result is keyed by.
+                        key_json = dumps(key.decode())
                         for w in closed:
-                            out.append(result(key_s, w, True, "event_time"))
+                            out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
+                                                          aggregates_json(w["a"]))))
                     buffer.put(key, state, p)
                 if state.get("w"):
                     self._schedule(p, key, state)

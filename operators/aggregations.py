@@ -305,6 +305,9 @@ class AggregateSet:
                 raise AggregationError("invalid_spec", f"aggregation {s.name!r} ({s.kind}) needs a field")
             self.aggs.append(agg)
         self._items = list(zip(self.specs, self.aggs, strict=True))
+        #: True when ``result(state)`` equals ``state`` (a caller that only encodes the
+        #: result may then encode the state without the copy).
+        self.result_is_state = False
         # Hot-path tables (one lookup per aggregation per record, no attribute walks).
         self._adders = tuple((s.name, a.add) for s, a in self._items)
         self._inits = tuple((s.name, a.init) for s, a in self._items)
@@ -326,6 +329,7 @@ class AggregateSet:
             #   their results are the states themselves (a copy: the caller may keep it).
             self.add = _fused_adder([(s.name, a.builtin) for s, a in self._items])  # type: ignore[method-assign]
             self.result = dict  # type: ignore[method-assign,assignment]
+            self.result_is_state = True
 
     def extract(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The input value of each aggregation from one record; AggregationError if

@@ -204,3 +204,36 @@ def test_exactly_once_discards_only_the_named_tables_local_state(tmp_path):
                                             "window-t-backups"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pattern-state-0.db", "window-t-x-0.db",
                                                           "window-tt-0.db"]
+
+
+@pytest.mark.parametrize("aggregations", [
+    [{"name": "n", "type": "count"}, {"name": "sum", "type": "sum", "field": "v"}],  # states are results
+    [{"name": "m", "type": "mean", "field": "v"}, {"name": "p", "type": "percentiles", "field": "v",
+                                                   "percentiles": [50, 99]}],
+])
+@pytest.mark.parametrize("key", ["u1", 'quote"back\\slash%d%%', "ünï €", "\x01ctl"])
+def test_result_json_equals_the_window_result_record(aggregations, key):
+    """The results are filled-in templates (``_result_format``), not a WindowResult:
+    their bytes must equal what orjson makes of ``WindowResult.to_json_dict()``, for
+    every variant (final/update, each ``closed_by``, superseded) and any key text."""
+    from app.models.windows import WindowResult
+
+    defn = parse_window_def({
+        "name": "t.1", "source": "cl%dicks", "key_by": "user", "time_field": "ts",
+        "window": {"type": "session", "gap": 5}, "aggregations": aggregations, "repartition": False,
+    })
+    r = WindowRunner(defn, None, None, "sink", "late")
+    w = {"s": 1_700_000_000_000, "e": 1_700_000_004_500, "n": 0, "a": r.aggs.init()}
+    for v in (3, 4.5, -2):
+        r.aggs.add(w["a"], {"n": None, "sum": v, "m": v, "p": v}, 0)
+        w["n"] += 1
+    for final, closed_by, superseded in [(True, "event_time", False), (True, "count", False),
+                                         (True, "idle", False), (False, None, False), (False, None, True)]:
+        topic, k, value = r._result(key, w, final, closed_by, superseded)
+        want = WindowResult(
+            source="cl%dicks", window="t.1", key=key, window_type="session", start=w["s"], end=w["e"],
+            count=3, aggregates=None if superseded else r.aggs.result(w["a"]), final=final,
+            closed_by=closed_by, superseded=superseded,
+        ).to_json_dict()
+        assert (topic, k) == ("sink", key.encode())
+        assert value == orjson.dumps(want)
