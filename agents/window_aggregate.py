@@ -419,7 +419,7 @@ class WindowRunner:
             ("late.stream_time", str(st).encode()),
             ("late.grace_ms", str(self.spec.grace).encode()),
         ]
-        return self.late, key.encode(), orjson.dumps(value), headers
+        return self.late, key.encode(), bytes(memoryview(orjson.dumps(value))), headers
 
     def _close_due(self, p: int, out: list, final: bool) -> None:
         times = self.due_times.get(p)
@@ -672,7 +672,9 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
                 runner.stats["dead_letters"] += 1
                 continue
             headers = ((SRC_PARTITION, str(r.partition).encode()), (SRC_OFFSET, str(r.offset).encode()))
-            out.append(OutgoingMessage(key.encode(), orjson.dumps([ts, values]), headers, None))
+            # A copy: orjson's output object keeps a ~4 KB buffer while it waits for the
+            # acknowledgement (see PartitionStore.write_partitions).
+            out.append(OutgoingMessage(key.encode(), bytes(memoryview(orjson.dumps([ts, values]))), headers, None))
         if out:
             await kafka_io.ready.wait()
             await kafka_io.send_topics({keyed_name: out})
