@@ -16,15 +16,21 @@ from app.windows import decode_source, make_decoder, parse_window_def
 
 
 class Rec:
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "raw_headers")
+    """The fields of aiokafka's ConsumerRecord the runner reads (timestamp in ms)."""
 
-    def __init__(self, partition, offset, value, headers=None):
+    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers")
+
+    def __init__(self, partition, offset, value, headers=()):
         self.topic, self.partition, self.offset = "clicks", partition, offset
-        self.key, self.value, self.timestamp, self.raw_headers = None, value, 1.0, headers
+        self.key, self.value, self.timestamp, self.headers = None, value, 1000, headers
 
-    @property
-    def message(self):
-        return self
+
+def parts(batch):
+    """A batch as the batch agent hands it over: (partition, its records) per partition."""
+    by_p = defaultdict(list)
+    for rec in batch:
+        by_p[rec.partition].append(rec)
+    return list(by_p.items())
 
 
 class Store:
@@ -58,9 +64,11 @@ def runner(store, defer=True):
     r = WindowRunner(DEF, None, None, "sink", "late")
     r.store = store
     r.sent = []
+    r.dead = []
 
     async def deliver(out, dead):
         r.sent.extend(out)
+        r.dead.extend(dead)
 
     r._deliver = deliver
     r._ensure_index = lambda: None
@@ -88,7 +96,7 @@ def test_state_is_written_only_by_flush_and_results_equal_a_fold():
 
     async def go():
         for b in batches():
-            await r.process(b)
+            await r.process(parts(b))
             assert store.flushes == 0  # nothing written between commits
         await r.flush()
 
@@ -119,7 +127,7 @@ def test_a_failed_flush_keeps_everything_dirty():
     r = runner(store)
 
     async def go():
-        await r.process(batches()[0])
+        await r.process(parts(batches()[0]))
         dirty = r.buffer.dirty_count
         with pytest.raises(RuntimeError):
             await r.flush()
@@ -137,7 +145,7 @@ def test_per_batch_flush_when_not_deferring():
 
     async def go():
         for b in batches()[:3]:
-            await r.process(b)
+            await r.process(parts(b))
 
     asyncio.run(go())
     assert store.flushes == 3 and r.buffer.dirty_count == 0
@@ -237,3 +245,18 @@ def test_result_json_equals_the_window_result_record(aggregations, key):
         ).to_json_dict()
         assert (topic, k) == ("sink", key.encode())
         assert value == orjson.dumps(want)
+
+
+def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
+    """Per fetch part: a record that cannot be decoded is handed to the dead-letter
+    sender as the consumer's record itself (topic, partition, offset for the headers),
+    a tick is not counted as input, and the good records of the part still apply."""
+    r = runner(Store())
+    good = Rec(1, 5, orjson.dumps({"user": "a", "ts": 1_000, "v": 2}))
+    bad = Rec(1, 6, b"not json")
+    no_key = Rec(1, 7, orjson.dumps({"ts": 1_000, "v": 2}))
+    tick = Rec(1, 8, b"", headers=[("streametl.tick", b"1")])
+
+    asyncio.run(r.process([(1, [good, bad, no_key, tick])]))
+    assert [(rec, exc.reason) for rec, exc in r.dead] == [(bad, "invalid_json"), (no_key, "missing_key")]
+    assert r.stats["records"] == 1 and r.buffer.dirty_count == 1
