@@ -143,21 +143,35 @@ class WindowRunner:
         windows close at a few distinct times; adding a key is a list append and the
         heap holds a handful of integers (a heap of 10,000 tuples cost ~1 µs per pop)."""
         nc = W.next_close(self.spec, state)
-        if nc is None:
-            return
+        if nc is not None:
+            self._index_at(p, key, nc, *self._index_of(p))
+
+    def _index_of(self, p: int) -> tuple[dict[bytes, int | None], dict[int, list[bytes]], list[int]]:
+        """Partition ``p``'s close index: key -> scheduled close, close time -> keys, and
+        the heap of those close times (created on first use)."""
         open_p = self.open.get(p)
         if open_p is None:
             open_p = self.open[p] = {}
+        due_p = self.due.get(p)
+        if due_p is None:
+            due_p = self.due[p] = {}
+        times_p = self.due_times.get(p)
+        if times_p is None:
+            times_p = self.due_times[p] = []
+        return open_p, due_p, times_p
+
+    @staticmethod
+    def _index_at(p: int, key: bytes, nc: int, open_p: dict[bytes, int | None],
+                  due_p: dict[int, list[bytes]], times_p: list[int]) -> None:
+        """Schedule ``key`` to be looked at when stream time reaches ``nc``, unless it is
+        scheduled no later already (see ``_schedule``). ``process`` inlines this."""
         cur = open_p.get(key)
         if cur is None or nc < cur:
             open_p[key] = nc
-            due = self.due.get(p)
-            if due is None:
-                due = self.due[p] = {}
-            keys = due.get(nc)
+            keys = due_p.get(nc)
             if keys is None:
-                due[nc] = [key]
-                heapq.heappush(self.due_times.setdefault(p, []), nc)
+                due_p[nc] = [key]
+                heapq.heappush(times_p, nc)
             else:
                 keys.append(key)
 
@@ -242,6 +256,8 @@ class WindowRunner:
         repartition = self.defn.repartition
         decode = self.decode
         apply_record = W.apply_record
+        next_close = W.next_close
+        heappush = heapq.heappush
         buffer = self.buffer
         cached = buffer._values
         # buffer.put inline: the state is already the cached value (get or load above).
@@ -258,6 +274,7 @@ class WindowRunner:
             meta = self._meta(p)
             st = meta["st"]
             pkey = str(p)
+            open_p, due_p, times_p = self._index_of(p)
             self.meta_dirty.add(p)
             touched.add(p)
             active = False
@@ -322,7 +339,19 @@ class WindowRunner:
                             out.append(self._result(key_s, w, True, "count"))
                 dirty_keys[key] = p
                 if applied.created:
-                    self._schedule(p, key, state)
+                    # The record opened a window, which may close before the key's
+                    # scheduled close: _schedule, inlined (about 60 % of the records here).
+                    nc = next_close(spec, state)
+                    if nc is not None:
+                        cur = open_p.get(key)
+                        if cur is None or nc < cur:
+                            open_p[key] = nc
+                            keys = due_p.get(nc)
+                            if keys is None:
+                                due_p[nc] = [key]
+                                heappush(times_p, nc)
+                            else:
+                                keys.append(key)
             meta["st"] = st
         stats["records"] += n_records
         buffer.updates += n_records
@@ -430,17 +459,20 @@ class WindowRunner:
         if not times:
             return
         st = self.meta[p]["st"]
-        open_p = self.open.setdefault(p, {})
-        due_p = self.due[p]
+        open_p, due_p, times_p = self._index_of(p)
         spec = self.spec
         buffer = self.buffer
         cached = buffer._values
+        dirty_keys = buffer._dirty
         expire = W.expire
+        next_close = W.next_close
+        index_at = self._index_at
         sink = self.sink
         fmt = self._result_format(True, "event_time", False)
         dumps = orjson.dumps
         aggregates_json = dumps if self.aggs.result_is_state else self._aggregates_json
         heappop = heapq.heappop
+        n_put = 0
         while times and times[0] <= st:
             due = heappop(times)
             for key in due_p.pop(due):
@@ -459,9 +491,14 @@ class WindowRunner:
                         for w in closed:
                             out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
                                                           aggregates_json(w["a"]))))
-                    buffer.put(key, state, p)
+                    # buffer.put inlined: the state is the cached value already.
+                    dirty_keys[key] = p
+                    n_put += 1
                 if state.get("w"):
-                    self._schedule(p, key, state)
+                    nc = next_close(spec, state)
+                    if nc is not None:
+                        index_at(p, key, nc, open_p, due_p, times_p)
+        buffer.updates += n_put
 
     def _idle_close(self, p: int, now: float, out: list, final: bool) -> None:
         if now - self.last_activity.get(p, 0.0) < self.defn.idle_close:
