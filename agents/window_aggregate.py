@@ -487,7 +487,9 @@ class WindowRunner:
                     if final:
                         # _result inlined (one call per closed window saved); the key is
                         # already the bytes the result is keyed by.
-                        key_json = dumps(key.decode())
+                        # Letters and digits only (ASCII): the JSON string is the key
+                        # in quotes; anything else is escaped by orjson.
+                        key_json = b'"%b"' % key if key.isalnum() else dumps(key.decode())
                         for w in closed:
                             out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
                                                           aggregates_json(w["a"]))))

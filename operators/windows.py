@@ -376,7 +376,7 @@ def apply_record(
 def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[dict[str, Any]]:
     """Remove and return the windows of this key that are closed at ``stream_time``
     (count windows: the full ones), oldest end first."""
-    windows = state.get("w", [])
+    windows = state.get("w", ())
     kind = spec.kind
     if kind == "tumbling" or kind == "hopping":
         # Sorted by start = by end (fixed size): the closed ones are a prefix.
@@ -388,6 +388,10 @@ def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[di
             n += 1
         if not n:
             return []
+        if n == len(windows):
+            # All of them (a tumbling key's one window, usually): hand over the list.
+            state["w"] = []
+            return windows  # type: ignore[return-value]
         closed = windows[:n]
         del windows[:n]
         return closed

@@ -260,3 +260,22 @@ def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
     asyncio.run(r.process([(1, [good, bad, no_key, tick])]))
     assert [(rec, exc.reason) for rec, exc in r.dead] == [(bad, "invalid_json"), (no_key, "missing_key")]
     assert r.stats["records"] == 1 and r.buffer.dirty_count == 1
+
+
+def test_results_closed_by_event_time_have_the_record_json_for_any_key_text():
+    """_close_due fills the result template inline (and quotes plain ASCII keys without
+    orjson): the bytes must still equal WindowResult's JSON for every key."""
+    from app.models.windows import WindowResult
+
+    r = runner(Store())
+    keys = ["u1", "U2x", 'q"uote', "back\\slash", "ünï", "sp ace", "12", "\x7f"]
+    recs = [Rec(0, i, orjson.dumps({"user": k, "ts": 1_000 + i, "v": i})) for i, k in enumerate(keys)]
+    recs.append(Rec(0, len(keys), orjson.dumps({"user": "later", "ts": 2_000, "v": 0})))  # closes them
+    asyncio.run(r.process([(0, recs)]))
+    got = {orjson.loads(value)["key"]: (key, value) for _topic, key, value in r.sent}
+    assert sorted(got) == sorted(keys)
+    for i, k in enumerate(keys):
+        want = WindowResult(source="clicks", window="t", key=k, window_type="tumbling",
+                            start=1_000_000, end=1_010_000, count=1, aggregates={"n": 1, "sum": i},
+                            final=True, closed_by="event_time", superseded=False).to_json_dict()
+        assert got[k] == (k.encode(), orjson.dumps(want))
