@@ -395,7 +395,9 @@ class WindowRunner:
             try:
                 # Under exactly_once this drains Faust's producer buffer too, so the
                 # state joins this batch's transaction (PartitionStore.write_many).
-                await self.store.write_partitions(writes)
+                # States of count/sum/min/max sets hold only string keys (window fields,
+                # aggregation names, source partitions as text), as does the bookkeeping.
+                await self.store.write_partitions(writes, str_keys=self.aggs.result_is_state)
             except BaseException:
                 # Not durable: keep it dirty, so no later commit can cover it unflushed.
                 self.buffer.restore_dirty(dirty)

@@ -38,11 +38,11 @@ def _config(kind: str) -> dict:
     return config(kind, repartition=False)
 
 
-def _stored(value: Any) -> bytes:
+def _stored(value: Any, str_keys: bool = False) -> bytes:
     # RocksDB keeps a copy of the encoded bytes. Keeping orjson's own output object
     # instead would hold its over-allocated buffer (about 4 KB with orjson 3.12+) per
     # key for the whole run, a cost the worker does not have.
-    return bytes(memoryview(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)))
+    return bytes(memoryview(orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)))
 
 
 class MemoryStore:
@@ -65,9 +65,9 @@ class MemoryStore:
             self.data[(ev.message.partition, key)] = _stored(value)
             self.writes += 1
 
-    async def write_partitions(self, items: list) -> None:
+    async def write_partitions(self, items: list, str_keys: bool = False) -> None:
         for partition, key, value in items:
-            self.data[(partition, key)] = _stored(value)
+            self.data[(partition, key)] = _stored(value, str_keys)
             self.writes += 1
 
     def scan(self):

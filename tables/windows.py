@@ -171,10 +171,12 @@ class PartitionStore:
         for partition, offset in last.items():
             self.table.data.set_persisted_offset(TP(topic, partition), offset)
 
-    async def write_partitions(self, items: list[tuple[int, bytes, Any]]) -> None:
+    async def write_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
         """Store many (partition, key, JSON value): ``write_many`` addressed by partition
         number instead of by an event (what a write-back buffer flushed at commit time
-        knows), with the same order and guarantees."""
+        knows), with the same order and guarantees. ``str_keys``: the caller knows every
+        dict key in the values is a string, so orjson's ``OPT_NON_STR_KEYS`` (about a
+        third of the encoding cost) is left out; the bytes are the same."""
         if not items:
             return
         if (settings.processing_guarantee == "at_least_once" and not kafka_io.ready.is_set()
@@ -188,7 +190,8 @@ class PartitionStore:
             # (about 4 KB with orjson 3.12+), and a flush holds thousands of them until
             # the changelog acknowledged them and RocksDB stored them. Fresh pages for
             # each cost ~4 µs per value (a page fault each), the copy ~0.1 µs.
-            dumps, option, view = orjson.dumps, orjson.OPT_NON_STR_KEYS, memoryview
+            dumps, view = orjson.dumps, memoryview
+            option = 0 if str_keys else orjson.OPT_NON_STR_KEYS
             groups: dict[int, list[tuple[bytes, bytes]]] = {}
             for partition, key, value in items:
                 group = groups.get(partition)

@@ -41,12 +41,15 @@ class Store:
         raw = self.data.get((event.message.partition, key))
         return None if raw is None else orjson.loads(raw)
 
-    async def write_partitions(self, items):
+    async def write_partitions(self, items, str_keys=False):
         if self.fail:
             raise RuntimeError("changelog unreachable")
         self.flushes += 1
+        self.str_keys = str_keys
         for p, key, value in items:
-            self.data[(p, key)] = orjson.dumps(value)
+            # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a string
+            # (orjson raises TypeError on any other key, so a wrong claim fails here).
+            self.data[(p, key)] = orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)
 
     def scan(self):
         return iter(())
@@ -102,6 +105,7 @@ def test_state_is_written_only_by_flush_and_results_equal_a_fold():
 
     asyncio.run(go())
     assert store.flushes == 1 and r.buffer.dirty_count == 0 and not r.meta_dirty
+    assert store.str_keys  # count + sum: states written without OPT_NON_STR_KEYS
     want = defaultdict(lambda: [0, 0])
     for b in batches():
         for rec in b:
