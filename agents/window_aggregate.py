@@ -144,7 +144,7 @@ class WindowRunner:
         heap holds a handful of integers (a heap of 10,000 tuples cost ~1 µs per pop)."""
         nc = W.next_close(self.spec, state)
         if nc is not None:
-            self._index_at(p, key, nc, *self._index_of(p))
+            self._index_at(key, nc, *self._index_of(p))
 
     def _index_of(self, p: int) -> tuple[dict[bytes, int | None], dict[int, list[bytes]], list[int]]:
         """Partition ``p``'s close index: key -> scheduled close, close time -> keys, and
@@ -161,7 +161,7 @@ class WindowRunner:
         return open_p, due_p, times_p
 
     @staticmethod
-    def _index_at(p: int, key: bytes, nc: int, open_p: dict[bytes, int | None],
+    def _index_at(key: bytes, nc: int, open_p: dict[bytes, int | None],
                   due_p: dict[int, list[bytes]], times_p: list[int]) -> None:
         """Schedule ``key`` to be looked at when stream time reaches ``nc``, unless it is
         scheduled no later already (see ``_schedule``). ``process`` inlines this."""
@@ -501,7 +501,7 @@ class WindowRunner:
                 if state.get("w"):
                     nc = next_close(spec, state)
                     if nc is not None:
-                        index_at(p, key, nc, open_p, due_p, times_p)
+                        index_at(key, nc, open_p, due_p, times_p)
         buffer.updates += n_put
 
     def _idle_close(self, p: int, now: float, out: list, final: bool) -> None:
