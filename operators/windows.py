@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,8 +178,9 @@ class Applied:
     def __init__(self) -> None:
         self.updated: list[dict[str, Any]] = []
         self.missed = 0
-        #: Session windows that disappeared because they merged into an updated one.
-        self.merged_away: list[dict[str, Any]] = []
+        #: Session windows that disappeared because they merged into an updated one
+        #: (assigned, never appended to: the shared empty tuple saves a list per record).
+        self.merged_away: Sequence[dict[str, Any]] = ()
         #: Whether the record opened a window (which may close earlier than the
         #: key's other windows: the caller's close index must look again).
         self.created = False
@@ -232,19 +233,44 @@ def apply_record(
     """Apply one record (event time ``ts``, values from ``aggs.extract``) to a key's
     state in place. ``stream_time`` already includes this record."""
     kind = spec.kind
-    windows: list[dict[str, Any]] = state.setdefault("w", [])
+    windows: list[dict[str, Any]] | None = state.get("w")
+    if windows is None:
+        windows = state["w"] = []
     out = Applied()
-    if kind == "tumbling" or kind == "hopping":
+    if kind == "tumbling":
+        # The hot case, written out: exactly one window [start, start + size) holds ts,
+        # and records mostly arrive in time order, so it is the newest window or a new
+        # one after it. Same rules as the general fixed-window walk below.
+        size = spec.size
+        start = ts - ts % size
+        if start + size <= stream_time - spec.grace:
+            out.missed = 1
+            return out
+        w = windows[-1] if windows else None
+        if w is not None and w["s"] == start:
+            aggs.add(w["a"], values, ts)
+            w["n"] += 1
+        elif w is None or w["s"] < start:
+            w = {"s": start, "e": start + size, "n": 1, "a": aggs.add(aggs.init(), values, ts)}
+            windows.append(w)
+            out.created = True
+        else:
+            w = _fixed_window(windows, start, size, aggs, out)
+            aggs.add(w["a"], values, ts)
+            w["n"] += 1
+        out.updated.append(w)
+        return out
+    if kind == "hopping":
         # Window assignment by arithmetic (no range objects): the starts are the
         # multiples of the hop in (ts - size, ts], oldest first. Windows stay sorted
         # by start, which for a fixed size is also the order in which they close.
         size = spec.size
-        hop = size if kind == "tumbling" else spec.step
+        hop = spec.step
         horizon = stream_time - spec.grace  # a window with end <= horizon is closed
         last = ts - ts % hop
         start = last - (size - (ts - last) - 1) // hop * hop
         add = aggs.add
-        if kind == "tumbling" or len(windows) < 2:
+        if len(windows) < 2:
             while start <= last:
                 if start + size <= horizon:
                     out.missed += 1
@@ -350,7 +376,7 @@ def apply_record(
 def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[dict[str, Any]]:
     """Remove and return the windows of this key that are closed at ``stream_time``
     (count windows: the full ones), oldest end first."""
-    windows = state.get("w", [])
+    windows = state.get("w", ())
     kind = spec.kind
     if kind == "tumbling" or kind == "hopping":
         # Sorted by start = by end (fixed size): the closed ones are a prefix.
@@ -362,6 +388,10 @@ def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[di
             n += 1
         if not n:
             return []
+        if n == len(windows):
+            # All of them (a tumbling key's one window, usually): hand over the list.
+            state["w"] = []
+            return windows  # type: ignore[return-value]
         closed = windows[:n]
         del windows[:n]
         return closed

@@ -171,10 +171,12 @@ class PartitionStore:
         for partition, offset in last.items():
             self.table.data.set_persisted_offset(TP(topic, partition), offset)
 
-    async def write_partitions(self, items: list[tuple[int, bytes, Any]]) -> None:
+    async def write_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
         """Store many (partition, key, JSON value): ``write_many`` addressed by partition
         number instead of by an event (what a write-back buffer flushed at commit time
-        knows), with the same order and guarantees."""
+        knows), with the same order and guarantees. ``str_keys``: the caller knows every
+        dict key in the values is a string, so orjson's ``OPT_NON_STR_KEYS`` (about a
+        third of the encoding cost) is left out; the bytes are the same."""
         if not items:
             return
         if (settings.processing_guarantee == "at_least_once" and not kafka_io.ready.is_set()
@@ -183,14 +185,19 @@ class PartitionStore:
             # per-record path (several times the cost); while stopping, Faust's path.
             await kafka_io.ready.wait()
         if settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
-            # Grouped and encoded in one pass (no event object per item).
-            dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
+            # Grouped and encoded in one pass (no event object per item). Each value is
+            # copied out of orjson's output: that object keeps an over-allocated buffer
+            # (about 4 KB with orjson 3.12+), and a flush holds thousands of them until
+            # the changelog acknowledged them and RocksDB stored them. Fresh pages for
+            # each cost ~4 µs per value (a page fault each), the copy ~0.1 µs.
+            dumps, view = orjson.dumps, memoryview
+            option = 0 if str_keys else orjson.OPT_NON_STR_KEYS
             groups: dict[int, list[tuple[bytes, bytes]]] = {}
             for partition, key, value in items:
                 group = groups.get(partition)
                 if group is None:
                     group = groups[partition] = []
-                group.append((key, dumps(value, option=option)))
+                group.append((key, bytes(view(dumps(value, option=option)))))
             await self._write_encoded(groups, {p: self.at(p) for p in groups})
             return
         at = {p: self.at(p) for p in {p for p, _, _ in items}}

@@ -16,15 +16,21 @@ from app.windows import decode_source, make_decoder, parse_window_def
 
 
 class Rec:
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "raw_headers")
+    """The fields of aiokafka's ConsumerRecord the runner reads (timestamp in ms)."""
 
-    def __init__(self, partition, offset, value, headers=None):
+    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers")
+
+    def __init__(self, partition, offset, value, headers=()):
         self.topic, self.partition, self.offset = "clicks", partition, offset
-        self.key, self.value, self.timestamp, self.raw_headers = None, value, 1.0, headers
+        self.key, self.value, self.timestamp, self.headers = None, value, 1000, headers
 
-    @property
-    def message(self):
-        return self
+
+def parts(batch):
+    """A batch as the batch agent hands it over: (partition, its records) per partition."""
+    by_p = defaultdict(list)
+    for rec in batch:
+        by_p[rec.partition].append(rec)
+    return list(by_p.items())
 
 
 class Store:
@@ -35,12 +41,15 @@ class Store:
         raw = self.data.get((event.message.partition, key))
         return None if raw is None else orjson.loads(raw)
 
-    async def write_partitions(self, items):
+    async def write_partitions(self, items, str_keys=False):
         if self.fail:
             raise RuntimeError("changelog unreachable")
         self.flushes += 1
+        self.str_keys = str_keys
         for p, key, value in items:
-            self.data[(p, key)] = orjson.dumps(value)
+            # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a string
+            # (orjson raises TypeError on any other key, so a wrong claim fails here).
+            self.data[(p, key)] = orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)
 
     def scan(self):
         return iter(())
@@ -58,9 +67,11 @@ def runner(store, defer=True):
     r = WindowRunner(DEF, None, None, "sink", "late")
     r.store = store
     r.sent = []
+    r.dead = []
 
     async def deliver(out, dead):
         r.sent.extend(out)
+        r.dead.extend(dead)
 
     r._deliver = deliver
     r._ensure_index = lambda: None
@@ -88,12 +99,13 @@ def test_state_is_written_only_by_flush_and_results_equal_a_fold():
 
     async def go():
         for b in batches():
-            await r.process(b)
+            await r.process(parts(b))
             assert store.flushes == 0  # nothing written between commits
         await r.flush()
 
     asyncio.run(go())
     assert store.flushes == 1 and r.buffer.dirty_count == 0 and not r.meta_dirty
+    assert store.str_keys  # count + sum: states written without OPT_NON_STR_KEYS
     want = defaultdict(lambda: [0, 0])
     for b in batches():
         for rec in b:
@@ -119,7 +131,7 @@ def test_a_failed_flush_keeps_everything_dirty():
     r = runner(store)
 
     async def go():
-        await r.process(batches()[0])
+        await r.process(parts(batches()[0]))
         dirty = r.buffer.dirty_count
         with pytest.raises(RuntimeError):
             await r.flush()
@@ -137,7 +149,7 @@ def test_per_batch_flush_when_not_deferring():
 
     async def go():
         for b in batches()[:3]:
-            await r.process(b)
+            await r.process(parts(b))
 
     asyncio.run(go())
     assert store.flushes == 3 and r.buffer.dirty_count == 0
@@ -204,3 +216,70 @@ def test_exactly_once_discards_only_the_named_tables_local_state(tmp_path):
                                             "window-t-backups"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pattern-state-0.db", "window-t-x-0.db",
                                                           "window-tt-0.db"]
+
+
+@pytest.mark.parametrize("aggregations", [
+    [{"name": "n", "type": "count"}, {"name": "sum", "type": "sum", "field": "v"}],  # states are results
+    [{"name": "m", "type": "mean", "field": "v"}, {"name": "p", "type": "percentiles", "field": "v",
+                                                   "percentiles": [50, 99]}],
+])
+@pytest.mark.parametrize("key", ["u1", 'quote"back\\slash%d%%', "ünï €", "\x01ctl"])
+def test_result_json_equals_the_window_result_record(aggregations, key):
+    """The results are filled-in templates (``_result_format``), not a WindowResult:
+    their bytes must equal what orjson makes of ``WindowResult.to_json_dict()``, for
+    every variant (final/update, each ``closed_by``, superseded) and any key text."""
+    from app.models.windows import WindowResult
+
+    defn = parse_window_def({
+        "name": "t.1", "source": "cl%dicks", "key_by": "user", "time_field": "ts",
+        "window": {"type": "session", "gap": 5}, "aggregations": aggregations, "repartition": False,
+    })
+    r = WindowRunner(defn, None, None, "sink", "late")
+    w = {"s": 1_700_000_000_000, "e": 1_700_000_004_500, "n": 0, "a": r.aggs.init()}
+    for v in (3, 4.5, -2):
+        r.aggs.add(w["a"], {"n": None, "sum": v, "m": v, "p": v}, 0)
+        w["n"] += 1
+    for final, closed_by, superseded in [(True, "event_time", False), (True, "count", False),
+                                         (True, "idle", False), (False, None, False), (False, None, True)]:
+        topic, k, value = r._result(key, w, final, closed_by, superseded)
+        want = WindowResult(
+            source="cl%dicks", window="t.1", key=key, window_type="session", start=w["s"], end=w["e"],
+            count=3, aggregates=None if superseded else r.aggs.result(w["a"]), final=final,
+            closed_by=closed_by, superseded=superseded,
+        ).to_json_dict()
+        assert (topic, k) == ("sink", key.encode())
+        assert value == orjson.dumps(want)
+
+
+def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
+    """Per fetch part: a record that cannot be decoded is handed to the dead-letter
+    sender as the consumer's record itself (topic, partition, offset for the headers),
+    a tick is not counted as input, and the good records of the part still apply."""
+    r = runner(Store())
+    good = Rec(1, 5, orjson.dumps({"user": "a", "ts": 1_000, "v": 2}))
+    bad = Rec(1, 6, b"not json")
+    no_key = Rec(1, 7, orjson.dumps({"ts": 1_000, "v": 2}))
+    tick = Rec(1, 8, b"", headers=[("streametl.tick", b"1")])
+
+    asyncio.run(r.process([(1, [good, bad, no_key, tick])]))
+    assert [(rec, exc.reason) for rec, exc in r.dead] == [(bad, "invalid_json"), (no_key, "missing_key")]
+    assert r.stats["records"] == 1 and r.buffer.dirty_count == 1
+
+
+def test_results_closed_by_event_time_have_the_record_json_for_any_key_text():
+    """_close_due fills the result template inline (and quotes plain ASCII keys without
+    orjson): the bytes must still equal WindowResult's JSON for every key."""
+    from app.models.windows import WindowResult
+
+    r = runner(Store())
+    keys = ["u1", "U2x", 'q"uote', "back\\slash", "ünï", "sp ace", "12", "\x7f"]
+    recs = [Rec(0, i, orjson.dumps({"user": k, "ts": 1_000 + i, "v": i})) for i, k in enumerate(keys)]
+    recs.append(Rec(0, len(keys), orjson.dumps({"user": "later", "ts": 2_000, "v": 0})))  # closes them
+    asyncio.run(r.process([(0, recs)]))
+    got = {orjson.loads(value)["key"]: (key, value) for _topic, key, value in r.sent}
+    assert sorted(got) == sorted(keys)
+    for i, k in enumerate(keys):
+        want = WindowResult(source="clicks", window="t", key=k, window_type="tumbling",
+                            start=1_000_000, end=1_010_000, count=1, aggregates={"n": 1, "sum": i},
+                            final=True, closed_by="event_time", superseded=False).to_json_dict()
+        assert got[k] == (k.encode(), orjson.dumps(want))

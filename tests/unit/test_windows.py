@@ -262,3 +262,22 @@ def test_write_back_buffer_take_and_restore_dirty():
     buf.restore_dirty(taken)
     assert buf.dirty_count == 2
     assert sorted(buf.take_dirty()) == [("a", 5, 0), ("b", 2, 1)]
+
+
+def test_out_of_order_tumbling_records_land_in_their_window_and_keep_windows_sorted():
+    # apply_record's tumbling path: the newest window, a new one after it, an older
+    # open window, or a new window between/before open ones (records out of order
+    # within grace); each record counted once in the window that holds it.
+    spec = WindowSpec("tumbling", size=4_000, grace=20_000)
+    state, st, want = {"w": []}, 0, {}
+    for ts in (9_000, 9_500, 1_000, 13_000, 5_500, 1_200, 14_000, 5_000, -3_000):
+        st = max(st, ts)
+        applied = apply_record(spec, AGGS, state, ts, {"n": None, "total": ts}, st)
+        start = ts - ts % 4_000
+        assert [(w["s"], w["e"]) for w in applied.updated] == [(start, start + 4_000)]
+        n, total = want.get(start, (0, 0))
+        want[start] = (n + 1, total + ts)
+    starts = [w["s"] for w in state["w"]]
+    assert starts == sorted(want)
+    assert {w["s"]: (w["n"], w["a"]["total"]) for w in state["w"]} == want
+    assert all(w["n"] == w["a"]["n"] for w in state["w"])
