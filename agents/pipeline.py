@@ -377,7 +377,9 @@ def build(spec: PipelineSpec) -> None:
                     if key_by is not None:
                         value = outcome.record.get(key_by)
                         key = None if value is None else (value if value.__class__ is str else dumps(value).decode()).encode()
-                    writer.add(partition_event, key, dumps(outcome.record))
+                    # Copied out of orjson's ~4 KB output buffer: the batch holds
+                    # its outputs until they are sent (see PartitionStore.write_partitions).
+                    writer.add(partition_event, key, bytes(memoryview(dumps(outcome.record))))
                 elif outcome.dropped:
                     counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
                 else:

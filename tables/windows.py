@@ -143,8 +143,9 @@ class PartitionStore:
                 events[partition] = ev
             # A bytes value is JSON the caller encoded already (bytes are not JSON values,
             # so nothing else can be meant): the pattern engine encodes its states
-            # without OPT_NON_STR_KEYS, which costs about twice as much.
-            group.append((key, value if value.__class__ is bytes else dumps(value, option=option)))
+            # without OPT_NON_STR_KEYS, which costs about twice as much. Encoded here, a
+            # value is copied out of orjson's output buffer (see write_partitions).
+            group.append((key, value if value.__class__ is bytes else bytes(memoryview(dumps(value, option=option)))))
         await self._write_encoded(groups, events)
 
     async def _write_encoded(self, groups: dict[int, list[tuple[bytes, bytes]]],
