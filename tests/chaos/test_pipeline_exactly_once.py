@@ -23,16 +23,20 @@ CONFIG = {"pipelines": [{
 }]}
 
 
-def test_kill9_mid_stream_every_distinct_event_exactly_once(kafka):
+def kill9_mid_stream(config: dict, pipeline: str, users: int) -> list:
+    """Run ``config``'s pipeline under exactly_once over 8,000 distinct events, each sent
+    twice (the copy 1,000 events later: duplicates keyed alike, by event_id, meet in one
+    partition, often in another batch, and some across the kill); kill -9 the worker
+    mid-stream, wipe its local state (the dedupe memory must come back from the committed
+    changelog) and restart it. Asserts every distinct event is in the ``read_committed``
+    sink exactly once; returns what the sink holds."""
     name = unique("peos")
     prefix = f"{name}."
-    env = {"STREAMETL_PIPELINES_FILE": write_config(CONFIG), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
+    env = {"STREAMETL_PIPELINES_FILE": write_config(config), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
            "STREAMETL_COMMIT_INTERVAL": "0.2"}
     source, sink = prefix + "events", prefix + "events.clean"
     run(create_topics([source, sink], partitions=PARTITIONS))
-    distinct = [{"event_id": f"e{i}", "user_id": f"u{i % 50}", "value": i} for i in range(8000)]
-    # Each event twice, the copy 1,000 events later: duplicates keyed alike (event_id)
-    # meet in one partition, often in another batch, and some across the kill.
+    distinct = [{"event_id": f"e{i}", "user_id": f"u{i % users}", "value": i} for i in range(8000)]
     sent = []
     for i in range(0, len(distinct), 1000):
         sent += distinct[i:i + 1000] + distinct[max(0, i - 1000):i]
@@ -48,11 +52,11 @@ def test_kill9_mid_stream_every_distinct_event_exactly_once(kafka):
             status, body = first.get("/api/v1/pipelines", timeout=5)
             if status != 200:
                 return 0
-            return next(p["counters"]["in"] for p in body["pipelines"] if p["name"] == "eos")
+            return next(p["counters"]["in"] for p in body["pipelines"] if p["name"] == pipeline)
 
         run(wait_for(lambda: handled() >= 4000, timeout=120, interval=0.05, what="part of the input handled"))
         first.kill()
-        first.wipe_state()  # the dedupe memory must come back from the committed changelog
+        first.wipe_state()
         before = run(read_topic(sink, isolation_level="read_committed", idle=1.0))
         assert len(before) < len(distinct), "killed too late to test anything"
         assert all(n == 1 for n in Counter(r.json()["event_id"] for r in before).values())
@@ -63,9 +67,14 @@ def test_kill9_mid_stream_every_distinct_event_exactly_once(kafka):
         want = Counter(e["event_id"] for e in distinct)
         assert ids == want, (f"missing {len(set(want) - set(ids))}, "
                              f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+        return out
     finally:
         first.kill()
         second.kill()
+
+
+def test_kill9_mid_stream_every_distinct_event_exactly_once(kafka):
+    kill9_mid_stream(CONFIG, "eos", users=50)
 
 
 KEYED_CONFIG = {"pipelines": [{
@@ -85,45 +94,7 @@ def test_outputs_keyed_to_other_partitions_join_their_inputs_transactions_across
     does not hold (another worker owns it) went out outside any transaction."""
     from app.kafka_io import partition_for
 
-    name = unique("peosk")
-    prefix = f"{name}."
-    env = {"STREAMETL_PIPELINES_FILE": write_config(KEYED_CONFIG),
-           "STREAMETL_PROCESSING_GUARANTEE": "exactly_once", "STREAMETL_COMMIT_INTERVAL": "0.2"}
-    source, sink = prefix + "events", prefix + "events.clean"
-    run(create_topics([source, sink], partitions=PARTITIONS))
-    distinct = [{"event_id": f"e{i}", "user_id": f"u{i % 97}", "value": i} for i in range(8000)]
-    sent = []
-    for i in range(0, len(distinct), 1000):
-        sent += distinct[i:i + 1000] + distinct[max(0, i - 1000):i]
-    sent += distinct[-1000:]
-    run(produce_json(source, sent, key="event_id"))
-
-    first = Worker(app_id=name, topic_prefix=prefix, env=env)
-    second = Worker(app_id=name, topic_prefix=prefix, env=env)
-
-    def handled() -> int:
-        status, body = first.get("/api/v1/pipelines", timeout=5)
-        if status != 200:
-            return 0
-        return next(p["counters"]["in"] for p in body["pipelines"] if p["name"] == "eoskeyed")
-
-    try:
-        first.start(timeout=120)
-        run(wait_for(lambda: handled() >= 4000, timeout=120, interval=0.05, what="part of the input handled"))
-        first.kill()
-        first.wipe_state()
-        before = run(read_topic(sink, isolation_level="read_committed", idle=1.0))
-        assert len(before) < len(distinct), "killed too late to test anything"
-
-        second.start(timeout=120)
-        out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=3.0, isolation_level="read_committed"))
-        ids = Counter(r.json()["event_id"] for r in out)
-        want = Counter(e["event_id"] for e in distinct)
-        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
-                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
-        misplaced = [r for r in out if r.partition != partition_for(r.key, PARTITIONS, 0)]
-        assert not misplaced, f"{len(misplaced)} outputs not in their key's partition, e.g. {misplaced[:3]}"
-        assert all(r.key == r.json()["user_id"].encode() for r in out)
-    finally:
-        first.kill()
-        second.kill()
+    out = kill9_mid_stream(KEYED_CONFIG, "eoskeyed", users=97)
+    misplaced = [r for r in out if r.partition != partition_for(r.key, PARTITIONS, 0)]
+    assert not misplaced, f"{len(misplaced)} outputs not in their key's partition, e.g. {misplaced[:3]}"
+    assert all(r.key == r.json()["user_id"].encode() for r in out)
