@@ -264,7 +264,7 @@ class WindowRunner:
         dirty_keys = buffer._dirty
         stats = self.stats
         out: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
-        dead: list[tuple[Any, RecordError]] = []
+        dead: list[tuple[int, Any, RecordError]] = []  # (partition, raw record, why)
         touched: set[int] = set()
         ticks: set[int] = set()
         n_records = 0
@@ -305,7 +305,7 @@ class WindowRunner:
                         key_s, ts, values = decode(ev.value, None if kafka_ts is None else kafka_ts / 1000.0)
                         key = key_s.encode()
                 except (RecordError, ValueError, TypeError, AttributeError) as exc:
-                    dead.append((ev, exc if isinstance(exc, RecordError) else RecordError("invalid_record", str(exc))))
+                    dead.append((p, ev, exc if isinstance(exc, RecordError) else RecordError("invalid_record", str(exc))))
                     continue
                 state = cached.get(key)
                 if state is None:
@@ -531,7 +531,7 @@ class WindowRunner:
         self.due_times[p] = []
         self.idle_closed.add(p)
 
-    async def _deliver(self, out: list, dead: list[tuple[Any, RecordError]]) -> None:
+    async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]]) -> None:
         futures = []
         await _kafka_io_ready()
         if out and settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
@@ -570,10 +570,10 @@ class WindowRunner:
             for topic, key, value, *rest in out:
                 headers = rest[0] if rest else None
                 futures.append(await topic.send(key=key, value=value, headers=headers))
-        for ev, exc in dead:
+        for p, ev, exc in dead:
             await send_dead_letter(
-                ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=ev.topic,
-                pipeline=self.defn.name, step="window", partition=ev.partition, offset=ev.offset,
+                ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input.get_topic_name(),
+                pipeline=self.defn.name, step="window", partition=p, offset=ev.offset,
             )
             self.stats["dead_letters"] += 1
         if futures:

@@ -59,8 +59,8 @@ class BatchRecord:
 
     def __init__(self, tp: TP, record: Any) -> None:
         self.tp = tp
-        self.topic = record.topic
-        self.partition = record.partition
+        self.topic = tp.topic
+        self.partition = tp.partition
         self.offset = record.offset
         ts = record.timestamp
         self.timestamp = None if ts is None else ts / 1000.0
@@ -92,7 +92,10 @@ class Batch:
     __slots__ = ("parts", "_len", "_later")
 
     def __init__(self) -> None:
-        #: (partition, raw aiokafka records of it, in offset order)
+        #: (partition, raw aiokafka records of it, in offset order). A raw record has
+        #: ``offset``, ``timestamp`` (ms), ``key``, ``value`` and ``headers`` (a list of
+        #: (str, bytes)); not ``topic`` or ``partition``: take them from the partition
+        #: (app/transport.py: RawPartitionRecords).
         self.parts: list[tuple[TP, list[Any]]] = []
         self._len = 0
         self._later: list[Awaitable[Any]] = []

@@ -206,6 +206,27 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+async def delete_topics(bootstrap: str, namespace: str) -> None:
+    """Delete every topic of one scenario run (its names, its workers' changelogs and
+    reply topics all start with ``namespace``).
+
+    Why: each run creates ten or more topics; left behind, hundreds pile up on a
+    benchmark broker, and every later run's metadata responses (decoded by the worker
+    under test) grow with them."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        mine = [t for t in await admin.list_topics() if t.startswith(namespace)]
+        if mine:
+            await admin.delete_topics(mine)
+    except Exception as exc:  # a benchmark's result stands even if cleaning up fails
+        print(f"[bench] could not delete the run's topics: {exc!r}", flush=True)
+    finally:
+        await admin.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     found = scenarios()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -216,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip the raw aiokafka baseline")
     parser.add_argument("--rate", type=float, default=0, help="paced input rate (events/s) for latency runs; 0 = as fast as possible")
     parser.add_argument("--option", action="append", default=[], metavar="K=V", help="scenario-specific knob")
+    parser.add_argument("--keep-topics", action="store_true",
+                        help="leave the run's topics on the broker (default: delete them afterwards)")
     args = parser.parse_args(argv)
     args.options = dict(o.split("=", 1) for o in args.option)
 
@@ -227,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             ctx = Context(args.bootstrap, f"bench{int(time.time())}{name.replace('-', '')[:10]}", args.events, args.keys, args)
             print(f"[bench] running {name} with {args.events} events ...", flush=True)
-            result = await found[name].run(ctx)
+            try:
+                result = await found[name].run(ctx)
+            finally:
+                if not args.keep_topics:
+                    await delete_topics(args.bootstrap, ctx.namespace)
             results.extend(result if isinstance(result, list) else [result])
             print(f"[bench] {name}: {orjson.dumps([r.summary() for r in (result if isinstance(result, list) else [result])]).decode()}", flush=True)
         return results

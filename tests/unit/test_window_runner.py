@@ -16,12 +16,14 @@ from app.windows import decode_source, make_decoder, parse_window_def
 
 
 class Rec:
-    """The fields of aiokafka's ConsumerRecord the runner reads (timestamp in ms)."""
+    """What a raw record of a batch-agent topic has (app/transport.py:
+    RawPartitionRecords; timestamp in ms): no topic or partition, which the runner takes
+    from the batch's partition. ``in_partition`` is only for this test's ``parts``."""
 
-    __slots__ = ("topic", "partition", "offset", "timestamp", "key", "value", "headers")
+    __slots__ = ("in_partition", "offset", "timestamp", "key", "value", "headers")
 
     def __init__(self, partition, offset, value, headers=()):
-        self.topic, self.partition, self.offset = "clicks", partition, offset
+        self.in_partition, self.offset = partition, offset
         self.key, self.value, self.timestamp, self.headers = None, value, 1000, headers
 
 
@@ -29,7 +31,7 @@ def parts(batch):
     """A batch as the batch agent hands it over: (partition, its records) per partition."""
     by_p = defaultdict(list)
     for rec in batch:
-        by_p[rec.partition].append(rec)
+        by_p[rec.in_partition].append(rec)
     return list(by_p.items())
 
 
@@ -111,8 +113,8 @@ def test_state_is_written_only_by_flush_and_results_equal_a_fold():
         for rec in b:
             v = orjson.loads(rec.value)
             ms = round(v["ts"] * 1000)
-            want[(rec.partition, v["user"], ms - ms % 10_000)][0] += 1
-            want[(rec.partition, v["user"], ms - ms % 10_000)][1] += v["n"] if "n" in v else v["v"]
+            want[(rec.in_partition, v["user"], ms - ms % 10_000)][0] += 1
+            want[(rec.in_partition, v["user"], ms - ms % 10_000)][1] += v["n"] if "n" in v else v["v"]
     got = {}
     for _topic, _key, value in r.sent:
         res = orjson.loads(value)
@@ -253,7 +255,7 @@ def test_result_json_equals_the_window_result_record(aggregations, key):
 
 def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
     """Per fetch part: a record that cannot be decoded is handed to the dead-letter
-    sender as the consumer's record itself (topic, partition, offset for the headers),
+    sender as the consumer's record itself with its partition (offset, partition for the headers),
     a tick is not counted as input, and the good records of the part still apply."""
     r = runner(Store())
     good = Rec(1, 5, orjson.dumps({"user": "a", "ts": 1_000, "v": 2}))
@@ -262,7 +264,7 @@ def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
     tick = Rec(1, 8, b"", headers=[("streametl.tick", b"1")])
 
     asyncio.run(r.process([(1, [good, bad, no_key, tick])]))
-    assert [(rec, exc.reason) for rec, exc in r.dead] == [(bad, "invalid_json"), (no_key, "missing_key")]
+    assert [(p, rec, exc.reason) for p, rec, exc in r.dead] == [(1, bad, "invalid_json"), (1, no_key, "missing_key")]
     assert r.stats["records"] == 1 and r.buffer.dirty_count == 1
 
 
