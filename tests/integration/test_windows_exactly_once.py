@@ -80,11 +80,6 @@ def test_windows_under_exactly_once_equal_the_fold_each_once(eos_worker):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 4, few runs yet: before the window flush drained Faust's producer buffer "
-    "under exactly_once, windows at the crash point came out missing or with too few "
-    "records (one window type per run); it passed every run since (2026-11-27). Remove "
-    "this mark once it has passed more runs; assertions unchanged."))
 @pytest.mark.parametrize("wipe", [False, True], ids=["rocksdb-kept", "rocksdb-wiped"])
 def test_windows_under_exactly_once_after_kill9_and_restart(eos_worker, wipe):
     w = eos_worker
