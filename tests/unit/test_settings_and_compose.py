@@ -82,7 +82,7 @@ def test_commit_every_reaches_faust_and_refuses_nonsense():
     from app import app
     from app.settings import Settings, SettingsError
 
-    assert app.conf.broker_commit_every == Settings().commit_every == 10_000
+    assert app.conf.broker_commit_every == Settings().commit_every == 100_000
     assert Settings.from_env({"STREAMETL_COMMIT_EVERY": "50000"}).commit_every == 50_000
     with pytest.raises(SettingsError, match="commit_every"):
         Settings(commit_every=0).validate()
