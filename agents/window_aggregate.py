@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 
 from app import app, settings
-from app.batches import Batch, batch_agent
+from app.batches import Batch, batch_agent, from_partition
 from app.codec import RecordError
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, kafka_io
@@ -268,9 +268,13 @@ class WindowRunner:
         touched: set[int] = set()
         ticks: set[int] = set()
         n_records = 0
+        #: (partition, index of its first item in ``out``): whose input each output
+        #: comes from, so that under exactly_once it joins that partition's transaction.
+        sources: list[tuple[int, int]] = []
         for p, records in parts:
             if not records:
                 continue
+            sources.append((p, len(out)))
             meta = self._meta(p)
             st = meta["st"]
             pkey = str(p)
@@ -356,14 +360,16 @@ class WindowRunner:
         stats["records"] += n_records
         buffer.updates += n_records
         for p in touched:
+            sources.append((p, len(out)))
             self._close_due(p, out, final)
         for p in ticks:
+            sources.append((p, len(out)))
             self._idle_close(p, now, out, final)
         stats["emitted"] += len(out)
         t1 = time.perf_counter()
         # Results and late records are delivered (awaited) before this batch is acked,
         # and before any state that dropped a closed window can be flushed.
-        await self._deliver(out, dead)
+        await self._deliver(out, dead, sources)
         t2 = time.perf_counter()
         if not self.defers_flush() or buffer.dirty_count >= self.MAX_DIRTY:
             await self.flush()
@@ -531,7 +537,8 @@ class WindowRunner:
         self.due_times[p] = []
         self.idle_closed.add(p)
 
-    async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]]) -> None:
+    async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]],
+                       sources: list[tuple[int, int]] | None = None) -> None:
         futures = []
         await _kafka_io_ready()
         if out and settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
@@ -566,10 +573,16 @@ class WindowRunner:
             # Bounded: at most a few batches' outputs in flight.
             await self.results_sent(keep=self.MAX_SENDING)
         else:
-            # exactly_once: through Faust, inside the transaction of this batch.
-            for topic, key, value, *rest in out:
-                headers = rest[0] if rest else None
-                futures.append(await topic.send(key=key, value=value, headers=headers))
+            # exactly_once: through Faust, each output in the transaction of the input
+            # partition it comes from (the one committing that input's offsets), even
+            # when its key puts it in a partition of another number (a sink with another
+            # partition count): app/transport.py, TransactionManager.
+            bounds = [*(sources or [(None, 0)]), (None, len(out))]
+            for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
+                with from_partition(p):
+                    for topic, key, value, *rest in out[start:end]:
+                        headers = rest[0] if rest else None
+                        futures.append(await topic.send(key=key, value=value, headers=headers))
         for p, ev, exc in dead:
             await send_dead_letter(
                 ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input.get_topic_name(),

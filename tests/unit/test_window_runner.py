@@ -71,7 +71,7 @@ def runner(store, defer=True):
     r.sent = []
     r.dead = []
 
-    async def deliver(out, dead):
+    async def deliver(out, dead, sources=None):
         r.sent.extend(out)
         r.dead.extend(dead)
 
@@ -285,3 +285,42 @@ def test_results_closed_by_event_time_have_the_record_json_for_any_key_text():
                             start=1_000_000, end=1_010_000, count=1, aggregates={"n": 1, "sum": i},
                             final=True, closed_by="event_time", superseded=False).to_json_dict()
         assert got[k] == (k.encode(), orjson.dumps(want))
+
+
+def test_exactly_once_results_join_the_transaction_of_the_partition_they_come_from(monkeypatch):
+    """Under exactly_once each result is sent inside ``from_partition`` of the input
+    partition whose records closed its window: the transaction that commits those
+    records' offsets, wherever the result's key puts it (app/transport.py)."""
+    import agents.window_aggregate as wa
+    from app.batches import SOURCE_PARTITION
+
+    class Sink:
+        def __init__(self):
+            self.sent = []
+
+        def get_topic_name(self):
+            return "sink"
+
+        async def send(self, key, value, headers=None):
+            self.sent.append((SOURCE_PARTITION.get(), orjson.loads(value)["key"]))
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+
+    monkeypatch.setattr(wa, "settings", wa.settings.replace(processing_guarantee="exactly_once"))
+    sink = Sink()
+    r = WindowRunner(DEF, None, None, sink, sink)
+    r.store = Store()
+    r._ensure_index = lambda: None
+    r.defers_flush = lambda: True
+    by_partition = {0: ["a", "b"], 1: ["c", "d"]}
+    first = [(p, [Rec(p, i, orjson.dumps({"user": u, "ts": 1_000, "v": 1})) for i, u in enumerate(users)])
+             for p, users in by_partition.items()]
+    # A later record in each partition moves its stream time past the windows' end.
+    closing = [(p, [Rec(p, 2, orjson.dumps({"user": users[0], "ts": 1_025, "v": 1}))])
+               for p, users in by_partition.items()]
+    asyncio.run(r.process(first))
+    assert sink.sent == []
+    asyncio.run(r.process(closing))
+    assert sorted(sink.sent) == [(0, "a"), (0, "b"), (1, "c"), (1, "d")]
+    assert SOURCE_PARTITION.get() is None  # nothing leaks past the sends
