@@ -34,7 +34,7 @@ from faust.streams import _current_event
 
 from app import app, settings
 from app.batches import Batch, BatchRecord, batch_agent, from_partition
-from app.codec import RecordError, loads_object
+from app.codec import RecordError, dumps_held, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
@@ -377,9 +377,8 @@ def build(spec: PipelineSpec) -> None:
                     if key_by is not None:
                         value = outcome.record.get(key_by)
                         key = None if value is None else (value if value.__class__ is str else dumps(value).decode()).encode()
-                    # Copied out of orjson's ~4 KB output buffer: the batch holds
-                    # its outputs until they are sent (see PartitionStore.write_partitions).
-                    writer.add(partition_event, key, bytes(memoryview(dumps(outcome.record))))
+                    # The batch holds its outputs until they are sent: dumps_held.
+                    writer.add(partition_event, key, dumps_held(outcome.record))
                 elif outcome.dropped:
                     counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
                 else:

@@ -37,7 +37,7 @@ import orjson
 
 from app import app, settings
 from app.batches import Batch, batch_agent, from_partition
-from app.codec import RecordError
+from app.codec import RecordError, dumps_held
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, kafka_io
 from app.topics import declare
@@ -460,7 +460,7 @@ class WindowRunner:
             ("late.stream_time", str(st).encode()),
             ("late.grace_ms", str(self.spec.grace).encode()),
         ]
-        return self.late, key.encode(), bytes(memoryview(orjson.dumps(value))), headers
+        return self.late, key.encode(), dumps_held(value), headers
 
     def _close_due(self, p: int, out: list, final: bool) -> None:
         times = self.due_times.get(p)
@@ -729,9 +729,8 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
                 runner.stats["dead_letters"] += 1
                 continue
             headers = ((SRC_PARTITION, str(r.partition).encode()), (SRC_OFFSET, str(r.offset).encode()))
-            # A copy: orjson's output object keeps a ~4 KB buffer while it waits for the
-            # acknowledgement (see PartitionStore.write_partitions).
-            out.append(OutgoingMessage(key.encode(), bytes(memoryview(orjson.dumps([ts, values]))), headers, None))
+            # Held until acknowledged: dumps_held.
+            out.append(OutgoingMessage(key.encode(), dumps_held([ts, values]), headers, None))
         if out:
             await kafka_io.ready.wait()
             await kafka_io.send_topics({keyed_name: out})
