@@ -34,9 +34,6 @@ app = faust.App(
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
     broker_commit_interval=settings.commit_interval,
     broker_commit_every=settings.commit_every,
-    broker_session_timeout=settings.session_timeout,
-    # Kafka's rule of thumb: heartbeats at a third of the session timeout or more often.
-    broker_heartbeat_interval=min(3.0, settings.session_timeout / 3),
     broker_max_poll_records=settings.max_poll_records,
     consumer_max_fetch_size=settings.max_partition_fetch_bytes,
     producer_linger=settings.producer_linger,

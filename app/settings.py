@@ -64,11 +64,6 @@ class Settings:
     # states per 300k events; with commits by time it writes 46-49k (docs/windows.md).
     # 100,000 only bounds what a crash repeats at rates a worker does not reach today.
     commit_every: int = 100_000
-    # Seconds without a heartbeat after which the broker drops a worker from the group
-    # and hands its partitions to the others (Faust's broker_session_timeout). Lower
-    # means a killed worker's partitions move sooner; too low drops a worker that is
-    # merely paused (a long GC, a stalled disk).
-    session_timeout: float = 60.0
     batch_max: int = 2000
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
@@ -134,8 +129,6 @@ class Settings:
             )
         if self.commit_every < 1:
             raise SettingsError("commit_every must be >= 1")
-        if self.session_timeout < 6:
-            raise SettingsError("session_timeout must be >= 6 (seconds; Kafka's group.min.session.timeout.ms)")
         if self.topic_partitions < 1:
             raise SettingsError("topic_partitions must be >= 1")
         if not 0 < self.web_port < 65536:

@@ -87,15 +87,3 @@ def test_commit_every_reaches_faust_and_refuses_nonsense():
     with pytest.raises(SettingsError, match="commit_every"):
         Settings(commit_every=0).validate()
 
-
-def test_session_timeout_reaches_faust_with_heartbeats_and_refuses_below_kafkas_minimum():
-    import pytest
-
-    from app import app
-    from app.settings import Settings, SettingsError
-
-    assert app.conf.broker_session_timeout == Settings().session_timeout == 60.0
-    assert app.conf.broker_heartbeat_interval == 3.0
-    assert Settings.from_env({"STREAMETL_SESSION_TIMEOUT": "10"}).session_timeout == 10.0
-    with pytest.raises(SettingsError, match="session_timeout"):
-        Settings(session_timeout=2).validate()
