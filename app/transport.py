@@ -46,7 +46,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 from aiokafka.consumer import fetcher as aiokafka_fetcher
@@ -629,6 +630,27 @@ def use_raw_records_for_batch_topics() -> None:
     aiokafka_fetcher.PartitionRecords = _partition_records
 
 
+#: How long a subscription waits for the broker's metadata to list its topics.
+TOPIC_METADATA_WAIT = 30.0
+
+
+async def await_topics_in_metadata(client: Any, topics: set[str],
+                                   timeout: float = TOPIC_METADATA_WAIT) -> set[str]:
+    """Refresh ``client``'s metadata until it lists partitions for every topic (what
+    the assignor needs), or until ``timeout``; returns the topics still missing."""
+    for topic in topics:
+        client.add_topic(topic)
+    deadline = time.monotonic() + timeout
+    pause = 0.05
+    while True:
+        await client.force_metadata_update()
+        missing = {t for t in topics if not client.cluster.partitions_for_topic(t)}
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)  # aiokafka logs an error per missing topic per refresh
+
+
 class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer thread with a shorter fetch long-poll.
 
@@ -646,6 +668,27 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read by start() (Fetcher)
         return consumer
+
+    async def subscribe(self, topics: Iterable[str]) -> None:
+        """Subscribe once the broker's metadata lists every topic (or after a bound).
+
+        Why: Faust creates internal topics (repartition, changelogs) just before it
+        subscribes. The broker can answer the group join's metadata request before its
+        metadata cache has the new topic: the assignor then logs "Ignoring missing
+        topic" and that topic stays unassigned until the next metadata refresh, five
+        minutes later. Seen on a loaded machine: a repartition topic created 0.12 s
+        before the join never reached its agent (tests/chaos/test_pattern_restart.py).
+        """
+        topics = set(topics)
+        missing = await self.call_thread(self._await_topics_in_metadata, topics)
+        if missing:
+            self.log.warning("Subscribing although the broker's metadata still lacks %s "
+                             "after %.0f s; they are assigned once it has them",
+                             sorted(missing), TOPIC_METADATA_WAIT)
+        await super().subscribe(topics)
+
+    async def _await_topics_in_metadata(self, topics: set[str]) -> set[str]:
+        return await await_topics_in_metadata(self._ensure_consumer()._client, topics)
 
     async def track_topic_metadata(self, topic: str) -> None:
         """Add ``topic`` to the metadata the aiokafka client tracks and wait for one

@@ -18,6 +18,7 @@ from app.transport import (
     FastConsumer,
     TransactionManager,
     Transport,
+    await_topics_in_metadata,
     broker_url,
     install,
     start_inline,
@@ -310,3 +311,41 @@ def test_outputs_join_the_transaction_of_the_input_partition_they_come_from():
 
 def test_transport_uses_the_transaction_manager():
     assert Transport.TransactionManager is TransactionManager
+
+
+class LaggingMetadataClient:
+    """An aiokafka client whose metadata lists a topic only from the ``appears_at``-th
+    refresh on, as a broker whose metadata cache lags a topic creation."""
+
+    def __init__(self, appears_at: dict[str, int]) -> None:
+        self.appears_at = appears_at
+        self.tracked: set[str] = set()
+        self.refreshes = 0
+        self.cluster = self
+
+    def add_topic(self, topic: str) -> None:
+        self.tracked.add(topic)
+
+    async def force_metadata_update(self) -> bool:
+        self.refreshes += 1
+        return True
+
+    def partitions_for_topic(self, topic: str) -> set[int] | None:
+        if topic in self.tracked and self.refreshes >= self.appears_at[topic]:
+            return {0, 1, 2, 3}
+        return None
+
+
+def test_subscription_waits_until_the_metadata_lists_every_topic():
+    client = LaggingMetadataClient({"events": 1, "app.patterns-repartition": 3})
+    missing = run(await_topics_in_metadata(client, {"events", "app.patterns-repartition"}, timeout=10))
+    assert missing == set()
+    assert client.refreshes == 3  # stopped as soon as the late topic appeared
+    assert client.tracked == {"events", "app.patterns-repartition"}
+
+
+def test_subscription_wait_is_bounded_and_names_what_is_missing():
+    client = LaggingMetadataClient({"events": 1, "never-created": 10**9})
+    missing = run(await_topics_in_metadata(client, {"events", "never-created"}, timeout=0.2))
+    assert missing == {"never-created"}
+    assert 2 <= client.refreshes <= 5  # backed off, not a busy loop
