@@ -20,8 +20,13 @@ FRAUD = {
         {"name": "buy", "where": "action == 'purchase' and country != match.fail.country"},
     ],
 }
+#: Long enough that the timer is still pending when the worker is killed: the test
+#: first waits for the timer to reach the changelog (flushed at a commit, read back by
+#: polling), which took more than 4 s on a loaded machine, and a timer that had
+#: already fired before the kill proved nothing (and failed the test).
+ABSENCE_WITHIN = 30
 ABSENCE = {"name": "no-heartbeat", "type": "absence", "key_by": "device",
-           "trigger": "type == 'heartbeat'", "expect": "type == 'heartbeat'", "within": 4}
+           "trigger": "type == 'heartbeat'", "expect": "type == 'heartbeat'", "within": ABSENCE_WITHIN}
 CONFIG = {"patterns": {"sources": ["events"], "source_key": "user_id", "timer_interval": 0.3,
                        "definitions": [FRAUD, ABSENCE]}}
 
@@ -65,8 +70,8 @@ def test_partial_sequence_and_pending_timer_survive_kill_9(worker):
         partials = (state or {}).get("s", {}).get("fraud", {}).get("st", {}).get("p", [])
         timer = await latest_state(worker, "pattern-timers", "device=pump-7")
         return timer if timer and any(p["i"] == 0 and p["c"] == 2 for p in partials) else None
-    timer = run(wait_for(both_stored, timeout=60, interval=0.5, what="partial match and timer in the changelogs"))
-    assert timer["d"] == pytest.approx(now + 4)
+    timer = run(wait_for(both_stored, timeout=ABSENCE_WITHIN - 5, interval=0.5, what="partial match and timer in the changelogs"))
+    assert timer["d"] == pytest.approx(now + ABSENCE_WITHIN)
 
     huge = {"name": "huge", "type": "threshold", "key_by": "user_id", "where": "amount > 1000"}
     status, body = worker.post("/api/v1/patterns", huge)
@@ -74,16 +79,18 @@ def test_partial_sequence_and_pending_timer_survive_kill_9(worker):
 
     # kill -9 in the middle of the sequence, with the heartbeat timer pending, and lose
     # the local RocksDB files: everything must come back from the changelogs.
+    assert time.time() < now + ABSENCE_WITHIN - 5, "too slow: the timer may fire before the kill"
     worker.kill()
     worker.wipe_state()
     worker.start(timeout=120)
 
-    # The timer fires without any new device event (its deadline passed while down).
+    # The timer fires without any new device event, at its deadline (which may have
+    # passed while the worker was down).
     async def fired():
         return await alerts(worker, "no-heartbeat") or None
     found = run(wait_for(fired, timeout=90, interval=1.0, what="the absence alert after restart"))
     assert len({a["alert_id"] for a in found}) == 1
-    assert found[0]["key"] == "pump-7" and found[0]["at"] == pytest.approx(now + 4)
+    assert found[0]["key"] == "pump-7" and found[0]["at"] == pytest.approx(now + ABSENCE_WITHIN)
     assert found[0]["evidence"][0]["event_id"] == "hb"
 
     # The runtime pattern came back from its compacted topic, and applies.
