@@ -36,7 +36,7 @@ from app import app, settings
 from app.batches import Batch, BatchRecord, batch_agent, from_partition
 from app.codec import RecordError, dumps_held, loads_object
 from app.dead_letter import send_dead_letter
-from app.kafka_io import KeyPartitioner, kafka_io
+from app.kafka_io import KeyPartitioner, RecordBatches, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
 from operators.steps import Step, StepTally, run_record
@@ -259,19 +259,20 @@ class SinkWriter:
     acked, so its offsets can only be committed after its outputs are durable.
 
     Outputs go to their key's partition (``key_by``; keyless ones share one partition
-    per batch) under either guarantee. Under at_least_once a batch's outputs go out as
-    one record batch per partition (``kafka_io.send_partitioned``), grouped here as they
-    are made: Faust's per-message send path costs more than the whole transformation.
-    Under exactly_once every output goes through Faust into the transaction of the input
-    partition it came from (``from_partition``), the one that commits that input's
-    offset. (Before, each output kept its input's partition number, Faust's way of
-    finding a transaction, so ``key_by`` did not decide where it went.)
+    per batch) under either guarantee. Under at_least_once each output is encoded
+    straight into its partition's record batch (``kafka_io.record_batches``), and a
+    batch's outputs go out together: Faust's per-message send path costs more than the
+    whole transformation. Under exactly_once every output goes through Faust into the
+    transaction of the input partition it came from (``from_partition``), the one that
+    commits that input's offset. (Before, each output kept its input's partition
+    number, Faust's way of finding a transaction, so ``key_by`` did not decide where
+    it went.)
     """
 
     def __init__(self, sink: Any, exactly_once: bool) -> None:
         self.sink, self.name, self.exactly_once = sink, sink.get_topic_name(), exactly_once
         self.partition_of: KeyPartitioner | None = None
-        self.groups: dict[int, list[tuple[bytes | None, bytes]]] = {}
+        self.batches: RecordBatches | None = None
         #: exactly_once: (input partition, output partition, key, value) per output.
         self.transactional: list[tuple[int, int, bytes | None, bytes]] = []
         self.count = 0
@@ -283,18 +284,20 @@ class SinkWriter:
             self.partition_of = KeyPartitioner(count)
         # Keyless outputs of one batch share a partition (like Kafka's sticky partitioner).
         self._keyless = (self._keyless + 1) % count
+        self.count, self.transactional = 0, []
+        if not self.exactly_once:
+            self.batches = kafka_io.record_batches()  # a failed batch's records are dropped
 
-    def add(self, event: Any, key: bytes | None, value: bytes) -> None:
+    def add(self, event: Any, key: bytes | None, record: dict[str, Any]) -> None:
+        """Encode ``record`` to the sink, in ``key``'s partition."""
         self.count += 1
         assert self.partition_of is not None
         partition = self._keyless if key is None else self.partition_of(key)
         if self.exactly_once:
-            self.transactional.append((event.message.partition, partition, key, value))
+            # Held until sent: dumps_held.
+            self.transactional.append((event.message.partition, partition, key, dumps_held(record)))
             return
-        group = self.groups.get(partition)
-        if group is None:
-            group = self.groups[partition] = []
-        group.append((key, value))
+        self.batches.add(partition, key, orjson.dumps(record))  # type: ignore[union-attr]
 
     async def send(self) -> Awaitable[Any] | None:
         """Send the batch's outputs; returns what completes when the broker acknowledged
@@ -306,10 +309,10 @@ class SinkWriter:
                 with from_partition(source_partition):
                     await self.sink.send(key=key, value=value, partition=partition)
             return None
-        if not self.groups:
+        batches, self.batches = self.batches, None
+        if batches is None or not batches.count:
             return None
-        groups, self.groups = self.groups, {}
-        return await kafka_io.start_partitioned(self.name, groups)
+        return await batches.start(self.name)
 
 
 def set_current_event(event: Any) -> None:
@@ -377,8 +380,7 @@ def build(spec: PipelineSpec) -> None:
                     if key_by is not None:
                         value = outcome.record.get(key_by)
                         key = None if value is None else (value if value.__class__ is str else dumps(value).decode()).encode()
-                    # The batch holds its outputs until they are sent: dumps_held.
-                    writer.add(partition_event, key, dumps_held(outcome.record))
+                    writer.add(partition_event, key, outcome.record)
                 elif outcome.dropped:
                     counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
                 else:

@@ -205,16 +205,22 @@ class KafkaIO(Service):
         Why: a batch agent can then handle its next batch while the broker acks this
         one's outputs (``Batch.finish_later``)."""
         pending = await self._append_record_batches(topic, groups, with_headers=False)
+        return asyncio.ensure_future(self._last_offsets(pending))
 
-        async def last_offsets() -> dict[int, int]:
-            last: dict[int, int] = {}
-            for meta, count in await self._acked(pending):
-                end = meta.offset + count - 1
-                if end > last.get(meta.partition, -1):
-                    last[meta.partition] = end
-            return last
+    @classmethod
+    async def _last_offsets(cls, pending: list[tuple[asyncio.Future, int]]) -> dict[int, int]:
+        """The last offset stored in each partition, once every batch is acknowledged."""
+        last: dict[int, int] = {}
+        for meta, count in await cls._acked(pending):
+            end = meta.offset + count - 1
+            if end > last.get(meta.partition, -1):
+                last[meta.partition] = end
+        return last
 
-        return asyncio.ensure_future(last_offsets())
+    def record_batches(self) -> RecordBatches:
+        """Record batches to fill as records are made, then ``start``."""
+        assert self.producer is not None
+        return RecordBatches(self.producer)
 
     async def send_batch(
         self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int
@@ -284,6 +290,56 @@ class KafkaIO(Service):
             if count:
                 pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
         return pending
+
+
+#: The headers of a record without any (aiokafka's builder reads, never keeps, the list).
+NO_HEADERS: list = []
+
+
+class RecordBatches:
+    """Records for one topic appended to per-partition record batches as they are made,
+    then handed to the producer together (``start``); nothing is held per record.
+
+    Why: the sinks and changelogs used to collect (key, value) pairs per partition and
+    append them in a second loop, which held every encoded value until then (a bytes
+    object, a tuple, a list slot): 3.9 against 2.6 µs a record (encode and append,
+    measured), and a long-held orjson output needs a copy (``app.codec.dumps_held``)
+    or takes a fresh page. Appended at once, the encoded value is freed right away.
+    """
+
+    __slots__ = ("producer", "_open", "_full", "count")
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        #: partition -> [open batch, its record count]
+        self._open: dict[int, list[Any]] = {}
+        #: (partition, closed batch, record count), in the order they filled up.
+        self._full: list[tuple[int, Any, int]] = []
+        self.count = 0
+
+    def add(self, partition: int, key: bytes | None, value: bytes | None) -> None:
+        """Append one record to ``partition``'s open batch (a new one when it is full)."""
+        slot = self._open.get(partition)
+        if slot is None:
+            slot = self._open[partition] = [self.producer.create_batch(), 0]
+        if slot[0]._builder.append(slot[1], None, key, value, NO_HEADERS) is None:  # append_record, inlined
+            if not slot[1]:
+                raise ValueError(f"a record for partition {partition} is larger than one record batch")
+            self._full.append((partition, finished(slot[0], slot[1]), slot[1]))
+            slot[0], slot[1] = self.producer.create_batch(), 0
+            if not append_record(slot[0], 0, key, value, NO_HEADERS):
+                raise ValueError(f"a record for partition {partition} is larger than one record batch")
+        slot[1] += 1
+        self.count += 1
+
+    async def start(self, topic: str) -> asyncio.Future[dict[int, int]]:
+        """Hand every batch to the producer, each partition's in order; returns a future
+        of the last offset stored in each partition, done once the broker acknowledged
+        them all (what ``KafkaIO.start_partitioned`` returns)."""
+        batches = self._full + [(p, finished(batch, n), n) for p, (batch, n) in self._open.items() if n]
+        self._open, self._full, self.count = {}, [], 0
+        pending = [(await self.producer.send_batch(batch, topic, partition=p), n) for p, batch, n in batches]
+        return asyncio.ensure_future(KafkaIO._last_offsets(pending))
 
 
 def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | None, headers: list) -> bool:

@@ -78,3 +78,79 @@ def test_records_appended_to_a_record_batch_are_counted_and_a_full_batch_refuses
     assert [r.offset for r in records] == list(range(count))
     assert [r.key for r in records] == [f"k{i}".encode() for i in range(count)]
     assert records[0].headers == [("h", b"1")]
+
+
+class RecordingProducer:
+    """What ``RecordBatches`` uses of aiokafka's producer: small record batches, and
+    ``send_batch`` answering with the offsets a broker would give (per partition)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.sent: list[tuple[str, int, list[tuple[bytes, bytes]]]] = []
+        self.next_offset: dict[int, int] = {}
+
+    def create_batch(self):
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(self, batch, topic, *, partition):
+        import asyncio
+        from types import SimpleNamespace
+
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        records = [(r.key, r.value) for r in DefaultRecordBatch(bytearray(batch._build()))]
+        assert batch.record_count() == len(records)
+        self.sent.append((topic, partition, records))
+        base = self.next_offset.get(partition, 0)
+        self.next_offset[partition] = base + len(records)
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(SimpleNamespace(partition=partition, offset=base))
+        return future
+
+
+def test_record_batches_keep_each_partitions_order_across_full_batches():
+    import asyncio
+
+    from app.kafka_io import RecordBatches
+
+    async def scenario():
+        producer = RecordingProducer(batch_size=1024)
+        batches = RecordBatches(producer)
+        expected: dict[int, list[tuple[bytes, bytes]]] = {0: [], 1: []}
+        for i in range(40):  # ~120 bytes a record: several full batches per partition
+            partition = 0 if i % 3 else 1
+            record = (f"k{i}".encode(), b"v" * 100)
+            batches.add(partition, *record)
+            expected[partition].append(record)
+        assert batches.count == 40
+        acked = await batches.start("sink")
+        assert batches.count == 0  # emptied: the next batch starts afresh
+        last = await acked
+        got: dict[int, list[tuple[bytes, bytes]]] = {0: [], 1: []}
+        for topic, partition, records in producer.sent:
+            assert topic == "sink"
+            got[partition].extend(records)
+        assert got == expected
+        assert len(producer.sent) > 2  # full batches were sent, not one giant batch
+        assert last == {0: len(expected[0]) - 1, 1: len(expected[1]) - 1}
+
+    asyncio.run(scenario())
+
+
+def test_a_record_larger_than_a_batch_goes_alone_in_order():
+    import asyncio
+
+    from app.kafka_io import RecordBatches
+
+    async def scenario():
+        producer = RecordingProducer(batch_size=256)
+        batches = RecordBatches(producer)
+        for key, value in ((b"a", b"x" * 10), (b"big", b"v" * 4096), (b"c", b"y" * 10)):
+            batches.add(0, key, value)
+        await (await batches.start("sink"))
+        return [[key for key, _ in records] for _, _, records in producer.sent]
+
+    # aiokafka's builder always takes a batch's first record (the broker judges its size).
+    assert asyncio.run(scenario()) == [[b"a"], [b"big"], [b"c"]]
