@@ -82,7 +82,7 @@ def parse_window_step(index: int, spec: Any) -> Step:
     if unknown:
         raise StepSpecError(index, "window", sorted(unknown)[0],
                             f"unknown parameter; allowed: {sorted(WINDOW_STEP_FIELDS - {'op'})}")
-    return Step(index, "window", dict(spec), lambda record, ctx: (record, None), terminal=True)
+    return Step(index, "window", dict(spec), lambda record, ctx: record, terminal=True)
 
 
 STEP_PARSERS.setdefault("window", parse_window_step)

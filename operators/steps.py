@@ -69,12 +69,18 @@ class StepContext(Protocol):
 
 @dataclass(frozen=True)
 class Step:
-    """One parsed step: its position, op, and what it does to a record."""
+    """One parsed step: its position, op, and what it does to a record.
+
+    ``apply(record, ctx)`` returns the record after the step, or None when the step
+    drops it, for the one reason the step drops records (``drops``: a duplicate, a
+    filtered record); it raises ``RecordFailure`` when the record cannot pass. (A
+    (record, reason) pair per step cost a tuple per step per record.)"""
 
     index: int
     op: str
     params: Any
-    apply: Callable[[dict[str, Any], StepContext], tuple[dict[str, Any] | None, str | None]]
+    apply: Callable[[dict[str, Any], StepContext], dict[str, Any] | None]
+    drops: str | None = None
     terminal: bool = False
 
     @property
@@ -125,7 +131,7 @@ def parse_deduplicate(index: int, spec: Mapping[str, Any]) -> Step:
     if horizon_seconds is None and horizon_count is None:
         horizon_seconds = 24 * 3600.0  # a day, unless told otherwise
 
-    def apply(record: dict[str, Any], ctx: StepContext) -> tuple[dict[str, Any] | None, str | None]:
+    def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
         key = dedupe_key(record, fields)
         now = ctx.now()
         if time_field is not None:
@@ -135,12 +141,12 @@ def parse_deduplicate(index: int, spec: Mapping[str, Any]) -> Step:
         seq = ctx.next_seq()
         memory = ctx.memory(index)
         if is_duplicate(memory.get(key), now, seq, horizon_seconds, horizon_count):
-            return None, "duplicate"
+            return None
         memory.put(key, now, seq)
-        return record, None
+        return record
 
     params = {"fields": fields, "horizon_seconds": horizon_seconds, "horizon_count": horizon_count, "time_field": time_field}
-    return Step(index, op, params, apply)
+    return Step(index, op, params, apply, drops="duplicate")
 
 
 def parse_normalize(index: int, spec: Mapping[str, Any]) -> Step:
@@ -175,7 +181,7 @@ def parse_normalize(index: int, spec: Mapping[str, Any]) -> Step:
         timestamps=_str_list(index, op, spec, "timestamps") or (),
         schema=schema,
     )
-    return Step(index, op, ns, lambda record, ctx: (normalize(record, ns), None))
+    return Step(index, op, ns, lambda record, ctx: normalize(record, ns))
 
 
 def parse_enrich(index: int, spec: Mapping[str, Any]) -> Step:
@@ -199,11 +205,8 @@ def parse_enrich(index: int, spec: Mapping[str, Any]) -> Step:
     es = EnrichSpec(source, key, _str_list(index, op, spec, "fields"), prefix, on_missing,
                     bool(spec.get("overwrite", False)), processing_time)
 
-    def apply(record: dict[str, Any], ctx: StepContext) -> tuple[dict[str, Any] | None, str | None]:
-        out = enrich(record, es, ctx.lookup, ctx.now())
-        return (out, None) if out is not None else (None, "no_reference_row")
-
-    return Step(index, op, es, apply)
+    return Step(index, op, es, lambda record, ctx: enrich(record, es, ctx.lookup, ctx.now()),
+                drops="no_reference_row")
 
 
 def _expr(index: int, op: str, param: str, text: Any):
@@ -219,8 +222,8 @@ def parse_filter(index: int, spec: Mapping[str, Any]) -> Step:
     if "where" not in spec:
         raise StepSpecError(index, op, "where", "is required, e.g. \"value > 10\"")
     where = _expr(index, op, "where", spec["where"])
-    return Step(index, op, where.text,
-                lambda record, ctx: (record, None) if keep(record, where) else (None, "filtered"))
+    return Step(index, op, where.text, lambda record, ctx: record if keep(record, where) else None,
+                drops="filtered")
 
 
 def parse_map(index: int, spec: Mapping[str, Any]) -> Step:
@@ -240,7 +243,7 @@ def parse_map(index: int, spec: Mapping[str, Any]) -> Step:
     )
     if not (ms.set or ms.rename or ms.drop or ms.select is not None):
         raise StepSpecError(index, op, None, "needs at least one of set, rename, drop, select")
-    return Step(index, op, spec, lambda record, ctx: (map_record(record, ms), None))
+    return Step(index, op, spec, lambda record, ctx: map_record(record, ms))
 
 
 #: op name → parser(index, spec) -> Step. Other modules may register more ops.
@@ -297,11 +300,11 @@ def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) 
         if step.terminal:
             break
         try:
-            out, reason = step.apply(record, ctx)
+            out = step.apply(record, ctx)
         except RecordFailure as exc:
             return Outcome(None, step, failed=str(exc))
         if out is None:
-            return Outcome(None, step, dropped=reason)
+            return Outcome(None, step, dropped=step.drops)
         record = out
     return Outcome(record)
 
