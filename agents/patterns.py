@@ -378,14 +378,9 @@ async def flush_states() -> None:
         state_cache.dirty = {}
         try:
             entries = state_cache.entries
-            at: dict[int, Any] = {}
-            items = []
-            for p, tkey in taken:
-                record = at.get(p)
-                if record is None:
-                    record = at[p] = state_store.at(p)
-                items.append((record, table_key_bytes(tkey), encode_state(entries[(p, tkey)])))
-            await state_store.write_many(items)
+            # Encoded as they are stored (str_keys: see encode_state), not held encoded.
+            await state_store.write_partitions(
+                [(p, table_key_bytes(tkey), entries[(p, tkey)]) for p, tkey in taken], str_keys=True)
         except BaseException:
             # Not written: still unwritten (with whatever became so meanwhile), so no
             # commit covers them until a flush succeeds.
@@ -421,8 +416,9 @@ def encode_state(value: dict[str, Any]) -> bytes:
     """The stored JSON of one key's state. Its dict keys are strings (topics, pattern
     and step names, JSON event fields), so plain ``orjson.dumps`` does: about half the
     cost of ``PartitionStore``'s ``OPT_NON_STR_KEYS`` on these nested states (the
-    encoding was ~15 % of the handler). The same bytes either way. A flush holds
-    thousands of them until stored: ``dumps_held``."""
+    encoding was ~15 % of the handler). The same bytes either way (``flush_states``
+    gets them from ``write_partitions(..., str_keys=True)``). Under exactly_once a
+    batch holds its states until Faust sends them: ``dumps_held``."""
     try:
         return dumps_held(value)
     except TypeError:  # a non-string key after all: encode it as the store would

@@ -53,6 +53,9 @@ class Store:
         for ev, key, value in items:
             self.data[(ev.message.partition, key)] = value if isinstance(value, bytes) else orjson.dumps(value)
 
+    async def write_partitions(self, items, str_keys=False):
+        await self.write_many([(self.at(p), key, value) for p, key, value in items])
+
 
 @pytest.fixture
 def env(monkeypatch):
