@@ -31,6 +31,9 @@ What changes (and only this):
 * Under exactly_once, :class:`TransactionManager` puts every output sent while input is
   processed into a transaction (Faust sent outputs to topics the consumer does not read
   outside any transaction; docs/delivery.md).
+* A subscription waits (at most 30 s) until the broker's metadata lists every topic in
+  it (``FastConsumerThread.subscribe``): a topic created just before the group join
+  was otherwise left unassigned for five minutes (docs/delivery.md, D).
 
 Everything else is Faust's: read offsets, gap tracking, acks, ``commit_every``,
 commits, rebalance listeners, transactional producers and commits, the consumer thread.
