@@ -323,12 +323,11 @@ class RecordBatches:
         if slot is None:
             slot = self._open[partition] = [self.producer.create_batch(), 0]
         if slot[0]._builder.append(slot[1], None, key, value, NO_HEADERS) is None:  # append_record, inlined
-            if not slot[1]:
-                raise ValueError(f"a record for partition {partition} is larger than one record batch")
+            # Full: queue it and start the next, which always takes its first record
+            # (aiokafka's builder; the broker judges a record too large for a batch).
             self._full.append((partition, finished(slot[0], slot[1]), slot[1]))
             slot[0], slot[1] = self.producer.create_batch(), 0
-            if not append_record(slot[0], 0, key, value, NO_HEADERS):
-                raise ValueError(f"a record for partition {partition} is larger than one record batch")
+            append_record(slot[0], 0, key, value, NO_HEADERS)
         slot[1] += 1
         self.count += 1
 
