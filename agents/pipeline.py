@@ -301,8 +301,8 @@ class SinkWriter:
 
     async def send(self) -> Awaitable[Any] | None:
         """Send the batch's outputs; returns what completes when the broker acknowledged
-        them (None: nothing to wait for; under exactly_once the transaction commits them)."""
-        self.count = 0
+        them (None: nothing to wait for; under exactly_once the transaction commits them).
+        ``count`` keeps this batch's outputs until ``begin_batch``."""
         if self.exactly_once:
             outputs, self.transactional = self.transactional, []
             for source_partition, partition, key, value in outputs:

@@ -204,18 +204,11 @@ class KafkaIO(Service):
 
         Why: a batch agent can then handle its next batch while the broker acks this
         one's outputs (``Batch.finish_later``)."""
-        pending = await self._append_record_batches(topic, groups, with_headers=False)
-        return asyncio.ensure_future(self._last_offsets(pending))
-
-    @classmethod
-    async def _last_offsets(cls, pending: list[tuple[asyncio.Future, int]]) -> dict[int, int]:
-        """The last offset stored in each partition, once every batch is acknowledged."""
-        last: dict[int, int] = {}
-        for meta, count in await cls._acked(pending):
-            end = meta.offset + count - 1
-            if end > last.get(meta.partition, -1):
-                last[meta.partition] = end
-        return last
+        batches = self.record_batches()
+        for partition, records in groups.items():
+            for key, value in records:
+                batches.add(partition, key, value)
+        return await batches.start(topic)
 
     def record_batches(self) -> RecordBatches:
         """Record batches to fill as records are made, then ``start``."""
@@ -240,7 +233,7 @@ class KafkaIO(Service):
                 p = partition_for(message.key, num_partitions, sticky)
             indexes.setdefault(p, []).append(index)
         groups = {p: [messages[i] for i in positions] for p, positions in indexes.items()}
-        sent = iter(await self._send_record_batches(topic, groups, with_headers=True))
+        sent = iter(await acked(await self._append_record_batches(topic, groups)))
 
         results: list[Delivered | None] = [None] * len(messages)
         for positions in indexes.values():  # record batches come partition by partition
@@ -252,25 +245,13 @@ class KafkaIO(Service):
                 done += count
         return results  # type: ignore[return-value]
 
-    async def _send_record_batches(
-        self, topic: str, groups: dict[int, Sequence[Sequence[Any]]], with_headers: bool
-    ) -> list[tuple[Any, int]]:
-        """Append each partition's records (``[0]`` key, ``[1]`` value, ``[2]`` headers
-        when ``with_headers``) to record batches and send them, pipelined; return
-        (record metadata, record count) per record batch, partition by partition in
-        the order given. Returns only after the broker acknowledged all of them."""
-        return await self._acked(await self._append_record_batches(topic, groups, with_headers))
-
-    @staticmethod
-    async def _acked(pending: list[tuple[asyncio.Future, int]]) -> list[tuple[Any, int]]:
-        metas = await asyncio.gather(*(fut for fut, _ in pending))
-        return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
-
     async def _append_record_batches(
-        self, topic: str, groups: dict[int, Sequence[Sequence[Any]]], with_headers: bool
+        self, topic: str, groups: dict[int, Sequence[OutgoingMessage]]
     ) -> list[tuple[asyncio.Future, int]]:
-        """The sending half of ``_send_record_batches``: (delivery future, record count)
-        per record batch handed to the producer."""
+        """Append each partition's messages, with their headers, to record batches and
+        hand them to the producer, partition by partition in the order given; return
+        (delivery future, record count) per record batch. (Records without headers,
+        made one by one, take ``RecordBatches``.)"""
         assert self.producer is not None
         producer = self.producer
         pending: list[tuple[asyncio.Future, int]] = []
@@ -278,14 +259,13 @@ class KafkaIO(Service):
             batch, count = producer.create_batch(), 0
             for record in records:
                 # aiokafka's (C) builder wants a list; most records have no headers.
-                headers = list(record[2]) if with_headers and record[2] else []
-                if not append_record(batch, count, record[0], record[1], headers):
-                    if not count:
-                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                headers = list(record.headers) if record.headers else NO_HEADERS
+                if not append_record(batch, count, record.key, record.value, headers):
+                    # Full: send it and start the next, which always takes its first
+                    # record (as in ``RecordBatches.add``).
                     pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
                     batch, count = producer.create_batch(), 0
-                    if not append_record(batch, count, record[0], record[1], headers):
-                        raise ValueError(f"a record for {topic}[{partition}] is larger than one record batch")
+                    append_record(batch, count, record.key, record.value, headers)
                 count += 1
             if count:
                 pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
@@ -338,7 +318,24 @@ class RecordBatches:
         batches = self._full + [(p, finished(batch, n), n) for p, (batch, n) in self._open.items() if n]
         self._open, self._full, self.count = {}, [], 0
         pending = [(await self.producer.send_batch(batch, topic, partition=p), n) for p, batch, n in batches]
-        return asyncio.ensure_future(KafkaIO._last_offsets(pending))
+        return asyncio.ensure_future(last_offsets(pending))
+
+
+async def acked(pending: list[tuple[asyncio.Future, int]]) -> list[tuple[Any, int]]:
+    """(record metadata, record count) of each (delivery future, record count), once the
+    broker acknowledged every batch; raises if any failed."""
+    metas = await asyncio.gather(*(fut for fut, _ in pending))
+    return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
+
+
+async def last_offsets(pending: list[tuple[asyncio.Future, int]]) -> dict[int, int]:
+    """The last offset stored in each partition, once every batch is acknowledged."""
+    last: dict[int, int] = {}
+    for meta, count in await acked(pending):
+        end = meta.offset + count - 1
+        if end > last.get(meta.partition, -1):
+            last[meta.partition] = end
+    return last
 
 
 def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | None, headers: list) -> bool:
