@@ -39,7 +39,7 @@ from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, RecordBatches, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
-from operators.steps import Step, StepTally, run_record
+from operators.steps import Outcome, Step, StepTally, pass_record, runnable
 from tables.reference import reference_store
 from tables.windows import RAW_SCHEMA, PartitionStore
 
@@ -339,7 +339,7 @@ def build(spec: PipelineSpec) -> None:
     source_name = source.get_topic_name()
 
     ctx = LiveContext(spec, table)
-    tally, steps, key_by = counters.steps, spec.steps, spec.key_by
+    tally, steps, key_by = counters.steps, runnable(spec.steps), spec.key_by
     exactly_once = settings.processing_guarantee == "exactly_once"
     writer = SinkWriter(sink, exactly_once)
 
@@ -373,15 +373,17 @@ def build(spec: PipelineSpec) -> None:
                                            source_topic=source_name, pipeline=spec.name, step="parse",
                                            partition=partition, offset=raw.offset)
                     continue
-                outcome = run_record(steps, record, ctx)
-                tally.add(outcome)
-                if outcome.record is not None:
+                outcome = pass_record(steps, record, ctx)
+                if outcome.__class__ is not Outcome:  # the output record
+                    tally.completed += 1
                     key = raw.key
                     if key_by is not None:
-                        value = outcome.record.get(key_by)
+                        value = outcome.get(key_by)
                         key = None if value is None else (value if value.__class__ is str else dumps(value).decode()).encode()
-                    writer.add(partition_event, key, outcome.record)
-                elif outcome.dropped:
+                    writer.add(partition_event, key, outcome)
+                    continue
+                tally.add(outcome)
+                if outcome.dropped:
                     counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1
                 else:
                     counters.dead_lettered += 1

@@ -4,7 +4,7 @@ broker.
 ``python -m bench.transform_micro [events] [--rounds N]`` runs the transform
 scenario's steps (deduplicate, normalize, enrich, filter; bench/scenarios/transform.py)
 over its events (~300-byte JSON clicks, 10,000 keys, every event unique) the way the
-live pipeline does per record (agents/pipeline.py): ``loads_object``, ``run_record``,
+live pipeline does per record (agents/pipeline.py): ``loads_object``, ``pass_record``,
 then the output encoded into its partition's record batch (``kafka_io.RecordBatches``
 with a producer that only counts). Deduplication memory is a dict (``MemoryContext``),
 reference rows a dict lookup. Reports ``time.process_time`` µs per event, per phase,
@@ -27,7 +27,7 @@ from app.codec import loads_object
 from app.kafka_io import KeyPartitioner, RecordBatches
 from bench.events import make_payloads
 from bench.scenarios.transform import PIPELINE
-from operators.steps import MemoryContext, parse_steps, run_record
+from operators.steps import MemoryContext, Outcome, parse_steps, pass_record, runnable
 
 
 class CountingProducer:
@@ -50,12 +50,12 @@ def one_round(payloads: list[bytes], steps, users: dict, partition_of: KeyPartit
         t0 = clock()
         records = [loads_object(p) for p in chunk]
         t1 = clock()
-        outcomes = [run_record(steps, r, ctx) for r in records]
+        outcomes = [pass_record(steps, r, ctx) for r in records]
         t2 = clock()
         for outcome in outcomes:
-            if outcome.record is not None:
-                key = outcome.record["user_id"].encode()
-                batches.add(partition_of(key), key, dumps(outcome.record))
+            if outcome.__class__ is not Outcome:
+                key = outcome["user_id"].encode()
+                batches.add(partition_of(key), key, dumps(outcome))
         t3 = clock()
         batches._open, batches._full = {}, []  # sent and forgotten
         timings["parse"] += t1 - t0
@@ -72,7 +72,7 @@ def main() -> None:
     payloads = [orjson.dumps(p) for p in make_payloads(args.events)]
     users = {f"u{i:05d}": {"tier": ("gold", "silver", "bronze")[i % 3], "segment": f"s{i % 17}"}
              for i in range(10_000)}
-    steps = parse_steps(PIPELINE["pipelines"][0]["steps"])
+    steps = runnable(parse_steps(PIPELINE["pipelines"][0]["steps"]))
     gc.set_threshold(50_000, 20, 100)  # as a worker (app/gc_tuning.py)
     gc.freeze()
     best: dict[str, float] = {}

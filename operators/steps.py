@@ -294,11 +294,26 @@ class Outcome:
     failed: str | None = None  # message of a failure (to report / dead-letter)
 
 
-def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) -> Outcome:
-    """Push one record through the non-terminal steps."""
+def runnable(steps: Sequence[Step]) -> list[Step]:
+    """The steps a record is pushed through: those before the first terminal one (a
+    terminal step, e.g. ``window``, is run by its own agent)."""
+    out = []
     for step in steps:
         if step.terminal:
             break
+        out.append(step)
+    return out
+
+
+def pass_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | Outcome:
+    """Push one record through ``steps`` (``runnable``, no terminal step): the output
+    record itself when it came through them all, else the ``Outcome`` saying where and
+    why it stopped (tell them apart by ``.__class__ is Outcome``).
+
+    Why not always an ``Outcome``: most records come through, and a live pipeline
+    pushes each one; building an object for each only to unwrap it cost 2.6 % of the
+    instructions per record of ``bench.transform_micro`` (81,421 against 79,290)."""
+    for step in steps:
         try:
             out = step.apply(record, ctx)
         except RecordFailure as exc:
@@ -306,7 +321,13 @@ def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) 
         if out is None:
             return Outcome(None, step, dropped=step.drops)
         record = out
-    return Outcome(record)
+    return record
+
+
+def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) -> Outcome:
+    """Push one record through the non-terminal steps; what became of it."""
+    result = pass_record(runnable(steps), record, ctx)
+    return result if result.__class__ is Outcome else Outcome(result)  # type: ignore[return-value]
 
 
 @dataclass
@@ -339,6 +360,7 @@ class StepTally:
         self.failed = [0] * len(self.steps)
 
     def add(self, outcome: Outcome) -> None:
+        """Count one record's outcome (a record that came through: ``completed += 1``)."""
         step = outcome.step
         if step is None:
             self.completed += 1
@@ -410,17 +432,20 @@ def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext) -
     """Run a batch (``/api/v1/process``): outputs, per-step counts, and every record
     that did not come out, with its index, step and reason."""
     tally = StepTally(steps)
+    before_terminal = runnable(steps)
     outputs, dropped, failures = [], [], []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             failures.append({"index": i, "step": None, "op": "parse",
                              "reason": f"record is {type(record).__name__}, not an object"})
             continue
-        outcome = run_record(steps, record, ctx)
+        outcome = pass_record(before_terminal, record, ctx)
+        if outcome.__class__ is not Outcome:
+            tally.completed += 1
+            outputs.append(outcome)
+            continue
         tally.add(outcome)
-        if outcome.record is not None:
-            outputs.append(outcome.record)
-        elif outcome.dropped:
+        if outcome.dropped:
             dropped.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.dropped})
         else:
             failures.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.failed})

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from operators.expr import compile_expr
-from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
+from operators.steps import (
+    MemoryContext,
+    Outcome,
+    Step,
+    StepSpecError,
+    parse_steps,
+    pass_record,
+    run_batch,
+    run_record,
+    runnable,
+)
 from operators.transform import (
     EnrichSpec,
     FieldSchema,
@@ -135,6 +145,30 @@ def test_a_pipeline_batch_accounts_for_every_record():
     counts = [c.as_dict() for c in result.counts]
     assert counts[0] == {"step": 0, "op": "deduplicate", "in": 5, "out": 3, "dropped": {"duplicate": 1}, "failed": 1}
     assert counts[1]["failed"] == 1 and counts[2]["dropped"] == {"filtered": 1}
+
+
+def test_pass_record_gives_the_record_itself_or_where_it_stopped():
+    steps = parse_steps([{"op": "deduplicate", "fields": ["id"]}, {"op": "normalize", "schema": {"n": "integer"}},
+                         {"op": "filter", "where": "n >= 2"}])
+    ctx = MemoryContext()
+    out = pass_record(steps, {"id": 1, "n": "2"}, ctx)
+    assert out.__class__ is dict and out == {"id": 1, "n": 2}
+    dropped = pass_record(steps, {"id": 1, "n": "2"}, ctx)
+    assert dropped.__class__ is Outcome and (dropped.step.op, dropped.dropped) == ("deduplicate", "duplicate")
+    failed = pass_record(steps, {"id": 2, "n": "x"}, ctx)
+    assert failed.__class__ is Outcome and failed.step.op == "normalize" and "not a integer" in failed.failed
+    assert pass_record(steps, {"id": 3, "n": 1}, ctx).dropped == "filtered"
+    # run_record wraps the same in an Outcome either way.
+    assert run_record(steps, {"id": 4, "n": 5}, ctx) == Outcome({"id": 4, "n": 5})
+
+
+def test_records_stop_before_a_terminal_step():
+    terminal = Step(1, "window", None, lambda record, ctx: None, terminal=True)
+    steps = [parse_steps(["normalize"])[0], terminal]
+    assert runnable(steps) == steps[:1]
+    assert run_record(steps, {"A": 1}, MemoryContext()).record == {"a": 1}
+    result = run_batch(steps, [{"A": 1}], MemoryContext())
+    assert result.records == [{"a": 1}] and [c.op for c in result.counts] == ["normalize"]
 
 
 def test_count_horizon_readmits_after_n_records():
