@@ -87,6 +87,10 @@ def snake_case(name: str) -> str:
 def canonical_timestamp(value: Any) -> str:
     """ISO-8601 UTC with milliseconds (``2026-11-26T21:32:38.123Z``) from ISO-8601 text,
     epoch seconds or epoch milliseconds (numbers above 10^11 are taken as ms)."""
+    if value.__class__ is float or value.__class__ is int:  # JSON numbers (bool is not int by class)
+        if math.isfinite(value):
+            return _iso(value / 1000.0 if abs(value) >= 1e11 else float(value))
+        raise RecordFailure(f"not a timestamp: {value!r}")
     if isinstance(value, bool):
         raise RecordFailure(f"not a timestamp: {value!r}")
     if isinstance(value, str):
@@ -124,11 +128,13 @@ def _iso(seconds: float) -> str:
         whole, micros = whole - 1, micros + 1_000_000
     if whole != _last_second[0]:  # consecutive records mostly share their second
         _last_second = (whole, _iso_second(int(whole)))
-    return f"{_last_second[1]}.{micros // 1000:03d}Z"
+    return _last_second[1] + _MILLIS[micros // 1000]
 
 
 #: (whole second, its text) of the last timestamp formatted.
 _last_second: tuple[float, str] = (math.nan, "")
+#: ``.000Z`` … ``.999Z``: a lookup where formatting cost ~0.2 µs per timestamp.
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from datetime import UTC, datetime
+
 import pytest
 
 from operators.expr import compile_expr
@@ -53,6 +56,18 @@ def test_snake_case(name, expected):
 ])
 def test_timestamps_become_one_canonical_form(value, expected):
     assert canonical_timestamp(value) == expected
+
+
+def test_epoch_numbers_format_as_datetime_does():
+    # _iso builds the text from a cached second and a millisecond table; datetime is
+    # the reference (its rounding: microseconds half-even, then cut to milliseconds).
+    rng = random.Random(7)
+    for _ in range(20_000):
+        value = rng.choice([rng.uniform(-1e9, 4e9), round(rng.uniform(0, 4e9), 3),
+                            rng.randint(0, 4_000_000_000), rng.randint(10**11, 4 * 10**12)])
+        seconds = value / 1000.0 if value >= 1e11 else float(value)
+        expected = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+        assert canonical_timestamp(value) == expected.replace("+00:00", "Z"), value
 
 
 @pytest.mark.parametrize("value", ["yesterday", True, None, [1], float("nan"), 10**30])
