@@ -164,8 +164,16 @@ class FieldSchema:
     has_default: bool = False
 
 
+#: (schema type, Python class) pairs whose values pass unchanged (a float still needs
+#: its finiteness checked; bool is not int by class).
+_ALREADY_TYPED = frozenset({("integer", int), ("number", int), ("string", str), ("boolean", bool),
+                            ("object", dict), ("array", list)})
+
+
 def coerce(value: Any, type_name: str, name: str) -> Any:
     """``value`` as ``type_name``; numeric strings become numbers; else RecordFailure."""
+    if (type_name, value.__class__) in _ALREADY_TYPED:  # most values already are
+        return value
     if value is None or type_name == "any":
         return value
     if type_name == "string":
