@@ -1,6 +1,8 @@
 # streametl: the two commands a newcomer needs are `make run` and `make test`.
 SHELL := /bin/bash
-PY ?= python3
+# The interpreter .venv is built from: the distribution's optimized CPython when it can
+# make a venv, else python3 (why: deploy/pick-python.sh). Override: make PY=python3.12
+PY ?= $(shell deploy/pick-python.sh)
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA := deploy/kafka/kafka.sh
@@ -16,7 +18,8 @@ export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 .PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
 
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
+	@py="$(PY)"; echo "building $(VENV) from $$py ($$($$py -c 'import sys; print(sys.version.split()[0])'))"; \
+	  $$py -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
