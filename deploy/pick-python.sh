@@ -5,8 +5,8 @@
 # a pyenv build (configured with --enable-shared and without --enable-optimizations:
 # every call into the interpreter goes through libpython's PLT, no profile-guided
 # layout), while the distribution's /usr/bin/python3 (Debian's: PGO + LTO, libpython
-# linked in) ran the same worker 30-45 % faster on the transform benchmark
-# (docs/performance.md, "Session 8"). The first candidate that is CPython >= 3.11 and
+# linked in) ran the same worker with 15-28 % less CPU per event on the transform
+# benchmark (docs/performance.md, "Session 8"). The first candidate that is CPython >= 3.11 and
 # can really build a venv with pip wins; `python3` is the fallback.
 set -u
 tmp=$(mktemp -d)
