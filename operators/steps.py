@@ -354,7 +354,7 @@ class StepTally:
     stopped (or that it came through), and ``counts`` derives in/out per step."""
 
     def __init__(self, steps: Sequence[Step]) -> None:
-        self.steps = [s for s in steps if not s.terminal]
+        self.steps = runnable(steps)
         self.completed = 0
         self.dropped: list[dict[str, int]] = [{} for _ in self.steps]
         self.failed = [0] * len(self.steps)
