@@ -68,6 +68,10 @@ class Settings:
     batch_within: float = 0.02
     stream_buffer_maxsize: int = 16384
     max_poll_records: int = 5000
+    # Run Faust's aiokafka consumer in the worker's event loop instead of a thread of its
+    # own (app/transport.py, FastConsumerThread): fetches are no longer handed between
+    # two loops, which was most of a live stream's wait between batches.
+    consumer_in_loop: bool = True
     # Longest time the broker parks a fetch with no new data (Faust hard-codes 1500 ms;
     # parked fetches also hold back partitions that have data: app/transport.py).
     fetch_max_wait_ms: int = 100

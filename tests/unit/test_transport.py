@@ -349,3 +349,46 @@ def test_subscription_wait_is_bounded_and_names_what_is_missing():
     missing = run(await_topics_in_metadata(client, {"events", "never-created"}, timeout=0.2))
     assert missing == {"never-created"}
     assert 2 <= client.refreshes <= 5  # backed off, not a busy loop
+
+
+def test_the_consumer_runs_in_the_workers_event_loop(monkeypatch):
+    """``Settings.consumer_in_loop``: the aiokafka consumer gets no thread (or loop) of
+    its own, and Faust's calls into it are plain awaits in the worker's loop."""
+    from app import app
+    from app.transport import FastConsumerThread
+
+    loop = asyncio.new_event_loop()
+    try:
+        consumer_thread = FastConsumerThread(app.consumer, loop=loop)
+        assert consumer_thread.in_loop
+        assert consumer_thread.thread_loop is loop and consumer_thread.parent_loop is loop
+        seen = []
+
+        def sync_call(x: int) -> int:
+            seen.append(asyncio.get_running_loop())
+            return x + 1
+
+        async def async_call(x: int) -> int:
+            seen.append(asyncio.get_running_loop())
+            return x * 2
+
+        async def calls() -> tuple[int, int]:
+            return (await consumer_thread.call_thread(sync_call, 1),
+                    await consumer_thread.call_thread(async_call, x=5))
+
+        assert loop.run_until_complete(calls()) == (2, 10)
+        assert seen == [loop, loop]  # run at once, in this loop: no method queue
+        assert consumer_thread._method_queue is None
+
+        # STREAMETL_CONSUMER_IN_LOOP=false: Faust's thread with a loop of its own.
+        import dataclasses
+
+        import app as app_package
+
+        monkeypatch.setattr(app_package, "settings",
+                            dataclasses.replace(app_package.settings, consumer_in_loop=False))
+        threaded = FastConsumerThread(app.consumer, loop=loop)
+        assert not threaded.in_loop and threaded.thread_loop is not loop
+        threaded.thread_loop.close()
+    finally:
+        loop.close()
