@@ -121,6 +121,10 @@ def condition(text: Any, where: str) -> ops.Predicate:
         raise PatternError(where, f"invalid condition: {exc}") from None
 
     evaluate = expr.evaluate  # bound once: this runs for every pattern on every event
+    if expr.is_condition:
+        # Always a bool, never an error (comparisons, and/or/not, in, exists of fields
+        # and literals: nearly every pattern condition): no wrapper call per event.
+        return evaluate
 
     def predicate(record: Mapping[str, Any]) -> bool:
         try:

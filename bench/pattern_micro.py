@@ -19,7 +19,10 @@ heap frozen), so the GC share is the worker's. Before, the micro ran with Python
 700/10/10 unless told otherwise, and its GC share (~25 µs per event) was several times
 the worker's; ``--python-gc`` gives that set-up back.
 
-    .venv/bin/python -m bench.pattern_micro [EVENTS] [--no-cache] [--python-gc] [--no-gc] [--profile]
+    .venv/bin/python -m bench.pattern_micro [EVENTS] [--no-cache] [--python-gc] [--no-gc] [--profile] [--handler-only]
+
+``--handler-only`` skips the matchers-alone figures (for instruction counts under
+callgrind: run it for two event counts and divide the difference).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from bench.scenarios.pattern_detect import PATTERNS
 
 
 class Record:
-    """The fields of a BatchRecord the pattern agent reads."""
+    """The fields of a raw fetched record the pattern agent reads (offset, key, value)."""
 
     __slots__ = ("topic", "partition", "offset", "key", "value", "__weakref__")
 
@@ -63,6 +66,8 @@ def main() -> None:
     os.environ["STREAMETL_DATA_DIR"] = tempfile.mkdtemp()
     if "--no-cache" in args:
         os.environ["STREAMETL_PATTERN_STATE_CACHE"] = "0"
+    from faust.types import TP
+
     import agents.patterns as engine  # after the environment: the app reads it at import
     from app.kafka_io import partition_for
     from tables.patterns import table_key_bytes
@@ -82,6 +87,15 @@ def main() -> None:
         records.append(Record("events", p, offsets[p], e["user_id"].encode(), orjson.dumps(e)))
         offsets[p] += 1
 
+    def parts(batch: list[Record]) -> list[tuple[TP, list[Record]]]:
+        """A fetch's records as ``Batch.parts`` holds them: per partition, in order."""
+        by_partition: dict[int, list[Record]] = {}
+        for r in batch:
+            by_partition.setdefault(r.partition, []).append(r)
+        return [(TP("events", p), rs) for p, rs in sorted(by_partition.items())]
+
+    batches = [parts(records[i:i + 5000]) for i in range(0, n, 5000)]
+
     # CPU per phase (process_time) and in the garbage collector (gc.callbacks).
     phases = {"split": 0.0, "match": 0.0, "encode": 0.0, "gc": 0.0}
     gc_started = [0.0]
@@ -99,7 +113,7 @@ def main() -> None:
         clock = time.process_time
         for batch, i in enumerate(range(0, n, 5000)):
             t0 = clock()
-            local = await engine.split_source_batch("events", records[i:i + 5000])
+            local = await engine.split_source_batch("events", batches[batch])
             t1 = clock()
             alerts, state_writes, _timers, _counts = engine.match_items(local)
             t2 = clock()
@@ -145,6 +159,8 @@ def main() -> None:
     print("  per phase (µs per event, GC included where it ran): "
           + ", ".join(f"{k} {v / n * 1e6:.1f}" for k, v in phases.items()))
 
+    if "--handler-only" in args:
+        return
     from app.patterns import EngineConfig, parse_definition
 
     total = 0.0

@@ -488,10 +488,39 @@ def _compile(node: tuple) -> Evaluator:
     raise ExprError(f"unknown node {kind}")  # unreachable for parsed trees
 
 
+def _never_raises(node: tuple) -> bool:
+    """Whether the compiled ``node`` gives a value for every record, never EvalError
+    (or anything else): fields, literals, lists of those, comparisons (``_compare``
+    answers False for incomparable values), ``in`` (likewise), ``exists`` and the
+    logic of those."""
+    kind = node[0]
+    if kind in ("field", "lit"):
+        return True
+    if kind == "cmp":
+        return _never_raises(node[2]) and _never_raises(node[3])
+    if kind in ("and", "or"):
+        return _never_raises(node[1]) and _never_raises(node[2])
+    if kind == "not":
+        return _never_raises(node[1])
+    if kind == "in":
+        return _never_raises(node[1]) and _never_raises(node[2])
+    if kind == "list":
+        return all(_never_raises(item) for item in node[1])
+    return kind == "call" and node[1] == "exists"
+
+
+def always_boolean(tree: tuple) -> bool:
+    """Whether ``evaluate`` returns True or False for every record and never raises,
+    so a caller that wants a condition can use it as it is (no wrapper)."""
+    if not _never_raises(tree):
+        return False
+    return tree[0] in ("cmp", "and", "or", "not", "in") or tree[:2] == ("call", "exists")
+
+
 class Expr:
     """A compiled expression; ``evaluate(record)`` returns its value."""
 
-    __slots__ = ("text", "tree", "evaluate")
+    __slots__ = ("text", "tree", "evaluate", "is_condition")
 
     def __init__(self, text: str, tree: tuple) -> None:
         self.text = text
@@ -499,6 +528,8 @@ class Expr:
         #: ``evaluate(record)``: the value of this expression for one record; EvalError
         #: if it cannot be had. The compiled closure itself (no method call per record).
         self.evaluate: Evaluator = _compile(tree)
+        #: True when ``evaluate`` always returns a bool and never raises (``always_boolean``).
+        self.is_condition = always_boolean(tree)
 
     def __repr__(self) -> str:
         return f"Expr({self.text!r})"
@@ -515,4 +546,4 @@ def compile_expr(text: Any) -> Expr:
     return Expr(text, _Parser(tokenize(text)).parse())
 
 
-__all__ = ["EvalError", "Expr", "ExprError", "FUNCTIONS", "compile_expr", "tokenize"]
+__all__ = ["EvalError", "Expr", "ExprError", "FUNCTIONS", "always_boolean", "compile_expr", "tokenize"]

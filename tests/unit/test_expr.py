@@ -145,3 +145,20 @@ def test_non_string_expression_is_refused():
 def test_unknown_function_is_named():
     with pytest.raises(ExprError, match="unknown function 'system'"):
         compile_expr("system('id')")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("value > 10", True), ("action == 'click'", True), ("a.b != c", True),
+    ("x > 1 and (y == 2 or not z)", True), ("country in ['BR', 'AR']", True),
+    ("exists(a.b)", True), ("not flag", True),
+    ("value", False),                   # a field's own value, not a bool
+    ("value * 2 > 10", False),          # arithmetic can fail (EvalError)
+    ("lower(name) == 'x'", False),      # a function can fail
+    ("-value < 0", False),              # negation can fail
+    ("1 + 1", False),
+])
+def test_always_boolean_only_for_conditions_that_cannot_fail(text, expected):
+    from operators.expr import always_boolean
+
+    assert always_boolean(compile_expr(text).tree) is expected
+    assert compile_expr(text).is_condition is expected

@@ -365,6 +365,16 @@ from app.patterns import condition  # noqa: E402
     ("match.fail.country != country", {"country": "BR", "match": {"fail": {"country": "DE"}}}, True),
     ("a.b.c == 1", {"a": 5}, False),                 # path through a non-object
     ("x / y > 1", {"x": 1, "y": 0}, False),          # division by zero: no match, no crash
+    # conditions used without a wrapper (always_boolean): odd values still give a bool
+    ("value > 98", {"value": "high"}, False),
+    ("value > 98", {"value": [99]}, False),
+    ("value > 98", {"value": True}, False),
+    ("value >= 98.5", {"value": 99}, True),
+    ("tags == ['a']", {"tags": ["a"]}, True),
+    ("'x' in name", {"name": 5}, False),
+    ("not missing", {}, True),
+    ("exists(a.b) and a.b != 0", {"a": {"b": 2}}, True),
+    ("action == 'login' or value", {"action": "buy", "value": 0}, False),
 ])
 def test_pattern_conditions(text, record, expected):
     assert condition(text, "where")(record) is expected
@@ -402,6 +412,11 @@ def test_per_point_slope_equals_the_general_least_squares():
     # epoch-second x values: the centered sums keep their precision
     base = 1_795_750_000.0
     assert least_squares_slope([(base + i, 2.0 * i) for i in range(5)]) == pytest.approx(2.0)
+    # large values (the per-point slope weights them without centering them first)
+    assert _slope_per_point([base + 2.0 * i for i in range(5)]) == pytest.approx(2.0)
+    for n in range(2, 12):
+        values = [((i * 7919) % 13) * 1.5 - 4 for i in range(n)]
+        assert _slope_per_point(values) == pytest.approx(least_squares_slope(list(enumerate(values))))
 
 
 def test_sequences_bind_only_the_fields_later_steps_read():
