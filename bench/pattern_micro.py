@@ -7,11 +7,13 @@ the five matchers alone.
 
 States are written as the worker writes them under at_least_once: changed states are
 kept unwritten in the cache and encoded once per commit (``flush_states``), here every
-``--flush-every=N`` batches. Default 4: the worker commits (and flushes) by time, every
-``STREAMETL_COMMIT_INTERVAL`` (1 s), which at the pattern worker's ~20,000 events/s is
-every fourth 5,000-record fetch (``STREAMETL_COMMIT_EVERY``, 100,000 records, is not
-reached; with Faust's 10,000 it was every second fetch: ``--flush-every=2``). ``--flush-every=1`` writes every batch (exactly_once, or
-before the write-back).
+``--flush-every=N`` batches. Default 12: the worker commits (and flushes) by time, every
+3 s under at_least_once (``Settings.commit_interval_seconds``), which at the pattern
+worker's ~20,000 events/s is every twelfth 5,000-record fetch
+(``STREAMETL_COMMIT_EVERY``, 100,000 records, is not reached). ``--flush-every=4`` is
+the 1 s interval of sessions 5-8; with Faust's 10,000-record commits it was every
+second fetch (``--flush-every=2``); ``--flush-every=1`` writes every batch
+(exactly_once, or before the write-back).
 
 The garbage collector is set up as the worker sets it up (``app/gc_tuning.py``: the
 thresholds of ``STREAMETL_GC_THRESHOLDS``, 50,000/20/100 by default, and the start-up
@@ -57,7 +59,7 @@ class Record:
 def main() -> None:
     args = sys.argv[1:]
     n = int(next((a for a in args if a.isdigit()), 100_000))
-    flush_every = int(next((a.split("=", 1)[1] for a in args if a.startswith("--flush-every=")), 4))
+    flush_every = int(next((a.split("=", 1)[1] for a in args if a.startswith("--flush-every=")), 12))
     config = os.path.join(tempfile.mkdtemp(), "patterns.yaml")
     with open(config, "w") as f:
         yaml.safe_dump({"patterns": {"sources": ["events"], "source_key": "user_id",

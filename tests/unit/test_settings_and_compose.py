@@ -87,3 +87,20 @@ def test_commit_every_reaches_faust_and_refuses_nonsense():
     with pytest.raises(SettingsError, match="commit_every"):
         Settings(commit_every=0).validate()
 
+
+
+def test_commit_interval_follows_the_guarantee_unless_set():
+    from app import app
+
+    # 0 (the default): Kafka Streams' way, a longer interval under at_least_once.
+    assert Settings.from_env({}).commit_interval_seconds() == 3.0
+    assert Settings.from_env({"STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}).commit_interval_seconds() == 1.0
+    # A value given wins under either guarantee.
+    assert Settings.from_env({"STREAMETL_COMMIT_INTERVAL": "0.2"}).commit_interval_seconds() == 0.2
+    assert Settings.from_env({"STREAMETL_COMMIT_INTERVAL": "5",
+                              "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}).commit_interval_seconds() == 5.0
+    with pytest.raises(SettingsError, match="commit_interval"):
+        Settings.from_env({"STREAMETL_COMMIT_INTERVAL": "-1"})
+    from app import settings
+
+    assert app.conf.broker_commit_interval == settings.commit_interval_seconds()
