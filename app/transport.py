@@ -34,9 +34,12 @@ What changes (and only this):
 * A subscription waits (at most 30 s) until the broker's metadata lists every topic in
   it (``FastConsumerThread.subscribe``): a topic created just before the group join
   was otherwise left unassigned for five minutes (docs/delivery.md, D).
+* Faust's consumer "thread" (the service that owns the aiokafka consumer) runs in the
+  worker's own event loop (``FastConsumerThread``, ``Settings.consumer_in_loop``):
+  handing each fetch between two loops was most of a live stream's wait.
 
 Everything else is Faust's: read offsets, gap tracking, acks, ``commit_every``,
-commits, rebalance listeners, transactional producers and commits, the consumer thread.
+commits, rebalance listeners, transactional producers and commits.
 
 Constraint this relies on: the delivery callback must not use ``asyncio.timeout`` or
 ``asyncio.current_task()`` across its first suspension point (its first step runs in
@@ -517,7 +520,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                     continue
                 records, active_partitions, generation_id = fetched
                 if BATCH_AGENTS and any(tp.topic in BATCH_AGENTS for tp in records):
-                    # Fetch (and parse, in the consumer thread) the next records while
+                    # Fetch (aiokafka parses as the response arrives) the next records while
                     # this batch is processed. Records of a fetch that a rebalance
                     # overtook are never delivered: ``fetch`` reports the generation it
                     # started in, and drops such a fetch and seeks to the committed
@@ -747,7 +750,7 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     async def track_topic_metadata(self, topic: str) -> None:
         """Add ``topic`` to the metadata the aiokafka client tracks and wait for one
-        refresh (run in the consumer thread, which owns the client)."""
+        refresh (through ``call_thread``: the consumer service owns the client)."""
 
         async def add() -> None:
             client = self._ensure_consumer()._client
