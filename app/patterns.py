@@ -122,8 +122,9 @@ def condition(text: Any, where: str) -> ops.Predicate:
 
     evaluate = expr.evaluate  # bound once: this runs for every pattern on every event
     if expr.is_condition:
-        # Always a bool, never an error (comparisons, and/or/not, in, exists of fields
-        # and literals: nearly every pattern condition): no wrapper call per event.
+        # Always a bool, never an error (fields compared with scalar literals, in,
+        # exists, and/or/not of those: most pattern conditions): no wrapper call per
+        # event. Field against field keeps the wrapper (operators.expr.always_boolean).
         return evaluate
 
     def predicate(record: Mapping[str, Any]) -> bool:

@@ -488,24 +488,37 @@ def _compile(node: tuple) -> Evaluator:
     raise ExprError(f"unknown node {kind}")  # unreachable for parsed trees
 
 
+def _scalar_literal(node: tuple) -> bool:
+    return node[0] == "lit" and (node[1] is None or node[1].__class__ in (str, int, float, bool))
+
+
+def _operand(node: tuple) -> bool:
+    return node[0] in ("field", "lit")
+
+
 def _never_raises(node: tuple) -> bool:
-    """Whether the compiled ``node`` gives a value for every record, never EvalError
-    (or anything else): fields, literals, lists of those, comparisons (``_compare``
-    answers False for incomparable values), ``in`` (likewise), ``exists`` and the
-    logic of those."""
+    """Whether the compiled ``node`` gives a value for every record and never raises.
+
+    Fields and literals; the logic of such parts; ``exists``; and comparisons or
+    ``in`` where one side is a scalar literal (or the container a list of them), so
+    every comparison made is against a scalar: ``_compare`` and ``in`` answer False for
+    incomparable values, and nothing recurses. Not field against field: two deeply
+    nested lists from a hostile record compared with ``==`` raise RecursionError,
+    which the wrapper in ``app.patterns.condition`` turns into "no match"."""
     kind = node[0]
     if kind in ("field", "lit"):
         return True
     if kind == "cmp":
-        return _never_raises(node[2]) and _never_raises(node[3])
+        left, right = node[2], node[3]
+        return (_scalar_literal(left) and _operand(right)) or (_scalar_literal(right) and _operand(left))
+    if kind == "in":
+        item, container = node[1], node[2]
+        scalars = container[0] == "list" and all(_scalar_literal(i) for i in container[1])
+        return (_scalar_literal(item) and _operand(container)) or (_operand(item) and scalars)
     if kind in ("and", "or"):
         return _never_raises(node[1]) and _never_raises(node[2])
     if kind == "not":
         return _never_raises(node[1])
-    if kind == "in":
-        return _never_raises(node[1]) and _never_raises(node[2])
-    if kind == "list":
-        return all(_never_raises(item) for item in node[1])
     return kind == "call" and node[1] == "exists"
 
 

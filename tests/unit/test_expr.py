@@ -148,9 +148,12 @@ def test_unknown_function_is_named():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("value > 10", True), ("action == 'click'", True), ("a.b != c", True),
+    ("value > 10", True), ("action == 'click'", True), ("a.b != 'c'", True),
     ("x > 1 and (y == 2 or not z)", True), ("country in ['BR', 'AR']", True),
-    ("exists(a.b)", True), ("not flag", True),
+    ("exists(a.b)", True), ("not flag", True), ("'x' in name", True), ("null == a", True),
+    ("a == b", False),                  # field against field: deep lists can recurse
+    ("country != match.login.country", False),
+    ("a in b", False), ("a in [b, 'x']", False), ("a == [1, 2]", False),
     ("value", False),                   # a field's own value, not a bool
     ("value * 2 > 10", False),          # arithmetic can fail (EvalError)
     ("lower(name) == 'x'", False),      # a function can fail
@@ -162,3 +165,18 @@ def test_always_boolean_only_for_conditions_that_cannot_fail(text, expected):
 
     assert always_boolean(compile_expr(text).tree) is expected
     assert compile_expr(text).is_condition is expected
+
+
+def test_a_condition_comparing_deep_fields_is_false_not_a_crash():
+    """Two fields holding lists nested deeper than Python's recursion limit: ``==``
+    raises RecursionError; a pattern condition must answer False (its wrapper)."""
+    from app.patterns import condition
+
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    other: list = []
+    for _ in range(5000):
+        other = [other]
+    for text in ("a == b", "a != b", "a in [b]", "a < b"):
+        assert condition(text, "where")({"a": deep, "b": other}) is False
