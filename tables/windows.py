@@ -15,12 +15,9 @@ in the partition its records come from (co-partitioned with the input topic).
 
 from __future__ import annotations
 
-import re
-import shutil
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import faust
@@ -276,39 +273,5 @@ window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WIN
 #: window_id -> {"spec", "state", "st", "closed", "o"} of the aggregate API.
 api_windows = _table("aggregate-api")
 
-def discard_local_state(tabledir: Path, table_names: list[str]) -> list[Path]:
-    """Delete the local RocksDB folders (``<name>-<partition>.db``, ``<name>-backups``)
-    of the given tables; returns what was deleted."""
-    gone = []
-    patterns = [re.compile(rf"{re.escape(n)}-(\d+\.db|backups)") for n in table_names]
-    if not tabledir.is_dir():
-        return gone
-    for path in tabledir.iterdir():
-        if path.is_dir() and any(p.fullmatch(path.name) for p in patterns):
-            shutil.rmtree(path, ignore_errors=True)
-            gone.append(path)
-    return gone
-
-
-@app.on_worker_init.connect
-def _exactly_once_state_from_changelog(sender: Any = None, **kwargs: Any) -> None:
-    """Under exactly_once, window and aggregate-API state is restored from the changelog
-    at every start, never taken from the local RocksDB.
-
-    Why: a write through the table goes to the local RocksDB at once, and to the
-    changelog inside the open transaction. After a kill -9 that transaction is aborted,
-    but the local RocksDB still holds its state, which records the offsets it applied:
-    the records replayed after the restart were then skipped as "already applied" and
-    their results (aborted with the transaction) were never sent again (seen: 325
-    records of a count window skipped, tests/integration/test_windows_exactly_once.py).
-    The changelog, read read_committed, holds only committed state. Kafka Streams does
-    the same (it wipes an exactly-once store after an unclean shutdown). The price is a
-    full restore of these tables at each start under exactly_once."""
-    if settings.processing_guarantee != "exactly_once":
-        return
-    names = [t.name for t in window_tables.values()] + [api_windows.name]
-    discard_local_state(Path(app.conf.tabledir), names)
-
-
 __all__ = ["META_PREFIX", "AtPartition", "PartitionStore", "WINDOW_DEFS", "api_windows", "as_current",
-           "discard_local_state", "meta_key", "window_tables"]
+           "meta_key", "window_tables"]
