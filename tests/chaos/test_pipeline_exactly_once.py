@@ -35,7 +35,7 @@ async def produce_paced(topic: str, records: list[dict], per_chunk: int = 250, p
         await asyncio.sleep(pause)
 
 
-def kill9_mid_stream(config: dict, users: int, wipe: bool = True) -> list:
+def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 0) -> list:
     """Run ``config``'s pipeline under exactly_once over 8,000 distinct events, each sent
     twice (the copy 1,000 events later: duplicates keyed alike, by event_id, meet in one
     partition, often in another batch, and some across the kill), produced as a live
@@ -43,8 +43,10 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True) -> list:
     state if ``wipe`` (the dedupe memory must come back from the committed changelog),
     and restart it on the same data directory. Kept, its RocksDB also holds the dedupe
     writes of the transaction the kill aborted: they must not count, or the replayed
-    records are dropped as duplicates of themselves. Asserts every distinct event is in
-    the ``read_committed`` sink exactly once; returns what the sink holds."""
+    records are dropped as duplicates of themselves. ``others`` more workers of the same
+    app run throughout (they hold the other partitions, and take the killed worker's
+    over until it is back). Asserts every distinct event is in the ``read_committed``
+    sink exactly once; returns what the sink holds."""
     name = unique("peos")
     prefix = f"{name}."
     env = {"STREAMETL_PIPELINES_FILE": write_config(config), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
@@ -58,9 +60,11 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True) -> list:
     sent += distinct[-1000:]
 
     first = Worker(app_id=name, topic_prefix=prefix, env=env)
+    rest = [Worker(app_id=name, topic_prefix=prefix, env=env) for _ in range(others)]
     feeder = threading.Thread(target=run, args=(produce_paced(source, sent),), daemon=True)
     try:
-        first.start(timeout=120)
+        for worker in [first, *rest]:
+            worker.start(timeout=120)
         feeder.start()
 
         async def some_committed() -> bool:
@@ -87,7 +91,8 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True) -> list:
                              f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
         return out
     finally:
-        first.kill()
+        for worker in [first, *rest]:
+            worker.kill()
 
 
 @pytest.mark.parametrize("wipe", [False, True], ids=["rocksdb-kept", "rocksdb-wiped"])
@@ -116,3 +121,12 @@ def test_outputs_keyed_to_other_partitions_join_their_inputs_transactions_across
     misplaced = [r for r in out if r.partition != partition_for(r.key, PARTITIONS, 0)]
     assert not misplaced, f"{len(misplaced)} outputs not in their key's partition, e.g. {misplaced[:3]}"
     assert all(r.key == r.json()["user_id"].encode() for r in out)
+
+
+def test_two_workers_one_killed_and_restarted_every_distinct_event_exactly_once(kafka):
+    """The other worker keeps its partitions (and takes the killed one's until the
+    group drops it); the killed one comes back on its own data directory. Before every
+    table's local state was restored under exactly_once, a worker started like this
+    crashed in Faust's recovery (ConsistencyError: a persisted changelog offset above
+    the highwater it read)."""
+    kill9_mid_stream(CONFIG, users=50, wipe=False, others=1)
