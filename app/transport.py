@@ -719,6 +719,19 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         result = fun(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
 
+    async def _highwaters(self, partitions: list[Any]) -> dict[Any, int]:
+        """The end offsets, asked of the broker, under either guarantee.
+
+        Why: under exactly_once Faust answers from ``last_stable_offset``, the LSO of
+        the last fetch response, which is None (read as -1, "empty") for a partition
+        this consumer has not fetched yet, e.g. a changelog at the start of recovery.
+        Table recovery then either restored nothing (a worker that took over a killed
+        worker's partitions admitted 889 duplicates its dedupe memory had held) or
+        refused to start (``ConsistencyError``: persisted offset above highwater -1;
+        tests/chaos/test_pipeline_exactly_once.py). ``end_offsets`` asks the broker with
+        the consumer's isolation level, so read_committed gets the LSO itself."""
+        return await self._ensure_consumer().end_offsets(partitions)
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         from app import settings
 

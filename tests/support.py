@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -198,6 +199,22 @@ async def produce_json(topic: str, records: list[Any], key: str | None = None,
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+async def produce_json_paced(topic: str, records: list[Any], key: str | None = None,
+                             per_chunk: int = 250, pause: float = 0.05) -> None:
+    """Produce ``records`` in chunks with a pause between them: a live stream (5,000
+    events/s by default), so that a worker is mid-stream whenever a test kills it."""
+    for i in range(0, len(records), per_chunk):
+        await produce_json(topic, records[i:i + per_chunk], key=key)
+        await asyncio.sleep(pause)
+
+
+def in_background(coro) -> threading.Thread:
+    """Run one coroutine in a daemon thread (its own event loop); join the thread to wait."""
+    thread = threading.Thread(target=run, args=(coro,), daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

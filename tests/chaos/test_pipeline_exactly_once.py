@@ -11,28 +11,27 @@ an output outside it would repeat after the restart.
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections import Counter
 
 import pytest
 
 from tests.integration.test_pipelines import write_config
-from tests.support import Worker, create_topics, produce_json, read_topic, run, unique, wait_for
+from tests.support import (
+    Worker,
+    create_topics,
+    in_background,
+    produce_json_paced,
+    read_topic,
+    run,
+    unique,
+    wait_for,
+)
 
 PARTITIONS = 4
 CONFIG = {"pipelines": [{
     "name": "eos", "source": "events", "sink": "events.clean",
     "steps": [{"op": "deduplicate", "horizon_seconds": 3600}, "normalize"],
 }]}
-
-
-async def produce_paced(topic: str, records: list[dict], per_chunk: int = 250, pause: float = 0.05) -> None:
-    """Produce ``records`` (keyed by event_id) in chunks with a pause between them: a
-    live stream, so that the worker is busy mid-stream whenever it is killed."""
-    for i in range(0, len(records), per_chunk):
-        await produce_json(topic, records[i:i + per_chunk], key="event_id")
-        await asyncio.sleep(pause)
 
 
 def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 0) -> list:
@@ -61,11 +60,10 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 
 
     first = Worker(app_id=name, topic_prefix=prefix, env=env)
     rest = [Worker(app_id=name, topic_prefix=prefix, env=env) for _ in range(others)]
-    feeder = threading.Thread(target=run, args=(produce_paced(source, sent),), daemon=True)
     try:
         for worker in [first, *rest]:
             worker.start(timeout=120)
-        feeder.start()
+        feeder = in_background(produce_json_paced(source, sent, key="event_id"))
 
         async def some_committed() -> bool:
             got = await read_topic(sink, timeout=2, idle=0.2, isolation_level="read_committed")
