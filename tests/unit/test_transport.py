@@ -392,3 +392,26 @@ def test_the_consumer_runs_in_the_workers_event_loop(monkeypatch):
         threaded.thread_loop.close()
     finally:
         loop.close()
+
+
+def test_recovery_highwaters_come_from_the_broker_under_exactly_once_too():
+    """Faust's own answer in a transaction is the LSO of the last fetch response: None
+    (-1, an empty changelog to recovery) for a partition not fetched yet."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from app.transport import FastConsumerThread
+
+    class NeverFetched:
+        def last_stable_offset(self, tp):
+            return None
+
+        async def end_offsets(self, tps):
+            return {tp: 2050 for tp in tps}
+
+    thread = FastConsumerThread.__new__(FastConsumerThread)
+    thread._ensure_consumer = NeverFetched
+    thread.consumer = SimpleNamespace(in_transaction=True)
+    tp = TP("app-pipeline-x-dedupe-changelog", 0)
+    assert asyncio.run(thread._highwaters([tp])) == {tp: 2050}
