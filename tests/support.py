@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,42 @@ def in_background(coro) -> threading.Thread:
     thread = threading.Thread(target=run, args=(coro,), daemon=True)
     thread.start()
     return thread
+
+
+class LiveStream:
+    """JSON events produced in the background (``per_chunk`` every ``pause`` seconds,
+    2,000/s by default) until ``stop``: a stream that is still flowing whenever a test
+    starts, stops or kills a worker. ``make(n, start)`` gives the events numbered from
+    ``start``."""
+
+    def __init__(self, topic: str, make: Callable[[int, int], list[dict]], start: int, key: str,
+                 per_chunk: int = 100, pause: float = 0.05) -> None:
+        self.topic, self.make, self.next, self.key = topic, make, start, key
+        self.per_chunk, self.pause = per_chunk, pause
+        self.sent: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = in_background(self._produce())
+
+    async def _produce(self) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
+        await producer.start()
+        try:
+            while not self._stop.is_set():
+                chunk = self.make(self.per_chunk, self.next)
+                self.next += self.per_chunk
+                sent = [await producer.send(self.topic, json.dumps(r).encode(), key=str(r[self.key]).encode())
+                        for r in chunk]
+                await asyncio.gather(*sent)
+                self.sent += chunk
+                await asyncio.sleep(self.pause)
+        finally:
+            await producer.stop()
+
+    def stop(self) -> list[dict]:
+        """Stop producing; returns every event produced (all acknowledged)."""
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return self.sent
 
 
 @dataclass

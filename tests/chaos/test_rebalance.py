@@ -14,6 +14,7 @@ with aiokafka's positions already past it. FastConsumer.seek_after_drop rewinds
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from tests.integration.test_delivery_semantics import (
@@ -27,7 +28,7 @@ from tests.integration.test_delivery_semantics import (
     produce,
     read_output,
 )
-from tests.support import create_topics, run, wait_for
+from tests.support import LiveStream, create_topics, run, wait_for
 
 
 def counted(worker) -> int:
@@ -61,13 +62,18 @@ def settled(app_id: str, prefix: str, events: list[dict], timeout: float = 240.0
 def join_phase(workers, namespace):
     app_id, prefix = namespace
     topic = f"{prefix}passthrough"
-    backlog, joined = make_events(15000), make_events(4000, 15000)
+    backlog = make_events(15000)
     run(create_topics([topic], partitions=PARTITIONS))
     run(produce(prefix, backlog))
     a = workers(**FORWARD).start()
     run(wait_for(lambda: counted(a), timeout=120, interval=0.05, what="A processing the backlog"))
+    # A live stream while B starts and joins, until B processes some of it: partitions
+    # move with records in flight. On a fast machine A had finished the backlog long
+    # before B was up, so the rebalance happened on an idle group.
+    stream = LiveStream(topic, make_events, 15000, key="user_id")
     b = workers(**FORWARD).start()  # joins mid-stream: rebalance
-    run(produce(prefix, joined))
+    run(wait_for(lambda: counted(b), timeout=120, interval=0.05, what="B processing the stream"))
+    joined = stream.stop()
     settled(app_id, prefix, backlog + joined)
     assert counted(b) > 0, "B never got partitions"
     return a, b, backlog + joined
@@ -80,13 +86,15 @@ def test_join_mid_stream(workers, namespace):
 def leave_phase(workers, namespace, leave: str) -> None:
     app_id, prefix = namespace
     a, b, earlier = join_phase(workers, namespace)
-    a_before = counted(a)
+    a_before, b_before = counted(a), counted(b)
+    stream = LiveStream(f"{prefix}passthrough", make_events, 1_000_000, key="user_id")
+    run(wait_for(lambda: counted(b) > b_before, timeout=60, interval=0.05, what="B processing the stream"))
     if leave == "kill":
         b.kill()  # no goodbye: A gets B's partitions after the session timeout
     else:
         b.stop()  # SIGTERM: B commits what it processed and leaves the group
-    alone = make_events(3000, 19000)
-    run(produce(prefix, alone))
+    time.sleep(1.0)  # the stream goes on while B is gone
+    alone = stream.stop()
     settled(app_id, prefix, earlier + alone)
     assert counted(a) > a_before
 
