@@ -126,5 +126,7 @@ def test_two_workers_one_killed_and_restarted_every_distinct_event_exactly_once(
     group drops it); the killed one comes back on its own data directory. Before every
     table's local state was restored under exactly_once, a worker started like this
     crashed in Faust's recovery (ConsistencyError: a persisted changelog offset above
-    the highwater it read)."""
+    the highwater it read). With only that fixed, it read highwater -1 (Faust's
+    never-fetched LSO), restored nothing and let 889 duplicates through
+    (``FastConsumerThread._highwaters``)."""
     kill9_mid_stream(CONFIG, users=50, wipe=False, others=1)
