@@ -8,6 +8,7 @@ the broker at STREAMETL_BROKER (default 127.0.0.1:9092) that ``make test`` start
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,43 +202,28 @@ async def produce_json(topic: str, records: list[Any], key: str | None = None,
         await producer.stop()
 
 
-async def produce_json_paced(topic: str, records: list[Any], key: str | None = None,
-                             per_chunk: int = 250, pause: float = 0.05) -> None:
-    """Produce ``records`` in chunks with a pause between them: a live stream (5,000
-    events/s by default), so that a worker is mid-stream whenever a test kills it."""
-    for i in range(0, len(records), per_chunk):
-        await produce_json(topic, records[i:i + per_chunk], key=key)
-        await asyncio.sleep(pause)
-
-
-def in_background(coro) -> threading.Thread:
-    """Run one coroutine in a daemon thread (its own event loop); join the thread to wait."""
-    thread = threading.Thread(target=run, args=(coro,), daemon=True)
-    thread.start()
-    return thread
-
-
 class LiveStream:
-    """JSON events produced in the background (``per_chunk`` every ``pause`` seconds,
-    2,000/s by default) until ``stop``: a stream that is still flowing whenever a test
-    starts, stops or kills a worker. ``make(n, start)`` gives the events numbered from
-    ``start``."""
+    """JSON events produced in the background, ``per_chunk`` every ``pause`` seconds
+    (2,000/s by default), until ``events`` runs out or ``stop``: a stream that is still
+    flowing whenever a test starts, stops or kills a worker."""
 
-    def __init__(self, topic: str, make: Callable[[int, int], list[dict]], start: int, key: str,
+    def __init__(self, topic: str, events: Iterable[dict], key: str,
                  per_chunk: int = 100, pause: float = 0.05) -> None:
-        self.topic, self.make, self.next, self.key = topic, make, start, key
-        self.per_chunk, self.pause = per_chunk, pause
+        self.topic, self.key, self.per_chunk, self.pause = topic, key, per_chunk, pause
+        self._events = iter(events)
         self.sent: list[dict] = []
         self._stop = threading.Event()
-        self._thread = in_background(self._produce())
+        self._thread = threading.Thread(target=run, args=(self._produce(),), daemon=True)
+        self._thread.start()
 
     async def _produce(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
         await producer.start()
         try:
             while not self._stop.is_set():
-                chunk = self.make(self.per_chunk, self.next)
-                self.next += self.per_chunk
+                chunk = list(itertools.islice(self._events, self.per_chunk))
+                if not chunk:
+                    return
                 sent = [await producer.send(self.topic, json.dumps(r).encode(), key=str(r[self.key]).encode())
                         for r in chunk]
                 await asyncio.gather(*sent)
@@ -246,11 +232,15 @@ class LiveStream:
         finally:
             await producer.stop()
 
+    def wait(self, timeout: float = 120.0) -> list[dict]:
+        """Wait until every event is produced; returns them (all acknowledged)."""
+        self._thread.join(timeout=timeout)
+        return self.sent
+
     def stop(self) -> list[dict]:
         """Stop producing; returns every event produced (all acknowledged)."""
         self._stop.set()
-        self._thread.join(timeout=60)
-        return self.sent
+        return self.wait(timeout=60)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tests.integration.test_delivery_semantics import (
     read_output,
     wait_all_processed,
 )
-from tests.support import Worker, create_topics, in_background, produce_json_paced, run, wait_for
+from tests.support import LiveStream, Worker, create_topics, run, wait_for
 
 
 def test_kill9_mid_stream_loses_nothing(workers, namespace):
@@ -34,7 +34,7 @@ def test_kill9_mid_stream_loses_nothing(workers, namespace):
     first: Worker = workers(**FORWARD).start()
     # A live stream (5,000 events/s): a pre-produced backlog of 20,000 was all processed
     # before the kill on a fast machine (CI, session 10: "killed too late").
-    feeder = in_background(produce_json_paced(topic, events, key="user_id"))
+    feeder = LiveStream(topic, events, key="user_id", per_chunk=250)
 
     def counted() -> int:
         status, body = first.get("/api/v1/passthrough", timeout=5)
@@ -45,7 +45,7 @@ def test_kill9_mid_stream_loses_nothing(workers, namespace):
     partial = run(read_output(prefix, idle=0.3))
     assert len({eid for eid, _, _ in partial}) < len(events), "killed too late to test anything"
     check_committed_not_ahead(run(committed_offsets(app_id, topic)), partial)
-    feeder.join(timeout=120)
+    feeder.wait()
 
     # A second wave arrives while no worker runs; then a new worker takes over.
     more = make_events(2000, start=len(events))

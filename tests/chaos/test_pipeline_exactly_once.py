@@ -17,10 +17,9 @@ import pytest
 
 from tests.integration.test_pipelines import write_config
 from tests.support import (
+    LiveStream,
     Worker,
     create_topics,
-    in_background,
-    produce_json_paced,
     read_topic,
     run,
     unique,
@@ -63,7 +62,7 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 
     try:
         for worker in [first, *rest]:
             worker.start(timeout=120)
-        feeder = in_background(produce_json_paced(source, sent, key="event_id"))
+        feeder = LiveStream(source, sent, key="event_id", per_chunk=250)
 
         async def some_committed() -> bool:
             got = await read_topic(sink, timeout=2, idle=0.2, isolation_level="read_committed")
@@ -81,7 +80,7 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 
         assert all(n == 1 for n in Counter(r.json()["event_id"] for r in before).values())
 
         first.start(timeout=120)
-        feeder.join(timeout=120)
+        feeder.wait()
         out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=3.0, isolation_level="read_committed"))
         ids = Counter(r.json()["event_id"] for r in out)
         want = Counter(e["event_id"] for e in distinct)

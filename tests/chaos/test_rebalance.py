@@ -14,8 +14,10 @@ with aiokafka's positions already past it. FastConsumer.seek_after_drop rewinds
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 from tests.integration.test_delivery_semantics import (
     FORWARD,
@@ -29,6 +31,12 @@ from tests.integration.test_delivery_semantics import (
     read_output,
 )
 from tests.support import LiveStream, create_topics, run, wait_for
+
+
+def events_from(start: int) -> Iterator[dict]:
+    """``make_events``' events numbered from ``start`` on, without end (a LiveStream's)."""
+    for i in itertools.count(start):
+        yield from make_events(1, i)
 
 
 def counted(worker) -> int:
@@ -70,7 +78,7 @@ def join_phase(workers, namespace):
     # A live stream while B starts and joins, until B processes some of it: partitions
     # move with records in flight. On a fast machine A had finished the backlog long
     # before B was up, so the rebalance happened on an idle group.
-    stream = LiveStream(topic, make_events, 15000, key="user_id")
+    stream = LiveStream(topic, events_from(15000), key="user_id")
     b = workers(**FORWARD).start()  # joins mid-stream: rebalance
     run(wait_for(lambda: counted(b), timeout=120, interval=0.05, what="B processing the stream"))
     joined = stream.stop()
@@ -87,7 +95,7 @@ def leave_phase(workers, namespace, leave: str) -> None:
     app_id, prefix = namespace
     a, b, earlier = join_phase(workers, namespace)
     a_before, b_before = counted(a), counted(b)
-    stream = LiveStream(f"{prefix}passthrough", make_events, 1_000_000, key="user_id")
+    stream = LiveStream(f"{prefix}passthrough", events_from(1_000_000), key="user_id")
     run(wait_for(lambda: counted(b) > b_before, timeout=60, interval=0.05, what="B processing the stream"))
     if leave == "kill":
         b.kill()  # no goodbye: A gets B's partitions after the session timeout

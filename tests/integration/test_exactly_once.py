@@ -22,7 +22,7 @@ from tests.integration.test_delivery_semantics import (
     read_output,
     wait_all_processed,
 )
-from tests.support import create_topics, in_background, produce_json_paced, run, wait_for
+from tests.support import LiveStream, create_topics, run, wait_for
 
 EXACTLY_ONCE = {**FORWARD, "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}
 
@@ -67,7 +67,7 @@ def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(worke
     # A live stream, and the kill once some transactions have committed: killed at its
     # first processed record (as before), a fast worker died inside its first
     # transaction, so nothing committed was ever in play.
-    feeder = in_background(produce_json_paced(topic, events, key="user_id"))
+    feeder = LiveStream(topic, events, key="user_id", per_chunk=250)
 
     async def some_committed() -> bool:
         return len(await read_output(prefix, "read_committed", idle=0.2, timeout=2)) >= 500
@@ -80,7 +80,7 @@ def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(worke
     assert all(n == 1 for n in Counter(eid for eid, _, _ in before).values())
 
     workers(**EXACTLY_ONCE).start()
-    feeder.join(timeout=120)
+    feeder.wait()
     output = run(wait_all_processed(prefix, events, isolation_level="read_committed"))
     exactly_each_once(output, events)
     ends = run(end_offsets(topic))
