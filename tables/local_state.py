@@ -2,16 +2,15 @@
 
 A write through a table reaches the local RocksDB at once (or at the batch's flush) and
 its changelog record goes out inside the batch's open transaction. After a kill -9 that
-transaction is aborted, but the local RocksDB still holds the write, and the offsets it
-records as applied. Faust's recovery then starts past them, so the restored state keeps
-writes whose records and outputs were aborted:
+transaction is aborted, but the local RocksDB still holds the write. Faust's recovery
+replays the changelog only past the last committed offset and never removes such
+values, so the restored state keeps writes whose records and outputs were aborted:
 
-- a window skipped the replayed records as already counted, and their results were never
-  sent again (325 records of a count window, tests/integration/test_windows_exactly_once.py);
+- a window, whose state also records the source offsets it applied, skipped the
+  replayed records as already counted, and their results were never sent again (325
+  records of a count window, tests/integration/test_windows_exactly_once.py);
 - a deduplicating pipeline drops the replayed records as duplicates of themselves: their
-  outputs are lost (tests/chaos/test_pipeline_exactly_once.py, RocksDB kept);
-- a new worker given such a folder refuses to start (``ConsistencyError``: the persisted
-  offset lies above the highwater it reads read_committed).
+  outputs are lost (1,000 of 8,000; tests/chaos/test_pipeline_exactly_once.py, RocksDB kept).
 
 The changelog, read read_committed, holds only committed state. So under exactly_once
 every table's local folders are deleted at worker init, before any store opens, as Kafka

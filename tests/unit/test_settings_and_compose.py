@@ -88,9 +88,8 @@ def test_commit_every_reaches_faust_and_refuses_nonsense():
         Settings(commit_every=0).validate()
 
 
-
 def test_commit_interval_follows_the_guarantee_unless_set():
-    from app import app
+    from app import app, settings
 
     # 0 (the default): Kafka Streams' way, a longer interval under at_least_once.
     assert Settings.from_env({}).commit_interval_seconds() == 3.0
@@ -101,6 +100,4 @@ def test_commit_interval_follows_the_guarantee_unless_set():
                               "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}).commit_interval_seconds() == 5.0
     with pytest.raises(SettingsError, match="commit_interval"):
         Settings.from_env({"STREAMETL_COMMIT_INTERVAL": "-1"})
-    from app import settings
-
     assert app.conf.broker_commit_interval == settings.commit_interval_seconds()
