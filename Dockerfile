@@ -11,6 +11,7 @@ COPY bench ./bench
 COPY config ./config
 RUN pip install --no-cache-dir .
 ENV STREAMETL_WEB_HOST=0.0.0.0 \
-    STREAMETL_DATA_DIR=/var/lib/streametl
+    STREAMETL_DATA_DIR=/var/lib/streametl \
+    STREAMETL_PIPELINES_FILE=/srv/streametl/config/pipelines.yaml
 EXPOSE 6066
 CMD ["streametl", "worker", "-l", "info"]

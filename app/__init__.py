@@ -17,7 +17,20 @@ from app.settings import settings
 # The fast consume path (app/transport.py) is selected by the broker URL scheme.
 _transport.install()
 
-app = faust.App(
+
+class App(faust.App):
+    """Faust's App, creating its data folder with every missing parent.
+
+    Faust creates ``datadir`` without ``parents=True``, so a worker whose
+    ``STREAMETL_DATA_DIR`` did not exist yet (``.data`` on a fresh clone, a Docker
+    volume path) died at start with FileNotFoundError."""
+
+    async def on_first_start(self) -> None:
+        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
+        await super().on_first_start()
+
+
+app = App(
     settings.app_id,
     broker=_transport.broker_url(settings.broker, settings.fast_consumer),
     store=settings.store,

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from app.settings import settings
+from app.settings import DEFAULT_PIPELINES_FILE, settings
 
 
 class ConfigFileError(ValueError):
@@ -21,10 +21,16 @@ class ConfigFileError(ValueError):
 
 @functools.cache
 def load_config(path: str | None = None) -> dict[str, Any]:
-    """The parsed config file as a dict (empty when the file does not exist)."""
+    """The parsed config file as a dict.
+
+    A missing file is an error (a worker that silently runs no pipelines is worse than
+    one that refuses to start), except the built-in default, which an installed package
+    does not ship."""
     file = Path(path or settings.pipelines_file)
     if not file.exists():
-        return {}
+        if str(file) == DEFAULT_PIPELINES_FILE:
+            return {}
+        raise ConfigFileError(f"{file}: config file not found (set by STREAMETL_PIPELINES_FILE)")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:

@@ -15,6 +15,9 @@ from typing import Any
 
 PREFIX = "STREAMETL_"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The sample config of a source checkout; the only config file that may be absent
+#: (an installed package has none).
+DEFAULT_PIPELINES_FILE = str(REPO_ROOT / "config" / "pipelines.yaml")
 
 
 class SettingsError(ValueError):
@@ -106,7 +109,8 @@ class Settings:
     # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25
     # Declarative pipelines and patterns
-    pipelines_file: str = str(REPO_ROOT / "config" / "pipelines.yaml")
+    # A file named here must exist; only the default may be absent (then nothing runs).
+    pipelines_file: str = DEFAULT_PIPELINES_FILE
     # Logging
     log_level: str = "info"
 
@@ -187,4 +191,4 @@ class Settings:
 
 settings = Settings.from_env()
 
-__all__ = ["Settings", "SettingsError", "settings", "field"]
+__all__ = ["DEFAULT_PIPELINES_FILE", "Settings", "SettingsError", "settings", "field"]
