@@ -34,6 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
 
+def use_bootstrap(address: str) -> None:
+    """Point every helper here (topics, producers, readers, workers) at another broker:
+    ``python -m bench --bootstrap``."""
+    global BOOTSTRAP
+    BOOTSTRAP = address
+
+
 def unique(prefix: str = "t") -> str:
     """A short unique name for an app id or topic prefix on the shared broker."""
     return f"{prefix}{uuid.uuid4().hex[:10]}"
@@ -47,10 +54,14 @@ def free_port() -> int:
 
 
 def http(method: str, url: str, body: Any = None, *, content_type: str = "application/json",
-         raw: bytes | None = None, timeout: float = 30.0) -> tuple[int, Any]:
-    """One HTTP call; returns (status, parsed JSON or text). Never raises on 4xx/5xx."""
+         raw: bytes | None = None, timeout: float = 30.0,
+         headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+    """One HTTP call; returns (status, parsed JSON or text). Never raises on 4xx/5xx.
+
+    With ``content_type=""`` urllib sends its default, application/x-www-form-urlencoded,
+    as ``curl -d`` does."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method)
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     if data is not None and content_type:
         req.add_header("Content-Type", content_type)
     try:

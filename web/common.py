@@ -62,6 +62,27 @@ def endpoint(path: str, summary: str):
     return register
 
 
+#: Content types a browser may send cross-site without a CORS preflight (besides
+#: multipart/form-data, never JSON), and none at all: what `curl -d`, scripts and other
+#: services send when they do not name the type.
+SIMPLE_CONTENT_TYPES = frozenset({"", "application/x-www-form-urlencoded", "text/plain"})
+
+
+def json_body_allowed(content_type: str, origin: str | None) -> bool:
+    """Whether a body sent with this Content-Type is read as JSON.
+
+    ``application/json`` always is. So is a simple type (none, form-urlencoded,
+    text/plain) when the request has no ``Origin`` header: curl's ``-d`` sends
+    form-urlencoded, and the README's examples must work as typed. A browser always
+    sends ``Origin`` on a cross-site POST, and a simple type is the one way a page on
+    another site can POST here without a preflight (an HTML form), so with an ``Origin``
+    only ``application/json`` is accepted: such a page cannot write to Kafka."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/json":
+        return True
+    return origin is None and media_type in SIMPLE_CONTENT_TYPES
+
+
 class ApiView(View):
     """A Faust view that answers ApiError (and any crash) in the project's error shape."""
 
@@ -92,7 +113,7 @@ class ApiView(View):
         """The request body as a JSON object, or an ApiError naming what is wrong."""
         limit = max_bytes or settings.produce_max_bytes
         content_type = request.headers.get("Content-Type", "")
-        if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        if not json_body_allowed(content_type, request.headers.get("Origin")):
             raise ApiError(
                 415,
                 "unsupported_media_type",
@@ -123,4 +144,4 @@ class ApiView(View):
         return body
 
 
-__all__ = ["ApiError", "ApiView", "ENDPOINTS", "Endpoint", "endpoint", "invalid"]
+__all__ = ["ApiError", "ApiView", "ENDPOINTS", "Endpoint", "endpoint", "invalid", "json_body_allowed"]

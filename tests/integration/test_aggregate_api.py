@@ -128,7 +128,8 @@ def test_a_changed_spec_for_an_existing_window_id_is_a_409(two_workers):
 
 
 def test_wrong_content_type_and_unknown_window_id(two_workers):
-    status, reply = two_workers[0].post("/api/v1/aggregate", {"window_id": "x"}, content_type="text/plain")
+    status, reply = two_workers[0].post("/api/v1/aggregate", {"window_id": "x"}, content_type="text/plain",
+                                        headers={"Origin": "http://elsewhere.example"})
     assert status == 415
     status, reply = two_workers[0].get("/api/v1/aggregate/never-seen")
     assert status == 404 and reply["error"]["code"] == "unknown_window"

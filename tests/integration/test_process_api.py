@@ -106,7 +106,9 @@ def test_a_window_step_is_for_live_pipelines_only(worker):
     "kwargs,status",
     [
         (dict(raw=b"[1,", content_type="application/json"), 400),
-        (dict(raw=b"{}", content_type="text/plain"), 415),
+        (dict(raw=b"{}", content_type="application/xml"), 415),
+        (dict(raw=b"{}", content_type="text/plain", headers={"Origin": "http://elsewhere.example"}), 415),
+        (dict(raw=b"records=1", content_type="application/x-www-form-urlencoded"), 400),
         (dict(body={"records": {}, "transformations": []}), 422),
         (dict(body={"records": []}), 422),
         (dict(body={"records": [{}] * 10_001, "transformations": []}), 413),

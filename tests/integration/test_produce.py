@@ -82,10 +82,46 @@ def test_a_large_batch_is_acknowledged_with_consecutive_offsets(two_workers):
     assert len(positions) == 3000
 
 
+def post_without_content_type(url: str, body: bytes) -> tuple[int, dict]:
+    """A POST that carries no Content-Type header at all (urllib would add one)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        conn.request("POST", parts.path, body=body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("content_type", [None, "", "text/plain", "text/plain; charset=utf-8"],
+                         ids=["no header", "form-urlencoded (curl -d)", "text/plain", "text/plain charset"])
+def test_json_sent_without_the_json_content_type_is_produced(two_workers, content_type):
+    """`curl -d '{...}'` with no -H: a JSON body in a simple content type from a
+    non-browser client (no Origin header) is read as JSON."""
+    w = two_workers[0]
+    topic = events_topic(two_workers)
+    body = json.dumps({"topic": topic, "messages": [{"ct": str(content_type)}]}).encode()
+    if content_type is None:
+        status, reply = post_without_content_type(w.url + "/api/v1/produce", body)
+    else:
+        status, reply = http("POST", w.url + "/api/v1/produce", raw=body, content_type=content_type)
+    assert status == 200, reply
+    assert reply["count"] == 1
+    records = run(read_topic(topic, idle=0.5))
+    assert {"ct": str(content_type)} in [r.json() for r in records]
+
+
 BAD_INPUTS = [
     # (description, kwargs for http(), expected status, expected error code)
     ("not json", dict(raw=b"{not json"), 400, "invalid_json"),
-    ("wrong content type", dict(raw=b'{"topic": "x", "messages": [{}]}', content_type="text/plain"), 415, "unsupported_media_type"),
+    ("not a JSON-compatible content type", dict(raw=b'{"topic": "x", "messages": [{}]}', content_type="application/xml"), 415, "unsupported_media_type"),
+    ("cross-site text/plain from a browser", dict(raw=b'{"topic": "x", "messages": [{}]}', content_type="text/plain", headers={"Origin": "http://elsewhere.example"}), 415, "unsupported_media_type"),
+    ("cross-site form post from a browser", dict(raw=b'{"topic": "x", "messages": [{}]}', content_type="application/x-www-form-urlencoded", headers={"Origin": "http://elsewhere.example"}), 415, "unsupported_media_type"),
+    ("not json, sent as curl -d sends it", dict(raw=b"topic=x", content_type=""), 400, "invalid_json"),
     ("body is a list", dict(body=[1, 2]), 400, "invalid_body"),
     ("missing messages", dict(body={"topic": "{events}"}), 422, "validation_error"),
     ("empty messages", dict(body={"topic": "{events}", "messages": []}), 422, "validation_error"),
