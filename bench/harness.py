@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from tests import support
+
 REPORTS = Path(__file__).resolve().parent / "reports"
 
 
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="leave the run's topics on the broker (default: delete them afterwards)")
     args = parser.parse_args(argv)
     args.options = dict(o.split("=", 1) for o in args.option)
+    # The scenarios create topics and start workers through tests.support.
+    support.use_bootstrap(args.bootstrap)
 
     async def go() -> list[Result]:
         results = []
