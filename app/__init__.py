@@ -18,19 +18,7 @@ from app.settings import settings
 _transport.install()
 
 
-class App(faust.App):
-    """Faust's App, creating its data folder with every missing parent.
-
-    Faust creates ``datadir`` without ``parents=True``, so a worker whose
-    ``STREAMETL_DATA_DIR`` did not exist yet (``.data`` on a fresh clone, a Docker
-    volume path) died at start with FileNotFoundError."""
-
-    async def on_first_start(self) -> None:
-        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
-        await super().on_first_start()
-
-
-app = App(
+app = _transport.App(
     settings.app_id,
     broker=_transport.broker_url(settings.broker, settings.fast_consumer),
     store=settings.store,
@@ -55,9 +43,13 @@ app = App(
     # agent.ask() (POST /api/v1/aggregate) needs this worker's reply topic; the broker
     # does not auto-create topics.
     reply_create_topic=True,
+    # One reply topic per worker identity, reused across restarts: a fresh name per
+    # start (Faust's default) left a topic behind at every start.
+    reply_to=_transport.reply_topic_name(settings),
     autodiscover=["tables", "agents", "web"],
     origin="app",
 )
+app.stop_timeout = settings.stop_timeout
 
 
 

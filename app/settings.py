@@ -108,6 +108,10 @@ class Settings:
     # Window aggregation: one write-back flush per fetched batch (at most
     # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25
+    # Seconds a graceful stop (SIGTERM, Ctrl-C) may take before the worker exits without
+    # finishing it (0 = no limit). Nothing is lost either way: what was not committed is
+    # processed again after a restart, or its transaction is aborted under exactly_once.
+    stop_timeout: float = 8.0
     # Declarative pipelines and patterns
     # A file named here must exist; only the default may be absent (then nothing runs).
     pipelines_file: str = DEFAULT_PIPELINES_FILE
@@ -142,6 +146,8 @@ class Settings:
             )
         if self.commit_interval < 0:
             raise SettingsError("commit_interval must be >= 0 (0: chosen by processing_guarantee)")
+        if self.stop_timeout < 0:
+            raise SettingsError("stop_timeout must be >= 0 (0: no limit)")
         if self.commit_every < 1:
             raise SettingsError("commit_every must be >= 1")
         if self.topic_partitions < 1:

@@ -53,12 +53,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
+import os
+import re
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
+from functools import cached_property
+from pathlib import Path
+
+import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from faust import current_event as faust_current_event
+from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
+from faust.models import maybe_model
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
@@ -893,6 +904,83 @@ def processing_topic() -> str | None:
     return event.message.topic if event is not None else None
 
 
+class ReplyConsumer(FaustReplyConsumer):
+    """Faust's reply consumer (agent ``ask``: ``POST /api/v1/aggregate``), acking each
+    reply as soon as its promise is fulfilled.
+
+    Faust drains replies through a stream, which acks an event only when the next one
+    arrives, so the last reply stayed unacked for good and ``Consumer.wait_empty`` made
+    every graceful stop of a worker that had served an aggregate request wait forever
+    (issue 17). A reply has no effect to protect: acking it at once loses nothing."""
+
+    async def _drain_replies(self, channel: Any) -> None:
+        stream = channel.stream()
+        async for reply in stream:
+            for promise in self._waiting[reply.correlation_id]:
+                promise.fulfill(reply.correlation_id, maybe_model(reply.value))
+            event = stream.current_event
+            if event is not None:
+                event.ack()  # the stream's own later ack of it is then a no-op
+
+
+def reply_topic_name(settings: Any) -> str:
+    """This worker's reply topic: the app id, the host name and the web port, which
+    together name one worker (two workers on one host cannot share a port), so a
+    restarted worker reuses its topic instead of creating ``f-reply-<uuid>`` anew."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:100]
+    return settings.topic(f"{settings.app_id}-reply-{host}-{settings.web_port}")
+
+
+def arm_stop_deadline(seconds: float) -> threading.Timer:
+    """End the process ``seconds`` from now unless it has exited by then.
+
+    A graceful stop waits for every started message to be acked and commits; with the
+    broker unreachable that commit (and the reference readers' offset requests) retry
+    for 40 s and more. Cutting the stop short loses nothing: under at_least_once the
+    uncommitted input is processed again after a restart, under exactly_once the open
+    transaction is aborted, as after a kill. A thread, not a task: it fires even when
+    the event loop is stuck."""
+
+    def give_up() -> None:
+        logging.getLogger(__name__).error(
+            "graceful stop took longer than %.1f s (STREAMETL_STOP_TIMEOUT): exiting without "
+            "finishing it; uncommitted input is processed again after a restart", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+class App(faust.App):
+    """Faust's App with two start-up defects mended:
+
+    - the data folder is created with every missing parent (Faust's
+      ``_create_directories`` has no ``parents=True``: a worker whose
+      ``STREAMETL_DATA_DIR`` did not exist yet, ``.data`` on a fresh clone or a Docker
+      volume path, died at start with FileNotFoundError);
+    - replies are acked as they arrive (:class:`ReplyConsumer`)."""
+
+    #: Seconds a graceful stop may take before the process exits without finishing it
+    #: (``Settings.stop_timeout``; 0 = wait for ever).
+    stop_timeout: float = 0.0
+
+    async def on_first_start(self) -> None:
+        Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
+        await super().on_first_start()
+
+    async def on_stop(self) -> None:
+        if self.stop_timeout > 0:
+            arm_stop_deadline(self.stop_timeout)
+        await super().on_stop()
+
+    @cached_property
+    def _reply_consumer(self) -> ReplyConsumer:
+        return ReplyConsumer(self, loop=self.loop, beacon=self.beacon)
+
+
 class Transport(faust_aiokafka.Transport):
     """Faust's aiokafka transport with :class:`FastConsumer` as its consumer and a
     :class:`TransactionManager` that never sends outside a transaction."""
@@ -922,6 +1010,7 @@ def broker_url(url: str, fast: bool = True) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "ResumeDelivery",
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "ReplyConsumer",
+           "ResumeDelivery", "App", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]
