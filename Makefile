@@ -14,6 +14,8 @@ PYTEST_ARGS ?=
 KAFKA_PORT ?= 9092
 export KAFKA_PORT
 export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
+# The broker `make run` and `make worker` connect to: the one kafka-start answers on.
+export STREAMETL_BROKER ?= kafka://127.0.0.1:$(KAFKA_PORT)
 
 .PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
 
