@@ -29,16 +29,19 @@ STOP_LIMIT = 10.0
 
 
 def bash_blocks(markdown: str) -> list[list[str]]:
-    """The commands of each ```bash block: continuation lines joined, comments and
-    blank lines dropped."""
+    """The commands of each ```bash block: continuation lines and lines inside a
+    single-quoted string joined, comments and blank lines dropped."""
     blocks = []
     for body in re.findall(r"```bash\n(.*?)```", markdown, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", body)
-        commands = []
+        commands, pending = [], ""
         for line in joined.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
+            if not pending and (not line.strip() or line.strip().startswith("#")):
+                continue
+            pending = f"{pending}\n{line}" if pending else line.strip()
+            if pending.count("'") % 2 == 0:  # no single-quoted string left open
+                commands.append(pending)
+                pending = ""
         blocks.append(commands)
     return blocks
 
