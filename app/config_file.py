@@ -26,7 +26,10 @@ def load_config(path: str | None = None) -> dict[str, Any]:
     A missing file is an error (a worker that silently runs no pipelines is worse than
     one that refuses to start), except the built-in default, which an installed package
     does not ship."""
-    file = Path(path or settings.pipelines_file)
+    name = settings.pipelines_file if path is None else path
+    if not name:  # STREAMETL_PIPELINES_FILE= : nothing declared
+        return {}
+    file = Path(name)
     if not file.exists():
         if str(file) == DEFAULT_PIPELINES_FILE:
             return {}

@@ -16,7 +16,7 @@ from tests.support import Worker, unique
 def two_workers(kafka):
     name = unique("agg")
     # No windows: section; the API needs none.
-    env = {"STREAMETL_PIPELINES_FILE": "/nonexistent/streametl-pipelines.yaml"}
+    env = {"STREAMETL_PIPELINES_FILE": ""}  # no declared pipelines
     ws = [Worker(app_id=name, topic_prefix=f"{name}.", env=env) for _ in range(2)]
     for w in ws:
         w.start(timeout=150)

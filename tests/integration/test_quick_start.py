@@ -4,8 +4,9 @@ A fresh clone has no `.venv`, no `.data` and nothing else the working copy hides
 test clones the repository's HEAD, runs the README's run command (`make run`) and its
 second-worker command there as written, pointed at the test broker through the
 documented variables, runs every curl line of the README against them (each POST as
-typed, with no content type header, and with `-H 'Content-Type: application/json'`),
-then sends SIGTERM and requires both workers to be gone within 10 s.
+typed, with no content type header, and with `-H 'Content-Type: application/json'`;
+the only change is the port, and the run's topic prefix in a `"topic"` field), then
+sends SIGTERM and requires both workers to be gone within 10 s.
 """
 
 from __future__ import annotations
@@ -115,8 +116,10 @@ def test_quick_start_from_a_fresh_clone(tmp_path, kafka):
     port, second_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("STREAMETL_", "MAKE", "MFLAGS", "KAFKA_", "VIRTUAL_ENV"))}
-    env.update(KAFKA_PORT=BOOTSTRAP.rsplit(":", 1)[1], STREAMETL_APP_ID=unique("quick"),
-               STREAMETL_WEB_PORT=str(port))
+    # A unique app id and topic prefix: runs on one broker never share topics or state.
+    name = unique("quick")
+    env.update(KAFKA_PORT=BOOTSTRAP.rsplit(":", 1)[1], STREAMETL_APP_ID=name,
+               STREAMETL_TOPIC_PREFIX=f"{name}.", STREAMETL_WEB_PORT=str(port))
     log = tmp_path / "quick-start.log"
     procs: list[subprocess.Popen] = []
     try:
@@ -138,14 +141,16 @@ def test_quick_start_from_a_fresh_clone(tmp_path, kafka):
             if " -d " in command:
                 variants.append(command.replace(" -d ", f" {JSON_HEADER} -d ", 1))
             for variant in variants:
-                status, body = curl(variant.replace("localhost:6066", f"localhost:{port}"), clone)
+                variant = variant.replace("localhost:6066", f"localhost:{port}")
+                variant = variant.replace('"topic": "', f'"topic": "{name}.')
+                status, body = curl(variant, clone)
                 assert 200 <= status < 300, (variant, status, body)
                 answers.setdefault(command, body)
         produced = next(answers[c] for c in curls if "/api/v1/produce" in c)
         assert produced["count"] == 1, produced
         processed = next(answers[c] for c in curls if "/api/v1/process" in c)
         assert processed["count"] == 1 and processed["input_count"] == 2, processed
-        aggregated = next(answers[c] for c in curls if "/api/v1/aggregate -d" in c)
+        aggregated = next(answers[c] for c in curls if "-X POST" in c and "/api/v1/aggregate" in c)
         assert aggregated["window_id"] == "user_clicks" and aggregated["value"] == 1, aggregated
         # The other worker answers the same running aggregate: the line as typed and
         # the one with -H each added one record.

@@ -25,3 +25,7 @@ def test_a_file_that_exists_is_read(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("pipelines: []\n")
     assert config_file.load_config.__wrapped__(str(path)) == {"pipelines": []}
+
+
+def test_an_empty_name_means_no_config_file():
+    assert config_file.load_config.__wrapped__("") == {}
