@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faust
-
 from app import transport as _transport
 from app.settings import settings
 
@@ -43,13 +41,11 @@ app = _transport.App(
     # agent.ask() (POST /api/v1/aggregate) needs this worker's reply topic; the broker
     # does not auto-create topics.
     reply_create_topic=True,
-    # One reply topic per worker identity, reused across restarts: a fresh name per
-    # start (Faust's default) left a topic behind at every start.
-    reply_to=_transport.reply_topic_name(settings),
     autodiscover=["tables", "agents", "web"],
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout
+app.topic_prefix = settings.topic_prefix
 
 
 

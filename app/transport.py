@@ -60,10 +60,9 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
-from typing import Any
-
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
@@ -923,12 +922,12 @@ class ReplyConsumer(FaustReplyConsumer):
                 event.ack()  # the stream's own later ack of it is then a no-op
 
 
-def reply_topic_name(settings: Any) -> str:
-    """This worker's reply topic: the app id, the host name and the web port, which
+def reply_topic_name(topic_prefix: str, app_id: str, web_port: int) -> str:
+    """A worker's reply topic: the app id, the host name and the web port, which
     together name one worker (two workers on one host cannot share a port), so a
     restarted worker reuses its topic instead of creating ``f-reply-<uuid>`` anew."""
     host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:100]
-    return settings.topic(f"{settings.app_id}-reply-{host}-{settings.web_port}")
+    return f"{topic_prefix}{app_id}-reply-{host}-{web_port}"
 
 
 def arm_stop_deadline(seconds: float) -> threading.Timer:
@@ -961,14 +960,21 @@ class App(faust.App):
       ``_create_directories`` has no ``parents=True``: a worker whose
       ``STREAMETL_DATA_DIR`` did not exist yet, ``.data`` on a fresh clone or a Docker
       volume path, died at start with FileNotFoundError);
-    - replies are acked as they arrive (:class:`ReplyConsumer`)."""
+    - replies are acked as they arrive (:class:`ReplyConsumer`), on one reply topic
+      per worker (:func:`reply_topic_name`);
+    - a graceful stop is bounded (:func:`arm_stop_deadline`)."""
 
     #: Seconds a graceful stop may take before the process exits without finishing it
     #: (``Settings.stop_timeout``; 0 = wait for ever).
     stop_timeout: float = 0.0
 
+    #: Prepended to the reply topic's name (``Settings.topic_prefix``).
+    topic_prefix: str = ""
+
     async def on_first_start(self) -> None:
         Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
+        # Named here, not at construction: ``--web-port`` is applied after that.
+        self.conf.reply_to = reply_topic_name(self.topic_prefix, self.conf.id, self.conf.web_port)
         await super().on_first_start()
 
     async def on_stop(self) -> None:

@@ -415,3 +415,17 @@ def test_recovery_highwaters_come_from_the_broker_under_exactly_once_too():
     thread.consumer = SimpleNamespace(in_transaction=True)
     tp = TP("app-pipeline-x-dedupe-changelog", 0)
     assert asyncio.run(thread._highwaters([tp])) == {tp: 2050}
+
+
+def test_the_reply_topic_names_one_worker_and_is_a_legal_topic_name():
+    """One reply topic per worker, reused across its restarts (issue 17: a fresh
+    f-reply-<uuid> per start piled up on the broker)."""
+    import re
+
+    from app.transport import reply_topic_name
+
+    name = reply_topic_name("p.", "streametl", 6066)
+    assert name == reply_topic_name("p.", "streametl", 6066)
+    assert name != reply_topic_name("p.", "streametl", 6067)
+    assert name.startswith("p.streametl-reply-")
+    assert re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name)
