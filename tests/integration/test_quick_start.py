@@ -70,9 +70,12 @@ def test_the_readme_is_what_this_test_runs():
     assert not any("Content-Type" in c for c in curls), "the README's examples send no -H"
 
 
-def group_alive(pgid: int) -> bool:
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether any process of ``proc``'s group is still there (``proc`` itself is
+    reaped first: a zombie would count)."""
+    proc.poll()
     try:
-        os.killpg(pgid, 0)
+        os.killpg(proc.pid, 0)
     except ProcessLookupError:
         return False
     return True
@@ -160,12 +163,12 @@ def test_quick_start_from_a_fresh_clone(tmp_path, kafka):
         started = time.monotonic()
         for proc in procs:
             os.killpg(proc.pid, signal.SIGTERM)
-        while any(group_alive(p.pid) for p in procs) and time.monotonic() - started < STOP_LIMIT + 30:
+        while any(group_alive(p) for p in procs) and time.monotonic() - started < STOP_LIMIT + 30:
             time.sleep(0.1)
         elapsed = time.monotonic() - started
         assert elapsed <= STOP_LIMIT, f"workers still alive {elapsed:.1f}s after SIGTERM:\n{log.read_text()[-4000:]}"
     finally:
         for proc in procs:
-            if group_alive(proc.pid):
+            if group_alive(proc):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
