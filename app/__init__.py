@@ -7,13 +7,33 @@ this module stays cheap and free of import cycles.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
+from app import api_auth
 from app import transport as _transport
+from app.kafka_security import broker_credentials, check_connection
 from app.settings import settings
 
 # The fast consume path (app/transport.py) is selected by the broker URL scheme.
 _transport.install()
+
+
+def _web_options() -> dict:
+    options: dict = {"client_max_size": settings.produce_max_bytes + 65536}
+    tokens = api_auth.parse_tokens(settings.api_tokens)
+    if tokens:
+        options["middlewares"] = [api_auth.middleware(tokens, settings.api_open_paths.split(","))]
+    return options
+
+
+def _web_ssl_context() -> ssl.SSLContext | None:
+    """HTTPS for the web server when a certificate is configured."""
+    if not settings.web_ssl_certfile:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.web_ssl_certfile, settings.web_ssl_keyfile)
+    return context
 
 
 app = _transport.App(
@@ -30,7 +50,9 @@ app = _transport.App(
     web_host=settings.web_host,
     web_bind=settings.web_host,
     web_port=settings.web_port,
-    web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
+    web_application_options=_web_options(),
+    web_ssl_context=_web_ssl_context(),
+    broker_credentials=broker_credentials(settings),
     broker_commit_interval=settings.commit_interval_seconds(),
     broker_commit_every=settings.commit_every,
     broker_max_poll_records=settings.max_poll_records,
@@ -45,6 +67,10 @@ app = _transport.App(
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout
+if settings.kafka_security_protocol != "PLAINTEXT":
+    # A refused login or certificate stops the worker with the setting to fix, instead
+    # of clients that retry for ever.
+    app.start_checks.append(lambda: check_connection(settings))
 app.topic_prefix = settings.topic_prefix
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient
 
 from app import app, settings
+from app.kafka_security import client_options
 
 
 @app.command()
@@ -14,7 +15,7 @@ async def create_topics(self) -> None:
     from app.kafka_io import ensure_topics
     from app.topics import DECLARED
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, **client_options(settings))
     await admin.start()
     try:
         await ensure_topics(admin, DECLARED.values())
@@ -26,8 +27,7 @@ async def create_topics(self) -> None:
 
 @app.command()
 async def show_settings(self) -> None:
-    """Print the effective settings (defaults overridden by STREAMETL_* variables)."""
-    import dataclasses
-
-    for f in dataclasses.fields(settings):
-        self.say(f"STREAMETL_{f.name.upper()}={getattr(settings, f.name)}")
+    """Print the effective settings (defaults overridden by STREAMETL_* variables);
+    secrets are masked."""
+    for name, value in settings.shown().items():
+        self.say(f"STREAMETL_{name.upper()}={value}")

@@ -23,6 +23,7 @@ from aiokafka.partitioner import murmur2
 from mode import Service
 
 from app import app, settings
+from app.kafka_security import client_options
 from app.topics import DECLARED, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,8 @@ class KafkaIO(Service):
         self.ready = asyncio.Event()
 
     async def on_start(self) -> None:
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
+                                         **client_options(settings))
         await self.admin.start()
         await ensure_topics(self.admin, DECLARED.values())
         self.producer = AIOKafkaProducer(
@@ -134,6 +136,7 @@ class KafkaIO(Service):
             linger_ms=0,
             max_batch_size=MAX_BATCH_BYTES,
             max_request_size=4 * 1024 * 1024,
+            **client_options(settings),
         )
         await self.producer.start()
         self.ready.set()

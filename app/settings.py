@@ -35,6 +35,11 @@ def _parse_bool(raw: str) -> bool:
 
 _PARSERS = {"int": int, "float": float, "bool": _parse_bool, "str": str}
 
+#: Settings that are secrets: readable from ``STREAMETL_<NAME>_FILE``, never printed.
+SECRETS = frozenset({"kafka_sasl_password", "api_tokens"})
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -117,14 +122,47 @@ class Settings:
     pipelines_file: str = DEFAULT_PIPELINES_FILE
     # Logging
     log_level: str = "info"
+    # Kafka connection security, for every client of the app (Faust's consumer,
+    # producers and admin client, changelogs, streametl's own readers and producer):
+    # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (app/kafka_security.py).
+    kafka_security_protocol: str = "PLAINTEXT"
+    # TLS: the CA bundle that signs the brokers' certificates (empty: the system's),
+    # a client certificate and key for mutual TLS, and the hostname check.
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
+    kafka_ssl_check_hostname: bool = True
+    # SASL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (a secret: _FILE works, never shown).
+    kafka_sasl_mechanism: str = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    # HTTP API authentication (web/auth.py): off while empty. Comma- or line-separated
+    # `role:token` entries; roles read (GETs) < write (produce, process, aggregate) <
+    # admin (patterns, reference data, everything). A secret: _FILE works, never shown.
+    api_tokens: str = field(default="", repr=False)
+    # Paths that stay open when tokens are set (comma-separated; empty: none).
+    api_open_paths: str = "/health,/metrics"
+    # HTTPS for the web server: certificate chain and key (PEM). Both or neither.
+    web_ssl_certfile: str = ""
+    web_ssl_keyfile: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Build Settings from ``STREAMETL_*`` variables; unknown ones are ignored."""
+        """Build Settings from ``STREAMETL_*`` variables; unknown ones are ignored.
+
+        A secret may instead come from a file named by ``STREAMETL_<NAME>_FILE`` (the
+        Docker and Kubernetes secrets convention); its content, without the final
+        newline, is the value."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(PREFIX + f.name.upper())
+            secret_file = env.get(PREFIX + f.name.upper() + "_FILE")
+            if f.name in SECRETS and secret_file and raw is None:
+                try:
+                    raw = Path(secret_file).read_text().rstrip("\r\n")
+                except OSError as exc:
+                    raise SettingsError(f"{PREFIX}{f.name.upper()}_FILE={secret_file!r}: {exc.strerror}") from None
             if raw is None:
                 continue
             parser = _PARSERS[f.type if isinstance(f.type, str) else f.type.__name__]
@@ -154,6 +192,25 @@ class Settings:
             raise SettingsError("topic_partitions must be >= 1")
         if not 0 < self.web_port < 65536:
             raise SettingsError("web_port must be a TCP port")
+        if self.kafka_security_protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(f"kafka_security_protocol must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                                f"not {self.kafka_security_protocol!r}")
+        if self.kafka_security_protocol.startswith("SASL"):
+            if self.kafka_sasl_mechanism not in SASL_MECHANISMS:
+                raise SettingsError(f"kafka_sasl_mechanism must be one of {', '.join(SASL_MECHANISMS)}, "
+                                    f"not {self.kafka_sasl_mechanism!r}")
+            if not self.kafka_sasl_username or not self.kafka_sasl_password:
+                raise SettingsError(f"kafka_security_protocol={self.kafka_security_protocol} needs "
+                                    "kafka_sasl_username and kafka_sasl_password")
+        if bool(self.kafka_ssl_certfile) != bool(self.kafka_ssl_keyfile):
+            raise SettingsError("kafka_ssl_certfile and kafka_ssl_keyfile go together (mutual TLS)")
+        if bool(self.web_ssl_certfile) != bool(self.web_ssl_keyfile):
+            raise SettingsError("web_ssl_certfile and web_ssl_keyfile go together (HTTPS)")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
+                     "web_ssl_certfile", "web_ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise SettingsError(f"{name}: no such file: {path}")
 
     def commit_interval_seconds(self) -> float:
         """``commit_interval``, or when it is 0 the default of the processing guarantee.
@@ -189,6 +246,11 @@ class Settings:
         if len(values) != 3 or min(values) <= 0:
             raise SettingsError(f"gc_thresholds must be three positive integers like '50000,20,100', not {self.gc_thresholds!r}")
         return values  # type: ignore[return-value]
+
+    def shown(self) -> dict[str, Any]:
+        """Every setting by field name, secrets masked (``show-settings``, logs)."""
+        return {f.name: ("****" if f.name in SECRETS and getattr(self, f.name) else getattr(self, f.name))
+                for f in fields(self)}
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (tests and benchmarks)."""

@@ -971,7 +971,14 @@ class App(faust.App):
     #: Prepended to the reply topic's name (``Settings.topic_prefix``).
     topic_prefix: str = ""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Awaited once before anything else starts; an exception stops the worker.
+        self.start_checks: list[Callable[[], Awaitable[None]]] = []
+
     async def on_first_start(self) -> None:
+        for check in self.start_checks:
+            await check()
         Path(self.conf.datadir).mkdir(parents=True, exist_ok=True)
         # Named here, not at construction: ``--web-port`` is applied after that.
         self.conf.reply_to = reply_topic_name(self.topic_prefix, self.conf.id, self.conf.web_port)

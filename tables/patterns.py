@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from app import app, settings
+from app.kafka_security import client_options
 from app.patterns import (
     EngineConfig,
     Pattern,
@@ -233,7 +234,7 @@ class PatternCatalog(Service):
         counts_topic = pattern_counts.changelog_topic.get_topic_name()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset="earliest", **client_options(settings),
         )
         await consumer.start()
         try:

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from app import app, settings
+from app.kafka_security import client_options
 from app.topics import declare
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class ReferenceStore(Service):
     async def on_start(self) -> None:
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-            auto_offset_reset="earliest", group_id=None,
+            auto_offset_reset="earliest", group_id=None, **client_options(settings),
         )
         await self._consumer.start()
         self.add_future(self._tail())

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -55,7 +56,7 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: Any = None, *, content_type: str = "application/json",
          raw: bytes | None = None, timeout: float = 30.0,
-         headers: Mapping[str, str] | None = None) -> tuple[int, Any]:
+         headers: Mapping[str, str] | None = None, ca_file: str | None = None) -> tuple[int, Any]:
     """One HTTP call; returns (status, parsed JSON or text). Never raises on 4xx/5xx.
 
     With ``content_type=""`` urllib sends its default, application/x-www-form-urlencoded,
@@ -64,8 +65,9 @@ def http(method: str, url: str, body: Any = None, *, content_type: str = "applic
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
     if data is not None and content_type:
         req.add_header("Content-Type", content_type)
+    context = ssl.create_default_context(cafile=ca_file) if ca_file else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             status, payload = resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         status, payload = exc.code, exc.read()
@@ -86,10 +88,22 @@ class Worker:
     env: Mapping[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    #: Set when the worker serves HTTPS: the CA that signed its certificate.
+    ca_file: str | None = None
+    #: Sent as ``Authorization: Bearer`` with every call (API tokens on).
+    token: str | None = None
 
     @property
     def url(self) -> str:
+        if self.ca_file:
+            return f"https://localhost:{self.web_port}"
         return f"http://127.0.0.1:{self.web_port}"
+
+    def http(self, method: str, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        """One call to this worker, over HTTPS and with its token when it has them."""
+        if self.token and "headers" not in kw:
+            kw["headers"] = {"Authorization": f"Bearer {self.token}"}
+        return http(method, self.url + path, body, ca_file=self.ca_file, **kw)
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMETL_")}
@@ -125,7 +139,7 @@ class Worker:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                status, _ = http("GET", self.url + "/health", timeout=2)
+                status, _ = self.http("GET", "/health", timeout=2)
                 if status == 200:
                     return
             except OSError:
@@ -162,16 +176,16 @@ class Worker:
                 shutil.rmtree(child)
 
     def get(self, path: str, **kw: Any) -> tuple[int, Any]:
-        return http("GET", self.url + path, **kw)
+        return self.http("GET", path, **kw)
 
     def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
-        return http("POST", self.url + path, body, **kw)
+        return self.http("POST", path, body, **kw)
 
     def put(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
-        return http("PUT", self.url + path, body, **kw)
+        return self.http("PUT", path, body, **kw)
 
     def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
-        return http("DELETE", self.url + path, **kw)
+        return self.http("DELETE", path, **kw)
 
 
 def run(coro):

@@ -1,0 +1,108 @@
+"""Kafka connection security from Settings: one description of TLS and SASL that every
+client of the app uses.
+
+Faust's consumer, producers, transactional producers and admin client get it as
+``broker_credentials``; streametl's own clients (the API producer and admin client, the
+reference and pattern readers) get the same options through :func:`client_options`,
+which is Faust's own translation of those credentials into aiokafka arguments.
+:func:`check_connection` runs at worker start so that a wrong password or an untrusted
+CA stops the worker with a message naming the setting, instead of a retry loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+import faust
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from app.settings import Settings
+
+
+class KafkaSecurityError(RuntimeError):
+    """The broker refused this worker's TLS or SASL settings."""
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The client TLS context, or None when the protocol has no TLS."""
+    if settings.kafka_security_protocol not in {"SSL", "SASL_SSL"}:
+        return None
+    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+    context.check_hostname = settings.kafka_ssl_check_hostname
+    if settings.kafka_ssl_certfile:
+        context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
+    return context
+
+
+def broker_credentials(settings: Settings) -> Any:
+    """Faust's ``broker_credentials`` for the settings (None for PLAINTEXT)."""
+    protocol = settings.kafka_security_protocol
+    context = ssl_context(settings)
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=settings.kafka_sasl_username,
+                                     password=settings.kafka_sasl_password,
+                                     ssl_context=context, mechanism=settings.kafka_sasl_mechanism)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return None
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments that give an aiokafka client the app's connection security."""
+    return dict(credentials_to_aiokafka_auth(broker_credentials(settings)))
+
+
+def explain(settings: Settings, exc: BaseException) -> str:
+    """What a connection failure says about the settings, naming them."""
+    chain = []
+    cause: BaseException | None = exc
+    while cause is not None and len(chain) < 5:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain)
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return ("the broker's TLS certificate is not trusted: check STREAMETL_KAFKA_SSL_CAFILE "
+                f"(and STREAMETL_KAFKA_SSL_CHECK_HOSTNAME) ({text})")
+    if any(isinstance(e, ssl.SSLError) for e in chain):
+        return f"TLS with the broker failed: check STREAMETL_KAFKA_SECURITY_PROTOCOL and the STREAMETL_KAFKA_SSL_* files ({text})"
+    if "Authentication" in text or "SaslAuthentication" in text or "authentication" in text:
+        return ("the broker refused the SASL login: check STREAMETL_KAFKA_SASL_USERNAME, "
+                f"STREAMETL_KAFKA_SASL_PASSWORD and STREAMETL_KAFKA_SASL_MECHANISM ({text})")
+    return (f"could not reach the broker at {settings.bootstrap_servers} with "
+            f"STREAMETL_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} ({text})")
+
+
+async def check_connection(settings: Settings, timeout: float = 30.0) -> None:
+    """Connect once with the app's security settings and read the cluster's metadata;
+    :class:`KafkaSecurityError` naming the setting when the broker refuses them."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers,
+                                request_timeout_ms=int(timeout * 1000), **client_options(settings))
+    try:
+        await asyncio.wait_for(admin.start(), timeout)
+        await asyncio.wait_for(admin.describe_cluster(), timeout)
+    except (KafkaError, KafkaConnectionError, OSError, ssl.SSLError, TimeoutError) as exc:
+        # The client only says "Unable to bootstrap"; one direct connection says why.
+        raise KafkaSecurityError(explain(settings, await probe(settings, timeout) or exc)) from None
+    finally:
+        await admin.close()
+
+
+async def probe(settings: Settings, timeout: float) -> BaseException | None:
+    """The error of one direct connection to the first bootstrap server, if any."""
+    host, _, port = settings.bootstrap_servers.split(",")[0].rpartition(":")
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **client_options(settings)),
+            timeout)
+    except Exception as exc:  # noqa: BLE001 - whatever it is, it is the explanation
+        return exc
+    conn.close()
+    return None
+
+
+__all__ = ["KafkaSecurityError", "broker_credentials", "check_connection", "client_options", "ssl_context"]
