@@ -10,6 +10,8 @@ import time
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from tests.support import kafka_options
+
 ACTIONS = ("click", "view", "scroll", "purchase", "login")
 COUNTRIES = ("DE", "FR", "US", "GB", "NL", "ES", "IT", "PL")
 
@@ -44,7 +46,7 @@ async def produce_events(bootstrap: str, topic: str, events: list[dict], rate: f
                          pace_every: int = 1) -> None:
     """Send events keyed by user_id; paced at ``rate``/s when given (then ``sent_at`` and
     ``ts`` are the send time), checking the pace every ``pace_every`` events."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_options(),
                                 max_batch_size=512 * 1024)
     await producer.start()
     try:

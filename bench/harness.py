@@ -217,7 +217,7 @@ async def delete_topics(bootstrap: str, namespace: str) -> None:
     under test) grow with them."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **support.kafka_options())
     await admin.start()
     try:
         mine = [t for t in await admin.list_topics() if t.startswith(namespace)]
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--bootstrap", default=os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the raw aiokafka baseline")
+    parser.add_argument("--kafka-security", action="append", default=[], metavar="STREAMETL_KAFKA_X=V",
+                        help="connection security for every client and worker of the run (a secured broker)")
     parser.add_argument("--rate", type=float, default=0, help="paced input rate (events/s) for latency runs; 0 = as fast as possible")
     parser.add_argument("--option", action="append", default=[], metavar="K=V", help="scenario-specific knob")
     parser.add_argument("--keep-topics", action="store_true",
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args.options = dict(o.split("=", 1) for o in args.option)
     # The scenarios create topics and start workers through tests.support.
     support.use_bootstrap(args.bootstrap)
+    support.use_kafka_security(dict(o.split("=", 1) for o in args.kafka_security))
 
     async def go() -> list[Result]:
         results = []

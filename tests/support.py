@@ -35,6 +35,26 @@ REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092")
 
 
+#: STREAMETL_KAFKA_* settings every client and worker here uses, for a secured broker
+#: (``python -m bench --kafka-security K=V``); empty: plaintext.
+KAFKA_SECURITY: dict[str, str] = {}
+
+
+def use_kafka_security(env: Mapping[str, str]) -> None:
+    KAFKA_SECURITY.clear()
+    KAFKA_SECURITY.update(env)
+
+
+def kafka_options() -> dict[str, Any]:
+    """aiokafka arguments for :data:`KAFKA_SECURITY` (the app's own translation)."""
+    if not KAFKA_SECURITY:
+        return {}
+    from app.kafka_security import client_options
+    from app.settings import Settings
+
+    return client_options(Settings.from_env(KAFKA_SECURITY))
+
+
 def use_bootstrap(address: str) -> None:
     """Point every helper here (topics, producers, readers, workers) at another broker:
     ``python -m bench --bootstrap``."""
@@ -115,6 +135,7 @@ class Worker:
             STREAMETL_DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",
         )
+        env.update(KAFKA_SECURITY)
         env.update(self.env)
         return env
 
@@ -195,7 +216,7 @@ def run(coro):
 
 async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False) -> None:
     """Create topics on the test broker (existing ones are left alone)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, **kafka_options())
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -213,7 +234,7 @@ async def create_topics(names: list[str], partitions: int = 4, compacted: bool =
 async def produce_json(topic: str, records: list[Any], key: str | None = None,
                        raw: list[bytes] | None = None) -> None:
     """Produce JSON records (keyed by field ``key`` when given) straight to Kafka."""
-    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
     await producer.start()
     try:
         futures = []
@@ -242,7 +263,7 @@ class LiveStream:
         self._thread.start()
 
     async def _produce(self) -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all")
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
         await producer.start()
         try:
             while not self._stop.is_set():
@@ -292,7 +313,7 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
     reaching the current end, or at ``timeout``. ``bootstrap`` defaults to the test
     broker (the benchmarks pass theirs).
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap or BOOTSTRAP, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap or BOOTSTRAP, enable_auto_commit=False, **kafka_options(),
                                 auto_offset_reset="earliest", isolation_level=isolation_level)
     await consumer.start()
     out: list[Consumed] = []

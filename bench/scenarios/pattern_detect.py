@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from bench.events import make_payloads, produce_events
 from bench.harness import Context, Result, process_cpu_seconds
-from tests.support import Worker, create_topics
+from tests.support import Worker, create_topics, kafka_options
 
 NAME = "pattern-detect"
 DESCRIPTION = "threshold + frequency + trend + anomaly + sequence per user, alerts to a topic"
@@ -53,7 +53,7 @@ PATTERNS = [
 
 
 async def read_alerts(bootstrap: str, topic: str) -> list[dict]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **kafka_options(),
                                 auto_offset_reset="earliest")
     await consumer.start()
     out: list[dict] = []

@@ -14,14 +14,14 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.events import make_payloads
 from bench.harness import Context, Result, self_cpu_seconds
-from tests.support import create_topics
+from tests.support import create_topics, kafka_options
 
 NAME = "raw-aiokafka"
 DESCRIPTION = "plain aiokafka producer (acks=all) and consumer group (getmany 5000)"
 
 
 async def produce_raw(ctx: Context, topic: str, payloads: list[bytes], keys: list[bytes]) -> Result:
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=5,
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks="all", linger_ms=5, **kafka_options(),
                                 max_batch_size=512 * 1024)
     await producer.start()
     latencies: list[float] = []
@@ -42,7 +42,7 @@ async def produce_raw(ctx: Context, topic: str, payloads: list[bytes], keys: lis
 
 
 async def consume_raw(ctx: Context, topic: str, expected: int) -> Result:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=ctx.bootstrap, group_id=ctx.topic("raw-group"),
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=ctx.bootstrap, group_id=ctx.topic("raw-group"), **kafka_options(),
                                 auto_offset_reset="earliest", max_poll_records=5000,
                                 fetch_max_bytes=50 * 1024 * 1024, max_partition_fetch_bytes=8 * 1024 * 1024)
     await consumer.start()

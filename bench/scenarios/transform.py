@@ -31,7 +31,7 @@ from bench.events import make_payloads
 from bench.harness import Context, Result, percentile, process_cpu_seconds
 from bench.scenarios.agent_passthrough import ProfiledWorker
 from bench.scenarios.raw_aiokafka import produce_raw
-from tests.support import Worker, create_topics, read_topic
+from tests.support import Worker, create_topics, kafka_options, read_topic
 
 NAME = "transform"
 DESCRIPTION = "parse, deduplicate, normalize, enrich, filter, produce to the sink"
@@ -64,11 +64,11 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
                         worker_side: list[float] | None = None) -> list[float]:
     """End-to-end latencies (ms) of paced events; ``worker_side`` collects the part up to
     the worker's append of each output (its sink record timestamp minus ``sent_at``)."""
-    consumer = AIOKafkaConsumer(sink, bootstrap_servers=ctx.bootstrap, auto_offset_reset="latest",
+    consumer = AIOKafkaConsumer(sink, bootstrap_servers=ctx.bootstrap, auto_offset_reset="latest", **kafka_options(),
                                 group_id=f"{ctx.namespace}-lat", enable_auto_commit=False)
     await consumer.start()
     await consumer.getmany(timeout_ms=1000)  # join and position at the end first
-    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks=1, linger_ms=0)
+    producer = AIOKafkaProducer(bootstrap_servers=ctx.bootstrap, acks=1, linger_ms=0, **kafka_options())
     await producer.start()
     latencies: list[float] = []
     total = int(rate * seconds)
