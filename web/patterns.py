@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app import settings
 from app.kafka_io import kafka_io, partition_for
+from app.kafka_security import client_options
 from app.patterns import EXPR_LANGUAGE, PatternError, parse_definition
 from tables.patterns import CONFIG_PATTERNS, ENGINE, alerts_topic, catalog, definitions_topic
 from web.common import ApiError, ApiView, endpoint, invalid
@@ -90,7 +91,8 @@ async def recent_alerts(pattern: str | None, key: str | None, limit: int) -> lis
     a key is given), filtered, de-duplicated by alert_id, newest first."""
     topic = alerts_topic.get_topic_name()
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                **client_options(settings))
     await consumer.start()
     found: dict[str, dict[str, Any]] = {}
     try:

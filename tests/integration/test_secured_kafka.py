@@ -136,6 +136,9 @@ def test_the_aggregate_route_across_two_workers_with_tokens_and_https(broker):
             status, reply = workers[i % 2].post("/api/v1/aggregate", {**body, "record": {"v": v}})
             assert status == 200, reply
         assert reply["value"] == 23
+        # The alerts view reads the alerts topic with its own client.
+        status, reply = workers[1].get("/api/v1/alerts?limit=5")
+        assert status == 200, reply
         # Without the token, over HTTPS: refused.
         status, _ = workers[0].http("GET", "/api/v1/aggregate/alt", headers={})
         assert status == 401

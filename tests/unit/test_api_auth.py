@@ -70,3 +70,20 @@ def test_secrets_come_from_files_and_are_never_shown(tmp_path):
 def test_incomplete_security_settings_name_the_setting(env, named):
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_every_kafka_client_of_the_app_gets_the_security_options():
+    """A client built without them cannot reach a secured broker (issue 24)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    missing = []
+    for folder in ("app", "agents", "tables", "web", "operators"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for match in re.finditer(r"AIOKafka(Consumer|Producer|AdminClient)\(", text):
+                call = text[match.start():text.find("\n\n", match.start())]
+                if "client_options(" not in call[: call.find(")\n") + 2 if ")\n" in call else len(call)]:
+                    missing.append(f"{path.relative_to(root)}:{text.count(chr(10), 0, match.start()) + 1}")
+    assert not missing, missing
