@@ -17,7 +17,7 @@ export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 # The broker `make run` and `make worker` connect to: the one kafka-start answers on.
 export STREAMETL_BROKER ?= kafka://127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
+.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean browser
 
 $(STAMP): pyproject.toml
 	@py="$(PY)"; echo "building $(VENV) from $$py ($$($$py -c 'import sys; print(sys.version.split()[0])'))"; \
@@ -47,8 +47,14 @@ worker: $(STAMP)
 	STREAMETL_DATA_DIR=$${STREAMETL_DATA_DIR:-.data/worker-$(WEB_PORT)} \
 	  $(BIN)/streametl worker -l info --web-port $(WEB_PORT)
 
-## test: venv + Kafka + every test tier; stops the broker it started
-test: $(STAMP)
+## browser: Debian's chromium, for the dashboard's browser test (installed once)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (browser test)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo "could not install chromium: tests/integration/test_dashboard.py will fail"; }
+
+## test: venv + Kafka + chromium + every test tier; stops the broker it started
+test: $(STAMP) browser
 	@started=0; \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start && started=1; fi; \
 	$(BIN)/python -m pytest $(TESTS) $(PYTEST_ARGS); rc=$$?; \

@@ -47,6 +47,7 @@ app = _transport.App(
     topic_replication_factor=settings.topic_replication,
     # Topics are created by the app (explicitly, with partition counts).
     topic_allow_declare=True,
+    web=f"{_transport.WEB_SCHEME}://",
     web_host=settings.web_host,
     web_bind=settings.web_host,
     web_port=settings.web_port,

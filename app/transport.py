@@ -62,7 +62,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
@@ -74,12 +74,16 @@ from faust.transport.consumer import TransactionManager as FaustTransactionManag
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import ack_lock
+from faust.web.drivers import DRIVERS as WEB_DRIVERS
+from faust.web.drivers import aiohttp as faust_aiohttp_web
 from mode.utils.futures import notify
 
 from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch, for_topic
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
+#: The web driver URL scheme that selects :class:`Web`.
+WEB_SCHEME = "streametl-aiohttp"
 
 #: ``FastConsumer.freshen``: at most this many extra fetches per batch, each waiting at
 #: most this long for records, and only while a batch has fewer records than this.
@@ -1002,9 +1006,18 @@ class Transport(faust_aiokafka.Transport):
     TransactionManager = TransactionManager
 
 
+class Web(faust_aiohttp_web.Web):
+    """Faust's aiohttp web server without Faust's production index at ``/``, where
+    streametl serves its dashboard (web/dashboard.py)."""
+
+    production_blueprints: ClassVar[list] = []
+
+
 def install() -> None:
-    """Register :data:`SCHEME` in Faust's transport registry (idempotent)."""
+    """Register :data:`SCHEME` in Faust's transport registry and :data:`WEB_SCHEME` in
+    its web driver registry (idempotent)."""
     TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
+    WEB_DRIVERS.aliases.setdefault(WEB_SCHEME, f"{__name__}:Web")
 
 
 def broker_url(url: str, fast: bool = True) -> str:
@@ -1024,6 +1037,6 @@ def broker_url(url: str, fast: bool = True) -> str:
 
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "ReplyConsumer",
-           "ResumeDelivery", "App", "reply_topic_name",
+           "ResumeDelivery", "App", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]
