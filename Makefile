@@ -6,6 +6,7 @@ PY ?= $(shell deploy/pick-python.sh)
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA := deploy/kafka/kafka.sh
+PG := deploy/postgres/postgres.sh
 STAMP := $(VENV)/.installed
 # Tiers to run; CI runs them all.
 TESTS ?= tests/unit tests/integration tests/chaos
@@ -16,8 +17,12 @@ export KAFKA_PORT
 export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 # The broker `make run` and `make worker` connect to: the one kafka-start answers on.
 export STREAMETL_BROKER ?= kafka://127.0.0.1:$(KAFKA_PORT)
+# The PostgreSQL `make test` starts (or finds) for the database sink tests.
+PG_PORT ?= 5433
+export PG_PORT
+export STREAMETL_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/streametl
 
-.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean browser
+.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean browser postgres-start postgres-stop
 
 $(STAMP): pyproject.toml
 	@py="$(PY)"; echo "building $(VENV) from $$py ($$($$py -c 'import sys; print(sys.version.split()[0])'))"; \
@@ -53,13 +58,22 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "could not install chromium: tests/integration/test_dashboard.py will fail"; }
 
-## test: venv + Kafka + chromium + every test tier; stops the broker it started
+## test: venv + Kafka + PostgreSQL + chromium + every test tier; stops what it started
 test: $(STAMP) browser
-	@started=0; \
+	@started=0; pg_started=0; \
 	if ! $(KAFKA) status >/dev/null 2>&1; then $(KAFKA) start && started=1; fi; \
+	if ! $(PG) status >/dev/null 2>&1; then $(PG) start && pg_started=1; fi; \
 	$(BIN)/python -m pytest $(TESTS) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$started = 1 ]; then $(KAFKA) stop; fi; \
+	if [ $$pg_started = 1 ]; then $(PG) stop; fi; \
 	exit $$rc
+
+## postgres-start / postgres-stop: a local PostgreSQL on PG_PORT (5433) for database sinks
+postgres-start:
+	$(PG) start
+
+postgres-stop:
+	$(PG) stop
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

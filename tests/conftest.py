@@ -27,6 +27,27 @@ def kafka() -> str:
     return BOOTSTRAP
 
 
+@pytest.fixture(scope="session")
+def postgres_dsn() -> str:
+    """The DSN of the real test PostgreSQL that `make test` starts."""
+    import asyncio
+    import os
+
+    import asyncpg
+
+    dsn = os.environ.get("STREAMETL_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5433/streametl")
+
+    async def ping() -> None:
+        conn = await asyncpg.connect(dsn, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(ping())
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"no PostgreSQL at {dsn} ({exc}): run `make test` (it starts one)")
+    return dsn
+
+
 @pytest.fixture
 def namespace(kafka) -> tuple[str, str]:
     """A unique (app_id, topic_prefix) so tests share the broker without colliding."""

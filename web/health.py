@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from agents.db_sink import sinks_health
 from app import app, settings
 from app.kafka_io import kafka_io
 from web.common import ENDPOINTS, ApiView, endpoint
@@ -24,6 +25,9 @@ def readiness() -> dict[str, Any]:
     return {
         "status": "ok" if all(checks.values()) else "starting",
         "checks": checks,
+        # A database sink that retries (its database is away) holds its input back and
+        # loses nothing: it is reported, it does not make the worker unready.
+        "sinks": sinks_health(),
         "app_id": settings.app_id,
         "assigned_partitions": len(assignment),
         "web_port": app.conf.web_port,

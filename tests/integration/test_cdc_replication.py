@@ -1,0 +1,200 @@
+"""A Debezium change stream replicated into PostgreSQL and SQLite (issue 21), against
+the real broker and the real database: snapshot reads, inserts, updates, deletes with
+tombstones, two updates of one key back to back, a truncate, an added column and a
+malformed envelope. Each table ends equal to the fold of the changes, the offsets the
+sink stored match the topic's end, and its batches follow each other with no gap and no
+overlap."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import asyncpg
+import pytest
+import yaml
+from aiokafka import AIOKafkaProducer
+
+from operators.cdc import ChangeError, fold, parse_change
+from tests.support import BOOTSTRAP, Worker, create_topics, kafka_options, read_topic, run, unique
+
+
+def envelope(op, before=None, after=None, wrapped=False):
+    payload = {"op": op, "before": before, "after": after,
+               "source": {"ts_ms": int(time.time() * 1000), "lsn": 0}}
+    return json.dumps({"schema": {}, "payload": payload} if wrapped else payload).encode()
+
+
+def key(i):
+    return json.dumps({"id": i}).encode()
+
+
+def first_part():
+    out = [(key(i), envelope("r", after={"id": i, "name": f"n{i}", "score": i * 1.5})) for i in range(1, 41)]
+    out += [(key(i), envelope("c", after={"id": i, "name": f"new{i}", "score": 0.0}, wrapped=True)) for i in range(41, 61)]
+    for i in range(1, 21):
+        out.append((key(i), envelope("u", before={"id": i}, after={"id": i, "name": f"u{i}", "score": 1.0})))
+    # Two updates of one key back to back (one batch): the last one wins.
+    out += [(key(7), envelope("u", after={"id": 7, "name": "first", "score": 2.0})),
+            (key(7), envelope("u", after={"id": 7, "name": "second", "score": 3.0}))]
+    for i in range(50, 56):  # deletes, each followed by its tombstone
+        out += [(key(i), envelope("d", before={"id": i, "name": "x"})), (key(i), None)]
+    out.append((key(99), b"{not an envelope"))
+    return out
+
+
+def second_part():
+    out = [(key(i), envelope("c", after={"id": i, "name": f"again{i}", "score": 5.0})) for i in range(100, 130)]
+    # A column the table does not have yet (evolve: true adds it).
+    out += [(key(i), envelope("u", after={"id": i, "name": f"mail{i}", "score": 6.0, "email": f"{i}@x"}))
+            for i in range(100, 110)]
+    out += [(key(i), envelope("d", before={"id": i})) for i in range(120, 125)]
+    return out
+
+
+async def produce(topic, records):
+    producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
+    await producer.start()
+    try:
+        for k, v in records:
+            await producer.send_and_wait(topic, v, key=k)
+    finally:
+        await producer.stop()
+
+
+def expected(records):
+    changes = []
+    for k, v in records:
+        try:
+            changes.append(parse_change(k, v, ["id"]))
+        except ChangeError:
+            pass
+    return {k[0]: row for k, row in fold(changes).items()}
+
+
+def normalized(rows):
+    return {r["id"]: {c: v for c, v in r.items() if v is not None} for r in rows}
+
+
+async def pg_rows(dsn, table):
+    conn = await asyncpg.connect(dsn)
+    try:
+        try:
+            return normalized([dict(r) for r in await conn.fetch(f'SELECT * FROM "{table}"')])
+        except asyncpg.UndefinedTableError:
+            return {}
+    finally:
+        await conn.close()
+
+
+def sqlite_rows(path, table):
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return normalized([dict(r) for r in db.execute(f'SELECT * FROM "{table}"')])
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        db.close()
+
+
+async def pg_audit(dsn, sink, topic):
+    conn = await asyncpg.connect(dsn)
+    try:
+        offsets = {r["partition"]: r["next_offset"] for r in await conn.fetch(
+            "SELECT partition, next_offset FROM streametl_sink_offsets WHERE sink = $1 AND topic = $2", sink, topic)}
+        batches = [tuple(r) for r in await conn.fetch(
+            "SELECT partition, first_offset, last_offset FROM streametl_sink_batches WHERE sink = $1 "
+            "AND topic = $2 ORDER BY partition, first_offset", sink, topic)]
+    finally:
+        await conn.close()
+    return offsets, batches
+
+
+def wait_until(check, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        ok, last = check()
+        if ok:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached in {timeout}s: {last}")
+
+
+def test_a_debezium_stream_replicates_into_postgres_and_sqlite_exactly(postgres_dsn, namespace):
+    app_id, prefix = namespace
+    table = f"customers_{unique('c')}"
+    sqlite_path = str(Path(tempfile.mkdtemp(prefix="streametl-sqlite-")) / "replica.db")
+    common = {"source": "customers", "format": "debezium", "table": table, "key": ["id"], "mode": "upsert",
+              "evolve": True}
+    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
+    config.write_text(yaml.safe_dump({"sinks": [
+        {"name": "pg", "type": "postgres", "dsn": postgres_dsn, **common},
+        {"name": "lite", "type": "sqlite", "path": sqlite_path, **common},
+    ]}))
+    run(create_topics([f"{prefix}customers"]))
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    try:
+        worker.start(timeout=150)
+        first = first_part()
+        run(produce(f"{prefix}customers", first))
+        want = expected(first)
+
+        def replicated(want):
+            def check():
+                got = run(pg_rows(postgres_dsn, table)), sqlite_rows(sqlite_path, table)
+                return got[0] == want and got[1] == want, {"pg": len(got[0]), "sqlite": len(got[1]), "want": len(want)}
+            return check
+
+        wait_until(replicated(want), what="the first part replicated")
+        # A truncate, once everything before it is applied (it orders only its partition).
+        run(produce(f"{prefix}customers", [(None, envelope("t"))]))
+        wait_until(replicated({}), what="the truncate applied")
+        second = second_part()
+        run(produce(f"{prefix}customers", second))
+        wait_until(replicated(expected(second)), what="the second part replicated")
+
+        # The malformed envelope, dead-lettered once by each sink.
+        dead = run(read_topic(f"{prefix}dlq", expect=2, timeout=30))
+        assert sorted((dict(d.headers)["dlq.pipeline"], dict(d.headers)["dlq.reason"]) for d in dead) == [
+            (b"sink:lite", b"invalid_json"), (b"sink:pg", b"invalid_json")]
+        status, sinks = worker.get("/api/v1/sinks")
+        assert status == 200 and {s["state"] for s in sinks["sinks"]} == {"running"}, sinks
+        assert worker.get("/health")[1]["sinks"] == {"pg": {"state": "running", "error": None},
+                                                     "lite": {"state": "running", "error": None}}
+    finally:
+        worker.kill()
+
+    offsets, batches = run(pg_audit(postgres_dsn, "pg", f"{prefix}customers"))
+    ends = {r.partition: r.offset + 1 for r in run(read_topic(f"{prefix}customers", timeout=30))}
+    # Each partition's stored offset is past its last record (a truncate marker or not).
+    for partition, end in ends.items():
+        assert offsets[partition] >= end
+    per_partition: dict[int, list] = {}
+    for partition, first_offset, last_offset in batches:
+        per_partition.setdefault(partition, []).append((first_offset, last_offset))
+    for partition, spans in per_partition.items():
+        for (_, last), (nxt, _) in zip(spans, spans[1:], strict=False):
+            assert nxt == last + 1, f"partition {partition}: gap or overlap between {last} and {nxt}"
+        assert spans[-1][1] + 1 == offsets[partition]
+
+
+@pytest.mark.parametrize("bad", [{"type": "postgres"}, {"mode": "merge"}])
+def test_a_bad_sink_declaration_stops_the_worker(namespace, bad):
+    app_id, prefix = namespace
+    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
+    sink = {"name": "s", "source": "customers", "type": "sqlite", "path": "x.db", "table": "t", "key": ["id"], **bad}
+    config.write_text(yaml.safe_dump({"sinks": [sink]}))
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    worker.start(wait=False)
+    try:
+        assert worker.proc.wait(60) != 0
+    finally:
+        worker.kill()
+    assert "SinkConfigError" in worker.log_path.read_text()
+
+
