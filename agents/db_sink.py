@@ -28,6 +28,7 @@ from app.db_sinks import Batch, OffsetConflict, SinkSpec, UnknownColumns, parse_
 from app.dead_letter import dead_letter_headers
 from app.kafka_io import kafka_io
 from app.kafka_security import client_options
+from app.pipelines import configured_pipelines
 from app.topics import dead_letters
 from operators.cdc import Change, ChangeError, parse_change, plain_change
 
@@ -189,7 +190,8 @@ class DbSink(Service):
             self.counters["dead_lettered"] += 1
 
 
-SINK_SPECS: list[SinkSpec] = parse_sinks(section("sinks"))
+SINK_SPECS: list[SinkSpec] = parse_sinks(section("sinks")) + [
+    p.db_sink for p in configured_pipelines() if p.db_sink is not None]
 SINKS: dict[str, DbSink] = {}
 for _spec in SINK_SPECS:
     SINKS[_spec.name] = DbSink(_spec)

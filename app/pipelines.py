@@ -23,6 +23,15 @@ and whose results go to the pipeline's ``sink``. The window rekeys that topic by
 ``key_by`` (``repartition: true``). That costs one extra hop, but it keeps a key's
 records in one partition under both guarantees: under exactly_once the pipeline's
 outputs keep their input partition.
+
+A pipeline's ``sink`` may be a database table instead of a topic::
+
+    sink: {type: postgres, dsn: "postgresql://…", table: customers, key: [id], mode: upsert}
+    sink: {type: sqlite, path: data/replica.db, table: customers, key: [id], mode: upsert}
+
+The pipeline then writes to the internal topic ``pipeline.<name>.to-<type>``, and a
+database sink named ``pipeline.<name>`` (app/db_sinks.py) replicates that topic into
+the table, exactly once in effect.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.config_file import section
+from app.db_sinks import SinkConfigError, SinkSpec, parse_sink
 from app.windows import WindowConfigError, WindowDef, parse_window_def
 from operators.steps import STEP_PARSERS, Step, StepSpecError, parse_steps
 
@@ -55,6 +65,8 @@ class PipelineSpec:
     key_by: str | None = None
     #: The window a terminal window step feeds (None without one).
     window: WindowDef | None = None
+    #: The database table the sink topic is replicated into (None: the topic is the end).
+    db_sink: SinkSpec | None = None
 
     @property
     def output_topic(self) -> str:
@@ -120,9 +132,18 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
         if name in seen:
             raise PipelineConfigError(f"{where}: name used twice")
         seen.add(name)
+        entry = dict(entry)
+        db_sink = None
+        if isinstance(entry.get("sink"), dict):
+            sink_topic = f"pipeline.{name}.to-{entry['sink'].get('type')}"
+            try:
+                db_sink = parse_sink(entry["sink"], f"{where}.sink", name=f"pipeline.{name}", source=sink_topic)
+            except SinkConfigError as exc:
+                raise PipelineConfigError(str(exc)) from None
+            entry["sink"] = sink_topic
         for fld in ("source", "sink"):
             if not isinstance(entry.get(fld), str) or not TOPIC_NAME.match(entry[fld]):
-                raise PipelineConfigError(f"{where}.{fld}: must be a topic name")
+                raise PipelineConfigError(f"{where}.{fld}: must be a topic name or, for sink, a database table")
         if entry["source"] == entry["sink"]:
             raise PipelineConfigError(f"{where}: source and sink must differ")
         key_by = entry.get("key_by")
@@ -138,7 +159,7 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             # Keyed like the window, so the rekey step's partitioning is the same.
             key_by = key_by or window.key_by
         specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,
-                                  window))
+                                  window, db_sink))
     return specs
 
 

@@ -198,3 +198,60 @@ def test_a_bad_sink_declaration_stops_the_worker(namespace, bad):
     assert "SinkConfigError" in worker.log_path.read_text()
 
 
+
+
+def test_a_pipeline_writes_its_results_into_tables(postgres_dsn, namespace):
+    """A pipeline's `sink:` may be a table: upsert into SQLite by key, append into
+    PostgreSQL (every record)."""
+    from tests.support import produce_json
+
+    app_id, prefix = namespace
+    table = f"events_{unique('p')}"
+    sqlite_path = str(Path(tempfile.mkdtemp(prefix="streametl-sqlite-")) / "latest.db")
+    steps = [{"op": "filter", "where": "value > 0"}]
+    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
+    config.write_text(yaml.safe_dump({"pipelines": [
+        {"name": "latest", "source": "events", "steps": steps,
+         "sink": {"type": "sqlite", "path": sqlite_path, "table": "latest", "key": ["user_id"], "mode": "upsert"}},
+        {"name": "history", "source": "events", "steps": steps,
+         "sink": {"type": "postgres", "dsn": postgres_dsn, "table": table, "mode": "append"}},
+    ]}))
+    events = [{"user_id": f"u{i % 10}", "value": i % 7, "seq": i} for i in range(200)]
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    try:
+        worker.start(timeout=150)
+        run(produce_json(f"{prefix}events", events, key="user_id"))
+        kept = [e for e in events if e["value"] > 0]
+        latest = {}
+        for e in kept:
+            latest[e["user_id"]] = e
+
+        def done():
+            lite = sqlite_rows_by(sqlite_path, "latest", "user_id")
+            history = run(pg_count(postgres_dsn, table))
+            return lite == latest and history == len(kept), {"sqlite": len(lite), "pg": history}
+
+        wait_until(done, what="both tables written")
+    finally:
+        worker.kill()
+
+
+def sqlite_rows_by(path, table, key):
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+    try:
+        return {r[key]: dict(r) for r in db.execute(f'SELECT * FROM "{table}"')}
+    except sqlite3.OperationalError:
+        return {}
+    finally:
+        db.close()
+
+
+async def pg_count(dsn, table):
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(f'SELECT count(*) FROM "{table}"')
+    except asyncpg.UndefinedTableError:
+        return 0
+    finally:
+        await conn.close()
