@@ -90,7 +90,8 @@ class DbSink(Service):
                     self.consumer = AIOKafkaConsumer(
                         bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-sink-{self.spec.name}",
                         enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
-                        max_poll_records=MAX_RECORDS, **client_options(settings))
+                        max_poll_records=MAX_RECORDS, fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                        **client_options(settings))
                     await self.consumer.start()
                     self.consumer.subscribe([self.topic], listener=_Rebalance(self))
                 else:
