@@ -958,7 +958,7 @@ def arm_stop_deadline(seconds: float) -> threading.Timer:
 
 
 class App(faust.App):
-    """Faust's App with two start-up defects mended:
+    """Faust's App, with what a worker needs at start and stop:
 
     - the data folder is created with every missing parent (Faust's
       ``_create_directories`` has no ``parents=True``: a worker whose
