@@ -209,6 +209,15 @@ class Worker:
         return self.http("DELETE", path, **kw)
 
 
+def write_config(config: Mapping[str, Any]) -> str:
+    """A pipelines file (STREAMETL_PIPELINES_FILE) in a temporary folder of its own."""
+    import yaml
+
+    path = Path(tempfile.mkdtemp(prefix="streametl-config-")) / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(dict(config)))
+    return str(path)
+
+
 def run(coro):
     """Run one coroutine to completion from sync test code."""
     return asyncio.run(coro)

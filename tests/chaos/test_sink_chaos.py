@@ -10,18 +10,25 @@ import json
 import os
 import random
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
-import yaml
 from aiokafka import AIOKafkaProducer
 
 from operators.cdc import fold, parse_change
-from tests.support import BOOTSTRAP, REPO, Worker, create_topics, kafka_options, run, unique
+from tests.support import (
+    BOOTSTRAP,
+    REPO,
+    Worker,
+    create_topics,
+    kafka_options,
+    run,
+    unique,
+    write_config,
+)
+from tests.support_db import assert_no_gap_no_overlap, sink_audit
 
 CHANGES = 100_000
 KEYS = 10_000
@@ -57,53 +64,33 @@ async def produce(topic: str, records) -> None:
         await producer.stop()
 
 
-async def table_and_audit(dsn: str, table: str, sink: str, topic: str):
+async def table_rows(dsn: str, table: str) -> dict[int, dict]:
     conn = await asyncpg.connect(dsn)
     try:
-        try:
-            rows = {r["id"]: dict(r) for r in await conn.fetch(f'SELECT id, seq, v FROM "{table}"')}
-        except asyncpg.UndefinedTableError:
-            rows = {}
-        offsets = {r["partition"]: r["next_offset"] for r in await conn.fetch(
-            "SELECT partition, next_offset FROM streametl_sink_offsets WHERE sink = $1 AND topic = $2", sink, topic)}
-        batches = [tuple(r) for r in await conn.fetch(
-            "SELECT partition, first_offset, last_offset FROM streametl_sink_batches WHERE sink = $1 AND topic = $2 "
-            "ORDER BY partition, first_offset", sink, topic)]
+        return {r["id"]: dict(r) for r in await conn.fetch(f'SELECT id, seq, v FROM "{table}"')}
+    except asyncpg.UndefinedTableError:
+        return {}
     finally:
         await conn.close()
-    return rows, offsets, batches
 
 
-def applied(dsn, table, sink, topic) -> int:
-    return sum(run(table_and_audit(dsn, table, sink, topic))[1].values())
-
-
-def check_audit(offsets, batches, ends) -> None:
-    spans: dict[int, list[tuple[int, int]]] = {}
-    for partition, first, last in batches:
-        spans.setdefault(partition, []).append((first, last))
-    for partition, end in ends.items():
-        assert offsets.get(partition) == end, f"partition {partition}: stored {offsets.get(partition)}, end {end}"
-        s = spans[partition]
-        assert s[0][0] == 0, f"partition {partition} starts at {s[0][0]}"
-        for (_, last), (nxt, _) in zip(s, s[1:], strict=False):
-            assert nxt == last + 1, f"partition {partition}: {'overlap' if nxt <= last else 'gap'} after {last}"
+def applied(dsn, sink, topic) -> int:
+    return sum(run(sink_audit(dsn, sink, topic))[0].values())
 
 
 def setup(namespace, postgres_dsn, guarantee):
     app_id, prefix = namespace
     table = f"chaos_{unique('t')}"
-    config = Path(tempfile.mkdtemp(prefix="streametl-sinkchaos-")) / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"sinks": [{
+    config = write_config({"sinks": [{
         "name": "replica", "source": "changes", "type": "postgres", "dsn": postgres_dsn, "table": table,
-        "key": ["id"], "format": "debezium", "columns": {"id": "BIGINT", "seq": "BIGINT", "v": "BIGINT"}}]}))
+        "key": ["id"], "format": "debezium", "columns": {"id": "BIGINT", "seq": "BIGINT", "v": "BIGINT"}}]})
     topic = f"{prefix}changes"
     run(create_topics([topic]))
     records = change_stream(seed=len(table))
     run(produce(topic, records))
     want = {k[0]: {"id": row["id"], "seq": row["seq"], "v": row["v"]}
             for k, row in fold([parse_change(k, v, ["id"]) for k, v in records]).items()}
-    env = {"STREAMETL_PIPELINES_FILE": str(config), "STREAMETL_PROCESSING_GUARANTEE": guarantee}
+    env = {"STREAMETL_PIPELINES_FILE": config, "STREAMETL_PROCESSING_GUARANTEE": guarantee}
     worker = Worker(app_id=app_id, topic_prefix=prefix, env=env)
     return worker, table, topic, want
 
@@ -132,17 +119,16 @@ def test_kill_9_three_times_while_replicating(namespace, postgres_dsn, guarantee
         worker.start(timeout=150)
         at_kill = []
         for kill in range(1, 4):
-            wait_for_progress(lambda k=kill: applied(postgres_dsn, table, "replica", topic) >= total * k // 5)
+            wait_for_progress(lambda k=kill: applied(postgres_dsn, "replica", topic) >= total * k // 5)
             worker.kill()
-            at_kill.append(applied(postgres_dsn, table, "replica", topic))
+            at_kill.append(applied(postgres_dsn, "replica", topic))
             worker.start(timeout=150)
         assert all(n < total for n in at_kill), f"killed too late to test anything: {at_kill} of {total}"
-        wait_for_progress(lambda: applied(postgres_dsn, table, "replica", topic) >= total)
+        wait_for_progress(lambda: applied(postgres_dsn, "replica", topic) >= total)
     finally:
         worker.kill()
-    rows, offsets, batches = run(table_and_audit(postgres_dsn, table, "replica", topic))
-    check_audit(offsets, batches, ends)
-    assert rows == want
+    assert_no_gap_no_overlap(*run(sink_audit(postgres_dsn, "replica", topic)), ends)
+    assert run(table_rows(postgres_dsn, table)) == want
 
 
 def test_postgres_stopped_for_10s_mid_stream_loses_nothing(namespace, postgres_dsn):
@@ -152,16 +138,15 @@ def test_postgres_stopped_for_10s_mid_stream_loses_nothing(namespace, postgres_d
     pg_env = {**os.environ, "PG_PORT": str(urlsplit(postgres_dsn).port)}
     try:
         worker.start(timeout=150)
-        wait_for_progress(lambda: applied(postgres_dsn, table, "replica", topic) >= total // 4)
+        wait_for_progress(lambda: applied(postgres_dsn, "replica", topic) >= total // 4)
         subprocess.run([PG_SH, "stop"], env=pg_env, check=True, timeout=60, capture_output=True)
         time.sleep(10)
         status, health = worker.get("/health")
         assert status == 200 and health["sinks"]["replica"]["state"] == "retrying", health
         subprocess.run([PG_SH, "start"], env=pg_env, check=True, timeout=120, capture_output=True)
-        wait_for_progress(lambda: applied(postgres_dsn, table, "replica", topic) >= total)
+        wait_for_progress(lambda: applied(postgres_dsn, "replica", topic) >= total)
     finally:
         worker.kill()
         subprocess.run([PG_SH, "start"], env=pg_env, timeout=120, capture_output=True)
-    rows, offsets, batches = run(table_and_audit(postgres_dsn, table, "replica", topic))
-    check_audit(offsets, batches, ends)
-    assert rows == want
+    assert_no_gap_no_overlap(*run(sink_audit(postgres_dsn, "replica", topic)), ends)
+    assert run(table_rows(postgres_dsn, table)) == want

@@ -15,11 +15,21 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import yaml
 from aiokafka import AIOKafkaProducer
 
 from operators.cdc import ChangeError, fold, parse_change
-from tests.support import BOOTSTRAP, Worker, create_topics, kafka_options, read_topic, run, unique
+from tests.integration.test_delivery_semantics import end_offsets
+from tests.support import (
+    BOOTSTRAP,
+    Worker,
+    create_topics,
+    kafka_options,
+    read_topic,
+    run,
+    unique,
+    write_config,
+)
+from tests.support_db import assert_no_gap_no_overlap, count_rows, sink_audit
 
 
 def envelope(op, before=None, after=None, wrapped=False):
@@ -101,19 +111,6 @@ def sqlite_rows(path, table):
         db.close()
 
 
-async def pg_audit(dsn, sink, topic):
-    conn = await asyncpg.connect(dsn)
-    try:
-        offsets = {r["partition"]: r["next_offset"] for r in await conn.fetch(
-            "SELECT partition, next_offset FROM streametl_sink_offsets WHERE sink = $1 AND topic = $2", sink, topic)}
-        batches = [tuple(r) for r in await conn.fetch(
-            "SELECT partition, first_offset, last_offset FROM streametl_sink_batches WHERE sink = $1 "
-            "AND topic = $2 ORDER BY partition, first_offset", sink, topic)]
-    finally:
-        await conn.close()
-    return offsets, batches
-
-
 def wait_until(check, timeout=120.0, what="condition"):
     deadline = time.monotonic() + timeout
     last = None
@@ -131,13 +128,12 @@ def test_a_debezium_stream_replicates_into_postgres_and_sqlite_exactly(postgres_
     sqlite_path = str(Path(tempfile.mkdtemp(prefix="streametl-sqlite-")) / "replica.db")
     common = {"source": "customers", "format": "debezium", "table": table, "key": ["id"], "mode": "upsert",
               "evolve": True}
-    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"sinks": [
+    config = write_config({"sinks": [
         {"name": "pg", "type": "postgres", "dsn": postgres_dsn, **common},
         {"name": "lite", "type": "sqlite", "path": sqlite_path, **common},
-    ]}))
+    ]})
     run(create_topics([f"{prefix}customers"]))
-    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": config})
     try:
         worker.start(timeout=150)
         first = first_part()
@@ -169,27 +165,16 @@ def test_a_debezium_stream_replicates_into_postgres_and_sqlite_exactly(postgres_
     finally:
         worker.kill()
 
-    offsets, batches = run(pg_audit(postgres_dsn, "pg", f"{prefix}customers"))
-    ends = {r.partition: r.offset + 1 for r in run(read_topic(f"{prefix}customers", timeout=30))}
-    # Each partition's stored offset is past its last record (a truncate marker or not).
-    for partition, end in ends.items():
-        assert offsets[partition] >= end
-    per_partition: dict[int, list] = {}
-    for partition, first_offset, last_offset in batches:
-        per_partition.setdefault(partition, []).append((first_offset, last_offset))
-    for partition, spans in per_partition.items():
-        for (_, last), (nxt, _) in zip(spans, spans[1:], strict=False):
-            assert nxt == last + 1, f"partition {partition}: gap or overlap between {last} and {nxt}"
-        assert spans[-1][1] + 1 == offsets[partition]
+    offsets, batches = run(sink_audit(postgres_dsn, "pg", f"{prefix}customers"))
+    assert_no_gap_no_overlap(offsets, batches, run(end_offsets(f"{prefix}customers")))
 
 
 @pytest.mark.parametrize("bad", [{"type": "postgres"}, {"mode": "merge"}])
 def test_a_bad_sink_declaration_stops_the_worker(namespace, bad):
     app_id, prefix = namespace
-    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
     sink = {"name": "s", "source": "customers", "type": "sqlite", "path": "x.db", "table": "t", "key": ["id"], **bad}
-    config.write_text(yaml.safe_dump({"sinks": [sink]}))
-    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    config = write_config({"sinks": [sink]})
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": config})
     worker.start(wait=False)
     try:
         assert worker.proc.wait(60) != 0
@@ -209,15 +194,14 @@ def test_a_pipeline_writes_its_results_into_tables(postgres_dsn, namespace):
     table = f"events_{unique('p')}"
     sqlite_path = str(Path(tempfile.mkdtemp(prefix="streametl-sqlite-")) / "latest.db")
     steps = [{"op": "filter", "where": "value > 0"}]
-    config = Path(tempfile.mkdtemp(prefix="streametl-cdc-")) / "pipelines.yaml"
-    config.write_text(yaml.safe_dump({"pipelines": [
+    config = write_config({"pipelines": [
         {"name": "latest", "source": "events", "steps": steps,
          "sink": {"type": "sqlite", "path": sqlite_path, "table": "latest", "key": ["user_id"], "mode": "upsert"}},
         {"name": "history", "source": "events", "steps": steps,
          "sink": {"type": "postgres", "dsn": postgres_dsn, "table": table, "mode": "append"}},
-    ]}))
+    ]})
     events = [{"user_id": f"u{i % 10}", "value": i % 7, "seq": i} for i in range(200)]
-    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": str(config)})
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": config})
     try:
         worker.start(timeout=150)
         run(produce_json(f"{prefix}events", events, key="user_id"))
@@ -228,7 +212,7 @@ def test_a_pipeline_writes_its_results_into_tables(postgres_dsn, namespace):
 
         def done():
             lite = sqlite_rows_by(sqlite_path, "latest", "user_id")
-            history = run(pg_count(postgres_dsn, table))
+            history = run(count_rows(postgres_dsn, table))
             return lite == latest and history == len(kept), {"sqlite": len(lite), "pg": history}
 
         wait_until(done, what="both tables written")
@@ -245,13 +229,3 @@ def sqlite_rows_by(path, table, key):
         return {}
     finally:
         db.close()
-
-
-async def pg_count(dsn, table):
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(f'SELECT count(*) FROM "{table}"')
-    except asyncpg.UndefinedTableError:
-        return 0
-    finally:
-        await conn.close()

@@ -8,14 +8,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.support import REPO, LiveStream, Worker, http, unique
+from tests.support import REPO, LiveStream, Worker, http, unique, write_config
 from tests.support_browser import Browser
 
 ARTIFACTS = Path(os.environ.get("STREAMETL_TEST_ARTIFACTS", REPO / ".data" / "test-artifacts"))
@@ -39,9 +37,7 @@ def clicks():
 @pytest.fixture(scope="module")
 def worker(kafka):
     name = unique("dash")
-    path = Path(tempfile.mkdtemp(prefix="streametl-dash-")) / "pipelines.yaml"
-    path.write_text(yaml.safe_dump(CONFIG))
-    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": str(path)})
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(CONFIG)})
     w.start(timeout=150)
     yield w
     w.kill()

@@ -14,16 +14,14 @@ import asyncio
 import os
 import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 from aiokafka import AIOKafkaConsumer
 
 from app.kafka_security import check_connection, client_options
 from app.settings import Settings
-from tests.support import REPO, Worker, free_port, unique
+from tests.support import REPO, Worker, free_port, unique, write_config
 
 KAFKA_SH = str(REPO / "deploy" / "kafka" / "kafka.sh")
 USER, PASSWORD = "streametl", f"pw-{secrets.token_hex(8)}"
@@ -88,12 +86,6 @@ async def read_all(settings: Settings, topic: str, expect: int, timeout: float =
     finally:
         await consumer.stop()
     return values
-
-
-def write_config(config: dict) -> str:
-    path = Path(tempfile.mkdtemp(prefix="streametl-sec-")) / "pipelines.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def test_produce_a_pipeline_and_a_window_over_scram_sha_512_and_tls(broker):

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from operators.cdc import DELETE, TRUNCATE, UPSERT, Change, ChangeError, fold, last_per_key, parse_change
+from operators.cdc import (
+    DELETE,
+    TRUNCATE,
+    UPSERT,
+    Change,
+    ChangeError,
+    fold,
+    last_per_key,
+    parse_change,
+)
 
 
 def event(op, before=None, after=None, wrapped=False, ts=1700000000000):

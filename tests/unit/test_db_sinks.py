@@ -8,7 +8,14 @@ import sqlite3
 
 import pytest
 
-from app.db_sinks import Batch, OffsetConflict, SinkConfigError, UnknownColumns, parse_sink, target_for
+from app.db_sinks import (
+    Batch,
+    OffsetConflict,
+    SinkConfigError,
+    UnknownColumns,
+    parse_sink,
+    target_for,
+)
 from operators.cdc import DELETE, TRUNCATE, UPSERT, Change
 
 
