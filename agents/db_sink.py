@@ -14,9 +14,11 @@ state shows in ``/health`` (``sinks``) and ``GET /api/v1/sinks``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -55,6 +57,10 @@ class DbSink(Service):
 
     def __init__(self, spec: SinkSpec, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if spec.type == "table":
+            # Every worker keeps the whole table, with its offsets, in a file of its own.
+            spec = dataclasses.replace(spec, path=str(Path(settings.data_dir) / settings.app_id / "materialized"
+                                                      / f"{spec.name}.sqlite"))
         self.spec = spec
         self.topic = settings.topic(spec.source)
         self.target = target_for(spec)
@@ -86,14 +92,11 @@ class DbSink(Service):
         while not self.should_stop:
             try:
                 await self.target.open()
+                if self.consumer is not None and self.materialized and not self.consumer.assignment():
+                    await self.consumer.stop()  # its topic was missing: look again
+                    self.consumer = None
                 if self.consumer is None:
-                    self.consumer = AIOKafkaConsumer(
-                        bootstrap_servers=settings.bootstrap_servers, group_id=f"{settings.app_id}-sink-{self.spec.name}",
-                        enable_auto_commit=False, auto_offset_reset="earliest", isolation_level="read_committed",
-                        max_poll_records=MAX_RECORDS, fetch_max_wait_ms=settings.fetch_max_wait_ms,
-                        **client_options(settings))
-                    await self.consumer.start()
-                    self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+                    await self._start_consumer()
                 else:
                     await self.seek_to_stored(self.consumer.assignment())
                 self.sink_state, self.error, backoff = "running", None, 1.0
@@ -107,6 +110,29 @@ class DbSink(Service):
                 await self.target.close()
                 await self.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
+
+    @property
+    def materialized(self) -> bool:
+        return self.spec.type == "table"
+
+    async def _start_consumer(self) -> None:
+        """A consumer of the sink's group, or for a materialized table one that reads
+        every partition (each worker keeps the whole table)."""
+        group = None if self.materialized else f"{settings.app_id}-sink-{self.spec.name}"
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed", max_poll_records=MAX_RECORDS,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms, **client_options(settings))
+        await self.consumer.start()
+        if not self.materialized:
+            self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+            return
+        count = await kafka_io.partition_count(self.topic)
+        if not count:
+            raise RuntimeError(f"topic {self.topic} does not exist")
+        tps = [TopicPartition(self.topic, p) for p in range(count)]
+        self.consumer.assign(tps)
+        await self.seek_to_stored(tps)
 
     async def seek_to_stored(self, partitions: Any) -> None:
         """Start each partition where the database says this sink stopped."""
@@ -163,8 +189,8 @@ class DbSink(Service):
             self.counters["batches"] += 1
             self.last_applied_at = time.time()
             await self._dead_letters(refused)
-            # For lag monitoring only: the database's offsets are the truth.
-            await self.consumer.commit({TopicPartition(b.topic, b.partition): b.last_offset + 1 for b in batches})
+            if not self.materialized:  # for lag monitoring only: the database's offsets are the truth
+                await self.consumer.commit({TopicPartition(b.topic, b.partition): b.last_offset + 1 for b in batches})
 
     async def _apply(self, batches: list[Batch], refused: list, sources: dict) -> None:
         try:
@@ -199,9 +225,15 @@ for _spec in SINK_SPECS:
     app.service(SINKS[_spec.name])
 
 
+def materialized(name: str) -> DbSink | None:
+    """The materialized table (a ``type: table`` sink) of that name, if any."""
+    sink = SINKS.get(name)
+    return sink if sink is not None and sink.materialized else None
+
+
 def sinks_health() -> dict[str, Any]:
     """Each sink's state for /health (a sink that retries does not make a worker unhealthy)."""
     return {name: {"state": s.sink_state, "error": s.error} for name, s in SINKS.items()}
 
 
-__all__ = ["SINKS", "DbSink", "sinks_health"]
+__all__ = ["SINKS", "DbSink", "materialized", "sinks_health"]

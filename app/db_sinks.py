@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,7 +36,9 @@ import orjson
 from operators.cdc import DELETE, TRUNCATE, Change, last_per_key
 
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-TYPES = ("postgres", "sqlite")
+#: ``table``: a materialized table, kept by every worker in a local SQLite file and read
+#: over HTTP (``GET /api/v1/tables/{name}/{key}``); the others write to a database.
+TYPES = ("postgres", "sqlite", "table")
 MODES = ("upsert", "append")
 FORMATS = ("debezium", "json")
 OFFSETS_TABLE = "streametl_sink_offsets"
@@ -121,7 +124,13 @@ def parse_sink(raw: Any, where: str, *, name: str | None = None, source: str | N
         raise SinkConfigError(f"{where}.dsn: required for a postgres sink")
     if kind == "sqlite" and not isinstance(raw.get("path"), str):
         raise SinkConfigError(f"{where}.path: required for a sqlite sink")
-    return SinkSpec(name=name, source=source, type=kind, table=_identifier(raw.get("table"), f"{where}.table"),
+    if kind == "table":
+        if mode != "upsert":
+            raise SinkConfigError(f"{where}.mode: a materialized table is upsert")
+        if not IDENTIFIER.fullmatch(name):
+            raise SinkConfigError(f"{where}.name: a materialized table's name must be a SQL identifier")
+    table = raw.get("table", name) if kind == "table" else raw.get("table")
+    return SinkSpec(name=name, source=source, type=kind, table=_identifier(table, f"{where}.table"),
                     key=key, mode=mode, format=fmt, dsn=raw.get("dsn"), path=raw.get("path"),
                     evolve=bool(raw.get("evolve", False)), columns=dict(columns))
 
@@ -309,6 +318,8 @@ class SqliteTarget(Target):
 
     async def open(self) -> None:
         def connect() -> None:
+            if self.spec.path:
+                Path(self.spec.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.spec.path or ":memory:", timeout=30, isolation_level=None,
                                        check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -322,6 +333,25 @@ class SqliteTarget(Target):
         if self._db is not None:
             await asyncio.to_thread(self._run, lambda db: db.close())
             self._db = None
+
+    async def get(self, key: Sequence[Any]) -> dict[str, Any] | None:
+        """The row with this key, or None."""
+        if self._db is None or not self.columns:
+            return None
+        where = " AND ".join(f"{quote(k)} = ?" for k in self.spec.key)
+        sql = f"SELECT * FROM {quote(self.spec.table)} WHERE {where}"
+        rows = await asyncio.to_thread(self._run, lambda db: _dicts(db.execute(sql, tuple(key))))
+        return rows[0] if rows else None
+
+    async def scan(self, prefix: str, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows whose first key column starts with ``prefix``, in key order."""
+        if self._db is None or not self.columns:
+            return []
+        first = quote(self.spec.key[0])
+        order = ", ".join(quote(k) for k in self.spec.key)
+        sql = (f"SELECT * FROM {quote(self.spec.table)} WHERE substr(CAST({first} AS TEXT), 1, ?) = ? "
+               f"ORDER BY {order} LIMIT ?")
+        return await asyncio.to_thread(self._run, lambda db: _dicts(db.execute(sql, (len(prefix), prefix, limit))))
 
     async def read_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
         wanted = set(partitions)
@@ -354,6 +384,11 @@ class SqliteTarget(Target):
                 info = db.execute(f"PRAGMA table_info({quote(self.spec.table)})").fetchall()
                 self.columns = {row[1]: row[2] for row in info}
             raise
+
+
+def _dicts(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
 def claim_sqlite(db: sqlite3.Connection, sink: str, batch: Batch) -> None:
@@ -469,6 +504,7 @@ def pg_value(value: Any, column_type: str) -> Any:
 
 
 def target_for(spec: SinkSpec) -> Target:
+    """The database a sink writes to (a materialized table's spec carries its local path)."""
     return PostgresTarget(spec) if spec.type == "postgres" else SqliteTarget(spec)
 
 
