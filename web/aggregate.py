@@ -12,7 +12,8 @@ from app.models.windows import AggregateRequest
 from app.windows import WindowConfigError, parse_api_spec, spec_from_canonical
 from operators.aggregations import AggregationError
 from operators.windows import WindowSpecError
-from web.api_models import AggregateBody, AggregateState as AggregateAnswer, WindowList
+from web.api_models import AggregateBody, WindowList
+from web.api_models import AggregateState as AggregateAnswer
 from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 #: How long a view waits for the owning worker's answer.

@@ -97,6 +97,10 @@ def _bad_topic(body: dict[str, Any]) -> ApiError:
 class ProduceBody(RequestModel):
     """``POST /api/v1/produce``: JSON messages for one topic."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"topic": "events", "key_field": "user_id",
+         "messages": [{"user_id": "u1", "action": "click", "value": 3, "ts": 1700000000}]}]})
+
     topic: Annotated[str, Field(pattern=TOPIC_PATTERN, json_schema_extra={"not": {"enum": [".", ".."]}})]
     #: JSON objects; the key comes from ``key_field`` when given.
     messages: Annotated[AnyObjectList, Field(min_length=1)]
@@ -147,7 +151,12 @@ def _no_transformations(body: dict[str, Any]) -> ApiError | None:
 class ProcessBody(RequestModel):
     """``POST /api/v1/process``: records and the steps to run over them."""
 
-    records: AnyObjectList
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"records": [{"User_ID": "123", "Action": " Click ", "value": "1"}],
+         "transformations": ["deduplicate", "normalize", {"op": "filter", "where": "value != '0'"}]}]})
+
+    #: Any JSON values; a record that is not an object is answered in ``failures``.
+    records: list[Any]
     #: The step language of live pipelines (without the terminal window step); its
     #: rules are checked by operators.steps.parse_steps.
     transformations: Annotated[list[Step], Field(max_length=64), SkipValidation]
@@ -182,7 +191,7 @@ class ProcessResult(BaseModel):
 # ------------------------------------------------------------------ aggregate
 
 #: Window and aggregation fields of the API body: app.windows.parse_api_spec checks them.
-_Duration = Annotated[Any, WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}]})]
+_Duration = Annotated[Any, WithJsonSchema({"type": "number", "minimum": 0, "maximum": 10**9})]
 
 
 class AggregateBody(RequestModel):
@@ -190,6 +199,12 @@ class AggregateBody(RequestModel):
 
     ``window_size`` alone means a count window of that many records. The window and
     aggregation fields are checked by app.windows.parse_api_spec."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"window_id": "sensor-1", "record": {"temp": 21.5}, "window_size": 3,
+         "aggregation": "avg", "value_key": "temp"},
+        {"window_id": "clicks-u1", "record": {"ts": 1700000000, "value": 2}, "window_type": "tumbling",
+         "window_size": 60, "time_key": "ts", "aggregations": [{"name": "total", "type": "sum", "field": "value"}]}]})
 
     window_id: Annotated[str, Field(min_length=1, max_length=256)]
     record: JsonObject
@@ -270,7 +285,9 @@ class ReferenceBody(BaseModel):
     null}}`` or ``{"rows": [...], "key_field"}`` (null deletes). Checked by
     web.reference.parse_rows (which names the row at fault)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"rows": {"u1": {"country": "FR", "tier": "gold"}, "u2": None}},
+        {"key_field": "user_id", "rows": [{"user_id": "u3", "country": "DE"}]}]})
     key: str | int | None = None
     row: JsonObject | None = None
     rows: dict[str, JsonObject | None] | list[JsonObject] | None = None

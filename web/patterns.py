@@ -18,7 +18,14 @@ from app import settings
 from app.kafka_io import kafka_io, partition_for
 from app.patterns import EXPR_LANGUAGE, PatternError, parse_definition
 from tables.patterns import CONFIG_PATTERNS, ENGINE, alerts_topic, catalog, definitions_topic
-from web.api_models import AlertList, AlertsQuery, Deleted, PatternDefinition, PatternInfo, PatternList
+from web.api_models import (
+    AlertList,
+    AlertsQuery,
+    Deleted,
+    PatternDefinition,
+    PatternInfo,
+    PatternList,
+)
 from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 MAX_LIMIT = 1000

@@ -28,6 +28,8 @@ FieldNames = FieldName | list[FieldName]
 #: A duration: seconds, or a string like ``500ms``, ``90s``, ``10m``, ``1h``, ``1d``.
 Duration = Annotated[float, Field(gt=0)] | Annotated[
     str, Field(pattern=r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$")]
+#: Seconds of a window (count windows: records).
+Seconds = Annotated[float, Field(ge=0, le=10**9)]
 #: A condition in the expression language (operators.expr), e.g. ``"value > 10"``.
 Condition = Annotated[str, Field(min_length=1, description="an expression, e.g. \"value > 10\"")]
 
@@ -102,14 +104,14 @@ class MapStep(Strict):
 
 
 class WindowShape(Strict):
-    """A window: tumbling/hopping/sliding/session in seconds (or a duration), count in records."""
+    """A window: tumbling/hopping/sliding/session in seconds, count in records."""
 
     type: Literal["tumbling", "hopping", "sliding", "session", "count"]
-    size: float | str | None = None
-    step: float | str | None = None
-    gap: float | str | None = None
-    max_difference: float | str | None = None
-    grace: float | str | None = None
+    size: Seconds | None = None
+    step: Seconds | None = None
+    gap: Seconds | None = None
+    max_difference: Seconds | None = None
+    grace: Seconds | None = None
 
 
 class Aggregation(BaseModel):
@@ -186,6 +188,12 @@ class SequenceStep(Strict):
 
 class PatternDefinition(Strict):
     """A pattern definition (docs/patterns.md); which fields apply depends on ``type``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"name": "big_purchase", "type": "threshold", "key_by": "user_id",
+         "where": "action == 'purchase' and value > 1000"},
+        {"name": "login_burst", "type": "frequency", "key_by": "user_id", "where": "action == 'login'",
+         "count": 5, "within": "1m"}]})
 
     name: Name
     type: Literal["threshold", "frequency", "trend", "anomaly", "sequence", "absence"]
