@@ -40,7 +40,8 @@ async def show_settings(self) -> None:
 async def check_config(self, file: str) -> None:
     """Validate a config file (pipelines, windows, patterns) with the checks a worker
     runs at start; print each error with its path in the file; exit 1 on errors."""
-    from app.check_config import check_config as check, summary
+    from app.check_config import check_config as check
+    from app.check_config import summary
 
     errors = check(file)
     for error in errors:

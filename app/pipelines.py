@@ -106,6 +106,12 @@ def window_of(name: str, sink: str, step: Step, where: str, path: str = "pipelin
                                   str(exc).split(": ", 1)[-1]) from None
 
 
+def _entry_error(where: str, path: str, message: str, field: str = "") -> PipelineConfigError:
+    """An error of one entry's field: ``where.field: message`` at ``path.field``."""
+    suffix = f".{field}" if field else ""
+    return PipelineConfigError(f"{where}{suffix}: {message}", f"{path}{suffix}", message)
+
+
 def parse_pipelines(raw: Any) -> list[PipelineSpec]:
     """Validate the ``pipelines:`` section (a list of entries)."""
     if raw is None:
@@ -118,31 +124,27 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
     for i, entry in enumerate(raw):
         where = path = f"pipelines[{i}]"
 
-        def error(message: str, field: str = "") -> PipelineConfigError:
-            return PipelineConfigError(f"{where}{'.' + field if field else ''}: {message}",
-                                       f"{path}{'.' + field if field else ''}", message)
-
         if not isinstance(entry, dict):
-            raise error("must be an object with name, source, steps, sink")
+            raise _entry_error(where, path, "must be an object with name, source, steps, sink")
         unknown = set(entry) - {"name", "source", "sink", "steps", "key_by", "description"}
         if unknown:
-            raise error(f"unknown field(s) {sorted(unknown)}")
+            raise _entry_error(where, path, f"unknown field(s) {sorted(unknown)}")
         name = entry.get("name")
         if not isinstance(name, str) or not PIPELINE_NAME.match(name):
-            raise error("must be 1-100 of letters, digits, '.', '_', '-'", "name")
+            raise _entry_error(where, path, "must be 1-100 of letters, digits, '.', '_', '-'", "name")
         where = f"pipeline {name!r}"
         if name in seen:
             raise PipelineConfigError(f"{where}: name used twice", f"{path}.name", "name used twice")
         seen.add(name)
         for fld in ("source", "sink"):
             if not isinstance(entry.get(fld), str) or not TOPIC_NAME.match(entry[fld]):
-                raise error("must be a topic name", fld)
+                raise _entry_error(where, path, "must be a topic name", fld)
         if entry["source"] == entry["sink"]:
             raise PipelineConfigError(f"{where}: source and sink must differ", f"{path}.sink",
                                       "source and sink must differ")
         key_by = entry.get("key_by")
         if key_by is not None and (not isinstance(key_by, str) or not key_by):
-            raise error("must be a field name", "key_by")
+            raise _entry_error(where, path, "must be a field name", "key_by")
         try:
             steps = parse_steps(entry.get("steps", []))
         except StepSpecError as exc:
