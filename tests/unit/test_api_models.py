@@ -96,3 +96,26 @@ def test_a_huge_window_span_is_a_validation_error_not_an_overflow(body):
         parse_api_spec({"window_id": "w", "record": {}, **body})
     err = refused(parse_aggregate, {"window_id": "w", "record": {}, **body})
     assert err.status == 422
+
+
+def test_the_json_log_formatter_writes_one_object_per_record_with_the_exception():
+    import json
+    import logging
+
+    from app.logs import JsonFormatter, logging_config
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record = logging.LogRecord("streametl.test", logging.ERROR, __file__, 1, "failed %s", ("x",),
+                                   sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == ("ERROR", "streametl.test", "failed x")
+    assert entry["time"].endswith("+00:00")
+    assert "ValueError: boom" in entry["exception"]
+    assert logging_config("text") is None
+    assert logging_config("json")["merge"] is True
