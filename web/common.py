@@ -50,6 +50,8 @@ class Operation:
     statuses: tuple[int, ...] = (200,)
     #: The media type of the success answer.
     content_type: str = "application/json"
+    #: This method's summary (default: the endpoint's).
+    summary: str | None = None
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _operation(ep: Endpoint, method: str, op: Operation | None, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     op = op or Operation()
     doc: dict[str, Any] = {
-        "summary": ep.summary,
+        "summary": op.summary or ep.summary,
         "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', ep.path).strip('_') or 'root'}",
     }
     params = [

@@ -47,8 +47,9 @@ async def store_definition(name: str, definition: dict[str, Any] | None) -> None
 # A definition's rules (conditions, durations, fields per type) are checked by
 # app.patterns.parse_definition; the model describes its shape for the document.
 @endpoint("/api/v1/patterns", "Register a pattern (POST) or list patterns with match counts (GET)",
-          post=Operation(PatternInfo, body=PatternDefinition, statuses=(200, 201)),
-          get=Operation(PatternList))
+          post=Operation(PatternInfo, body=PatternDefinition, statuses=(200, 201),
+                         summary="Register a pattern: 201 created, 200 replaced"),
+          get=Operation(PatternList, summary="Every active pattern with its match count"))
 class Patterns(ApiView):
     async def post(self, request: Any) -> Any:
         body = await self.read_json_object(request)

@@ -56,7 +56,8 @@ def parse_rows(name: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any
 
 # parse_rows checks the body (its three shapes and each row); ReferenceBody describes it.
 @endpoint("/api/v1/reference/{name}", "Upsert (or delete with null) reference rows for enrichment",
-          put=Operation(ReferenceWritten, body=ReferenceBody), get=Operation(ReferenceKeys))
+          put=Operation(ReferenceWritten, body=ReferenceBody),
+          get=Operation(ReferenceKeys, summary="How many rows a reference set has, and up to 1000 keys"))
 class ReferenceRows(ApiView):
     async def put(self, request: Any, name: str) -> Any:
         rows = parse_rows(name, await self.read_json_object(request))

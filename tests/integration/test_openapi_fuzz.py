@@ -73,3 +73,15 @@ def test_every_operation_answers_within_its_contract(worker):
         except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - try every operation, report all
             failures[op.label] = f"{type(exc).__name__}: {exc}"
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
+
+
+def test_docs_page_loads_only_local_assets(worker):
+    status, page = worker.get("/docs")
+    assert status == 200
+    assert "http://" not in page and "https://" not in page and "//" not in page.replace("<!--", "")
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css", "init.js", "favicon-32x32.png"):
+        assert f"/docs/{asset}" in page
+        status, body = worker.get(f"/docs/{asset}")
+        assert status == 200 and body, asset
+    status, body = worker.get("/docs/../../etc/passwd")
+    assert status == 404
