@@ -17,7 +17,7 @@ export STREAMETL_TEST_BOOTSTRAP ?= 127.0.0.1:$(KAFKA_PORT)
 # The broker `make run` and `make worker` connect to: the one kafka-start answers on.
 export STREAMETL_BROKER ?= kafka://127.0.0.1:$(KAFKA_PORT)
 
-.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean
+.PHONY: run worker test test-unit lint schema kafka-start kafka-stop kafka-status bench install clean
 
 $(STAMP): pyproject.toml
 	@py="$(PY)"; echo "building $(VENV) from $$py ($$($$py -c 'import sys; print(sys.version.split()[0])'))"; \
@@ -60,6 +60,10 @@ test-unit: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app agents tables web operators tests bench
+
+## schema: rewrite docs/pipelines.schema.json (the config file's JSON Schema) from its models
+schema: $(STAMP)
+	$(BIN)/python -m app.models.config
 
 ## bench: e.g. `make bench SCENARIO=produce-http` (see bench/README.md)
 SCENARIO ?= produce-http
