@@ -52,10 +52,20 @@ class DeduplicateStep(Strict):
     time_field: FieldName | None = None
 
 
+FieldType = Literal["string", "integer", "number", "boolean", "timestamp", "object", "array", "any"]
+
+
 class SchemaField(Strict):
-    type: Literal["string", "integer", "number", "boolean", "timestamp", "object", "array", "any"] | None = None
-    required: bool | None = None
+    type: FieldType = "any"
+    required: bool = False
     default: Any = None
+
+
+FieldSchemas = dict[str, FieldType | SchemaField]
+
+
+class WrappedSchema(Strict):
+    fields: FieldSchemas
 
 
 class NormalizeStep(Strict):
@@ -67,7 +77,7 @@ class NormalizeStep(Strict):
     trim: bool = True
     lowercase: FieldNames | None = None
     timestamps: FieldNames | None = None
-    schema_: dict[str, str | SchemaField] | None = Field(None, alias="schema")
+    schema_: FieldSchemas | WrappedSchema | None = Field(None, alias="schema")
 
 
 class EnrichStep(Strict):
@@ -128,7 +138,6 @@ class WindowStep(Strict):
     except name, source, sink and repartition."""
 
     op: Literal["window"]
-    name: str | None = None
     key_by: FieldName
     time_field: FieldName | None = None
     time_unit: Literal["s", "ms"] = "s"

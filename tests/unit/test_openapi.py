@@ -74,3 +74,18 @@ def test_the_schema_refuses_a_misspelt_step_parameter():
 
     assert errors({"op": "filter", "wher": "x > 1"})
     assert not errors({"op": "filter", "where": "x > 1"})
+
+
+def test_every_config_example_in_the_docs_conforms_to_the_schema():
+    import re
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    checked = 0
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for block in re.findall(r"```ya?ml\n(.*?)```", doc.read_text(), flags=re.S):
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and set(data) & {"pipelines", "windows", "patterns"}:
+                errors = [f"{list(e.absolute_path)}: {e.message[:200]}" for e in validator.iter_errors(data)]
+                assert not errors, (doc.name, errors)
+                checked += 1
+    assert checked >= 3
