@@ -71,7 +71,10 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _operation(ep: Endpoint, method: str, op: Operation | None, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
-    op = op or Operation()
+    # An endpoint registered without an Operation is documented as answering anything
+    # (any media type), so the contract never claims more than it knows.
+    undescribed = op is None
+    op = op or Operation(content_type="*/*")
     doc: dict[str, Any] = {
         "summary": op.summary or ep.summary,
         "operationId": f"{method}_{re.sub(r'[^A-Za-z0-9]+', '_', ep.path).strip('_') or 'root'}",
@@ -94,7 +97,7 @@ def _operation(ep: Endpoint, method: str, op: Operation | None, refs: dict[Any, 
         answer = refs[(op.response, "serialization")] if op.response is not None else {}
         content = _json(answer)
     else:
-        content = {op.content_type: {"schema": {"type": "string"}}}
+        content = {op.content_type: {"schema": {} if undescribed else {"type": "string"}}}
     responses: dict[str, Any] = {str(s): {"description": "OK" if s < 300 else "see schema",
                                           "content": content} for s in op.statuses}
     responses["default"] = {"description": "An error: {\"error\": {\"code\", \"message\", \"details\"}}",

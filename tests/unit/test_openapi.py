@@ -89,3 +89,16 @@ def test_every_config_example_in_the_docs_conforms_to_the_schema():
                 assert not errors, (doc.name, errors)
                 checked += 1
     assert checked >= 3
+
+
+def test_an_endpoint_registered_without_models_is_documented_as_answering_anything():
+    """Views added with ``@endpoint(path, summary)`` alone (e.g. a text exposition) stay in
+    the document without a claim on their media type or schema."""
+    from web.common import Endpoint
+    from web.openapi import openapi_document
+
+    document = openapi_document([Endpoint("/api/v1/things/{id}", ("GET",), "Things")])
+    get = document["paths"]["/api/v1/things/{id}"]["get"]
+    assert get["responses"]["200"]["content"] == {"*/*": {"schema": {}}}
+    assert get["parameters"][0]["name"] == "id"
+    assert "default" in get["responses"]
