@@ -22,7 +22,7 @@ PG_PORT ?= 5433
 export PG_PORT
 export STREAMETL_TEST_POSTGRES_DSN ?= postgresql://postgres@127.0.0.1:$(PG_PORT)/streametl
 
-.PHONY: run worker test test-unit lint kafka-start kafka-stop kafka-status bench install clean browser postgres-start postgres-stop
+.PHONY: run worker test test-unit lint schema kafka-start kafka-stop kafka-status bench install clean browser postgres-start postgres-stop
 
 $(STAMP): pyproject.toml
 	@py="$(PY)"; echo "building $(VENV) from $$py ($$($$py -c 'import sys; print(sys.version.split()[0])'))"; \
@@ -80,6 +80,10 @@ test-unit: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check app agents tables web operators tests bench
+
+## schema: rewrite docs/pipelines.schema.json (the config file's JSON Schema) from its models
+schema: $(STAMP)
+	$(BIN)/python -m app.models.config
 
 ## bench: e.g. `make bench SCENARIO=produce-http` (see bench/README.md)
 SCENARIO ?= produce-http

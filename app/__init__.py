@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from app import api_auth
+from app import api_auth, logs
 from app import transport as _transport
 from app.kafka_security import broker_credentials, check_connection
 from app.settings import settings
@@ -65,6 +65,7 @@ app = _transport.App(
     # does not auto-create topics.
     reply_create_topic=True,
     autodiscover=["tables", "agents", "web"],
+    logging_config=logs.logging_config(settings.log_format),
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout

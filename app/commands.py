@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from aiokafka.admin import AIOKafkaAdminClient
+from faust.cli import argument
 
 from app import app, settings
 from app.kafka_security import client_options
@@ -31,3 +34,19 @@ async def show_settings(self) -> None:
     secrets are masked."""
     for name, value in settings.shown().items():
         self.say(f"STREAMETL_{name.upper()}={value}")
+
+
+@app.command(argument("file"))
+async def check_config(self, file: str) -> None:
+    """Validate a config file (pipelines, windows, patterns) with the checks a worker
+    runs at start; print each error with its path in the file; exit 1 on errors."""
+    from app.check_config import check_config as check
+    from app.check_config import summary
+
+    errors = check(file)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(f"{file}: {len(errors)} error(s)", file=sys.stderr)
+        raise SystemExit(1)
+    self.say(summary(file))

@@ -50,7 +50,14 @@ TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
 class PipelineConfigError(ValueError):
-    """The ``pipelines:`` section is invalid; the message names the entry and field."""
+    """The ``pipelines:`` section is invalid; the message names the entry and field,
+    ``path`` names it as a path into the file (``pipelines[0].steps[2].where``) and
+    ``reason`` is the message without the entry's name (``streametl check-config``)."""
+
+    def __init__(self, message: str, path: str = "pipelines", reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason or message
 
 
 @dataclass(frozen=True)
@@ -100,14 +107,21 @@ def parse_window_step(index: int, spec: Any) -> Step:
 STEP_PARSERS.setdefault("window", parse_window_step)
 
 
-def window_of(name: str, sink: str, step: Step, where: str) -> WindowDef:
+def window_of(name: str, sink: str, step: Step, where: str, path: str = "pipelines") -> WindowDef:
     """The window a pipeline's window step declares."""
     raw = {k: v for k, v in step.params.items() if k != "op"}
     raw.update(name=f"pipeline.{name}", source=f"pipeline.{name}.windowed", sink=sink, repartition=True)
     try:
         return parse_window_def(raw, f"{where} step {step.index} (window)")
     except WindowConfigError as exc:
-        raise PipelineConfigError(str(exc)) from None
+        raise PipelineConfigError(str(exc), f"{path}.steps[{step.index}]",
+                                  str(exc).split(": ", 1)[-1]) from None
+
+
+def _entry_error(where: str, path: str, message: str, field: str = "") -> PipelineConfigError:
+    """An error of one entry's field: ``where.field: message`` at ``path.field``."""
+    suffix = f".{field}" if field else ""
+    return PipelineConfigError(f"{where}{suffix}: {message}", f"{path}{suffix}", message)
 
 
 def parse_pipelines(raw: Any) -> list[PipelineSpec]:
@@ -115,22 +129,24 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise PipelineConfigError("pipelines: must be a list of pipeline entries")
+        raise PipelineConfigError("pipelines: must be a list of pipeline entries", "pipelines",
+                                  "must be a list of pipeline entries")
     specs: list[PipelineSpec] = []
     seen: set[str] = set()
     for i, entry in enumerate(raw):
-        where = f"pipelines[{i}]"
+        where = path = f"pipelines[{i}]"
+
         if not isinstance(entry, dict):
-            raise PipelineConfigError(f"{where}: must be an object with name, source, steps, sink")
+            raise _entry_error(where, path, "must be an object with name, source, steps, sink")
         unknown = set(entry) - {"name", "source", "sink", "steps", "key_by", "description"}
         if unknown:
-            raise PipelineConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+            raise _entry_error(where, path, f"unknown field(s) {sorted(unknown)}")
         name = entry.get("name")
         if not isinstance(name, str) or not PIPELINE_NAME.match(name):
-            raise PipelineConfigError(f"{where}.name: must be 1-100 of letters, digits, '.', '_', '-'")
+            raise _entry_error(where, path, "must be 1-100 of letters, digits, '.', '_', '-'", "name")
         where = f"pipeline {name!r}"
         if name in seen:
-            raise PipelineConfigError(f"{where}: name used twice")
+            raise PipelineConfigError(f"{where}: name used twice", f"{path}.name", "name used twice")
         seen.add(name)
         entry = dict(entry)
         db_sink = None
@@ -139,23 +155,26 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             try:
                 db_sink = parse_sink(entry["sink"], f"{where}.sink", name=f"pipeline.{name}", source=sink_topic)
             except SinkConfigError as exc:
-                raise PipelineConfigError(str(exc)) from None
+                raise PipelineConfigError(str(exc), f"{path}.sink", str(exc)) from None
             entry["sink"] = sink_topic
         for fld in ("source", "sink"):
             if not isinstance(entry.get(fld), str) or not TOPIC_NAME.match(entry[fld]):
-                raise PipelineConfigError(f"{where}.{fld}: must be a topic name or, for sink, a database table")
+                raise _entry_error(where, path, "must be a topic name" + (" or a database table" if fld == "sink" else ""), fld)
         if entry["source"] == entry["sink"]:
-            raise PipelineConfigError(f"{where}: source and sink must differ")
+            raise PipelineConfigError(f"{where}: source and sink must differ", f"{path}.sink",
+                                      "source and sink must differ")
         key_by = entry.get("key_by")
         if key_by is not None and (not isinstance(key_by, str) or not key_by):
-            raise PipelineConfigError(f"{where}.key_by: must be a field name")
+            raise _entry_error(where, path, "must be a field name", "key_by")
         try:
             steps = parse_steps(entry.get("steps", []))
         except StepSpecError as exc:
-            raise PipelineConfigError(f"{where}: {exc}") from None
+            step_path = f"{path}.steps" + (f"[{exc.index}]" if exc.op or exc.param else "") + \
+                (f".{exc.param}" if exc.param else "")
+            raise PipelineConfigError(f"{where}: {exc}", step_path, exc.reason) from None
         window = None
         if steps and steps[-1].op == "window":
-            window = window_of(name, entry["sink"], steps[-1], where)
+            window = window_of(name, entry["sink"], steps[-1], where, path)
             # Keyed like the window, so the rekey step's partitioning is the same.
             key_by = key_by or window.key_by
         specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,

@@ -122,6 +122,8 @@ class Settings:
     pipelines_file: str = DEFAULT_PIPELINES_FILE
     # Logging
     log_level: str = "info"
+    # text (Faust's lines) or json (one JSON object per line: app/logs.py)
+    log_format: str = "text"
     # Kafka connection security, for every client of the app (Faust's consumer,
     # producers and admin client, changelogs, streametl's own readers and producer):
     # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (app/kafka_security.py).
@@ -182,6 +184,8 @@ class Settings:
                 "processing_guarantee must be at_least_once or exactly_once, "
                 f"not {self.processing_guarantee!r}"
             )
+        if self.log_format not in ("text", "json"):
+            raise SettingsError(f"log_format must be text or json, not {self.log_format!r}")
         if self.commit_interval < 0:
             raise SettingsError("commit_interval must be >= 0 (0: chosen by processing_guarantee)")
         if self.stop_timeout < 0:

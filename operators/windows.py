@@ -98,10 +98,18 @@ class WindowSpec:
         return {k: v for k, v in self.__dict__.items() if v or k == "kind"}
 
 
+#: The longest window span (seconds) and the most records of a count window. Past them
+#: a spec is a mistake, and ms values would outgrow what JSON answers (64-bit) carry.
+MAX_WINDOW_SECONDS = 10**9
+MAX_WINDOW_RECORDS = 10**9
+
+
 def to_ms(seconds: Any, name: str) -> int:
     """Seconds (number) from a config/API spec as integer ms; WindowSpecError if not."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
         raise WindowSpecError(f"{name} must be a number of seconds")
+    if abs(seconds) > MAX_WINDOW_SECONDS:
+        raise WindowSpecError(f"{name} must be at most {MAX_WINDOW_SECONDS} seconds")
     return round(seconds * 1000)
 
 
@@ -119,6 +127,8 @@ def parse_window_spec(raw: Mapping[str, Any]) -> WindowSpec:
         for name, v in (("size", size), ("step", step)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise WindowSpecError(f"{name} of a count window must be an integer number of records")
+            if abs(v) > MAX_WINDOW_RECORDS:
+                raise WindowSpecError(f"{name} of a count window must be at most {MAX_WINDOW_RECORDS} records")
         return WindowSpec("count", size=size, step=step)
     ms = {k: to_ms(raw[k], k) for k in ("size", "step", "gap", "max_difference", "grace") if k in raw}
     return WindowSpec(str(kind), **ms)

@@ -12,20 +12,21 @@ from app.models.windows import AggregateRequest
 from app.windows import WindowConfigError, parse_api_spec, spec_from_canonical
 from operators.aggregations import AggregationError
 from operators.windows import WindowSpecError
-from web.common import ApiError, ApiView, endpoint, invalid
+from web.api_models import AggregateBody, WindowList
+from web.api_models import AggregateState as AggregateAnswer
+from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 #: How long a view waits for the owning worker's answer.
 ASK_TIMEOUT = 30.0
 
 
 def parse_aggregate(body: dict[str, Any]) -> AggregateRequest:
-    """Validate a POST body into the request for the owning agent; 4xx on bad input."""
-    window_id = body.get("window_id")
-    if not isinstance(window_id, str) or not window_id or len(window_id) > 256:
-        raise invalid("window_id must be a non-empty string (max 256 characters)", {"field": "window_id"})
-    record = body.get("record")
-    if not isinstance(record, dict):
-        raise invalid("record must be a JSON object", {"field": "record"})
+    """Validate a POST body into the request for the owning agent; 4xx on bad input.
+
+    The model checks window_id, record and unknown fields; the window and aggregation
+    fields are checked by parse_api_spec, whose messages name them."""
+    req = AggregateBody.parse_body(body)
+    window_id, record = req.window_id, req.record
     try:
         spec = parse_api_spec(body)
         _, aggs = spec_from_canonical(spec)
@@ -49,20 +50,23 @@ async def ask(req: AggregateRequest) -> dict[str, Any]:
     return reply
 
 
-@endpoint("/api/v1/aggregate", "Feed one record into a named window; answers the aggregate after it")
+@endpoint("/api/v1/aggregate", "Feed one record into a named window; answers the aggregate after it",
+          post=Operation(AggregateAnswer, body=AggregateBody))
 class Aggregate(ApiView):
     async def post(self, request: Any) -> Any:
         req = parse_aggregate(await self.read_json_object(request))
         return self.reply(await ask(req))
 
 
-@endpoint("/api/v1/aggregate/{window_id}", "The current windows of a window_id and their values")
+@endpoint("/api/v1/aggregate/{window_id}", "The current windows of a window_id and their values",
+          get=Operation(AggregateAnswer))
 class AggregateState(ApiView):
     async def get(self, request: Any, window_id: str) -> Any:
         return self.reply(await ask(AggregateRequest(op="get", window_id=window_id)))
 
 
-@endpoint("/api/v1/windows", "The configured windows and this worker's counters for each")
+@endpoint("/api/v1/windows", "The configured windows and this worker's counters for each",
+          get=Operation(WindowList))
 class Windows(ApiView):
     async def get(self, request: Any) -> Any:
         return self.reply({"windows": [r.describe() for r in RUNNERS.values()]})

@@ -8,7 +8,7 @@ view body reads as parse → validate → call → reply.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,19 +36,42 @@ def invalid(message: str, details: Any = None) -> ApiError:
 
 
 @dataclass(frozen=True)
+class Operation:
+    """What the OpenAPI document (web/openapi.py) says of one method of an endpoint:
+    its request body, query and answer models (pydantic, web/api_models.py)."""
+
+    #: The model of the success answer (None: any JSON value).
+    response: Any = None
+    #: The model of the JSON request body.
+    body: Any = None
+    #: The model whose fields are the query parameters.
+    query: Any = None
+    #: The success status(es) answered with ``response``.
+    statuses: tuple[int, ...] = (200,)
+    #: The media type of the success answer.
+    content_type: str = "application/json"
+    #: This method's summary (default: the endpoint's).
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
 class Endpoint:
     """One entry of the ``GET /api/v1`` index."""
 
     path: str
     methods: tuple[str, ...]
     summary: str
+    #: Method (lowercase) → its Operation; a method without one is documented as
+    #: answering any JSON value.
+    operations: dict[str, Operation] = field(default_factory=dict, compare=False)
 
 
 ENDPOINTS: list[Endpoint] = []
 
 
-def endpoint(path: str, summary: str):
-    """Register a view class at ``path`` and list it in the API index."""
+def endpoint(path: str, summary: str, **operations: Operation):
+    """Register a view class at ``path`` and list it in the API index; ``operations``
+    (``get=Operation(...)``) describe its methods in the OpenAPI document."""
 
     def register(view_cls: type[View]) -> type[View]:
         methods = tuple(
@@ -56,7 +79,7 @@ def endpoint(path: str, summary: str):
             for m in ("get", "post", "put", "delete")
             if getattr(view_cls, m) is not getattr(View, m)
         )
-        ENDPOINTS.append(Endpoint(path, methods, summary))
+        ENDPOINTS.append(Endpoint(path, methods, summary, operations))
         return app.page(path)(view_cls)
 
     return register
@@ -144,4 +167,6 @@ class ApiView(View):
         return body
 
 
-__all__ = ["ApiError", "ApiView", "ENDPOINTS", "Endpoint", "endpoint", "invalid", "json_body_allowed"]
+__all__ = [
+    "ApiError", "ApiView", "ENDPOINTS", "Endpoint", "Operation", "endpoint", "invalid", "json_body_allowed",
+]

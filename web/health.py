@@ -7,7 +7,9 @@ from typing import Any
 from agents.db_sink import sinks_health
 from app import app, settings
 from app.kafka_io import kafka_io
-from web.common import ENDPOINTS, ApiView, endpoint
+from web.api_models import Health as HealthAnswer
+from web.api_models import Index as IndexAnswer
+from web.common import ENDPOINTS, ApiView, Operation, endpoint
 
 
 def readiness() -> dict[str, Any]:
@@ -34,14 +36,15 @@ def readiness() -> dict[str, Any]:
     }
 
 
-@endpoint("/health", "Readiness: 200 once assigned, recovered and connected; 503 before")
+@endpoint("/health", "Readiness: 200 once assigned, recovered and connected; 503 before",
+          get=Operation(HealthAnswer, statuses=(200, 503)))
 class Health(ApiView):
     async def get(self, request: Any) -> Any:
         state = readiness()
         return self.reply(state, status=200 if state["status"] == "ok" else 503)
 
 
-@endpoint("/api/v1", "This index of endpoints")
+@endpoint("/api/v1", "This index of endpoints", get=Operation(IndexAnswer))
 class Index(ApiView):
     async def get(self, request: Any) -> Any:
         return self.reply(

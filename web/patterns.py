@@ -19,7 +19,15 @@ from app.kafka_io import kafka_io, partition_for
 from app.kafka_security import client_options
 from app.patterns import EXPR_LANGUAGE, PatternError, parse_definition
 from tables.patterns import CONFIG_PATTERNS, ENGINE, alerts_topic, catalog, definitions_topic
-from web.common import ApiError, ApiView, endpoint, invalid
+from web.api_models import (
+    AlertList,
+    AlertsQuery,
+    Deleted,
+    PatternDefinition,
+    PatternInfo,
+    PatternList,
+)
+from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 MAX_LIMIT = 1000
 
@@ -37,7 +45,12 @@ async def store_definition(name: str, definition: dict[str, Any] | None) -> None
     await kafka_io.producer.send_and_wait(definitions_topic.get_topic_name(), value, key=name.encode())
 
 
-@endpoint("/api/v1/patterns", "Register a pattern (POST) or list patterns with match counts (GET)")
+# A definition's rules (conditions, durations, fields per type) are checked by
+# app.patterns.parse_definition; the model describes its shape for the document.
+@endpoint("/api/v1/patterns", "Register a pattern (POST) or list patterns with match counts (GET)",
+          post=Operation(PatternInfo, body=PatternDefinition, statuses=(200, 201),
+                         summary="Register a pattern: 201 created, 200 replaced"),
+          get=Operation(PatternList, summary="Every active pattern with its match count"))
 class Patterns(ApiView):
     async def post(self, request: Any) -> Any:
         body = await self.read_json_object(request)
@@ -60,7 +73,7 @@ class Patterns(ApiView):
         return self.reply({"patterns": [describe(p) for p in patterns], "engine": dict(stats)})
 
 
-@endpoint("/api/v1/patterns/{name}", "Delete a runtime pattern")
+@endpoint("/api/v1/patterns/{name}", "Delete a runtime pattern", delete=Operation(Deleted))
 class PatternByName(ApiView):
     async def delete(self, request: Any, name: str) -> Any:
         if name in CONFIG_PATTERNS:
@@ -136,7 +149,8 @@ async def recent_alerts(pattern: str | None, key: str | None, limit: int) -> lis
     return alerts[:limit]
 
 
-@endpoint("/api/v1/alerts", "Recent alerts, newest first: ?pattern=&key=&limit=")
+@endpoint("/api/v1/alerts", "Recent alerts, newest first: ?pattern=&key=&limit=",
+          get=Operation(AlertList, query=AlertsQuery))
 class Alerts(ApiView):
     async def get(self, request: Any) -> Any:
         pattern, key, limit = parse_alert_query(request.query)

@@ -6,10 +6,12 @@ from typing import Any
 
 from agents.pipeline import COUNTERS, PIPELINES
 from app import app, settings
-from web.common import ApiView, endpoint
+from web.api_models import PipelineList
+from web.common import ApiView, Operation, endpoint
 
 
-@endpoint("/api/v1/pipelines", "Configured live pipelines with live counters (this worker)")
+@endpoint("/api/v1/pipelines", "Configured live pipelines with live counters (this worker)",
+          get=Operation(PipelineList))
 class Pipelines(ApiView):
     async def get(self, request: Any) -> Any:
         return self.reply({

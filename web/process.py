@@ -11,28 +11,21 @@ from typing import Any
 
 from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
 from tables.reference import reference_store
-from web.common import ApiError, ApiView, endpoint, invalid
+from web.api_models import PROCESS_MAX_RECORDS, ProcessBody, ProcessResult
+from web.common import ApiView, Operation, endpoint, invalid
 
-MAX_RECORDS = 10_000
+MAX_RECORDS = PROCESS_MAX_RECORDS
 
 
-@endpoint("/api/v1/process", "Transform a batch of records with the pipeline step language")
+@endpoint("/api/v1/process", "Transform a batch of records with the pipeline step language",
+          post=Operation(ProcessResult, body=ProcessBody))
 class Process(ApiView):
     async def post(self, request: Any) -> Any:
-        body = await self.read_json_object(request)
-        unknown = set(body) - {"records", "transformations"}
-        if unknown:
-            raise invalid(f"unknown fields: {sorted(unknown)}", {"fields": sorted(unknown)})
-        records = body.get("records")
-        if not isinstance(records, list):
-            raise invalid("records must be a list of JSON objects", {"field": "records"})
-        if len(records) > MAX_RECORDS:
-            raise ApiError(413, "too_many_records", f"at most {MAX_RECORDS} records per request",
-                           {"limit_records": MAX_RECORDS})
-        if "transformations" not in body:
-            raise invalid("transformations is required (a list of steps)", {"field": "transformations"})
+        req = ProcessBody.parse_body(await self.read_json_object(request))
+        records = req.records
         try:
-            steps = parse_steps(body["transformations"])
+            # The step language's rules live in parse_steps (the model describes its shape).
+            steps = parse_steps(req.transformations)
         except StepSpecError as exc:
             raise invalid(str(exc), {"field": "transformations", **exc.details()}) from None
         if any(s.terminal for s in steps):

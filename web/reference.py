@@ -8,7 +8,8 @@ import orjson
 
 from app.kafka_io import OutgoingMessage, kafka_io
 from tables.reference import NAME, reference_store, reference_topic, row_key
-from web.common import ApiError, ApiView, endpoint, invalid
+from web.api_models import ReferenceBody, ReferenceKeys, ReferenceRowOut, ReferenceWritten
+from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 MAX_ROWS = 10_000
 
@@ -53,7 +54,10 @@ def parse_rows(name: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any
     return out
 
 
-@endpoint("/api/v1/reference/{name}", "Upsert (or delete with null) reference rows for enrichment")
+# parse_rows checks the body (its three shapes and each row); ReferenceBody describes it.
+@endpoint("/api/v1/reference/{name}", "Upsert (or delete with null) reference rows for enrichment",
+          put=Operation(ReferenceWritten, body=ReferenceBody),
+          get=Operation(ReferenceKeys, summary="How many rows a reference set has, and up to 1000 keys"))
 class ReferenceRows(ApiView):
     async def put(self, request: Any, name: str) -> Any:
         rows = parse_rows(name, await self.read_json_object(request))
@@ -77,7 +81,8 @@ class ReferenceRows(ApiView):
         return self.reply({"name": name, "count": len(rows), "keys": sorted(rows)[:1000]})
 
 
-@endpoint("/api/v1/reference/{name}/{key}", "Read one reference row (any worker)")
+@endpoint("/api/v1/reference/{name}/{key}", "Read one reference row (any worker)",
+          get=Operation(ReferenceRowOut))
 class ReferenceRow(ApiView):
     async def get(self, request: Any, name: str, key: str) -> Any:
         row = reference_store.lookup(name, key)
