@@ -16,7 +16,10 @@ CONTENT_TYPES = {".html": "text/html", ".css": "text/css",
 
 def static_file(name: str) -> tuple[bytes, str]:
     """One file of web/static and its content type; 404 for anything else."""
-    path = (STATIC / name).resolve()
+    try:
+        path = (STATIC / name).resolve()
+    except (OSError, ValueError):  # a name no file system takes (a NUL byte, too long)
+        path = STATIC
     if path.parent != STATIC or path.suffix not in CONTENT_TYPES or not path.is_file():
         raise ApiError(404, "not_found", f"no static file {name!r}")
     return path.read_bytes(), CONTENT_TYPES[path.suffix]
