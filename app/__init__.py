@@ -14,12 +14,13 @@ import faust
 from app import transport as _transport
 from app.settings import settings
 
-# The fast consume path (app/transport.py) is selected by the broker URL scheme.
+# The consume path (app/transport.py) is selected by the broker URL scheme. It is the
+# only one: every processor is a batch agent, which Faust's own consumer cannot serve.
 _transport.install()
 
 app = faust.App(
     settings.app_id,
-    broker=_transport.broker_url(settings.broker, settings.fast_consumer),
+    broker=_transport.broker_url(settings.broker),
     store=settings.store,
     # One folder per app id: local table state of one app must never be read by another.
     datadir=str(Path(settings.data_dir) / settings.app_id),

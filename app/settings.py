@@ -99,9 +99,6 @@ class Settings:
     # batch_max), each (Faust, per event), forward (batch path, copy to passthrough.out)
     # or forward-stream (the same copy through a Faust stream)
     passthrough_mode: str = "batch"
-    # Faust's own consumer drain loop instead of app/transport.py's fast path (for
-    # before/after comparisons only).
-    fast_consumer: bool = True
     # Window aggregation: one write-back flush per fetched batch (at most
     # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25

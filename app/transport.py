@@ -45,7 +45,8 @@ Constraint this relies on: the delivery callback must not use ``asyncio.timeout`
 ``asyncio.current_task()`` across its first suspension point (its first step runs in
 the fetcher's task). Faust's conductor callback does not.
 
-``STREAMETL_FAST_CONSUMER=false`` selects Faust's own consumer (before/after benchmarks).
+There is no switch back to Faust's own consumer: it cannot serve batch agents (every
+processor of this project is one) and lacks the delivery fixes above (docs/delivery.md, issue 23 finding 5).
 """
 
 from __future__ import annotations
@@ -906,11 +907,9 @@ def install() -> None:
     TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
 
 
-def broker_url(url: str, fast: bool = True) -> str:
+def broker_url(url: str) -> str:
     """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
-    :data:`SCHEME` (when ``fast``), so Faust builds :class:`Transport` for it."""
-    if not fast:
-        return url
+    :data:`SCHEME`, so Faust builds :class:`Transport` for it."""
     parts = []
     for part in url.split(";"):
         scheme, sep, rest = part.strip().partition("://")

@@ -8,6 +8,7 @@ a suspended flow interrupts a blocked delivery and cancels it; errors propagate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from mode import Service
@@ -153,7 +154,6 @@ def test_broker_url_and_registry():
     assert broker_url("kafka://a:9092") == f"{SCHEME}://a:9092"
     assert broker_url("kafka://a:1;kafka://b:2") == f"{SCHEME}://a:1;{SCHEME}://b:2"
     assert broker_url("a:9092") == f"{SCHEME}://a:9092"
-    assert broker_url("kafka://a:9092", fast=False) == "kafka://a:9092"
     from faust.transport import by_url
 
     assert by_url(f"{SCHEME}://a:9092") is Transport
@@ -164,6 +164,26 @@ def test_app_uses_the_fast_transport():
     from app import app
 
     assert isinstance(app.transport, Transport)
+
+
+def test_no_setting_selects_fausts_own_consumer():
+    """Issue 23, finding 5: ``STREAMETL_FAST_CONSUMER=false`` built Faust's own transport,
+    whose consumer hands batch-agent topics' records to a Faust channel nobody reads:
+    the worker processed nothing. The switch is gone; the variable is ignored like any
+    unknown one, and the app keeps this module's transport."""
+    import os
+    import subprocess
+    import sys
+
+    from app.settings import Settings
+
+    assert "fast_consumer" not in {f.name for f in dataclasses.fields(Settings)}
+    env = {**os.environ, "STREAMETL_FAST_CONSUMER": "false"}
+    probe = ("from app import app; from app.transport import Transport; "
+             "print(type(app.transport).__module__, isinstance(app.transport, Transport))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["app.transport", "True"], out
 
 
 def test_commit_guard_keeps_commits_between_processing_sections():
