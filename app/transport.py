@@ -59,6 +59,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from typing import Any
 
 from aiokafka.consumer import fetcher as aiokafka_fetcher
+from aiokafka.producer.transaction_manager import TransactionState
 from faust import current_event as faust_current_event
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
@@ -217,8 +218,29 @@ class FastConsumer(faust_aiokafka.Consumer):
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self.app.in_transaction and not self.app.should_stop and self.assignment():
+            await self.commit_on_revoke()
         await super().on_partitions_revoked(revoked)
         self.forget_batches(revoked)
+
+    async def commit_on_revoke(self) -> None:
+        """exactly_once: before a rebalance, finish the batches in flight and commit every
+        acked offset, ending the transactions that hold them (as Kafka Streams commits
+        its tasks when they are revoked).
+
+        Why (issue 23, finding 4; docs/delivery.md): Faust forgets every partition's acks
+        when a rebalance starts (aiokafka's eager protocol revokes them all) and only
+        then commits, so its commit on revocation covers the batch in flight at most.
+        Every other transaction stayed open through the rebalance, holding outputs of
+        records that the new generation processes again from the committed offset. A
+        rebalance (or a chain of them) longer than the transaction timeout made the
+        coordinator abort them and bump the producers' epochs: the worker, never killed,
+        crashed with ProducerFenced. Committed here, no transaction is open while the
+        group rebalances, and nothing is processed twice on the partitions it keeps."""
+        self.stop_flow()  # no new batch starts (Faust's revoke handler does this next anyway)
+        await self.wait_empty()  # batches in flight ack; ends with Faust's commit
+        # That commit returns without committing when a timer commit was running: once more.
+        await self.commit(start_new_transaction=False)
 
     def forget_batches(self, revoked: Any) -> None:
         """Drop the committable offsets of revoked partitions' acked batches.
@@ -824,6 +846,56 @@ class TransactionManager(FaustTransactionManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._warned: set[tuple[str, int]] = set()  # output partitions warned about
+
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+        """Faust's: stop the producers of revoked partitions, then make sure every
+        assigned partition's producer is in a fresh transaction (:meth:`ready_transaction`).
+
+        Why: Faust calls ``begin_transaction`` for every assigned partition, also on a
+        producer it kept whose transaction is still open. aiokafka refuses that
+        (``Invalid state transition IN_TRANSACTION -> IN_TRANSACTION``, logged and
+        ignored), so the open transaction lived on; after a rebalance longer than the
+        transaction timeout the coordinator had aborted it and fenced the producer, and
+        its next send or commit crashed the worker (issue 23, finding 4)."""
+        revoked_tids = sorted(self._tps_to_transactional_ids(revoked))
+        if revoked_tids:
+            self.log.info("Stopping %d transactional producers of revoked partitions", len(revoked_tids))
+            await self._stop_transactions(revoked_tids)
+        for tid in sorted(self._tps_to_transactional_ids(assigned)):
+            await self.ready_transaction(tid)
+
+    async def ready_transaction(self, tid: str) -> None:
+        """Leave ``tid``'s producer in an open transaction that holds nothing yet.
+
+        * No producer yet, or its last transaction ended: begin one (Faust's start).
+        * In a transaction that holds nothing: kept as it is.
+        * In a transaction that holds records (sent while the group rebalanced, with
+          no offsets), or failed: that transaction is ended (committed when it still
+          can be, else aborted) and a new one begun. If the coordinator has already
+          aborted it (transaction timeout) or fenced the producer, ending it fails:
+          the producer is replaced by a new one with the same transactional id, whose
+          registration (InitProducerId) bumps the epoch and aborts whatever is left.
+          Nothing that was in it is lost from the input: its records carried no
+          offsets, and the consumer starts from the committed offsets after a rebalance.
+        """
+        producer = self.producer._transaction_producers.get(tid)
+        if producer is not None:
+            txn = producer._txn_manager
+            state = txn.state
+            if txn.is_in_transaction() and txn.is_empty_transaction() and not txn.partitions_to_add():
+                return
+            if state is not TransactionState.READY:
+                try:
+                    async with self.producer._trn_locks[tid]:  # Faust's per-id lock (sends, commits)
+                        if txn.is_in_transaction():
+                            await producer.commit_transaction()
+                        else:
+                            await producer.abort_transaction()
+                except Exception as exc:  # fenced, timed out, or a fatal error before
+                    self.log.warning("exactly_once: the open transaction of %s could not be ended "
+                                     "(%r; state %s); starting a new producer for it", tid, exc, state.name)
+                    await self.producer.stop_transaction(tid)
+        await self.producer.maybe_begin_transaction(tid)
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                    timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
