@@ -33,6 +33,7 @@ app = faust.App(
     web_bind=settings.web_host,
     web_port=settings.web_port,
     web_application_options={"client_max_size": settings.produce_max_bytes + 65536},
+    broker_session_timeout=settings.session_timeout,
     broker_commit_interval=settings.commit_interval_seconds(),
     broker_commit_every=settings.commit_every,
     broker_max_poll_records=settings.max_poll_records,
@@ -57,6 +58,15 @@ def _refuse_broken_module(name: str) -> None:
 
 
 app._on_autodiscovery_error = _refuse_broken_module  # type: ignore[method-assign]
+
+
+@app.on_worker_init.connect
+def _stable_reply_topic(sender: object = None, **kwargs: object) -> None:
+    """Under static group membership the reply topic is named after the worker's identity
+    (app/transport.py: ``reply_topic``); the web port is final here (``--web-port``)."""
+    identity = _transport.static_identity(settings.group_instance_id, app.conf.id, app.conf.web_port)
+    if identity is not None:
+        app.conf.reply_to = _transport.reply_topic(identity)
 
 __all__ = ["app", "settings"]
 

@@ -77,6 +77,18 @@ class Settings:
     # own (app/transport.py, FastConsumerThread): fetches are no longer handed between
     # two loops, which was most of a live stream's wait between batches.
     consumer_in_loop: bool = True
+    # Static group membership (KIP-345): the consumer's group.instance.id. A worker that
+    # restarts with the same id within the session timeout gets its partitions back at
+    # once, without a rebalance (the group would otherwise wait out the dead member's
+    # session). Empty = derived, "<app_id>@<hostname>:<web_port>": a worker is "the same"
+    # when it runs on the same host and serves the same web port (one process per port
+    # per host; its data dir goes with it). "off" = dynamic membership (Faust's).
+    # Two live workers must never share an id: the broker fences the older one.
+    group_instance_id: str = ""
+    # Consumer group session timeout (seconds): how long the group waits for a member
+    # that stopped heartbeating before its partitions move (Kafka Streams' default 45 s;
+    # Faust's 60 s). A restart with static membership does not wait for it.
+    session_timeout: float = 45.0
     # Longest time the broker parks a fetch with no new data (Faust hard-codes 1500 ms;
     # parked fetches also hold back partitions that have data: app/transport.py).
     fetch_max_wait_ms: int = 100
@@ -139,6 +151,8 @@ class Settings:
             raise SettingsError("commit_every must be >= 1")
         if self.topic_partitions < 1:
             raise SettingsError("topic_partitions must be >= 1")
+        if self.session_timeout < 6:
+            raise SettingsError("session_timeout must be >= 6 seconds (the broker's minimum; heartbeats every 3 s)")
         if not 0 < self.web_port < 65536:
             raise SettingsError("web_port must be a TCP port")
 

@@ -53,13 +53,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
+import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
@@ -69,6 +75,8 @@ from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
 from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch, for_topic
+
+log = logging.getLogger(__name__)
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -774,12 +782,30 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         before the join never reached its agent (tests/chaos/test_pattern_restart.py).
         """
         topics = set(topics)
+        await self.call_thread(self._become_static_member, topics)
         missing = await self.call_thread(self._await_topics_in_metadata, topics)
         if missing:
             self.log.warning("Subscribing although the broker's metadata still lacks %s "
                              "after %.0f s; they are assigned once it has them",
                              sorted(missing), TOPIC_METADATA_WAIT)
         await super().subscribe(topics)
+
+    async def _become_static_member(self, topics: set[str]) -> None:
+        """Before the first join: set the consumer's ``group.instance.id`` (Faust does not
+        pass one) from this worker's identity and its topics; a static member leaves the
+        group on a graceful stop (:class:`StaticLeave`). Later subscriptions of the same
+        process keep the id (a new id would leave the old member entry behind)."""
+        from app import settings
+
+        coordinator = self._ensure_consumer()._coordinator
+        if coordinator is None or coordinator._group_instance_id is not None:
+            return
+        identity = static_identity(settings.group_instance_id, self.app.conf.id, self.app.conf.web_port)
+        if identity is None:
+            return
+        coordinator._group_instance_id = group_instance_id(identity, topics)
+        coordinator._maybe_leave_group = StaticLeave(coordinator)
+        self.log.info("Static group membership: group.instance.id %s", coordinator._group_instance_id)
 
     async def _await_topics_in_metadata(self, topics: set[str]) -> set[str]:
         return await await_topics_in_metadata(self._ensure_consumer()._client, topics)
@@ -794,6 +820,114 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             await client.force_metadata_update()
 
         await self.call_thread(add)
+
+
+def static_identity(configured: str, app_id: str, web_port: int) -> str | None:
+    """What makes a worker "the same one" across restarts, or None (dynamic membership).
+
+    Why (issue 23, finding 6): with dynamic membership a worker restarted after kill -9
+    joins as a new member, and the group's rebalance waits until the dead member's
+    session times out (measured: the restarted worker and the other worker both stood
+    still for 50-60 s). A static member (KIP-345) that comes back with its
+    ``group.instance.id`` takes over its old member entry: the coordinator hands it the
+    same partitions without a rebalance, and the other workers never stop.
+
+    Derived: the app id, the host and the web port the worker serves. Only one live
+    process can serve a port on a host, so two live workers never share an identity (the
+    broker would fence the older one), and a worker restarted in place (same port, so
+    same data folder in a deployment) is recognised. ``configured`` overrides it
+    (e.g. a StatefulSet pod name); ``off`` turns static membership off."""
+    value = configured.strip()
+    if value.lower() == "off":
+        return None
+    return _legal(value or f"{app_id}.{socket.gethostname()}.{web_port}")
+
+
+def _legal(name: str) -> str:
+    # Kafka accepts ASCII letters, digits, '.', '_' and '-' in instance ids and topics.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
+
+
+def group_instance_id(identity: str, topics: Iterable[str]) -> str:
+    """The consumer's ``group.instance.id``: the identity and a digest of its topics.
+
+    Why the topics: a static member that rejoins a stable group is handed its previous
+    assignment as it was, even if it now subscribes to other topics (the broker compares
+    no subscriptions on that path: KAFKA-12759). aiokafka then fails on a partition of a
+    topic it no longer subscribes to (AssertionError in the coordinator routine; the
+    worker never processes), and a new topic would stay unassigned. A worker restarted
+    with other topics (a changed pipelines file) therefore joins as a new member, as with
+    dynamic membership."""
+    digest = hashlib.sha1("\n".join(sorted(topics)).encode()).hexdigest()[:10]
+    return f"{identity}-{digest}"
+
+
+def reply_topic(identity: str) -> str:
+    """This worker's reply topic (Faust's ``reply_to``) under static membership: named
+    after its identity, not a random uuid as in Faust, so that a restart subscribes to
+    the same topics and gets its member entry back (:func:`group_instance_id`)."""
+    return f"f-reply-{identity}"
+
+
+class LeaveGroupResponse_v3(Response):  # noqa: N801 - Kafka's protocol naming
+    API_KEY = 13
+    API_VERSION = 3
+    SCHEMA = Schema(("throttle_time_ms", Int32), ("error_code", Int16),
+                    ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")),
+                                      ("error_code", Int16))))
+
+
+class LeaveGroupRequest_v3(RequestStruct):  # noqa: N801
+    API_KEY = 13
+    API_VERSION = 3
+    RESPONSE_TYPE = LeaveGroupResponse_v3
+    SCHEMA = Schema(("group", String("utf-8")),
+                    ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")))))
+
+
+class StaticLeaveGroupRequest(Request[LeaveGroupRequest_v3]):
+    """LeaveGroup v3 (KIP-345): a static member leaves by its ``group.instance.id``
+    (aiokafka has only v0/v1, which cannot name one)."""
+
+    API_KEY = 13
+
+    def __init__(self, group: str, member_id: str, instance_id: str) -> None:
+        self.group, self.member_id, self.instance_id = group, member_id, instance_id
+
+    def build(self, request_struct_class: type[LeaveGroupRequest_v3]) -> LeaveGroupRequest_v3:
+        return request_struct_class(self.group, [(self.member_id, self.instance_id)])
+
+
+class StaticLeave:
+    """Replaces aiokafka's ``GroupCoordinator._maybe_leave_group`` for a static member.
+
+    Why: aiokafka sends no LeaveGroup at all for a static member (a static member is
+    expected to come back), so a graceful stop (SIGTERM, scale-down) left its partitions
+    with nobody until its session timed out. A worker that stops gracefully means to
+    leave: it sends LeaveGroup v3 naming its instance id, and the others take its
+    partitions at once, as with dynamic membership. A kill -9 sends nothing; a restart
+    then reclaims the member entry (see :func:`group_instance_id`)."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+
+    async def __call__(self) -> None:
+        coordinator = self.coordinator
+        if coordinator.generation > 0:
+            request = StaticLeaveGroupRequest(coordinator.group_id, coordinator.member_id,
+                                              coordinator._group_instance_id)
+            try:
+                response = await coordinator._send_req(request)
+            except Exception as exc:  # best effort, as aiokafka's own LeaveGroup
+                log.warning("LeaveGroup (static member %s) failed: %r", coordinator._group_instance_id, exc)
+            else:
+                errors = [response.error_code] + [m[2] for m in response.members]
+                if any(errors):
+                    log.warning("LeaveGroup (static member %s) answered error codes %s",
+                                coordinator._group_instance_id, errors)
+                else:
+                    log.info("LeaveGroup (static member %s) succeeded", coordinator._group_instance_id)
+        coordinator.reset_generation()
 
 
 class TransactionalSendError(Exception):

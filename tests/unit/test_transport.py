@@ -652,3 +652,90 @@ def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monk
         assert calls == ["stop flow", "in-flight acked", ("commit", False), "faust forgets acks"]
     else:
         assert calls == ["faust forgets acks"]
+
+
+# --- static group membership (issue 23, finding 6) -----------------------------------
+
+
+def test_a_worker_is_identified_by_app_host_and_web_port_and_may_opt_out():
+    import socket
+
+    from app.transport import static_identity
+
+    derived = static_identity("", "orders", 6066)
+    assert derived == f"orders.{socket.gethostname()}.6066".replace(":", "_")
+    assert static_identity("", "orders", 6067) != derived  # another live worker on this host
+    assert static_identity("pod-3", "orders", 6066) == "pod-3"
+    assert static_identity("a b@c:1", "orders", 6066) == "a_b_c_1"  # only Kafka's legal characters
+    assert static_identity("off", "orders", 6066) is None
+    assert static_identity(" OFF ", "orders", 6066) is None
+
+
+def test_the_instance_id_changes_with_the_workers_topics():
+    """The coordinator hands a rejoining static member its old assignment without looking
+    at its subscription (KAFKA-12759): a worker restarted with other topics must join as
+    a new member, and one restarted with the same topics must get the same id."""
+    from app.transport import group_instance_id
+
+    same = group_instance_id("w", ["a", "b", "f-reply-w"])
+    assert same == group_instance_id("w", ["f-reply-w", "b", "a"])
+    assert same.startswith("w-")
+    assert group_instance_id("w", ["a", "b", "c", "f-reply-w"]) != same
+
+
+def test_a_static_member_leaves_the_group_on_a_graceful_stop():
+    """aiokafka sends no LeaveGroup for a static member: a SIGTERM'd worker's partitions
+    waited for its session to time out. ``StaticLeave`` sends LeaveGroup v3 naming it."""
+    from app.transport import StaticLeave, StaticLeaveGroupRequest
+
+    encoded = StaticLeaveGroupRequest("g", "m-1", "w-1").prepare({13: (0, 5)})
+    assert encoded.API_VERSION == 3
+    assert encoded.encode() == b"\x00\x01g" + b"\x00\x00\x00\x01" + b"\x00\x03m-1" + b"\x00\x03w-1"
+
+    class Coordinator:
+        group_id, member_id, generation, _group_instance_id = "g", "m-1", 7, "w-1"
+        sent: list = []
+
+        async def _send_req(self, request):
+            self.sent.append(request.prepare({13: (0, 5)}))
+            return SimpleNamespace(error_code=0, members=[("m-1", "w-1", 0)])
+
+        def reset_generation(self):
+            self.generation = -1
+
+    from types import SimpleNamespace
+
+    coordinator = Coordinator()
+    run(StaticLeave(coordinator)())
+    assert [r.members for r in coordinator.sent] == [[("m-1", "w-1")]]
+    assert coordinator.generation == -1
+    coordinator.sent.clear()
+    run(StaticLeave(coordinator)())  # not in the group (any more): nothing to leave
+    assert coordinator.sent == []
+
+
+def test_session_timeout_setting_reaches_faust():
+    from app import app, settings
+    from app.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).session_timeout == 45.0
+    assert app.conf.broker_session_timeout == settings.session_timeout
+    with pytest.raises(SettingsError):
+        Settings.from_env({"STREAMETL_SESSION_TIMEOUT": "3"})
+
+
+def test_the_reply_topic_is_named_after_the_worker_under_static_membership():
+    import warnings
+
+    import app as app_module
+    from app import app
+    from app.transport import reply_topic, static_identity
+
+    before = app.conf.reply_to
+    with warnings.catch_warnings():  # (this test process read reply_to already; a worker has not)
+        warnings.simplefilter("ignore")
+        try:
+            app_module._stable_reply_topic()
+            assert app.conf.reply_to == reply_topic(static_identity("", app.conf.id, app.conf.web_port))
+        finally:
+            app.conf.reply_to = before
