@@ -34,6 +34,13 @@ What changes (and only this):
 * A subscription waits (at most 30 s) until the broker's metadata lists every topic in
   it (``FastConsumerThread.subscribe``): a topic created just before the group join
   was otherwise left unassigned for five minutes (docs/delivery.md, D).
+* Under exactly_once, a rebalance first commits what was acked (``commit_on_revoke``),
+  and ``TransactionManager.on_rebalance`` leaves every assigned partition in a fresh
+  transaction, replacing a producer whose transaction timed out during the rebalance
+  (docs/delivery.md, issue 23 finding 4).
+* Static group membership (``group.instance.id``) with a LeaveGroup on graceful stop: a
+  worker restarted after kill -9 gets its partitions back without a rebalance
+  (``static_identity``, ``StaticLeave``; issue 23 finding 6).
 * Faust's consumer "thread" (the service that owns the aiokafka consumer) runs in the
   worker's own event loop (``FastConsumerThread``, ``Settings.consumer_in_loop``):
   handing each fetch between two loops was most of a live stream's wait.
