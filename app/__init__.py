@@ -68,6 +68,7 @@ def _stable_reply_topic(sender: object = None, **kwargs: object) -> None:
     if identity is not None:
         app.conf.reply_to = _transport.reply_topic(identity)
 
+
 __all__ = ["app", "settings"]
 
 # Our CLI commands must be registered before Faust parses the command line, for

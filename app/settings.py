@@ -77,13 +77,16 @@ class Settings:
     # own (app/transport.py, FastConsumerThread): fetches are no longer handed between
     # two loops, which was most of a live stream's wait between batches.
     consumer_in_loop: bool = True
-    # Static group membership (KIP-345): the consumer's group.instance.id. A worker that
-    # restarts with the same id within the session timeout gets its partitions back at
-    # once, without a rebalance (the group would otherwise wait out the dead member's
-    # session). Empty = derived, "<app_id>@<hostname>:<web_port>": a worker is "the same"
-    # when it runs on the same host and serves the same web port (one process per port
-    # per host; its data dir goes with it). "off" = dynamic membership (Faust's).
-    # Two live workers must never share an id: the broker fences the older one.
+    # Static group membership (KIP-345): the worker's identity in its consumer group. A
+    # worker that restarts with the same identity (and the same topics) within the
+    # session timeout gets its partitions back at once, without a rebalance (the group
+    # would otherwise wait out the dead member's session). Empty = derived,
+    # "<app_id>.<hostname>.<web_port>": a worker is "the same" when it runs on the same
+    # host and serves the same web port (one process per port per host; its data dir
+    # goes with it). "off" = dynamic membership (Faust's). A value set here must be
+    # unique per worker: the broker fences the older of two live workers sharing it.
+    # The consumer's group.instance.id is this plus a digest of its topics
+    # (app/transport.py: group_instance_id).
     group_instance_id: str = ""
     # Consumer group session timeout (seconds): how long the group waits for a member
     # that stopped heartbeating before its partitions move (Kafka Streams' default 45 s;
