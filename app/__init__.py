@@ -15,7 +15,8 @@ from app import transport as _transport
 from app.kafka_security import broker_credentials, check_connection
 from app.settings import settings
 
-# The fast consume path (app/transport.py) is selected by the broker URL scheme.
+# The consume path (app/transport.py) is selected by the broker URL scheme. It is the
+# only one: every processor is a batch agent, which Faust's own consumer cannot serve.
 _transport.install()
 
 
@@ -38,7 +39,7 @@ def _web_ssl_context() -> ssl.SSLContext | None:
 
 app = _transport.App(
     settings.app_id,
-    broker=_transport.broker_url(settings.broker, settings.fast_consumer),
+    broker=_transport.broker_url(settings.broker),
     store=settings.store,
     # One folder per app id: local table state of one app must never be read by another.
     datadir=str(Path(settings.data_dir) / settings.app_id),
@@ -54,6 +55,7 @@ app = _transport.App(
     web_application_options=_web_options(),
     web_ssl_context=_web_ssl_context(),
     broker_credentials=broker_credentials(settings),
+    broker_session_timeout=settings.session_timeout,
     broker_commit_interval=settings.commit_interval_seconds(),
     broker_commit_every=settings.commit_every,
     broker_max_poll_records=settings.max_poll_records,
@@ -85,6 +87,7 @@ def _refuse_broken_module(name: str) -> None:
 
 
 app._on_autodiscovery_error = _refuse_broken_module  # type: ignore[method-assign]
+
 
 __all__ = ["app", "settings"]
 

@@ -85,6 +85,21 @@ class Settings:
     # own (app/transport.py, FastConsumerThread): fetches are no longer handed between
     # two loops, which was most of a live stream's wait between batches.
     consumer_in_loop: bool = True
+    # Static group membership (KIP-345): the worker's identity in its consumer group. A
+    # worker that restarts with the same identity (and the same topics) within the
+    # session timeout gets its partitions back at once, without a rebalance (the group
+    # would otherwise wait out the dead member's session). Empty = derived,
+    # "<app_id>.<hostname>.<web_port>": a worker is "the same" when it runs on the same
+    # host and serves the same web port (one process per port per host; its data dir
+    # goes with it). "off" = dynamic membership (Faust's). A value set here must be
+    # unique per worker: the broker fences the older of two live workers sharing it.
+    # The consumer's group.instance.id is this plus a digest of its topics
+    # (app/transport.py: group_instance_id).
+    group_instance_id: str = ""
+    # Consumer group session timeout (seconds): how long the group waits for a member
+    # that stopped heartbeating before its partitions move (Kafka Streams' default 45 s;
+    # Faust's 60 s). A restart with static membership does not wait for it.
+    session_timeout: float = 45.0
     # Longest time the broker parks a fetch with no new data (Faust hard-codes 1500 ms;
     # parked fetches also hold back partitions that have data: app/transport.py).
     fetch_max_wait_ms: int = 100
@@ -107,9 +122,6 @@ class Settings:
     # batch_max), each (Faust, per event), forward (batch path, copy to passthrough.out)
     # or forward-stream (the same copy through a Faust stream)
     passthrough_mode: str = "batch"
-    # Faust's own consumer drain loop instead of app/transport.py's fast path (for
-    # before/after comparisons only).
-    fast_consumer: bool = True
     # Window aggregation: one write-back flush per fetched batch (at most
     # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25
@@ -194,6 +206,8 @@ class Settings:
             raise SettingsError("commit_every must be >= 1")
         if self.topic_partitions < 1:
             raise SettingsError("topic_partitions must be >= 1")
+        if self.session_timeout < 6:
+            raise SettingsError("session_timeout must be >= 6 seconds (the broker's minimum; heartbeats every 3 s)")
         if not 0 < self.web_port < 65536:
             raise SettingsError("web_port must be a TCP port")
         if self.kafka_security_protocol not in SECURITY_PROTOCOLS:

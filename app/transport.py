@@ -34,6 +34,13 @@ What changes (and only this):
 * A subscription waits (at most 30 s) until the broker's metadata lists every topic in
   it (``FastConsumerThread.subscribe``): a topic created just before the group join
   was otherwise left unassigned for five minutes (docs/delivery.md, D).
+* Under exactly_once, a rebalance first commits what was acked (``commit_on_revoke``),
+  and ``TransactionManager.on_rebalance`` leaves every assigned partition in a fresh
+  transaction, replacing a producer whose transaction timed out during the rebalance
+  (docs/delivery.md, issue 23 finding 4).
+* Static group membership (``group.instance.id``) with a LeaveGroup on graceful stop: a
+  worker restarted after kill -9 gets its partitions back without a rebalance
+  (``static_identity``, ``StaticLeave``; issue 23 finding 6).
 * Faust's consumer "thread" (the service that owns the aiokafka consumer) runs in the
   worker's own event loop (``FastConsumerThread``, ``Settings.consumer_in_loop``):
   handing each fetch between two loops was most of a live stream's wait.
@@ -45,13 +52,15 @@ Constraint this relies on: the delivery callback must not use ``asyncio.timeout`
 ``asyncio.current_task()`` across its first suspension point (its first step runs in
 the fetcher's task). Faust's conductor callback does not.
 
-``STREAMETL_FAST_CONSUMER=false`` selects Faust's own consumer (before/after benchmarks).
+There is no switch back to Faust's own consumer: it cannot serve batch agents (every
+processor of this project is one) and lacks the delivery fixes above (docs/delivery.md, issue 23 finding 5).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import logging
 import os
@@ -66,6 +75,9 @@ from typing import Any, ClassVar
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
+from aiokafka.producer.transaction_manager import TransactionState
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
 from faust.models import maybe_model
@@ -79,6 +91,8 @@ from faust.web.drivers import aiohttp as faust_aiohttp_web
 from mode.utils.futures import notify
 
 from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch, for_topic
+
+log = logging.getLogger(__name__)
 
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
@@ -230,8 +244,29 @@ class FastConsumer(faust_aiokafka.Consumer):
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self.app.in_transaction and not self.app.should_stop and self.assignment():
+            await self.commit_on_revoke()
         await super().on_partitions_revoked(revoked)
         self.forget_batches(revoked)
+
+    async def commit_on_revoke(self) -> None:
+        """exactly_once: before a rebalance, finish the batches in flight and commit every
+        acked offset, ending the transactions that hold them (as Kafka Streams commits
+        its tasks when they are revoked).
+
+        Why (issue 23, finding 4; docs/delivery.md): Faust forgets every partition's acks
+        when a rebalance starts (aiokafka's eager protocol revokes them all) and only
+        then commits, so its commit on revocation covers the batch in flight at most.
+        Every other transaction stayed open through the rebalance, holding outputs of
+        records that the new generation processes again from the committed offset. A
+        rebalance (or a chain of them) longer than the transaction timeout made the
+        coordinator abort them and bump the producers' epochs: the worker, never killed,
+        crashed with ProducerFenced. Committed here, no transaction is open while the
+        group rebalances, and nothing is processed twice on the partitions it keeps."""
+        self.stop_flow()  # no new batch starts (Faust's revoke handler does this next anyway)
+        await self.wait_empty()  # batches in flight ack; ends with Faust's commit
+        # That commit returns without committing when a timer commit was running: once more.
+        await self.commit(start_new_transaction=False)
 
     def forget_batches(self, revoked: Any) -> None:
         """Drop the committable offsets of revoked partitions' acked batches.
@@ -765,12 +800,30 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         before the join never reached its agent (tests/chaos/test_pattern_restart.py).
         """
         topics = set(topics)
+        await self.call_thread(self._become_static_member, topics)
         missing = await self.call_thread(self._await_topics_in_metadata, topics)
         if missing:
             self.log.warning("Subscribing although the broker's metadata still lacks %s "
                              "after %.0f s; they are assigned once it has them",
                              sorted(missing), TOPIC_METADATA_WAIT)
         await super().subscribe(topics)
+
+    async def _become_static_member(self, topics: set[str]) -> None:
+        """Before the first join: set the consumer's ``group.instance.id`` (Faust does not
+        pass one) from this worker's identity and its topics; a static member leaves the
+        group on a graceful stop (:class:`StaticLeave`). Later subscriptions of the same
+        process keep the id (a new id would leave the old member entry behind)."""
+        from app import settings
+
+        coordinator = self._ensure_consumer()._coordinator
+        if coordinator is None or coordinator._group_instance_id is not None:
+            return
+        identity = static_identity(settings.group_instance_id, self.app.conf.id, self.app.conf.web_port)
+        if identity is None:
+            return
+        coordinator._group_instance_id = group_instance_id(identity, topics)
+        coordinator._maybe_leave_group = StaticLeave(coordinator)
+        self.log.info("Static group membership: group.instance.id %s", coordinator._group_instance_id)
 
     async def _await_topics_in_metadata(self, topics: set[str]) -> set[str]:
         return await await_topics_in_metadata(self._ensure_consumer()._client, topics)
@@ -785,6 +838,107 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             await client.force_metadata_update()
 
         await self.call_thread(add)
+
+
+def static_identity(configured: str, app_id: str, web_port: int) -> str | None:
+    """What makes a worker "the same one" across restarts, or None (dynamic membership).
+
+    Why (issue 23, finding 6): with dynamic membership a worker restarted after kill -9
+    joins as a new member, and the group's rebalance waits until the dead member's
+    session times out (measured: the restarted worker and the other worker both stood
+    still for 50-60 s). A static member (KIP-345) that comes back with its
+    ``group.instance.id`` takes over its old member entry: the coordinator hands it the
+    same partitions without a rebalance, and the other workers never stop.
+
+    Derived: the app id, the host and the web port the worker serves. Only one live
+    process can serve a port on a host, so two live workers never share an identity (the
+    broker would fence the older one), and a worker restarted in place (same port, so
+    same data folder in a deployment) is recognised. ``configured`` overrides it
+    (e.g. a StatefulSet pod name); ``off`` turns static membership off."""
+    value = configured.strip()
+    if value.lower() == "off":
+        return None
+    return _legal(value or f"{app_id}.{socket.gethostname()}.{web_port}")
+
+
+def _legal(name: str) -> str:
+    # Kafka accepts ASCII letters, digits, '.', '_' and '-' in instance ids and topics.
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]
+
+
+def group_instance_id(identity: str, topics: Iterable[str]) -> str:
+    """The consumer's ``group.instance.id``: the identity and a digest of its topics.
+
+    Why the topics: a static member that rejoins a stable group is handed its previous
+    assignment as it was, even if it now subscribes to other topics (the broker compares
+    no subscriptions on that path: KAFKA-12759). aiokafka then fails on a partition of a
+    topic it no longer subscribes to (AssertionError in the coordinator routine; the
+    worker never processes), and a new topic would stay unassigned. A worker restarted
+    with other topics (a changed pipelines file) therefore joins as a new member, as with
+    dynamic membership."""
+    digest = hashlib.sha1("\n".join(sorted(topics)).encode()).hexdigest()[:10]
+    return f"{identity}-{digest}"
+
+
+class LeaveGroupResponse_v3(Response):  # noqa: N801 - Kafka's protocol naming
+    API_KEY = 13
+    API_VERSION = 3
+    SCHEMA = Schema(("throttle_time_ms", Int32), ("error_code", Int16),
+                    ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")),
+                                      ("error_code", Int16))))
+
+
+class LeaveGroupRequest_v3(RequestStruct):  # noqa: N801
+    API_KEY = 13
+    API_VERSION = 3
+    RESPONSE_TYPE = LeaveGroupResponse_v3
+    SCHEMA = Schema(("group", String("utf-8")),
+                    ("members", Array(("member_id", String("utf-8")), ("group_instance_id", String("utf-8")))))
+
+
+class StaticLeaveGroupRequest(Request[LeaveGroupRequest_v3]):
+    """LeaveGroup v3 (KIP-345): a static member leaves by its ``group.instance.id``
+    (aiokafka has only v0/v1, which cannot name one)."""
+
+    API_KEY = 13
+
+    def __init__(self, group: str, member_id: str, instance_id: str) -> None:
+        self.group, self.member_id, self.instance_id = group, member_id, instance_id
+
+    def build(self, request_struct_class: type[LeaveGroupRequest_v3]) -> LeaveGroupRequest_v3:
+        return request_struct_class(self.group, [(self.member_id, self.instance_id)])
+
+
+class StaticLeave:
+    """Replaces aiokafka's ``GroupCoordinator._maybe_leave_group`` for a static member.
+
+    Why: aiokafka sends no LeaveGroup at all for a static member (a static member is
+    expected to come back), so a graceful stop (SIGTERM, scale-down) left its partitions
+    with nobody until its session timed out. A worker that stops gracefully means to
+    leave: it sends LeaveGroup v3 naming its instance id, and the others take its
+    partitions at once, as with dynamic membership. A kill -9 sends nothing; a restart
+    then reclaims the member entry (see :func:`group_instance_id`)."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self.coordinator = coordinator
+
+    async def __call__(self) -> None:
+        coordinator = self.coordinator
+        if coordinator.generation > 0:
+            request = StaticLeaveGroupRequest(coordinator.group_id, coordinator.member_id,
+                                              coordinator._group_instance_id)
+            try:
+                response = await coordinator._send_req(request)
+            except Exception as exc:  # best effort, as aiokafka's own LeaveGroup
+                log.warning("LeaveGroup (static member %s) failed: %r", coordinator._group_instance_id, exc)
+            else:
+                errors = [response.error_code] + [m[2] for m in response.members]
+                if any(errors):
+                    log.warning("LeaveGroup (static member %s) answered error codes %s",
+                                coordinator._group_instance_id, errors)
+                else:
+                    log.info("LeaveGroup (static member %s) succeeded", coordinator._group_instance_id)
+        coordinator.reset_generation()
 
 
 class TransactionalSendError(Exception):
@@ -837,6 +991,56 @@ class TransactionManager(FaustTransactionManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._warned: set[tuple[str, int]] = set()  # output partitions warned about
+
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+        """Faust's: stop the producers of revoked partitions, then make sure every
+        assigned partition's producer is in a fresh transaction (:meth:`ready_transaction`).
+
+        Why: Faust calls ``begin_transaction`` for every assigned partition, also on a
+        producer it kept whose transaction is still open. aiokafka refuses that
+        (``Invalid state transition IN_TRANSACTION -> IN_TRANSACTION``, logged and
+        ignored), so the open transaction lived on; after a rebalance longer than the
+        transaction timeout the coordinator had aborted it and fenced the producer, and
+        its next send or commit crashed the worker (issue 23, finding 4)."""
+        revoked_tids = sorted(self._tps_to_transactional_ids(revoked))
+        if revoked_tids:
+            self.log.info("Stopping %d transactional producers of revoked partitions", len(revoked_tids))
+            await self._stop_transactions(revoked_tids)
+        for tid in sorted(self._tps_to_transactional_ids(assigned)):
+            await self.ready_transaction(tid)
+
+    async def ready_transaction(self, tid: str) -> None:
+        """Leave ``tid``'s producer in an open transaction that holds nothing yet.
+
+        * No producer yet, or its last transaction ended: begin one (Faust's start).
+        * In a transaction that holds nothing: kept as it is.
+        * In a transaction that holds records (sent while the group rebalanced, with
+          no offsets), or failed: that transaction is ended (committed when it still
+          can be, else aborted) and a new one begun. If the coordinator has already
+          aborted it (transaction timeout) or fenced the producer, ending it fails:
+          the producer is replaced by a new one with the same transactional id, whose
+          registration (InitProducerId) bumps the epoch and aborts whatever is left.
+          Nothing that was in it is lost from the input: its records carried no
+          offsets, and the consumer starts from the committed offsets after a rebalance.
+        """
+        producer = self.producer._transaction_producers.get(tid)
+        if producer is not None:
+            txn = producer._txn_manager
+            state = txn.state
+            if txn.is_in_transaction() and txn.is_empty_transaction() and not txn.partitions_to_add():
+                return
+            if state is not TransactionState.READY:
+                try:
+                    async with self.producer._trn_locks[tid]:  # Faust's per-id lock (sends, commits)
+                        if txn.is_in_transaction():
+                            await producer.commit_transaction()
+                        else:
+                            await producer.abort_transaction()
+                except Exception as exc:  # fenced, timed out, or a fatal error before
+                    self.log.warning("exactly_once: the open transaction of %s could not be ended "
+                                     "(%r; state %s); starting a new producer for it", tid, exc, state.name)
+                    await self.producer.stop_transaction(tid)
+        await self.producer.maybe_begin_transaction(tid)
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None,
                    timestamp: float | None, headers: Any, *, transactional_id: str | None = None) -> Any:
@@ -928,10 +1132,11 @@ class ReplyConsumer(FaustReplyConsumer):
 
 def reply_topic_name(topic_prefix: str, app_id: str, web_port: int) -> str:
     """A worker's reply topic: the app id, the host name and the web port, which
-    together name one worker (two workers on one host cannot share a port), so a
-    restarted worker reuses its topic instead of creating ``f-reply-<uuid>`` anew."""
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:100]
-    return f"{topic_prefix}{app_id}-reply-{host}-{web_port}"
+    together name one worker (two workers on one host cannot share a port). A restarted
+    worker reuses its topic instead of creating ``f-reply-<uuid>`` anew: no topics pile
+    up, and under static membership it subscribes to the same topics again, so its
+    ``group.instance.id`` (:func:`group_instance_id`) is the same."""
+    return _legal(f"{topic_prefix}{app_id}-reply-{socket.gethostname()}-{web_port}")
 
 
 def arm_stop_deadline(seconds: float) -> threading.Timer:
@@ -1020,11 +1225,9 @@ def install() -> None:
     WEB_DRIVERS.aliases.setdefault(WEB_SCHEME, f"{__name__}:Web")
 
 
-def broker_url(url: str, fast: bool = True) -> str:
+def broker_url(url: str) -> str:
     """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
-    :data:`SCHEME` (when ``fast``), so Faust builds :class:`Transport` for it."""
-    if not fast:
-        return url
+    :data:`SCHEME`, so Faust builds :class:`Transport` for it."""
     parts = []
     for part in url.split(";"):
         scheme, sep, rest = part.strip().partition("://")

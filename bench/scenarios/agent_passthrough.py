@@ -9,8 +9,7 @@ its first received record. CPU is the worker process's, from ready to done.
 Options (``--option K=V``): ``mode`` = ``batch`` (default; the batch delivery path of
 app/batches.py, which the project's agents use), ``take`` (a Faust stream,
 ``stream.take(batch_max, within=batch_within)``), ``each`` (``async for event in
-stream``), or ``all`` (the three in turn); ``fast`` = ``true`` (default; app/transport.py's consumer) or
-``false`` (Faust's own drain loop, for the before/after comparison); ``profile`` =
+stream``), or ``all`` (the three in turn); ``profile`` =
 a directory: the worker runs under pyinstrument and writes ``<scenario>.txt`` there on
 shutdown; any ``STREAMETL_*`` key is passed to the worker's environment.
 """
@@ -75,8 +74,8 @@ async def wait_counted(worker: Worker, n: int, timeout: float) -> dict:
     raise TimeoutError(f"{n} events not counted in {timeout}s:\n{worker.log_tail()}")
 
 
-async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], keys: list[bytes]) -> Result:
-    ns = f"{ctx.namespace}{mode[:2]}{'f' if fast else 's'}"
+async def run_one(ctx: Context, mode: str, payloads: list[bytes], keys: list[bytes]) -> Result:
+    ns = f"{ctx.namespace}{mode[:2]}"
     topic = f"{ns}.passthrough"
     await create_topics([topic], partitions=4)
     await produce_raw(ctx, topic, payloads, keys)
@@ -84,10 +83,9 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     # would otherwise share the consumer and the event loop; option STREAMETL_PIPELINES_FILE
     # overrides).
     env = {"STREAMETL_PASSTHROUGH_ENABLED": "true", "STREAMETL_PASSTHROUGH_MODE": mode,
-           "STREAMETL_FAST_CONSUMER": "true" if fast else "false",
            "STREAMETL_PIPELINES_FILE": str(Path(__file__).resolve().parents[1] / "config" / "bare.yaml")}
     env.update({k.upper(): v for k, v in ctx.args.options.items() if k.upper().startswith("STREAMETL_")})
-    name = "agent-passthrough" if (mode, fast) == ("batch", True) else f"agent-passthrough-{mode}{'' if fast else '-faust-drain'}"
+    name = "agent-passthrough" if mode == "batch" else f"agent-passthrough-{mode}"
     profile_dir = ctx.args.options.get("profile")
     if profile_dir:
         worker: Worker = ProfiledWorker(app_id=ns, topic_prefix=f"{ns}.", env=env)
@@ -106,7 +104,7 @@ async def run_one(ctx: Context, mode: str, fast: bool, payloads: list[bytes], ke
     seconds = max(done["last_at"] - done["first_at"], 1e-6)
     return Result(
         name, done["events"], seconds, [], cpu,
-        settings={"mode": mode, "fast_consumer": fast, "batch_max/within": "STREAMETL_BATCH_* (defaults 2000 / 0.02)",
+        settings={"mode": mode, "batch_max/within": "STREAMETL_BATCH_* (defaults 2000 / 0.02)",
                   "max_poll_records": 5000, "partitions": 4},
         notes=["rate from the agent's first to last counted batch (worker clock); "
                "CPU of the worker from ready to done (includes startup idle)"],
@@ -118,10 +116,7 @@ async def run(ctx: Context) -> list[Result]:
     opts = ctx.args.options
     mode = opts.get("mode", "batch")
     modes = ["batch", "take", "each"] if mode == "all" else [mode]
-    fasts = [opts.get("fast", "true").lower() == "true"]
-    if opts.get("fast") == "both":
-        fasts = [True, False]
     events = make_payloads(ctx.events, ctx.keys)
     payloads = [orjson.dumps(e) for e in events]
     keys = [e["user_id"].encode() for e in events]
-    return [await run_one(ctx, m, f, payloads, keys) for m in modes for f in fasts]
+    return [await run_one(ctx, m, payloads, keys) for m in modes]

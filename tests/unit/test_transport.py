@@ -8,6 +8,7 @@ a suspended flow interrupts a blocked delivery and cancels it; errors propagate.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from mode import Service
@@ -153,7 +154,6 @@ def test_broker_url_and_registry():
     assert broker_url("kafka://a:9092") == f"{SCHEME}://a:9092"
     assert broker_url("kafka://a:1;kafka://b:2") == f"{SCHEME}://a:1;{SCHEME}://b:2"
     assert broker_url("a:9092") == f"{SCHEME}://a:9092"
-    assert broker_url("kafka://a:9092", fast=False) == "kafka://a:9092"
     from faust.transport import by_url
 
     assert by_url(f"{SCHEME}://a:9092") is Transport
@@ -164,6 +164,26 @@ def test_app_uses_the_fast_transport():
     from app import app
 
     assert isinstance(app.transport, Transport)
+
+
+def test_no_setting_selects_fausts_own_consumer():
+    """Issue 23, finding 5: ``STREAMETL_FAST_CONSUMER=false`` built Faust's own transport,
+    whose consumer hands batch-agent topics' records to a Faust channel nobody reads:
+    the worker processed nothing. The switch is gone; the variable is ignored like any
+    unknown one, and the app keeps this module's transport."""
+    import os
+    import subprocess
+    import sys
+
+    from app.settings import Settings
+
+    assert "fast_consumer" not in {f.name for f in dataclasses.fields(Settings)}
+    env = {**os.environ, "STREAMETL_FAST_CONSUMER": "false"}
+    probe = ("from app import app; from app.transport import Transport; "
+             "print(type(app.transport).__module__, isinstance(app.transport, Transport))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["app.transport", "True"], out
 
 
 def test_commit_guard_keeps_commits_between_processing_sections():
@@ -429,3 +449,292 @@ def test_the_reply_topic_names_one_worker_and_is_a_legal_topic_name():
     assert name != reply_topic_name("p.", "streametl", 6067)
     assert name.startswith("p.streametl-reply-")
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,249}", name)
+
+
+# --- exactly_once: transactions across a rebalance (issue 23, finding 4) -------------
+
+
+class FakeCoordinatorProducer:
+    """An aiokafka transactional producer whose client side is aiokafka's own state
+    machine (``TransactionManager``), with the broker reduced to one flag: ``timed_out``
+    (the coordinator aborted the open transaction and bumped the epoch), after which
+    every request of this producer fails with ``ProducerFenced``, as aiokafka reports
+    ``INVALID_PRODUCER_EPOCH``."""
+
+    def __init__(self, tid):
+        from aiokafka.producer.transaction_manager import TransactionManager as AioTxn
+
+        self._txn_manager = AioTxn(tid, 60000)
+        self.timed_out = False
+        self.committed = 0
+        self.stopped = False
+
+    async def start(self):
+        self._txn_manager.set_pid_and_epoch(1, 0)
+
+    async def stop(self):
+        self.stopped = True
+
+    def _fenced(self):
+        from aiokafka.errors import ProducerFenced
+
+        exc = ProducerFenced()
+        self._txn_manager.fatal_error(exc)  # what aiokafka's sender does when it dies of it
+        self._txn_manager.wait_for_transaction_end().exception()  # (retrieved: raised here)
+        raise exc
+
+    async def begin_transaction(self):
+        self._txn_manager.begin_transaction()
+
+    async def send(self, topic, value, key=None, partition=None, timestamp_ms=None, headers=None):
+        from aiokafka.errors import IllegalOperation
+        from aiokafka.structs import TopicPartition
+
+        if not self._txn_manager.is_in_transaction():
+            raise IllegalOperation("Can't send messages while not in transaction")
+        if self.timed_out:
+            self._fenced()  # AddPartitionsToTxn with the old epoch
+        tp = TopicPartition(topic, partition)
+        self._txn_manager.maybe_add_partition_to_txn(tp)
+        self._txn_manager.partition_added(tp)
+
+    async def send_offsets_to_transaction(self, offsets, group_id):
+        if self.timed_out:
+            self._fenced()
+
+    async def commit_transaction(self):
+        self._txn_manager.committing_transaction()
+        if self.timed_out:
+            self._fenced()
+        self._txn_manager.complete_transaction()
+        self.committed += 1
+
+    async def abort_transaction(self):
+        self._txn_manager.aborting_transaction()
+        if self.timed_out:
+            self._fenced()
+        self._txn_manager.complete_transaction()
+
+
+class FakeFaustProducer:
+    """Faust's aiokafka ``Producer``: its own transaction methods, on fake clients."""
+
+    from faust.transport.drivers.aiokafka import Producer as _P
+
+    begin_transaction = _P.begin_transaction
+    maybe_begin_transaction = _P.maybe_begin_transaction
+    stop_transaction = _P.stop_transaction
+    commit_transactions = _P.commit_transactions
+    send = _P.send
+
+    def __init__(self):
+        self._transaction_producers = {}
+        self._trn_locks = {}
+        self.created = []
+        self._send_on_produce_message = lambda **kw: None
+        self.allow_headers = True
+
+    def _new_producer(self, transactional_id=None):
+        producer = FakeCoordinatorProducer(transactional_id)
+        self.created.append(producer)
+        return producer
+
+    def _ensure_producer(self):
+        return self
+
+
+class RebalanceTxnApp:
+    class conf:  # noqa: N801
+        id = "g"
+
+    class assignor:  # noqa: N801
+        @staticmethod
+        def group_for_topic(topic):
+            return 1
+
+        @staticmethod
+        def is_standby(tp):
+            return False
+
+
+class RebalanceTxnHost:
+    """Just what ``TransactionManager.on_rebalance`` uses (Faust's helpers included)."""
+
+    on_rebalance = TransactionManager.on_rebalance
+    ready_transaction = TransactionManager.ready_transaction
+    transactional_id_format = TransactionManager.transactional_id_format
+    _tps_to_transactional_ids = TransactionManager._tps_to_transactional_ids
+    _tps_to_active_tpgs = TransactionManager._tps_to_active_tpgs
+    _stop_transactions = TransactionManager._stop_transactions
+
+    def __init__(self):
+        import logging
+
+        self.app = RebalanceTxnApp()
+        self.producer = FakeFaustProducer()
+        self.log = logging.getLogger("test")
+
+
+def _tps(*partitions):
+    from faust.types import TP
+
+    return {TP("src", p) for p in partitions}
+
+
+def test_a_transaction_the_coordinator_aborted_during_a_long_rebalance_is_replaced():
+    """Issue 23, finding 4: a kept partition's transaction stayed open through a
+    rebalance longer than the transaction timeout. Faust's ``on_rebalance`` called
+    ``begin_transaction`` on it (``Invalid state transition IN_TRANSACTION ->
+    IN_TRANSACTION``, logged and ignored) and kept the fenced producer: its next send
+    failed (``Can't send messages while not in transaction``) and its commit crashed
+    the worker (``ProducerFenced``). Now it is abandoned and a new producer begins."""
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        old = producers["g-1-0"]
+        await host.producer.send("out", None, b"v", 0, None, None, transactional_id="g-1-0")
+        old.timed_out = True  # the rebalance outlasted the transaction timeout
+        await host.on_rebalance(_tps(0), _tps(1), set())
+        new = producers["g-1-0"]
+        assert new is not old and old.stopped
+        assert new._txn_manager.is_in_transaction() and new._txn_manager.is_empty_transaction()
+        assert "g-1-1" not in producers  # revoked: stopped, as Faust does
+        # The worker goes on: it sends and commits in the new transaction.
+        await host.producer.send("out", None, b"v", 0, None, None, transactional_id="g-1-0")
+        await host.producer.commit_transactions({"g-1-0": {}}, "g")
+        assert new.committed == 1
+
+    run(main())
+
+
+def test_kept_transactions_are_kept_or_ended_cleanly_at_a_rebalance():
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1, 2), set(), _tps(0, 1, 2))
+        p0, p1, p2 = producers["g-1-0"], producers["g-1-1"], producers["g-1-2"]
+        # p0: ended on revocation (committed, no new transaction begun): begins again.
+        await p0.commit_transaction()
+        # p1: in a transaction that holds nothing: left as it is (no "invalid transition").
+        # p2: holds records sent during the rebalance, not timed out: committed, then anew.
+        await host.producer.send("out", None, b"v", 2, None, None, transactional_id="g-1-2")
+        await host.on_rebalance(_tps(0, 1, 2), set(), set())
+        assert [producers[t] for t in ("g-1-0", "g-1-1", "g-1-2")] == [p0, p1, p2]
+        assert (p0.committed, p1.committed, p2.committed) == (1, 0, 1)
+        for p in (p0, p1, p2):
+            assert p._txn_manager.is_in_transaction() and p._txn_manager.is_empty_transaction()
+        assert len(host.producer.created) == 3
+
+    run(main())
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monkeypatch, guarantee):
+    """Issue 23, finding 4: Faust forgets every partition's acks when a rebalance starts
+    and commits only after that, so the transactions holding them stayed open through
+    the rebalance (and timed out in a long one). Under exactly_once the consumer now
+    stops the flow, lets batches in flight ack, and commits, ending those transactions,
+    before Faust's revoke handling runs."""
+    from types import SimpleNamespace
+
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    calls: list = []
+
+    async def faust_revoked(self, revoked):
+        calls.append("faust forgets acks")
+
+    monkeypatch.setattr(FaustConsumer, "on_partitions_revoked", faust_revoked)
+    consumer = object.__new__(FastConsumer)
+    consumer.app = SimpleNamespace(in_transaction=guarantee == "exactly_once", should_stop=False)
+    consumer._batch_next = {}
+    consumer.assignment = lambda: {"tp"}
+    consumer.stop_flow = lambda: calls.append("stop flow")
+
+    async def wait_empty():
+        calls.append("in-flight acked")
+
+    async def commit(topics=None, start_new_transaction=True):
+        calls.append(("commit", start_new_transaction))
+
+    consumer.wait_empty, consumer.commit = wait_empty, commit
+    run(consumer.on_partitions_revoked({"tp"}))
+    if guarantee == "exactly_once":
+        assert calls == ["stop flow", "in-flight acked", ("commit", False), "faust forgets acks"]
+    else:
+        assert calls == ["faust forgets acks"]
+
+
+# --- static group membership (issue 23, finding 6) -----------------------------------
+
+
+def test_a_worker_is_identified_by_app_host_and_web_port_and_may_opt_out():
+    import socket
+
+    from app.transport import static_identity
+
+    derived = static_identity("", "orders", 6066)
+    assert derived == f"orders.{socket.gethostname()}.6066".replace(":", "_")
+    assert static_identity("", "orders", 6067) != derived  # another live worker on this host
+    assert static_identity("pod-3", "orders", 6066) == "pod-3"
+    assert static_identity("a b@c:1", "orders", 6066) == "a_b_c_1"  # only Kafka's legal characters
+    assert static_identity("off", "orders", 6066) is None
+    assert static_identity(" OFF ", "orders", 6066) is None
+
+
+def test_the_instance_id_changes_with_the_workers_topics():
+    """The coordinator hands a rejoining static member its old assignment without looking
+    at its subscription (KAFKA-12759): a worker restarted with other topics must join as
+    a new member, and one restarted with the same topics must get the same id."""
+    from app.transport import group_instance_id
+
+    same = group_instance_id("w", ["a", "b", "f-reply-w"])
+    assert same == group_instance_id("w", ["f-reply-w", "b", "a"])
+    assert same.startswith("w-")
+    assert group_instance_id("w", ["a", "b", "c", "f-reply-w"]) != same
+
+
+def test_a_static_member_leaves_the_group_on_a_graceful_stop():
+    """aiokafka sends no LeaveGroup for a static member: a SIGTERM'd worker's partitions
+    waited for its session to time out. ``StaticLeave`` sends LeaveGroup v3 naming it."""
+    from app.transport import StaticLeave, StaticLeaveGroupRequest
+
+    encoded = StaticLeaveGroupRequest("g", "m-1", "w-1").prepare({13: (0, 5)})
+    assert encoded.API_VERSION == 3
+    assert encoded.encode() == b"\x00\x01g" + b"\x00\x00\x00\x01" + b"\x00\x03m-1" + b"\x00\x03w-1"
+
+    class Coordinator:
+        group_id, member_id, generation, _group_instance_id = "g", "m-1", 7, "w-1"
+        sent: list = []
+
+        async def _send_req(self, request):
+            self.sent.append(request.prepare({13: (0, 5)}))
+            return SimpleNamespace(error_code=0, members=[("m-1", "w-1", 0)])
+
+        def reset_generation(self):
+            self.generation = -1
+
+    from types import SimpleNamespace
+
+    coordinator = Coordinator()
+    run(StaticLeave(coordinator)())
+    assert [r.members for r in coordinator.sent] == [[("m-1", "w-1")]]
+    assert coordinator.generation == -1
+    coordinator.sent.clear()
+    run(StaticLeave(coordinator)())  # not in the group (any more): nothing to leave
+    assert coordinator.sent == []
+
+
+def test_session_timeout_setting_reaches_faust():
+    from app import app, settings
+    from app.settings import Settings, SettingsError
+
+    assert Settings.from_env({}).session_timeout == 45.0
+    assert app.conf.broker_session_timeout == settings.session_timeout
+    with pytest.raises(SettingsError):
+        Settings.from_env({"STREAMETL_SESSION_TIMEOUT": "3"})
+
+
