@@ -27,7 +27,9 @@ What changes (and only this):
   runs while the next batch is handled, under at_least_once; the batch is acked after it.
 * A fetch that a rebalance overtook is dropped *and* followed by a seek to the committed
   offsets (``seek_after_drop``); revoked partitions forget their uncommitted batch acks
-  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md).
+  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md). Partitions
+  that seek does not position (changelogs Recovery is reading) go back to their first
+  dropped record (``rewind_dropped``): else Recovery waited for them for good.
 * Under exactly_once, :class:`TransactionManager` puts every output sent while input is
   processed into a transaction (Faust sent outputs to topics the consumer does not read
   outside any transaction; docs/delivery.md).
@@ -272,6 +274,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         if generation_id != started_in:
             # A rebalance overtook this fetch: its records are not delivered.
             await self.seek_after_drop(records)
+            await self.rewind_dropped(records)
             return None
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
@@ -347,6 +350,34 @@ class FastConsumer(faust_aiokafka.Consumer):
             await self.perform_seek()
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
             self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
+
+    async def rewind_dropped(self, records: dict[Any, list[Any]]) -> None:
+        """Seek each partition of a dropped fetch that the seek to committed offsets did
+        not position back to its first dropped record (never forward).
+
+        Why (issue 23, finding 3; docs/delivery.md, F): ``seek_after_drop`` repositions
+        only partitions with a committed offset (aiokafka's ``seek_to_committed`` skips
+        the others). Changelog partitions have none: Recovery positions them with its own
+        seek, and a fetch begun in the old generation (waiting for flow to resume, or for
+        records) can return their records right after that seek, in the new generation.
+        Dropped without a rewind, they were never fetched again, and Recovery waited for
+        them for good (a worker stuck in recovery after a rebalance, /health 503) or,
+        under exactly_once, took the position past them for the end of an aborted
+        transaction and finished without them. A source partition with nothing committed
+        yet lost its dropped records the same way.
+
+        Exact here: records of this fetch were taken at the new generation's positions
+        (aiokafka re-creates every partition's position at each rebalance), so each
+        partition's position was its first dropped record's offset. With the consumer
+        in its own thread a seek can come in between: one that went further back is
+        kept (never forward), one that went forward is undone, which only makes Recovery
+        read changelog records again that it ignores by offset."""
+        for tp, tp_records in records.items():
+            if not tp_records or self._committed_offset.get(tp):
+                continue
+            first = tp_records[0].offset
+            if await self._thread.rewind(tp, first):
+                self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation
@@ -731,6 +762,23 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         tests/chaos/test_pipeline_exactly_once.py). ``end_offsets`` asks the broker with
         the consumer's isolation level, so read_committed gets the LSO itself."""
         return await self._ensure_consumer().end_offsets(partitions)
+
+    async def rewind(self, tp: Any, offset: int) -> bool:
+        """Seek ``tp`` back to ``offset`` if aiokafka's fetch position is past it; True
+        if it did. Never forward, and nothing for a partition not assigned or still
+        waiting for its first position (see ``FastConsumer.rewind_dropped``)."""
+        return await self.call_thread(self._rewind, tp, offset)
+
+    def _rewind(self, tp: Any, offset: int) -> bool:
+        consumer = self._ensure_consumer()
+        subscription = consumer._subscription
+        if not subscription.is_assigned(tp):
+            return False
+        state = subscription.subscription.assignment.state_value(tp)
+        if state is None or not state.has_valid_position or state.position <= offset:
+            return False
+        consumer.seek(tp, offset)
+        return True
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         from app import settings
