@@ -43,6 +43,8 @@ app = faust.App(
     # does not auto-create topics.
     reply_create_topic=True,
     autodiscover=["tables", "agents", "web"],
+    # Faust's table recovery, restarted when a rebalance interrupts it (app/transport.py).
+    TableManager=_transport.TableManager,
     origin="app",
 )
 

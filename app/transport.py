@@ -30,6 +30,8 @@ What changes (and only this):
   (``forget_batches``). Both closed losses on rebalances (docs/delivery.md). Partitions
   that seek does not position (changelogs Recovery is reading) go back to their first
   dropped record (``rewind_dropped``): else Recovery waited for them for good.
+* Table recovery that a rebalance interrupts starts over for the new assignment
+  (:class:`Recovery`): Faust went on and sought partitions it had no offsets for.
 * Under exactly_once, :class:`TransactionManager` puts every output sent while input is
   processed into a transaction (Faust sent outputs to topics the consumer does not read
   outside any transaction; docs/delivery.md).
@@ -61,6 +63,9 @@ from typing import Any
 
 from aiokafka.consumer import fetcher as aiokafka_fetcher
 from faust import current_event as faust_current_event
+from faust.tables.manager import TableManager as FaustTableManager
+from faust.tables.recovery import RebalanceAgain
+from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
@@ -941,6 +946,48 @@ def processing_topic() -> str | None:
     return event.message.topic if event is not None else None
 
 
+class Recovery(FaustRecovery):
+    """Faust's table recovery, restarted (not continued) when a rebalance interrupts it.
+
+    Why (issue 23, finding 4; docs/delivery.md, G): a rebalance replaces Recovery's
+    partition sets in place (``on_rebalance``) and signals a restart. Faust's
+    ``_restart_recovery`` swallows the ``RebalanceAgain`` raised while it waits for the
+    active changelogs (an ``except Exception`` around that wait) and goes on with the
+    old pass: it seeks the *new* standby partitions, whose start offsets this pass never
+    read (``None`` until then). aiokafka's ``seek`` raises ``ValueError: Offset must be a
+    positive integer``, in the same step since the consumer runs in the worker's loop,
+    and the worker crashes (seen: every restarted worker under exactly_once, whose wiped
+    state leaves every new partition's offset ``None``, 11 times in 90 s). A step that
+    acts on the partition sets after a new rebalance was signalled raises
+    ``RebalanceAgain`` here instead, which Faust's loop answers with a fresh pass for
+    the new assignment, as it does for every other interrupted step."""
+
+    def _check_not_superseded(self) -> None:
+        # Set by on_rebalance right after it replaced the sets; cleared when a pass starts.
+        if self.signal_recovery_start.is_set():
+            raise RebalanceAgain()
+
+    async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+        self._check_not_superseded()
+        await super()._seek_offsets(consumer, tps, offsets, title)
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        # Also after the swallowed RebalanceAgain: do not mark the new assignment as
+        # recovered (tables' callbacks, in_recovery) before its pass ran.
+        self._check_not_superseded()
+        await super().on_recovery_completed(generation_id)
+
+
+class TableManager(FaustTableManager):
+    """Faust's table manager with :class:`Recovery` (``App(TableManager=...)``)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 class Transport(faust_aiokafka.Transport):
     """Faust's aiokafka transport with :class:`FastConsumer` as its consumer and a
     :class:`TransactionManager` that never sends outside a transaction."""
@@ -970,6 +1017,7 @@ def broker_url(url: str, fast: bool = True) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "ResumeDelivery",
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "Recovery",
+           "ResumeDelivery", "TableManager",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]
