@@ -68,6 +68,8 @@ app = _transport.App(
     reply_create_topic=True,
     autodiscover=["tables", "agents", "web"],
     logging_config=logs.logging_config(settings.log_format),
+    # Faust's table recovery, restarted when a rebalance interrupts it (app/transport.py).
+    TableManager=_transport.TableManager,
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout

@@ -27,7 +27,11 @@ What changes (and only this):
   runs while the next batch is handled, under at_least_once; the batch is acked after it.
 * A fetch that a rebalance overtook is dropped *and* followed by a seek to the committed
   offsets (``seek_after_drop``); revoked partitions forget their uncommitted batch acks
-  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md).
+  (``forget_batches``). Both closed losses on rebalances (docs/delivery.md). Partitions
+  that seek does not position (changelogs Recovery is reading) go back to their first
+  dropped record (``rewind_dropped``): else Recovery waited for them for good.
+* Table recovery that a rebalance interrupts starts over for the new assignment
+  (:class:`Recovery`): Faust went on and sought partitions it had no offsets for.
 * Under exactly_once, :class:`TransactionManager` puts every output sent while input is
   processed into a transaction (Faust sent outputs to topics the consumer does not read
   outside any transaction; docs/delivery.md).
@@ -81,6 +85,9 @@ from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
 from faust.models import maybe_model
+from faust.tables.manager import TableManager as FaustTableManager
+from faust.tables.recovery import RebalanceAgain
+from faust.tables.recovery import Recovery as FaustRecovery
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
@@ -321,6 +328,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         if generation_id != started_in:
             # A rebalance overtook this fetch: its records are not delivered.
             await self.seek_after_drop(records)
+            await self.rewind_dropped(records)
             return None
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
@@ -396,6 +404,34 @@ class FastConsumer(faust_aiokafka.Consumer):
             await self.perform_seek()
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
             self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
+
+    async def rewind_dropped(self, records: dict[Any, list[Any]]) -> None:
+        """Seek each partition of a dropped fetch that the seek to committed offsets did
+        not position back to its first dropped record (never forward).
+
+        Why (issue 23, finding 3; docs/delivery.md, I): ``seek_after_drop`` repositions
+        only partitions with a committed offset (aiokafka's ``seek_to_committed`` skips
+        the others). Changelog partitions have none: Recovery positions them with its own
+        seek, and a fetch begun in the old generation (waiting for flow to resume, or for
+        records) can return their records right after that seek, in the new generation.
+        Dropped without a rewind, they were never fetched again, and Recovery waited for
+        them for good (a worker stuck in recovery after a rebalance, /health 503) or,
+        under exactly_once, took the position past them for the end of an aborted
+        transaction and finished without them. A source partition with nothing committed
+        yet lost its dropped records the same way.
+
+        Exact here: records of this fetch were taken at the new generation's positions
+        (aiokafka re-creates every partition's position at each rebalance), so each
+        partition's position was its first dropped record's offset. With the consumer
+        in its own thread a seek can come in between: one that went further back is
+        kept (never forward), one that went forward is undone, which only makes Recovery
+        read changelog records again that it ignores by offset."""
+        for tp, tp_records in records.items():
+            if not tp_records or self._committed_offset.get(tp):
+                continue
+            first = tp_records[0].offset
+            if await self._thread.rewind(tp, first):
+                self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation
@@ -780,6 +816,23 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         tests/chaos/test_pipeline_exactly_once.py). ``end_offsets`` asks the broker with
         the consumer's isolation level, so read_committed gets the LSO itself."""
         return await self._ensure_consumer().end_offsets(partitions)
+
+    async def rewind(self, tp: Any, offset: int) -> bool:
+        """Seek ``tp`` back to ``offset`` if aiokafka's fetch position is past it; True
+        if it did. Never forward, and nothing for a partition not assigned or still
+        waiting for its first position (see ``FastConsumer.rewind_dropped``)."""
+        return await self.call_thread(self._rewind, tp, offset)
+
+    def _rewind(self, tp: Any, offset: int) -> bool:
+        consumer = self._ensure_consumer()
+        subscription = consumer._subscription
+        if not subscription.is_assigned(tp):
+            return False
+        state = subscription.subscription.assignment.state_value(tp)
+        if state is None or not state.has_valid_position or state.position <= offset:
+            return False
+        consumer.seek(tp, offset)
+        return True
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         from app import settings
@@ -1203,6 +1256,48 @@ class App(faust.App):
         return ReplyConsumer(self, loop=self.loop, beacon=self.beacon)
 
 
+class Recovery(FaustRecovery):
+    """Faust's table recovery, restarted (not continued) when a rebalance interrupts it.
+
+    Why (issue 23, finding 4; docs/delivery.md, J): a rebalance replaces Recovery's
+    partition sets in place (``on_rebalance``) and signals a restart. Faust's
+    ``_restart_recovery`` swallows the ``RebalanceAgain`` raised while it waits for the
+    active changelogs (an ``except Exception`` around that wait) and goes on with the
+    old pass: it seeks the *new* standby partitions, whose start offsets this pass never
+    read (``None`` until then). aiokafka's ``seek`` raises ``ValueError: Offset must be a
+    positive integer``, in the same step since the consumer runs in the worker's loop,
+    and the worker crashes (seen: every restarted worker under exactly_once, whose wiped
+    state leaves every new partition's offset ``None``, 11 times in 90 s). A step that
+    acts on the partition sets after a new rebalance was signalled raises
+    ``RebalanceAgain`` here instead, which Faust's loop answers with a fresh pass for
+    the new assignment, as it does for every other interrupted step."""
+
+    def _check_not_superseded(self) -> None:
+        # Set by on_rebalance right after it replaced the sets; cleared when a pass starts.
+        if self.signal_recovery_start.is_set():
+            raise RebalanceAgain()
+
+    async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
+        self._check_not_superseded()
+        await super()._seek_offsets(consumer, tps, offsets, title)
+
+    async def on_recovery_completed(self, generation_id: int = 0) -> None:
+        # Also after the swallowed RebalanceAgain: do not mark the new assignment as
+        # recovered (tables' callbacks, in_recovery) before its pass ran.
+        self._check_not_superseded()
+        await super().on_recovery_completed(generation_id)
+
+
+class TableManager(FaustTableManager):
+    """Faust's table manager with :class:`Recovery` (``App(TableManager=...)``)."""
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = Recovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 class Transport(faust_aiokafka.Transport):
     """Faust's aiokafka transport with :class:`FastConsumer` as its consumer and a
     :class:`TransactionManager` that never sends outside a transaction."""
@@ -1239,7 +1334,7 @@ def broker_url(url: str) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "ReplyConsumer",
-           "ResumeDelivery", "App", "WEB_SCHEME", "Web", "reply_topic_name",
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "Recovery", "ReplyConsumer",
+           "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]

@@ -47,6 +47,7 @@ class ConsumerHost:
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
     seek_after_drop = FastConsumer.seek_after_drop
+    rewind_dropped = FastConsumer.rewind_dropped
     forget_batches = FastConsumer.forget_batches
     fetch = FastConsumer.fetch
     _finish = FastConsumer._finish
@@ -72,6 +73,7 @@ class ConsumerHost:
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
+        self._thread = FetchPositions()
 
     async def perform_seek(self) -> None:
         self.seeks += 1
@@ -207,6 +209,70 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_and_rewound():
     host._wait_next_records = nothing
     assert asyncio.run(host.fetch(1.0)) is None
     assert host.seeks == 1  # nothing was dropped: no seek
+
+
+class FetchPositions:
+    """aiokafka's fetch positions, as ``FastConsumerThread.rewind`` moves them: back only,
+    and only for assigned partitions that have one."""
+
+    def __init__(self) -> None:
+        self.positions: dict = {}
+
+    async def rewind(self, tp, offset: int) -> bool:
+        position = self.positions.get(tp)
+        if position is None or position <= offset:
+            return False
+        self.positions[tp] = offset
+        return True
+
+
+def changelog_record(tp: TP, offset: int) -> ConsumerRecord:
+    return ConsumerRecord(tp.topic, tp.partition, offset, 1_700_000_000_123, 0, b"k", b"v", None, 1, 1, ())
+
+
+def test_a_dropped_fetch_rewinds_the_changelog_partitions_recovery_is_reading():
+    """Issue 23, finding 3 (a worker stuck in table recovery after a rebalance): Recovery
+    seeks a changelog partition and resumes flow; the fetch begun in the old generation
+    returns that partition's records in the new one and is dropped. The seek to the
+    committed offsets does not move a changelog partition (nothing is committed for it),
+    so its position stayed past the dropped records and Recovery never got them. The
+    drop must put such a partition back to its first dropped record; a partition the
+    committed seek positions is left to it."""
+    host = ConsumerHost()
+    changelog, source, unassigned = TP("app-table-changelog", 1), TP(TOPIC, 0), TP("app-table-changelog", 3)
+    host._committed_offset[source] = 7000  # perform_seek positions it
+    host._read_offset[changelog] = 100  # Recovery's seek (Faust sets the read offset with it)
+    host._thread.positions = {changelog: 120, source: 7058}  # past the fetched records
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2  # the fetch began in generation 1
+        return ({changelog: [changelog_record(changelog, o) for o in range(100, 120)],
+                 source: [record(0, 7057)], unassigned: [changelog_record(unassigned, 5)]},
+                {changelog, source, unassigned})
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host.seeks == 1
+    assert host._thread.positions == {changelog: 100, source: 7058}
+    assert host._read_offset[changelog] == 100  # records from 100 on are delivered again
+    assert unassigned not in host._thread.positions
+
+
+def test_a_rewind_never_moves_a_partition_forward():
+    """Issue 23, finding 3: a seek that came after the fetch (the consumer in its own
+    thread) stands when it went further back; moving forward would skip records."""
+    host = ConsumerHost()
+    changelog = TP("app-table-changelog", 1)
+    host._thread.positions = {changelog: 40}  # Recovery sought back to 40 meanwhile
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2
+        return {changelog: [changelog_record(changelog, o) for o in range(100, 120)]}, {changelog}
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host._thread.positions == {changelog: 40}
+    assert host._read_offset[changelog] is None
 
 
 def test_partitions_not_active_are_not_delivered(agent):

@@ -1,0 +1,171 @@
+"""Table recovery when a rebalance interrupts it (Faust's ``Recovery``, no broker).
+
+Issue 23, finding 4 (second bullet): under exactly_once, every restarted worker crashed
+about 8 s after start in ``Recovery._seek_offsets`` with aiokafka's ``ValueError:
+Offset must be a positive integer``. A rebalance that comes while Recovery waits for
+the active changelogs replaces its partition sets in place; Faust's ``_restart_recovery``
+swallows the ``RebalanceAgain`` of that wait and goes on to seek the *new* standby
+partitions, whose start offsets it has not read yet (``None``). Here Faust's own
+recovery loop runs against a consumer that checks offsets as aiokafka's ``seek`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+from faust.tables.recovery import Recovery as FaustRecovery
+from faust.types import TP
+from mode.utils.queues import FlowControlEvent, ThrowableQueue
+from yarl import URL
+
+from app.transport import Recovery
+
+CHANGELOG = "app-dedupe-changelog"
+P0, P1, P2 = (TP(CHANGELOG, p) for p in range(3))
+
+
+class Table:
+    recovery_buffer_size = 1000
+    standby_buffer_size = 1000
+
+    def persisted_offset(self, tp: TP) -> None:
+        return None  # exactly_once: the local state was deleted at start
+
+    def apply_changelog_batch(self, batch) -> None:
+        pass
+
+    async def on_changelog_event(self, event) -> None:
+        pass
+
+    async def on_recovery_completed(self, active_tps, standby_tps) -> None:
+        pass
+
+
+class Consumer:
+    """What Recovery asks of the consumer; ``seek_wait`` checks offsets like aiokafka's
+    ``seek`` (the in-loop consumer runs it in the same step)."""
+
+    def __init__(self) -> None:
+        self.ends = {P0: 10, P1: 5, P2: 0}  # P0 has records to restore
+        self.seeks: list[dict] = []
+        self.flow_resumed = 0
+
+    async def highwaters(self, *tps):
+        return {tp: self.ends[tp] for tp in tps}
+
+    async def earliest_offsets(self, *tps):
+        return {tp: 0 for tp in tps}
+
+    async def seek_wait(self, offsets) -> None:
+        for offset in offsets.values():
+            if not isinstance(offset, int) or offset < 0:
+                raise ValueError("Offset must be a positive integer")
+        self.seeks.append(dict(offsets))
+
+    def resume_partitions(self, tps) -> None:
+        pass
+
+    def pause_partitions(self, tps) -> None:
+        pass
+
+    def resume_flow(self) -> None:
+        self.flow_resumed += 1
+
+    async def perform_seek(self) -> None:
+        pass
+
+    def assignment(self):
+        return {P0, P1, P2}
+
+    async def position(self, tp):
+        return None
+
+
+class Tables(dict):
+    def __init__(self, flow_control: FlowControlEvent) -> None:
+        super().__init__(dedupe=Table())
+        self._changelogs = {CHANGELOG: self["dedupe"]}
+        self.changelog_topics = {CHANGELOG}
+        self.changelog_queue = ThrowableQueue(flow_control=flow_control)
+        self.standbys_ready = False
+
+    def on_actives_ready(self) -> None:
+        pass
+
+    def on_standbys_ready(self) -> None:
+        self.standbys_ready = True
+
+
+def make_app():
+    async def nothing(*args, **kwargs):
+        return None
+
+    flow_control = FlowControlEvent()
+    assignment = SimpleNamespace(actives=set(), standbys=set())
+    app = SimpleNamespace(
+        conf=SimpleNamespace(stream_recovery_delay=0.0, broker_request_timeout=5.0,
+                             recovery_consistency_check=True, store=URL("rocksdb://")),
+        consumer=Consumer(), consumer_generation_id=0, in_transaction=False, in_recovery=False,
+        tracer=None, _rebalancing_span=None, _producer=None, flow_control=flow_control,
+        _fetcher=SimpleNamespace(maybe_start=nothing),
+        on_rebalance_complete=SimpleNamespace(send=nothing),
+        on_rebalance_end=lambda: None,
+        assignor=SimpleNamespace(assigned_actives=lambda: assignment.actives,
+                                 assigned_standbys=lambda: assignment.standbys),
+    )
+    app.tables = Tables(flow_control)
+    return app, assignment
+
+
+async def until(predicate, what: str) -> None:
+    for _ in range(500):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def rebalance_during_active_recovery(recovery_class) -> tuple:
+    app, assignment = make_app()
+    recovery = recovery_class(app, app.tables)
+    crashes: list[BaseException] = []
+
+    async def crash(exc: BaseException) -> None:
+        crashes.append(exc)
+
+    recovery.crash = crash
+    await recovery.start()
+    try:
+        # Generation 1: P0 active (10 records to restore), no standby.
+        app.consumer_generation_id = 1
+        assignment.actives, assignment.standbys = {P0}, set()
+        await recovery.on_rebalance({P0}, set(), {P0}, 1)
+        await until(lambda: app.consumer.flow_resumed, "recovery waiting for the active changelog")
+        assert recovery.in_recovery
+
+        # Generation 2 while it waits: P2 active (empty), P1 a new standby.
+        app.consumer_generation_id = 2
+        assignment.actives, assignment.standbys = {P2}, {P1}
+        await recovery.on_rebalance({P0, P1, P2}, set(), {P1, P2}, 2)
+        await until(lambda: crashes or recovery.completed.is_set(), "recovery to end")
+        return crashes, app.consumer.seeks, recovery
+    finally:
+        await recovery.stop()
+
+
+def test_faust_recovery_seeks_the_new_standbys_with_offsets_it_never_read():
+    """The defect, on Faust's own Recovery (documents why app.transport.Recovery exists;
+    if a Faust upgrade fixes it, this test says so)."""
+    crashes, seeks, _ = asyncio.run(rebalance_during_active_recovery(FaustRecovery))
+    assert len(crashes) == 1 and isinstance(crashes[0], ValueError)
+    assert "Offset must be a positive integer" in str(crashes[0])
+
+
+def test_a_rebalance_during_recovery_restarts_it_for_the_new_assignment():
+    """Issue 23, finding 4: the interrupted recovery starts over for generation 2 (it
+    reads P1's start offset before seeking it) instead of crashing the worker."""
+    crashes, seeks, recovery = asyncio.run(rebalance_during_active_recovery(Recovery))
+    assert crashes == []
+    assert recovery.completed.is_set()
+    assert seeks == [{P0: 0}, {P2: 0}, {P1: 0}]  # gen 1 actives; gen 2 actives, then standbys
