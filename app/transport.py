@@ -211,6 +211,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._finishing: asyncio.Future | None = None
         #: Set when a batch's deferred work failed: no later batch may be acked.
         self._finish_failed: BaseException | None = None
+        #: What the last seek to the committed offsets found, by partition (None: nothing
+        #: committed, so that seek left the partition where it was).
+        self._last_committed_seek: dict[Any, int | None] = {}
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -345,8 +348,43 @@ class FastConsumer(faust_aiokafka.Consumer):
                       {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
         try:
             await self.perform_seek()
+            await self.rewind_uncommitted(records)
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
             self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
+
+    async def seek_to_committed(self) -> Any:
+        """Faust's seek to the committed offsets; remembers which partitions it placed."""
+        committed = await super().seek_to_committed()
+        self._last_committed_seek = dict(committed)
+        return committed
+
+    async def rewind_uncommitted(self, records: dict[Any, list[Any]]) -> None:
+        """Rewind each partition of dropped ``records`` that the seek to the committed
+        offsets did not place (no committed offset) to its first dropped record.
+
+        Why (root cause of issue 23, findings 1 and 2; docs/delivery.md, F): a seek to
+        the committed offsets places only partitions with a committed offset. Changelog
+        partitions never have one: Recovery seeks them itself, to where restoring
+        starts, and then resumes flow. The fetch a rebalance overtook is that very
+        first fetch (begun in the old generation, it waited for flow to resume), so
+        its records were the start of the restore. Dropped without a rewind, Recovery
+        never saw them: under exactly_once it gave up waiting ("Aborted tx until
+        highwater") and the partition was processed on the state it had (empty, or a
+        standby's), under at_least_once it waited for them for good. A source
+        partition nothing was committed for yet loses its dropped records likewise.
+        Only ever rewinds: a partition already sought below the dropped records (a
+        newer Recovery's seek) stays where it is."""
+        placed = self._last_committed_seek
+        assigned = self.assignment()
+        for tp, rs in records.items():
+            if not rs or tp not in assigned or placed.get(tp):
+                continue
+            first = rs[0].offset
+            position = await self.position(tp)
+            if position is None or position > first:
+                self.log.info("Rewinding %s[%s] to %s, the first record of the dropped fetch",
+                              tp.topic, tp.partition, first)
+                await self.seek(tp, first)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation

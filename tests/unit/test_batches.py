@@ -47,6 +47,7 @@ class ConsumerHost:
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
     seek_after_drop = FastConsumer.seek_after_drop
+    rewind_uncommitted = FastConsumer.rewind_uncommitted
     forget_batches = FastConsumer.forget_batches
     fetch = FastConsumer.fetch
     _finish = FastConsumer._finish
@@ -72,9 +73,30 @@ class ConsumerHost:
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
+        #: The broker's committed offsets (None: nothing committed) and the consumer's
+        #: positions: what the seek to the committed offsets finds and moves.
+        self.committed: dict = {}
+        self.positions: dict = {}
+        self.sought: dict = {}  # partition -> offset, seeks to one offset
+        self._last_committed_seek: dict = {}
 
     async def perform_seek(self) -> None:
         self.seeks += 1
+        found = {tp: self.committed.get(tp) for tp in self.positions}
+        for tp, offset in found.items():
+            if offset:  # aiokafka seeks only partitions with a committed offset
+                self.positions[tp] = offset
+        self._last_committed_seek = found
+
+    def assignment(self) -> set:
+        return set(self.positions)
+
+    async def position(self, tp):
+        return self.positions[tp]
+
+    async def seek(self, tp, offset: int) -> None:
+        self.sought[tp] = offset
+        self.positions[tp] = offset
 
 
 @pytest.fixture
@@ -207,6 +229,36 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_and_rewound():
     host._wait_next_records = nothing
     assert asyncio.run(host.fetch(1.0)) is None
     assert host.seeks == 1  # nothing was dropped: no seek
+
+
+def test_dropped_records_of_partitions_without_committed_offsets_are_fetched_again():
+    """Issue 23, findings 1 (Run A) and 2: the new owner of a partition processed it on
+    empty state. Recovery seeks each changelog partition to where restoring starts and
+    resumes flow; the fetch loop's fetch begun before the rebalance then returns the
+    first changelog records, in the new generation, and is dropped. Changelogs have no
+    committed offset, so the seek to the committed offsets left them past the dropped
+    records and Recovery never saw them (exactly_once then gave up waiting for them,
+    "Aborted tx until highwater"). Every dropped partition the committed seek did not
+    place is rewound to its first dropped record; the others are left to that seek."""
+    host = ConsumerHost()
+    changelog, standby = TP("app-dedupe-changelog", 2), TP("app-dedupe-changelog", 3)
+    stream, fresh, gone = TP(TOPIC, 0), TP(TOPIC, 1), TP("app-dedupe-changelog", 0)
+    host.committed = {stream: 7000}
+    # Positions after the dropped fetch (past its records); ``standby``: a newer seek
+    # already put it below them, and ``gone`` is no longer assigned.
+    host.positions = {changelog: 40, standby: 3, stream: 7100, fresh: 90}
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2
+        return ({changelog: [record(2, 0), record(2, 39)], standby: [record(3, 10)],
+                 stream: [record(0, 7050)], fresh: [record(1, 0)], gone: [record(0, 5)]},
+                {changelog, standby, stream, fresh})
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host.seeks == 1
+    assert host.sought == {changelog: 0, fresh: 0}
+    assert host.positions == {changelog: 0, standby: 3, stream: 7000, fresh: 0}
 
 
 def test_partitions_not_active_are_not_delivered(agent):
