@@ -519,6 +519,27 @@ class FastConsumer(faust_aiokafka.Consumer):
                     self._batch_next[tp] = last + 1
                 self._n_acked += last - first + 1
 
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Any:
+        """The partitions a commit looks at: Faust's (those with acked offsets in
+        ``_acked``) and the batch path's (``_batch_next``).
+
+        Why (issue 23, finding 1; docs/delivery.md, G): at a rebalance Faust forgets the
+        revoked partitions' ``_acked`` (all of them: aiokafka revokes everything) *before*
+        its revoke handler waits for the batches in flight and commits
+        (``wait_empty`` → ``commit_and_end_transactions``). So that commit found nothing
+        to commit, and under exactly_once the open transactions, holding the outputs and
+        state writes of every batch since the last commit, stayed open across the
+        rebalance (``begin_transaction``: "Invalid state transition IN_TRANSACTION ->
+        IN_TRANSACTION"). The worker then restored its partitions up to the last
+        *committed* changelog record, which rolled the state those batches had written
+        back, and re-read their records from the committed offsets, while the old
+        transaction, committed with the next commit, still held their outputs: window
+        results emitted twice (89 in one graceful leave). ``_batch_next`` survives until
+        the revoke handler returned (``forget_batches``), so the revocation's commit
+        commits the batches processed before it, and ends their transactions."""
+        pending = self._acked.keys() | self._batch_next.keys()
+        return (tp for tp in pending if topics is None or tp in topics or tp.topic in topics)
+
     def _new_offset(self, tp: Any) -> int | None:
         """The offset to commit: a batch partition's next offset after its last acked
         batch (see ``ack_spans``), else Faust's computation from acked offsets and gaps."""

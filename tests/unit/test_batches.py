@@ -46,6 +46,7 @@ class ConsumerHost:
     ack_spans = FastConsumer.ack_spans
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
+    _filter_tps_with_pending_acks = FastConsumer._filter_tps_with_pending_acks
     seek_after_drop = FastConsumer.seek_after_drop
     rewind_uncommitted = FastConsumer.rewind_uncommitted
     forget_batches = FastConsumer.forget_batches
@@ -305,6 +306,27 @@ def test_revoked_partitions_forget_their_uncommitted_batches(agent):
     asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(91, 95)]}, None, 1))
     assert host._new_offset(tp0) == 95  # not 123
     assert host._new_offset(tp1) == 1
+
+
+def test_the_revocations_commit_covers_the_batches_acked_before_it(agent):
+    """Issue 23, finding 1: Faust forgets the revoked partitions' ``_acked`` before its
+    revoke handler commits (``wait_empty`` -> ``commit_and_end_transactions``), so that
+    commit found nothing, and under exactly_once the open transactions (outputs and
+    state of every batch since the last commit) stayed open across the rebalance while
+    the worker re-read those batches from the committed offsets. Batches acked before
+    the revocation are still pending commit after Faust's forgetting."""
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(100, 123)],
+                                      tp1: [record(1, 0)]}, None, 1))
+    for tp in (tp0, tp1):  # Faust's on_partitions_revoked, before its handler commits
+        host._acked.pop(tp, None)
+        host._committed_offset.pop(tp, None)
+    pending = set(host._filter_tps_with_pending_acks())
+    assert pending == {tp0, tp1} == set(host._filter_tps_with_pending_acks({TOPIC}))
+    assert {tp: host._new_offset(tp) for tp in pending} == {tp0: 123, tp1: 1}
 
 
 class Deferring:
