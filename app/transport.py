@@ -214,6 +214,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         #: What the last seek to the committed offsets found, by partition (None: nothing
         #: committed, so that seek left the partition where it was).
         self._last_committed_seek: dict[Any, int | None] = {}
+        #: exactly_once: why a batch's processing section did not finish (no more commits).
+        self._broken_section: BaseException | None = None
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -241,10 +243,30 @@ class FastConsumer(faust_aiokafka.Consumer):
         so ``key_partition`` can place records for it (see :class:`TransactionManager`)."""
         await self._thread.track_topic_metadata(topic)
 
+    def section_interrupted(self, exc: BaseException) -> None:
+        """Under exactly_once, a batch's processing section that did not finish (its
+        handler raised, or was cancelled) forbids every later commit of this worker.
+
+        Why (issue 23; docs/delivery.md, H): a stopping worker cancels its fetch loop,
+        in the middle of a batch, then commits (Faust's ``_stop_consumer``:
+        ``_stop_fetcher``, then ``wait_empty`` → ``commit_and_end_transactions``); a
+        crashing one does the same. The open transaction held the outputs the
+        interrupted batch had sent so far, without that batch's offsets: committed,
+        they were visible, and the next owner processed the batch again (window results
+        emitted twice after a graceful leave). Not committed, the transaction is
+        aborted when the next owner's producer takes its transactional id over."""
+        if self.app.in_transaction and self._broken_section is None:
+            self._broken_section = exc
+            self.log.warning("exactly_once: a batch was interrupted (%r); this worker commits "
+                             "nothing more, its open transactions are aborted", exc)
+
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Faust's commit; under exactly_once, or when ``before_commit`` hooks exist, only
         between agents' processing sections (so the offsets it commits are those of
-        batches whose state the hooks just flushed)."""
+        batches whose state the hooks just flushed). Under exactly_once, nothing after a
+        section was interrupted (``section_interrupted``)."""
+        if self._broken_section is not None and self.app.in_transaction:
+            return False
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
@@ -447,6 +469,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                         # An earlier batch still finishing must ack first (offset order).
                         await self.wait_finishing()
                         self.ack_if_none_failed(spans)
+            except BaseException as exc:
+                self.section_interrupted(exc)
+                raise
             finally:
                 PROCESSING_TOPIC.reset(processing)
                 if not later:

@@ -47,6 +47,8 @@ class ConsumerHost:
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
     _filter_tps_with_pending_acks = FastConsumer._filter_tps_with_pending_acks
+    section_interrupted = FastConsumer.section_interrupted
+    commit = FastConsumer.commit
     seek_after_drop = FastConsumer.seek_after_drop
     rewind_uncommitted = FastConsumer.rewind_uncommitted
     forget_batches = FastConsumer.forget_batches
@@ -71,6 +73,7 @@ class ConsumerHost:
         self._batch_next: dict = {}
         self._finishing = None
         self._finish_failed = None
+        self._broken_section = None
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
@@ -190,6 +193,36 @@ def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
         assert not host._unacked_messages
     finally:
         BATCH_AGENTS.pop(TOPIC, None)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("handler failed"), asyncio.CancelledError()],
+                         ids=["raised", "cancelled"])
+def test_under_exactly_once_an_interrupted_batch_forbids_every_later_commit(failure):
+    """Issue 23, finding 1: a graceful stop cancels the fetch loop in the middle of a
+    batch and then commits (Faust's _stop_consumer); the open transaction held the
+    outputs that batch had sent so far, without its offsets. The next owner processed
+    the batch again: window results emitted twice. Under exactly_once no commit may
+    follow an interrupted batch (its transaction is then aborted)."""
+    sent: list[int] = []
+
+    async def handler(batch: Batch) -> None:
+        sent.append(len(list(batch)))  # outputs sent into the open transaction
+        raise failure
+
+    for in_transaction in (True, False):
+        host = ConsumerHost()
+        host.app.in_transaction = in_transaction
+        BATCH_AGENTS[TOPIC] = [BatchAgent("test", None, handler)]
+        try:
+            with pytest.raises(type(failure)):
+                asyncio.run(host.deliver_batches({TP(TOPIC, 0): [record(0, 0)]}, None, 1))
+        finally:
+            BATCH_AGENTS.pop(TOPIC, None)
+        assert host._new_offset(TP(TOPIC, 0)) is None  # never acked
+        if in_transaction:
+            assert asyncio.run(host.commit()) is False
+        else:
+            assert host._broken_section is None  # at_least_once: later batches commit as before
 
 
 def test_nothing_is_delivered_after_a_rebalance_or_while_flow_is_suspended(agent):
