@@ -227,10 +227,12 @@ class FastConsumer(faust_aiokafka.Consumer):
     def forget_batches(self, revoked: Any) -> None:
         """Drop the committable offsets of revoked partitions' acked batches.
 
-        Why: Faust does not commit on revocation; it forgets the revoked partitions'
-        acks (``_acked``) and the next owner starts from the committed offset. The batch
-        path's ``_batch_next`` must be forgotten too, and only after Faust's revoke
-        handler returned (it waits for a batch in flight, which acks on its way out).
+        Why: Faust forgets the revoked partitions' acks (``_acked``) and the next owner
+        starts from the committed offset. The revoke handler's commit takes what
+        ``_batch_next`` holds (``_filter_tps_with_pending_acks``); whatever it did not
+        commit (a failed or refused commit) must be forgotten too, and only after
+        Faust's revoke handler returned (it waits for a batch in flight, which acks on
+        its way out).
         A stale entry outlived the revocation (seen: ``{p2: 6123}`` kept while the new
         generation restarted p2 at 5991) and would be committed when the partition comes
         back, ahead of what that generation processed: under exactly_once the outputs
@@ -271,6 +273,10 @@ class FastConsumer(faust_aiokafka.Consumer):
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
         async with commit_guard.committing():
+            if self._broken_section is not None and self.app.in_transaction:
+                # Interrupted while this commit waited for its section to end (seen: a
+                # timer commit begun 80 ms before a SIGTERM cancelled the batch).
+                return False
             for hook in hooks:
                 await hook()
             return await super().commit(topics, start_new_transaction=start_new_transaction)

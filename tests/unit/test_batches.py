@@ -546,3 +546,35 @@ def test_freshen_keeps_a_newer_generations_fetch_for_later():
         assert await newer == newer_fetch
 
     asyncio.run(run())
+
+
+def test_a_commit_waiting_for_a_batch_that_is_interrupted_commits_nothing():
+    """Issue 23, finding 1 (docs/delivery.md, H): a timer commit began while a batch was
+    being handled, waited for its section to end, and went on when a SIGTERM cancelled
+    the batch: it committed the batch's partial outputs (46 events repeated after a
+    graceful leave)."""
+    host = ConsumerHost()
+    host.app.in_transaction = True
+    gate: list[asyncio.Future] = []
+
+    async def handler(batch: Batch) -> None:
+        gate.append(asyncio.get_running_loop().create_future())
+        await gate[0]  # outputs sent, state not yet stored
+
+    async def main():
+        delivery = asyncio.ensure_future(host.deliver_batches({TP(TOPIC, 0): [record(0, 0)]}, None, 1))
+        while not gate:
+            await asyncio.sleep(0)
+        commit = asyncio.ensure_future(host.commit())  # waits for the section to end
+        await asyncio.sleep(0.01)
+        assert not commit.done()
+        delivery.cancel()  # the fetch loop stopped mid-batch
+        with pytest.raises(asyncio.CancelledError):
+            await delivery
+        return await commit  # Faust's commit would fail here on this host: never reached
+
+    BATCH_AGENTS[TOPIC] = [BatchAgent("slow", None, handler)]
+    try:
+        assert asyncio.run(main()) is False
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)
