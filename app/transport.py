@@ -956,6 +956,27 @@ class TransactionManager(FaustTransactionManager):
             return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=None)
         return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=tid)
 
+    async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
+        """Faust's, after stopping every transactional producer whose partition this
+        worker no longer holds as an active partition.
+
+        Why (issue 23; docs/delivery.md, I): Faust stops the producers of revoked
+        partitions only when they are not standbys now (``_tps_to_active_tpgs`` filters
+        revoked partitions by the *new* assignment's standbys), and a source partition
+        that moves to another worker usually becomes this worker's standby. Its producer
+        stayed, fenced by the new owner's. When the partition came back, Faust's
+        ``begin_transaction`` on that producer failed ("Invalid state transition
+        IN_TRANSACTION -> IN_TRANSACTION", only logged) and the first send crashed the
+        worker (``ProducerFenced``, "Can't send messages while not in transaction"):
+        seen at every graceful leave that handed partitions back to their first owner."""
+        keep = self._tps_to_transactional_ids(assigned)
+        gone = sorted(set(self.producer._transaction_producers) - keep)
+        if gone:
+            self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
+                          len(gone), gone)
+            await self._stop_transactions(gone)
+        await super().on_rebalance(assigned, revoked, newly_assigned)
+
     async def _partition_with_metadata(self, topic: str, key: bytes | None) -> int:
         """The key's partition of ``topic`` once the consumer's metadata knows the topic
         (added to the metadata the consumer tracks, in the consumer's thread)."""

@@ -131,19 +131,23 @@ def test_two_workers_one_killed_and_restarted_every_distinct_event_exactly_once(
     kill9_mid_stream(CONFIG, users=50, wipe=False, others=1)
 
 
-def test_graceful_leave_hands_the_dedupe_memory_over(kafka):
+@pytest.mark.parametrize("leaves", ["first", "second"])
+def test_graceful_leave_hands_the_dedupe_memory_over(kafka, leaves):
     """Issue 23, finding 2 (and the mechanism of finding 1, Run A): B joins mid-stream,
-    then A leaves gracefully, and B takes A's partitions over. B must restore A's
-    committed dedupe entries before it processes them: copies of events A admitted
-    arrive after the leave. Before the fix, B's fetch loop had a fetch pending from the
-    generation before the rebalance; Recovery resumed flow to restore A's partitions,
-    that fetch returned the first changelog records and was dropped as overtaken, and
-    only the source partitions were sought back (changelogs have no committed offsets).
-    Recovery never got those records (under exactly_once it stopped waiting for them,
-    "Aborted tx until highwater") and B admitted the copies.
+    then one worker leaves gracefully, and the other takes its partitions over. It must
+    restore the leaver's committed dedupe entries before it processes them: copies of
+    events the leaver admitted arrive after the leave. Before the fix, the fetch loop
+    of the worker that stayed had a fetch pending from the generation before the
+    rebalance; Recovery resumed flow to restore the partitions, that fetch returned the
+    first changelog records and was dropped as overtaken, and only the source
+    partitions were sought back (changelogs have no committed offsets). Recovery never
+    got those records (under exactly_once it stopped waiting for them, "Aborted tx
+    until highwater") and the copies were admitted (A leaving: 16 repeated;
+    docs/delivery.md, F).
 
-    A leaves rather than B: partitions that go back to a worker which had them crash
-    it under exactly_once (a separate defect, issue 23 finding 4)."""
+    B leaving hands B's partitions back to A, which had them before: A's transactional
+    producers of those partitions had been fenced by B's, and A crashed at its first
+    send (4,517 events missing; docs/delivery.md, I)."""
     name = unique("peosl")
     prefix = f"{name}."
     env = {"STREAMETL_PIPELINES_FILE": write_config(CONFIG), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
@@ -170,8 +174,8 @@ def test_graceful_leave_hands_the_dedupe_memory_over(kafka):
         before = run(committed_at_least(1))
         run(wait_for(lambda: committed_at_least(before + 1500), timeout=120, interval=0.1,
                      what="more outputs committed with both in the group"))
-        a.stop()  # SIGTERM: A commits and leaves; B takes A's partitions over
-        assert len(feeder.sent) < len(sent) - 2000, "the stream ended before A left: not mid-stream"
+        (a if leaves == "first" else b).stop()  # SIGTERM: commits and leaves; the other takes over
+        assert len(feeder.sent) < len(sent) - 2000, "the stream ended before the leave: not mid-stream"
         feeder.wait(timeout=180)
         out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=5.0, isolation_level="read_committed"))
         ids = Counter(r.json()["event_id"] for r in out)
