@@ -246,6 +246,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._finishing: asyncio.Future | None = None
         #: Set when a batch's deferred work failed: no later batch may be acked.
         self._finish_failed: BaseException | None = None
+        #: exactly_once: why a batch's processing section did not finish (no more commits).
+        self._broken_section: BaseException | None = None
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -278,10 +280,12 @@ class FastConsumer(faust_aiokafka.Consumer):
     def forget_batches(self, revoked: Any) -> None:
         """Drop the committable offsets of revoked partitions' acked batches.
 
-        Why: Faust does not commit on revocation; it forgets the revoked partitions'
-        acks (``_acked``) and the next owner starts from the committed offset. The batch
-        path's ``_batch_next`` must be forgotten too, and only after Faust's revoke
-        handler returned (it waits for a batch in flight, which acks on its way out).
+        Why: Faust forgets the revoked partitions' acks (``_acked``) and the next owner
+        starts from the committed offset. The revoke handler's commit takes what
+        ``_batch_next`` holds (``_filter_tps_with_pending_acks``); whatever it did not
+        commit (a failed or refused commit) must be forgotten too, and only after
+        Faust's revoke handler returned (it waits for a batch in flight, which acks on
+        its way out).
         A stale entry outlived the revocation (seen: ``{p2: 6123}`` kept while the new
         generation restarted p2 at 5991) and would be committed when the partition comes
         back, ahead of what that generation processed: under exactly_once the outputs
@@ -294,14 +298,38 @@ class FastConsumer(faust_aiokafka.Consumer):
         so ``key_partition`` can place records for it (see :class:`TransactionManager`)."""
         await self._thread.track_topic_metadata(topic)
 
+    def section_interrupted(self, exc: BaseException) -> None:
+        """Under exactly_once, a batch's processing section that did not finish (its
+        handler raised, or was cancelled) forbids every later commit of this worker.
+
+        Why (issue 23; docs/delivery.md, L): a stopping worker cancels its fetch loop,
+        in the middle of a batch, then commits (Faust's ``_stop_consumer``:
+        ``_stop_fetcher``, then ``wait_empty`` → ``commit_and_end_transactions``); a
+        crashing one does the same. The open transaction held the outputs the
+        interrupted batch had sent so far, without that batch's offsets: committed,
+        they were visible, and the next owner processed the batch again (window results
+        emitted twice after a graceful leave). Not committed, the transaction is
+        aborted when the next owner's producer takes its transactional id over."""
+        if self.app.in_transaction and self._broken_section is None:
+            self._broken_section = exc
+            self.log.warning("exactly_once: a batch was interrupted (%r); this worker commits "
+                             "nothing more, its open transactions are aborted", exc)
+
     async def commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Faust's commit; under exactly_once, or when ``before_commit`` hooks exist, only
         between agents' processing sections (so the offsets it commits are those of
-        batches whose state the hooks just flushed)."""
+        batches whose state the hooks just flushed). Under exactly_once, nothing after a
+        section was interrupted (``section_interrupted``)."""
+        if self._broken_section is not None and self.app.in_transaction:
+            return False
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
         async with commit_guard.committing():
+            if self._broken_section is not None and self.app.in_transaction:
+                # Interrupted while this commit waited for its section to end (seen: a
+                # timer commit begun 80 ms before a SIGTERM cancelled the batch).
+                return False
             for hook in hooks:
                 await hook()
             return await super().commit(topics, start_new_transaction=start_new_transaction)
@@ -328,7 +356,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         if generation_id != started_in:
             # A rebalance overtook this fetch: its records are not delivered.
             await self.seek_after_drop(records)
-            await self.rewind_dropped(records)
             return None
         if not self.flow_active:
             self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
@@ -402,6 +429,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                       {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
         try:
             await self.perform_seek()
+            await self.rewind_dropped(records)
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
             self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
 
@@ -494,6 +522,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                         # An earlier batch still finishing must ack first (offset order).
                         await self.wait_finishing()
                         self.ack_if_none_failed(spans)
+            except BaseException as exc:
+                self.section_interrupted(exc)
+                raise
             finally:
                 PROCESSING_TOPIC.reset(processing)
                 if not later:
@@ -565,6 +596,27 @@ class FastConsumer(faust_aiokafka.Consumer):
                 if last + 1 > self._batch_next.get(tp, -1):
                     self._batch_next[tp] = last + 1
                 self._n_acked += last - first + 1
+
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Any:
+        """The partitions a commit looks at: Faust's (those with acked offsets in
+        ``_acked``) and the batch path's (``_batch_next``).
+
+        Why (issue 23, finding 1; docs/delivery.md, K): at a rebalance Faust forgets the
+        revoked partitions' ``_acked`` (all of them: aiokafka revokes everything) *before*
+        its revoke handler waits for the batches in flight and commits
+        (``wait_empty`` → ``commit_and_end_transactions``). So that commit found nothing
+        to commit, and under exactly_once the open transactions, holding the outputs and
+        state writes of every batch since the last commit, stayed open across the
+        rebalance (``begin_transaction``: "Invalid state transition IN_TRANSACTION ->
+        IN_TRANSACTION"). The worker then restored its partitions up to the last
+        *committed* changelog record, which rolled the state those batches had written
+        back, and re-read their records from the committed offsets, while the old
+        transaction, committed with the next commit, still held their outputs: window
+        results emitted twice (89 in one graceful leave). ``_batch_next`` survives until
+        the revoke handler returned (``forget_batches``), so the revocation's commit
+        commits the batches processed before it, and ends their transactions."""
+        pending = self._acked.keys() | self._batch_next.keys()
+        return (tp for tp in pending if topics is None or tp in topics or tp.topic in topics)
 
     def _new_offset(self, tp: Any) -> int | None:
         """The offset to commit: a batch partition's next offset after its last acked
@@ -1046,20 +1098,31 @@ class TransactionManager(FaustTransactionManager):
         self._warned: set[tuple[str, int]] = set()  # output partitions warned about
 
     async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
-        """Faust's: stop the producers of revoked partitions, then make sure every
-        assigned partition's producer is in a fresh transaction (:meth:`ready_transaction`).
+        """Instead of Faust's: stop every transactional producer whose partition this
+        worker no longer holds as an active partition, then make sure every active
+        partition's producer is in a fresh transaction (:meth:`ready_transaction`).
 
-        Why: Faust calls ``begin_transaction`` for every assigned partition, also on a
-        producer it kept whose transaction is still open. aiokafka refuses that
-        (``Invalid state transition IN_TRANSACTION -> IN_TRANSACTION``, logged and
-        ignored), so the open transaction lived on; after a rebalance longer than the
-        transaction timeout the coordinator had aborted it and fenced the producer, and
-        its next send or commit crashed the worker (issue 23, finding 4)."""
-        revoked_tids = sorted(self._tps_to_transactional_ids(revoked))
-        if revoked_tids:
-            self.log.info("Stopping %d transactional producers of revoked partitions", len(revoked_tids))
-            await self._stop_transactions(revoked_tids)
-        for tid in sorted(self._tps_to_transactional_ids(assigned)):
+        Why, two defects (issue 23, finding 4; docs/delivery.md, G and M):
+
+        * Faust stops the producers of revoked partitions only when they are not
+          standbys now (``_tps_to_active_tpgs`` filters revoked partitions by the *new*
+          assignment's standbys), and a source partition that moves to another worker
+          usually becomes this worker's standby. Its producer stayed, fenced by the new
+          owner's, and when the partition came back the first send crashed the worker
+          (``ProducerFenced``): seen at graceful leaves that handed partitions back.
+        * Faust calls ``begin_transaction`` for every assigned partition, also on a
+          producer it kept whose transaction is still open. aiokafka refuses that
+          (``Invalid state transition IN_TRANSACTION -> IN_TRANSACTION``, logged and
+          ignored), so the open transaction lived on; after a rebalance longer than the
+          transaction timeout the coordinator had aborted it and fenced the producer,
+          and its next send or commit crashed the worker."""
+        keep = self._tps_to_transactional_ids(assigned)
+        gone = sorted(set(self.producer._transaction_producers) - keep)
+        if gone:
+            self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
+                          len(gone), gone)
+            await self._stop_transactions(gone)
+        for tid in sorted(keep):
             await self.ready_transaction(tid)
 
     async def ready_transaction(self, tid: str) -> None:

@@ -129,3 +129,59 @@ def test_two_workers_one_killed_and_restarted_every_distinct_event_exactly_once(
     never-fetched LSO), restored nothing and let 889 duplicates through
     (``FastConsumerThread._highwaters``)."""
     kill9_mid_stream(CONFIG, users=50, wipe=False, others=1)
+
+
+@pytest.mark.parametrize("leaves", ["first", "second"])
+def test_graceful_leave_hands_the_dedupe_memory_over(kafka, leaves):
+    """Issue 23, finding 2 (and the mechanism of finding 1, Run A): B joins mid-stream,
+    then one worker leaves gracefully, and the other takes its partitions over. It must
+    restore the leaver's committed dedupe entries before it processes them: copies of
+    events the leaver admitted arrive after the leave. Before the fix, the fetch loop
+    of the worker that stayed had a fetch pending from the generation before the
+    rebalance; Recovery resumed flow to restore the partitions, that fetch returned the
+    first changelog records and was dropped as overtaken, and only the source
+    partitions were sought back (changelogs have no committed offsets). Recovery never
+    got those records (under exactly_once it stopped waiting for them, "Aborted tx
+    until highwater") and the copies were admitted (A leaving: 16 repeated;
+    docs/delivery.md, I).
+
+    B leaving hands B's partitions back to A, which had them before: A's transactional
+    producers of those partitions had been fenced by B's, and A crashed at its first
+    send (4,517 events missing; docs/delivery.md, M)."""
+    name = unique("peosl")
+    prefix = f"{name}."
+    env = {"STREAMETL_PIPELINES_FILE": write_config(CONFIG), "STREAMETL_PROCESSING_GUARANTEE": "exactly_once",
+           "STREAMETL_COMMIT_INTERVAL": "0.2"}
+    source, sink = prefix + "events", prefix + "events.clean"
+    run(create_topics([source, sink], partitions=PARTITIONS))
+    distinct = [{"event_id": f"e{i}", "user_id": f"u{i % 50}", "value": i} for i in range(16000)]
+    sent = []
+    for i in range(0, len(distinct), 1000):
+        sent += distinct[i:i + 1000] + distinct[max(0, i - 1000):i]
+    sent += distinct[-1000:]
+    a = Worker(app_id=name, topic_prefix=prefix, env=env)
+    b = Worker(app_id=name, topic_prefix=prefix, env=env)
+    try:
+        a.start(timeout=120)
+        feeder = LiveStream(source, sent, key="event_id", per_chunk=50)  # ~1,000/s for 30 s
+
+        async def committed_at_least(n: int):
+            got = await read_topic(sink, timeout=2, idle=0.2, isolation_level="read_committed")
+            return len(got) >= n and len(got)
+
+        run(wait_for(lambda: committed_at_least(1000), timeout=120, interval=0.1, what="A's outputs committed"))
+        b.start(timeout=120)  # joins mid-stream: B takes partitions, its fetch loop runs
+        before = run(committed_at_least(1))
+        run(wait_for(lambda: committed_at_least(before + 1500), timeout=120, interval=0.1,
+                     what="more outputs committed with both in the group"))
+        (a if leaves == "first" else b).stop()  # SIGTERM: commits and leaves; the other takes over
+        assert len(feeder.sent) < len(sent) - 2000, "the stream ended before the leave: not mid-stream"
+        feeder.wait(timeout=180)
+        out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=5.0, isolation_level="read_committed"))
+        ids = Counter(r.json()["event_id"] for r in out)
+        want = Counter(e["event_id"] for e in distinct)
+        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
+                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+    finally:
+        a.kill()
+        b.kill()

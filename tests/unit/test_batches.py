@@ -46,6 +46,9 @@ class ConsumerHost:
     ack_spans = FastConsumer.ack_spans
     _still_current = FastConsumer._still_current
     _new_offset = FastConsumer._new_offset
+    _filter_tps_with_pending_acks = FastConsumer._filter_tps_with_pending_acks
+    section_interrupted = FastConsumer.section_interrupted
+    commit = FastConsumer.commit
     seek_after_drop = FastConsumer.seek_after_drop
     rewind_dropped = FastConsumer.rewind_dropped
     forget_batches = FastConsumer.forget_batches
@@ -70,6 +73,7 @@ class ConsumerHost:
         self._batch_next: dict = {}
         self._finishing = None
         self._finish_failed = None
+        self._broken_section = None
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
@@ -169,6 +173,36 @@ def test_a_failing_handler_acks_nothing_and_crashes_the_worker():
         assert not host._unacked_messages
     finally:
         BATCH_AGENTS.pop(TOPIC, None)
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("handler failed"), asyncio.CancelledError()],
+                         ids=["raised", "cancelled"])
+def test_under_exactly_once_an_interrupted_batch_forbids_every_later_commit(failure):
+    """Issue 23, finding 1: a graceful stop cancels the fetch loop in the middle of a
+    batch and then commits (Faust's _stop_consumer); the open transaction held the
+    outputs that batch had sent so far, without its offsets. The next owner processed
+    the batch again: window results emitted twice. Under exactly_once no commit may
+    follow an interrupted batch (its transaction is then aborted)."""
+    sent: list[int] = []
+
+    async def handler(batch: Batch) -> None:
+        sent.append(len(list(batch)))  # outputs sent into the open transaction
+        raise failure
+
+    for in_transaction in (True, False):
+        host = ConsumerHost()
+        host.app.in_transaction = in_transaction
+        BATCH_AGENTS[TOPIC] = [BatchAgent("test", None, handler)]
+        try:
+            with pytest.raises(type(failure)):
+                asyncio.run(host.deliver_batches({TP(TOPIC, 0): [record(0, 0)]}, None, 1))
+        finally:
+            BATCH_AGENTS.pop(TOPIC, None)
+        assert host._new_offset(TP(TOPIC, 0)) is None  # never acked
+        if in_transaction:
+            assert asyncio.run(host.commit()) is False
+        else:
+            assert host._broken_section is None  # at_least_once: later batches commit as before
 
 
 def test_nothing_is_delivered_after_a_rebalance_or_while_flow_is_suspended(agent):
@@ -319,6 +353,27 @@ def test_revoked_partitions_forget_their_uncommitted_batches(agent):
     asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(91, 95)]}, None, 1))
     assert host._new_offset(tp0) == 95  # not 123
     assert host._new_offset(tp1) == 1
+
+
+def test_the_revocations_commit_covers_the_batches_acked_before_it(agent):
+    """Issue 23, finding 1: Faust forgets the revoked partitions' ``_acked`` before its
+    revoke handler commits (``wait_empty`` -> ``commit_and_end_transactions``), so that
+    commit found nothing, and under exactly_once the open transactions (outputs and
+    state of every batch since the last commit) stayed open across the rebalance while
+    the worker re-read those batches from the committed offsets. Batches acked before
+    the revocation are still pending commit after Faust's forgetting."""
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    asyncio.run(host.deliver_batches({tp0: [record(0, o) for o in range(100, 123)],
+                                      tp1: [record(1, 0)]}, None, 1))
+    for tp in (tp0, tp1):  # Faust's on_partitions_revoked, before its handler commits
+        host._acked.pop(tp, None)
+        host._committed_offset.pop(tp, None)
+    pending = set(host._filter_tps_with_pending_acks())
+    assert pending == {tp0, tp1} == set(host._filter_tps_with_pending_acks({TOPIC}))
+    assert {tp: host._new_offset(tp) for tp in pending} == {tp0: 123, tp1: 1}
 
 
 class Deferring:
@@ -505,3 +560,35 @@ def test_freshen_keeps_a_newer_generations_fetch_for_later():
         assert await newer == newer_fetch
 
     asyncio.run(run())
+
+
+def test_a_commit_waiting_for_a_batch_that_is_interrupted_commits_nothing():
+    """Issue 23, finding 1 (docs/delivery.md, L): a timer commit began while a batch was
+    being handled, waited for its section to end, and went on when a SIGTERM cancelled
+    the batch: it committed the batch's partial outputs (46 events repeated after a
+    graceful leave)."""
+    host = ConsumerHost()
+    host.app.in_transaction = True
+    gate: list[asyncio.Future] = []
+
+    async def handler(batch: Batch) -> None:
+        gate.append(asyncio.get_running_loop().create_future())
+        await gate[0]  # outputs sent, state not yet stored
+
+    async def main():
+        delivery = asyncio.ensure_future(host.deliver_batches({TP(TOPIC, 0): [record(0, 0)]}, None, 1))
+        while not gate:
+            await asyncio.sleep(0)
+        commit = asyncio.ensure_future(host.commit())  # waits for the section to end
+        await asyncio.sleep(0.01)
+        assert not commit.done()
+        delivery.cancel()  # the fetch loop stopped mid-batch
+        with pytest.raises(asyncio.CancelledError):
+            await delivery
+        return await commit  # Faust's commit would fail here on this host: never reached
+
+    BATCH_AGENTS[TOPIC] = [BatchAgent("slow", None, handler)]
+    try:
+        assert asyncio.run(main()) is False
+    finally:
+        BATCH_AGENTS.pop(TOPIC, None)

@@ -738,3 +738,62 @@ def test_session_timeout_setting_reaches_faust():
         Settings.from_env({"STREAMETL_SESSION_TIMEOUT": "3"})
 
 
+
+
+def test_a_rebalance_stops_the_producers_of_partitions_that_became_standbys():
+    """Issue 23 (docs/delivery.md, M): Faust stops the transactional producers of
+    revoked partitions only if they are not standbys in the new assignment, and a
+    source partition that moves to another worker usually becomes this worker's
+    standby. Its producer stayed (fenced by the new owner's); when the partition came
+    back, beginning a transaction on it failed and the first send crashed the worker
+    with ProducerFenced. Every producer of a partition no longer active here stops."""
+    from faust.types import TP
+
+    class Assignor:
+        standbys = {TP("src", 0), TP("src", 1)}
+
+        def group_for_topic(self, topic):
+            return 1
+
+        def is_standby(self, tp):
+            return tp in self.standbys
+
+    class App:
+        class conf:  # noqa: N801 - mirrors app.conf
+            id = "g"
+
+        assignor = Assignor()
+
+    class Ready:  # a producer whose last transaction ended (aiokafka's READY state)
+        class _txn_manager:  # noqa: N801
+            from aiokafka.producer.transaction_manager import TransactionState
+
+            state = TransactionState.READY
+
+            @staticmethod
+            def is_in_transaction():
+                return False
+
+    class Producer:
+        def __init__(self):
+            self._transaction_producers = {f"g-1-{p}": Ready() for p in range(4)}
+            self.stopped, self.begun = [], []
+
+        async def stop_transaction(self, tid):
+            self.stopped.append(tid)
+            self._transaction_producers.pop(tid, None)
+
+        async def maybe_begin_transaction(self, tid):
+            self.begun.append(tid)
+
+    import logging
+
+    manager = TransactionManager.__new__(TransactionManager)
+    manager.app, manager.producer = App(), Producer()
+    manager.__dict__["log"] = logging.getLogger("test")
+    active = {TP("src", 2), TP("src", 3)}
+    revoked = {TP("src", 0), TP("src", 1)}
+    run(manager.on_rebalance(active | Assignor.standbys, revoked, set()))
+    assert sorted(manager.producer.stopped) == ["g-1-0", "g-1-1"]
+    assert sorted(manager.producer._transaction_producers) == ["g-1-2", "g-1-3"]
+    assert sorted(manager.producer.begun) == ["g-1-2", "g-1-3"]
