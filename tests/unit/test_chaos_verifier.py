@@ -12,6 +12,7 @@ from tests.chaos.verifier import (
     Source,
     fold,
     judge,
+    key_partition,
     make_events,
     make_schedule,
 )
@@ -158,3 +159,19 @@ def test_schedules_are_seeded_chained_and_mix_kinds():
     times = [f.at for f in s]
     assert times == sorted(times) and 0 < times[0] and times[-1] < 60
     assert make_schedule(3, 13, span=300, kinds=["zombie"])[12].kind == "zombie"
+
+
+def test_a_stuck_group_is_stuck_not_lost_for_what_it_has_not_committed():
+    """Finding 3 of issue 23: records behind a stuck partition are stuck, not lost.
+    Records at or past the source's committed offset (e3, e4) and the windows and
+    alerts they feed are undecided; a record below it (e2) missing is lost."""
+    lag = [{"topic": "events", "partition": 0, "committed": 3, "stable_end": 5, "behind_at_most": 2}]
+    v = verdict(sink_ids=["e1", "e2"], results=[result("u1", W, 3, 8)], alert_ids=[], lagging=lag)
+    assert v["failed"] == ["stuck"]
+    assert v["verdicts"]["stuck"]["undecided"] == {"source_records": 2, "ids_missing": 2, "windows": 1,
+                                                   "alerts": 1}
+    assert verdict(sink_ids=["e1", "e3"], lagging=lag)["failed"] == ["lost", "stuck"]
+    # A lagging partition of the re-keyed window input leaves its keys' windows undecided.
+    keyed = [{"topic": "chaos_win.keyed", "partition": key_partition("u1"), "committed": 0,
+              "stable_end": 9, "behind_at_most": 9}]
+    assert verdict(results=[], lagging=keyed)["failed"] == ["stuck"]
