@@ -176,7 +176,7 @@ def fold(sources: Iterable[Source], late_coords: Iterable[tuple[int, int]] = (),
         e = s.event
         if e["value"] >= threshold:
             alerts[e["event_id"]] += 1
-        if (s.partition, s.offset) in late:
+        if (s.partition, s.offset) in late or e.get("flush"):
             continue
         w = windows.setdefault((e["user_id"], window_start(e["ts"], size_ms)), [0, 0])
         w[0] += 1
@@ -309,6 +309,25 @@ def judge(guarantee: str, sources: list[Source], sink_ids: list[str], results: l
     return {"verdicts": verdicts, "failed": failed, "ok": not failed}
 
 
+def flush_events(sources: Iterable[dict], partitions: int = PARTITIONS) -> list[dict]:
+    """One event per partition of the re-keyed window input, far enough ahead in event
+    time to close every window of the input by event time (sent once the group has
+    caught up, so it is the last record of its partition). Windows have no idle close
+    in these runs: it would close windows while a stalled partition holds their
+    records, and those records would then go late instead of testing the state
+    handoff. Marked ``flush``: the fold leaves them out of the windows (their own
+    windows stay open)."""
+    end = max(e["ts"] for e in sources) + WINDOW_SIZE_MS + (GRACE_S + 30) * 1000
+    users: dict[int, str] = {}
+    n = 0
+    while len(users) < partitions:
+        user = f"flush{n:03d}"
+        users.setdefault(key_partition(user, partitions), user)
+        n += 1
+    return [{"event_id": f"flush-{p}", "user_id": u, "value": 0, "ts": end, "flush": True}
+            for p, u in sorted(users.items())]
+
+
 def config(idle_close: float) -> dict:
     """The run's config file: one pipeline, one window, one pattern, one input."""
     return {
@@ -347,7 +366,7 @@ class Spec:
     users: int = 50
     kinds: tuple[str, ...] = DEFAULT_KINDS
     session_timeout: float = SESSION_TIMEOUT
-    idle_close: float = 20.0
+    idle_close: float = 0.0  # windows close by event time: flush_events
     start_timeout: float = 300.0
     catchup_timeout: float = 420.0
     env: dict[str, str] = field(default_factory=dict)
@@ -857,7 +876,7 @@ class ChaosRun:
             producer.join()
             timings["stream_and_faults_done"] = self.now()
 
-            lagging, settled = self.settle()
+            lagging, settled = self.settle(events)
             self.group_progress_at = None  # caught up: no input, no progress to expect
             timings["settled"] = self.now()
             got = run(self.read_back())
@@ -895,17 +914,24 @@ class ChaosRun:
                     slot.worker.wipe_state()  # RocksDB folders: big; the logs stay
         return report
 
-    def settle(self) -> tuple[list[dict], bool]:
-        """Wait (bounded) until the group's commits reach the end of its inputs and the
-        outputs hold what the fold expects (the last windows close by idle_close after
-        the input stops); returns the partitions still lagging at the bound, and
-        whether the outputs were complete."""
-        from tests.support import run
+    def settle(self, events: list[dict]) -> tuple[list[dict], bool]:
+        """Wait (bounded) until the group's commits reach the end of its inputs, send
+        the flush events that close the last windows, then wait until the commits reach
+        the end again and the outputs hold what the fold expects; returns the
+        partitions still lagging at the bound, and whether the outputs were complete."""
+        from tests.support import produce_json, run
 
         deadline = time.monotonic() + self.spec.catchup_timeout
         lagging: list[dict] = []
+        flushed = False
         while True:
             lagging = run(self.lagging())
+            if not lagging and not flushed:
+                flush = flush_events(events)
+                run(produce_json(self.topic(SOURCE), flush, key="event_id"))
+                self.log("caught_up_flush_sent", None, events=len(flush))
+                flushed = True
+                continue
             if not lagging:
                 got = run(self.read_back())
                 v = judge(self.spec.guarantee, got["sources"], got["sink_ids"], got["results"], got["late"],

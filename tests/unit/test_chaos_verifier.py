@@ -8,13 +8,16 @@ from __future__ import annotations
 from tests.chaos.verifier import (
     BASE_TS,
     DEFAULT_KINDS,
+    GRACE_S,
     THRESHOLD,
     Source,
+    flush_events,
     fold,
     judge,
     key_partition,
     make_events,
     make_schedule,
+    window_start,
 )
 
 W = BASE_TS - BASE_TS % 5000  # a window start
@@ -175,3 +178,14 @@ def test_a_stuck_group_is_stuck_not_lost_for_what_it_has_not_committed():
     keyed = [{"topic": "chaos_win.keyed", "partition": key_partition("u1"), "committed": 0,
               "stable_end": 9, "behind_at_most": 9}]
     assert verdict(results=[], lagging=keyed)["failed"] == ["stuck"]
+
+
+def test_flush_events_close_every_window_of_every_partition_and_count_in_no_window():
+    events = make_events(5, 500)
+    flush = flush_events(events)
+    assert sorted(key_partition(e["user_id"]) for e in flush) == [0, 1, 2, 3]
+    last_close = max(window_start(e["ts"]) for e in events) + 5000 + GRACE_S * 1000
+    assert all(e["ts"] > last_close for e in flush)
+    f = fold(sources(*events[:3], *flush))
+    assert f.ids >= {e["event_id"] for e in flush}  # the sink must hold them
+    assert not {k for k in f.windows if k[0].startswith("flush")}
