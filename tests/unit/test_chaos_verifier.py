@@ -43,12 +43,14 @@ def late_of(src: Source) -> dict:
 
 
 # A small input: u1 has two records in window W and one in the next; e2 arrives twice
-# (a producer retry); e4 is late; e3 crosses the alert threshold.
+# (a producer retry); e4 is late; e3 crosses the alert threshold; the flush event the
+# verifier sends once the group caught up closes every window.
+FLUSH = {"event_id": "f", "user_id": "flush000", "value": 0, "ts": W + 600_000, "flush": True}
 INPUT = sources(ev(1, value=2), ev(2, value=3), ev(2, value=3), ev(3, value=THRESHOLD, ts=W + 5000),
-                ev(4, user="u2", value=7, ts=W - 120_000))
+                ev(4, user="u2", value=7, ts=W - 120_000), FLUSH)
 LATE = [late_of(INPUT[4])]
 GOOD = {
-    "sink_ids": ["e1", "e2", "e3", "e4"],
+    "sink_ids": ["e1", "e2", "e3", "e4", "f"],
     # Windows count copies (they do not deduplicate); the late record is in none.
     "results": [result("u1", W, 3, 8), result("u1", W + 5000, 1, THRESHOLD)],
     "late": LATE,
@@ -65,7 +67,7 @@ def verdict(guarantee: str = "exactly_once", **changes) -> dict:
 
 def test_fold_counts_copies_in_windows_and_leaves_late_records_out():
     f = fold(INPUT, [(0, 4)])
-    assert f.ids == {"e1", "e2", "e3", "e4"}
+    assert f.ids == {"e1", "e2", "e3", "e4", "f"}
     assert f.windows == {("u1", W): (3, 8), ("u1", W + 5000): (1, THRESHOLD)}
     assert f.alerts == {"e3": 1}
     assert f.late == 1 and f.unknown_late == []
@@ -81,13 +83,13 @@ def test_a_correct_run_passes_under_both_guarantees():
 
 
 def test_a_missing_id_is_lost():
-    v = verdict(sink_ids=["e1", "e3", "e4"])
+    v = verdict(sink_ids=["e1", "e3", "e4", "f"])
     assert v["failed"] == ["lost"]
     assert v["verdicts"]["lost"]["sample"] == ["e2"]
 
 
 def test_duplicates_fail_exactly_once_and_are_only_counted_under_at_least_once():
-    ids = ["e1", "e2", "e2", "e3", "e4", "e1"]
+    ids = ["e1", "e2", "e2", "e3", "e4", "e1", "f"]
     v = verdict(sink_ids=ids)
     assert v["failed"] == ["duplicated"]
     assert v["verdicts"]["duplicated"]["extra_records"] == 2
@@ -168,10 +170,10 @@ def test_a_stuck_group_is_stuck_not_lost_for_what_it_has_not_committed():
     """Finding 3 of issue 23: records behind a stuck partition are stuck, not lost.
     Records at or past the source's committed offset (e3, e4) and the windows and
     alerts they feed are undecided; a record below it (e2) missing is lost."""
-    lag = [{"topic": "events", "partition": 0, "committed": 3, "stable_end": 5, "behind_at_most": 2}]
+    lag = [{"topic": "events", "partition": 0, "committed": 3, "stable_end": 6, "behind_at_most": 3}]
     v = verdict(sink_ids=["e1", "e2"], results=[result("u1", W, 3, 8)], alert_ids=[], lagging=lag)
     assert v["failed"] == ["stuck"]
-    assert v["verdicts"]["stuck"]["undecided"] == {"source_records": 2, "ids_missing": 2, "windows": 1,
+    assert v["verdicts"]["stuck"]["undecided"] == {"source_records": 3, "ids_missing": 3, "windows": 1,
                                                    "alerts": 1}
     assert verdict(sink_ids=["e1", "e3"], lagging=lag)["failed"] == ["lost", "stuck"]
     # A lagging partition of the re-keyed window input leaves its keys' windows undecided.
@@ -189,3 +191,15 @@ def test_flush_events_close_every_window_of_every_partition_and_count_in_no_wind
     f = fold(sources(*events[:3], *flush))
     assert f.ids >= {e["event_id"] for e in flush}  # the sink must hold them
     assert not {k for k in f.windows if k[0].startswith("flush")}
+
+
+def test_without_the_flush_windows_its_stream_time_has_not_closed_are_undecided():
+    """A stuck group never gets the flush events: the newest windows may still be
+    open, so they are not missing. A window whose end + grace its partition's stream
+    time has passed must be there."""
+    events = [ev(1, value=2), ev(2, value=3, ts=W + 5000 + GRACE_S * 1000)]
+    lag = [{"topic": "events", "partition": 0, "committed": 2, "stable_end": 9, "behind_at_most": 7}]
+    v = judge("exactly_once", sources(*events), ["e1", "e2"], [result("u1", W, 1, 2)], [], [], 0, lag)
+    assert v["failed"] == ["stuck"] and v["verdicts"]["stuck"]["undecided"]["windows"] == 1
+    v = judge("exactly_once", sources(*events), ["e1", "e2"], [], [], [], 0, lag)
+    assert v["failed"] == ["windows", "stuck"] and v["verdicts"]["windows"]["missing"] == 1
