@@ -55,11 +55,13 @@ PARTITIONS = 4
 #: Event time of the first event (ms). Fixed, so a seed gives the same windows.
 BASE_TS = 1_700_000_000_000
 WINDOW_SIZE_MS = 5_000
+#: The window's grace (s), the issue's. A stall longer than it sends the stalled
+#: partitions' records late (accounted for, but then not in any window state): ``--grace``.
 GRACE_S = 30
 #: The pattern rule: one alert per input record with ``value >= THRESHOLD``.
 THRESHOLD = 950
-#: How far behind its neighbours a deliberately late event is (ms): past any grace.
-LATE_BY_MS = 120_000
+#: How far behind its neighbours a deliberately late event is, beyond the grace (ms).
+LATE_BY_MS = 90_000
 #: Faust's broker_session_timeout (s), unless a run says otherwise (``--session-timeout``).
 SESSION_TIMEOUT = 60.0
 
@@ -76,18 +78,18 @@ SOURCE, SINK = "events", "events.clean"
 
 
 def make_events(seed: int, n: int, users: int = 50, rate: float = 100.0,
-                dup_rate: float = 0.02, late_rate: float = 0.003) -> list[dict]:
+                dup_rate: float = 0.02, late_rate: float = 0.003, grace_s: float = GRACE_S) -> list[dict]:
     """``n`` distinct events in send order, plus copies of about ``dup_rate`` of them
     (same event, sent 20-400 events later: a producer's retry). Event time advances
     with the send rate (``rate`` per second), so windows close while the stream runs;
-    about ``late_rate`` of the events are ``LATE_BY_MS`` behind, past the grace."""
+    about ``late_rate`` of the events are the grace + ``LATE_BY_MS`` behind."""
     rng = random.Random(seed)
     copies: dict[int, list[dict]] = defaultdict(list)
     out: list[dict] = []
     for i in range(n):
         ts = BASE_TS + int(i * 1000 / rate) - rng.randrange(1000)
         if rng.random() < late_rate:
-            ts -= LATE_BY_MS
+            ts -= int(grace_s * 1000) + LATE_BY_MS
         event = {"event_id": f"e{i:07d}", "user_id": f"u{rng.randrange(users):03d}",
                  "value": rng.randrange(1000), "ts": ts}
         out.append(event)
@@ -220,7 +222,8 @@ def _sample(items: Iterable, n: int = 10) -> list:
 
 def judge(guarantee: str, sources: list[Source], sink_ids: list[str], results: list[dict],
           late: list[dict], alert_ids: list[str], dead_letters: int,
-          lagging: list[dict] | None = None, crashes: list[dict] | None = None) -> dict:
+          lagging: list[dict] | None = None, crashes: list[dict] | None = None,
+          grace_s: float = GRACE_S) -> dict:
     """Every verdict of one run from what was read back: the sink's event ids, the
     window results and late records (as the topics hold them, JSON-decoded), the
     alerts' event ids, the dead-letter count, the partitions still lagging at the end
@@ -244,7 +247,7 @@ def judge(guarantee: str, sources: list[Source], sink_ids: list[str], results: l
                 p = key_partition(s.event["user_id"])
                 stream_time[p] = max(stream_time[p], s.event["ts"])
         undecided_windows |= {k for k in want.windows
-                              if k[1] + WINDOW_SIZE_MS + GRACE_S * 1000 > stream_time[key_partition(k[0])]}
+                              if k[1] + WINDOW_SIZE_MS + grace_s * 1000 > stream_time[key_partition(k[0])]}
     undecided_alerts = {s.event["event_id"] for s in sources
                         if (s.partition, s.offset) in pending.sources
                         or key_partition(s.event["user_id"]) in pending.repartition}
@@ -320,7 +323,7 @@ def judge(guarantee: str, sources: list[Source], sink_ids: list[str], results: l
     return {"verdicts": verdicts, "failed": failed, "ok": not failed}
 
 
-def flush_events(sources: Iterable[dict], partitions: int = PARTITIONS) -> list[dict]:
+def flush_events(sources: Iterable[dict], partitions: int = PARTITIONS, grace_s: float = GRACE_S) -> list[dict]:
     """One event per partition of the re-keyed window input, far enough ahead in event
     time to close every window of the input by event time (sent once the group has
     caught up, so it is the last record of its partition). Windows have no idle close
@@ -328,7 +331,7 @@ def flush_events(sources: Iterable[dict], partitions: int = PARTITIONS) -> list[
     records, and those records would then go late instead of testing the state
     handoff. Marked ``flush``: the fold leaves them out of the windows (their own
     windows stay open)."""
-    end = max(e["ts"] for e in sources) + WINDOW_SIZE_MS + (GRACE_S + 30) * 1000
+    end = max(e["ts"] for e in sources) + WINDOW_SIZE_MS + int((grace_s + 30) * 1000)
     users: dict[int, str] = {}
     n = 0
     while len(users) < partitions:
@@ -339,7 +342,7 @@ def flush_events(sources: Iterable[dict], partitions: int = PARTITIONS) -> list[
             for p, u in sorted(users.items())]
 
 
-def config(idle_close: float) -> dict:
+def config(idle_close: float, grace_s: float = GRACE_S) -> dict:
     """The run's config file: one pipeline, one window, one pattern, one input."""
     return {
         "pipelines": [{
@@ -348,7 +351,7 @@ def config(idle_close: float) -> dict:
         }],
         "windows": [{
             "name": WINDOW, "source": SOURCE, "key_by": "user_id", "time_field": "ts",
-            "time_unit": "ms", "window": {"type": "tumbling", "size": WINDOW_SIZE_MS // 1000, "grace": GRACE_S},
+            "time_unit": "ms", "window": {"type": "tumbling", "size": WINDOW_SIZE_MS // 1000, "grace": grace_s},
             "aggregations": [{"name": "clicks", "type": "count"},
                              {"name": "total", "type": "sum", "field": "value"}],
             "emit": "final", "idle_close": idle_close,
@@ -378,6 +381,7 @@ class Spec:
     kinds: tuple[str, ...] = DEFAULT_KINDS
     session_timeout: float = SESSION_TIMEOUT
     idle_close: float = 0.0  # windows close by event time: flush_events
+    grace: float = GRACE_S
     start_timeout: float = 300.0
     catchup_timeout: float = 420.0
     env: dict[str, str] = field(default_factory=dict)
@@ -433,7 +437,7 @@ class ChaosRun:
         self.stream_started: float | None = None
         fd, path = tempfile.mkstemp(prefix="chaos-", suffix=".json")
         with os.fdopen(fd, "w") as f:
-            json.dump(config(spec.idle_close), f)  # YAML is a superset of JSON
+            json.dump(config(spec.idle_close, spec.grace), f)  # YAML is a superset of JSON
         self.config_path = path
 
     # -- bookkeeping
@@ -857,7 +861,7 @@ class ChaosRun:
         from tests.support import create_topics, run
 
         spec = self.spec
-        events = make_events(spec.seed, spec.events, spec.users, spec.rate)
+        events = make_events(spec.seed, spec.events, spec.users, spec.rate, grace_s=spec.grace)
         span = len(events) / spec.rate
         schedule = make_schedule(spec.seed, spec.faults, span, spec.kinds)
         timings: dict[str, float] = {}
@@ -893,7 +897,7 @@ class ChaosRun:
             got = run(self.read_back())
             timings["read_back"] = self.now()
             verdict = judge(spec.guarantee, got["sources"], got["sink_ids"], got["results"], got["late"],
-                            got["alert_ids"], got["dead_letters"], lagging, self.crashes)
+                            got["alert_ids"], got["dead_letters"], lagging, self.crashes, self.spec.grace)
             report.update(verdict)
             report["counts"] = {
                 "events_generated": len(events), "input_records": len(got["sources"]),
@@ -933,7 +937,7 @@ class ChaosRun:
         got = run(self.read_back())
         return {"app_id": self.name, "guarantee": self.spec.guarantee,
                 **judge(self.spec.guarantee, got["sources"], got["sink_ids"], got["results"], got["late"],
-                        got["alert_ids"], got["dead_letters"], lagging)}
+                        got["alert_ids"], got["dead_letters"], lagging, grace_s=self.spec.grace)}
 
     def settle(self, events: list[dict]) -> tuple[list[dict], bool]:
         """Wait (bounded) until the group's commits reach the end of its inputs, send
@@ -948,7 +952,7 @@ class ChaosRun:
         while True:
             lagging = run(self.lagging())
             if not lagging and not flushed:
-                flush = flush_events(events)
+                flush = flush_events(events, grace_s=self.spec.grace)
                 run(produce_json(self.topic(SOURCE), flush, key="event_id"))
                 self.log("caught_up_flush_sent", None, events=len(flush))
                 flushed = True
@@ -956,7 +960,7 @@ class ChaosRun:
             if not lagging:
                 got = run(self.read_back())
                 v = judge(self.spec.guarantee, got["sources"], got["sink_ids"], got["results"], got["late"],
-                          got["alert_ids"], got["dead_letters"])["verdicts"]
+                          got["alert_ids"], got["dead_letters"], grace_s=self.spec.grace)["verdicts"]
                 complete = not (v["lost"]["count"] or v["windows"]["missing"] or v["alerts"]["missing"])
                 self.log("caught_up", None, outputs_complete=complete)
                 if complete:
@@ -981,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", help=f"comma-separated fault kinds (of {','.join(FAULT_KINDS)})")
     parser.add_argument("--session-timeout", type=float, default=SESSION_TIMEOUT,
                         help="the workers' session timeout: a zombie pauses 10 s longer")
+    parser.add_argument("--grace", type=float, default=GRACE_S,
+                        help="the window's grace (s); above the longest stall, late records stay few")
     parser.add_argument("--catchup-timeout", type=float, help="bound on the wait for the group to catch up (s)")
     parser.add_argument("--env", action="append", default=[], metavar="STREAMETL_X=V",
                         help="extra worker environment (repeatable)")
@@ -993,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault kinds: {sorted(unknown)}")
     spec = Spec(seed=args.seed, guarantee=args.guarantee, kinds=kinds, session_timeout=args.session_timeout,
+                grace=args.grace,
                 events=args.events if args.events is not None else (100_000 if args.long else 6000),
                 faults=args.faults if args.faults is not None else (12 if args.long else 4),
                 rate=args.rate or (400.0 if args.long else 100.0),
