@@ -64,6 +64,12 @@ THRESHOLD = 950
 LATE_BY_MS = 90_000
 #: Faust's broker_session_timeout (s), unless a run says otherwise (``--session-timeout``).
 SESSION_TIMEOUT = 60.0
+#: Seconds a caught-up group's outputs must stay unchanged to count as final when the
+#: fold still expects more (lost or missing for good, not late).
+STABLE_FOR = 60.0
+#: Seconds the same partitions may lag at the same committed offsets before the group
+#: counts as stuck, before the catch-up bound (a group that makes progress gets it all).
+STUCK_FOR = 240.0
 
 FAULT_KINDS = ("kill9_keep", "kill9_wipe", "join", "leave", "sigterm_rebalance", "zombie",
                "broker_restart")
@@ -949,6 +955,10 @@ class ChaosRun:
         deadline = time.monotonic() + self.spec.catchup_timeout
         lagging: list[dict] = []
         flushed = False
+        #: What the outputs held at the last check, and since when, while caught up:
+        #: unchanged for STABLE_FOR seconds, they are final (complete or not).
+        last: tuple | None = None
+        since = time.monotonic()
         while True:
             lagging = run(self.lagging())
             if not lagging and not flushed:
@@ -965,9 +975,19 @@ class ChaosRun:
                 self.log("caught_up", None, outputs_complete=complete)
                 if complete:
                     return [], True
+                held = (len(got["sink_ids"]), len(got["results"]), len(got["alert_ids"]), len(got["late"]))
+                if held != last:
+                    last, since = held, time.monotonic()
+                elif time.monotonic() - since > STABLE_FOR:
+                    return [], False
             else:
                 self.log("lagging", None, partitions=len(lagging),
                          records=sum(x["behind_at_most"] for x in lagging))
+                held = tuple((x["topic"], x["partition"], x["committed"]) for x in lagging)
+                if held != last:
+                    last, since = held, time.monotonic()
+                elif time.monotonic() - since > STUCK_FOR:
+                    return lagging, False
             if time.monotonic() > deadline:
                 return lagging, False
             time.sleep(5)
