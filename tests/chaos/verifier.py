@@ -38,6 +38,7 @@ import heapq
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -391,9 +392,20 @@ class Spec:
     session_timeout: float = SESSION_TIMEOUT
     idle_close: float = 0.0  # windows close by event time: flush_events
     grace: float = GRACE_S
+    #: Keep the run's topics when it passed (a failed run's are always kept: --rejudge).
+    keep_topics: bool = False
     start_timeout: float = 300.0
     catchup_timeout: float = 420.0
     env: dict[str, str] = field(default_factory=dict)
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Fenced|Exit)\w*: |Crashed reason=|\[ERROR\]")
+
+
+def crash_lines(log: str, n: int = 8) -> list[str]:
+    """The lines of a worker's log that say why it died: exceptions that ended a
+    traceback, agents' "Crashed reason=", ERROR records (the last ``n``)."""
+    return [ln[:300] for ln in log.splitlines() if _EXCEPTION_LINE.search(ln)][-n:]
 
 
 class Slot:
@@ -406,6 +418,7 @@ class Slot:
         self.term_at: float | None = None
         self.crashed_at: float | None = None
         self.crashes = 0
+        self.continued_at: float | None = None  # SIGCONT after a pause (a zombie)
         #: Processing progress: the pipeline's ``in`` counter of this process, when it
         #: last grew, the longest time it did not, and whether it grew since the start.
         self.processed = 0
@@ -485,6 +498,7 @@ class ChaosRun:
                 return self.log("already_running", slot, wanted=why)
             slot.worker.start(wait=False)
             slot.state, slot.started_at, slot.term_at = "starting", time.monotonic(), None
+            slot.continued_at = None
             slot.processed, slot.progress_at, slot.first_processed = 0, time.monotonic(), False
         self.log(why, slot, port=slot.worker.web_port)
 
@@ -546,10 +560,11 @@ class ChaosRun:
                     if state in ("starting", "running", "paused") and not alive and slot.worker.proc:
                         slot.state, slot.crashed_at = "crashed", time.monotonic()
                         slot.crashes += 1
-                        tail = [ln for ln in slot.worker.log_tail(400).splitlines()
-                                if "Error" in ln or "Exception" in ln or "Traceback" in ln][-6:]
+                        tail = crash_lines(slot.worker.log_tail(600))
                         crash = {"t": self.now(), "worker": slot.name, "returncode": slot.worker.proc.returncode,
                                  "was": state, "errors": tail}
+                        if slot.continued_at is not None:  # a zombie's end: fenced, then exited?
+                            crash["after_sigcont"] = round(time.monotonic() - slot.continued_at, 1)
                         self.crashes.append(crash)
                         self.log("crashed", slot, returncode=slot.worker.proc.returncode)
                     elif state == "crashed" and time.monotonic() - slot.crashed_at > 3 and slot.crashes <= 20:
@@ -667,6 +682,7 @@ class ChaosRun:
                     if slot.state == "paused" and slot.alive:
                         os.killpg(slot.worker.proc.pid, signal.SIGCONT)
                         slot.state = was  # a worker paused while starting is watched until ready
+                        slot.continued_at = time.monotonic()
                         self.log("sigcont", slot)
 
             self.later(pause, "sigcont", cont)
@@ -850,6 +866,24 @@ class ChaosRun:
             "dead_letters": len(dlq),
         }
 
+    async def delete_topics(self) -> int:
+        """Delete the run's topics (its prefix's and Faust's ``<app id>-…`` ones): a
+        broker that kept every run's thousands of partitions slowed down until workers
+        timed out on it."""
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from tests.support import BOOTSTRAP
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+        await admin.start()
+        try:
+            mine = [t for t in await admin.list_topics() if t.startswith(self.name)]
+            if mine:
+                await admin.delete_topics(mine)
+            return len(mine)
+        finally:
+            await admin.close()
+
     def health(self) -> dict:
         from tests.support import http
 
@@ -936,6 +970,11 @@ class ChaosRun:
             for slot in self.slots:
                 if slot.worker.data_dir.exists():
                     slot.worker.wipe_state()  # RocksDB folders: big; the logs stay
+            if report.get("ok") and not self.spec.keep_topics:
+                try:
+                    report["topics_deleted"] = run(self.delete_topics())
+                except Exception:  # noqa: BLE001 - a report all the same
+                    report["topics_deleted"] = traceback.format_exc(limit=1)
         return report
 
     def rejudge(self) -> dict:
@@ -1014,6 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="STREAMETL_X=V",
                         help="extra worker environment (repeatable)")
     parser.add_argument("--out", help="also write the JSON report to this file")
+    parser.add_argument("--keep-topics", action="store_true", help="keep a passed run's topics too")
     parser.add_argument("--rejudge", metavar="APP_ID",
                         help="no run: judge an earlier run's topics again (its report's app_id); crashes not known")
     args = parser.parse_args(argv)
@@ -1022,6 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown fault kinds: {sorted(unknown)}")
     spec = Spec(seed=args.seed, guarantee=args.guarantee, kinds=kinds, session_timeout=args.session_timeout,
+                keep_topics=args.keep_topics,
                 grace=args.grace if args.grace is not None else (600.0 if args.long else GRACE_S),
                 events=args.events if args.events is not None else (100_000 if args.long else 6000),
                 faults=args.faults if args.faults is not None else (12 if args.long else 4),
