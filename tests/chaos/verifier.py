@@ -24,7 +24,10 @@ Verdicts (``failed`` lists the ones that count as failures):
 * ``crashed``: a worker exited that no fault stopped (it is restarted, as a
   supervisor would).
 * ``stuck``: the group's committed offsets did not reach the end of its input topics
-  within the bound; the lagging partitions are listed.
+  within the bound (or stayed put for ``STUCK_FOR``); the lagging partitions are
+  listed. What they hold back is *undecided*: source records at or past the committed
+  offset, and windows and alerts they or a lagging internal partition may still
+  change are left out of the verdicts above (stuck, not lost).
 
 The fold and the verdicts are pure functions of plain values (``fold``,
 ``judge``), unit-tested in tests/unit/test_chaos_verifier.py.
