@@ -67,6 +67,7 @@ class ConsumerHost:
         self._unacked_messages: WeakSet = WeakSet()
         self._waiting_for_ack = None
         self._batch_next: dict = {}
+        self._last_timestamp: dict = {}
         self._finishing = None
         self._finish_failed = None
         self.log = logging.getLogger("test")
