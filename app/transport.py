@@ -273,11 +273,8 @@ class FastConsumer(faust_aiokafka.Consumer):
 
         The next offset is the read offset + 1 once this assignment delivered a record
         to a batch agent; until then Faust's read offset is the committed offset, which
-        is already the next one. With neither (the group never committed the partition)
-        it is aiokafka's fetch position: nothing below it will be delivered again (e.g.
-        records an earlier owner processed without committing, whose re-fetch a
-        rebalance dropped), so counting the partition from 0 reported a lag that never
-        went away.
+        is already the next one. With neither (the group never committed the partition
+        and nothing was delivered yet) it is aiokafka's fetch position.
         The end offset is the high watermark (the last stable offset under
         read_committed) of the latest fetch response."""
         progress = []
@@ -430,6 +427,18 @@ class FastConsumer(faust_aiokafka.Consumer):
             await self.perform_seek()
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
             self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
+            return
+        # aiokafka's seek_to_committed leaves a partition with no committed offset (or
+        # 0) where it is, past the dropped records: they were never delivered again
+        # (found through the lag metric: lag stayed at the partition's length). Such a
+        # partition is rewound to the first dropped record instead.
+        assigned = self.assignment()
+        for tp, rs in records.items():
+            if rs and tp in assigned and self._committed_offset.get(tp) is None:
+                try:
+                    await self.seek(tp, rs[0].offset)
+                except Exception as ex:  # revoked meanwhile: the next owner starts over
+                    self.log.warning("Seek of %s after dropping an overtaken fetch failed: %r", tp, ex)
 
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation

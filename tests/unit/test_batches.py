@@ -73,9 +73,17 @@ class ConsumerHost:
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
+        self.seeked: list[tuple[TP, int]] = []  # seek(tp, offset) calls
+        self.assigned: set[TP] = {TP(TOPIC, p) for p in range(4)}
 
     async def perform_seek(self) -> None:
         self.seeks += 1
+
+    async def seek(self, tp: TP, offset: int) -> None:
+        self.seeked.append((tp, offset))
+
+    def assignment(self) -> set[TP]:
+        return self.assigned
 
 
 @pytest.fixture
@@ -208,6 +216,22 @@ def test_a_fetch_overtaken_by_a_rebalance_is_dropped_and_rewound():
     host._wait_next_records = nothing
     assert asyncio.run(host.fetch(1.0)) is None
     assert host.seeks == 1  # nothing was dropped: no seek
+
+
+def test_a_dropped_fetch_of_a_never_committed_partition_is_fetched_again():
+    """Found through issue 20's lag metric: aiokafka's seek_to_committed does not move a
+    partition with no committed offset, so after a dropped fetch its records were never
+    delivered (the partition stayed behind until new input came, and records nobody had
+    processed were skipped). Such a partition is rewound to the first dropped record."""
+    host = ConsumerHost()
+    committed, uncommitted, revoked = TP(TOPIC, 0), TP(TOPIC, 1), TP(TOPIC, 3)
+    host._committed_offset[committed] = 40
+    host.assigned = {committed, uncommitted}
+    dropped = {committed: [record(0, 40)], uncommitted: [record(1, 0), record(1, 1)],
+               revoked: [record(3, 0)], TP(TOPIC, 2): []}
+    asyncio.run(host.seek_after_drop(dropped))
+    assert host.seeks == 1  # the committed one: perform_seek's seek to the committed offset
+    assert host.seeked == [(uncommitted, 0)]
 
 
 def test_partitions_not_active_are_not_delivered(agent):
