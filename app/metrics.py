@@ -27,7 +27,9 @@ from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    GCCollector,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -224,6 +226,10 @@ class Metrics:
             "streametl_http_request_seconds", "Time to answer one HTTP request", ["method", "route"],
             buckets=HTTP_BUCKETS, registry=r)
         r.register(StreamCollector(sources or Sources()))
+        # The process's CPU, memory and file descriptors, and Python's collections, as
+        # the default registry has them (read at scrape time).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         #: agent name -> (batch histogram child, latency histogram child)
         self._agents: dict[str, tuple[Any, Any]] = {}
 
