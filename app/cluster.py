@@ -29,7 +29,7 @@ from mode import Service
 from app import app, settings
 from app.kafka_io import kafka_io
 from app.kafka_security import client_options
-from app.metrics import partition_lag
+from app.metrics import consumer_progress, partition_lag
 from app.topics import DECLARED, cluster_status
 
 log = logging.getLogger(__name__)
@@ -110,15 +110,6 @@ def totals(workers: list[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _progress() -> list[tuple[Any, int | None, int | None, int | None]]:
-    from app.metrics import _progress as progress
-
-    try:
-        return progress()
-    except Exception:  # the consumer is starting or stopping: no assignment to report
-        return []
-
-
 def _counters() -> tuple[Mapping, Mapping, Mapping, Mapping]:
     pipeline = sys.modules.get("agents.pipeline")
     windows = sys.modules.get("agents.window_aggregate")
@@ -156,7 +147,7 @@ class ClusterStatus(Service):
     def status(self) -> dict[str, Any]:
         pipelines, windows, patterns, alerts_by_pattern = _counters()
         return status_record(worker=self.worker, host=self.host, web_port=app.conf.web_port,
-                             started_at=self.started_at, now=time.time(), progress=_progress(),
+                             started_at=self.started_at, now=time.time(), progress=consumer_progress(),
                              pipelines=pipelines, windows=windows, patterns=patterns,
                              alerts_by_pattern=alerts_by_pattern)
 

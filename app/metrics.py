@@ -62,15 +62,19 @@ def _patterns() -> tuple[Mapping[str, Any], Mapping[str, int]]:
     return module.stats, dict(module.alerts_by_pattern)
 
 
-def _progress() -> list[tuple[Any, int | None, int | None, int | None]]:
+def consumer_progress() -> list[tuple[Any, int | None, int | None, int | None]]:
     """The consumer's partition progress (``FastConsumer.partition_progress``)."""
     module = sys.modules.get("app")
     app = getattr(module, "app", None)
     if app is None or not app.started:
         return []
-    consumer = app.consumer
-    progress = getattr(consumer, "partition_progress", None)
-    return [] if progress is None else progress()
+    progress = getattr(app.consumer, "partition_progress", None)
+    if progress is None:  # Faust's own consumer (STREAMETL_FAST_CONSUMER=false)
+        return []
+    try:
+        return progress()
+    except Exception:  # the consumer is starting or stopping: no assignment to report
+        return []
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Sources:
     pipelines: Callable[[], Mapping[str, Mapping[str, Any]]] = _pipelines
     windows: Callable[[], Mapping[str, Mapping[str, Any]]] = _windows
     patterns: Callable[[], tuple[Mapping[str, Any], Mapping[str, int]]] = _patterns
-    progress: Callable[[], list[tuple[Any, int | None, int | None, int | None]]] = _progress
+    progress: Callable[[], list[tuple[Any, int | None, int | None, int | None]]] = consumer_progress
     now: Callable[[], float] = field(default=time.time)
 
 

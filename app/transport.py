@@ -95,6 +95,7 @@ async def _done(value: Any) -> Any:
 #: How long a stopping consumer waits for the batch finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
+
 class Observers:
     """Where the worker reports what it timed (``app.metrics`` sets these when metrics
     are on; None: nothing is timed, so metrics off cost nothing on the consume path).
