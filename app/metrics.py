@@ -62,8 +62,14 @@ def _patterns() -> tuple[Mapping[str, Any], Mapping[str, int]]:
     return module.stats, dict(module.alerts_by_pattern)
 
 
+#: Faust's leader-election topic (``<app id>-__assignor-__leader``): not input.
+LEADER_TOPIC_SUFFIX = "-__assignor-__leader"
+
+
 def consumer_progress() -> list[tuple[Any, int | None, int | None, int | None]]:
-    """The consumer's partition progress (``FastConsumer.partition_progress``)."""
+    """The consumer's partition progress (``FastConsumer.partition_progress``) on the
+    topics agents read: the tables' changelogs (read only to restore state) and Faust's
+    leader topic, which the consumer is assigned too, are left out."""
     module = sys.modules.get("app")
     app = getattr(module, "app", None)
     if app is None or not app.started:
@@ -72,7 +78,9 @@ def consumer_progress() -> list[tuple[Any, int | None, int | None, int | None]]:
     if progress is None:  # Faust's own consumer (STREAMETL_FAST_CONSUMER=false)
         return []
     try:
-        return progress()
+        changelogs = app.tables.changelog_topics
+        return [p for p in progress()
+                if p[0].topic not in changelogs and not p[0].topic.endswith(LEADER_TOPIC_SUFFIX)]
     except Exception:  # the consumer is starting or stopping: no assignment to report
         return []
 

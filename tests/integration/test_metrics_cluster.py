@@ -108,6 +108,10 @@ def test_two_workers_counters_add_up_and_survivor_reports_every_partition():
         # partitions whose processed records an earlier owner never committed.
         run(wait_for(lambda: value(scrape(a), "streametl_consumer_lag_records", topic=source) == 0,
                      timeout=30, what="no lag left on the survivor"))
+        survivor = scrape(a)
+        assert value(survivor, "streametl_rebalances_total") >= 2  # B joined, B left
+        assert value(survivor, "streametl_rebalance_seconds_count", phase="restore") >= 2
+        assert value(survivor, "streametl_commit_seconds_count") > 0
         _, body = a.get("/api/v1/cluster")
         (only,) = body["workers"]
         assert sorted(p["partition"] for p in only["partitions"] if p["topic"] == source) == list(range(PARTITIONS))
