@@ -33,6 +33,7 @@ from app.batches import Batch, BatchRecord, batch_agent, from_partition
 from app.codec import RecordError, dumps_held, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
+from app.metrics import observe_flush
 from app.patterns import Pattern, event_time
 from app.transport import FastConsumer, commit_guard
 from operators.patterns import Match
@@ -58,6 +59,10 @@ log = logging.getLogger(__name__)
 #: benchmark can time the worker's own processing of a backlog.
 stats: dict[str, Any] = {"records": 0, "batches": 0, "alerts": 0,
                          "first_batch_at": None, "last_batch_at": None}
+
+
+#: Alerts sent by this worker, by pattern name (GET /metrics); counted per batch.
+alerts_by_pattern: dict[str, int] = {}
 
 
 def count_batch(records: int, alerts: int) -> None:
@@ -332,6 +337,8 @@ async def apply_items(items: list[Item]) -> int:
         # marks the items applied.
         await asyncio.gather(send_alerts(alerts), timer_store.write_many(timer_writes),
                              count_store.write_many(count_writes))
+        for (name, _partition), (_record, n) in counts.items():
+            alerts_by_pattern[name] = alerts_by_pattern.get(name, 0) + n
         if defer:
             flush_before_commits()
             state_cache.put_dirty_many(state_writes)
@@ -391,11 +398,13 @@ async def flush_states() -> None:
         if not taken:
             return
         state_cache.dirty = {}
+        t0 = time.perf_counter()
         try:
             entries = state_cache.entries
             # Encoded as they are stored (str_keys: see encode_state), not held encoded.
             await state_store.write_partitions(
                 [(p, table_key_bytes(tkey), entries[(p, tkey)]) for p, tkey in taken], str_keys=True)
+            observe_flush("patterns", time.perf_counter() - t0)
         except BaseException:
             # Not written: still unwritten (with whatever became so meanwhile), so no
             # commit covers them until a flush succeeds.

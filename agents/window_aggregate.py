@@ -40,6 +40,7 @@ from app.batches import Batch, batch_agent, from_partition
 from app.codec import RecordError, dumps_held
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, kafka_io
+from app.metrics import observe_flush
 from app.topics import declare
 from app.transport import FastConsumer, commit_guard
 from app.windows import WindowDef, decode_source, make_decoder
@@ -410,7 +411,9 @@ class WindowRunner:
                 self.meta_dirty |= metas
                 raise
             self.stats["flushes"] += 1
-            self.timing["flush"] += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.timing["flush"] += seconds
+            observe_flush(f"window-{self.defn.name}", seconds)
 
     async def results_sent(self, keep: int = 0) -> None:
         """Wait until every result send but the newest ``keep`` is acknowledged."""

@@ -11,6 +11,7 @@ import ssl
 from pathlib import Path
 
 from app import api_auth, logs
+from app import metrics as _metrics
 from app import transport as _transport
 from app.kafka_security import broker_credentials, check_connection
 from app.settings import settings
@@ -18,13 +19,20 @@ from app.settings import settings
 # The consume path (app/transport.py) is selected by the broker URL scheme. It is the
 # only one: every processor is a batch agent, which Faust's own consumer cannot serve.
 _transport.install()
+_metrics.install()
 
 
 def _web_options() -> dict:
     options: dict = {"client_max_size": settings.produce_max_bytes + 65536}
+    middlewares = []
+    if _metrics.METRICS is not None:
+        # First, so that requests the token check refuses are counted too.
+        middlewares.append(_metrics.METRICS.middleware())
     tokens = api_auth.parse_tokens(settings.api_tokens)
     if tokens:
-        options["middlewares"] = [api_auth.middleware(tokens, settings.api_open_paths.split(","))]
+        middlewares.append(api_auth.middleware(tokens, settings.api_open_paths.split(",")))
+    if middlewares:
+        options["middlewares"] = middlewares
     return options
 
 

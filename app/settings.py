@@ -136,6 +136,15 @@ class Settings:
     log_level: str = "info"
     # text (Faust's lines) or json (one JSON object per line: app/logs.py)
     log_format: str = "text"
+    # Observability (app/metrics.py, app/cluster.py): GET /metrics, the per-batch timing
+    # histograms, the HTTP middleware and the cluster status that GET /api/v1/cluster
+    # and the cluster totals of /api/v1/pipelines and /api/v1/windows read. false turns
+    # all of it off (those endpoints then answer 404), e.g. to measure what it costs.
+    metrics: bool = True
+    # Seconds between two status records of a worker on the cluster-status topic, and
+    # age after which a worker's last record no longer counts (it stopped or hangs).
+    cluster_status_interval: float = 2.0
+    cluster_status_timeout: float = 10.0
     # Kafka connection security, for every client of the app (Faust's consumer,
     # producers and admin client, changelogs, streametl's own readers and producer):
     # PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL (app/kafka_security.py).
@@ -204,6 +213,8 @@ class Settings:
             raise SettingsError("stop_timeout must be >= 0 (0: no limit)")
         if self.commit_every < 1:
             raise SettingsError("commit_every must be >= 1")
+        if not 0 < self.cluster_status_interval < self.cluster_status_timeout:
+            raise SettingsError("cluster_status_interval must be > 0 and below cluster_status_timeout")
         if self.topic_partitions < 1:
             raise SettingsError("topic_partitions must be >= 1")
         if self.session_timeout < 6:

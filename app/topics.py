@@ -49,5 +49,8 @@ def declare(logical_name: str, *, partitions: int | None = None, compacted: bool
 
 events = declare("events")
 dead_letters = declare("dlq")
+#: One status record per worker, keyed by worker id (app/cluster.py); compacted, so a
+#: reader finds each worker's latest record.
+cluster_status = declare("cluster-status", partitions=1, compacted=True)
 
-__all__ = ["DECLARED", "TopicSpec", "declare", "events", "dead_letters", "faust"]
+__all__ = ["DECLARED", "TopicSpec", "cluster_status", "declare", "events", "dead_letters", "faust"]

@@ -120,6 +120,26 @@ async def _done(value: Any) -> Any:
 #: How long a stopping consumer waits for the batch finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
+
+class Observers:
+    """Where the worker reports what it timed (``app.metrics`` sets these when metrics
+    are on; None: nothing is timed, so metrics off cost nothing on the consume path).
+
+    ``batch(agent_name, batch, seconds)``: once per batch agent call, after it returned.
+    ``commit(seconds)``: once per offset commit (the before-commit flushes included).
+    ``rebalance(phase, seconds)``: ``"assign"`` from a rebalance's start until this
+    worker's partitions are assigned, ``"restore"`` from then until table recovery has
+    completed (Faust's rebalance end)."""
+
+    batch: Callable[[str, Batch, float], None] | None = None
+    commit: Callable[[float], None] | None = None
+    rebalance: Callable[[str, float], None] | None = None
+
+
+#: The one set of observers of this worker process.
+observers = Observers()
+
+
 #: Yield to the event loop after this many inline deliveries, so the web server, timers
 #: and the stream's own tasks get a turn even when deliveries never suspend.
 YIELD_EVERY = 100
@@ -248,6 +268,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._finish_failed: BaseException | None = None
         #: exactly_once: why a batch's processing section did not finish (no more commits).
         self._broken_section: BaseException | None = None
+        #: Batch partitions: Kafka timestamp (ms) of the last record handed to agents.
+        self._last_timestamp: dict[Any, int] = {}
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -292,6 +314,45 @@ class FastConsumer(faust_aiokafka.Consumer):
         of those offsets were in the aborted transaction, so they would be lost."""
         for tp in revoked:
             self._batch_next.pop(tp, None)
+            self._last_timestamp.pop(tp, None)
+
+    def partition_progress(self) -> list[tuple[Any, int | None, int | None, int | None]]:
+        """Per partition assigned now: ``(tp, next offset to process, end offset,
+        timestamp in ms of the last record handed to batch agents)``; None where not
+        known yet. Read at scrape time by the lag metrics and the cluster status (the
+        assignment is read each time, so a revoked partition is never reported).
+
+        The next offset is the read offset + 1 once this assignment delivered a record
+        to a batch agent; until then Faust's read offset is the committed offset, which
+        is already the next one. With neither (the group never committed the partition
+        and nothing was delivered yet) it is aiokafka's fetch position.
+        The end offset is the high watermark (the last stable offset under
+        read_committed) of the latest fetch response."""
+        progress = []
+        read_offset, committed = self._read_offset, self._committed_offset
+        last_ts = self._last_timestamp
+        for tp in self.assignment():
+            try:
+                end = self.highwater(tp)
+            except Exception:  # not fetched yet: no end offset known
+                end = None
+            read = read_offset.get(tp)
+            if read is not None:
+                position = read + 1 if tp in last_ts else read
+            else:
+                position = committed.get(tp)
+                if position is None:
+                    position = self._fetch_position(tp)
+            progress.append((tp, position, end, last_ts.get(tp)))
+        return progress
+
+    def _fetch_position(self, tp: Any) -> int | None:
+        """aiokafka's fetch position of ``tp`` (None: none yet)."""
+        try:
+            state = self._thread._ensure_consumer()._subscription.subscription.assignment.state_value(tp)
+            return state.position if state.has_valid_position else None
+        except Exception:  # not assigned (any more), or no consumer
+            return None
 
     async def track_topic_metadata(self, topic: str) -> None:
         """Make the consumer's client fetch (and keep fetching) metadata for ``topic``,
@@ -322,6 +383,16 @@ class FastConsumer(faust_aiokafka.Consumer):
         section was interrupted (``section_interrupted``)."""
         if self._broken_section is not None and self.app.in_transaction:
             return False
+        observe = observers.commit
+        if observe is None:
+            return await self._commit_guarded(topics, start_new_transaction)
+        t0 = time.perf_counter()
+        try:
+            return await self._commit_guarded(topics, start_new_transaction)
+        finally:
+            observe(time.perf_counter() - t0)
+
+    async def _commit_guarded(self, topics: Any, start_new_transaction: bool) -> bool:
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
@@ -476,6 +547,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         by_topic: dict[str, tuple[list[Any], Batch, dict[Any, tuple[int, int]]]] = {}
         read_offset = self._read_offset
         buffered = self._buffered_partitions
+        last_timestamp = self._last_timestamp
+        observe = observers.batch
         for tp, tp_records in records.items():
             agents = for_topic(tp.topic)
             if not agents or not tp_records:
@@ -493,6 +566,7 @@ class FastConsumer(faust_aiokafka.Consumer):
             entry = by_topic.setdefault(tp.topic, (agents, Batch(), {}))
             entry[1].add(tp, tp_records)
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
+            last_timestamp[tp] = tp_records[-1].timestamp
         for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
                 if self.app.consumer_generation_id != generation_id:
@@ -507,7 +581,12 @@ class FastConsumer(faust_aiokafka.Consumer):
                 async with commit_guard.processing():
                     for agent in agents:
                         try:
-                            await agent.handler(batch)
+                            if observe is None:
+                                await agent.handler(batch)
+                            else:
+                                t0 = time.perf_counter()
+                                await agent.handler(batch)
+                                observe(agent.name, batch, time.perf_counter() - t0)
                         except Exception as exc:
                             self.log.exception("Batch agent %s failed; the worker stops without "
                                                "acking its batch: %r", agent.name, exc)
@@ -1300,6 +1379,8 @@ class App(faust.App):
         super().__init__(*args, **kwargs)
         #: Awaited once before anything else starts; an exception stops the worker.
         self.start_checks: list[Callable[[], Awaitable[None]]] = []
+        self._rebalance_started: float | None = None
+        self._rebalance_returned: float | None = None
 
     async def on_first_start(self) -> None:
         for check in self.start_checks:
@@ -1308,6 +1389,24 @@ class App(faust.App):
         # Named here, not at construction: ``--web-port`` is applied after that.
         self.conf.reply_to = reply_topic_name(self.topic_prefix, self.conf.id, self.conf.web_port)
         await super().on_first_start()
+
+    def on_rebalance_start(self) -> None:
+        self._rebalance_started = time.monotonic()
+        super().on_rebalance_start()
+
+    def on_rebalance_return(self) -> None:
+        super().on_rebalance_return()
+        self._rebalance_returned = time.monotonic()
+        observe = observers.rebalance
+        if observe is not None and self._rebalance_started is not None:
+            observe("assign", self._rebalance_returned - self._rebalance_started)
+
+    def on_rebalance_end(self) -> None:
+        super().on_rebalance_end()
+        observe = observers.rebalance
+        if observe is not None and self._rebalance_returned is not None:
+            observe("restore", time.monotonic() - self._rebalance_returned)
+        self._rebalance_started = self._rebalance_returned = None
 
     async def on_stop(self) -> None:
         if self.stop_timeout > 0:
@@ -1397,7 +1496,7 @@ def broker_url(url: str) -> str:
     return ";".join(parts)
 
 
-__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "commit_guard", "RawPartitionRecords", "Recovery", "ReplyConsumer",
-           "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
+__all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
+           "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]

@@ -14,6 +14,7 @@ from operators.aggregations import AggregationError
 from operators.windows import WindowSpecError
 from web.api_models import AggregateBody, WindowList
 from web.api_models import AggregateState as AggregateAnswer
+from web.cluster import cluster_view
 from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
 #: How long a view waits for the owning worker's answer.
@@ -65,8 +66,17 @@ class AggregateState(ApiView):
         return self.reply(await ask(AggregateRequest(op="get", window_id=window_id)))
 
 
-@endpoint("/api/v1/windows", "The configured windows and this worker's counters for each",
+@endpoint("/api/v1/windows", "The configured windows and their counters (this worker and the cluster)",
           get=Operation(WindowList))
 class Windows(ApiView):
     async def get(self, request: Any) -> Any:
-        return self.reply({"windows": [r.describe() for r in RUNNERS.values()]})
+        view = cluster_view()
+        totals = {} if view is None else view[1]["windows"]
+        windows = []
+        for r in RUNNERS.values():
+            d = r.describe()
+            # Summed over the live workers' latest status records (null: metrics off).
+            d["cluster_stats"] = None if view is None else totals.get(r.defn.name)
+            windows.append(d)
+        return self.reply({"windows": windows,
+                           "cluster_workers": None if view is None else [w["worker"] for w in view[0]]})

@@ -117,7 +117,11 @@ async def run(ctx: Context) -> Result:
 
     no_pipelines = config.with_name("no-pipelines.yaml")
     no_pipelines.write_text(json.dumps({"pipelines": []}))
-    loader = Worker(app_id=ctx.namespace, topic_prefix=prefix,
+    # A consumer group of its own: the pattern engine of every worker reads ``events``,
+    # so a loader in the measured worker's group consumed (and committed) part of the
+    # backlog while it loaded users; under load the worker then never saw all of it and
+    # the run waited for its counters until the 600 s timeout.
+    loader = Worker(app_id=f"{ctx.namespace}-loader", topic_prefix=prefix,
                     env={"STREAMETL_PIPELINES_FILE": str(no_pipelines)})
     loader.start(timeout=120)
     try:

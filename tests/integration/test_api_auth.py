@@ -1,6 +1,6 @@
 """Tokens on the HTTP API (issue 24): every route refuses no token and a wrong token
-with 401 and a too-low role with 403, in the error envelope; /health stays open; tokens
-never reach the log."""
+with 401 and a too-low role with 403, in the error envelope; /health and /metrics (the
+default STREAMETL_API_OPEN_PATHS) stay open; tokens never reach the log."""
 
 from __future__ import annotations
 
@@ -9,10 +9,13 @@ import secrets
 import pytest
 
 from app.api_auth import RANK, required_role
+from app.settings import Settings
 from tests.support import Worker, http, unique
 
 TOKENS = {role: f"{role}-{secrets.token_hex(12)}" for role in ("read", "write", "admin")}
 PARAMS = {"{window_id}": "w", "{name}": "users", "{key}": "1"}
+#: Open without a token by default (a Prometheus scrape, a load balancer's check).
+OPEN_PATHS = set(Settings().api_open_paths.split(","))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def routes(worker: Worker) -> list[tuple[str, str]]:
 def test_every_route_refuses_a_missing_or_wrong_token_and_a_low_role(worker):
     checked = 0
     for method, path in routes(worker):
-        if path == "/health":
+        if path in OPEN_PATHS:
             continue
         for token in (None, "not-a-token", TOKENS["read"] + "x"):
             status, reply = call(worker, method, path, token)
@@ -73,7 +76,9 @@ def test_a_read_token_cannot_produce_and_a_write_token_can(worker):
 
 
 def test_health_stays_open_and_faust_routes_are_closed(worker):
+    assert OPEN_PATHS == {"/health", "/metrics"}
     assert http("GET", worker.url + "/health")[0] == 200
+    assert http("GET", worker.url + "/metrics")[0] == 200
     assert http("GET", worker.url + "/")[0] == 401
 
 

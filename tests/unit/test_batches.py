@@ -49,6 +49,7 @@ class ConsumerHost:
     _filter_tps_with_pending_acks = FastConsumer._filter_tps_with_pending_acks
     section_interrupted = FastConsumer.section_interrupted
     commit = FastConsumer.commit
+    _commit_guarded = FastConsumer._commit_guarded
     seek_after_drop = FastConsumer.seek_after_drop
     rewind_dropped = FastConsumer.rewind_dropped
     forget_batches = FastConsumer.forget_batches
@@ -71,6 +72,7 @@ class ConsumerHost:
         self._unacked_messages: WeakSet = WeakSet()
         self._waiting_for_ack = None
         self._batch_next: dict = {}
+        self._last_timestamp: dict = {}
         self._finishing = None
         self._finish_failed = None
         self._broken_section = None
@@ -81,6 +83,7 @@ class ConsumerHost:
 
     async def perform_seek(self) -> None:
         self.seeks += 1
+
 
 
 @pytest.fixture

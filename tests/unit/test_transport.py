@@ -651,6 +651,7 @@ def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monk
     consumer = object.__new__(FastConsumer)
     consumer.app = SimpleNamespace(in_transaction=guarantee == "exactly_once", should_stop=False)
     consumer._batch_next = {}
+    consumer._last_timestamp = {}
     consumer.assignment = lambda: {"tp"}
     consumer.stop_flow = lambda: calls.append("stop flow")
 
