@@ -4,7 +4,10 @@
 
 const POLL_MS = 1500;
 const HISTORY = 80; // points per sparkline
-const state = { previous: null, history: { in: [], out: [] } };
+// Rates are taken over the last RATE_SAMPLES polls (~6 s): cluster counters move in
+// steps of a status interval (2 s), which a difference of two polls would alias.
+const RATE_SAMPLES = 5;
+const state = { samples: {}, history: { in: [], out: [] } };
 
 function token() { return sessionStorage.getItem("streametl-token") || ""; }
 
@@ -21,7 +24,14 @@ async function getJSON(path) {
 
 function text(id, value) { document.getElementById(id).textContent = value; }
 function fmt(n) { return n === null || n === undefined || Number.isNaN(n) ? "–" : Math.round(n).toLocaleString("en-US"); }
-function rate(now, before, seconds) { return before === undefined || seconds <= 0 ? null : Math.max(0, (now - before) / seconds); }
+// The rate of counter `name` from its samples over the last polls (null until two).
+function rate(name, now, value) {
+  const samples = (state.samples[name] = state.samples[name] || []);
+  samples.push([now, value]);
+  if (samples.length > RATE_SAMPLES) samples.shift();
+  const [t0, v0] = samples[0];
+  return samples.length < 2 || now <= t0 ? null : Math.max(0, (value - v0) / (now - t0));
+}
 
 function cell(value, numeric) {
   const td = document.createElement("td");
@@ -61,9 +71,19 @@ function describeWindow(spec) {
   return [kind, parts.join(", ")].filter(Boolean).join(" ");
 }
 
-// The pipelines' counters, cluster-wide when the worker reports cluster totals.
-function pipelineCounters(p) { return (p.cluster && p.cluster.counters) || p.counters; }
-function windowStats(w) { return (w.cluster && w.cluster.stats) || w.stats || {}; }
+// "events 0,1 · alerts 2" from [{topic, partition}], without the topics' common prefix.
+function groupPartitions(parts) {
+  const topics = [...new Set(parts.map(tp => tp.topic))].sort();
+  let prefix = topics.length > 1 ? topics[0] : "";
+  for (const t of topics) while (prefix && !t.startsWith(prefix)) prefix = prefix.slice(0, -1);
+  prefix = prefix.slice(0, prefix.lastIndexOf(".") + 1);
+  return topics.map(t => `${t.slice(prefix.length)} ${parts.filter(tp => tp.topic === t)
+    .map(tp => tp.partition).sort((a, b) => a - b).join(",")}`).join(" · ");
+}
+
+// Cluster-wide counters when the worker has the cluster view (docs/operations.md), else its own.
+function pipelineCounters(p) { return p.cluster_counters || p.counters; }
+function windowStats(w) { return w.cluster_stats || w.stats || {}; }
 
 async function poll() {
   const [health, pipelines, windows, cluster, alerts] = await Promise.all([
@@ -71,9 +91,6 @@ async function poll() {
     getJSON("/api/v1/cluster"), getJSON("/api/v1/alerts?limit=10"),
   ]);
   const now = performance.now() / 1000;
-  const seconds = state.previous ? now - state.previous.time : 0;
-  const before = state.previous || { pipelines: {}, windows: {} };
-  const current = { time: now, pipelines: {}, windows: {} };
 
   const badge = document.getElementById("health");
   const ok = health && health.status === 200;
@@ -83,16 +100,17 @@ async function poll() {
   let totalIn = 0, totalOut = 0, rateIn = null, rateOut = null;
   const pipelineRows = ((pipelines && pipelines.body.pipelines) || []).map(p => {
     const c = pipelineCounters(p);
-    current.pipelines[p.name] = c;
-    const old = before.pipelines[p.name] || {};
-    const rIn = rate(c.in, old.in, seconds), rOut = rate(c.out, old.out, seconds);
+    const rIn = rate("in:" + p.name, now, c.in), rOut = rate("out:" + p.name, now, c.out);
     totalIn += c.in; totalOut += c.out;
     if (rIn !== null) rateIn = (rateIn || 0) + rIn;
     if (rOut !== null) rateOut = (rateOut || 0) + rOut;
     return [[p.name], [p.source + " → " + p.sink], [fmt(rIn), true], [fmt(rOut), true],
             [fmt(c.in), true], [fmt(c.out), true], [fmt(c.dropped), true], [fmt(c.dead_lettered), true]];
   });
-  if (pipelines) text("app-id", pipelines.body.worker.app_id + " · this worker :" + pipelines.body.worker.web_port);
+  if (pipelines) {
+    const scope = pipelines.body.cluster_workers ? `${pipelines.body.cluster_workers.length} workers` : "this worker";
+    text("app-id", `${pipelines.body.worker.app_id} · ${scope} · answered by :${pipelines.body.worker.web_port}`);
+  }
   fillTable("pipelines", pipelineRows);
   text("total-in-rate", fmt(rateIn));
   text("total-out-rate", fmt(rateOut));
@@ -105,9 +123,8 @@ async function poll() {
   let emitted = 0;
   const windowRows = ((windows && windows.body.windows) || []).map(w => {
     const s = windowStats(w);
-    current.windows[w.name] = s;
     emitted += s.emitted || 0;
-    const r = rate(s.records || 0, (before.windows[w.name] || {}).records, seconds);
+    const r = rate("window:" + w.name, now, s.records || 0);
     return [[w.name], [describeWindow(w.window)], [fmt(r), true],
             [fmt(s.records || 0), true], [fmt(s.emitted || 0), true], [fmt(s.late || 0), true]];
   });
@@ -116,14 +133,12 @@ async function poll() {
 
   const workers = (cluster && cluster.body.workers) || null;
   if (workers) {
-    let lag = 0;
     fillTable("workers", workers.map(w => {
-      lag += w.lag || 0;
-      const parts = (w.partitions || []).map(tp => typeof tp === "string" ? tp : `${tp.topic}[${tp.partition}]`);
-      return [[w.worker || w.id], [parts.length + (parts.length ? ": " + parts.join(", ") : "")], [fmt(w.lag), true],
+      const parts = w.partitions || [];
+      return [[w.worker], [`${parts.length}: ${groupPartitions(parts)}`], [fmt(w.lag_records), true],
               [w.updated_at ? new Date(w.updated_at * 1000).toLocaleTimeString() : ""]];
     }));
-    text("total-lag", fmt(lag));
+    text("total-lag", fmt(cluster.body.totals.lag_records));
   } else {
     fillTable("workers", [[["this worker only (no cluster view)"], [""], ["–"], [""]]]);
   }
@@ -139,7 +154,6 @@ async function poll() {
     return li;
   }));
 
-  state.previous = current;
   text("updated", "updated " + new Date().toLocaleTimeString());
 }
 
