@@ -74,9 +74,7 @@ def consumer_progress() -> list[tuple[Any, int | None, int | None, int | None]]:
     app = getattr(module, "app", None)
     if app is None or not app.started:
         return []
-    progress = getattr(app.consumer, "partition_progress", None)
-    if progress is None:  # Faust's own consumer (STREAMETL_FAST_CONSUMER=false)
-        return []
+    progress = app.consumer.partition_progress
     try:
         changelogs = app.tables.changelog_topics
         return [p for p in progress()

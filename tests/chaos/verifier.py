@@ -69,7 +69,8 @@ GRACE_S = 300
 THRESHOLD = 950
 #: How far behind its neighbours a deliberately late event is, beyond the grace (ms).
 LATE_BY_MS = 90_000
-#: Faust's broker_session_timeout (s), unless a run says otherwise (``--session-timeout``).
+#: Not below the workers' session timeout (Settings.session_timeout, 45 s by default),
+#: unless a run says otherwise (``--session-timeout``): a zombie pauses 10 s longer.
 SESSION_TIMEOUT = 60.0
 #: Seconds a caught-up group's outputs must stay unchanged to count as final when the
 #: fold still expects more (lost or missing for good, not late).
