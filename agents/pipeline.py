@@ -135,8 +135,18 @@ class LiveContext:
         self._horizon_n = dedupe["horizon_count"] if dedupe else None
 
     def begin_batch(self) -> None:
-        self._dbs = {}
+        self.release_stores()
         self.partition = -1
+
+    def release_stores(self) -> None:
+        """Let go of the partitions' databases once a batch's records are processed.
+
+        Faust closes a revoked partition's RocksDB by dropping its reference and
+        collecting garbage; a reference kept here held the database, and its lock, open:
+        when the partition came back in a later rebalance, opening it failed ("lock hold
+        by current process") and the worker crashed (the chaos verifier, issue 23)."""
+        self._dbs = {}
+        self._db = None
 
     def enter_partition(self, event: Any) -> None:
         """The next records are of ``event``'s partition; ``event`` stands for each of
@@ -394,6 +404,7 @@ def build(spec: PipelineSpec) -> None:
                                            partition=partition, offset=raw.offset)
             if table is not None:
                 ctx.expire(EXPIRE_PER_RECORD * len(raw_records))
+        ctx.release_stores()
         counters.out += writer.count
         outputs_acked = await writer.send()
         # The acks of the outputs, then the dedupe state, may complete while the next
