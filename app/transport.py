@@ -79,6 +79,7 @@ from typing import Any, ClassVar
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
+from aiokafka.errors import IllegalOperation, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
@@ -403,7 +404,21 @@ class FastConsumer(faust_aiokafka.Consumer):
                 return False
             for hook in hooks:
                 await hook()
-            return await super().commit(topics, start_new_transaction=start_new_transaction)
+            if not self.app.in_transaction:
+                return await super().commit(topics, start_new_transaction=start_new_transaction)
+            try:
+                return await super().commit(topics, start_new_transaction=start_new_transaction)
+            except (ProducerFenced, IllegalOperation) as exc:
+                # A worker paused past its session (a zombie) finds its transactions
+                # fenced by the partitions' new owner: its commit must fail, and nothing
+                # of it becomes visible (the coordinator aborted it). Crashing the worker
+                # (the chaos verifier's zombie, issue 23) helped nothing: the rebalance
+                # that follows hands its partitions on, and the transaction manager
+                # replaces the fenced producers (``TransactionManager.ready_transaction``).
+                self.log.warning("exactly_once: commit refused, this worker's transaction was fenced "
+                                 "(%r); nothing of it is committed, the rebalance hands its partitions on",
+                                 exc)
+                return False
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """Deliver one message; a suspended flow still interrupts a blocked delivery."""

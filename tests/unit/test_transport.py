@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 
 import pytest
 from mode import Service
@@ -798,3 +799,33 @@ def test_a_rebalance_stops_the_producers_of_partitions_that_became_standbys():
     assert sorted(manager.producer.stopped) == ["g-1-0", "g-1-1"]
     assert sorted(manager.producer._transaction_producers) == ["g-1-2", "g-1-3"]
     assert sorted(manager.producer.begun) == ["g-1-2", "g-1-3"]
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_a_fenced_commit_of_a_zombie_is_refused_not_a_crash(monkeypatch, guarantee):
+    """Issue 23 (the chaos verifier's zombie: SIGSTOP past the session, then SIGCONT):
+    its timer commit found its transaction fenced by the new owner and the worker
+    crashed (IllegalOperation "Not in the middle of a transaction"). Under exactly_once
+    the commit is refused instead (nothing of the fenced transaction is visible); under
+    at_least_once there are no transactions and an error stays an error."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import IllegalOperation
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    from app.transport import commit_guard
+
+    async def fenced(self, topics=None, start_new_transaction=True):
+        raise IllegalOperation("Not in the middle of a transaction")
+
+    monkeypatch.setattr(FaustConsumer, "commit", fenced)
+    monkeypatch.setattr(commit_guard, "before_commit", [])
+    consumer = object.__new__(FastConsumer)
+    consumer.app = SimpleNamespace(in_transaction=guarantee == "exactly_once")
+    consumer._broken_section = None
+    consumer.__dict__["log"] = logging.getLogger("test")
+    if guarantee == "exactly_once":
+        assert run(consumer.commit()) is False
+    else:
+        with pytest.raises(IllegalOperation):
+            run(consumer.commit())
