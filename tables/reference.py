@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from mode import Service
 
 from app import app, settings
@@ -77,7 +78,7 @@ class ReferenceStore(Service):
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
+        end = await self._end_offsets(consumer, tps)
         target = {tp.partition: off for tp, off in end.items()}
         while not self.should_stop:
             batch = await consumer.getmany(timeout_ms=200, max_records=5000)
@@ -93,6 +94,19 @@ class ReferenceStore(Service):
             if batch:
                 async with self._advanced:
                     self._advanced.notify_all()
+
+    async def _end_offsets(self, consumer: Any, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The partitions' end offsets, asked again until the broker answers.
+
+        Why: a worker started while the broker is unreachable (or paused long enough,
+        e.g. a restart during a broker restart) got a timeout here after 40 s, and this
+        service's crash stopped the worker (the chaos verifier, issue 23)."""
+        while True:
+            try:
+                return await consumer.end_offsets(tps)
+            except KafkaError as exc:
+                log.warning("reference data: end offsets not available (%r); asking again", exc)
+                await self.sleep(1.0)
 
     def _apply(self, key: bytes | None, value: bytes | None) -> None:
         if key is None:
