@@ -9,6 +9,7 @@ import orjson
 
 from app import settings
 from app.kafka_io import OutgoingMessage, kafka_io
+from app.topics import DECLARED
 from web.api_models import ProduceBody, ProduceResult
 from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
@@ -50,6 +51,18 @@ def parse_produce(body: dict[str, Any]) -> ProduceRequest:
     return ProduceRequest(topic, encoded)
 
 
+async def topic_partitions(name: str) -> tuple[str, int | None]:
+    """The Kafka topic a produce request means, and its partition count (None: unknown).
+
+    A logical name of one of the app's own topics (``events`` while
+    ``STREAMETL_TOPIC_PREFIX`` is set) means that topic, as it does everywhere in the
+    config: the README's examples then work under any prefix. Any other name is the
+    Kafka topic itself."""
+    app_topic = settings.topic(name)
+    topic = app_topic if app_topic in DECLARED else name
+    return topic, await kafka_io.partition_count(topic)
+
+
 @endpoint("/api/v1/produce", "Produce JSON messages to a topic; 200 once the broker acknowledged all",
           post=Operation(ProduceResult, body=ProduceBody))
 class Produce(ApiView):
@@ -58,20 +71,20 @@ class Produce(ApiView):
         produce = parse_produce(body)
         if not kafka_io.ready.is_set():
             raise ApiError(503, "not_ready", "the worker is still starting; retry shortly")
-        partitions = await kafka_io.partition_count(produce.topic)
+        topic, partitions = await topic_partitions(produce.topic)
         if partitions is None:
             if not settings.auto_create_topics:
                 raise ApiError(
                     404,
                     "unknown_topic",
-                    f"topic {produce.topic!r} does not exist and auto-creation is off",
-                    {"topic": produce.topic},
+                    f"topic {topic!r} does not exist and auto-creation is off",
+                    {"topic": topic},
                 )
-            partitions = await kafka_io.create_topic(produce.topic)
-        delivered = await kafka_io.send_batch(produce.topic, produce.messages, partitions)
+            partitions = await kafka_io.create_topic(topic)
+        delivered = await kafka_io.send_batch(topic, produce.messages, partitions)
         return self.reply(
             {
-                "topic": produce.topic,
+                "topic": topic,
                 "count": len(delivered),
                 "results": [{"partition": d.partition, "offset": d.offset} for d in delivered],
             }

@@ -153,3 +153,16 @@ def test_bad_input_gets_a_clear_error_and_sends_nothing(two_workers, case, kwarg
     assert reply["error"]["message"]
     after = len(run(read_topic(topic, idle=0.5)))
     assert after == before
+
+
+def test_a_logical_topic_name_means_the_apps_prefixed_topic(two_workers):
+    """The README's `"topic": "events"` under STREAMETL_TOPIC_PREFIX: the logical name of
+    one of the app's own topics (as in the config) means that topic; a name the app does
+    not own still gets 404."""
+    w = two_workers[0]
+    status, reply = w.post("/api/v1/produce", {"topic": "events", "messages": [{"logical": 1}]})
+    assert status == 200, reply
+    assert reply["topic"] == events_topic(two_workers)
+    assert {"logical": 1} in [r.json() for r in run(read_topic(events_topic(two_workers), idle=0.5))]
+    status, reply = w.post("/api/v1/produce", {"topic": "no-such-app-topic", "messages": [{"a": 1}]})
+    assert status == 404 and reply["error"]["code"] == "unknown_topic"
