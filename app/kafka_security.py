@@ -12,6 +12,7 @@ CA stops the worker with a message naming the setting, instead of a retry loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from typing import Any
 
@@ -28,8 +29,11 @@ class KafkaSecurityError(RuntimeError):
     """The broker refused this worker's TLS or SASL settings."""
 
 
+@functools.cache
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    """The client TLS context, or None when the protocol has no TLS."""
+    """The client TLS context, or None when the protocol has no TLS. One per settings:
+    every client shares it (the alerts view builds a consumer per request), instead of
+    reading the CA and key files again for each."""
     if settings.kafka_security_protocol not in {"SSL", "SASL_SSL"}:
         return None
     context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
