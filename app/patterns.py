@@ -22,14 +22,13 @@ import orjson
 from app.config_file import section
 from operators import patterns as ops
 from operators.expr import ExprError, compile_expr
+from operators.transform import duration_seconds
 
 #: The condition language (named in 422 details): the project's one expression language.
 EXPR_LANGUAGE = "operators.expr"
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 KINDS = ("threshold", "frequency", "trend", "anomaly", "sequence", "absence")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class PatternError(ValueError):
@@ -80,17 +79,10 @@ class Pattern:
 
 def duration(value: Any, where: str) -> float:
     """Seconds from a number or a string like ``90``, ``60s``, ``10m``, ``1h``."""
-    if isinstance(value, bool):
-        raise PatternError(where, "must be a duration (seconds or '10m')")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise PatternError(where, f"must be a duration (seconds or a string like '10m'), not {value!r}")
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise PatternError(where, "must be a positive duration")
-    return seconds
+    try:
+        return duration_seconds(value)
+    except ValueError as exc:
+        raise PatternError(where, str(exc)) from None
 
 
 def event_time(value: Any) -> float | None:

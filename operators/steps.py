@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from operators.expr import ExprError, compile_expr
+from operators.joins import JOIN_TYPES, BatchJoin, JoinCounts, JoinSpec
 from operators.transform import (
     SCHEMA_TYPES,
     EnrichSpec,
@@ -25,6 +26,7 @@ from operators.transform import (
     RecordFailure,
     Seen,
     dedupe_key,
+    duration_seconds,
     enrich,
     epoch_seconds,
     is_duplicate,
@@ -246,6 +248,64 @@ def parse_map(index: int, spec: Mapping[str, Any]) -> Step:
     return Step(index, op, spec, lambda record, ctx: map_record(record, ms))
 
 
+def _duration(index: int, op: str, spec: Mapping[str, Any], param: str, allow_zero: bool = False) -> float | None:
+    if spec.get(param) is None:
+        return None
+    try:
+        return duration_seconds(spec[param], allow_zero=allow_zero)
+    except ValueError as exc:
+        raise StepSpecError(index, op, param, str(exc)) from None
+
+
+def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
+    """An interval join with a second stream (operators/joins.py, docs/joins.md): the
+    other side is a topic (``with``, live pipelines) or given inline (``with_records``,
+    ``POST /api/v1/process``). Its ``params`` are ``(JoinSpec, with, with_records)``."""
+    op = "join"
+    _check_params(index, op, spec, {"with", "with_records", "on", "within", "before", "after", "grace",
+                                    "type", "time_field", "max_matches", "prefix"})
+    other, inline = spec.get("with"), spec.get("with_records")
+    if (other is None) == (inline is None):
+        raise StepSpecError(index, op, "with", "give the other side: 'with' (a topic) or 'with_records' (a list)")
+    if other is not None and (not isinstance(other, str) or not other):
+        raise StepSpecError(index, op, "with", "must be a topic name")
+    if inline is not None and (not isinstance(inline, list)):
+        raise StepSpecError(index, op, "with_records", "must be a list of records")
+    on = _str_list(index, op, spec, "on")
+    if not on:
+        raise StepSpecError(index, op, "on", "is required: the key field(s) both sides share")
+    within = _duration(index, op, spec, "within", allow_zero=True)
+    before = _duration(index, op, spec, "before", allow_zero=True)
+    after = _duration(index, op, spec, "after", allow_zero=True)
+    if within is None and (before is None or after is None):
+        raise StepSpecError(index, op, "within", "is required (or both 'before' and 'after'), e.g. \"10m\"")
+    before = within if before is None else before
+    after = within if after is None else after
+    kind = spec.get("type", "inner")
+    if kind not in JOIN_TYPES:
+        raise StepSpecError(index, op, "type", f"must be one of {list(JOIN_TYPES)}")
+    time_field = spec.get("time_field", "ts")
+    if not isinstance(time_field, str) or not time_field:
+        raise StepSpecError(index, op, "time_field", "must be a field name")
+    max_matches = _positive(index, op, spec, "max_matches", int) or 1000
+    prefix = spec.get("prefix")
+    prefixes = None
+    if prefix is not None:
+        if (not isinstance(prefix, dict) or set(prefix) - {"left", "right"}
+                or not all(isinstance(v, str) for v in prefix.values())):
+            raise StepSpecError(index, op, "prefix", "must be an object {left: text, right: text}")
+        prefixes = (prefix.get("left", ""), prefix.get("right", ""))
+        if prefixes[0] == prefixes[1]:
+            raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
+    js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
+                  time_field, max_matches, prefixes)
+
+    def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
+        raise RuntimeError("a join is run by run_batch or a live join, not record by record")
+
+    return Step(index, op, (js, other, inline), apply, drops="late")
+
+
 #: op name → parser(index, spec) -> Step. Other modules may register more ops.
 STEP_PARSERS: dict[str, Callable[[int, Mapping[str, Any]], Step]] = {
     "deduplicate": parse_deduplicate,
@@ -253,6 +313,7 @@ STEP_PARSERS: dict[str, Callable[[int, Mapping[str, Any]], Step]] = {
     "enrich": parse_enrich,
     "filter": parse_filter,
     "map": parse_map,
+    "join": parse_join,
 }
 
 MAX_STEPS = 64
@@ -277,6 +338,8 @@ def parse_steps(specs: Any) -> list[Step]:
         step = STEP_PARSERS[op](index, spec)
         if step.terminal and index != len(specs) - 1:
             raise StepSpecError(index, op, "op", "must be the last step")
+        if op == "join" and any(s.op == "join" for s in steps):
+            raise StepSpecError(index, op, "op", "one join per pipeline")
         steps.append(step)
     return steps
 
@@ -355,6 +418,8 @@ class StepTally:
 
     def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = runnable(steps)
+        #: index of the first step (the steps after a join start past 0)
+        self.first = self.steps[0].index if self.steps else 0
         self.completed = 0
         self.dropped: list[dict[str, int]] = [{} for _ in self.steps]
         self.failed = [0] * len(self.steps)
@@ -365,10 +430,10 @@ class StepTally:
         if step is None:
             self.completed += 1
         elif outcome.dropped:
-            dropped = self.dropped[step.index]
+            dropped = self.dropped[step.index - self.first]
             dropped[outcome.dropped] = dropped.get(outcome.dropped, 0) + 1
         else:
-            self.failed[step.index] += 1
+            self.failed[step.index - self.first] += 1
 
     def counts(self) -> list[StepCounts]:
         """Each step's counters; a step's ``in`` is what every later step saw plus
@@ -376,9 +441,10 @@ class StepTally:
         result: list[StepCounts] = []
         passed = self.completed
         for step in reversed(self.steps):
-            i = step.index
+            i = step.index - self.first
             stopped = sum(self.dropped[i].values()) + self.failed[i]
-            result.append(StepCounts(i, step.op, passed + stopped, passed, dict(self.dropped[i]), self.failed[i]))
+            result.append(StepCounts(step.index, step.op, passed + stopped, passed, dict(self.dropped[i]),
+                                     self.failed[i]))
             passed += stopped
         return result[::-1]
 
@@ -426,27 +492,76 @@ class BatchResult:
     counts: list[StepCounts]
     dropped: list[dict[str, Any]]
     failures: list[dict[str, Any]]
+    #: the input index of each output record
+    origin: list[int] = field(default_factory=list)
 
 
 def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext) -> BatchResult:
     """Run a batch (``/api/v1/process``): outputs, per-step counts, and every record
-    that did not come out, with its index, step and reason."""
+    that did not come out, with its index, step and reason.
+
+    With a ``join`` step the records are its left side and its ``with_records`` the
+    right one (operators.joins.BatchJoin); the steps after it run over the joined
+    records, and what they drop is named by ``"side": "joined"`` and its output index."""
+    join_at = next((i for i, step in enumerate(steps) if step.op == "join"), None)
+    if join_at is None:
+        return _run_steps(steps, records, ctx)
+    join = steps[join_at]
+    spec, _, inline = join.params
+    before = _run_steps(steps[:join_at], records, ctx, side="left")
+    left = before.records
+    origin = before.origin
+    right, failures = [], list(before.failures)
+    right_origin = []
+    for j, record in enumerate(inline or ()):
+        if isinstance(record, dict):
+            right.append(record)
+            right_origin.append(j)
+        else:
+            failures.append({"index": j, "side": "right", "step": join.index, "op": "join",
+                             "reason": f"record is {type(record).__name__}, not an object"})
+    batch = BatchJoin(spec)
+    counts = batch.run(left, right)
+    where = {"l": ("left", origin), "r": ("right", right_origin)}
+    dropped = list(before.dropped)
+    for side, i in batch.late:
+        name, positions = where[side]
+        dropped.append({"index": positions[i], "side": name, "step": join.index, "op": "join", "reason": "late"})
+    for side, i, reason in batch.failures:
+        name, positions = where[side]
+        failures.append({"index": positions[i], "side": name, "step": join.index, "op": "join", "reason": reason})
+    after = _run_steps(steps[join_at + 1:], batch.outputs, ctx, side="joined")
+    join_dropped = {"late": counts.late} if counts.late else {}
+    if counts.limited:
+        join_dropped["max_matches"] = counts.limited
+    join_count = StepCounts(join.index, "join", len(left) + len(right), len(batch.outputs), join_dropped,
+                            len(batch.failures))
+    return BatchResult(after.records, before.counts + [join_count] + after.counts,
+                       dropped + after.dropped, failures + after.failures)
+
+
+def _run_steps(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
+               side: str | None = None) -> BatchResult:
     tally = StepTally(steps)
     before_terminal = runnable(steps)
-    outputs, dropped, failures = [], [], []
+    outputs, origin, dropped, failures = [], [], [], []
+    named = {} if side is None else {"side": side}
     for i, record in enumerate(records):
         if not isinstance(record, dict):
-            failures.append({"index": i, "step": None, "op": "parse",
+            failures.append({"index": i, **named, "step": None, "op": "parse",
                              "reason": f"record is {type(record).__name__}, not an object"})
             continue
         outcome = pass_record(before_terminal, record, ctx)
         if outcome.__class__ is not Outcome:
             tally.completed += 1
             outputs.append(outcome)
+            origin.append(i)
             continue
         tally.add(outcome)
         if outcome.dropped:
-            dropped.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.dropped})
+            dropped.append({"index": i, **named, "step": outcome.step.index, "op": outcome.step.op,
+                            "reason": outcome.dropped})
         else:
-            failures.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.failed})
-    return BatchResult(outputs, tally.counts(), dropped, failures)
+            failures.append({"index": i, **named, "step": outcome.step.index, "op": outcome.step.op,
+                             "reason": outcome.failed})
+    return BatchResult(outputs, tally.counts(), dropped, failures, origin)

@@ -148,6 +148,26 @@ def epoch_seconds(value: Any) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def duration_seconds(value: Any, allow_zero: bool = False) -> float:
+    """Seconds from a number or a string like ``90``, ``500ms``, ``60s``, ``10m``,
+    ``1h``, ``1d``; ValueError when it is none, negative (or zero, unless allowed)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration (seconds or a string like '10m')")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"must be a duration (seconds or a string like '10m'), not {value!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValueError("must be a positive duration" if not allow_zero else "must not be negative")
+    return seconds
+
+
 SCHEMA_TYPES = ("string", "integer", "number", "boolean", "timestamp", "object", "array", "any")
 
 

@@ -31,6 +31,11 @@ class Process(ApiView):
         if any(s.terminal for s in steps):
             raise invalid("stateful terminal steps (window) run only in live pipelines",
                           {"field": "transformations", "op": steps[-1].op})
+        for step in steps:
+            if step.op == "join" and step.params[2] is None:
+                raise invalid(f"step {step.index} (join): over HTTP give the other side inline as "
+                              "'with_records' (a topic in 'with' is for live pipelines)",
+                              {"field": "transformations", "step": step.index, "op": "join", "parameter": "with"})
         result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup))
         return self.reply({
             "records": result.records,

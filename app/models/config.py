@@ -148,10 +148,33 @@ class WindowStep(Strict):
     idle_close: Annotated[float, Field(ge=0)] = 0
 
 
+class JoinPrefix(Strict):
+    left: str = ""
+    right: str = ""
+
+
+class JoinStep(Strict):
+    """An interval join with a second stream (docs/joins.md). Over HTTP the other side
+    is given inline in ``with_records``."""
+
+    op: Literal["join"]
+    name: str | None = None
+    with_records: list[dict[str, Any]]
+    on: FieldNames
+    within: Duration | Literal[0] | None = None
+    before: Duration | Literal[0] | None = None
+    after: Duration | Literal[0] | None = None
+    grace: Duration | Literal[0] | None = None
+    type: Literal["inner", "left", "outer"] = "inner"
+    time_field: FieldName = "ts"
+    max_matches: Annotated[int, Field(gt=0)] = 1000
+    prefix: JoinPrefix | None = None
+
+
 StepOp = Literal["deduplicate", "normalize", "enrich", "filter", "map"]
 #: A step: an op name alone, or an object with ``op`` and its parameters.
 Step = StepOp | Annotated[
-    DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep, Field(discriminator="op")]
+    DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | JoinStep, Field(discriminator="op")]
 PipelineStep = StepOp | Annotated[
     DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | WindowStep,
     Field(discriminator="op")]

@@ -125,3 +125,29 @@ def test_bad_reference_writes_are_refused(worker):
     assert worker.put("/api/v1/reference/users", {"key": "1"})[0] == 422
     assert worker.put("/api/v1/reference/users", {"rows": [{"a": 1}], "key_field": "user_id"})[0] == 422
     assert worker.put("/api/v1/reference/users", {"key": "1", "row": [1]})[0] == 422
+
+
+def test_a_join_over_http_pairs_records_within_the_interval_and_emits_unmatched_once(worker):
+    # The README's join example: orders (records) with payments (with_records).
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"order_id": "o1", "ts": 100}, {"order_id": "o2", "ts": 101}, {"order_id": "o3", "ts": 20}],
+        "transformations": [{"op": "join", "on": "order_id", "within": "10s", "grace": "5s", "type": "left",
+                             "with_records": [{"order_id": "o1", "ts": 104, "amount": 9},
+                                              {"order_id": "o2", "ts": 150, "amount": 3}]}],
+    })
+    assert status == 200, reply
+    assert reply["records"] == [
+        {"left": {"order_id": "o1", "ts": 100}, "right": {"order_id": "o1", "ts": 104, "amount": 9}, "ts": 104},
+        {"left": {"order_id": "o2", "ts": 101}, "right": None, "ts": 101},
+    ]
+    # o3 (ts 20) arrives after ts 101 was seen: past the grace, late.
+    assert reply["dropped"] == [{"index": 2, "side": "left", "step": 0, "op": "join", "reason": "late"}]
+    assert reply["steps"] == [{"step": 0, "op": "join", "in": 5, "out": 2, "dropped": {"late": 1}, "failed": 0}]
+
+
+def test_a_join_over_http_needs_its_other_side_inline(worker):
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"k": 1, "ts": 1}],
+        "transformations": [{"op": "join", "with": "payments", "on": "k", "within": 5}]})
+    assert status == 422, reply
+    assert "with_records" in reply["error"]["message"]

@@ -1,0 +1,291 @@
+"""Interval joins of two streams: which pairs match, and when an unmatched record is
+emitted. Pure: the buffered records live in a mapping the caller gives (a dict for an
+HTTP batch and unit tests; a changelog-backed store for a live pipeline).
+
+Semantics (docs/joins.md has the tables):
+
+- A left record ``l`` and a right record ``r`` with the same key match when
+  ``l.t - before <= r.t <= l.t + after`` (``within`` sets both).
+- Stream time is the largest event time seen on either side; the watermark is stream
+  time minus ``grace``. A record whose time is below the watermark is *late*: it is
+  neither joined nor buffered, and goes to the caller's late output.
+- A buffered record can match no record that arrives after the watermark passes the end
+  of its interval (``l.t + after`` for a left record, ``r.t + before`` for a right one:
+  any partner would be late). Then its interval *closes*: it leaves the buffer, and a
+  left (``left``, ``outer``) or right (``outer``) record that matched nothing is emitted
+  alone, once. A record that is emitted alone is never followed by a match (the
+  defect Kafka Streams fixed with KIP-633).
+- Many-to-many: a record joins at most ``max_matches`` buffered partners (the oldest
+  first); the pairs left out are counted in ``JoinCounts.limited``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from operators.transform import RecordFailure, epoch_seconds
+
+JOIN_TYPES = ("inner", "left", "outer")
+LEFT, RIGHT = "l", "r"
+
+#: One buffered record: [event time, arrival sequence, record, matched].
+Buffered = list
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    """A parsed ``join`` step (operators.steps.parse_join checks the raw spec)."""
+
+    on: tuple[str, ...]
+    before: float
+    after: float
+    grace: float
+    type: str = "inner"
+    time_field: str = "ts"
+    max_matches: int = 1000
+    #: Flat output: each side's fields under its prefix; None: ``{"left": …, "right": …}``.
+    prefixes: tuple[str, str] | None = None
+
+    def emits_unmatched(self, side: str) -> bool:
+        return self.type == "outer" or (self.type == "left" and side == LEFT)
+
+
+@dataclass
+class JoinCounts:
+    """What a join did: records in per side, pairs and unmatched records out, late
+    records, and pairs left out by ``max_matches``."""
+
+    left: int = 0
+    right: int = 0
+    pairs: int = 0
+    unmatched: int = 0
+    late: int = 0
+    limited: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass(slots=True)
+class Joined:
+    """One output of the join: the pair (a side is None when unmatched) and its event
+    time, the later of the two."""
+
+    left: dict[str, Any] | None
+    right: dict[str, Any] | None
+    time: float
+
+
+def join_key(record: Mapping[str, Any], on: Sequence[str]) -> str:
+    """The join key of a record: its ``on`` fields as JSON text."""
+    try:
+        values = [record[f] for f in on]
+    except KeyError:
+        raise RecordFailure(f"join field(s) missing: {[f for f in on if f not in record]}") from None
+    return orjson.dumps(values[0] if len(values) == 1 else values).decode()
+
+
+def event_time(record: Mapping[str, Any], time_field: str) -> float:
+    value = record.get(time_field)
+    if value is None:
+        raise RecordFailure(f"time field {time_field!r} is missing")
+    seconds = epoch_seconds(value)
+    if not math.isfinite(seconds):
+        raise RecordFailure(f"time field {time_field!r} is not a time: {value!r}")
+    return seconds
+
+
+class IntervalJoin:
+    """The join of one partition's two streams.
+
+    ``buffers`` maps a join key to ``{"l": [Buffered…], "r": [Buffered…]}`` (JSON
+    values, so a store can persist them); ``stream_time`` and ``seq`` are the rest of
+    the state. ``closing`` is an index of the buffered records by the time their
+    interval closes, rebuilt from ``buffers`` (``rebuild_index``) after a restore."""
+
+    def __init__(self, spec: JoinSpec, buffers: MutableMapping[str, dict[str, list[Buffered]]] | None = None,
+                 stream_time: float = -math.inf, seq: int = 0) -> None:
+        self.spec = spec
+        self.buffers = {} if buffers is None else buffers
+        self.stream_time = stream_time
+        self.seq = seq
+        self.counts = JoinCounts()
+        self.closing: list[tuple[float, int, str, str]] = []
+        self.rebuild_index()
+
+    def rebuild_index(self) -> None:
+        self.closing = [(self._closes_at(side, entry[0]), entry[1], key, side)
+                        for key, sides in self.buffers.items() for side, entries in sides.items()
+                        for entry in entries]
+        heapq.heapify(self.closing)
+
+    def _closes_at(self, side: str, t: float) -> float:
+        return t + (self.spec.after if side == LEFT else self.spec.before)
+
+    @property
+    def watermark(self) -> float:
+        return self.stream_time - self.spec.grace
+
+    def add(self, side: str, record: dict[str, Any]) -> list[Joined] | None:
+        """One record of ``side`` (``"l"`` or ``"r"``): the pairs it makes, then the
+        unmatched records whose intervals its time closed; None when it is late.
+        Raises RecordFailure when the record has no key or time."""
+        spec = self.spec
+        key = join_key(record, spec.on)
+        t = event_time(record, spec.time_field)
+        if t < self.watermark:
+            self.counts.late += 1
+            return None
+        if side == LEFT:
+            self.counts.left += 1
+        else:
+            self.counts.right += 1
+        sides = self.buffers.get(key)
+        if sides is None:
+            sides = {LEFT: [], RIGHT: []}
+        out: list[Joined] = []
+        # Partner times that match: for a left record [t - before, t + after]; for a
+        # right record the left times l with l - before <= t <= l + after.
+        lo, hi = (t - spec.before, t + spec.after) if side == LEFT else (t - spec.after, t + spec.before)
+        found = 0
+        matched = False
+        for partner in sides[RIGHT if side == LEFT else LEFT]:
+            if lo <= partner[0] <= hi:
+                if found == spec.max_matches:
+                    self.counts.limited += 1
+                    continue
+                found += 1
+                partner[3] = matched = True
+                later = t if t >= partner[0] else partner[0]
+                out.append(Joined(record, partner[2], later) if side == LEFT else Joined(partner[2], record, later))
+        self.seq += 1
+        sides[side].append([t, self.seq, record, matched])
+        self.buffers[key] = sides  # written back: a store sees the change
+        heapq.heappush(self.closing, (self._closes_at(side, t), self.seq, key, side))
+        self.counts.pairs += len(out)
+        if t > self.stream_time:
+            self.stream_time = t
+            out.extend(self.close(self.watermark))
+        return out
+
+    def close(self, watermark: float) -> list[Joined]:
+        """Close every interval that ends before ``watermark``: drop those records from
+        the buffers and return the unmatched ones the join type emits."""
+        out: list[Joined] = []
+        closing = self.closing
+        while closing and closing[0][0] < watermark:
+            _, seq, key, side = heapq.heappop(closing)
+            sides = self.buffers.get(key)
+            if sides is None:
+                continue
+            entries = sides[side]
+            for i, entry in enumerate(entries):
+                if entry[1] == seq:
+                    del entries[i]
+                    if not entry[3] and self.spec.emits_unmatched(side):
+                        out.append(Joined(entry[2], None, entry[0]) if side == LEFT
+                                   else Joined(None, entry[2], entry[0]))
+                    break
+            if sides[LEFT] or sides[RIGHT]:
+                self.buffers[key] = sides
+            else:
+                del self.buffers[key]
+        self.counts.unmatched += len(out)
+        return out
+
+    def close_all(self) -> list[Joined]:
+        """End of input: every interval closes (an HTTP batch's last step)."""
+        return self.close(math.inf)
+
+
+def merged(joined: Joined, spec: JoinSpec, raw_time: Any) -> dict[str, Any]:
+    """The output record of one join result. Nested: ``{"left": …, "right": …}``;
+    flat: each side's fields under its prefix. Either way ``time_field`` holds the
+    later time of the pair (``raw_time``, as it was written in that record)."""
+    if spec.prefixes is None:
+        out: dict[str, Any] = {"left": joined.left, "right": joined.right}
+    else:
+        out = {}
+        for record, prefix in ((joined.left, spec.prefixes[0]), (joined.right, spec.prefixes[1])):
+            if record:
+                for name, value in record.items():
+                    out[prefix + name] = value
+    out[spec.time_field] = raw_time
+    return out
+
+
+def later_raw_time(joined: Joined, time_field: str) -> Any:
+    """The time value, as written, of the record the pair's time comes from."""
+    left, right = joined.left, joined.right
+    if left is None:
+        return right[time_field]  # type: ignore[index]
+    if right is None:
+        return left[time_field]
+    return left[time_field] if event_time(left, time_field) >= event_time(right, time_field) else right[time_field]
+
+
+@dataclass
+class BatchJoin:
+    """The join of an HTTP batch: both sides given, read in event-time order.
+
+    The two inputs are interleaved as a two-topic consumer does: the next record is the
+    head with the smaller event time (the left one on a tie), each side keeping its own
+    order, so a record written after a later one in its list arrives out of order (and
+    late when past the grace). A record without key or time fails at the join; at the
+    end every interval closes."""
+
+    spec: JoinSpec
+    outputs: list[dict[str, Any]] = field(default_factory=list)
+    #: (side, index in its input, reason) of each record that did not join.
+    late: list[tuple[str, int]] = field(default_factory=list)
+    failures: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def run(self, left: Sequence[dict[str, Any]], right: Sequence[dict[str, Any]]) -> JoinCounts:
+        join = IntervalJoin(self.spec)
+        for side, index, record in self._arrivals(left, right):
+            try:
+                results = join.add(side, record)
+            except RecordFailure as exc:
+                self.failures.append((side, index, str(exc)))
+                continue
+            if results is None:
+                self.late.append((side, index))
+            else:
+                self._emit(results)
+        self._emit(join.close_all())
+        return join.counts
+
+    def _emit(self, results: list[Joined]) -> None:
+        for joined in results:
+            self.outputs.append(merged(joined, self.spec, later_raw_time(joined, self.spec.time_field)))
+
+    def _arrivals(self, left: Sequence[dict[str, Any]], right: Sequence[dict[str, Any]]
+                  ) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        def timed(side: str, records: Sequence[dict[str, Any]]) -> Iterator[tuple[float, str, int, dict[str, Any]]]:
+            for i, record in enumerate(records):
+                try:
+                    t = event_time(record, self.spec.time_field)
+                except RecordFailure:
+                    t = -math.inf  # fails at once, at the join
+                yield t, side, i, record
+
+        lefts, rights = list(timed(LEFT, left)), list(timed(RIGHT, right))
+        i = j = 0
+        while i < len(lefts) or j < len(rights):
+            if j == len(rights) or (i < len(lefts) and lefts[i][0] <= rights[j][0]):
+                _, side, index, record = lefts[i]
+                i += 1
+            else:
+                _, side, index, record = rights[j]
+                j += 1
+            yield side, index, record
+
+
+__all__ = ["JOIN_TYPES", "BatchJoin", "IntervalJoin", "JoinCounts", "JoinSpec", "Joined", "join_key",
+           "merged"]

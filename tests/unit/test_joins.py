@@ -1,0 +1,170 @@
+"""Interval joins (operators/joins.py): the output equals a fold of the inputs computed
+from the definition, for every join type, with out-of-order and late arrivals,
+duplicates, many matches per key and unmatched records on both sides."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import orjson
+import pytest
+
+from operators.joins import BatchJoin, IntervalJoin, JoinSpec
+from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
+
+
+def spec(**kw) -> JoinSpec:
+    base = dict(on=("k",), before=10.0, after=10.0, grace=5.0, type="inner", time_field="ts")
+    base.update(kw)
+    return JoinSpec(**base)
+
+
+def arrivals(left, right):
+    """The order BatchJoin reads the two lists in (smaller head time first, left on a tie)."""
+    i = j = 0
+    while i < len(left) or j < len(right):
+        if j == len(right) or (i < len(left) and left[i]["ts"] <= right[j]["ts"]):
+            yield "l", left[i]
+            i += 1
+        else:
+            yield "r", right[j]
+            j += 1
+
+
+def fold(js: JoinSpec, left, right):
+    """The join by its definition: drop late records (below the largest earlier time
+    minus the grace), pair every remaining left and right record of one key within
+    the bounds, add the unmatched records the join type emits."""
+    stream_time, kept = float("-inf"), {"l": [], "r": []}
+    for side, rec in arrivals(left, right):
+        if rec["ts"] < stream_time - js.grace:
+            continue
+        stream_time = max(stream_time, rec["ts"])
+        kept[side].append(rec)
+    out, matched_l, matched_r = [], set(), set()
+    for a, l in enumerate(kept["l"]):
+        for b, r in enumerate(kept["r"]):
+            if l["k"] == r["k"] and l["ts"] - js.before <= r["ts"] <= l["ts"] + js.after:
+                out.append({"left": l, "right": r, "ts": max(l["ts"], r["ts"])})
+                matched_l.add(a)
+                matched_r.add(b)
+    if js.type in ("left", "outer"):
+        out += [{"left": l, "right": None, "ts": l["ts"]} for a, l in enumerate(kept["l"]) if a not in matched_l]
+    if js.type == "outer":
+        out += [{"left": None, "right": r, "ts": r["ts"]} for b, r in enumerate(kept["r"]) if b not in matched_r]
+    return out
+
+
+def as_multiset(records):
+    return Counter(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) for r in records)
+
+
+def random_stream(rng: random.Random, n: int, side: str, keys: int, disorder: float):
+    records, t = [], 0.0
+    for i in range(n):
+        t += rng.uniform(0, 3)
+        # Some records come late by up to 20 s (beyond the grace of 5 s sometimes).
+        ts = t - rng.uniform(0, 20) if rng.random() < disorder else t
+        records.append({"k": rng.randrange(keys), "ts": round(ts, 3), "id": f"{side}{i}"})
+    # A duplicate or two: same content twice.
+    for _ in range(2):
+        pos = rng.randrange(len(records))
+        records.insert(pos + 1, dict(records[pos]))
+    return records
+
+
+@pytest.mark.parametrize("join_type", ["inner", "left", "outer"])
+@pytest.mark.parametrize("seed", range(8))
+def test_join_equals_the_fold(join_type, seed):
+    rng = random.Random(seed)
+    js = spec(type=join_type, before=rng.choice([0.0, 4.0, 10.0]), after=rng.choice([0.0, 6.0, 10.0]))
+    left = random_stream(rng, 150, "l", keys=12, disorder=0.2)
+    right = random_stream(rng, 150, "r", keys=12, disorder=0.2)
+    batch = BatchJoin(js)
+    counts = batch.run(left, right)
+    expected = fold(js, left, right)
+    assert as_multiset(batch.outputs) == as_multiset(expected)
+    assert counts.late == len(batch.late) > 0
+    assert counts.pairs == sum(1 for r in expected if r["left"] and r["right"])
+
+
+def test_unmatched_left_is_emitted_once_when_its_interval_closes_never_before_a_match():
+    join = IntervalJoin(spec(type="left", after=10.0, grace=5.0))
+    assert join.add("l", {"k": 1, "ts": 100}) == []
+    # Stream time 114: the watermark (109) has not passed 100 + 10: still open.
+    assert join.add("r", {"k": 2, "ts": 114}) == []
+    # A partner at 110 still matches (it is not late: 110 >= 109).
+    pairs = join.add("r", {"k": 1, "ts": 110})
+    assert [(p.left["ts"], p.right["ts"], p.time) for p in pairs] == [(100, 110, 110)]
+    join2 = IntervalJoin(spec(type="left", after=10.0, grace=5.0))
+    join2.add("l", {"k": 1, "ts": 100})
+    assert join2.add("r", {"k": 2, "ts": 115}) == []  # watermark 110: not past 110 yet
+    closed = join2.add("r", {"k": 2, "ts": 115.5})  # watermark 110.5 > 110: closes
+    assert [(c.left["ts"], c.right) for c in closed] == [(100, None)]
+    # A partner now would be late: nothing follows the unmatched record.
+    assert join2.add("r", {"k": 1, "ts": 110}) is None
+    assert join2.counts.unmatched == 1 and join2.counts.late == 1
+    assert join2.close_all() == []
+
+
+def test_many_matches_are_bounded_and_counted():
+    join = IntervalJoin(spec(max_matches=3))
+    for i in range(5):
+        join.add("r", {"k": 1, "ts": 100 + i})
+    pairs = join.add("l", {"k": 1, "ts": 102})
+    assert [p.right["ts"] for p in pairs] == [100, 101, 102]
+    assert join.counts.limited == 2
+
+
+def test_buffers_are_plain_json_and_the_index_is_rebuilt_after_a_restore():
+    join = IntervalJoin(spec(type="outer"))
+    join.add("l", {"k": 1, "ts": 100})
+    join.add("r", {"k": 2, "ts": 101})
+    saved = orjson.loads(orjson.dumps(join.buffers))
+    restored = IntervalJoin(join.spec, saved, join.stream_time, join.seq)
+    closed = restored.add("l", {"k": 3, "ts": 200})
+    assert sorted((c.left or {}).get("ts", 0) + (c.right or {}).get("ts", 0) for c in closed) == [100, 101]
+    assert list(restored.buffers) == ['3']
+
+
+def test_join_step_over_http_batch_with_prefixes_and_steps_after_it():
+    steps = parse_steps([
+        "normalize",
+        {"op": "join", "on": "order_id", "within": "10m", "grace": "1m", "type": "left",
+         "time_field": "ts", "prefix": {"left": "", "right": "payment_"},
+         "with_records": [{"order_id": "a", "ts": "2026-01-01T10:05:00Z", "amount": 5}, "not a record"]},
+        {"op": "map", "set": {"paid": "payment_amount != null"}},
+    ])
+    result = run_batch(steps, [{"Order_ID": "a", "ts": "2026-01-01T10:00:00Z"},
+                               {"Order_ID": "b", "ts": "2026-01-01T10:01:00Z"}], MemoryContext())
+    assert result.records == [
+        {"order_id": "a", "ts": "2026-01-01T10:05:00Z", "payment_order_id": "a",
+         "payment_ts": "2026-01-01T10:05:00Z", "payment_amount": 5, "paid": True},
+        {"order_id": "b", "ts": "2026-01-01T10:01:00Z", "paid": False},
+    ]
+    assert [c.as_dict()["op"] for c in result.counts] == ["normalize", "join", "map"]
+    assert result.failures == [{"index": 1, "side": "right", "step": 1, "op": "join",
+                                "reason": "record is str, not an object"}]
+
+
+@pytest.mark.parametrize("raw, param", [
+    ({"op": "join", "on": "k", "within": 5}, "with"),
+    ({"op": "join", "on": "k", "within": 5, "with": "t", "with_records": []}, "with"),
+    ({"op": "join", "with": "t", "within": 5}, "on"),
+    ({"op": "join", "with": "t", "on": "k"}, "within"),
+    ({"op": "join", "with": "t", "on": "k", "within": "soon"}, "within"),
+    ({"op": "join", "with": "t", "on": "k", "within": 5, "type": "cross"}, "type"),
+    ({"op": "join", "with": "t", "on": "k", "within": 5, "prefix": {"left": "a", "right": "a"}}, "prefix"),
+    ({"op": "join", "with": "t", "on": "k", "within": 5, "max_matches": 0}, "max_matches"),
+])
+def test_join_step_errors_name_the_parameter(raw, param):
+    with pytest.raises(StepSpecError) as info:
+        parse_steps([raw])
+    assert info.value.param == param
+
+
+def test_one_join_per_step_list():
+    j = {"op": "join", "with_records": [], "on": "k", "within": 5}
+    with pytest.raises(StepSpecError, match="one join"):
+        parse_steps([j, j])
