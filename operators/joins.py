@@ -22,6 +22,7 @@ Semantics (docs/joins.md has the tables):
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -88,7 +89,11 @@ def join_key(record: Mapping[str, Any], on: Sequence[str]) -> str:
         values = [record[f] for f in on]
     except KeyError:
         raise RecordFailure(f"join field(s) missing: {[f for f in on if f not in record]}") from None
-    return orjson.dumps(values[0] if len(values) == 1 else values).decode()
+    value = values[0] if len(values) == 1 else values
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # e.g. an integer past 64 bits, which orjson does not write
+        return json.dumps(value, sort_keys=True, default=str)
 
 
 def event_time(record: Mapping[str, Any], time_field: str) -> float:
