@@ -417,7 +417,6 @@ class CommitProtocol:
     def __init__(self, emitter: Emitter, defer: bool | None = None, guard: Any = None) -> None:
         self.emitter = emitter
         self.caches: list[Flushable] = []
-        self.armed = False
         self._defer = defer
         self._guard = guard
 
@@ -442,10 +441,9 @@ class CommitProtocol:
         could cover it), not at start: with a hook, every commit of the worker waits for
         the batch in hand and holds the next one back for its round trip, which a
         worker with nothing stateful should not pay."""
-        if not self.armed:
-            self.armed = True
-            if self._guard is not None:
-                self._guard.before_commit.append(self.before_commit)
+        guard = self._guard
+        if guard is not None and self.before_commit not in guard.before_commit:
+            guard.before_commit.append(self.before_commit)
 
     async def end_batch(self, *caches: Any) -> None:
         """A batch's state changes are in ``caches``: write them now unless they may wait
