@@ -39,8 +39,13 @@ from app.transport import FastConsumer, commit_guard
 
 log = logging.getLogger(__name__)
 
+def exactly_once(of: Any = settings) -> bool:
+    """True when ``of`` (the worker's Settings) asks for exactly_once processing."""
+    return of.processing_guarantee == "exactly_once"
+
+
 #: The guarantee, decided once per process (Settings is read once).
-EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
+EXACTLY_ONCE = exactly_once(settings)
 
 #: An output: (topic object, key, value) or (topic object, key, value, headers).
 Output = tuple
@@ -485,5 +490,5 @@ commit_protocol = CommitProtocol(emitter, guard=commit_guard)
 app.on_partitions_revoked.connect(commit_protocol.partitions_moved)
 app.on_partitions_assigned.connect(commit_protocol.partitions_moved)
 
-__all__ = ["EXACTLY_ONCE", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
+__all__ = ["EXACTLY_ONCE", "exactly_once", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
            "TransactionalWriter", "commit_protocol", "emitter"]
