@@ -3,7 +3,7 @@
 A record that is not a JSON object, or fails a step, goes to the dead-letter topic
 with the pipeline, step and reason in its headers; the pipeline keeps running.
 Each pipeline is a batch agent (app/batches.py): it gets every record of a fetch at
-once, and each batch's outputs are written together (see ``SinkWriter``).
+once, and each batch's outputs are written together (``app.commit.OutputWriter``).
 
 Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
 default). Faust writes a table change to the changelog partition of the event being

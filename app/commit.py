@@ -150,20 +150,25 @@ class Emitter:
         by_topic: dict[str, list[OutgoingMessage]] = {}
         names: dict[int, list[OutgoingMessage]] = {}
         groups_by_topic: dict[int, tuple[str, dict[int, list[tuple[bytes, bytes]]], KeyPartitioner]] = {}
+        last: Any = None  # the topic of the previous output without headers
+        groups: dict[int, list[tuple[bytes, bytes]]] = {}
+        partition_of: Any = None
         for item in out:
             topic = item[0]
             if len(item) == 3:
                 # No headers: (key, value) pairs by the key's partition, as send_batch
                 # would place them, without a message object each.
-                slot = groups_by_topic.get(id(topic))
-                if slot is None:
-                    name = topic.get_topic_name()
-                    slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                if topic is not last:
+                    slot = groups_by_topic.get(id(topic))
+                    if slot is None:
+                        name = topic.get_topic_name()
+                        slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                    last, groups, partition_of = topic, slot[1], slot[2]
                 key = item[1]
-                p = slot[2](key)
-                group = slot[1].get(p)
+                p = partition_of(key)
+                group = groups.get(p)
                 if group is None:
-                    group = slot[1][p] = []
+                    group = groups[p] = []
                 group.append((key, item[2]))
                 continue
             msgs = names.get(id(topic))
