@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from faust.streams import _current_event
 
 from app import app, settings
 from app.batches import Batch, BatchRecord, batch_agent, from_partition
@@ -39,6 +37,7 @@ from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, RecordBatches, kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
+from app.transport import set_current_event
 from operators.steps import Outcome, Step, StepTally, pass_record, runnable
 from tables.reference import reference_store
 from tables.windows import RAW_SCHEMA, PartitionStore
@@ -323,11 +322,6 @@ class SinkWriter:
         if batches is None or not batches.count:
             return None
         return await batches.start(self.name)
-
-
-def set_current_event(event: Any) -> None:
-    """Make ``event`` Faust's current event (what table writes are partitioned by)."""
-    _current_event.set(weakref.ref(event))
 
 
 COUNTERS: dict[str, PipelineCounters] = {}

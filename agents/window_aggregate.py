@@ -42,7 +42,7 @@ from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, kafka_io
 from app.metrics import observe_flush
 from app.topics import declare
-from app.transport import FastConsumer, commit_guard
+from app.transport import FastConsumer, commit_guard, fetched_to, read_offset
 from app.windows import WindowDef, decode_source, make_decoder
 from operators import windows as W
 from operators.window_buffer import WriteBackBuffer
@@ -618,7 +618,7 @@ class WindowRunner:
         for tp in consumer.assignment():
             if tp.topic not in names:
                 continue
-            read = consumer._read_offset.get(tp)
+            read = read_offset(consumer, tp)
             try:
                 high = consumer.highwater(tp)
             except Exception:  # no fetch position yet
@@ -631,7 +631,7 @@ class WindowRunner:
                 # partition whose backlog had not been fetched yet could look idle and
                 # have its windows closed early (a plausible cause of the chaos test's
                 # early idle closes).
-                if not _fetched_to(consumer, tp, high):
+                if not fetched_to(consumer, tp, high):
                     return False
         return True
 
@@ -664,26 +664,6 @@ class WindowRunner:
                 await app.producer.send(name, None, b"", p, None, [(TICK_HEADER, b"1")])
             else:
                 await self.input.send(key=None, value=b"", partition=p, headers=[(TICK_HEADER, b"1")])
-
-
-def _fetched_to(consumer: Any, tp: Any, end: int) -> bool:
-    """True when the consumer fetched ``tp`` up to ``end`` and holds none of its records
-    back (all were handed to the agents). False when ``end`` is not known.
-
-    Why (exactly_once): the consumer reads read_committed, and every transaction leaves
-    a commit or abort marker (and aborted records) in the log that is never delivered.
-    So the last offset delivered stays below the end offset for good, and a partition
-    compared by offsets never looked idle: idle close never closed a window under
-    exactly_once. The fetch position does move past markers and aborted records."""
-    if end is None:
-        return False
-    try:
-        aio = consumer._thread._ensure_consumer()
-        state = aio._subscription.subscription.assignment.state_value(tp)
-        return bool(state.has_valid_position and state.position >= end
-                    and tp not in aio._fetcher._records)
-    except Exception:  # not assigned, no position, or a different client
-        return False
 
 
 async def _kafka_io_ready() -> None:

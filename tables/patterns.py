@@ -42,6 +42,7 @@ from app.patterns import (
     parse_definition,
 )
 from app.topics import declare
+from app.transport import refresh_metadata
 from tables.windows import RAW_SCHEMA, PartitionStore
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class PatternCatalog(Service):
                 parts = consumer.partitions_for_topic(topic)
                 if parts:
                     break
-                await consumer._client.force_metadata_update()
+                await refresh_metadata(consumer)
                 await asyncio.sleep(0.2)
             tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
         consumer.assign(tps)

@@ -24,6 +24,7 @@ from mode import Service
 from app import app, settings
 from app.kafka_security import client_options
 from app.topics import declare
+from app.transport import refresh_metadata
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class ReferenceStore(Service):
         topic = reference_topic.get_topic_name()
         parts = None
         while not parts:
-            await consumer._client.force_metadata_update()
+            await refresh_metadata(consumer)
             parts = consumer.partitions_for_topic(topic)
             if not parts:
                 await asyncio.sleep(0.2)

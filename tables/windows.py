@@ -15,35 +15,24 @@ in the partition its records come from (co-partitioned with the input topic).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import faust
 import orjson
-from faust.streams import _current_event
 from faust.types import TP
 from rocksdict import WriteBatch
 
 from app import app, settings
 from app.kafka_io import kafka_io
 from app.pipelines import pipeline_windows
+from app.transport import as_current_event as as_current
+from app.transport import partition_db
 from app.windows import WindowDef, load_window_defs
 
 #: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
 #: which no record key can produce (keys are UTF-8 text of a JSON scalar).
 META_PREFIX = b"\x00meta:"
-
-
-@contextmanager
-def as_current(event: Any) -> Iterator[None]:
-    """Make ``event`` Faust's current event (its partition picks store and changelog)."""
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 class AtPartition:
@@ -80,8 +69,7 @@ class PartitionStore:
         lookups for ``__contains__`` then ``__getitem__``, sensors); reading the
         partition's rocksdict directly costs ~1 µs. Keys and values are raw bytes
         (RAW_SCHEMA), so the bytes Faust would store are exactly these."""
-        get_db = getattr(self.table.data, "_db_for_partition", None)
-        return None if get_db is None else get_db(partition)
+        return partition_db(self.table, partition)
 
     def read(self, event: Any, key: bytes) -> Any:
         """The decoded value of ``key`` in ``event``'s partition, or None."""

@@ -18,6 +18,7 @@ from app import settings
 from app.kafka_io import kafka_io, partition_for
 from app.kafka_security import client_options
 from app.patterns import EXPR_LANGUAGE, PatternError, parse_definition
+from app.transport import refresh_metadata
 from tables.patterns import CONFIG_PATTERNS, ENGINE, alerts_topic, catalog, definitions_topic
 from web.api_models import (
     AlertList,
@@ -111,7 +112,7 @@ async def recent_alerts(pattern: str | None, key: str | None, limit: int) -> lis
     try:
         parts = sorted(consumer.partitions_for_topic(topic) or [])
         if not parts:
-            await consumer._client.force_metadata_update()
+            await refresh_metadata(consumer)
             parts = sorted(consumer.partitions_for_topic(topic) or [])
         if key is not None and parts:
             parts = [partition_for(key.encode(), len(parts), 0)]
