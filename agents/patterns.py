@@ -34,6 +34,7 @@ from app.codec import RecordError, dumps_held, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
 from app.metrics import observe_flush
+from app.models.patterns import alert_object
 from app.patterns import Pattern, event_time
 from app.transport import FastConsumer, commit_guard
 from operators.patterns import Match
@@ -450,13 +451,13 @@ def encode_state(value: dict[str, Any]) -> bytes:
 
 
 def alert_value(p: Pattern, item: Item, match: Match) -> bytes:
-    """The JSON of one alert (the fields of ``app.models.patterns.Alert``), built as a
-    plain dict: a Faust Record per alert costs more than the whole match."""
-    return orjson.dumps({
-        "alert_id": alert_id(p, item.table_key, match), "pattern": p.name, "kind": p.kind,
-        "key_by": p.key_by, "key": item.key, "at": match.at, "detected_at": time.time(),
-        "evidence": match.evidence, "detail": match.detail, "source": p.source,
-    })
+    """The JSON of one alert: ``app.models.patterns.Alert``'s fields, built as a plain
+    dict (``alert_object``): a Faust Record per alert costs more than the whole match."""
+    return orjson.dumps(alert_object(
+        alert_id=alert_id(p, item.table_key, match), pattern=p.name, kind=p.kind,
+        key_by=p.key_by, key=item.key, at=match.at, detected_at=time.time(),
+        evidence=match.evidence, detail=match.detail, source=p.source,
+    ))
 
 
 async def send_alerts(alerts: list[tuple[Any, bytes, bytes]]) -> None:
