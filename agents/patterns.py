@@ -45,7 +45,6 @@ from tables.patterns import (
     clock,
     count_store,
     repartition_topic,
-    source_topics,
     state_cache,
     state_store,
     table_key_bytes,
@@ -497,10 +496,6 @@ def make_source_agent(source: str, topic: Any) -> None:
 
     patterns_source.__name__ = patterns_source.__qualname__ = f"patterns_source_{source}"
     batch_agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
-
-
-for _source, _topic in source_topics.items():
-    make_source_agent(_source, _topic)
 
 
 @batch_agent(repartition_topic, name="agents.patterns.repartitioned")

@@ -35,7 +35,7 @@ from app.batches import Batch, BatchRecord, batch_agent, from_partition
 from app.codec import RecordError, dumps_held, loads_object
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, RecordBatches, kafka_io
-from app.pipelines import PipelineSpec, configured_pipelines
+from app.pipelines import PipelineSpec
 from app.topics import declare
 from app.transport import set_current_event
 from operators.steps import Outcome, Step, StepTally, pass_record, runnable
@@ -411,6 +411,3 @@ def build(spec: PipelineSpec) -> None:
 
     batch_agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 
-
-for _spec in configured_pipelines():
-    build(_spec)

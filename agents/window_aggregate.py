@@ -50,7 +50,6 @@ from operators import windows as W
 from operators.window_buffer import WriteBackBuffer
 from tables.windows import (
     META_PREFIX,
-    WINDOW_DEFS,
     AtPartition,
     PartitionStore,
     meta_key,
@@ -719,12 +718,17 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
     return rekey
 
 
-def _register(defn: WindowDef) -> None:
+def register(defn: WindowDef) -> None:
+    """Declare the topics and batch agents of one window (app/startup.py)."""
     source = declare(defn.source)
     keyed = declare(defn.keyed_topic) if defn.repartition else source
     runner = WindowRunner(defn, window_tables[defn.name], keyed, declare(defn.sink),
                           declare(defn.late_topic))
     RUNNERS[defn.name] = runner
+    if len(RUNNERS) == 1 and settings.processing_guarantee == "at_least_once":
+        # Kafka Streams' commit: flush the state caches, then commit the offsets
+        # (app/transport.py runs these hooks between batches, before each commit).
+        commit_guard.before_commit.append(flush_all)
 
     if defn.repartition:
         # Windows that share a source each have a rekey batch agent on it; every one of
@@ -742,10 +746,6 @@ def _register(defn: WindowDef) -> None:
             await runner.tick()
 
         app.timer(max(0.2, defn.idle_close / 4), name=f"window-{defn.name}-idle")(idle_tick)
-
-
-for _defn in WINDOW_DEFS:
-    _register(_defn)
 
 
 async def flush_all() -> None:
@@ -770,9 +770,5 @@ async def _on_assigned(*args: Any, **kwargs: Any) -> None:
 
 app.on_partitions_revoked.connect(_on_revoked)
 app.on_partitions_assigned.connect(_on_assigned)
-if RUNNERS and settings.processing_guarantee == "at_least_once":
-    # Kafka Streams' commit: flush the state caches, then commit the offsets
-    # (app/transport.py runs these hooks between batches, before each commit).
-    commit_guard.before_commit.append(flush_all)
 
-__all__ = ["RUNNERS", "WindowRunner", "flush_all"]
+__all__ = ["RUNNERS", "WindowRunner", "flush_all", "register"]

@@ -1432,6 +1432,15 @@ class App(faust.App):
             arm_stop_deadline(self.stop_timeout)
         await super().on_stop()
 
+    def discover(self, *extra_modules: str, **kwargs: Any) -> None:
+        """Faust's autodiscovery inside the start-up path (app/startup.py): the config
+        file is read and checked first, the configured processors registered after."""
+        from app import startup
+
+        startup.config()
+        super().discover(*extra_modules, **kwargs)
+        startup.register_processors()
+
     def _on_autodiscovery_error(self, name: str) -> None:
         """Faust only logs a warning when an autodiscovered module fails to import, and
         the worker then runs without that module's agents or views. A broken module or

@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     from aiokafka.structs import ConsumerRecord
 
     from agents.window_aggregate import RUNNERS
+    from app import startup
+
+    startup.register_processors()  # what a worker's start does (App.discover)
     from bench.events import make_event
 
     runner = RUNNERS[f"bench-{args.kind}"]

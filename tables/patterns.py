@@ -21,7 +21,6 @@ same on every worker and survives restarts without relying on standby recovery.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -33,17 +32,17 @@ from app.patterns import (
     EngineConfig,
     Pattern,
     PatternError,
-    config_patterns,
-    engine_config,
     parse_definition,
 )
+from app.startup import config
 from app.topics import declare
 from tables.windows import RAW_SCHEMA, PartitionStore
 
 log = logging.getLogger(__name__)
 
-ENGINE: EngineConfig = engine_config()
-CONFIG_PATTERNS: dict[str, Pattern] = config_patterns(ENGINE)
+#: The engine's settings and the config file's patterns (read at start-up: app/startup.py).
+ENGINE: EngineConfig = config().engine
+CONFIG_PATTERNS: dict[str, Pattern] = config().patterns
 
 alerts_topic = declare("alerts")
 #: Events re-keyed by a pattern's key_by field, and timer ticks for owned keys.
@@ -152,7 +151,7 @@ class StateCache:
             dirty[ck] = None
 
 
-state_cache = StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")))
+state_cache = StateCache(settings.pattern_state_cache)
 
 
 class EventClock:

@@ -25,10 +25,10 @@ from rocksdict import WriteBatch
 
 from app import app, settings
 from app.kafka_io import kafka_io
-from app.pipelines import pipeline_windows
+from app.startup import config
 from app.transport import as_current_event as as_current
 from app.transport import partition_db
-from app.windows import WindowDef, load_window_defs
+from app.windows import WindowDef
 
 #: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
 #: which no record key can produce (keys are UTF-8 text of a JSON scalar).
@@ -248,12 +248,8 @@ def _table(name: str) -> Any:
     )
 
 
-#: Every configured window; a bad ``windows:`` section stops the worker at start
-#: (WindowConfigError names the entry and field) rather than running half-configured.
-WINDOW_DEFS: list[WindowDef] = load_window_defs() + pipeline_windows()
-if len({d.name for d in WINDOW_DEFS}) != len(WINDOW_DEFS):
-    raise ValueError(f"window names must be unique (pipeline window steps are named pipeline.<name>): "
-                     f"{[d.name for d in WINDOW_DEFS]}")
+#: Every configured window (read and checked at start-up: app/startup.py).
+WINDOW_DEFS: list[WindowDef] = list(config().windows)
 
 #: name -> table holding that window's per-key state.
 window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WINDOW_DEFS}
