@@ -87,8 +87,6 @@ if settings.kafka_security_protocol != "PLAINTEXT":
     app.start_checks.append(lambda: check_connection(settings))
 app.topic_prefix = settings.topic_prefix
 
-
-
 __all__ = ["app", "settings"]
 
 # Our CLI commands must be registered before Faust parses the command line, for
