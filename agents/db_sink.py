@@ -25,12 +25,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from mode import Service
 
 from app import app, settings
-from app.config_file import section
-from app.db_sinks import Batch, OffsetConflict, SinkSpec, UnknownColumns, parse_sinks, target_for
+from app.db_sinks import Batch, OffsetConflict, SinkSpec, UnknownColumns, target_for
 from app.dead_letter import dead_letter_headers
 from app.kafka_io import kafka_io
 from app.kafka_security import client_options
-from app.pipelines import configured_pipelines
 from app.topics import dead_letters
 from operators.cdc import Change, ChangeError, parse_change, plain_change
 
@@ -217,12 +215,13 @@ class DbSink(Service):
             self.counters["dead_lettered"] += 1
 
 
-SINK_SPECS: list[SinkSpec] = parse_sinks(section("sinks")) + [
-    p.db_sink for p in configured_pipelines() if p.db_sink is not None]
 SINKS: dict[str, DbSink] = {}
-for _spec in SINK_SPECS:
-    SINKS[_spec.name] = DbSink(_spec)
-    app.service(SINKS[_spec.name])
+
+
+def add_sink(spec: SinkSpec) -> None:
+    """Run one configured database sink on this worker (registered by app/startup.py)."""
+    SINKS[spec.name] = DbSink(spec)
+    app.service(SINKS[spec.name])
 
 
 def materialized(name: str) -> DbSink | None:
@@ -236,4 +235,4 @@ def sinks_health() -> dict[str, Any]:
     return {name: {"state": s.sink_state, "error": s.error} for name, s in SINKS.items()}
 
 
-__all__ = ["SINKS", "DbSink", "materialized", "sinks_health"]
+__all__ = ["SINKS", "DbSink", "add_sink", "materialized", "sinks_health"]

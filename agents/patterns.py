@@ -34,6 +34,7 @@ from app.codec import RecordError, dumps_held, loads_object
 from app.commit import commit_protocol, emitter
 from app.kafka_io import kafka_io
 from app.metrics import observe_flush
+from app.models.patterns import alert_object
 from app.patterns import Pattern, event_time
 from operators.patterns import Match
 from tables.patterns import (
@@ -43,7 +44,6 @@ from tables.patterns import (
     clock,
     count_store,
     repartition_topic,
-    source_topics,
     state_cache,
     state_store,
     table_key_bytes,
@@ -383,13 +383,13 @@ def encode_state(value: dict[str, Any]) -> bytes:
 
 
 def alert_value(p: Pattern, item: Item, match: Match) -> bytes:
-    """The JSON of one alert (the fields of ``app.models.patterns.Alert``), built as a
-    plain dict: a Faust Record per alert costs more than the whole match."""
-    return orjson.dumps({
-        "alert_id": alert_id(p, item.table_key, match), "pattern": p.name, "kind": p.kind,
-        "key_by": p.key_by, "key": item.key, "at": match.at, "detected_at": time.time(),
-        "evidence": match.evidence, "detail": match.detail, "source": p.source,
-    })
+    """The JSON of one alert: ``app.models.patterns.Alert``'s fields, built as a plain
+    dict (``alert_object``): a Faust Record per alert costs more than the whole match."""
+    return orjson.dumps(alert_object(
+        alert_id=alert_id(p, item.table_key, match), pattern=p.name, kind=p.kind,
+        key_by=p.key_by, key=item.key, at=match.at, detected_at=time.time(),
+        evidence=match.evidence, detail=match.detail, source=p.source,
+    ))
 
 
 async def send_alerts(alerts: list[tuple[Any, bytes, bytes]]) -> None:
@@ -418,10 +418,6 @@ def make_source_agent(source: str, topic: Any) -> None:
 
     patterns_source.__name__ = patterns_source.__qualname__ = f"patterns_source_{source}"
     batch_agent(topic, name=f"agents.patterns.source.{source}")(patterns_source)
-
-
-for _source, _topic in source_topics.items():
-    make_source_agent(_source, _topic)
 
 
 @batch_agent(repartition_topic, name="agents.patterns.repartitioned")

@@ -36,8 +36,9 @@ from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, loads_object
 from app.commit import commit_protocol, emitter
 from app.kafka_io import kafka_io
-from app.pipelines import PipelineSpec, configured_pipelines
+from app.pipelines import PipelineSpec
 from app.topics import declare
+from app.transport import set_current_event
 from operators.steps import Outcome, Step, StepTally, pass_record, runnable
 from tables.reference import reference_store
 from tables.store import Expiry, PartitionStore
@@ -381,6 +382,3 @@ def build(spec: PipelineSpec) -> None:
 
     batch_agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
 
-
-for _spec in configured_pipelines():
-    build(_spec)

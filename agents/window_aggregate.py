@@ -43,11 +43,14 @@ from app.commit import CommitProtocol, Emitter, commit_protocol
 from app.dead_letter import send_dead_letter
 from app.kafka_io import OutgoingMessage, kafka_io
 from app.metrics import observe_flush
+from app.models.output import INT, JSON
+from app.models.windows import result_template
 from app.topics import declare
+from app.transport import fetched_to, read_offset
 from app.windows import WindowDef, decode_source, make_decoder
 from operators import windows as W
 from tables.store import AtPartition, PartitionStore, WriteBackCache
-from tables.windows import META_PREFIX, WINDOW_DEFS, meta_key, window_tables
+from tables.windows import META_PREFIX, meta_key, window_tables
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +204,9 @@ class WindowRunner:
     # --- processing -------------------------------------------------------------------
 
     def _result_format(self, final: bool, closed_by: str | None, superseded: bool) -> bytes:
-        """The JSON of app.models.windows.WindowResult (``to_json_dict``: same fields,
-        same order, orjson's compact form) with ``%``-placeholders for what differs per
-        window: key (JSON), start, end, count and aggregates (JSON).
+        """The JSON of app.models.windows.WindowResult (made from its fields by
+        ``result_template``, orjson's compact form) with ``%``-placeholders for what
+        differs per window: key (JSON), start, end, count and aggregates (JSON).
 
         Why a template rather than a dict for orjson: building the dict and encoding it
         cost ~1.8 µs per result, and orjson's output object keeps an over-allocated
@@ -212,15 +215,11 @@ class WindowRunner:
         bytes object. Window bounds and counts are ints (ms, records), so ``%d``."""
         fmt = self._formats.get((final, closed_by, superseded))
         if fmt is None:
-            def lit(value: Any) -> bytes:
-                return orjson.dumps(value).replace(b"%", b"%%")
-
-            d = self.defn
-            fmt = self._formats[(final, closed_by, superseded)] = (
-                b'{"source":' + lit(d.source) + b',"window":' + lit(d.name) + b',"key":%b'
-                b',"window_type":' + lit(self.spec.kind) + b',"start":%d,"end":%d,"count":%d'
-                b',"aggregates":%b,"final":' + lit(final) + b',"closed_by":' + lit(closed_by)
-                + b',"superseded":' + lit(superseded) + b"}")
+            # The placeholders' order is the order ``_result`` and ``_close_due`` fill them.
+            fmt = self._formats[(final, closed_by, superseded)] = result_template(
+                source=self.defn.source, window=self.defn.name, key=JSON, window_type=self.spec.kind,
+                start=INT, end=INT, count=INT, aggregates=JSON, final=final, closed_by=closed_by,
+                superseded=superseded)
         return fmt
 
     def _aggregates_json(self, state: dict[str, Any]) -> bytes:
@@ -511,7 +510,7 @@ class WindowRunner:
         for tp in consumer.assignment():
             if tp.topic not in names:
                 continue
-            read = consumer._read_offset.get(tp)
+            read = read_offset(consumer, tp)
             try:
                 high = consumer.highwater(tp)
             except Exception:  # no fetch position yet
@@ -524,7 +523,7 @@ class WindowRunner:
                 # partition whose backlog had not been fetched yet could look idle and
                 # have its windows closed early (a plausible cause of the chaos test's
                 # early idle closes).
-                if not _fetched_to(consumer, tp, high):
+                if not fetched_to(consumer, tp, high):
                     return False
         return True
 
@@ -550,26 +549,6 @@ class WindowRunner:
             self.last_tick[p] = now
             # A tick is input, not an output of processed records (emitter.tick).
             await self.emitter.tick(self.input, p, [(TICK_HEADER, b"1")])
-
-
-def _fetched_to(consumer: Any, tp: Any, end: int) -> bool:
-    """True when the consumer fetched ``tp`` up to ``end`` and holds none of its records
-    back (all were handed to the agents). False when ``end`` is not known.
-
-    Why (exactly_once): the consumer reads read_committed, and every transaction leaves
-    a commit or abort marker (and aborted records) in the log that is never delivered.
-    So the last offset delivered stays below the end offset for good, and a partition
-    compared by offsets never looked idle: idle close never closed a window under
-    exactly_once. The fetch position does move past markers and aborted records."""
-    if end is None:
-        return False
-    try:
-        aio = consumer._thread._ensure_consumer()
-        state = aio._subscription.subscription.assignment.state_value(tp)
-        return bool(state.has_valid_position and state.position >= end
-                    and tp not in aio._fetcher._records)
-    except Exception:  # not assigned, no position, or a different client
-        return False
 
 
 #: name -> runner, for the web views and tests.
@@ -617,7 +596,8 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
     return rekey
 
 
-def _register(defn: WindowDef) -> None:
+def register(defn: WindowDef) -> None:
+    """Declare the topics and batch agents of one window (app/startup.py)."""
     source = declare(defn.source)
     keyed = declare(defn.keyed_topic) if defn.repartition else source
     runner = WindowRunner(defn, window_tables[defn.name], keyed, declare(defn.sink),
@@ -642,10 +622,6 @@ def _register(defn: WindowDef) -> None:
         app.timer(max(0.2, defn.idle_close / 4), name=f"window-{defn.name}-idle")(idle_tick)
 
 
-for _defn in WINDOW_DEFS:
-    _register(_defn)
-
-
 async def _on_moved(*args: Any, **kwargs: Any) -> None:
     # The commit protocol writes what is unwritten and empties the caches on revoke
     # and assign (app.commit); the open-window index is rebuilt before the next batch.
@@ -656,4 +632,4 @@ async def _on_moved(*args: Any, **kwargs: Any) -> None:
 app.on_partitions_revoked.connect(_on_moved)
 app.on_partitions_assigned.connect(_on_moved)
 
-__all__ = ["RUNNERS", "WindowRunner"]
+__all__ = ["RUNNERS", "WindowRunner", "register"]

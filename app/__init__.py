@@ -87,18 +87,6 @@ if settings.kafka_security_protocol != "PLAINTEXT":
     app.start_checks.append(lambda: check_connection(settings))
 app.topic_prefix = settings.topic_prefix
 
-
-
-def _refuse_broken_module(name: str) -> None:
-    """Faust only logs a warning when an autodiscovered module fails to import, and the
-    worker then runs without that module's agents or views. A broken module or an
-    invalid config file must stop the worker with its error instead."""
-    raise  # noqa: PLE0704 - called by venusian inside its ``except`` block
-
-
-app._on_autodiscovery_error = _refuse_broken_module  # type: ignore[method-assign]
-
-
 __all__ = ["app", "settings"]
 
 # Our CLI commands must be registered before Faust parses the command line, for

@@ -125,6 +125,9 @@ class Settings:
     # Window aggregation: one write-back flush per fetched batch (at most
     # max_poll_records); this interval only enters the window runner's rate accounting.
     window_flush_interval: float = 0.25
+    # Pattern engine: decoded states of recently matched keys kept in memory, at most
+    # this many keys (0 = off; tables/patterns.py StateCache).
+    pattern_state_cache: int = 50000
     # Seconds a graceful stop (SIGTERM, Ctrl-C) may take before the worker exits without
     # finishing it (0 = no limit). Nothing is lost either way: what was not committed is
     # processed again after a restart, or its transaction is aborted under exactly_once.

@@ -72,6 +72,7 @@ import re
 import socket
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from functools import cached_property
 from pathlib import Path
@@ -86,6 +87,7 @@ from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
 from faust.models import maybe_model
+from faust.streams import _current_event as faust_current_event_var
 from faust.tables.manager import TableManager as FaustTableManager
 from faust.tables.recovery import RebalanceAgain
 from faust.tables.recovery import Recovery as FaustRecovery
@@ -1381,7 +1383,9 @@ class App(faust.App):
       volume path, died at start with FileNotFoundError);
     - replies are acked as they arrive (:class:`ReplyConsumer`), on one reply topic
       per worker (:func:`reply_topic_name`);
-    - a graceful stop is bounded (:func:`arm_stop_deadline`)."""
+    - a graceful stop is bounded (:func:`arm_stop_deadline`);
+    - it refuses to start with library versions this module was not written for
+      (:func:`check_versions`), or when an autodiscovered module fails to import."""
 
     #: Seconds a graceful stop may take before the process exits without finishing it
     #: (``Settings.stop_timeout``; 0 = wait for ever).
@@ -1393,7 +1397,7 @@ class App(faust.App):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: Awaited once before anything else starts; an exception stops the worker.
-        self.start_checks: list[Callable[[], Awaitable[None]]] = []
+        self.start_checks: list[Callable[[], Awaitable[None]]] = [check_versions]
         self._rebalance_started: float | None = None
         self._rebalance_returned: float | None = None
 
@@ -1427,6 +1431,21 @@ class App(faust.App):
         if self.stop_timeout > 0:
             arm_stop_deadline(self.stop_timeout)
         await super().on_stop()
+
+    def discover(self, *extra_modules: str, **kwargs: Any) -> None:
+        """Faust's autodiscovery inside the start-up path (app/startup.py): the config
+        file is read and checked first, the configured processors registered after."""
+        from app import startup
+
+        startup.config()
+        super().discover(*extra_modules, **kwargs)
+        startup.register_processors()
+
+    def _on_autodiscovery_error(self, name: str) -> None:
+        """Faust only logs a warning when an autodiscovered module fails to import, and
+        the worker then runs without that module's agents or views. A broken module or
+        an invalid config file must stop the worker with its error instead."""
+        raise  # noqa: PLE0704 - called by venusian inside its ``except`` block
 
     @cached_property
     def _reply_consumer(self) -> ReplyConsumer:
@@ -1511,7 +1530,191 @@ def broker_url(url: str) -> str:
     return ";".join(parts)
 
 
+# --- Versions ---------------------------------------------------------------------
+
+#: The versions of the libraries whose internals this module uses that it was written
+#: for and tested with, as [lowest, above-highest) (pyproject.toml declares the same).
+#: Its subclasses override private methods of Faust and aiokafka and read their private
+#: state: another version may rename or change them, and the delivery fixes above would
+#: then stop applying without any error. So a worker refuses to start with another
+#: version (``check_versions``); an upgrade means reading this module first, then
+#: widening the range here and in pyproject.toml.
+WRITTEN_FOR: dict[str, tuple[str, str]] = {
+    "faust-streaming": ("0.15.3", "0.15.4"),
+    "mode-streaming": ("0.7.1", "0.8"),
+    "aiokafka": ("0.12", "0.15"),
+}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def version_problems(installed: dict[str, str | None] | None = None) -> list[str]:
+    """One line per library whose installed version is outside ``WRITTEN_FOR`` (or
+    missing); empty when every one is inside."""
+    if installed is None:
+        installed = {name: _installed_version(name) for name in WRITTEN_FOR}
+    problems = []
+    for name, (lowest, above) in WRITTEN_FOR.items():
+        version = installed.get(name)
+        if version is None:
+            problems.append(f"{name} is not installed (app/transport.py needs >={lowest},<{above})")
+        elif not _version_tuple(lowest) <= _version_tuple(version) < _version_tuple(above):
+            problems.append(f"{name} {version} is installed; app/transport.py was written for "
+                            f">={lowest},<{above} and overrides its internals")
+    return problems
+
+
+def _installed_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+async def check_versions() -> None:
+    """A start check (``App.start_checks``): refuse to start with a faust-streaming,
+    mode-streaming or aiokafka version this module was not written for."""
+    problems = version_problems()
+    if problems:
+        for line in problems:
+            log.error("%s", line)
+        raise RuntimeError("unsupported library versions (see WRITTEN_FOR in app/transport.py): "
+                           + "; ".join(problems))
+    log.info("library versions: %s", ", ".join(f"{n} {_installed_version(n)}" for n in WRITTEN_FOR))
+
+
+# --- Internals the rest of the project reads ----------------------------------------
+# Each behind a named function, so that no other module touches a private attribute of
+# faust, mode or aiokafka (tests/unit/test_private_attributes.py).
+
+
+def read_offset(consumer: Any, tp: Any) -> int | None:
+    """The offset of the last record of ``tp`` Faust's consumer handed to the agents
+    (``Consumer._read_offset``), or None before the first."""
+    return consumer._read_offset.get(tp)
+
+
+def fetched_to(consumer: Any, tp: Any, end: int | None) -> bool:
+    """True when the consumer fetched ``tp`` up to ``end`` and holds none of its records
+    back (all were handed to the agents). False when ``end`` is not known.
+
+    Why (exactly_once): the consumer reads read_committed, and every transaction leaves
+    a commit or abort marker (and aborted records) in the log that is never delivered.
+    So the last offset delivered stays below the end offset for good, and a partition
+    compared by offsets never looked idle: idle close never closed a window under
+    exactly_once. The fetch position does move past markers and aborted records."""
+    if end is None:
+        return False
+    try:
+        aio = consumer._thread._ensure_consumer()
+        state = aio._subscription.subscription.assignment.state_value(tp)
+        return bool(state.has_valid_position and state.position >= end
+                    and tp not in aio._fetcher._records)
+    except Exception:  # not assigned, no position, or a different client
+        return False
+
+
+def set_current_event(event: Any) -> None:
+    """Make ``event`` Faust's current event (what table writes are partitioned by)."""
+    faust_current_event_var.set(weakref.ref(event))
+
+
+@contextlib.contextmanager
+def as_current_event(event: Any) -> Generator[None, None, None]:
+    """Make ``event`` Faust's current event (its partition picks store and changelog)
+    for the duration of the ``with`` block."""
+    token = faust_current_event_var.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        faust_current_event_var.reset(token)
+
+
+def partition_db(table: Any, partition: int) -> Any:
+    """The RocksDB (rocksdict) of one partition of a Faust table (its store's
+    ``_db_for_partition``), or None for another kind of store (memory)."""
+    get_db = getattr(table.data, "_db_for_partition", None)
+    return None if get_db is None else get_db(partition)
+
+
+async def refresh_metadata(consumer: Any) -> None:
+    """Ask the broker for fresh metadata of every topic an aiokafka consumer knows of
+    (the client's ``force_metadata_update``; the consumer has no public call for it)."""
+    await consumer._client.force_metadata_update()
+
+
+async def refresh_topic_metadata(client: Any, topic: str) -> None:
+    """Ask the broker for the metadata of ``topic``, which an aiokafka client asks for
+    only once it knows the topic (its ``force_metadata_update`` does not add it)."""
+    await client._metadata_update(client.cluster, [topic])
+
+
+def record_appender(batch: Any) -> Callable[..., Any]:
+    """The record builder's ``append(offset, timestamp, key, value, headers)`` of an
+    aiokafka ``BatchBuilder``; None from it means the batch is full. See
+    ``append_record``; a caller appending many records keeps this bound method."""
+    return batch._builder.append
+
+
+def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | None, headers: list) -> bool:
+    """Append one record at relative ``offset`` to an aiokafka ``BatchBuilder`` we alone
+    fill; False when the batch is full.
+
+    Why not ``BatchBuilder.append``: it wraps this same call on its record builder with
+    serializer and closed-batch checks that a batch of already encoded records, filled
+    by one caller, does not need: 0.92 µs a record against 0.37 (measured), and the
+    sink and changelog paths append one or two records per event. ``finished`` sets
+    the record count the wrapper would have kept."""
+    return batch._builder.append(offset, None, key, value, headers) is not None
+
+
+def finished(batch: Any, count: int) -> Any:
+    """``batch`` with its record count (what ``BatchBuilder.append`` keeps), closed."""
+    batch._relative_offset = count
+    batch.close()
+    return batch
+
+
+def consumer_state(app: Any, topic: str) -> dict[str, Any]:
+    """Why a consumer might not be fetching ``topic``: flow, paused partitions, unacked
+    messages, the fetcher service, and ``topic``'s partitions by state (a debug view,
+    GET /api/v1/passthrough)."""
+    consumer = app.consumer
+
+    def mine(tps: Any) -> list[int]:
+        return sorted(tp.partition for tp in tps if tp.topic == topic)
+
+    fetcher = app._fetcher
+    return {
+        "flow_active": consumer.flow_active,
+        "app_flow_active": app.flow_control.is_active(),
+        "paused": sorted(f"{tp.topic}:{tp.partition}" for tp in consumer._paused_partitions),
+        "unacked": len(consumer._unacked_messages),
+        "rebalancing": app.rebalancing,
+        "fetcher": {"started": fetcher._started.is_set(), "crashed": fetcher._crashed.is_set(),
+                    "stopped": fetcher._stopped.is_set(), "state": str(fetcher.state)},
+        "assigned": mine(consumer.assignment()),
+        "active": mine(consumer._active_partitions or ()),
+        "buffered": mine(consumer._buffered_partitions),
+        "read_offset": {f"{tp.partition}": off for tp, off in consumer._read_offset.items()
+                        if tp.topic == topic},
+    }
+
+
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
-           "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]
+           "TransactionalSendError", "Transport", "broker_url", "install", "start_inline",
+           "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",
+           "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
+           "refresh_topic_metadata", "set_current_event", "version_problems"]

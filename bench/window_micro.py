@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     from aiokafka.structs import ConsumerRecord
 
     from agents.window_aggregate import RUNNERS, WindowRunner
+    from app import startup
     from app.commit import CommitProtocol, MemoryEmitter
+
+    startup.register_processors()  # what a worker's start does (App.discover)
     from bench.events import make_event
 
     store = MemoryStore()

@@ -20,36 +20,31 @@ same on every worker and survives restarts without relying on standby recovery.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from mode import Service
 
 from app import app, settings
 from app.commit import commit_protocol
-from app.kafka_security import client_options
+from app.global_topics import GlobalTopicReader
 from app.patterns import (
     EngineConfig,
     Pattern,
     PatternError,
-    config_patterns,
-    engine_config,
     parse_definition,
 )
+from app.startup import config
 from app.topics import declare
 from tables.store import PartitionStore, WriteBackCache
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 
-ENGINE: EngineConfig = engine_config()
-CONFIG_PATTERNS: dict[str, Pattern] = config_patterns(ENGINE)
+#: The engine's settings and the config file's patterns (read at start-up: app/startup.py).
+ENGINE: EngineConfig = config().engine
+CONFIG_PATTERNS: dict[str, Pattern] = config().patterns
 
 alerts_topic = declare("alerts")
 #: Events re-keyed by a pattern's key_by field, and timer ticks for owned keys.
@@ -175,7 +170,7 @@ class _At:
 
 
 state_cache = commit_protocol.register(
-    StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")), state_store))
+    StateCache(settings.pattern_state_cache, state_store))
 
 
 class EventClock:
@@ -205,15 +200,22 @@ class EventClock:
 clock = EventClock()
 
 
-class PatternCatalog(Service):
+class PatternCatalog(GlobalTopicReader):
     """Runtime pattern definitions and match counts, read from their compacted topics
-    by every worker (no consumer group, always from the beginning)."""
+    by every worker (app/global_topics.py: no consumer group, always from the beginning)."""
+
+    label = "pattern catalog"
+    poll_ms = 500
+    #: The counts changelog is created by Faust when the worker starts: wait up to two
+    #: minutes for it.
+    metadata_attempts = 600
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.runtime: dict[str, Pattern] = {}
         self.counts: dict[str, int] = {}
-        self.loaded = asyncio.Event()
+        #: Set once both topics were read to their ends at start.
+        self.loaded = self.caught_up
         self.version = 0
 
     def patterns(self) -> dict[str, Pattern]:
@@ -237,59 +239,11 @@ class PatternCatalog(Service):
                 self.runtime.pop(name, None)
         self.version += 1
 
-    @Service.task
-    async def _follow(self) -> None:
-        # A broker hiccup must not leave the agents waiting for ``loaded`` forever.
-        while not self.should_stop:
-            try:
-                await self._follow_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pattern catalog reader failed; restarting it")
-                await self.sleep(1.0)
+    def topics(self) -> list[str]:
+        return [definitions_topic.get_topic_name(), pattern_counts.changelog_topic.get_topic_name()]
 
-    async def _follow_once(self) -> None:
-        counts_topic = pattern_counts.changelog_topic.get_topic_name()
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-            auto_offset_reset="earliest", **client_options(settings),
-        )
-        await consumer.start()
-        try:
-            tps = await self._assign(consumer, [definitions_topic.get_topic_name(), counts_topic])
-            ends = await consumer.end_offsets(tps)
-            pending = {tp for tp, end in ends.items() if end > 0}
-            if not pending:
-                self.loaded.set()
-            while not self.should_stop:
-                batch = await consumer.getmany(timeout_ms=500, max_records=5000)
-                for tp, messages in batch.items():
-                    for m in messages:
-                        self._apply(tp.topic == counts_topic, m.key, m.value)
-                if not self.loaded.is_set():
-                    for tp in list(pending):
-                        if await consumer.position(tp) >= ends[tp]:
-                            pending.discard(tp)
-                    if not pending:
-                        self.loaded.set()
-        finally:
-            await consumer.stop()
-
-    async def _assign(self, consumer: AIOKafkaConsumer, topics: Iterable[str]) -> list[TopicPartition]:
-        tps: list[TopicPartition] = []
-        for topic in topics:
-            # The counts changelog is created by Faust when the worker starts.
-            for _ in range(600):
-                parts = consumer.partitions_for_topic(topic)
-                if parts:
-                    break
-                await consumer._client.force_metadata_update()
-                await asyncio.sleep(0.2)
-            tps += [TopicPartition(topic, p) for p in sorted(parts or [])]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        return tps
+    def apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        self._apply(topic == pattern_counts.changelog_topic.get_topic_name(), key, value)
 
     def _apply(self, is_count: bool, key: bytes | None, value: bytes | None) -> None:
         if key is None:

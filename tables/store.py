@@ -19,44 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import orjson
-from faust.streams import _current_event
 from faust.types import TP
 from rocksdict import WriteBatch
 
 from app.commit import emitter
 from app.kafka_io import kafka_io
+from app.transport import as_current_event, partition_db, set_current_event
 from operators.window_buffer import WriteBackBuffer
 
-# --- the two Faust internals the store needs (one function each) ---------------------
-
-
-def set_current_event(event: Any) -> None:
-    """Make ``event`` Faust's current event (what table writes are partitioned by)."""
-    _current_event.set(weakref.ref(event))
-
-
-@contextmanager
-def as_current(event: Any) -> Iterator[None]:
-    """Make ``event`` Faust's current event (its partition picks store and changelog)."""
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
-
-
-def partition_db(table: Any, partition: int) -> Any:
-    """The RocksDB (rocksdict) of one partition of ``table``, or None for another kind of
-    store (Faust's in-memory store)."""
-    get_db = getattr(table.data, "_db_for_partition", None)
-    return None if get_db is None else get_db(partition)
+# The Faust internals the store needs (the current event, a partition's RocksDB) come
+# from app.transport, the one module that touches them.
+as_current = as_current_event
 
 
 class AtPartition:

@@ -17,8 +17,8 @@ from typing import Any
 import faust
 
 from app import app, settings
-from app.pipelines import pipeline_windows
-from app.windows import WindowDef, load_window_defs
+from app.startup import config
+from app.windows import WindowDef
 from tables.store import AtPartition, PartitionStore, as_current
 
 #: Per-partition bookkeeping (stream time, late count) lives under this key prefix,
@@ -48,12 +48,8 @@ def _table(name: str) -> Any:
     )
 
 
-#: Every configured window; a bad ``windows:`` section stops the worker at start
-#: (WindowConfigError names the entry and field) rather than running half-configured.
-WINDOW_DEFS: list[WindowDef] = load_window_defs() + pipeline_windows()
-if len({d.name for d in WINDOW_DEFS}) != len(WINDOW_DEFS):
-    raise ValueError(f"window names must be unique (pipeline window steps are named pipeline.<name>): "
-                     f"{[d.name for d in WINDOW_DEFS]}")
+#: Every configured window (read and checked at start-up: app/startup.py).
+WINDOW_DEFS: list[WindowDef] = list(config().windows)
 
 #: name -> table holding that window's per-key state.
 window_tables: dict[str, Any] = {d.name: _table(f"window-{d.name}") for d in WINDOW_DEFS}

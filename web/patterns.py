@@ -8,15 +8,12 @@ GET    /api/v1/alerts?pattern=&key=&limit=   recent alerts, newest first
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from app import settings
+from app.global_topics import read_recent
 from app.kafka_io import kafka_io, partition_for
-from app.kafka_security import client_options
 from app.patterns import EXPR_LANGUAGE, PatternError, parse_definition
 from tables.patterns import CONFIG_PATTERNS, ENGINE, alerts_topic, catalog, definitions_topic
 from web.api_models import (
@@ -102,49 +99,19 @@ async def recent_alerts(pattern: str | None, key: str | None, limit: int) -> lis
     """The newest alerts from the alerts topic itself (the truth on every worker):
     the last ``alerts_scan`` records of each partition (only the key's partition when
     a key is given), filtered, de-duplicated by alert_id, newest first."""
-    topic = alerts_topic.get_topic_name()
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers,
-                                enable_auto_commit=False, auto_offset_reset="earliest",
-                                **client_options(settings))
-    await consumer.start()
     found: dict[str, dict[str, Any]] = {}
-    try:
-        parts = sorted(consumer.partitions_for_topic(topic) or [])
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = sorted(consumer.partitions_for_topic(topic) or [])
-        if key is not None and parts:
-            parts = [partition_for(key.encode(), len(parts), 0)]
-        tps = [TopicPartition(topic, p) for p in parts]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        ends = await consumer.end_offsets(tps)
-        begins = await consumer.beginning_offsets(tps)
-        todo = {}
-        for tp in tps:
-            start = max(begins[tp], ends[tp] - ENGINE.alerts_scan)
-            if start < ends[tp]:
-                consumer.seek(tp, start)
-                todo[tp] = ends[tp]
-        while todo:
-            batch = await asyncio.wait_for(consumer.getmany(*todo, timeout_ms=1000), 30)
-            for tp, messages in batch.items():
-                for m in messages:
-                    if m.offset >= todo.get(tp, 0):
-                        continue
-                    try:
-                        alert = orjson.loads(m.value)
-                    except (orjson.JSONDecodeError, TypeError):
-                        continue
-                    if (pattern is None or alert.get("pattern") == pattern) and \
-                            (key is None or alert.get("key") == key):
-                        found.setdefault(alert.get("alert_id"), alert)
-            for tp in list(todo):
-                if await consumer.position(tp) >= todo[tp]:
-                    del todo[tp]
-    finally:
-        await consumer.stop()
+
+    def take(m: Any) -> None:
+        try:
+            alert = orjson.loads(m.value)
+        except (orjson.JSONDecodeError, TypeError):
+            return
+        if (pattern is None or alert.get("pattern") == pattern) and \
+                (key is None or alert.get("key") == key):
+            found.setdefault(alert.get("alert_id"), alert)
+
+    await read_recent(alerts_topic.get_topic_name(), ENGINE.alerts_scan, take,
+                      None if key is None else lambda count: partition_for(key.encode(), count, 0))
     alerts = sorted(found.values(), key=lambda a: (a.get("detected_at", 0), a.get("at", 0)), reverse=True)
     return alerts[:limit]
 

@@ -6,9 +6,12 @@ from typing import Any
 
 import faust
 
+from app.models.output import object_builder, to_json_dict
+
 
 class Alert(faust.Record, serializer="json", include_metadata=False):
-    """One pattern match: which pattern, for which key, when, and the evidence.
+    """One pattern match: which pattern, for which key, when, and the evidence. These
+    fields, in this order, are its JSON on the alerts topic (``alert_object``).
 
     ``alert_id`` is derived from the pattern, key and evidence, so a match re-detected
     after a crash (at-least-once redelivery) carries the same id and readers can
@@ -31,12 +34,11 @@ class Alert(faust.Record, serializer="json", include_metadata=False):
 
     def to_json_dict(self) -> dict[str, Any]:
         """The plain JSON object written to the alerts topic."""
-        return {
-            "alert_id": self.alert_id, "pattern": self.pattern, "kind": self.kind,
-            "key_by": self.key_by, "key": self.key, "at": self.at,
-            "detected_at": self.detected_at, "evidence": self.evidence,
-            "detail": self.detail, "source": self.source,
-        }
+        return to_json_dict(self)
 
 
-__all__ = ["Alert"]
+#: ``alert_object(alert_id=..., ..., source=...)``: the JSON object of one alert, as a
+#: dict in ``Alert``'s field order, without constructing the Record.
+alert_object = object_builder(Alert)
+
+__all__ = ["Alert", "alert_object"]

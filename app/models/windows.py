@@ -7,9 +7,12 @@ from typing import Any
 
 import faust
 
+from app.models.output import json_template, to_json_dict
+
 
 class WindowResult(faust.Record, serializer="json", include_metadata=False):
-    """One window's aggregate, as written to a window's sink topic.
+    """One window's aggregate, as written to a window's sink topic: these fields, in
+    this order, are its JSON (``result_template`` makes the bytes the worker writes).
 
     ``final`` is true when the window closed (``closed_by`` says why: event_time,
     count or idle); with ``emit: update`` every change is written with final false.
@@ -30,12 +33,13 @@ class WindowResult(faust.Record, serializer="json", include_metadata=False):
 
     def to_json_dict(self) -> dict[str, Any]:
         """The plain JSON object written to the sink topic."""
-        return {
-            "source": self.source, "window": self.window, "key": self.key,
-            "window_type": self.window_type, "start": self.start, "end": self.end,
-            "count": self.count, "aggregates": self.aggregates, "final": self.final,
-            "closed_by": self.closed_by, "superseded": self.superseded,
-        }
+        return to_json_dict(self)
+
+
+def result_template(**values: Any) -> bytes:
+    """A ``WindowResult``'s JSON with the values that differ per result left as
+    placeholders (``app.models.output.JSON``/``INT``): every field by name."""
+    return json_template(WindowResult, **values)
 
 
 class AggregateRequest(faust.Record, serializer="json"):
@@ -49,4 +53,4 @@ class AggregateRequest(faust.Record, serializer="json"):
     record: dict[str, Any] | None = None
 
 
-__all__ = ["AggregateRequest", "WindowResult"]
+__all__ = ["AggregateRequest", "WindowResult", "result_template"]
