@@ -31,7 +31,7 @@ class Process(ApiView):
         if any(s.terminal for s in steps):
             raise invalid("stateful terminal steps (window) run only in live pipelines",
                           {"field": "transformations", "op": steps[-1].op})
-        result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup))
+        result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup), req.keys)
         return self.reply({
             "records": result.records,
             "count": len(result.records),
