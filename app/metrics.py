@@ -4,8 +4,9 @@ Two kinds, so that the consume path pays nothing per record:
 
 - Counters and gauges are read at scrape time by :class:`StreamCollector` from what the
   agents count anyway (the counters GET /api/v1/pipelines, /windows and /patterns
-  report) and from the consumer's current assignment (lag). A revoked partition is not
-  in the assignment, so it has no series after a rebalance (no stale sensors,
+  report), from the consumer's current assignment (lag) and from the RocksDB properties
+  of the table partitions open now (state store sizes). A revoked partition is neither
+  assigned nor open, so it has no series after a rebalance (no stale sensors,
   faust-streaming/faust#72).
 - Histograms are observed once per batch, per commit, per state flush, per rebalance
   and per HTTP request (the observers in ``app.transport.observers``).
@@ -83,6 +84,35 @@ def consumer_progress() -> list[tuple[Any, int | None, int | None, int | None]]:
         return []
 
 
+#: One open state store partition: (store, partition, standby?, keys, disk bytes, memtable bytes).
+StoreSize = tuple[str, int, bool, int | None, int | None, int | None]
+
+
+def store_size(db: Any) -> tuple[int | None, int | None, int | None]:
+    """(keys, bytes on disk, bytes in memtables) of one RocksDB, from its own
+    properties (O(1): RocksDB keeps them; the key count is its estimate, exact only
+    after compaction, since an overwritten or deleted key counts until then)."""
+    read = db.property_int_value
+    return (read("rocksdb.estimate-num-keys"), read("rocksdb.total-sst-files-size"),
+            read("rocksdb.cur-size-all-mem-tables"))
+
+
+def state_stores() -> list[StoreSize]:
+    """The sizes of every table partition whose RocksDB is open on this worker now."""
+    module = sys.modules.get("app")
+    app = getattr(module, "app", None)
+    if app is None or not app.started:
+        return []
+    from app.transport import open_table_stores
+
+    try:
+        stores = open_table_stores(app)
+    except Exception:  # the worker is starting or stopping
+        return []
+    # Sizes only: no database reference outlives this call (open_table_stores).
+    return [(name, partition, standby, *store_size(db)) for name, partition, standby, db in stores]
+
+
 @dataclass
 class Sources:
     """Where the scrape-time collector reads from (replaced in unit tests)."""
@@ -91,6 +121,7 @@ class Sources:
     windows: Callable[[], Mapping[str, Mapping[str, Any]]] = _windows
     patterns: Callable[[], tuple[Mapping[str, Any], Mapping[str, int]]] = _patterns
     progress: Callable[[], list[tuple[Any, int | None, int | None, int | None]]] = consumer_progress
+    stores: Callable[[], list[StoreSize]] = state_stores
     now: Callable[[], float] = field(default=time.time)
 
 
@@ -137,6 +168,24 @@ class StreamCollector(Collector):
         yield from self._windows()
         yield from self._patterns()
         yield from self._lag()
+        yield from self._stores()
+
+    def _stores(self) -> Iterable[Metric]:
+        labels = ["store", "partition", "role"]
+        keys = GaugeMetricFamily("streametl_state_store_keys",
+                                 "Keys in a state store partition (RocksDB's estimate-num-keys)", labels=labels)
+        disk = GaugeMetricFamily("streametl_state_store_disk_bytes",
+                                 "Bytes of a state store partition's SST files (total-sst-files-size)",
+                                 labels=labels)
+        memory = GaugeMetricFamily("streametl_state_store_memtable_bytes",
+                                   "Bytes of a state store partition's memtables (cur-size-all-mem-tables)",
+                                   labels=labels)
+        for name, partition, standby, n_keys, n_disk, n_memory in self.sources.stores():
+            values = [name, str(partition), "standby" if standby else "active"]
+            for family, value in ((keys, n_keys), (disk, n_disk), (memory, n_memory)):
+                if value is not None:
+                    family.add_metric(values, value)
+        yield from (keys, disk, memory)
 
     def _pipelines(self) -> Iterable[Metric]:
         into = CounterMetricFamily("streametl_pipeline_records_in", "Records read by a pipeline",
@@ -217,7 +266,7 @@ class Metrics:
         self.output_latency = Histogram(
             "streametl_event_to_output_seconds",
             "From a record's Kafka timestamp to the end of its batch (outputs sent); "
-            "the oldest record of each partition of each batch", ["agent"],
+            "the first record (by offset) of each partition of each batch", ["agent"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.commit_seconds = Histogram(
             "streametl_commit_seconds", "Time one offset commit took (state flushes before it included)",
@@ -310,4 +359,5 @@ def install() -> None:
     observers.rebalance = METRICS.observe_rebalance
 
 
-__all__ = ["METRICS", "Metrics", "Sources", "StreamCollector", "install", "observe_flush", "partition_lag"]
+__all__ = ["METRICS", "Metrics", "Sources", "StreamCollector", "install", "observe_flush", "partition_lag",
+           "state_stores", "store_size"]
