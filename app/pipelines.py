@@ -31,7 +31,8 @@ A pipeline's ``sink`` may be a database table instead of a topic::
 
 The pipeline then writes to the internal topic ``pipeline.<name>.to-<type>``, and a
 database sink named ``pipeline.<name>`` (app/db_sinks.py) replicates that topic into
-the table, exactly once in effect.
+the table, exactly once in effect. ``sink: {type: table, table: NAME, key: [...]}``
+materializes it instead, read as ``GET /api/v1/tables/NAME/{key}``.
 
 A pipeline whose first step is ``cdc`` reads a Debezium change stream (docs/cdc.md)::
 
@@ -168,8 +169,12 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
         db_sink = None
         if isinstance(entry.get("sink"), dict):
             sink_topic = f"pipeline.{name}.to-{entry['sink'].get('type')}"
+            # A materialized table is read over HTTP by its name, which is its table's
+            # (a SQL identifier); a database sink is named after its pipeline.
+            sink_name = entry["sink"].get("table") or name if entry["sink"].get("type") == "table" \
+                else f"pipeline.{name}"
             try:
-                db_sink = parse_sink(entry["sink"], f"{where}.sink", name=f"pipeline.{name}", source=sink_topic)
+                db_sink = parse_sink(entry["sink"], f"{where}.sink", name=sink_name, source=sink_topic)
             except SinkConfigError as exc:
                 raise PipelineConfigError(str(exc), f"{path}.sink", str(exc)) from None
             entry["sink"] = sink_topic

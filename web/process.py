@@ -31,6 +31,9 @@ class Process(ApiView):
         if any(s.terminal for s in steps):
             raise invalid("stateful terminal steps (window) run only in live pipelines",
                           {"field": "transformations", "op": steps[-1].op})
+        if req.keys is not None and not (steps and steps[0].op == "cdc"):
+            raise invalid("keys are the message keys of change events: they need a cdc first step",
+                          {"field": "keys"})
         result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup), req.keys)
         return self.reply({
             "records": result.records,

@@ -295,7 +295,8 @@ def cdc_stream():
 def test_a_cdc_pipeline_filters_and_maps_a_change_stream_into_postgres_a_topic_and_a_table(postgres_dsn, namespace):
     """Issue 21 item 1: a Debezium stream through pipelines whose first step is `cdc`,
     then a filter and a map. The PostgreSQL table (a pipeline's database sink), and a
-    materialized table replicating another pipeline's Kafka topic, both equal
+    materialized table replicating another pipeline's Kafka topic, and a third
+    pipeline's materialized table (`sink: {type: table}`), all equal
     {id: map(row)} over the rows of the input's fold that pass the filter: tombstones
     and deletes delete, an update out of the filter deletes. The malformed envelope is
     dead-lettered by each pipeline with its reason, naming the cdc step."""
@@ -308,6 +309,8 @@ def test_a_cdc_pipeline_filters_and_maps_a_change_stream_into_postgres_a_topic_a
             {"name": "to_pg", "source": "customers", "steps": steps,
              "sink": {"type": "postgres", "dsn": postgres_dsn, "table": table, "key": ["id"], "mode": "upsert"}},
             {"name": "to_topic", "source": "customers", "steps": steps, "sink": "customers.active"},
+            {"name": "to_table", "source": "customers", "steps": steps,
+             "sink": {"type": "table", "table": "direct", "key": ["id"]}},
         ],
         "sinks": [{"name": "active", "source": "customers.active", "format": "debezium", "type": "table",
                    "key": ["id"]}],
@@ -325,14 +328,17 @@ def test_a_cdc_pipeline_filters_and_maps_a_change_stream_into_postgres_a_topic_a
 
         def replicated():
             pg = run(pg_rows(postgres_dsn, table))
-            status, body = worker.get("/api/v1/tables/active?limit=1000")
-            served = normalized(body.get("rows", [])) if status == 200 else {}
-            return pg == want and served == want, {"pg": len(pg), "table": len(served), "want": len(want)}
+            served = {}
+            for name in ("active", "direct"):
+                status, body = worker.get(f"/api/v1/tables/{name}?limit=1000")
+                served[name] = normalized(body.get("rows", [])) if status == 200 else {}
+            return (pg == want and served["active"] == want and served["direct"] == want,
+                    {"pg": len(pg), **{k: len(v) for k, v in served.items()}, "want": len(want)})
 
         wait_until(replicated, what="the filtered, mapped fold in PostgreSQL and the materialized table")
-        dead = run(read_topic(f"{prefix}dlq", expect=2, timeout=30))
+        dead = run(read_topic(f"{prefix}dlq", expect=3, timeout=30))
         assert sorted((dict(d.headers)["dlq.pipeline"], dict(d.headers)["dlq.reason"], dict(d.headers)["dlq.step"])
-                      for d in dead) == [(b"to_pg", b"invalid_json", b"0:cdc"), (b"to_topic", b"invalid_json", b"0:cdc")]
+                      for d in dead) == [(name, b"invalid_json", b"0:cdc") for name in (b"to_pg", b"to_table", b"to_topic")]
         status, pipelines = worker.get("/api/v1/pipelines")
         counters = {p["name"]: p for p in pipelines["pipelines"]}["to_pg"]
         assert status == 200 and counters["counters"]["dead_lettered"] == 1, counters

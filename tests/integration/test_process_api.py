@@ -119,6 +119,8 @@ def test_a_cdc_step_reads_change_events_and_tombstones_by_their_keys(worker):
     assert [(f["index"], f["op"], f["code"]) for f in reply["failures"]] == [(3, "cdc", "unknown_op")]
     status, reply = worker.post("/api/v1/process", {"records": [None], "keys": [], "transformations": ["cdc"]})
     assert status == 422 and reply["error"]["details"] == {"field": "keys"}, reply
+    status, reply = worker.post("/api/v1/process", {"records": [{}], "keys": [None], "transformations": ["normalize"]})
+    assert status == 422 and reply["error"]["details"] == {"field": "keys"}, reply
 
 
 @pytest.mark.parametrize(

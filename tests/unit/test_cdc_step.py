@@ -134,6 +134,9 @@ def test_a_cdc_pipelines_database_sink_reads_envelopes_and_lends_its_key():
                     {"type": "sqlite", "path": "x.db", "table": "t", "key": ["id"]})
     assert spec.is_cdc and spec.db_sink.format == "debezium" and spec.steps[0].params.key == ("id",)
     assert not pipeline(["normalize"], "out").is_cdc
+    table = pipeline(["cdc"], {"type": "table", "table": "active", "key": ["id"]})
+    assert (table.db_sink.name, table.db_sink.table, table.db_sink.format) == ("active", "active", "debezium")
+    assert table.db_sink.source == table.sink == "pipeline.p.to-table"
     with pytest.raises(PipelineConfigError, match="must be the cdc step's key"):
         pipeline([{"op": "cdc", "key": ["id", "region"]}], {"type": "sqlite", "path": "x.db", "table": "t", "key": ["id"]})
     with pytest.raises(PipelineConfigError, match="keyed by the change's key") as caught:

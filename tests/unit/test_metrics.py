@@ -106,6 +106,22 @@ def test_state_store_series_follow_the_open_partitions():
         (("partition", "0"), ("role", "active"), ("store", "pipeline-p-dedupe"))}
 
 
+def test_event_to_output_latency_is_measured_from_the_oldest_record_timestamp():
+    """Records stamped out of time order (event-time stamps from several producers):
+    the latency is the age of the oldest record of the partition, not of the first by
+    offset; a partition whose records carry no timestamp is not observed."""
+    import time
+
+    m = Metrics(Sources(progress=list))
+    now_ms = time.time() * 1000
+    stamped = [SimpleNamespace(timestamp=round(now_ms - age * 1000)) for age in (1, 50, 2)]
+    batch = SimpleNamespace(parts=[(tp("ev", 0), stamped), (tp("ev", 1), [SimpleNamespace(timestamp=None)])])
+    m.observe_batch("pipeline.clean", batch, 0.001)
+    found = samples(m)
+    assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 1}
+    assert 50 <= labelled(found, "streametl_event_to_output_seconds_sum")[(("agent", "pipeline.clean"),)] < 60
+
+
 def test_registries_are_per_instance():
     a, b = Metrics(Sources(progress=list)), Metrics(Sources(progress=list))
     a.commit_seconds.observe(0.01)
@@ -123,6 +139,7 @@ def test_batch_observation_is_one_per_batch_and_partition():
     assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 2}
     m.observe_rebalance("assign", 0.5)
     m.observe_rebalance("restore", 1.5)
+    assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 2}
     found = samples(m)
     assert labelled(found, "streametl_rebalances_total") == {(): 1}
     assert labelled(found, "streametl_rebalance_seconds_count") == {(("phase", "assign"),): 1,
