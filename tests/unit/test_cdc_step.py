@@ -64,6 +64,16 @@ def test_a_row_the_filter_drops_becomes_a_delete_of_its_key():
     assert result.outcome.dropped == "filtered" and result.reason is None
 
 
+def test_enrich_joins_the_row_and_a_row_without_reference_leaves_as_a_delete():
+    steps = runnable(parse_steps([{"op": "cdc", "key": ["id"]},
+                                  {"op": "enrich", "from": "regions", "key": "region", "on_missing": "drop"}]))
+    ctx = MemoryContext(lookup=lambda source, k: {"eu": {"zone": "west"}}.get(k))
+    joined = run_change(steps, key(1), event("c", after={"id": 1, "region": "eu"}), ctx)
+    assert joined.output["after"] == {"id": 1, "region": "eu", "zone": "west"}
+    orphan = run_change(steps, key(2), event("u", after={"id": 2, "region": "mars"}), ctx)
+    assert orphan.output["op"] == "d" and orphan.outcome.dropped == "no_reference_row"
+
+
 def test_a_duplicate_changes_nothing():
     steps = runnable(parse_steps([{"op": "cdc", "key": ["id"]}, {"op": "deduplicate", "fields": ["id", "v"]}]))
     ctx = MemoryContext()
