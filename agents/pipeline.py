@@ -39,7 +39,7 @@ from app.kafka_io import kafka_io
 from app.pipelines import PipelineSpec
 from app.topics import declare
 from app.transport import set_current_event
-from operators.steps import Outcome, Step, StepTally, pass_record, runnable
+from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
 from tables.store import Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
@@ -318,6 +318,28 @@ def build(spec: PipelineSpec) -> None:
         commit_protocol.register(ctx)
     tally, steps, key_by = counters.steps, runnable(spec.steps), spec.key_by
     writer = emitter.writer(sink)
+    cdc = spec.is_cdc
+
+    async def on_change(raw: Any, partition_event: Any) -> None:
+        """One record of a cdc pipeline (operators.steps.run_change): a change event
+        or a tombstone (a delete, not an ``empty_value``); the envelope it makes goes
+        to the sink keyed by the change's primary key."""
+        result = run_change(steps, raw.key, raw.value, ctx)
+        if result.output is not None:
+            writer.add(partition_event, result.key, result.output)
+        outcome = result.outcome
+        if outcome is None:
+            tally.completed += 1
+            return
+        tally.add(outcome)
+        if result.reason is not None:
+            counters.dead_lettered += 1
+            assert outcome.step is not None
+            await emitter.dead_letter(raw.key, raw.value, reason=result.reason, message=outcome.failed or "",
+                                      source_topic=source_name, pipeline=spec.name, step=outcome.step.label,
+                                      partition=partition_event.message.partition, offset=raw.offset)
+        elif result.output is None:  # a duplicate (a dropped row went on as a delete)
+            counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1  # type: ignore[index]
 
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
@@ -340,6 +362,9 @@ def build(spec: PipelineSpec) -> None:
             partition = tp.partition
             for raw in raw_records:
                 ctx.at_offset(raw.offset)
+                if cdc:
+                    await on_change(raw, partition_event)
+                    continue
                 try:
                     record = loads_object(raw.value)
                 except RecordError as exc:

@@ -31,11 +31,23 @@ A pipeline's ``sink`` may be a database table instead of a topic::
 
 The pipeline then writes to the internal topic ``pipeline.<name>.to-<type>``, and a
 database sink named ``pipeline.<name>`` (app/db_sinks.py) replicates that topic into
-the table, exactly once in effect.
+the table, exactly once in effect. ``sink: {type: table, table: NAME, key: [...]}``
+materializes it instead, read as ``GET /api/v1/tables/NAME/{key}``.
+
+A pipeline whose first step is ``cdc`` reads a Debezium change stream (docs/cdc.md)::
+
+    steps: [{op: cdc, key: [id]}, {op: filter, where: "country == 'NO'"}, {op: map, drop: [ssn]}]
+    sink: {type: postgres, dsn: "postgresql://…", table: customers, key: [id], mode: upsert}
+
+The other steps work on each change's row; the pipeline writes Debezium-style envelopes
+keyed by the primary key (a delete for a row a step dropped, and for every delete and
+tombstone), so its database sink reads them as ``format: debezium``. Its key is the
+sink's when the step names none; ``key_by`` and a window step do not apply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,6 +91,11 @@ class PipelineSpec:
     def output_topic(self) -> str:
         """Where the pipeline writes its records: the sink, or its window's input."""
         return self.window.source if self.window is not None else self.sink
+
+    @property
+    def is_cdc(self) -> bool:
+        """The input is a change stream (a ``cdc`` first step): see operators.steps.run_change."""
+        return bool(self.steps) and self.steps[0].op == "cdc"
 
     @property
     def has_state(self) -> bool:
@@ -152,8 +169,12 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
         db_sink = None
         if isinstance(entry.get("sink"), dict):
             sink_topic = f"pipeline.{name}.to-{entry['sink'].get('type')}"
+            # A materialized table is read over HTTP by its name, which is its table's
+            # (a SQL identifier); a database sink is named after its pipeline.
+            sink_name = entry["sink"].get("table") or name if entry["sink"].get("type") == "table" \
+                else f"pipeline.{name}"
             try:
-                db_sink = parse_sink(entry["sink"], f"{where}.sink", name=f"pipeline.{name}", source=sink_topic)
+                db_sink = parse_sink(entry["sink"], f"{where}.sink", name=sink_name, source=sink_topic)
             except SinkConfigError as exc:
                 raise PipelineConfigError(str(exc), f"{path}.sink", str(exc)) from None
             entry["sink"] = sink_topic
@@ -179,6 +200,8 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             raise PipelineConfigError(
                 f"{where}: step {joins[0].index} (join): joins run only in POST /api/v1/process "
                 "(with_records) in this version", f"{path}.steps[{joins[0].index}]", "join is not available in live pipelines yet")
+        if steps and steps[0].op == "cdc":
+            steps, db_sink = _cdc_pipeline(steps, db_sink, key_by, where, path)
         window = None
         if steps and steps[-1].op == "window":
             window = window_of(name, entry["sink"], steps[-1], where, path)
@@ -187,6 +210,27 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
         specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,
                                   window, db_sink))
     return specs
+
+
+def _cdc_pipeline(steps: list[Step], db_sink: SinkSpec | None, key_by: str | None, where: str,
+                  path: str) -> tuple[list[Step], SinkSpec | None]:
+    """A change-stream pipeline's steps and database sink: the sink reads the envelopes
+    the pipeline writes (``format: debezium``) and the step's key defaults to the sink's."""
+    cdc = steps[0]
+    if key_by is not None:
+        raise _entry_error(where, path, "a cdc pipeline's outputs are keyed by the change's key", "key_by")
+    if steps[-1].op == "window":
+        raise _entry_error(where, path, "a cdc pipeline cannot end in a window step", f"steps[{steps[-1].index}]")
+    if db_sink is None:
+        return steps, None
+    key = cdc.params.key
+    if db_sink.key and key is None:
+        key = db_sink.key
+        steps = [dataclasses.replace(cdc, params=dataclasses.replace(cdc.params, key=key)), *steps[1:]]
+    if db_sink.mode == "upsert" and tuple(key or ()) != db_sink.key:
+        raise _entry_error(where, path, f"the sink's key {list(db_sink.key)} must be the cdc step's key "
+                                        f"{list(key or ())}", "sink.key")
+    return steps, dataclasses.replace(db_sink, format="debezium")
 
 
 def configured_pipelines() -> list[PipelineSpec]:

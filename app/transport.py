@@ -95,7 +95,7 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types.tuples import ack_lock
+from faust.types.tuples import TP, ack_lock
 from faust.web.drivers import DRIVERS as WEB_DRIVERS
 from faust.web.drivers import aiohttp as faust_aiohttp_web
 from mode.utils.futures import notify
@@ -1516,6 +1516,30 @@ def install() -> None:
     WEB_DRIVERS.aliases.setdefault(WEB_SCHEME, f"{__name__}:Web")
 
 
+def open_table_stores(app: Any) -> list[tuple[str, int, bool, Any]]:
+    """(table name, partition, standby?, its RocksDB) of each table partition whose
+    RocksDB is open on this worker now (``app.metrics`` reads its sizes at scrape time).
+
+    Faust's RocksDB store keeps them in ``Store._dbs`` and drops a partition from it when
+    it is revoked, so a partition this worker lost has no entry after the rebalance.
+    ``_db_for_partition`` is not used: it would open (create) a partition's database.
+    Callers must not keep the databases: a kept reference holds a revoked partition's
+    RocksDB, and its lock, open (see ``LiveContext.release_stores``)."""
+    try:
+        standbys = app.assignor.assigned_standbys()
+    except Exception:  # no assignment yet (starting, stopping)
+        standbys = set()
+    found = []
+    for table in list(app.tables.values()):
+        dbs = getattr(table.data, "_dbs", None)
+        if not isinstance(dbs, dict):
+            continue  # not a RocksDB store
+        changelog = table.changelog_topic.get_topic_name()
+        for partition, db in list(dbs.items()):
+            found.append((table.name, partition, TP(changelog, partition) in standbys, db))
+    return found
+
+
 def broker_url(url: str) -> str:
     """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
     :data:`SCHEME`, so Faust builds :class:`Transport` for it."""
@@ -1714,7 +1738,7 @@ def consumer_state(app: Any, topic: str) -> dict[str, Any]:
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
-           "TransactionalSendError", "Transport", "broker_url", "install", "start_inline",
+           "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

@@ -7,6 +7,9 @@ parameter. ``run_record`` pushes one record through the steps; the caller suppli
 state (what deduplication remembers, reference data) through a ``StepContext``.
 
 Other modules may add an op to ``STEP_PARSERS`` (e.g. a terminal ``window`` step).
+
+A ``cdc`` first step makes the input a Debezium change stream (``run_change``): each
+record is a change event (or a tombstone), and the other steps work on its row.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from operators.cdc import UPSERT, ChangeError, delete_of, envelope, message_key, parse_change
 from operators.expr import ExprError, compile_expr
 from operators.joins import JOIN_TYPES, BatchJoin, JoinCounts, JoinSpec
 from operators.transform import (
@@ -306,8 +310,26 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     return Step(index, op, (js, other, inline), apply, drops="late")
 
 
+@dataclass(frozen=True)
+class CdcSpec:
+    """The ``cdc`` step: the key fields of the change stream (None: the message key's)."""
+
+    key: tuple[str, ...] | None = None
+
+
+def parse_cdc(index: int, spec: Mapping[str, Any]) -> Step:
+    """``{op: cdc, key: [id]}``: the input is a Debezium change stream. Its records are
+    read by ``run_change`` before any step; in the step list it passes the row on."""
+    op = "cdc"
+    _check_params(index, op, spec, {"key"})
+    if index != 0:
+        raise StepSpecError(index, op, "op", "must be the first step (it reads the change events)")
+    return Step(index, op, CdcSpec(_str_list(index, op, spec, "key")), lambda record, ctx: record)
+
+
 #: op name → parser(index, spec) -> Step. Other modules may register more ops.
 STEP_PARSERS: dict[str, Callable[[int, Mapping[str, Any]], Step]] = {
+    "cdc": parse_cdc,
     "deduplicate": parse_deduplicate,
     "normalize": parse_normalize,
     "enrich": parse_enrich,
@@ -340,6 +362,8 @@ def parse_steps(specs: Any) -> list[Step]:
             raise StepSpecError(index, op, "op", "must be the last step")
         if op == "join" and any(s.op == "join" for s in steps):
             raise StepSpecError(index, op, "op", "one join per pipeline")
+        if op == "join" and steps and steps[0].op == "cdc":
+            raise StepSpecError(index, op, "op", "a change stream (cdc) cannot be joined yet")
         steps.append(step)
     return steps
 
@@ -391,6 +415,59 @@ def run_record(steps: Sequence[Step], record: dict[str, Any], ctx: StepContext) 
     """Push one record through the non-terminal steps; what became of it."""
     result = pass_record(runnable(steps), record, ctx)
     return result if result.__class__ is Outcome else Outcome(result)  # type: ignore[return-value]
+
+
+#: Drops that leave the row where it is: a duplicate change was applied already. A row
+#: any other step drops (filtered, no reference row) no longer belongs to the output.
+_KEEPS_ROW = frozenset({"duplicate"})
+
+
+@dataclass(slots=True)
+class ChangeResult:
+    """What became of one change event in a cdc pipeline: ``output`` the envelope to
+    write (keyed by ``key``), or None; ``outcome`` where its row stopped (None: it came
+    through the steps, or had none to go through); ``reason`` the dead-letter reason of
+    an event that failed (``invalid_json``, ``unknown_op``, ``missing_key``, ...,
+    ``step_failed``)."""
+
+    output: dict[str, Any] | None
+    key: bytes | None = None
+    outcome: Outcome | None = None
+    reason: str | None = None
+
+
+def run_change(steps: Sequence[Step], key: Any, value: Any, ctx: StepContext) -> ChangeResult:
+    """One record of a cdc pipeline (``steps``: ``runnable``, a ``cdc`` step first).
+
+    Upserts run the row through the steps and write the resulting row; a row a step
+    drops (a filter) becomes a delete of its key, so the output table never keeps a row
+    that stopped matching; a duplicate changes nothing. Deletes, tombstones and
+    truncates pass on unchanged (there is no row to run). The steps must keep the key
+    fields as they are: a change whose output row lost or changed one fails."""
+    cdc = steps[0]
+    try:
+        change = parse_change(key, value, cdc.params.key)
+    except ChangeError as exc:
+        return ChangeResult(None, outcome=Outcome(None, cdc, failed=str(exc)), reason=exc.reason)
+    if change.op != UPSERT:
+        return ChangeResult(envelope(change), message_key(change))
+    out = pass_record(steps, change.row, ctx)  # type: ignore[arg-type]
+    if out.__class__ is Outcome:
+        if out.dropped in _KEEPS_ROW:  # type: ignore[union-attr]
+            return ChangeResult(None, outcome=out)  # type: ignore[arg-type]
+        if out.dropped:  # type: ignore[union-attr]
+            gone = delete_of(change)
+            return ChangeResult(envelope(gone), message_key(gone), out)  # type: ignore[arg-type]
+        return ChangeResult(None, outcome=out, reason="step_failed")  # type: ignore[arg-type]
+    for name, was in zip(change.fields, change.key or (), strict=True):
+        if out.get(name, _MISSING) != was:  # type: ignore[union-attr]
+            failed = Outcome(None, cdc, failed=f"the steps changed key field {name!r}: a cdc pipeline's "
+                                               "steps must keep the key as it is")
+            return ChangeResult(None, outcome=failed, reason="key_changed")
+    return ChangeResult(envelope(change, out), message_key(change))  # type: ignore[arg-type]
+
+
+_MISSING = object()
 
 
 @dataclass
@@ -496,13 +573,21 @@ class BatchResult:
     origin: list[int] = field(default_factory=list)
 
 
-def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext) -> BatchResult:
+def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
+              keys: Sequence[Any] | None = None) -> BatchResult:
     """Run a batch (``/api/v1/process``): outputs, per-step counts, and every record
     that did not come out, with its index, step and reason.
+
+    With a ``cdc`` first step each record is a change event (null: a tombstone) and
+    ``keys`` holds the message keys (JSON values, None where a record has none); the
+    outputs are the envelopes a pipeline would write.
 
     With a ``join`` step the records are its left side and its ``with_records`` the
     right one (operators.joins.BatchJoin); the steps after it run over the joined
     records, and what they drop is named by ``"side": "joined"`` and its output index."""
+    before_terminal = runnable(steps)
+    if before_terminal and before_terminal[0].op == "cdc":
+        return _run_change_batch(before_terminal, records, ctx, keys, StepTally(steps))
     join_at = next((i for i, step in enumerate(steps) if step.op == "join"), None)
     if join_at is None:
         return _run_steps(steps, records, ctx)
@@ -565,3 +650,26 @@ def _run_steps(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
             failures.append({"index": i, **named, "step": outcome.step.index, "op": outcome.step.op,
                              "reason": outcome.failed})
     return BatchResult(outputs, tally.counts(), dropped, failures, origin)
+
+
+def _run_change_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
+                      keys: Sequence[Any] | None, tally: StepTally) -> BatchResult:
+    outputs, dropped, failures = [], [], []
+    for i, record in enumerate(records):
+        result = run_change(steps, None if keys is None or i >= len(keys) else keys[i], record, ctx)
+        if result.output is not None:
+            outputs.append(result.output)
+        outcome = result.outcome
+        if outcome is None:
+            tally.completed += 1
+            continue
+        tally.add(outcome)
+        assert outcome.step is not None
+        if result.output is not None:
+            continue  # a dropped row, written on as a delete of its key
+        if outcome.dropped:
+            dropped.append({"index": i, "step": outcome.step.index, "op": outcome.step.op, "reason": outcome.dropped})
+        else:
+            failures.append({"index": i, "step": outcome.step.index, "op": outcome.step.op,
+                             "reason": outcome.failed, "code": result.reason})
+    return BatchResult(outputs, tally.counts(), dropped, failures)

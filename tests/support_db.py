@@ -46,3 +46,23 @@ async def count_rows(dsn: str, table: str) -> int:
         return 0
     finally:
         await conn.close()
+
+
+def assert_every_record_applied_once(offsets: dict[int, int], batches: list[tuple[int, int, int]],
+                                     records: dict[int, list[int]]) -> None:
+    """The audit against the topic's records themselves (``records``: partition -> the
+    offsets of its committed records), for a topic written in transactions, whose
+    commit markers take offsets no record has: the batches never overlap, every record
+    lies in one of them (nothing skipped), and the stored offset is past the last."""
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for partition, first, last in batches:
+        spans.setdefault(partition, []).append((first, last))
+    for partition, found in records.items():
+        if not found:
+            continue
+        s = sorted(spans.get(partition, []))
+        for (_, last), (nxt, _) in zip(s, s[1:], strict=False):
+            assert nxt > last, f"partition {partition}: overlap after {last}"
+        missed = [o for o in found if not any(first <= o <= last for first, last in s)]
+        assert not missed, f"partition {partition}: records {missed[:5]} in no applied batch"
+        assert offsets.get(partition) == s[-1][1] + 1 > max(found), f"partition {partition}: stored {offsets.get(partition)}"

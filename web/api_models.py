@@ -142,6 +142,13 @@ def _too_many_records(body: dict[str, Any]) -> ApiError | None:
     return None
 
 
+def _keys_match_records(body: dict[str, Any]) -> ApiError | None:
+    keys, records = body.get("keys"), body.get("records")
+    if isinstance(keys, list) and isinstance(records, list) and len(keys) != len(records):
+        return invalid("keys must have one entry per record", {"field": "keys"})
+    return None
+
+
 def _no_transformations(body: dict[str, Any]) -> ApiError | None:
     if "transformations" not in body:
         return invalid("transformations is required (a list of steps)", {"field": "transformations"})
@@ -156,14 +163,21 @@ class ProcessBody(RequestModel):
          "transformations": ["deduplicate", "normalize", {"op": "filter", "where": "value != '0'"}]}]})
 
     #: Any JSON values; a record that is not an object is answered in ``failures``.
+    #: With a ``cdc`` first step, Debezium change events (null: a tombstone).
     records: list[Any]
     #: The step language of live pipelines (without the terminal window step); its
     #: rules are checked by operators.steps.parse_steps.
     transformations: Annotated[list[Step], Field(max_length=64), SkipValidation]
+    #: The message key of each record, in order (JSON values; null: none), as a Kafka
+    #: record has: a ``cdc`` step reads a tombstone's row, and by default the key fields,
+    #: from it.
+    keys: list[Any] | None = None
 
     checks: ClassVar[list[Check]] = [
         lambda b: ProcessBody.unknown_fields(b),
         ("records", lambda b: invalid("records must be a list of JSON objects", {"field": "records"})),
+        ("keys", lambda b: invalid("keys must be a list of JSON values, one per record", {"field": "keys"})),
+        _keys_match_records,
         _too_many_records,
         _no_transformations,
     ]

@@ -36,7 +36,10 @@ class Process(ApiView):
                 raise invalid(f"step {step.index} (join): over HTTP give the other side inline as "
                               "'with_records' (a topic in 'with' is for live pipelines)",
                               {"field": "transformations", "step": step.index, "op": "join", "parameter": "with"})
-        result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup))
+        if req.keys is not None and not (steps and steps[0].op == "cdc"):
+            raise invalid("keys are the message keys of change events: they need a cdc first step",
+                          {"field": "keys"})
+        result = run_batch(steps, records, MemoryContext(lookup=reference_store.lookup), req.keys)
         return self.reply({
             "records": result.records,
             "count": len(result.records),

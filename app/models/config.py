@@ -41,6 +41,16 @@ class Strict(BaseModel):
 # ------------------------------------------------------------------ the step language
 
 
+class CdcStep(Strict):
+    """The first step only: the input is a Debezium change stream (docs/cdc.md). The
+    other steps work on each change's row; tombstones and deletes pass on as deletes."""
+
+    op: Literal["cdc"]
+    name: str | None = None
+    key: FieldNames | None = Field(None, description="the primary-key fields (default: the sink's key, "
+                                                      "else the message key's fields)")
+
+
 class DeduplicateStep(Strict):
     """Drop records seen before (by ``fields``, default the whole record)."""
 
@@ -171,12 +181,13 @@ class JoinStep(Strict):
     prefix: JoinPrefix | None = None
 
 
-StepOp = Literal["deduplicate", "normalize", "enrich", "filter", "map"]
+StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]
 #: A step: an op name alone, or an object with ``op`` and its parameters.
 Step = StepOp | Annotated[
-    DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | JoinStep, Field(discriminator="op")]
+    CdcStep | DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | JoinStep,
+    Field(discriminator="op")]
 PipelineStep = StepOp | Annotated[
-    DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | WindowStep,
+    CdcStep | DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | WindowStep,
     Field(discriminator="op")]
 
 

@@ -29,7 +29,12 @@ from tests.support import (
     unique,
     write_config,
 )
-from tests.support_db import assert_no_gap_no_overlap, count_rows, sink_audit
+from tests.support_db import (
+    assert_every_record_applied_once,
+    assert_no_gap_no_overlap,
+    count_rows,
+    sink_audit,
+)
 
 
 def envelope(op, before=None, after=None, wrapped=False):
@@ -272,3 +277,89 @@ def test_a_materialized_table_is_read_from_any_worker(namespace):
     finally:
         for w in workers:
             w.kill()
+
+
+def cdc_stream():
+    """Snapshot reads, inserts, updates into and out of the filter, two updates of one
+    key back to back, deletes each followed by its tombstone, a re-insert after a
+    delete, and one malformed envelope."""
+    out = [(key(i), envelope("r", after={"id": i, "name": f"n{i}", "score": i % 4, "secret": "s"})) for i in range(1, 41)]
+    out += [(key(i), envelope("c", after={"id": i, "name": f"c{i}", "score": 2, "secret": "s"}, wrapped=True))
+            for i in range(41, 51)]
+    out += [(key(i), envelope("u", before={"id": i}, after={"id": i, "name": f"u{i}", "score": (i + 1) % 4}))
+            for i in range(1, 21)]
+    out += [(key(7), envelope("u", after={"id": 7, "name": "first", "score": 0})),
+            (key(7), envelope("u", after={"id": 7, "name": "second", "score": 9}))]
+    for i in (3, 11, 30, 45):
+        out += [(key(i), envelope("d", before={"id": i, "name": "x"})), (key(i), None)]
+    out += [(key(30), envelope("c", after={"id": 30, "name": "back", "score": 1}))]
+    out.append((key(99), b"{not an envelope"))
+    return out
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_cdc_pipeline_filters_and_maps_a_change_stream_into_postgres_a_topic_and_a_table(postgres_dsn, namespace,
+                                                                                            guarantee):
+    """Issue 21 item 1: a Debezium stream through pipelines whose first step is `cdc`,
+    then a filter and a map. The PostgreSQL table (a pipeline's database sink), and a
+    materialized table replicating another pipeline's Kafka topic, and a third
+    pipeline's materialized table (`sink: {type: table}`), all equal
+    {id: map(row)} over the rows of the input's fold that pass the filter: tombstones
+    and deletes delete, an update out of the filter deletes. The malformed envelope is
+    dead-lettered by each pipeline with its reason, naming the cdc step. Under both
+    processing guarantees."""
+    app_id, prefix = namespace
+    table = f"active_{unique('c')}"
+    steps = [{"op": "cdc", "key": ["id"]}, {"op": "filter", "where": "score > 0"},
+             {"op": "map", "set": {"doubled": "score * 2"}, "drop": ["secret"]}]
+    config = write_config({
+        "pipelines": [
+            {"name": "to_pg", "source": "customers", "steps": steps,
+             "sink": {"type": "postgres", "dsn": postgres_dsn, "table": table, "key": ["id"], "mode": "upsert"}},
+            {"name": "to_topic", "source": "customers", "steps": steps, "sink": "customers.active"},
+            {"name": "to_table", "source": "customers", "steps": steps,
+             "sink": {"type": "table", "table": "direct", "key": ["id"]}},
+        ],
+        "sinks": [{"name": "active", "source": "customers.active", "format": "debezium", "type": "table",
+                   "key": ["id"]}],
+    })
+    run(create_topics([f"{prefix}customers", f"{prefix}customers.active"]))
+    stream = cdc_stream()
+    source = fold([parse_change(k, v, ["id"]) for k, v in stream if not (v or b"").startswith(b"{not")])
+    want = {i: {"id": i, "name": row["name"], "score": row["score"], "doubled": row["score"] * 2}
+            for (i,), row in source.items() if row["score"] > 0}
+    assert 7 in want and 30 in want and 3 not in want and len(want) > 20
+    worker = Worker(app_id=app_id, topic_prefix=prefix,
+                    env={"STREAMETL_PIPELINES_FILE": config, "STREAMETL_PROCESSING_GUARANTEE": guarantee})
+    try:
+        worker.start(timeout=150)
+        run(produce(f"{prefix}customers", stream))
+
+        def replicated():
+            pg = run(pg_rows(postgres_dsn, table))
+            served = {}
+            for name in ("active", "direct"):
+                status, body = worker.get(f"/api/v1/tables/{name}?limit=1000")
+                served[name] = normalized(body.get("rows", [])) if status == 200 else {}
+            return (pg == want and served["active"] == want and served["direct"] == want,
+                    {"pg": len(pg), **{k: len(v) for k, v in served.items()}, "want": len(want)})
+
+        wait_until(replicated, what="the filtered, mapped fold in PostgreSQL and the materialized table")
+        dead = run(read_topic(f"{prefix}dlq", expect=3, timeout=30))
+        assert sorted((dict(d.headers)["dlq.pipeline"], dict(d.headers)["dlq.reason"], dict(d.headers)["dlq.step"])
+                      for d in dead) == [(name, b"invalid_json", b"0:cdc") for name in (b"to_pg", b"to_table", b"to_topic")]
+        status, pipelines = worker.get("/api/v1/pipelines")
+        counters = {p["name"]: p for p in pipelines["pipelines"]}["to_pg"]
+        assert status == 200 and counters["counters"]["dead_lettered"] == 1, counters
+    finally:
+        worker.kill()
+
+    # The pipeline writes its topic in transactions under exactly_once: check the audit
+    # against the records (commit markers take offsets too).
+    sink_topic = f"{prefix}pipeline.to_pg.to-postgres"
+    offsets, batches = run(sink_audit(postgres_dsn, "pipeline.to_pg", sink_topic))
+    records: dict[int, list[int]] = {}
+    for r in run(read_topic(sink_topic, isolation_level="read_committed", idle=1.0)):
+        records.setdefault(r.partition, []).append(r.offset)
+    assert sum(map(len, records.values())) == len(stream) - 1  # one output per event but the malformed one
+    assert_every_record_applied_once(offsets, batches, records)

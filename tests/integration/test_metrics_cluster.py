@@ -20,8 +20,9 @@ from tests.support import Worker, http, produce_json, run, unique, wait_for
 PARTITIONS = 4  # STREAMETL_TOPIC_PARTITIONS default
 PIPELINE = {"pipelines": [{
     "name": "metered", "source": "events", "sink": "events.metered",
-    "steps": [{"op": "filter", "where": "value >= 0"}],
+    "steps": [{"op": "deduplicate", "fields": ["value"]}, {"op": "filter", "where": "value >= 0"}],
 }]}
+STORE = "pipeline-metered-dedupe"
 FAST_STATUS = {"STREAMETL_CLUSTER_STATUS_INTERVAL": "0.5", "STREAMETL_CLUSTER_STATUS_TIMEOUT": "4"}
 
 
@@ -43,6 +44,11 @@ def value(samples: dict[str, list], name: str, **labels: str) -> float:
 def lag_partitions(samples: dict[str, list], topic: str) -> list[int]:
     return sorted(int(s.labels["partition"]) for s in samples.get("streametl_consumer_lag_records", [])
                   if s.labels["topic"] == topic)
+
+
+def store_partitions(samples: dict[str, list], role: str) -> list[int]:
+    return sorted(int(s.labels["partition"]) for s in samples.get("streametl_state_store_keys", [])
+                  if s.labels["store"] == STORE and s.labels["role"] == role)
 
 
 def cluster_ids(worker: Worker) -> list[str]:
@@ -88,6 +94,7 @@ def test_two_workers_counters_add_up_and_survivor_reports_every_partition():
         assert out == n
         for w in (a, b):
             s = scrape(w)
+            assert store_partitions(s, "active") == lag_partitions(s, source)
             assert value(s, "streametl_batch_seconds_count", agent="pipeline.metered") > 0
             assert value(s, "streametl_http_requests_total", route="/metrics", status="200") > 0
 
@@ -108,7 +115,11 @@ def test_two_workers_counters_add_up_and_survivor_reports_every_partition():
         # partitions whose processed records an earlier owner never committed.
         run(wait_for(lambda: value(scrape(a), "streametl_consumer_lag_records", topic=source) == 0,
                      timeout=30, what="no lag left on the survivor"))
+        run(wait_for(lambda: store_partitions(scrape(a), "active") == list(range(PARTITIONS)), timeout=30,
+                     what="the survivor's store partitions all active"))
         survivor = scrape(a)
+        assert store_partitions(survivor, "standby") == []  # no stale series of the old assignment
+        assert value(survivor, "streametl_state_store_keys", store=STORE) >= n
         assert value(survivor, "streametl_rebalances_total") >= 2  # B joined, B left
         assert value(survivor, "streametl_rebalance_seconds_count", phase="restore") >= 2
         assert value(survivor, "streametl_commit_seconds_count") > 0

@@ -102,6 +102,27 @@ def test_a_window_step_is_for_live_pipelines_only(worker):
     assert "live pipelines" in reply["error"]["message"]
 
 
+def test_a_cdc_step_reads_change_events_and_tombstones_by_their_keys(worker):
+    """The step language's ``cdc`` step over HTTP (issue 21): one envelope per record,
+    ``keys`` as the message keys; a tombstone and a filtered row go out as deletes, a
+    malformed event fails with its reason."""
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"op": "c", "after": {"id": 1, "score": 3}, "source": {"ts_ms": 5}}, None,
+                    {"op": "u", "after": {"id": 2, "score": 0}}, {"op": "?"}],
+        "keys": [{"id": 1}, {"id": 7}, {"id": 2}, {"id": 3}],
+        "transformations": [{"op": "cdc", "key": ["id"]}, {"op": "filter", "where": "score > 0"}],
+    })
+    assert status == 200, reply
+    assert reply["records"] == [
+        {"op": "c", "before": None, "after": {"id": 1, "score": 3}, "source": {"ts_ms": 5}},
+        {"op": "d", "before": {"id": 7}, "after": None}, {"op": "d", "before": {"id": 2}, "after": None}]
+    assert [(f["index"], f["op"], f["code"]) for f in reply["failures"]] == [(3, "cdc", "unknown_op")]
+    status, reply = worker.post("/api/v1/process", {"records": [None], "keys": [], "transformations": ["cdc"]})
+    assert status == 422 and reply["error"]["details"] == {"field": "keys"}, reply
+    status, reply = worker.post("/api/v1/process", {"records": [{}], "keys": [None], "transformations": ["normalize"]})
+    assert status == 422 and reply["error"]["details"] == {"field": "keys"}, reply
+
+
 @pytest.mark.parametrize(
     "kwargs,status",
     [

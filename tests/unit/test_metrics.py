@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.cluster import live_workers, status_record, totals
-from app.metrics import Metrics, Sources, partition_lag
+from app.metrics import Metrics, Sources, partition_lag, store_size
 from app.settings import Settings, SettingsError
 
 
@@ -71,6 +71,57 @@ def test_collector_reads_counters_and_the_current_assignment_only():
     assert labelled(found, "streametl_consumer_assigned_partitions") == {(): 1}
 
 
+def test_state_store_sizes_come_from_rocksdb_properties(tmp_path):
+    """keys, SST bytes and memtable bytes of a real RocksDB (rocksdict, as Faust's
+    store uses), read from its properties: no walk over the keys."""
+    import rocksdict
+
+    db = rocksdict.Rdict(str(tmp_path / "store"))
+    try:
+        for i in range(500):
+            db[f"k{i}".encode()] = b"v" * 100
+        keys, disk, memory = store_size(db)
+        assert keys == 500 and memory > 500 * 100
+        db.flush()
+        keys, disk, memory = store_size(db)
+        assert keys == 500 and disk > 0
+    finally:
+        db.close()
+
+
+def test_state_store_series_follow_the_open_partitions():
+    """One series per open store partition, labelled active or standby; a partition
+    revoked in a rebalance (closed by Faust) has none at the next scrape."""
+    open_now = [("pipeline-p-dedupe", 0, False, 10, 4096, 2048), ("pipeline-p-dedupe", 1, True, 7, None, 1024)]
+    m = Metrics(Sources(progress=list, stores=lambda: list(open_now)))
+    found = samples(m)
+    assert labelled(found, "streametl_state_store_keys") == {
+        (("partition", "0"), ("role", "active"), ("store", "pipeline-p-dedupe")): 10,
+        (("partition", "1"), ("role", "standby"), ("store", "pipeline-p-dedupe")): 7}
+    assert labelled(found, "streametl_state_store_disk_bytes") == {
+        (("partition", "0"), ("role", "active"), ("store", "pipeline-p-dedupe")): 4096}
+    assert len(labelled(found, "streametl_state_store_memtable_bytes")) == 2
+    open_now.pop(1)
+    assert set(labelled(samples(m), "streametl_state_store_keys")) == {
+        (("partition", "0"), ("role", "active"), ("store", "pipeline-p-dedupe"))}
+
+
+def test_event_to_output_latency_is_measured_from_the_oldest_record_timestamp():
+    """Records stamped out of time order (event-time stamps from several producers):
+    the latency is the age of the oldest record of the partition, not of the first by
+    offset; a partition whose records carry no timestamp is not observed."""
+    import time
+
+    m = Metrics(Sources(progress=list))
+    now_ms = time.time() * 1000
+    stamped = [SimpleNamespace(timestamp=round(now_ms - age * 1000)) for age in (1, 50, 2)]
+    batch = SimpleNamespace(parts=[(tp("ev", 0), stamped), (tp("ev", 1), [SimpleNamespace(timestamp=None)])])
+    m.observe_batch("pipeline.clean", batch, 0.001)
+    found = samples(m)
+    assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 1}
+    assert 50 <= labelled(found, "streametl_event_to_output_seconds_sum")[(("agent", "pipeline.clean"),)] < 60
+
+
 def test_registries_are_per_instance():
     a, b = Metrics(Sources(progress=list)), Metrics(Sources(progress=list))
     a.commit_seconds.observe(0.01)
@@ -88,6 +139,7 @@ def test_batch_observation_is_one_per_batch_and_partition():
     assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 2}
     m.observe_rebalance("assign", 0.5)
     m.observe_rebalance("restore", 1.5)
+    assert labelled(found, "streametl_event_to_output_seconds_count") == {(("agent", "pipeline.clean"),): 2}
     found = samples(m)
     assert labelled(found, "streametl_rebalances_total") == {(): 1}
     assert labelled(found, "streametl_rebalance_seconds_count") == {(("phase", "assign"),): 1,
@@ -196,3 +248,22 @@ def test_partition_progress_positions():
     host._assignment = [seeked]
     assert [tp for tp, *_ in host.partition_progress()] == [seeked]
     assert host._last_timestamp == {}
+
+
+def test_open_table_stores_lists_only_open_rocksdb_partitions():
+    """app.transport.open_table_stores reads Faust's open partition databases, never
+    opens one (``_db_for_partition`` would), skips stores that are not RocksDB, and
+    marks the standby partitions of the current assignment."""
+    from faust.types.tuples import TP
+
+    from app.transport import open_table_stores
+
+    def opens(_partition):
+        raise AssertionError("a scrape must not open a database")
+
+    rocks = SimpleNamespace(name="t1", data=SimpleNamespace(_dbs={0: "db0", 2: "db2"}, _db_for_partition=opens),
+                            changelog_topic=SimpleNamespace(get_topic_name=lambda: "app-t1-changelog"))
+    memory = SimpleNamespace(name="t2", data={}, changelog_topic=None)
+    app = SimpleNamespace(tables={"t1": rocks, "t2": memory},
+                          assignor=SimpleNamespace(assigned_standbys=lambda: {TP("app-t1-changelog", 2)}))
+    assert open_table_stores(app) == [("t1", 0, False, "db0"), ("t1", 2, True, "db2")]
