@@ -1216,8 +1216,64 @@ class TransactionManager(FaustTransactionManager):
             self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
                           len(gone), gone)
             await self._stop_transactions(gone)
+        if self.missed_generations():
+            # This worker was out of the group (a zombie: paused past its session, or
+            # its session expired under load) for at least one generation, in which
+            # other workers owned its partitions and registered their transactional
+            # ids: every producer it kept is fenced, though it does not know yet (an
+            # empty transaction makes no request). Kept, the first send of the next
+            # batch failed and crashed the worker (issue 23, docs/delivery.md, N).
+            stale = sorted(self.producer._transaction_producers)
+            if stale:
+                self.log.info("exactly_once: this worker missed a generation of the group; "
+                              "replacing its %d transactional producers: %s", len(stale), stale)
+                await self._stop_transactions(stale)
         for tid in sorted(keep):
             await self.ready_transaction(tid)
+
+    def missed_generations(self) -> bool:
+        """Whether the group's generation went up by more than one since this worker's
+        previous assignment: generations it was no member of (then its partitions were
+        assigned to others). Notes the current generation."""
+        generation = getattr(self.app, "consumer_generation_id", None)
+        previous = getattr(self, "_last_generation", None)
+        self._last_generation = generation
+        return previous is not None and generation is not None and generation > previous + 1
+
+    async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
+        """Faust's commit, one transaction at a time: a transaction that fails because
+        its producer was fenced does not keep the others from committing; the first
+        such failure is raised after all were tried (``FastConsumer.commit`` refuses
+        the commit then).
+
+        Why (issue 23, docs/delivery.md, N): Faust commits the transactions in turn and
+        stops at the first failure. A zombie woken after its session (some partitions
+        taken over, their producers fenced, others not) committed nothing after its
+        first fenced transaction; the transactions after it kept the outputs of acked
+        batches, whose offsets that commit had already taken from the consumer. At the
+        rebalance that followed, those transactions were ended (``ready_transaction``)
+        without their offsets, and the batches were processed again from the committed
+        offset: their outputs twice in ``read_committed`` (a record twice in
+        ``patterns-repartition``, its alert repeated). Each transaction holds the
+        outputs of its own partition's records and commits that partition's offsets
+        (``send``), so committing the others alone is exact."""
+        by_tid: dict[str, dict[Any, int]] = {}
+        app_id = self.app.conf.id
+        for tp, offset in offsets.items():
+            by_tid.setdefault(f"{app_id}-{self.app.assignor.group_for_topic(tp.topic)}-{tp.partition}", {})[tp] = offset
+        failed: BaseException | None = None
+        for tid, tid_offsets in by_tid.items():
+            try:
+                await self.producer.commit_transactions({tid: tid_offsets}, app_id,
+                                                        start_new_transaction=start_new_transaction)
+            except (ProducerFenced, IllegalOperation) as exc:
+                self.log.warning("exactly_once: transaction %s could not commit (%r); the others "
+                                 "still do", tid, exc)
+                if failed is None:
+                    failed = exc
+        if failed is not None:
+            raise failed
+        return True
 
     async def ready_transaction(self, tid: str) -> None:
         """Leave ``tid``'s producer in an open transaction that holds nothing yet.
