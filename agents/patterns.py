@@ -416,7 +416,12 @@ async def _flush_and_drop_states(*args: Any, **kwargs: Any) -> None:
     # On revoke and assign: whatever is unwritten reaches the changelog before another
     # worker restores these partitions from it; then the cache is dropped (partitions
     # moved). After a failed batch there is nothing left to write (see flush_states).
-    if not state_cache.failed:
+    if commit_guard.session_lapsed():
+        # This worker's group session lapsed (woken after a pause): other workers have
+        # written these partitions since; unwritten states belong to offsets it never
+        # committed (docs/delivery.md, O).
+        state_cache.dirty = {}
+    elif not state_cache.failed:
         await flush_states()
     state_cache.clear()
 

@@ -120,6 +120,13 @@ class WindowRunner:
         """Called on rebalance: rebuild caches and index before the next batch."""
         self.stale = True
 
+    def drop_unflushed(self) -> None:
+        """Forget the dirty state and bookkeeping without writing them (their offsets
+        were not committed: whoever owns the partitions processes those records again)."""
+        self.buffer.take_dirty()
+        self.meta_dirty = set()
+        self.stale = True
+
     def defers_flush(self) -> bool:
         """True when dirty state may stay in memory across batches until the next commit.
 
@@ -779,8 +786,14 @@ async def flush_all() -> None:
 async def _on_revoked(*args: Any, **kwargs: Any) -> None:
     # Faust committed (and so flushed) after the batch in flight finished; flush again
     # anyway: whatever is dirty now must reach the changelog before another worker
-    # restores these partitions from it.
-    await flush_all()
+    # restores these partitions from it. Not after this worker's group session lapsed
+    # (a paused worker, woken): other workers have written these partitions since, and
+    # what it holds unflushed belongs to offsets it never committed (docs/delivery.md, O).
+    if commit_guard.session_lapsed():
+        for runner in RUNNERS.values():
+            runner.drop_unflushed()
+    else:
+        await flush_all()
     for runner in RUNNERS.values():
         runner.mark_stale()
 

@@ -212,6 +212,29 @@ class CommitGuard:
         #: buffers) is made durable here, like Kafka Streams flushing its record caches
         #: at commit. A hook that raises stops the commit: its offsets stay uncommitted.
         self.before_commit: list[Callable[[], Awaitable[None]]] = []
+        #: When this worker last knew its group session alive (a heartbeat answered, an
+        #: assignment received; ``time.monotonic()``), and the session timeout (s).
+        self.session_ok_at: float | None = None
+        self.session_timeout: float | None = None
+
+    def note_session_ok(self) -> None:
+        self.session_ok_at = time.monotonic()
+
+    def session_lapsed(self) -> bool:
+        """Whether longer than the session timeout passed since this worker last knew
+        its group session alive: the group has most likely gone on without it (a worker
+        paused past its session, or its loop blocked that long) and other workers
+        process its partitions from their committed offsets.
+
+        Why (issue 23, docs/delivery.md, O): such a worker, woken, flushed the state it
+        had cached before the pause to the changelogs (the commit's ``before_commit``
+        hooks, then the revocation's flush), after the new owner's newer writes of the
+        same keys and partition bookkeeping. Under at_least_once nothing fences those
+        writes: the window state of a minute of input was reverted, and its windows
+        were never emitted. aiokafka's own heartbeat routine uses the same rule to give
+        its coordinator up; the broker decided at about the same time."""
+        ok_at, timeout = self.session_ok_at, self.session_timeout
+        return ok_at is not None and timeout is not None and time.monotonic() - ok_at > timeout
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         # Created lazily: the worker's event loop does not exist at import time.
@@ -274,6 +297,10 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        commit_guard.note_session_ok()  # a new generation: the session is alive again
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         if self.app.in_transaction and not self.app.should_stop and self.assignment():
@@ -394,6 +421,16 @@ class FastConsumer(faust_aiokafka.Consumer):
             observe(time.perf_counter() - t0)
 
     async def _commit_guarded(self, topics: Any, start_new_transaction: bool) -> bool:
+        if not self.app.in_transaction and commit_guard.session_lapsed():
+            # A worker whose session lapsed writes no state and commits nothing (the
+            # broker would refuse the offsets anyway; the state writes it would accept):
+            # its partitions' new owners process what it did not commit
+            # (``CommitGuard.session_lapsed``). Under exactly_once its transactions are
+            # fenced instead.
+            self.log.warning("Group session lapsed (no heartbeat answered for over %.0f s): "
+                             "not committing or writing state until the group takes this "
+                             "worker back", commit_guard.session_timeout)
+            return False
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
@@ -582,6 +619,14 @@ class FastConsumer(faust_aiokafka.Consumer):
             entry[1].add(tp, tp_records)
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
             last_timestamp[tp] = tp_records[-1].timestamp
+        if by_topic and commit_guard.session_lapsed():
+            # Woken after its session (see ``CommitGuard.session_lapsed``): these
+            # partitions are most likely someone else's now. Processing them would
+            # send through fenced producers (exactly_once: the worker crashed) or on
+            # state cached before the pause; the rebalance that follows starts again
+            # from the committed offsets.
+            await self.seek_after_drop({tp: rs for tp, rs in records.items() if tp.topic in BATCH_AGENTS})
+            return
         for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
                 if self.app.consumer_generation_id != generation_id:
@@ -999,6 +1044,7 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         before the join never reached its agent (tests/chaos/test_pattern_restart.py).
         """
         topics = set(topics)
+        await self.call_thread(self._watch_session)
         await self.call_thread(self._become_static_member, topics)
         missing = await self.call_thread(self._await_topics_in_metadata, topics)
         if missing:
@@ -1006,6 +1052,23 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                              "after %.0f s; they are assigned once it has them",
                              sorted(missing), TOPIC_METADATA_WAIT)
         await super().subscribe(topics)
+
+    async def _watch_session(self) -> None:
+        """Note each answered heartbeat (``CommitGuard.session_lapsed``); once per consumer."""
+        coordinator = self._ensure_consumer()._coordinator
+        if coordinator is None or getattr(coordinator, "_streametl_watched", False):
+            return
+        coordinator._streametl_watched = True
+        commit_guard.session_timeout = coordinator._session_timeout_ms / 1000
+        do_heartbeat = coordinator._do_heartbeat
+
+        async def watched_heartbeat() -> bool:
+            ok = await do_heartbeat()
+            if ok:
+                commit_guard.note_session_ok()
+            return ok
+
+        coordinator._do_heartbeat = watched_heartbeat
 
     async def _become_static_member(self, topics: set[str]) -> None:
         """Before the first join: set the consumer's ``group.instance.id`` (Faust does not

@@ -195,3 +195,16 @@ def test_the_flush_hook_is_registered_with_the_first_unwritten_state_and_once(en
     assert commit_guard.before_commit == [engine.flush_states]  # before the batch's ack
     run(engine.apply_items(batches()[1]))
     assert commit_guard.before_commit == [engine.flush_states]
+
+
+def test_a_worker_whose_session_lapsed_does_not_write_its_cached_states_at_revocation(env):
+    """Issue 23 (docs/delivery.md, O): a worker woken after its session lapsed wrote
+    the states it had cached before the pause over the new owner's newer ones. Now
+    they are dropped: their offsets were never committed."""
+    from app.transport import commit_guard
+
+    store, _, monkeypatch = env
+    run(engine.apply_items(batches()[0]))
+    monkeypatch.setattr(commit_guard, "session_lapsed", lambda: True)
+    run(engine._flush_and_drop_states())
+    assert store.calls == [] and not engine.state_cache.entries and not engine.state_cache.dirty
