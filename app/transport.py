@@ -1203,6 +1203,11 @@ class StaticLeave:
         coordinator.reset_generation()
 
 
+class ZombieRestart(Exception):
+    """exactly_once: this worker was out of the group for a generation; it must restart
+    (``TransactionManager.on_rebalance``)."""
+
+
 class TransactionalSendError(Exception):
     """An exactly_once send, made while processing input, that cannot be placed in a
     transaction (unknown partition or topic group)."""
@@ -1282,15 +1287,17 @@ class TransactionManager(FaustTransactionManager):
         if self.missed_generations():
             # This worker was out of the group (a zombie: paused past its session, or
             # its session expired under load) for at least one generation, in which
-            # other workers owned its partitions and registered their transactional
-            # ids: every producer it kept is fenced, though it does not know yet (an
-            # empty transaction makes no request). Kept, the first send of the next
-            # batch failed and crashed the worker (issue 23, docs/delivery.md, N).
-            stale = sorted(self.producer._transaction_producers)
-            if stale:
-                self.log.info("exactly_once: this worker missed a generation of the group; "
-                              "replacing its %d transactional producers: %s", len(stale), stale)
-                await self._stop_transactions(stale)
+            # other workers owned its partitions: its producers are fenced and its open
+            # transactions were aborted, but its local stores still hold what those
+            # transactions wrote (section E). Going on, with new producers, it processed
+            # the partitions it got back on that state: a deduplicating pipeline took
+            # the re-delivered records for copies of themselves (91 lost in a chaos
+            # run). It restarts instead; at start its stores are restored from the
+            # changelogs (issue 23, docs/delivery.md, N).
+            raise ZombieRestart(
+                "exactly_once: this worker missed a generation of the group (it was out of the "
+                "group: paused, or its session expired); its local state may hold writes of "
+                "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
             await self.ready_transaction(tid)
 
