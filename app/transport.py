@@ -606,6 +606,13 @@ class FastConsumer(faust_aiokafka.Consumer):
             if not agents or not tp_records:
                 continue
             if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                # Not delivered now (not in this fetch's active set: ``freshen`` takes the
+                # last merged fetch's). aiokafka's position is already past these records,
+                # so put it back to the first of them (never forward): skipped without
+                # that, they were fetched again by nobody, and the next batch's jump past
+                # the read offset was committed as a gap (docs/delivery.md, "Open").
+                if await self._thread.rewind(tp, tp_records[0].offset):
+                    read_offset[tp] = tp_records[0].offset
                 continue
             r_offset = read_offset[tp]
             if r_offset is not None:

@@ -322,6 +322,23 @@ def test_partitions_not_active_are_not_delivered(agent):
     assert host._new_offset(tp0) is None and host._new_offset(tp1) == 1
 
 
+def test_records_of_a_partition_not_active_are_fetched_again(agent):
+    """Issue 23 (docs/delivery.md, "Open"): records that a fetch returned for a partition
+    outside the batch's active set are not delivered, and aiokafka's position is already
+    past them. Without a rewind nothing fetched them again, and the next batch's jump
+    past the read offset was committed as a gap. The position goes back to the first
+    of them (never forward); delivery is unchanged."""
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host._thread.positions = {tp0: 12, tp1: 1}  # after fetching tp0 10-11 and tp1 0
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, {tp1}, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
+    assert host._thread.positions == {tp0: 10, tp1: 1}
+    assert host._new_offset(tp0) is None
+
+
 def test_every_batch_agent_of_a_topic_gets_the_batch_before_it_is_acked():
     calls = []
 
