@@ -148,6 +148,9 @@ class LiveContext:
     def pending(self) -> bool:
         return False
 
+    def drop_unflushed(self) -> None:
+        """Nothing is held for a commit (see ``flush``)."""
+
     def moved(self) -> None:
         """Partitions moved: each partition's expiry queue is rebuilt from the store the
         next time it is used (another worker may have changed it meanwhile)."""

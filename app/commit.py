@@ -60,6 +60,8 @@ class Flushable(Protocol):
 
     def moved(self) -> None: ...
 
+    def drop_unflushed(self) -> None: ...
+
     def pending(self) -> bool: ...
 
     @property
@@ -482,7 +484,17 @@ class CommitProtocol:
         """On revoke and assign: whatever is unwritten reaches the changelog before
         another worker restores these partitions from it; then every cache forgets
         (partitions moved: another worker may change that state). A cache that failed
-        has nothing left to write (its batch replays after a restart)."""
+        has nothing left to write (its batch replays after a restart).
+
+        Not after this worker's group session lapsed (a paused worker, woken): other
+        workers have written these partitions since, and what it holds unwritten belongs
+        to offsets it never committed, so it is dropped, not written over their state
+        (docs/delivery.md, P)."""
+        if self._guard is not None and self._guard.session_lapsed():
+            for cache in self.caches:
+                cache.drop_unflushed()
+                cache.moved()
+            return
         if any(not cache.failed and cache.pending() for cache in self.caches):
             await self.emitter.flush()
         for cache in self.caches:

@@ -214,6 +214,29 @@ class CommitGuard:
         #: buffers) is made durable here, like Kafka Streams flushing its record caches
         #: at commit. A hook that raises stops the commit: its offsets stay uncommitted.
         self.before_commit: list[Callable[[], Awaitable[None]]] = []
+        #: When this worker last knew its group session alive (a heartbeat answered, an
+        #: assignment received; ``time.monotonic()``), and the session timeout (s).
+        self.session_ok_at: float | None = None
+        self.session_timeout: float | None = None
+
+    def note_session_ok(self) -> None:
+        self.session_ok_at = time.monotonic()
+
+    def session_lapsed(self) -> bool:
+        """Whether longer than the session timeout passed since this worker last knew
+        its group session alive: the group has most likely gone on without it (a worker
+        paused past its session, or its loop blocked that long) and other workers
+        process its partitions from their committed offsets.
+
+        Why (issue 23, docs/delivery.md, P): such a worker, woken, flushed the state it
+        had cached before the pause to the changelogs (the commit's ``before_commit``
+        hooks, then the revocation's flush), after the new owner's newer writes of the
+        same keys and partition bookkeeping. Under at_least_once nothing fences those
+        writes: the window state of a minute of input was reverted, and its windows
+        were never emitted. aiokafka's own heartbeat routine uses the same rule to give
+        its coordinator up; the broker decided at about the same time."""
+        ok_at, timeout = self.session_ok_at, self.session_timeout
+        return ok_at is not None and timeout is not None and time.monotonic() - ok_at > timeout
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         # Created lazily: the worker's event loop does not exist at import time.
@@ -276,6 +299,10 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        commit_guard.note_session_ok()  # a new generation: the session is alive again
+        await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         if self.app.in_transaction and not self.app.should_stop and self.assignment():
@@ -396,6 +423,16 @@ class FastConsumer(faust_aiokafka.Consumer):
             observe(time.perf_counter() - t0)
 
     async def _commit_guarded(self, topics: Any, start_new_transaction: bool) -> bool:
+        if not self.app.in_transaction and commit_guard.session_lapsed():
+            # A worker whose session lapsed writes no state and commits nothing (the
+            # broker would refuse the offsets anyway; the state writes it would accept):
+            # its partitions' new owners process what it did not commit
+            # (``CommitGuard.session_lapsed``). Under exactly_once its transactions are
+            # fenced instead.
+            self.log.warning("Group session lapsed (no heartbeat answered for over %.0f s): "
+                             "not committing or writing state until the group takes this "
+                             "worker back", commit_guard.session_timeout)
+            return False
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
@@ -571,6 +608,13 @@ class FastConsumer(faust_aiokafka.Consumer):
             if not agents or not tp_records:
                 continue
             if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                # Not delivered now (not in this fetch's active set: ``freshen`` takes the
+                # last merged fetch's). aiokafka's position is already past these records,
+                # so put it back to the first of them (never forward): skipped without
+                # that, they were fetched again by nobody, and the next batch's jump past
+                # the read offset was committed as a gap (docs/delivery.md, "Open").
+                if await self._thread.rewind(tp, tp_records[0].offset):
+                    read_offset[tp] = tp_records[0].offset
                 continue
             r_offset = read_offset[tp]
             if r_offset is not None:
@@ -584,6 +628,14 @@ class FastConsumer(faust_aiokafka.Consumer):
             entry[1].add(tp, tp_records)
             entry[2][tp] = (tp_records[0].offset, tp_records[-1].offset)
             last_timestamp[tp] = tp_records[-1].timestamp
+        if by_topic and commit_guard.session_lapsed():
+            # Woken after its session (see ``CommitGuard.session_lapsed``): these
+            # partitions are most likely someone else's now. Processing them would
+            # send through fenced producers (exactly_once: the worker crashed) or on
+            # state cached before the pause; the rebalance that follows starts again
+            # from the committed offsets.
+            await self.seek_after_drop({tp: rs for tp, rs in records.items() if tp.topic in BATCH_AGENTS})
+            return
         for agents, batch, spans in by_topic.values():
             if not self._still_current(generation_id):
                 if self.app.consumer_generation_id != generation_id:
@@ -1001,6 +1053,7 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         before the join never reached its agent (tests/chaos/test_pattern_restart.py).
         """
         topics = set(topics)
+        await self.call_thread(self._watch_session)
         await self.call_thread(self._become_static_member, topics)
         missing = await self.call_thread(self._await_topics_in_metadata, topics)
         if missing:
@@ -1008,6 +1061,23 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
                              "after %.0f s; they are assigned once it has them",
                              sorted(missing), TOPIC_METADATA_WAIT)
         await super().subscribe(topics)
+
+    async def _watch_session(self) -> None:
+        """Note each answered heartbeat (``CommitGuard.session_lapsed``); once per consumer."""
+        coordinator = self._ensure_consumer()._coordinator
+        if coordinator is None or getattr(coordinator, "_streametl_watched", False):
+            return
+        coordinator._streametl_watched = True
+        commit_guard.session_timeout = coordinator._session_timeout_ms / 1000
+        do_heartbeat = coordinator._do_heartbeat
+
+        async def watched_heartbeat() -> bool:
+            ok = await do_heartbeat()
+            if ok:
+                commit_guard.note_session_ok()
+            return ok
+
+        coordinator._do_heartbeat = watched_heartbeat
 
     async def _become_static_member(self, topics: set[str]) -> None:
         """Before the first join: set the consumer's ``group.instance.id`` (Faust does not
@@ -1142,6 +1212,11 @@ class StaticLeave:
         coordinator.reset_generation()
 
 
+class ZombieRestart(Exception):
+    """exactly_once: this worker was out of the group for a generation; it must restart
+    (``TransactionManager.on_rebalance``)."""
+
+
 class TransactionalSendError(Exception):
     """An exactly_once send, made while processing input, that cannot be placed in a
     transaction (unknown partition or topic group)."""
@@ -1218,8 +1293,66 @@ class TransactionManager(FaustTransactionManager):
             self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
                           len(gone), gone)
             await self._stop_transactions(gone)
+        if self.missed_generations():
+            # This worker was out of the group (a zombie: paused past its session, or
+            # its session expired under load) for at least one generation, in which
+            # other workers owned its partitions: its producers are fenced and its open
+            # transactions were aborted, but its local stores still hold what those
+            # transactions wrote (section E). Going on, with new producers, it processed
+            # the partitions it got back on that state: a deduplicating pipeline took
+            # the re-delivered records for copies of themselves (91 lost in a chaos
+            # run). It restarts instead; at start its stores are restored from the
+            # changelogs (issue 23, docs/delivery.md, O).
+            raise ZombieRestart(
+                "exactly_once: this worker missed a generation of the group (it was out of the "
+                "group: paused, or its session expired); its local state may hold writes of "
+                "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
             await self.ready_transaction(tid)
+
+    def missed_generations(self) -> bool:
+        """Whether the group's generation went up by more than one since this worker's
+        previous assignment: generations it was no member of (then its partitions were
+        assigned to others). Notes the current generation."""
+        generation = getattr(self.app, "consumer_generation_id", None)
+        previous = getattr(self, "_last_generation", None)
+        self._last_generation = generation
+        return previous is not None and generation is not None and generation > previous + 1
+
+    async def commit(self, offsets: Any, start_new_transaction: bool = True) -> bool:
+        """Faust's commit, one transaction at a time: a transaction that fails because
+        its producer was fenced does not keep the others from committing; the first
+        such failure is raised after all were tried (``FastConsumer.commit`` refuses
+        the commit then).
+
+        Why (issue 23, docs/delivery.md, O): Faust commits the transactions in turn and
+        stops at the first failure. A zombie woken after its session (some partitions
+        taken over, their producers fenced, others not) committed nothing after its
+        first fenced transaction; the transactions after it kept the outputs of acked
+        batches, whose offsets that commit had already taken from the consumer. At the
+        rebalance that followed, those transactions were ended (``ready_transaction``)
+        without their offsets, and the batches were processed again from the committed
+        offset: their outputs twice in ``read_committed`` (a record twice in
+        ``patterns-repartition``, its alert repeated). Each transaction holds the
+        outputs of its own partition's records and commits that partition's offsets
+        (``send``), so committing the others alone is exact."""
+        by_tid: dict[str, dict[Any, int]] = {}
+        app_id = self.app.conf.id
+        for tp, offset in offsets.items():
+            by_tid.setdefault(f"{app_id}-{self.app.assignor.group_for_topic(tp.topic)}-{tp.partition}", {})[tp] = offset
+        failed: BaseException | None = None
+        for tid, tid_offsets in by_tid.items():
+            try:
+                await self.producer.commit_transactions({tid: tid_offsets}, app_id,
+                                                        start_new_transaction=start_new_transaction)
+            except (ProducerFenced, IllegalOperation) as exc:
+                self.log.warning("exactly_once: transaction %s could not commit (%r); the others "
+                                 "still do", tid, exc)
+                if failed is None:
+                    failed = exc
+        if failed is not None:
+            raise failed
+        return True
 
     async def ready_transaction(self, tid: str) -> None:
         """Leave ``tid``'s producer in an open transaction that holds nothing yet.

@@ -395,6 +395,15 @@ class WriteBackCache(WriteBackBuffer):
         the same object are included)."""
         self.side[key] = (partition, value)
 
+    def drop_unflushed(self) -> None:
+        """Forget every unwritten value without writing it, and the cache: a worker whose
+        group session lapsed (paused, then woken) holds changes of offsets it never
+        committed, while the partitions' new owners have written newer state since
+        (docs/delivery.md, P). Whoever owns them now processes those records again."""
+        self._dirty.clear()
+        self.side.clear()
+        self._values.clear()
+
     def moved(self) -> None:
         """Partitions moved: drop every cached value (another worker may change them)."""
         if self.side:

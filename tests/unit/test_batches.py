@@ -322,6 +322,23 @@ def test_partitions_not_active_are_not_delivered(agent):
     assert host._new_offset(tp0) is None and host._new_offset(tp1) == 1
 
 
+def test_records_of_a_partition_not_active_are_fetched_again(agent):
+    """Issue 23 (docs/delivery.md, "Open"): records that a fetch returned for a partition
+    outside the batch's active set are not delivered, and aiokafka's position is already
+    past them. Without a rewind nothing fetched them again, and the next batch's jump
+    past the read offset was committed as a gap. The position goes back to the first
+    of them (never forward); delivery is unchanged."""
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host._thread.positions = {tp0: 12, tp1: 1}  # after fetching tp0 10-11 and tp1 0
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, {tp1}, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
+    assert host._thread.positions == {tp0: 10, tp1: 1}
+    assert host._new_offset(tp0) is None
+
+
 def test_every_batch_agent_of_a_topic_gets_the_batch_before_it_is_acked():
     calls = []
 
@@ -595,3 +612,49 @@ def test_a_commit_waiting_for_a_batch_that_is_interrupted_commits_nothing():
         assert asyncio.run(main()) is False
     finally:
         BATCH_AGENTS.pop(TOPIC, None)
+
+
+def test_a_worker_whose_session_lapsed_processes_and_commits_nothing(agent, monkeypatch):
+    """Issue 23 (docs/delivery.md, P): a worker paused past its session (the chaos
+    verifier's zombie), woken, processed the records it had fetched and committed,
+    flushing state cached before the pause (``before_commit``) over the new owner's
+    writes; under exactly_once its sends met fenced producers and crashed it. While
+    its session has lapsed it delivers nothing (the fetch is dropped and sought back
+    to the committed offsets) and, under at_least_once, runs no commit hook and commits
+    nothing. Once it is in the group again (``note_session_ok``) it goes on."""
+    import time
+
+    from app.transport import commit_guard
+
+    seen, _during, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp = TP(TOPIC, 0)
+    hooked: list = []
+
+    async def hook():
+        hooked.append(1)
+
+    monkeypatch.setattr(commit_guard, "before_commit", [hook])
+    monkeypatch.setattr(commit_guard, "session_timeout", 45.0)
+    monkeypatch.setattr(commit_guard, "session_ok_at", time.monotonic() - 70)  # paused 70 s
+    asyncio.run(host.deliver_batches({tp: [record(0, 5)]}, None, 1))
+    assert seen == [] and host.seeks == 1 and not host._batch_next
+    assert asyncio.run(host.commit()) is False and hooked == []
+    commit_guard.note_session_ok()  # the next assignment
+    asyncio.run(host.deliver_batches({tp: [record(0, 5)]}, None, 1))
+    assert [r.offset for r in seen[0]] == [5]
+
+
+def test_the_session_lapses_only_past_the_session_timeout(monkeypatch):
+    import time
+
+    from app.transport import CommitGuard
+
+    guard = CommitGuard()
+    assert not guard.session_lapsed()  # nothing known yet (before the first heartbeat)
+    guard.session_timeout = 45.0
+    guard.note_session_ok()
+    assert not guard.session_lapsed()
+    guard.session_ok_at = time.monotonic() - 46
+    assert guard.session_lapsed()

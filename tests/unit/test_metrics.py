@@ -114,7 +114,7 @@ def test_event_to_output_latency_is_measured_from_the_oldest_record_timestamp():
 
     m = Metrics(Sources(progress=list))
     now_ms = time.time() * 1000
-    stamped = [SimpleNamespace(timestamp=round(now_ms - age * 1000)) for age in (1, 50, 2)]
+    stamped = [SimpleNamespace(timestamp=int(now_ms - age * 1000)) for age in (1, 50, 2)]  # floor: never younger
     batch = SimpleNamespace(parts=[(tp("ev", 0), stamped), (tp("ev", 1), [SimpleNamespace(timestamp=None)])])
     m.observe_batch("pipeline.clean", batch, 0.001)
     found = samples(m)

@@ -205,3 +205,24 @@ def test_the_flush_hook_is_registered_with_the_first_unwritten_state_and_once(en
     assert commit_guard.before_commit == [commit_protocol.before_commit]  # before the batch's ack
     run(engine.apply_items(batches()[1]))
     assert commit_guard.before_commit == [commit_protocol.before_commit]
+
+
+def test_a_worker_whose_session_lapsed_does_not_write_its_cached_states_at_revocation(env):
+    """Issue 23 (docs/delivery.md, P): a worker woken after its session lapsed wrote
+    the states it had cached before the pause over the new owner's newer ones. Now
+    they are dropped: their offsets were never committed."""
+    from app.commit import CommitProtocol, MemoryEmitter
+
+    class Lapsed:
+        before_commit: list = []
+
+        def session_lapsed(self) -> bool:
+            return True
+
+    store, _, _ = env
+    run(engine.apply_items(batches()[0]))
+    engine.state_cache.store = store
+    protocol = CommitProtocol(MemoryEmitter(), guard=Lapsed())
+    protocol.register(engine.state_cache)
+    run(protocol.partitions_moved())
+    assert store.calls == [] and not engine.state_cache.entries and not engine.state_cache.dirty

@@ -567,6 +567,8 @@ class RebalanceTxnHost:
     _tps_to_transactional_ids = TransactionManager._tps_to_transactional_ids
     _tps_to_active_tpgs = TransactionManager._tps_to_active_tpgs
     _stop_transactions = TransactionManager._stop_transactions
+    missed_generations = TransactionManager.missed_generations
+    commit = TransactionManager.commit
 
     def __init__(self):
         import logging
@@ -628,6 +630,67 @@ def test_kept_transactions_are_kept_or_ended_cleanly_at_a_rebalance():
         for p in (p0, p1, p2):
             assert p._txn_manager.is_in_transaction() and p._txn_manager.is_empty_transaction()
         assert len(host.producer.created) == 3
+
+    run(main())
+
+
+def test_a_worker_that_missed_a_generation_restarts():
+    """Issue 23 (the chaos verifier's zombie; docs/delivery.md, O): a worker paused past
+    its session (generation 1) was out of the group in generations 3 and 4, in which
+    other workers owned its partitions: its producers were fenced and its open
+    transactions aborted, but its local stores kept what they wrote. It kept its empty
+    transactions' producers, and the first send after it became ready crashed it
+    (``Can't send messages while not in transaction``); with new producers instead, it
+    processed on the aborted writes (91 records its dedupe memory took for copies). It
+    restarts, with a reason, at its first assignment after the gap; at consecutive
+    generations kept producers stay (no needless InitProducerId)."""
+    from app.transport import ZombieRestart
+
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        host.app.consumer_generation_id = 1
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        old = dict(producers)
+        host.app.consumer_generation_id = 2  # a rebalance this worker took part in
+        await host.on_rebalance(_tps(0, 1), set(), set())
+        assert producers == old
+        host.app.consumer_generation_id = 5  # generations 3 and 4 went on without it
+        with pytest.raises(ZombieRestart, match="missed a generation"):
+            await host.on_rebalance(_tps(0, 1), set(), set())
+
+    run(main())
+
+
+def test_a_fenced_transaction_does_not_keep_the_others_from_committing():
+    """Issue 23 (docs/delivery.md, O): Faust commits the transactions of a commit in
+    turn and stopped at the first fenced one; the later ones kept outputs whose
+    offsets that commit had taken, and a rebalance then ended them without those
+    offsets: the batches were processed again, their outputs twice in read_committed.
+    Now every transaction is tried, and the first failure is raised afterwards."""
+    from aiokafka.errors import ProducerFenced
+    from faust.types import TP
+
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+    crashed: list = []
+
+    async def crash(exc):  # Faust's commit crashed the worker at the first fenced one
+        crashed.append(exc)
+
+    host.app.crash = crash
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        for p in (0, 1):
+            await host.producer.send("out", None, b"v", p, None, None, transactional_id=f"g-1-{p}")
+        producers["g-1-0"].timed_out = True  # taken over by another worker meanwhile
+        with pytest.raises(ProducerFenced):
+            await host.commit({TP("src", 0): 10, TP("src", 1): 20})
+        assert producers["g-1-1"].committed == 1
+        assert producers["g-1-0"].committed == 0
+        assert not crashed
 
     run(main())
 

@@ -308,3 +308,36 @@ def test_exactly_once_results_join_the_transaction_of_the_partition_they_come_fr
     asyncio.run(r.process(closing))
     assert sorted(sink.sent) == [(0, "a"), (0, "b"), (1, "c"), (1, "d")]
     assert SOURCE_PARTITION.get() is None  # nothing leaks past the sends
+
+
+def test_a_worker_whose_session_lapsed_drops_its_unflushed_state_at_revocation(monkeypatch):
+    """Issue 23 (docs/delivery.md, P; long chaos run, at_least_once, seed 1): a worker
+    paused past its session was woken; the revocation's flush wrote the window state
+    and partition bookkeeping it had cached before the pause to the changelog, after
+    the new owner's newer writes: a minute of windows was never emitted (275 missing,
+    58 wrong). Once the session lapsed, what is unflushed is dropped (its offsets
+    were never committed), and the runner rebuilds from the store; otherwise the
+    revocation flushes, as before."""
+    class Guard:
+        before_commit: list = []
+
+        def __init__(self, lapsed: bool) -> None:
+            self.lapsed = lapsed
+
+        def session_lapsed(self) -> bool:
+            return self.lapsed
+
+    for lapsed in (False, True):
+        store = Store()
+        r = WindowRunner(DEF, None, None, "sink", "late", store=store,
+                         commit=CommitProtocol(Outputs(), defer=True, guard=Guard(lapsed)))
+
+        async def go(r=r):
+            await r.process(parts(batches()[0]))
+            assert r.buffer.dirty_count and r.meta_dirty
+            await r.commit.partitions_moved()  # the revocation
+            r.mark_stale()
+            await r.process(parts(batches()[1]))  # rebuilds (no "dirty keys would be lost")
+
+        asyncio.run(go())
+        assert store.flushes == (0 if lapsed else 1)
