@@ -22,7 +22,9 @@ Verdicts (``failed`` lists the ones that count as failures):
   (missing; repeated under exactly_once).
 * ``dead_letters``: anything in the dead-letter topic (the input holds no bad record).
 * ``crashed``: a worker exited that no fault stopped (it is restarted, as a
-  supervisor would).
+  supervisor would). A woken zombie's deliberate exit under exactly_once
+  (``ZombieRestart``: its stores may hold writes of aborted transactions) is not a
+  crash; it is listed apart in the report (``zombie_restarts``) and restarted too.
 * ``stuck``: the group's committed offsets did not reach the end of its input topics
   within the bound (or stayed put for ``STUCK_FOR``); the lagging partitions are
   listed. What they hold back is *undecided*: source records at or past the committed
@@ -406,6 +408,11 @@ class Spec:
 _EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Fenced|Exit)\w*: |Crashed reason=|\[ERROR\]")
 
 
+#: What a worker's log says when it exits on purpose after missing a generation
+#: (app.transport.ZombieRestart).
+ZOMBIE_RESTART = "ZombieRestart"
+
+
 def crash_lines(log: str, n: int = 8) -> list[str]:
     """The lines of a worker's log that say why it died: exceptions that ended a
     traceback, agents' "Crashed reason=", ERROR records (the last ``n``)."""
@@ -450,6 +457,8 @@ class ChaosRun:
         self.slots: list[Slot] = []
         self.actions: list[dict] = []
         self.crashes: list[dict] = []
+        #: Deliberate exits of woken zombies under exactly_once (reported, not failed).
+        self.zombie_restarts: list[dict] = []
         self.readiness: list[dict] = []
         #: Seconds from each (re)start to the first record its pipeline processed.
         self.to_processing: list[dict] = []
@@ -569,8 +578,15 @@ class ChaosRun:
                                  "was": state, "errors": tail}
                         if slot.continued_at is not None:  # a zombie's end: fenced, then exited?
                             crash["after_sigcont"] = round(time.monotonic() - slot.continued_at, 1)
-                        self.crashes.append(crash)
-                        self.log("crashed", slot, returncode=slot.worker.proc.returncode)
+                        if any(ZOMBIE_RESTART in line for line in tail):
+                            # Not a crash: the product's deliberate exit of a worker that
+                            # was out of the group for a generation under exactly_once
+                            # (docs/delivery.md, O); restarted as a supervisor would.
+                            self.zombie_restarts.append(crash)
+                            self.log("zombie_restart", slot, returncode=slot.worker.proc.returncode)
+                        else:
+                            self.crashes.append(crash)
+                            self.log("crashed", slot, returncode=slot.worker.proc.returncode)
                     elif state == "crashed" and time.monotonic() - slot.crashed_at > 3 and slot.crashes <= 20:
                         self.start(slot, "restart_after_crash")
                     elif state == "terminating" and alive and time.monotonic() - slot.term_at > 90:
@@ -946,6 +962,7 @@ class ChaosRun:
             verdict = judge(spec.guarantee, got["sources"], got["sink_ids"], got["results"], got["late"],
                             got["alert_ids"], got["dead_letters"], lagging, self.crashes, self.spec.grace)
             report.update(verdict)
+            report["zombie_restarts"] = self.zombie_restarts
             report["counts"] = {
                 "events_generated": len(events), "input_records": len(got["sources"]),
                 "distinct_ids": len({s.event["event_id"] for s in got["sources"]}),
