@@ -38,7 +38,6 @@ from app.commit import commit_protocol, emitter
 from app.kafka_io import kafka_io
 from app.pipelines import PipelineSpec
 from app.topics import declare
-from app.transport import set_current_event
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
 from tables.store import Expiry, PartitionStore

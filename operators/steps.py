@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from operators.cdc import UPSERT, ChangeError, delete_of, envelope, message_key, parse_change
 from operators.expr import ExprError, compile_expr
-from operators.joins import JOIN_TYPES, BatchJoin, JoinCounts, JoinSpec
+from operators.joins import JOIN_TYPES, BatchJoin, JoinSpec
 from operators.transform import (
     SCHEMA_TYPES,
     EnrichSpec,
