@@ -1145,6 +1145,13 @@ class TransactionalSendError(Exception):
     transaction (unknown partition or topic group)."""
 
 
+#: Awaited with the new assignment at the end of ``TransactionManager.on_rebalance``
+#: (exactly_once): after the transactional producers are ready, before Faust starts the
+#: table recovery. The aggregate API fences a partition's previous owner here, so the
+#: recovery reads everything that owner committed (agents/aggregate_api.py).
+ASSIGNMENT_HOOKS: list[Any] = []
+
+
 class TransactionManager(FaustTransactionManager):
     """Faust's transaction manager without its silent non-transactional fallback.
 
@@ -1218,6 +1225,8 @@ class TransactionManager(FaustTransactionManager):
             await self._stop_transactions(gone)
         for tid in sorted(keep):
             await self.ready_transaction(tid)
+        for hook in ASSIGNMENT_HOOKS:
+            await hook(assigned)
 
     async def ready_transaction(self, tid: str) -> None:
         """Leave ``tid``'s producer in an open transaction that holds nothing yet.
@@ -1512,6 +1521,6 @@ def broker_url(url: str) -> str:
 
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
-           "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
+           "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "start_inline"]
