@@ -1,48 +1,83 @@
-"""The request/reply agent behind ``POST /api/v1/aggregate`` and
-``GET /api/v1/aggregate/{window_id}``.
+"""The owner side of ``POST /api/v1/aggregate`` and ``GET /api/v1/aggregate/{window_id}``.
 
-Views call ``aggregate_api.ask(key=window_id, value=AggregateRequest(...))``. The
-request is produced to ``aggregate-requests`` keyed by window_id, so Kafka's partitioner
-sends every request for one window_id to one partition, and the worker that owns that
-partition answers: whichever worker was asked, the running aggregate is the same one.
-State lives in the changelog-backed ``aggregate-api`` table (per window_id: its spec,
-its open windows, stream time, recently closed windows). A request replayed after a
-crash (offset already applied) is answered from the state, not applied twice.
+A window_id's state lives in the changelog-backed ``aggregate-api`` table, in the
+partition Kafka's default partitioner gives its key (murmur2 of the window_id), on the
+worker that holds that changelog partition as active. The view (web/aggregate.py)
+applies a request here when this worker is that owner, and otherwise forwards it over
+HTTP to the owner, one hop (as Kafka Streams' interactive queries and Faust's
+``table_route``). Requests of one partition are applied one at a time (a lock per
+partition, see ``Owner``): read the state, fold the record in, write the changelog,
+await it, write RocksDB, answer.
+
+What "applied" means, per guarantee (docs/delivery.md, R):
+
+- at_least_once: the changelog record is acknowledged (acks=all) before RocksDB is
+  written and before the answer. A crash after the answer loses nothing: recovery
+  replays the changelog.
+- exactly_once: the changelog record is sent by a transactional producer of its own
+  per partition (``{app id}-aggregate-api-{partition}``) and its transaction is
+  committed before RocksDB is written and before the answer. A kill -9 before the
+  commit aborts it, and the client got no answer (it retries; see replay below).
+  Fencing: the producer is registered (InitProducerId) when the partition is assigned,
+  before Faust's table recovery starts (``transport.ASSIGNMENT_HOOKS``), which fences
+  the previous owner's producer and aborts its open transaction. So the new owner's
+  recovery reads every state the previous owner answered for, and a previous owner
+  that still believes it owns the partition (a zombie) can no longer commit: its
+  request fails and is answered as "not the owner" (retried by the forwarder).
+
+Replays: every request carries an id (the client's ``Idempotency-Key`` header, else
+one the first worker draws). The state keeps the ids of its last ``KEEP_IDS`` applied
+requests, in the changelog with the state: a request whose id is there was applied
+already (a forward retried after its answer was lost, a client's retry) and is
+answered from the state, not applied again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
+import time
 from typing import Any
 
 import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from faust.types import TP
 
 from app import app, settings
+from app import transport as _transport
 from app.codec import RecordError
+from app.kafka_io import partition_for
+from app.kafka_security import client_options
 from app.models.windows import AggregateRequest
 from app.windows import event_time_ms, spec_from_canonical
 from operators import windows as W
 from operators.aggregations import AggregateSet, AggregationError, get_field
-from tables.store import PartitionStore
+from tables.store import PartitionStore, as_current
 from tables.windows import api_windows
+
+log = logging.getLogger(__name__)
 
 #: How many closed windows per window_id stay visible to GET.
 KEEP_CLOSED = 10
-
-requests_topic = app.topic(
-    settings.topic("aggregate-requests"),
-    partitions=settings.topic_partitions,
-    internal=True,
-    key_serializer="raw",
-    value_serializer="json",
-)
+#: How many applied request ids per window_id are remembered against replays.
+KEEP_IDS = 32
 
 store = PartitionStore(api_windows)
+
+
+class NotOwner(Exception):
+    """This worker does not own (or has not recovered) the window_id's partition now."""
 
 
 @functools.lru_cache(maxsize=1024)
 def _spec(canonical_json: str) -> tuple[W.WindowSpec, AggregateSet]:
     return spec_from_canonical(orjson.loads(canonical_json))
+
+
+def _spec_of(spec: dict[str, Any]) -> tuple[W.WindowSpec, AggregateSet]:
+    return _spec(orjson.dumps(spec, option=orjson.OPT_SORT_KEYS).decode())
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -60,41 +95,38 @@ def _view(window_id: str, state: dict[str, Any], spec: W.WindowSpec, aggs: Aggre
     }
 
 
-def handle(req: AggregateRequest, event: Any) -> dict[str, Any]:
-    """Apply (op add) or read (op get) one window_id's state; the JSON reply."""
-    key = req.window_id.encode()
-    state = store.read(event, key)
+def handle(req: AggregateRequest, state: dict[str, Any] | None, request_id: str,
+           now_ms: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Apply (op add) or read (op get) one window_id's state.
+
+    Returns the JSON answer and the new state to store (None: nothing to store).
+    ``now_ms`` is the record's time when the spec has no ``time_key``."""
     if req.op == "get":
         if state is None:
-            return _error(404, "unknown_window", f"no window_id {req.window_id!r}")
-        spec, aggs = _spec(orjson.dumps(state["spec"], option=orjson.OPT_SORT_KEYS).decode())
-        return _view(req.window_id, state, spec, aggs)
+            return _error(404, "unknown_window", f"no window_id {req.window_id!r}"), None
+        return _view(req.window_id, state, *_spec_of(state["spec"])), None
     if state is not None and state["spec"] != req.spec:
         return _error(409, "spec_conflict",
                       f"window_id {req.window_id!r} exists with a different spec; use a new window_id",
-                      {"existing": state["spec"], "requested": req.spec})
-    partition, offset = event.message.partition, event.message.offset
-    if state is not None and W.already_applied(state["w"], partition, offset):
-        return state.get("last") or _view(req.window_id, state, *_spec(
-            orjson.dumps(state["spec"], option=orjson.OPT_SORT_KEYS).decode()))
-    spec, aggs = _spec(orjson.dumps(req.spec, option=orjson.OPT_SORT_KEYS).decode())
+                      {"existing": state["spec"], "requested": req.spec}), None
+    if state is not None and request_id in state.get("ids", ()):
+        if state.get("last_id") == request_id and state.get("last"):
+            return state["last"], None
+        return _view(req.window_id, state, *_spec_of(state["spec"])), None
+    spec, aggs = _spec_of(req.spec)
     record = req.record or {}
     try:
         values = aggs.extract(record)
         time_key = req.spec.get("time_key")
-        if time_key:
-            ts = event_time_ms(get_field(record, time_key))
-        else:
-            ts = round(event.message.timestamp * 1000)
+        ts = event_time_ms(get_field(record, time_key)) if time_key else now_ms
     except KeyError:
-        return _error(422, "validation_error", f"record has no time field {req.spec.get('time_key')!r}")
+        return _error(422, "validation_error", f"record has no time field {req.spec.get('time_key')!r}"), None
     except (AggregationError, RecordError) as exc:
-        return _error(422, "validation_error", str(exc))
+        return _error(422, "validation_error", str(exc)), None
     if state is None:
         state = {"spec": req.spec, "w": W.new_state(), "st": 0, "closed": [], "late": 0}
     st = state["st"] = max(state["st"], ts)
     applied = W.apply_record(spec, aggs, state["w"], ts, values, st)
-    W.mark_applied(state["w"], partition, offset)
     closed = [W.window_result(spec, aggs, w) for w in W.expire(spec, state["w"], st)]
     if applied.late:
         state["late"] = state.get("late", 0) + 1
@@ -114,19 +146,169 @@ def handle(req: AggregateRequest, event: Any) -> dict[str, Any]:
         "closed": closed,
     }
     state["last"] = reply
-    store.write(event, key, state)
-    return reply
+    state["last_id"] = request_id
+    state["ids"] = ([i for i in state.get("ids", ()) if i != request_id] + [request_id])[-KEEP_IDS:]
+    return reply, state
 
 
-@app.agent(requests_topic, name="aggregate-api")
-async def aggregate_api(stream: Any) -> Any:
-    """Answer each request from the partition that owns its window_id."""
-    async for req in stream:
-        event = stream.current_event
+class Owner:
+    """Applies requests for the partitions this worker owns and, under exactly_once,
+    holds one transactional producer per owned partition.
+
+    A partition's requests are applied one batch at a time: whatever arrived while the
+    previous batch was being stored is folded in together, in arrival order, and
+    stored with one changelog write (one transaction under exactly_once), then every
+    request of the batch is answered. A lone request is a batch of one; concurrent
+    clients share the changelog round trip instead of queueing for one each."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, list[tuple[AggregateRequest, str, asyncio.Future]]] = {}
+        self.draining: dict[int, asyncio.Task] = {}
+        self.locks: dict[int, asyncio.Lock] = {}
+        self.producers: dict[int, AIOKafkaProducer] = {}
+
+    @property
+    def changelog(self) -> str:
+        return api_windows.changelog_topic.get_topic_name()
+
+    def partition_of(self, window_id: str) -> int:
+        """The partition of a window_id: Kafka's default partitioner, as every earlier
+        version placed it (the request topic was keyed by window_id), so existing
+        changelog state stays where it is."""
+        return partition_for(window_id.encode(), settings.topic_partitions, 0)
+
+    def owns(self, partition: int) -> bool:
+        """This worker holds ``partition`` as active and its recovery has finished."""
+        return (app.started and not app.should_stop and not app.rebalancing
+                and app.tables.recovery.completed.is_set()
+                and TP(self.changelog, partition) in app.assignor.assigned_actives())
+
+    def _lock(self, partition: int) -> asyncio.Lock:
+        lock = self.locks.get(partition)
+        if lock is None:
+            lock = self.locks[partition] = asyncio.Lock()
+        return lock
+
+    async def apply(self, req: AggregateRequest, request_id: str) -> dict[str, Any]:
+        """The answer to ``req``, applied here; NotOwner when this worker is not (or no
+        longer) the owner of its partition."""
+        partition = self.partition_of(req.window_id)
+        if not self.owns(partition):
+            raise NotOwner(partition)
+        done = asyncio.get_running_loop().create_future()
+        self.pending.setdefault(partition, []).append((req, request_id, done))
+        if partition not in self.draining:
+            self.draining[partition] = asyncio.ensure_future(self._drain(partition))
+        return await done
+
+    async def _drain(self, partition: int) -> None:
         try:
-            yield handle(req, event)
-        except Exception as exc:  # a bad request must be answered, never crash the agent
-            yield _error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+            while self.pending.get(partition):
+                batch = self.pending.pop(partition)
+                try:
+                    async with self._lock(partition):
+                        if not self.owns(partition):
+                            raise NotOwner(partition)
+                        replies = await self._apply_batch(partition, batch)
+                except BaseException as exc:  # NotOwner, or a bug: every waiter hears it
+                    for _, _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc if isinstance(exc, Exception) else NotOwner(partition))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, _, done), reply in zip(batch, replies, strict=True):
+                    if not done.done():
+                        done.set_result(reply)
+        finally:
+            self.draining.pop(partition, None)
+
+    async def _apply_batch(self, partition: int, batch: list) -> list[dict[str, Any]]:
+        states: dict[bytes, Any] = {}
+        changed: dict[bytes, dict[str, Any]] = {}
+        replies = []
+        now_ms = round(time.time() * 1000)
+        at = store.at(partition)
+        for req, request_id, _ in batch:
+            key = req.window_id.encode()
+            state = states[key] if key in states else store.read(at, key)
+            try:
+                reply, new = handle(req, state, request_id, now_ms)
+            except Exception as exc:  # a bad request must be answered, never fail the batch
+                reply, new = _error(500, "internal_error", f"{type(exc).__name__}: {exc}"), None
+            if new is not None:
+                states[key] = changed[key] = new
+            else:
+                states[key] = state
+            replies.append(reply)
+        if changed:
+            await self._store(partition, list(changed.items()))
+        return replies
+
+    async def _store(self, partition: int, items: list[tuple[bytes, dict[str, Any]]]) -> None:
+        if settings.processing_guarantee != "exactly_once":
+            # Changelog records acked (acks=all), then RocksDB (StoreWrites).
+            await store.write_partitions([(partition, key, state) for key, state in items])
+            return
+        producer = self.producers.get(partition)
+        if producer is None:
+            raise NotOwner(partition)
+        raws = [(key, orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS)) for key, state in items]
+        try:
+            async with producer.transaction():
+                sent = [await producer.send(self.changelog, value=raw, key=key, partition=partition)
+                        for key, raw in raws]
+                offset = max([(await s).offset for s in sent])
+        except KafkaError as exc:  # fenced by a new owner, or the broker failed it
+            log.warning("aggregate API: the changelog transaction of partition %d failed (%r); "
+                        "not applied", partition, exc)
+            raise NotOwner(partition) from exc
+        # Committed: now the local store, as Faust's own restore would write it.
+        table = store.table
+        with as_current(store.at(partition)):
+            for key, raw in raws:
+                table.data[key] = raw
+        table.data.set_persisted_offset(TP(self.changelog, partition), offset)
+
+    async def on_assigned(self, assigned: Any) -> None:
+        """exactly_once: register a transactional producer for each newly owned
+        partition (fencing its previous owner) and stop those of partitions gone."""
+        topic = self.changelog
+        actives = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
+        for partition in sorted(set(self.producers) - actives):
+            async with self._lock(partition):
+                producer = self.producers.pop(partition)
+                await producer.stop()
+        for partition in sorted(actives - set(self.producers)):
+            producer = AIOKafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers,
+                transactional_id=f"{settings.app_id}-aggregate-api-{partition}",
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=0,
+                **client_options(settings),
+            )
+            await producer.start()
+            # begin_transaction waits for the producer id (InitProducerId): the fence.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+            self.producers[partition] = producer
+
+    async def stop(self) -> None:
+        for producer in self.producers.values():
+            await producer.stop()
+        self.producers.clear()
 
 
-__all__ = ["aggregate_api", "handle", "requests_topic"]
+owner = Owner()
+
+if settings.processing_guarantee == "exactly_once":
+    _transport.ASSIGNMENT_HOOKS.append(owner.on_assigned)
+
+
+@app.on_before_shutdown.connect
+async def _stop_producers(sender: Any = None, **kwargs: Any) -> None:
+    await owner.stop()
+
+
+__all__ = ["NotOwner", "Owner", "handle", "owner"]

@@ -71,9 +71,6 @@ app = _transport.App(
     producer_linger=settings.producer_linger,
     stream_buffer_maxsize=settings.stream_buffer_maxsize,
     consumer_auto_offset_reset="earliest",
-    # agent.ask() (POST /api/v1/aggregate) needs this worker's reply topic; the broker
-    # does not auto-create topics.
-    reply_create_topic=True,
     autodiscover=["tables", "agents", "web"],
     logging_config=logs.logging_config(settings.log_format),
     # Faust's table recovery, restarted when a rebalance interrupts it (app/transport.py).

@@ -171,6 +171,10 @@ class Settings:
     # HTTPS for the web server: certificate chain and key (PEM). Both or neither.
     web_ssl_certfile: str = ""
     web_ssl_keyfile: str = ""
+    # The CA bundle that verifies the other workers' HTTPS certificates when a request
+    # is forwarded to the partition owner (POST /api/v1/aggregate). Empty: the
+    # kafka_ssl_cafile if set (one CA signs both in most deployments), else the system's.
+    web_peer_cafile: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -239,7 +243,7 @@ class Settings:
         if bool(self.web_ssl_certfile) != bool(self.web_ssl_keyfile):
             raise SettingsError("web_ssl_certfile and web_ssl_keyfile go together (HTTPS)")
         for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
-                     "web_ssl_certfile", "web_ssl_keyfile"):
+                     "web_ssl_certfile", "web_ssl_keyfile", "web_peer_cafile"):
             path = getattr(self, name)
             if path and not Path(path).is_file():
                 raise SettingsError(f"{name}: no such file: {path}")

@@ -98,6 +98,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types.tuples import TP, ack_lock
 from faust.web.drivers import DRIVERS as WEB_DRIVERS
 from faust.web.drivers import aiohttp as faust_aiohttp_web
+from mode import Service
 from mode.utils.futures import notify
 
 from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch, for_topic
@@ -403,6 +404,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         aborted when the next owner's producer takes its transactional id over."""
         if self.app.in_transaction and self._broken_section is None:
             self._broken_section = exc
+            self.app.tables.on_aborted_writes()
             self.log.warning("exactly_once: a batch was interrupted (%r); this worker commits "
                              "nothing more, its open transactions are aborted", exc)
 
@@ -457,6 +459,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                 self.log.warning("exactly_once: commit refused, this worker's transaction was fenced "
                                  "(%r); nothing of it is committed, the rebalance hands its partitions on",
                                  exc)
+                self.app.tables.on_aborted_writes()
                 return False
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
@@ -1222,6 +1225,42 @@ class TransactionalSendError(Exception):
     transaction (unknown partition or topic group)."""
 
 
+def stopped_clean(app: Any) -> bool:
+    """After the consumer stopped: True when the local table state holds exactly what
+    the changelogs hold committed, so it may be kept for the next start
+    (tables/local_state.py, the clean-shutdown marker).
+
+    That is: neither the app nor its consumer crashed, no processing section was
+    interrupted (``FastConsumer.section_interrupted``: its outputs were never
+    committed), and under exactly_once no transactional producer holds records of an
+    unfinished transaction (the final commit ended every transaction that had any; an
+    aborted one's writes are still in RocksDB)."""
+    consumer = app._consumer
+    if app.crashed or consumer is None or consumer.crashed:
+        return False
+    if app.tables.aborted_writes:
+        return False
+    if getattr(consumer, "_broken_section", None) is not None:
+        return False
+    if app.in_transaction:
+        for producer in list(app.producer._transaction_producers.values()):
+            txn = producer._txn_manager
+            if txn.state is TransactionState.READY:
+                continue
+            if txn.state is TransactionState.IN_TRANSACTION and txn.is_empty_transaction() \
+                    and not txn.partitions_to_add():
+                continue
+            return False
+    return True
+
+
+#: Awaited with the new assignment at the end of ``TransactionManager.on_rebalance``
+#: (exactly_once): after the transactional producers are ready, before Faust starts the
+#: table recovery. The aggregate API fences a partition's previous owner here, so the
+#: recovery reads everything that owner committed (agents/aggregate_api.py).
+ASSIGNMENT_HOOKS: list[Any] = []
+
+
 class TransactionManager(FaustTransactionManager):
     """Faust's transaction manager without its silent non-transactional fallback.
 
@@ -1309,6 +1348,8 @@ class TransactionManager(FaustTransactionManager):
                 "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
             await self.ready_transaction(tid)
+        for hook in ASSIGNMENT_HOOKS:
+            await hook(assigned)
 
     def missed_generations(self) -> bool:
         """Whether the group's generation went up by more than one since this worker's
@@ -1380,8 +1421,10 @@ class TransactionManager(FaustTransactionManager):
                         if txn.is_in_transaction():
                             await producer.commit_transaction()
                         else:
+                            self.app.tables.on_aborted_writes()
                             await producer.abort_transaction()
                 except Exception as exc:  # fenced, timed out, or a fatal error before
+                    self.app.tables.on_aborted_writes()
                     self.log.warning("exactly_once: the open transaction of %s could not be ended "
                                      "(%r; state %s); starting a new producer for it", tid, exc, state.name)
                     await self.producer.stop_transaction(tid)
@@ -1606,9 +1649,19 @@ class Recovery(FaustRecovery):
         if self.signal_recovery_start.is_set():
             raise RebalanceAgain()
 
+    #: True from the seek of the active changelog partitions of a recovery pass (their
+    #: highwaters and start offsets known) until the next rebalance.
+    _actives_seeked: bool = False
+
     async def _seek_offsets(self, consumer: Any, tps: Any, offsets: Any, title: str) -> None:
         self._check_not_superseded()
         await super()._seek_offsets(consumer, tps, offsets, title)
+        if title == "active":
+            self._actives_seeked = True
+
+    async def on_rebalance(self, *args: Any, **kwargs: Any) -> None:
+        self._actives_seeked = False
+        await super().on_rebalance(*args, **kwargs)
 
     async def on_recovery_completed(self, generation_id: int = 0) -> None:
         # Also after the swallowed RebalanceAgain: do not mark the new assignment as
@@ -1616,9 +1669,118 @@ class Recovery(FaustRecovery):
         self._check_not_superseded()
         await super().on_recovery_completed(generation_id)
 
+    #: How often, during recovery under exactly_once, the end of each changelog is
+    #: looked for (see ``_find_transactional_ends``).
+    end_check_interval: float = 0.1
+
+    @Service.task
+    async def _find_transactional_ends(self) -> None:
+        """Under exactly_once, mark a changelog whose position is at its highwater
+        though its last offsets held no record as read to its end, within a fraction
+        of a second instead of 10 s.
+
+        Why (issue 22; docs/delivery.md, S): a changelog written in transactions ends
+        with a commit marker, which the consumer never delivers, so the recovery never
+        sees a record at ``highwater - 1``. Faust notices this only after two
+        consecutive 5 s waits for a changelog record (``detect_aborted_tx``): every
+        recovery of a non-empty changelog under exactly_once took 10 s or more, whatever
+        its size, also right after a clean stop. Here Faust's test (the consumer's
+        position is at the highwater, nothing is queued) is made every
+        ``end_check_interval`` once the pass has sought its active partitions, and, as
+        Faust's, trusted only when it held twice in a row with the partition's offset
+        unchanged in between (records fetched but not yet queued would move it)."""
+        seen: dict[Any, int] = {}
+        while not self.should_stop:
+            await self.sleep(self.end_check_interval)
+            if (not (self._actives_seeked and self.in_recovery and self.app.in_transaction)
+                    or self.signal_recovery_start.is_set() or self.tables.changelog_queue.qsize()):
+                seen.clear()
+                continue
+            highwaters, offsets = self.active_highwaters, self.active_offsets
+            ended = False
+            for tp, highwater in list(highwaters.items()):
+                offset = offsets.get(tp)
+                if highwater is None or offset is None or offset >= highwater:
+                    continue
+                position = await self.app.consumer.position(tp)
+                if position is None or position < highwater:
+                    seen.pop(tp, None)
+                elif seen.get(tp) == offset:
+                    self.log.info("End of the transactional changelog %s reached (position %d)", tp, position)
+                    offsets[tp] = highwater
+                    ended = True
+                else:
+                    seen[tp] = offset
+            if ended and self.in_recovery and not self.need_recovery():
+                # The pass is waiting for this signal (the seek of its actives is followed,
+                # with no await between, by its need_recovery check; offsets below their
+                # highwater meant it waits). As Faust's loop: buffers first. Recovery is
+                # marked ended by the pass itself (on_recovery_completed); if the signal
+                # were cleared before the pass saw it, Faust's loop signals again at its
+                # next 5 s wait (still in recovery, nothing needed).
+                self.flush_buffers()
+                self.signal_recovery_end.set()
+
 
 class TableManager(FaustTableManager):
-    """Faust's table manager with :class:`Recovery` (``App(TableManager=...)``)."""
+    """Faust's table manager with :class:`Recovery` (``App(TableManager=...)``), which
+    under exactly_once also stores the changelog offsets its commits made durable."""
+
+    def on_commit(self, offsets: Any) -> None:
+        """After a commit of source ``offsets``: store the persisted offset of every
+        changelog partition whose transaction that commit ended.
+
+        Why (issue 22; docs/delivery.md, S): under exactly_once Faust holds a changelog
+        write's offset until its transaction commits (``persist_offset_on_commit``,
+        keyed by the *changelog* partition), but its ``on_commit`` looks those up by
+        the committed *source* partitions, so it never finds them: no table ever had
+        a persisted offset, and every start replayed every changelog from offset 0,
+        even with the local state kept. A changelog partition's writes are in the
+        transaction ``{app id}-{topic group}-{partition}`` (``TransactionManager.send``),
+        the one of the source partition with the same group and number."""
+        super().on_commit(offsets)
+        if not self.app.in_transaction or self.aborted_writes:
+            return
+        assignor = self.app.assignor
+        committed = set()
+        for tp in offsets:
+            try:
+                committed.add((assignor.group_for_topic(tp.topic), tp.partition))
+            except KeyError:
+                continue
+        for tp, (store, offset) in list(self._pending_persisted_offsets.items()):
+            try:
+                group = assignor.group_for_topic(tp.topic)
+            except KeyError:
+                continue
+            if (group, tp.partition) in committed:
+                store.set_persisted_offset(tp, offset)
+                del self._pending_persisted_offsets[tp]
+
+    #: Set once a transaction of this process that may have written tables was aborted
+    #: or fenced: the local RocksDB may hold its writes (tables/local_state.py).
+    aborted_writes: bool = False
+
+    def on_aborted_writes(self) -> None:
+        """exactly_once: a transaction of this process was aborted, fenced or left
+        unfinished while the process goes on, so its table writes may be in the local
+        RocksDB. From now on no persisted offset is kept, and those already kept are
+        reset: a partition that comes back to this process is replayed from its
+        changelog's start, overwriting every key with its committed value (as before
+        persisted offsets were kept); and no clean-shutdown marker is written."""
+        if self.aborted_writes:
+            return
+        self.aborted_writes = True
+        self._pending_persisted_offsets.clear()
+        for table in self.values():
+            store = table.data
+            partition_path = getattr(store, "partition_path", None)
+            if partition_path is None:  # not RocksDB: nothing outlives the process
+                continue
+            topic = table.changelog_topic.get_topic_name()
+            for partition in range(table.partitions or self.app.conf.topic_partitions):
+                if partition_path(partition).exists():
+                    store.set_persisted_offset(TP(topic, partition), -1)
 
     @property
     def recovery(self) -> Recovery:
@@ -1869,7 +2031,7 @@ def consumer_state(app: Any, topic: str) -> dict[str, Any]:
 
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
-           "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
+           "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",

@@ -15,6 +15,7 @@ import os
 import pkgutil
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +64,8 @@ class Result:
     extra: dict[str, Any] = field(default_factory=dict)
     #: Which raw baseline result this one is compared with in the report.
     compare_with: str | None = "raw-aiokafka"
+    #: Which run of the scenario this is (``--runs``), from 1.
+    run: int = 1
 
     @property
     def events_per_second(self) -> float:
@@ -72,6 +75,7 @@ class Result:
         lat = sorted(self.latencies_ms)
         return {
             "scenario": self.scenario,
+            "run": self.run,
             "events": self.events,
             "seconds": round(self.seconds, 3),
             "events_per_second": round(self.events_per_second, 1),
@@ -159,9 +163,10 @@ def write_report(name: str, results: list[Result], args: argparse.Namespace) -> 
         "machine": machine(),
         "results": [r.summary() for r in results],
     }
-    by_name = {r.scenario: r for r in results}
+    report["over_runs"] = over_runs(report["results"], args.first_run_cold)
+    by_name = {(r.scenario, r.run): r for r in results}
     for result, summary in zip(results, report["results"], strict=True):
-        baseline = by_name.get(result.compare_with or "")
+        baseline = by_name.get((result.compare_with or "", result.run))
         if baseline is not None and baseline is not result and baseline.events_per_second:
             summary["compared_with"] = baseline.scenario
             summary["ratio_to_raw_baseline"] = round(
@@ -174,6 +179,36 @@ def write_report(name: str, results: list[Result], args: argparse.Namespace) -> 
     return json_path, md_path
 
 
+def _spread(values: list[float | None]) -> dict[str, float] | None:
+    """min / median / max of the values (None: no values)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return {"min": round(min(present), 2), "median": round(statistics.median(present), 2),
+            "max": round(max(present), 2), "n": len(present)}
+
+
+def over_runs(summaries: list[dict[str, Any]], first_cold: bool) -> dict[str, Any]:
+    """Per scenario: each latency percentile and the rate as a distribution over the
+    warm runs; with ``first_cold``, run 1 (the first after a broker start) apart."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(s["scenario"] for s in summaries):
+        mine = [s for s in summaries if s["scenario"] == name]
+        warm = [s for s in mine if not (first_cold and s["run"] == 1)]
+        entry: dict[str, Any] = {
+            "warm_runs": len(warm),
+            **{f"{q}_ms": _spread([s["latency_ms"][q] for s in warm]) for q in ("p50", "p95", "p99", "max")},
+            "events_per_second": _spread([s["events_per_second"] for s in warm]),
+        }
+        if first_cold and mine and mine[0]["run"] == 1:
+            cold = mine[0]
+            entry["first_run_after_broker_start"] = {
+                **{f"{q}_ms": cold["latency_ms"][q] for q in ("p50", "p95", "p99", "max")},
+                "events_per_second": cold["events_per_second"]}
+        out[name] = entry
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -184,18 +219,34 @@ def markdown(report: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}, {m['java']}",
         f"- broker: {m['broker']}",
         "",
-        "| scenario | events | events/s | ratio to raw | p50 ms | p95 ms | p99 ms | CPU s / M events |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | run | events | events/s | ratio to raw | p50 ms | p95 ms | p99 ms | CPU s / M events |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         lat = r["latency_ms"]
         lines.append(
-            f"| {r['scenario']} | {r['events']} | {r['events_per_second']:,.0f} | "
+            f"| {r['scenario']} | {r.get('run', 1)} | {r['events']} | {r['events_per_second']:,.0f} | "
             f"{r.get('ratio_to_raw_baseline', '')} | {lat['p50']} | {lat['p95']} | {lat['p99']} | "
             f"{r['cpu_seconds_per_million_events']} |"
         )
     lines.append("")
+    runs = report.get("over_runs") or {}
+    if any(e["warm_runs"] > 1 or "first_run_after_broker_start" in e for e in runs.values()):
+        def fmt(d: dict | None) -> str:
+            return "" if not d else f"{d['min']} / {d['median']} / {d['max']}"
+
+        lines += ["## Over the runs (min / median / max of the warm runs)", "",
+                  "| scenario | warm runs | p50 ms | p99 ms | max ms | events/s | first run after a broker start: p50 / p99 ms, events/s |",
+                  "|---|---:|---|---|---|---|---|"]
+        for name, e in runs.items():
+            cold = e.get("first_run_after_broker_start")
+            cold_text = "" if not cold else f"{cold['p50_ms']} / {cold['p99_ms']}, {cold['events_per_second']:,.0f}"
+            lines.append(f"| {name} | {e['warm_runs']} | {fmt(e['p50_ms'])} | {fmt(e['p99_ms'])} | "
+                         f"{fmt(e['max_ms'])} | {fmt(e['events_per_second'])} | {cold_text} |")
+        lines.append("")
     for r in report["results"]:
+        if r.get("run", 1) != 1:
+            continue  # settings and notes are the same in every run
         if r["settings"] or r["notes"] or r.get("extra"):
             lines.append(f"## {r['scenario']}")
             for k, v in r["settings"].items():
@@ -243,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--option", action="append", default=[], metavar="K=V", help="scenario-specific knob")
     parser.add_argument("--keep-topics", action="store_true",
                         help="leave the run's topics on the broker (default: delete them afterwards)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="run the scenario (and its baseline) this many times; the report gives each "
+                             "latency and rate as a distribution over the runs")
+    parser.add_argument("--first-run-cold", action="store_true",
+                        help="the first run follows a broker start: reported apart from the warm runs")
     args = parser.parse_args(argv)
     args.options = dict(o.split("=", 1) for o in args.option)
     # The scenarios create topics and start workers through tests.support.
@@ -254,6 +310,12 @@ def main(argv: list[str] | None = None) -> int:
         names = [args.scenario]
         if args.scenario != "raw-aiokafka" and not args.no_baseline:
             names.insert(0, "raw-aiokafka")
+        for run_number in range(1, args.runs + 1):
+            results.extend(await one_run(names, run_number))
+        return results
+
+    async def one_run(names: list[str], run_number: int) -> list[Result]:
+        results = []
         for name in names:
             ctx = Context(args.bootstrap, f"bench{int(time.time())}{name.replace('-', '')[:10]}", args.events, args.keys, args)
             print(f"[bench] running {name} with {args.events} events ...", flush=True)
@@ -262,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 if not args.keep_topics:
                     await delete_topics(args.bootstrap, ctx.namespace)
-            results.extend(result if isinstance(result, list) else [result])
-            print(f"[bench] {name}: {orjson.dumps([r.summary() for r in (result if isinstance(result, list) else [result])]).decode()}", flush=True)
+            for r in result if isinstance(result, list) else [result]:
+                r.run = run_number
+                results.append(r)
+            print(f"[bench] run {run_number} {name}: {orjson.dumps([r.summary() for r in (result if isinstance(result, list) else [result])]).decode()}", flush=True)
         return results
 
     results = asyncio.run(go())

@@ -1,4 +1,5 @@
-"""Local RocksDB state under exactly_once: restored from the changelog at every start.
+"""Local RocksDB state under exactly_once: kept after a clean stop, restored in full
+from the changelog after any other.
 
 A write through a table reaches the local RocksDB at once (or at the batch's flush) and
 its changelog record goes out inside the batch's open transaction. After a kill -9 that
@@ -13,52 +14,180 @@ values, so the restored state keeps writes whose records and outputs were aborte
   outputs are lost (1,000 of 8,000; tests/chaos/test_pipeline_exactly_once.py, RocksDB kept).
 
 The changelog, read read_committed, holds only committed state. So under exactly_once
-every table's local folders are deleted at worker init, before any store opens, as Kafka
-Streams wipes an exactly-once store after an unclean shutdown. The price is a full
-restore of each table at each start. Under at_least_once the local state is kept: its
-writes follow their changelog acks, so it never holds more than the changelog.
+the local folders of every table are deleted at worker init, before any store opens, as
+Kafka Streams wipes an exactly-once store after an unclean shutdown, unless the last
+stop was clean. Like Kafka Streams' checkpoint file, a **clean-shutdown marker**
+(``<tabledir>/CLEAN_SHUTDOWN``) is written only after a stop whose final commit ended
+every transaction that held anything (``transport.stopped_clean``); then the local state
+equals the committed changelog up to its persisted offsets, and Faust's recovery only
+reads what other owners wrote since. The marker is trusted only when:
+
+- it is removed at init, before any store opens (so a kill -9 of this run can never
+  reuse it), and the removal is made durable (the directory is fsynced);
+- it names this app id and the table (a table it does not name is restored in full);
+- each table folder it names is, file for file (names, sizes, modification times), as
+  it was when the marker was written: anything that wrote to the folder after the
+  marker (an older version, a copy of another worker's folder) makes it stale.
+
+Under at_least_once the local state is always kept: its writes follow their changelog
+acks, so it never holds more than the changelog. The marker is written and removed the
+same way, which costs nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from app import app, settings
+from app import transport as _transport
 from app.commit import exactly_once
 
 log = logging.getLogger(__name__)
 
+MARKER = "CLEAN_SHUTDOWN"
+#: What the start decided about the local state (logged when the app starts).
+AT_START: list[str] = []
+
+
+def table_folders(tabledir: Path, table_names: list[str]) -> dict[str, list[Path]]:
+    """The local RocksDB folders (``<name>-<partition>.db``, ``<name>-backups``) of
+    each of the given tables."""
+    found: dict[str, list[Path]] = {n: [] for n in table_names}
+    patterns = {n: re.compile(rf"{re.escape(n)}-(\d+\.db|backups)") for n in table_names}
+    if not tabledir.is_dir():
+        return found
+    for path in sorted(tabledir.iterdir()):
+        if path.is_dir():
+            for name, pattern in patterns.items():
+                if pattern.fullmatch(path.name):
+                    found[name].append(path)
+    return found
+
 
 def discard_local_state(tabledir: Path, table_names: list[str]) -> list[Path]:
-    """Delete the local RocksDB folders (``<name>-<partition>.db``, ``<name>-backups``)
-    of the given tables; returns what was deleted."""
+    """Delete the local RocksDB folders of the given tables; returns what was deleted."""
     gone: list[Path] = []
-    patterns = [re.compile(rf"{re.escape(n)}-(\d+\.db|backups)") for n in table_names]
-    if not tabledir.is_dir():
-        return gone
-    for path in tabledir.iterdir():
-        if path.is_dir() and any(p.fullmatch(path.name) for p in patterns):
+    for paths in table_folders(tabledir, table_names).values():
+        for path in paths:
             shutil.rmtree(path, ignore_errors=True)
             gone.append(path)
     return gone
 
 
+def fingerprint(folders: list[Path]) -> list[list[Any]]:
+    """Every file of the folders with its size and modification time (ns)."""
+    out: list[list[Any]] = []
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                st = path.stat()
+                out.append([str(path.relative_to(folder.parent)), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def write_marker(tabledir: Path, app_id: str, table_names: list[str]) -> Path:
+    """Record that the local state of these tables equals their committed changelogs."""
+    folders = table_folders(tabledir, table_names)
+    body = {"app_id": app_id,
+            "tables": {name: fingerprint(paths) for name, paths in folders.items()}}
+    tabledir.mkdir(parents=True, exist_ok=True)
+    path = tabledir / MARKER
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(body))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(tabledir)
+    return path
+
+
+def take_marker(tabledir: Path, app_id: str, table_names: list[str]) -> set[str]:
+    """Remove the marker (durably) and return the tables whose local state it vouches
+    for: named in it, and their folders unchanged since it was written."""
+    path = tabledir / MARKER
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    path.unlink()
+    _fsync_dir(tabledir)
+    try:
+        body = orjson.loads(raw)
+        if body.get("app_id") != app_id:
+            return set()
+        recorded = body["tables"]
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError):
+        return set()
+    folders = table_folders(tabledir, table_names)
+    return {name for name in table_names
+            if name in recorded and fingerprint(folders[name]) == recorded[name]}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _table_names() -> list[str]:
+    return sorted(table.name for table in app.tables.values())
+
+
 @app.on_worker_init.connect
 def exactly_once_state_from_changelog(sender: Any = None, **kwargs: Any) -> None:
-    """Under exactly_once, delete the local state of every table of the app.
+    """Take the clean-shutdown marker; under exactly_once, delete the local state of
+    every table it does not vouch for.
 
     Faust sends ``on_worker_init`` after autodiscovery, so every table is declared by
-    then (windows, the aggregate API, pipelines' dedupe memory, the pattern engine)."""
+    then (windows, the aggregate API, pipelines' dedupe memory, the pattern engine),
+    and before any store opens. Faust sends it twice in one start (``App.main``, then
+    the command line's ``prepare_app``): only the first decides, or the second would
+    find the marker gone and delete what the first kept."""
+    if AT_START:
+        return
+    AT_START.append("local state decided")
+    tabledir = Path(app.conf.tabledir)
+    names = _table_names()
+    trusted = take_marker(tabledir, settings.app_id, names) if tabledir.is_dir() else set()
     if not exactly_once(settings):
         return
-    names = sorted(table.name for table in app.tables.values())
-    gone = discard_local_state(Path(app.conf.tabledir), names)
-    if gone:
-        log.info("exactly_once: %d local table folders deleted, restoring from the changelogs", len(gone))
+    untrusted = [n for n in names if n not in trusted]
+    gone = discard_local_state(tabledir, untrusted)
+    # Logged once the worker's logging is set up (it is not yet at worker init).
+    if trusted:
+        AT_START.append(f"exactly_once: clean shutdown marker found, local state of {len(trusted)} tables kept")
+    if untrusted:
+        AT_START.append(f"exactly_once: no trusted clean shutdown marker for {len(untrusted)} tables: "
+                        f"{len(gone)} local table folders deleted, restoring them from the changelogs")
 
 
-__all__ = ["discard_local_state", "exactly_once_state_from_changelog"]
+@app.task
+async def _report_local_state() -> None:
+    for line in AT_START[1:]:
+        log.info("%s", line)
+
+
+@app.on_before_shutdown.connect
+async def marker_after_clean_stop(sender: Any = None, **kwargs: Any) -> None:
+    """After the consumer stopped (its final commit done, tables stopped): write the
+    marker if the stop was clean."""
+    if not _transport.stopped_clean(app):
+        log.warning("unclean stop: no clean shutdown marker written; the next start restores "
+                    "the tables in full under exactly_once")
+        return
+    path = write_marker(Path(app.conf.tabledir), settings.app_id, _table_names())
+    log.info("clean stop: clean shutdown marker written (%s)", path)
+
+
+__all__ = ["MARKER", "discard_local_state", "fingerprint", "exactly_once_state_from_changelog",
+           "marker_after_clean_stop", "take_marker", "table_folders", "write_marker"]

@@ -1,28 +1,50 @@
 """POST /api/v1/aggregate and GET /api/v1/aggregate/{window_id}: one record into a
-named window, answered by the worker that owns the window_id (agent request/reply)."""
+named window, applied by the worker that owns the window_id's partition.
+
+A worker that owns it applies the request itself (agents/aggregate_api.py); any other
+worker forwards the request over HTTP to the owner, one hop, with the caller's
+``Authorization`` header and over HTTPS when the web server has a certificate (the
+owner's certificate is verified with ``web_peer_cafile``). A forwarded request is never
+forwarded again: a worker that is not (or no longer) the owner answers 503 not_owner,
+and the forwarding worker looks the owner up again and retries, with the same request
+id, until it gets an answer or ``ASK_TIMEOUT`` passes (a rebalance moves partitions)."""
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+import uuid
 from typing import Any
 
-from agents.aggregate_api import aggregate_api
+import aiohttp
+import orjson
+from yarl import URL
+
+from agents.aggregate_api import NotOwner, owner
 from agents.window_aggregate import RUNNERS
+from app import app, settings
 from app.models.windows import AggregateRequest
 from app.windows import WindowConfigError, parse_api_spec, spec_from_canonical
 from operators.aggregations import AggregationError
 from operators.windows import WindowSpecError
+from tables.windows import api_windows
 from web.api_models import AggregateBody, WindowList
 from web.api_models import AggregateState as AggregateAnswer
 from web.cluster import cluster_view
 from web.common import ApiError, ApiView, Operation, endpoint, invalid
 
-#: How long a view waits for the owning worker's answer.
+#: How long a request waits for the owner's answer (a rebalance may move the owner).
 ASK_TIMEOUT = 30.0
+#: Marks a request one worker forwarded to another: the receiver never forwards it on.
+FORWARDED = "X-Streametl-Forwarded"
+#: The caller's request id (optional); a repeated id is answered, not applied again.
+REQUEST_ID = "Idempotency-Key"
+#: Pause between two looks for the owner while partitions move.
+RETRY_PAUSE = 0.05
 
 
 def parse_aggregate(body: dict[str, Any]) -> AggregateRequest:
-    """Validate a POST body into the request for the owning agent; 4xx on bad input.
+    """Validate a POST body into the request for the owner; 4xx on bad input.
 
     The model checks window_id, record and unknown fields; the window and aggregation
     fields are checked by parse_api_spec, whose messages name them."""
@@ -39,31 +61,114 @@ def parse_aggregate(body: dict[str, Any]) -> AggregateRequest:
     return AggregateRequest(op="add", window_id=window_id, spec=spec, record=record)
 
 
-async def ask(req: AggregateRequest) -> dict[str, Any]:
-    """The owning worker's answer; ApiError for its error answers or a timeout."""
-    try:
-        reply = await asyncio.wait_for(aggregate_api.ask(key=req.window_id, value=req), ASK_TIMEOUT)
-    except TimeoutError:
-        raise ApiError(504, "timeout", f"no answer from the owner of {req.window_id!r} in {ASK_TIMEOUT}s") from None
+class Forwarder:
+    """One HTTP client (keep-alive connections) to the other workers."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            context: ssl.SSLContext | bool = False
+            if settings.web_ssl_certfile:
+                context = ssl.create_default_context(
+                    cafile=settings.web_peer_cafile or settings.kafka_ssl_cafile or None)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=context, limit=0),
+                timeout=aiohttp.ClientTimeout(total=ASK_TIMEOUT))
+        return self._session
+
+    def owner_url(self, partition: int) -> URL | None:
+        """The web address of the worker that holds ``partition`` as active, per the
+        latest assignment (None while it is unknown)."""
+        topic = api_windows.changelog_topic.get_topic_name()
+        for url, topics in app.router.table_metadata(api_windows.name).items():
+            if partition in topics.get(topic, ()):
+                url = URL(str(url))
+                return url.with_scheme("https" if settings.web_ssl_certfile else "http")
+        return None
+
+    async def send(self, url: URL, method: str, path: str, body: bytes | None,
+                   headers: dict[str, str]) -> tuple[int, bytes]:
+        async with self.session().request(method, url.with_path(path), data=body, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+forwarder = Forwarder()
+
+
+@app.on_before_shutdown.connect
+async def _close_forwarder(sender: Any = None, **kwargs: Any) -> None:
+    await forwarder.close()
+
+
+def _raise_error_answer(reply: Any) -> Any:
     if isinstance(reply, dict) and "error" in reply:
         err = reply["error"]
-        raise ApiError(err["status"], err["code"], err["message"], err.get("details"))
+        raise ApiError(err.get("status", 500), err["code"], err["message"], err.get("details"))
     return reply
+
+
+async def route(request: Any, req: AggregateRequest, body: dict[str, Any] | None) -> dict[str, Any]:
+    """The owner's answer to ``req``: applied here when this worker owns it, else
+    forwarded to the owner; ApiError for error answers, 503 or 504 when no owner answers."""
+    forwarded = request.headers.get(FORWARDED) == "1"
+    request_id = request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+    partition = owner.partition_of(req.window_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ASK_TIMEOUT
+    self_url = URL(str(app.conf.canonical_url))
+    last_problem = "no worker owns it yet"
+    while True:
+        try:
+            return _raise_error_answer(await owner.apply(req, request_id))
+        except NotOwner:
+            pass
+        if forwarded:
+            # One hop only; the forwarding worker looks the owner up again.
+            raise ApiError(503, "not_owner", f"this worker does not own partition {partition} of "
+                                             f"{req.window_id!r} now", {"partition": partition})
+        url = forwarder.owner_url(partition)
+        if url is not None and (url.host, url.port) != (self_url.host, self_url.port):
+            headers = {FORWARDED: "1", REQUEST_ID: request_id, "Content-Type": "application/json"}
+            if "Authorization" in request.headers:
+                headers["Authorization"] = request.headers["Authorization"]
+            data = None if body is None else orjson.dumps(body)
+            try:
+                status, raw = await forwarder.send(url, request.method, request.path, data, headers)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                last_problem = f"the owner at {url} did not answer: {type(exc).__name__}: {exc}"
+            else:
+                reply = orjson.loads(raw) if raw else {}
+                error = reply.get("error") if isinstance(reply, dict) else None
+                if not (status == 503 and error and error.get("code") == "not_owner"):
+                    if error:
+                        raise ApiError(status, error["code"], error["message"], error.get("details"))
+                    return reply
+                last_problem = f"the worker at {url} no longer owns it"
+        if loop.time() >= deadline:
+            raise ApiError(504, "timeout", f"no answer from the owner of {req.window_id!r} in "
+                                           f"{ASK_TIMEOUT}s: {last_problem}")
+        await asyncio.sleep(RETRY_PAUSE)
 
 
 @endpoint("/api/v1/aggregate", "Feed one record into a named window; answers the aggregate after it",
           post=Operation(AggregateAnswer, body=AggregateBody))
 class Aggregate(ApiView):
     async def post(self, request: Any) -> Any:
-        req = parse_aggregate(await self.read_json_object(request))
-        return self.reply(await ask(req))
+        body = await self.read_json_object(request)
+        return self.reply(await route(request, parse_aggregate(body), body))
 
 
 @endpoint("/api/v1/aggregate/{window_id}", "The current windows of a window_id and their values",
           get=Operation(AggregateAnswer))
 class AggregateState(ApiView):
     async def get(self, request: Any, window_id: str) -> Any:
-        return self.reply(await ask(AggregateRequest(op="get", window_id=window_id)))
+        return self.reply(await route(request, AggregateRequest(op="get", window_id=window_id), None))
 
 
 @endpoint("/api/v1/windows", "The configured windows and their counters (this worker and the cluster)",

@@ -29,11 +29,19 @@ def record(partition: int, offset: int, value: bytes = b"v", headers=()) -> Cons
                           tuple(headers))
 
 
+class FakeTables:
+    aborted_writes = False
+
+    def on_aborted_writes(self) -> None:
+        self.aborted_writes = True
+
+
 class FakeApp:
     def __init__(self) -> None:
         self.consumer_generation_id = 1
         self.crashed: list[BaseException] = []
         self.in_transaction = False
+        self.tables = FakeTables()
 
     async def crash(self, exc: BaseException) -> None:
         self.crashed.append(exc)
@@ -204,6 +212,8 @@ def test_under_exactly_once_an_interrupted_batch_forbids_every_later_commit(fail
         assert host._new_offset(TP(TOPIC, 0)) is None  # never acked
         if in_transaction:
             assert asyncio.run(host.commit()) is False
+            # Its writes may be in the local RocksDB: no clean-shutdown marker (local_state).
+            assert host.app.tables.aborted_writes
         else:
             assert host._broken_section is None  # at_least_once: later batches commit as before
 

@@ -32,9 +32,61 @@ def test_exactly_once_restores_every_tables_state_from_its_changelog(tmp_path, m
     (tmp_path / "unrelated-0.db").mkdir()
     monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
     local_state.exactly_once_state_from_changelog()
     left = sorted(p.name for p in tmp_path.iterdir())
     if guarantee == "exactly_once":
         assert left == ["unrelated-0.db"]
     else:
         assert len(left) == len(names) + 1
+
+
+def fake_tables(tmp_path, names):
+    for name in names:
+        folder = tmp_path / f"{name}-0.db"
+        folder.mkdir()
+        (folder / "000001.log").write_bytes(b"x" * 10)
+
+
+def test_a_marker_vouches_for_unchanged_folders_and_is_gone_once_taken(tmp_path):
+    """The clean-shutdown marker: taken (removed) at start; it vouches only for the
+    tables it names whose folders are file for file as when it was written."""
+    fake_tables(tmp_path, ["window-a", "window-b", "window-c"])
+    local_state.write_marker(tmp_path, "app1", ["window-a", "window-b"])
+    (tmp_path / "window-b-0.db" / "000001.log").write_bytes(b"x" * 11)  # written after the marker
+    trusted = local_state.take_marker(tmp_path, "app1", ["window-a", "window-b", "window-c"])
+    assert trusted == {"window-a"}
+    assert not (tmp_path / local_state.MARKER).exists()
+    # Taken once: a second start (e.g. after a kill -9 of the first) finds none.
+    assert local_state.take_marker(tmp_path, "app1", ["window-a"]) == set()
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"app_id": "other", "tables": {}}', b"[]"])
+def test_a_foreign_or_broken_marker_vouches_for_nothing(tmp_path, content):
+    fake_tables(tmp_path, ["window-a"])
+    (tmp_path / local_state.MARKER).write_bytes(content)
+    assert local_state.take_marker(tmp_path, "app1", ["window-a"]) == set()
+    assert not (tmp_path / local_state.MARKER).exists()
+
+
+def test_exactly_once_keeps_the_state_a_marker_vouches_for_and_only_once(tmp_path, monkeypatch):
+    """A clean stop's marker keeps every table's local state at the next start (no full
+    restore); that start removed the marker, so the start after it (as after a kill -9)
+    restores every table in full."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    fake_tables(tmp_path, names)
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="exactly_once"))
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    local_state.write_marker(tmp_path, local_state.settings.app_id, names)
+    monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
+    local_state.exactly_once_state_from_changelog()
+    kept = sorted(f"{n}-0.db" for n in names)
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    # Faust sends on_worker_init twice in one start: the second changes nothing.
+    local_state.exactly_once_state_from_changelog()
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    monkeypatch.setattr(local_state, "AT_START", [])  # the next process (e.g. after a kill -9)
+    local_state.exactly_once_state_from_changelog()
+    assert list(tmp_path.iterdir()) == []

@@ -548,6 +548,13 @@ class RebalanceTxnApp:
     class conf:  # noqa: N801
         id = "g"
 
+    class tables:  # noqa: N801
+        aborted = 0
+
+        @classmethod
+        def on_aborted_writes(cls):
+            cls.aborted += 1
+
     class assignor:  # noqa: N801
         @staticmethod
         def group_for_topic(topic):
@@ -884,11 +891,77 @@ def test_a_fenced_commit_of_a_zombie_is_refused_not_a_crash(monkeypatch, guarant
     monkeypatch.setattr(FaustConsumer, "commit", fenced)
     monkeypatch.setattr(commit_guard, "before_commit", [])
     consumer = object.__new__(FastConsumer)
-    consumer.app = SimpleNamespace(in_transaction=guarantee == "exactly_once")
+    aborted = []
+    consumer.app = SimpleNamespace(in_transaction=guarantee == "exactly_once",
+                                   tables=SimpleNamespace(on_aborted_writes=lambda: aborted.append(1)))
     consumer._broken_section = None
     consumer.__dict__["log"] = logging.getLogger("test")
     if guarantee == "exactly_once":
         assert run(consumer.commit()) is False
+        # Its writes may be in the local RocksDB: no persisted offsets, no clean marker.
+        assert aborted == [1]
     else:
         with pytest.raises(IllegalOperation):
             run(consumer.commit())
+
+
+def test_a_stop_is_clean_only_when_no_transaction_holds_uncommitted_records():
+    """``stopped_clean`` decides whether the clean-shutdown marker is written
+    (tables/local_state.py): not after a crash, an interrupted processing section, or
+    under exactly_once while a transactional producer still holds records (their
+    writes are in RocksDB, and the transaction will be aborted)."""
+    from types import SimpleNamespace
+
+    from aiokafka.producer.transaction_manager import TransactionState
+
+    from app.transport import stopped_clean
+
+    def txn(state, empty=True):
+        return SimpleNamespace(_txn_manager=SimpleNamespace(
+            state=state, is_empty_transaction=lambda: empty, partitions_to_add=lambda: {}))
+
+    def fake_app(producers, crashed=False, broken=None, eos=True, aborted=False):
+        consumer = SimpleNamespace(crashed=False, _broken_section=broken)
+        return SimpleNamespace(crashed=crashed, _consumer=consumer, in_transaction=eos,
+                               tables=SimpleNamespace(aborted_writes=aborted),
+                               producer=SimpleNamespace(_transaction_producers=producers))
+
+    ready, empty_open = txn(TransactionState.READY), txn(TransactionState.IN_TRANSACTION)
+    holding = txn(TransactionState.IN_TRANSACTION, empty=False)
+    assert stopped_clean(fake_app({"a": ready, "b": empty_open}))
+    assert not stopped_clean(fake_app({"a": ready, "b": holding}))
+    assert not stopped_clean(fake_app({"a": txn(TransactionState.ABORTABLE_ERROR)}))
+    assert not stopped_clean(fake_app({}, crashed=True))
+    assert not stopped_clean(fake_app({}, broken=RuntimeError("cancelled")))
+    assert stopped_clean(fake_app({"b": holding}, eos=False))  # at_least_once: acked writes only
+    # A transaction was aborted or fenced earlier in this process: its writes may be local.
+    assert not stopped_clean(fake_app({"a": ready}, aborted=True))
+
+
+def test_an_exactly_once_commit_stores_the_changelog_offsets_its_transactions_ended():
+    """Faust held each changelog write's offset until its transaction committed, then
+    looked the held offsets up by the committed *source* partitions and never found
+    them: no table had a persisted offset under exactly_once, and every start replayed
+    every changelog from 0 (docs/delivery.md, S). A commit of source partition 0 now
+    stores the held offset of changelog partition 0 (same transaction), not of 1; after
+    an aborted transaction nothing is stored any more."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from app.transport import TableManager
+
+    stored: dict = {}
+
+    class Store:
+        def set_persisted_offset(self, tp, offset):
+            stored[tp] = offset
+
+    tm = object.__new__(TableManager)
+    tm.app = SimpleNamespace(in_transaction=True, assignor=SimpleNamespace(group_for_topic=lambda topic: 0))
+    tm._pending_persisted_offsets = {TP("cl", 0): (Store(), 41), TP("cl", 1): (Store(), 7)}
+    tm.on_commit({TP("src", 0): 100})
+    assert stored == {TP("cl", 0): 41}
+    tm.aborted_writes = True
+    tm.on_commit({TP("src", 1): 100})
+    assert stored == {TP("cl", 0): 41}
