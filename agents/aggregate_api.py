@@ -41,20 +41,17 @@ import time
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from app import app, settings
-from app import transport as _transport
 from app.codec import RecordError
+from app.commit import PartitionLost, on_assignment, owner_state_writer
 from app.kafka_io import partition_for
-from app.kafka_security import client_options
 from app.models.windows import AggregateRequest
 from app.windows import event_time_ms, spec_from_canonical
 from operators import windows as W
 from operators.aggregations import AggregateSet, AggregationError, get_field
-from tables.store import PartitionStore, as_current
+from tables.store import PartitionStore
 from tables.windows import api_windows
 
 log = logging.getLogger(__name__)
@@ -152,8 +149,7 @@ def handle(req: AggregateRequest, state: dict[str, Any] | None, request_id: str,
 
 
 class Owner:
-    """Applies requests for the partitions this worker owns and, under exactly_once,
-    holds one transactional producer per owned partition.
+    """Applies requests for the partitions this worker owns.
 
     A partition's requests are applied one batch at a time: whatever arrived while the
     previous batch was being stored is folded in together, in arrival order, and
@@ -165,7 +161,9 @@ class Owner:
         self.pending: dict[int, list[tuple[AggregateRequest, str, asyncio.Future]]] = {}
         self.draining: dict[int, asyncio.Task] = {}
         self.locks: dict[int, asyncio.Lock] = {}
-        self.producers: dict[int, AIOKafkaProducer] = {}
+        #: How applied state reaches the changelog and RocksDB (the guarantee's way:
+        #: app.commit.owner_state_writer).
+        self.writer = owner_state_writer(store)
 
     @property
     def changelog(self) -> str:
@@ -246,69 +244,27 @@ class Owner:
         return replies
 
     async def _store(self, partition: int, items: list[tuple[bytes, dict[str, Any]]]) -> None:
-        if settings.processing_guarantee != "exactly_once":
-            # Changelog records acked (acks=all), then RocksDB (StoreWrites).
-            await store.write_partitions([(partition, key, state) for key, state in items])
-            return
-        producer = self.producers.get(partition)
-        if producer is None:
-            raise NotOwner(partition)
-        raws = [(key, orjson.dumps(state, option=orjson.OPT_NON_STR_KEYS)) for key, state in items]
         try:
-            async with producer.transaction():
-                sent = [await producer.send(self.changelog, value=raw, key=key, partition=partition)
-                        for key, raw in raws]
-                offset = max([(await s).offset for s in sent])
-        except KafkaError as exc:  # fenced by a new owner, or the broker failed it
-            log.warning("aggregate API: the changelog transaction of partition %d failed (%r); "
-                        "not applied", partition, exc)
+            await self.writer.write(partition, items)
+        except PartitionLost as exc:
             raise NotOwner(partition) from exc
-        # Committed: now the local store, as Faust's own restore would write it.
-        table = store.table
-        with as_current(store.at(partition)):
-            for key, raw in raws:
-                table.data[key] = raw
-        table.data.set_persisted_offset(TP(self.changelog, partition), offset)
 
     async def on_assigned(self, assigned: Any) -> None:
-        """exactly_once: register a transactional producer for each newly owned
-        partition (fencing its previous owner) and stop those of partitions gone."""
-        topic = self.changelog
-        actives = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-        for partition in sorted(set(self.producers) - actives):
+        actives = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == self.changelog}
+        for partition in self.writer.partitions() - actives:
             async with self._lock(partition):
-                producer = self.producers.pop(partition)
-                await producer.stop()
-        for partition in sorted(actives - set(self.producers)):
-            producer = AIOKafkaProducer(
-                bootstrap_servers=settings.bootstrap_servers,
-                transactional_id=f"{settings.app_id}-aggregate-api-{partition}",
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=0,
-                **client_options(settings),
-            )
-            await producer.start()
-            # begin_transaction waits for the producer id (InitProducerId): the fence.
-            await producer.begin_transaction()
-            await producer.abort_transaction()
-            self.producers[partition] = producer
-
-    async def stop(self) -> None:
-        for producer in self.producers.values():
-            await producer.stop()
-        self.producers.clear()
+                await self.writer.release(partition)
+        await self.writer.acquire(actives)
 
 
 owner = Owner()
-
-if settings.processing_guarantee == "exactly_once":
-    _transport.ASSIGNMENT_HOOKS.append(owner.on_assigned)
+if owner.writer.needs_assignments:
+    on_assignment(owner.on_assigned)
 
 
 @app.on_before_shutdown.connect
-async def _stop_producers(sender: Any = None, **kwargs: Any) -> None:
-    await owner.stop()
+async def _stop_writer(sender: Any = None, **kwargs: Any) -> None:
+    await owner.writer.stop()
 
 
 __all__ = ["NotOwner", "Owner", "handle", "owner"]

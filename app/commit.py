@@ -29,15 +29,20 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from faust.types import TP
 
 from app import app, settings
 from app.batches import from_partition
 from app.codec import dumps_held
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, RecordBatches, kafka_io
-from app.transport import FastConsumer, commit_guard
+from app.kafka_security import client_options
+from app.transport import ASSIGNMENT_HOOKS, FastConsumer, as_current_event, commit_guard
 
 log = logging.getLogger(__name__)
+
 
 def exactly_once(of: Any = settings) -> bool:
     """True when ``of`` (the worker's Settings) asks for exactly_once processing."""
@@ -503,10 +508,119 @@ class CommitProtocol:
             cache.moved()
 
 
+class PartitionLost(Exception):
+    """This worker can no longer write the partition's state (fenced by its new owner,
+    or the transaction failed): nothing of the write was applied."""
+
+
+class OwnerStateWriter:
+    """How state applied outside the consumer's batches (``POST /api/v1/aggregate``,
+    applied on the partition's owner when its request arrives) becomes durable, under
+    at_least_once: the changelog records acknowledged, then RocksDB (``write_partitions``).
+    No transaction to wait for, no producer per partition."""
+
+    #: Whether ``acquire``/``release`` must follow the assignment (``on_assignment``).
+    needs_assignments = False
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def write(self, partition: int, items: list[tuple[bytes, Any]]) -> None:
+        await self.store.write_partitions([(partition, key, value) for key, value in items])
+
+    def partitions(self) -> set[int]:
+        return set()
+
+    async def acquire(self, partitions: set[int]) -> None:
+        """Partitions now owned here (only the transactional writer holds anything)."""
+
+    async def release(self, partition: int) -> None:
+        """A partition no longer owned here."""
+
+    async def stop(self) -> None:
+        """The worker stops."""
+
+
+class TransactionalOwnerStateWriter(OwnerStateWriter):
+    """exactly_once: one transactional producer per owned partition
+    (``{app id}-{table}-{partition}``), registered when the partition is assigned, so
+    the previous owner is fenced before this one writes; a write is applied only once
+    its transaction committed, then written to RocksDB as Faust's restore would
+    (docs/delivery.md, R)."""
+
+    needs_assignments = True
+
+    def __init__(self, store: Any) -> None:
+        super().__init__(store)
+        self.producers: dict[int, Any] = {}
+
+    @property
+    def changelog(self) -> str:
+        return self.store.table.changelog_topic.get_topic_name()
+
+    async def write(self, partition: int, items: list[tuple[bytes, Any]]) -> None:
+        producer = self.producers.get(partition)
+        if producer is None:
+            raise PartitionLost(partition)
+        raws = [(key, orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)) for key, value in items]
+        try:
+            async with producer.transaction():
+                sent = [await producer.send(self.changelog, value=raw, key=key, partition=partition)
+                        for key, raw in raws]
+                offset = max([(await s).offset for s in sent])
+        except KafkaError as exc:  # fenced by a new owner, or the broker failed it
+            log.warning("the changelog transaction of %s partition %d failed (%r); not applied",
+                        self.changelog, partition, exc)
+            raise PartitionLost(partition) from exc
+        # Committed: now the local store, as Faust's own restore would write it.
+        table = self.store.table
+        with as_current_event(self.store.at(partition)):
+            for key, raw in raws:
+                table.data[key] = raw
+        table.data.set_persisted_offset(TP(self.changelog, partition), offset)
+
+    def partitions(self) -> set[int]:
+        return set(self.producers)
+
+    async def acquire(self, partitions: set[int]) -> None:
+        for partition in sorted(partitions - set(self.producers)):
+            producer = AIOKafkaProducer(
+                bootstrap_servers=settings.bootstrap_servers,
+                transactional_id=f"{settings.app_id}-{self.store.table.name}-{partition}",
+                acks="all", enable_idempotence=True, linger_ms=0, **client_options(settings),
+            )
+            await producer.start()
+            # begin_transaction waits for the producer id (InitProducerId): the fence.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+            self.producers[partition] = producer
+
+    async def release(self, partition: int) -> None:
+        producer = self.producers.pop(partition, None)
+        if producer is not None:
+            await producer.stop()
+
+    async def stop(self) -> None:
+        for partition in list(self.producers):
+            await self.release(partition)
+
+
+def owner_state_writer(store: Any) -> OwnerStateWriter:
+    """The state writer of an owner-applied table, chosen from the guarantee."""
+    return TransactionalOwnerStateWriter(store) if EXACTLY_ONCE else OwnerStateWriter(store)
+
+
+def on_assignment(hook: Any) -> None:
+    """Run ``hook(assigned)`` at each assignment, before table recovery starts (the
+    transport's ``ASSIGNMENT_HOOKS``)."""
+    ASSIGNMENT_HOOKS.append(hook)
+
+
 #: The one commit protocol of this worker process.
 commit_protocol = CommitProtocol(emitter, guard=commit_guard)
 app.on_partitions_revoked.connect(commit_protocol.partitions_moved)
 app.on_partitions_assigned.connect(commit_protocol.partitions_moved)
 
-__all__ = ["EXACTLY_ONCE", "exactly_once", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
+__all__ = ["EXACTLY_ONCE", "exactly_once", "CommitProtocol", "OwnerStateWriter", "PartitionLost",
+           "TransactionalOwnerStateWriter", "on_assignment", "owner_state_writer", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
            "TransactionalWriter", "commit_protocol", "emitter"]
