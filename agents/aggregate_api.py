@@ -23,7 +23,8 @@ from app.models.windows import AggregateRequest
 from app.windows import event_time_ms, spec_from_canonical
 from operators import windows as W
 from operators.aggregations import AggregateSet, AggregationError, get_field
-from tables.windows import PartitionStore, api_windows
+from tables.store import PartitionStore
+from tables.windows import api_windows
 
 #: How many closed windows per window_id stay visible to GET.
 KEEP_CLOSED = 10

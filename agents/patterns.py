@@ -28,14 +28,13 @@ from typing import Any
 
 import orjson
 
-from app import app, settings
-from app.batches import Batch, BatchRecord, batch_agent, from_partition
+from app import app
+from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
-from app.dead_letter import send_dead_letter
-from app.kafka_io import OutgoingMessage, kafka_io
+from app.commit import commit_protocol, emitter
+from app.kafka_io import kafka_io
 from app.metrics import observe_flush
 from app.patterns import Pattern, event_time
-from app.transport import FastConsumer, commit_guard
 from operators.patterns import Match
 from tables.patterns import (
     ENGINE,
@@ -50,7 +49,7 @@ from tables.patterns import (
     table_key_bytes,
     timer_store,
 )
-from tables.windows import AtPartition
+from tables.store import AtPartition
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def alert_id(p: Pattern, tkey: str, match: Match) -> str:
 
 async def dead_letter(fevent: Any, reason: str, message: str) -> None:
     m = fevent.message
-    await send_dead_letter(m.key, m.value, reason=reason, message=message, source_topic=m.topic,
+    await emitter.dead_letter(m.key, m.value, reason=reason, message=message, source_topic=m.topic,
                            pipeline="patterns", partition=m.partition, offset=m.offset)
 
 
@@ -132,17 +131,15 @@ async def split_source_batch(source: str, parts: Iterable[tuple[Any, list[Any]]]
     per record, and its ``.message`` on each use, were ~4 % of the pattern worker's
     time; a record that goes to the dead-letter topic still gets one.
 
-    Under at_least_once the forwarded records go out as one ``kafka_io.send_batch``
-    (pipelined record batches, awaited before returning, so the consumer acks the inputs
-    only after the broker has them); under exactly_once through Faust's producer, so
-    they join the transaction of the input partition."""
+    The forwarded records go out through the emitter, awaited before returning (under
+    at_least_once one pipelined send, so the consumer acks the inputs only after the
+    broker has them; under exactly_once in the transaction of the input partition)."""
     patterns = catalog.patterns()
     groups = by_key_by(patterns, source)
     local: list[Item] = []
     if not groups:
         return local  # no pattern reads this source (yet): nothing to parse
-    transactional = settings.processing_guarantee == "exactly_once"
-    forward: list[OutgoingMessage] = []
+    forward: list[tuple[int, bytes, bytes, tuple, None]] = []
     time_field, source_key = ENGINE.time_field, ENGINE.source_key
     # Nearly always every pattern of a source is keyed by one field: then no list of
     # (field, value) per event (a list comprehension's frame and a list, ~5 % of the
@@ -186,16 +183,10 @@ async def split_source_batch(source: str, parts: Iterable[tuple[Any, list[Any]]]
                 else:
                     value = orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
                                           "id": event_id, "e": event})
-                    if transactional:
-                        with from_partition(partition):  # joins this record's transaction
-                            await repartition_topic.send(key=key.encode(), value=value)
-                    else:
-                        forward.append(OutgoingMessage(key.encode(), value, ()))
+                    forward.append((partition, key.encode(), value, (), None))
         if newest > -math.inf:
             clock.observe(partition, newest)
-    if forward:
-        await kafka_io.ready.wait()
-        await kafka_io.send_batch(repartition_topic.get_topic_name(), forward, settings.topic_partitions)
+    await emitter.send(repartition_topic, forward)
     return local
 
 
@@ -315,11 +306,12 @@ async def apply_items(items: list[Item]) -> int:
     timer entries and match counts are acknowledged by the broker *before* the state
     that records the items as applied (the per-topic offsets in ``o``). A crash in
     between replays the items: the alerts come again with the same ``alert_id``.
-    Under at_least_once the changed states are not written here but kept in the cache
-    as unwritten (``defers_state_writes``) and written by ``flush_states`` before the
-    next offset commit, so a key changed by several batches between two commits is
-    encoded and written once. Under exactly_once each batch's states are written here,
-    through Faust, inside the input's transaction.
+    The changed states go into the write-back cache (``state_cache``, registered with
+    the commit protocol). Under at_least_once they stay there unwritten
+    (``defers_state_writes``) until the commit protocol flushes them before the next
+    offset commit, so a key changed by several batches between two commits is encoded
+    and written once. Under exactly_once each batch's states are written here, through
+    Faust, inside the input's transaction.
     """
     assignment = current_assignment()
     if assignment != state_cache.assignment:
@@ -340,21 +332,16 @@ async def apply_items(items: list[Item]) -> int:
         for (name, _partition), (_record, n) in counts.items():
             alerts_by_pattern[name] = alerts_by_pattern.get(name, 0) + n
         if defer:
-            flush_before_commits()
-            state_cache.put_dirty_many(state_writes)
-            if len(state_cache.dirty) >= max_dirty():
-                await flush_states()
-        else:
-            await state_store.write_many([(record, table_key_bytes(tkey), encode_state(value))
-                                          for record, tkey, value in state_writes])
+            # Hooked before this batch is acked, so before any commit could cover it.
+            commit_protocol.arm()
+        state_cache.put_dirty_many(state_writes)
+        if not defer or len(state_cache.dirty) >= state_cache.max_dirty:
+            await flush_states()
     except BaseException:
         # The cached states may hold changes that were never written, or whose outputs
         # were never sent: none of them may be written or committed now.
         state_cache.fail()
         raise
-    if not defer:
-        for record, tkey, value in state_writes:
-            state_cache.put(record.message.partition, tkey, value)
     return len(alerts)
 
 
@@ -363,86 +350,32 @@ def current_assignment() -> frozenset:
 
 
 def defers_state_writes() -> bool:
-    """True when changed states stay in the cache, unwritten, until the next commit.
-
-    Only under at_least_once with this project's consumer, whose commits call
-    ``commit_guard.before_commit`` (``flush_states``) first, and with the cache on.
-    Why: each batch wrote every key it changed (0.79 state writes per event in the
-    benchmark: encode, changelog record, RocksDB put, ~30 % of the handler); between
-    two commits (1 s) a key changes in several batches and is now written once.
-    Under exactly_once the state belongs in each batch's transaction, as before."""
-    return (settings.processing_guarantee == "at_least_once" and state_cache.limit > 0
-            and isinstance(app.consumer, FastConsumer))
-
-
-def max_dirty() -> int:
-    """Unwritten states that make a batch flush at once (half the cache: a full cache
-    keeps them, and it must keep room for the states that are written)."""
-    return max(1, state_cache.limit // 2)
-
-
-_flush_lock = asyncio.Lock()
+    """True when changed states stay in the cache, unwritten, until the next commit:
+    when the commit protocol defers state (at_least_once with this project's
+    consumer) and the cache is on. Why: each batch wrote every key it changed (0.79
+    state writes per event in the benchmark: encode, changelog record, RocksDB put,
+    ~30 % of the handler); between two commits (1 s) a key changes in several batches
+    and is now written once."""
+    return state_cache.limit > 0 and commit_protocol.defers()
 
 
 async def flush_states() -> None:
-    """Write every unwritten cached state once (changelog records, then RocksDB; one
-    ``write_many``). Runs before each offset commit (``commit_guard.before_commit``),
-    on revoke, and in a batch when too many are unwritten; so a committed offset only
-    ever covers states that are durable. Raises after a failed batch
+    """Write every unwritten cached state once (changelog records, then RocksDB): what
+    the commit protocol does with the cache before each commit, here also in a batch
+    (exactly_once, or too many unwritten). Raises after a failed batch
     (``StateCache.failed``): the commit then fails too, and a restart replays."""
-    async with _flush_lock:
-        if state_cache.failed:
-            raise RuntimeError("a pattern batch failed after changing cached states: "
-                               "not writing them (a restart replays from the last commit)")
-        taken = state_cache.dirty
-        if not taken:
-            return
-        state_cache.dirty = {}
-        t0 = time.perf_counter()
-        try:
-            entries = state_cache.entries
-            # Encoded as they are stored (str_keys: see encode_state), not held encoded.
-            await state_store.write_partitions(
-                [(p, table_key_bytes(tkey), entries[(p, tkey)]) for p, tkey in taken], str_keys=True)
-            observe_flush("patterns", time.perf_counter() - t0)
-        except BaseException:
-            # Not written: still unwritten (with whatever became so meanwhile), so no
-            # commit covers them until a flush succeeds.
-            state_cache.dirty = {**taken, **state_cache.dirty}
-            raise
+    await state_cache.flush(state_store)
 
 
-async def _flush_and_drop_states(*args: Any, **kwargs: Any) -> None:
-    # On revoke and assign: whatever is unwritten reaches the changelog before another
-    # worker restores these partitions from it; then the cache is dropped (partitions
-    # moved). After a failed batch there is nothing left to write (see flush_states).
-    if not state_cache.failed:
-        await flush_states()
-    state_cache.clear()
-
-
-app.on_partitions_revoked.connect(_flush_and_drop_states)
-app.on_partitions_assigned.connect(_flush_and_drop_states)
-def flush_before_commits() -> None:
-    """Kafka Streams' commit: flush the state cache, then commit the offsets
-    (app/transport.py runs these hooks between batches, before each commit).
-
-    Registered when the first state is left unwritten (before that batch is acked, so
-    before any commit could cover it), not at start: with a hook, every commit of the
-    worker waits for the batch in hand and holds the next one back for its round trip,
-    which a worker whose engine matches nothing (a transform pipeline on ``events``,
-    the engine's default source) should not pay."""
-    if flush_states not in commit_guard.before_commit:
-        commit_guard.before_commit.append(flush_states)
+state_cache.on_flush = lambda seconds: observe_flush("patterns", seconds)
 
 
 def encode_state(value: dict[str, Any]) -> bytes:
     """The stored JSON of one key's state. Its dict keys are strings (topics, pattern
     and step names, JSON event fields), so plain ``orjson.dumps`` does: about half the
     cost of ``PartitionStore``'s ``OPT_NON_STR_KEYS`` on these nested states (the
-    encoding was ~15 % of the handler). The same bytes either way (``flush_states``
-    gets them from ``write_partitions(..., str_keys=True)``). Under exactly_once a
-    batch holds its states until Faust sends them: ``dumps_held``."""
+    encoding was ~15 % of the handler). The same bytes ``StateCache`` writes
+    (``str_keys``)."""
     try:
         return dumps_held(value)
     except TypeError:  # a non-string key after all: encode it as the store would
@@ -460,22 +393,11 @@ def alert_value(p: Pattern, item: Item, match: Match) -> bytes:
 
 
 async def send_alerts(alerts: list[tuple[Any, bytes, bytes]]) -> None:
-    """Send a batch's alerts, keyed by the entity key; returns once the broker has them.
-
-    at_least_once: one pipelined ``kafka_io.send_batch`` (record batches per partition).
-    exactly_once: through Faust's transactional producer, one send each, so the alerts
-    join the input partition's transaction (committed with its offsets, or not at all).
-    """
-    if not alerts:
-        return
-    if settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
-        await kafka_io.send_batch(alerts_topic.get_topic_name(),
-                                  [OutgoingMessage(key, value) for _, key, value in alerts],
-                                  settings.topic_partitions)
-        return
-    for record, key, value in alerts:
-        with from_partition(record.message.partition):  # the matched record's transaction
-            await alerts_topic.send(key=key, value=value)
+    """Send a batch's alerts, keyed by the entity key; returns once the broker has them
+    (under exactly_once: in the matched record's transaction, committed with its
+    offsets or not at all)."""
+    await emitter.send(alerts_topic, [(record.message.partition, key, value, (), None)
+                                      for record, key, value in alerts])
 
 
 def make_source_agent(source: str, topic: Any) -> None:

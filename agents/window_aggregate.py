@@ -25,7 +25,6 @@ window is written, so a crash can duplicate an emission but never lose one.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 import time
@@ -36,24 +35,17 @@ from typing import Any
 import orjson
 
 from app import app, settings
-from app.batches import Batch, batch_agent, from_partition
+from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held
+from app.commit import CommitProtocol, Emitter, commit_protocol
 from app.dead_letter import send_dead_letter
-from app.kafka_io import KeyPartitioner, OutgoingMessage, kafka_io
+from app.kafka_io import OutgoingMessage, kafka_io
 from app.metrics import observe_flush
 from app.topics import declare
-from app.transport import FastConsumer, commit_guard
 from app.windows import WindowDef, decode_source, make_decoder
 from operators import windows as W
-from operators.window_buffer import WriteBackBuffer
-from tables.windows import (
-    META_PREFIX,
-    WINDOW_DEFS,
-    AtPartition,
-    PartitionStore,
-    meta_key,
-    window_tables,
-)
+from tables.store import AtPartition, PartitionStore, WriteBackCache
+from tables.windows import META_PREFIX, WINDOW_DEFS, meta_key, window_tables
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +60,27 @@ class WindowRunner:
     #: Flush inside a batch once this many keys are dirty (bounds memory and the size
     #: of one commit's flush); otherwise state is flushed at each offset commit.
     MAX_DIRTY = 50_000
-    #: Batches whose results may be in flight (unacknowledged) while the next one runs.
-    MAX_SENDING = 4
 
-    def __init__(self, defn: WindowDef, table: Any, input_topic: Any, sink: Any, late: Any) -> None:
+    def __init__(self, defn: WindowDef, table: Any, input_topic: Any, sink: Any, late: Any, *,
+                 store: Any = None, commit: CommitProtocol | None = None) -> None:
+        """``store``: the state store (default: the window's table; tests give a
+        ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
+        registers with (default: the worker's), whose emitter sends the outputs."""
         self.defn = defn
         self.spec = defn.spec
         self.aggs = defn.aggs
         self.decode = make_decoder(defn, self.aggs)
-        self.store = PartitionStore(table, None if input_topic is None else input_topic.get_topic_name())
-        self.buffer = WriteBackBuffer()
+        self.input_name = None if input_topic is None else input_topic.get_topic_name()
+        if store is None:
+            store = PartitionStore(table, self.input_name)
+        self.store = store
+        self.commit = commit or commit_protocol
+        self.emitter: Emitter = self.commit.emitter
+        # States of count/sum/min/max sets hold only string keys (window fields,
+        # aggregation names, source partitions as text), as does the bookkeeping.
+        self.buffer = self.commit.register(WriteBackCache(store, str_keys=self.aggs.result_is_state,
+                                                          max_dirty=self.MAX_DIRTY))
+        self.buffer.on_flush = self._flushed
         self.input = input_topic
         self.source_name = settings.topic(defn.source)
         self.sink = sink
@@ -92,13 +95,6 @@ class WindowRunner:
         self.last_tick: dict[int, float] = {}
         #: Partitions whose windows the idle rule closed, with no input since.
         self.idle_closed: set[int] = set()
-        #: Partitions whose bookkeeping (stream time, late count) changed since the flush.
-        self.meta_dirty: set[int] = set()
-        self._flush_lock = asyncio.Lock()
-        #: Result sends not yet acknowledged (at_least_once), oldest first; each waits
-        #: for the one before it, so results reach the broker in the order they were made.
-        self._sending: list[asyncio.Future] = []
-        self._sink_partitions: KeyPartitioner | None = None
         #: (final, closed_by, superseded) -> result JSON template (``_result_format``).
         self._formats: dict[tuple[bool, str | None, bool], bytes] = {}
         self._reset()
@@ -108,7 +104,6 @@ class WindowRunner:
         # (Dirty state was flushed by the commit of the revoke; clear() checks that.)
         self.buffer.clear()
         self.meta: dict[int, dict[str, Any]] = {}
-        self.meta_dirty = set()
         self.open: dict[int, dict[bytes, int | None]] = {}
         #: Per partition: close time -> keys to look at then, and a heap of those times.
         self.due: dict[int, dict[int, list[bytes]]] = {}
@@ -120,14 +115,20 @@ class WindowRunner:
         """Called on rebalance: rebuild caches and index before the next batch."""
         self.stale = True
 
-    def defers_flush(self) -> bool:
-        """True when dirty state may stay in memory across batches until the next commit.
+    @property
+    def meta_dirty(self) -> set[int]:
+        """Partitions whose bookkeeping (stream time, late count) is not written yet."""
+        return {p for p, _ in self.buffer.side.values()}
 
-        Only under at_least_once with this project's consumer, whose commits call
-        ``commit_guard.before_commit`` (our ``flush``) first. Under exactly_once the state
-        is written inside each batch's transaction, as before."""
-        return (settings.processing_guarantee == "at_least_once"
-                and isinstance(app.consumer, FastConsumer))
+    def _meta_changed(self, p: int) -> None:
+        """Partition ``p``'s bookkeeping is written with the next flush of the state
+        (the value is read then: later changes to the same dict are included)."""
+        self.buffer.put_side(meta_key(p), self.meta[p], p)
+
+    def _flushed(self, seconds: float) -> None:
+        self.stats["flushes"] += 1
+        self.timing["flush"] += seconds
+        observe_flush(f"window-{self.defn.name}", seconds)
 
     # --- index of open windows -------------------------------------------------------
 
@@ -280,7 +281,7 @@ class WindowRunner:
             st = meta["st"]
             pkey = str(p)
             open_p, due_p, times_p = self._index_of(p)
-            self.meta_dirty.add(p)
+            self._meta_changed(p)
             touched.add(p)
             active = False
             for ev in records:
@@ -372,83 +373,15 @@ class WindowRunner:
         # and before any state that dropped a closed window can be flushed.
         await self._deliver(out, dead, sources)
         t2 = time.perf_counter()
-        if not self.defers_flush() or buffer.dirty_count >= self.MAX_DIRTY:
-            await self.flush()
+        # Exactly_once: the state joins this batch's transaction now; at_least_once: at
+        # the next commit (app.commit), after the results are acknowledged.
+        await self.commit.end_batch(buffer)
         self.last_batch_at = time.time()
         stats["batches"] += 1
         # Where a batch's wall time goes (seconds, cumulative; GET /api/v1/windows).
         timing = self.timing
         timing["apply"] += t1 - t0
         timing["deliver"] += t2 - t1
-
-    async def flush(self) -> None:
-        """Write every dirty key and partition bookkeeping value once (changelog, then
-        RocksDB). Runs before each offset commit (``commit_guard.before_commit``), so a
-        committed offset always covers state that is durable; also inside a batch under
-        exactly_once or when too many keys are dirty."""
-        t0 = time.perf_counter()
-        async with self._flush_lock:
-            # Results and late records first: the state about to be written may have
-            # dropped the windows they report, and the offsets the next commit covers
-            # produced them. A failed send raises here, so no commit covers it.
-            await self.results_sent()
-            dirty = self.buffer.take_dirty()
-            metas = self.meta_dirty
-            self.meta_dirty = set()
-            if not dirty and not metas:
-                return
-            writes = [(p, key, state) for key, state, p in dirty]
-            writes.extend((p, meta_key(p), self.meta[p]) for p in metas if p in self.meta)
-            try:
-                # Under exactly_once this drains Faust's producer buffer too, so the
-                # state joins this batch's transaction (PartitionStore.write_many).
-                # States of count/sum/min/max sets hold only string keys (window fields,
-                # aggregation names, source partitions as text), as does the bookkeeping.
-                await self.store.write_partitions(writes, str_keys=self.aggs.result_is_state)
-            except BaseException:
-                # Not durable: keep it dirty, so no later commit can cover it unflushed.
-                self.buffer.restore_dirty(dirty)
-                self.meta_dirty |= metas
-                raise
-            self.stats["flushes"] += 1
-            seconds = time.perf_counter() - t0
-            self.timing["flush"] += seconds
-            observe_flush(f"window-{self.defn.name}", seconds)
-
-    async def results_sent(self, keep: int = 0) -> None:
-        """Wait until every result send but the newest ``keep`` is acknowledged."""
-        sending = self._sending
-        while len(sending) > keep:
-            task = sending[0]
-            # A failed send raises here and stays in the list: every later flush (and
-            # so every later commit) fails too, until the worker restarts and replays.
-            await task
-            if sending and sending[0] is task:
-                sending.pop(0)
-
-    def _send_later(self, by_topic: dict[str, list[OutgoingMessage]],
-                    sink: tuple[str, dict[int, list[tuple[bytes, bytes]]]] | None) -> None:
-        """Send this batch's outputs without waiting for the broker's acknowledgement.
-
-        Why not await them here: a batch would wait a broker round trip (about a fifth
-        of the wall time of the benchmark's backlog) before the next one starts. Nothing
-        needs them acknowledged before the next batch: only before the offsets that
-        produced them are committed and before the state that closed their windows is
-        written, and both happen after ``flush``, which waits for them first (like Kafka
-        Streams flushing its producer at commit)."""
-        prev = self._sending[-1] if self._sending else None
-
-        async def send() -> None:
-            if prev is not None:
-                await prev  # in order; and nothing after a failed send is reported sent
-            sends = []
-            if sink is not None:
-                sends.append(kafka_io.send_partitioned(*sink))
-            if by_topic:
-                sends.append(kafka_io.send_topics(by_topic))
-            await asyncio.gather(*sends)
-
-        self._sending.append(asyncio.ensure_future(send()))
 
     def _late_record(self, key: str, ts: int, values: dict[str, Any], st: int,
                      applied: W.Applied, src: tuple[int, int]) -> tuple[Any, bytes, bytes, list]:
@@ -530,7 +463,7 @@ class WindowRunner:
             state = self.buffer.get(key, lambda key=key: self._load(p, key))
             closed, closed_at = W.close_all(self.spec, state)
             meta["st"] = max(meta["st"], closed_at)
-            self.meta_dirty.add(p)
+            self._meta_changed(p)
             if final:
                 out.extend(self._result(key.decode(), w, True, "idle") for w in closed)
             self.buffer.put(key, state, p)
@@ -542,58 +475,16 @@ class WindowRunner:
 
     async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]],
                        sources: list[tuple[int, int]] | None = None) -> None:
-        futures = []
-        await _kafka_io_ready()
-        if out and settings.processing_guarantee == "at_least_once" and kafka_io.ready.is_set():
-            # Pipelined record batches (app.kafka_io): far cheaper per message than
-            # Faust's per-message send. Acknowledged before any state is written and
-            # before the next offset commit (``flush`` waits for them).
-            by_topic: dict[str, list[OutgoingMessage]] = {}
-            names: dict[int, list[OutgoingMessage]] = {}
-            sink = self.sink
-            groups: dict[int, list[tuple[bytes, bytes]]] = {}
-            partition_of = self._sink_partitions
-            if partition_of is None:
-                count = await kafka_io.partition_count(sink.get_topic_name()) or settings.topic_partitions
-                partition_of = self._sink_partitions = KeyPartitioner(count)
-            for item in out:
-                topic = item[0]
-                if topic is sink and len(item) == 3:
-                    # Results (no headers): (key, value) pairs by the key's partition,
-                    # as send_batch would place them, without a message object each.
-                    key = item[1]
-                    p = partition_of(key)
-                    group = groups.get(p)
-                    if group is None:
-                        group = groups[p] = []
-                    group.append((key, item[2]))
-                    continue
-                msgs = names.get(id(topic))
-                if msgs is None:
-                    msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
-                msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]) if len(item) > 3 else (), None))
-            self._send_later(by_topic, (sink.get_topic_name(), groups) if groups else None)
-            # Bounded: at most a few batches' outputs in flight.
-            await self.results_sent(keep=self.MAX_SENDING)
-        else:
-            # exactly_once: through Faust, each output in the transaction of the input
-            # partition it comes from (the one committing that input's offsets), even
-            # when its key puts it in a partition of another number (a sink with another
-            # partition count): app/transport.py, TransactionManager.
-            bounds = [*(sources or [(None, 0)]), (None, len(out))]
-            for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
-                with from_partition(p):
-                    for topic, key, value, *rest in out[start:end]:
-                        headers = rest[0] if rest else None
-                        futures.append(await topic.send(key=key, value=value, headers=headers))
+        # Acknowledged before the next offset commit and before any state is written
+        # (the commit protocol waits for the emitter first); under exactly_once in the
+        # transaction of the input partition each output comes from (``sources``).
+        await self.emitter.send_later(out, sources or [])
         for p, ev, exc in dead:
-            await send_dead_letter(
-                ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input.get_topic_name(),
+            await self.emitter.dead_letter(
+                ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input_name,
                 pipeline=self.defn.name, step="window", partition=p, offset=ev.offset,
             )
             self.stats["dead_letters"] += 1
-        if futures:
-            await asyncio.gather(*futures)
 
     def describe(self) -> dict[str, Any]:
         """This worker's view of the window: definition and counters since start."""
@@ -655,15 +546,8 @@ class WindowRunner:
             if now - self.last_tick.get(p, 0.0) < self.defn.idle_close:
                 continue
             self.last_tick[p] = now
-            if app.in_transaction:
-                # Not through the topic (the TransactionManager would put it into the
-                # transaction of partition p, which nothing commits while the partition
-                # is idle: read_committed never saw the tick, and the open transaction
-                # timed out and fenced the producer). A tick is input, not an output of
-                # processed records: a plain send, visible at once.
-                await app.producer.send(name, None, b"", p, None, [(TICK_HEADER, b"1")])
-            else:
-                await self.input.send(key=None, value=b"", partition=p, headers=[(TICK_HEADER, b"1")])
+            # A tick is input, not an output of processed records (emitter.tick).
+            await self.emitter.tick(self.input, p, [(TICK_HEADER, b"1")])
 
 
 def _fetched_to(consumer: Any, tp: Any, end: int) -> bool:
@@ -684,16 +568,6 @@ def _fetched_to(consumer: Any, tp: Any, end: int) -> bool:
                     and tp not in aio._fetcher._records)
     except Exception:  # not assigned, no position, or a different client
         return False
-
-
-async def _kafka_io_ready() -> None:
-    """Under at_least_once, wait for app.kafka_io's producer while it starts (the first
-    fetches of a backlog arrive before it is up): Faust's per-message path, the
-    fallback, costs several times more per message. Not while it stops: then the
-    fallback (Faust's producer, flushed by Faust before it commits) is used."""
-    if (settings.processing_guarantee == "at_least_once" and not kafka_io.ready.is_set()
-            and not kafka_io.should_stop):
-        await kafka_io.ready.wait()
 
 
 #: name -> runner, for the web views and tests.
@@ -770,31 +644,14 @@ for _defn in WINDOW_DEFS:
     _register(_defn)
 
 
-async def flush_all() -> None:
-    """Flush every window's dirty state (before an offset commit; on revoke)."""
-    for runner in RUNNERS.values():
-        await runner.flush()
-
-
-async def _on_revoked(*args: Any, **kwargs: Any) -> None:
-    # Faust committed (and so flushed) after the batch in flight finished; flush again
-    # anyway: whatever is dirty now must reach the changelog before another worker
-    # restores these partitions from it.
-    await flush_all()
+async def _on_moved(*args: Any, **kwargs: Any) -> None:
+    # The commit protocol writes what is unwritten and empties the caches on revoke
+    # and assign (app.commit); the open-window index is rebuilt before the next batch.
     for runner in RUNNERS.values():
         runner.mark_stale()
 
 
-async def _on_assigned(*args: Any, **kwargs: Any) -> None:
-    for runner in RUNNERS.values():
-        runner.mark_stale()
+app.on_partitions_revoked.connect(_on_moved)
+app.on_partitions_assigned.connect(_on_moved)
 
-
-app.on_partitions_revoked.connect(_on_revoked)
-app.on_partitions_assigned.connect(_on_assigned)
-if RUNNERS and settings.processing_guarantee == "at_least_once":
-    # Kafka Streams' commit: flush the state caches, then commit the offsets
-    # (app/transport.py runs these hooks between batches, before each commit).
-    commit_guard.before_commit.append(flush_all)
-
-__all__ = ["RUNNERS", "WindowRunner", "flush_all"]
+__all__ = ["RUNNERS", "WindowRunner"]

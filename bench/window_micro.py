@@ -97,28 +97,27 @@ def main(argv: list[str] | None = None) -> int:
     from aiokafka.partitioner import murmur2
     from aiokafka.structs import ConsumerRecord
 
-    from agents.window_aggregate import RUNNERS
+    from agents.window_aggregate import RUNNERS, WindowRunner
+    from app.commit import CommitProtocol, MemoryEmitter
     from bench.events import make_event
 
-    runner = RUNNERS[f"bench-{args.kind}"]
     store = MemoryStore()
-    runner.store = store
     sent: list[Any] = []
     n_sent = 0
 
-    async def deliver(out: list, dead: list) -> None:
-        # As the worker does: a batch's outputs live until the broker acknowledged them
-        # (a few batches later), not for the whole run.
-        nonlocal n_sent
-        n_sent += len(out)
-        sent.append(out)
-        del sent[:-4]
+    class Outputs(MemoryEmitter):
+        async def send_later(self, out: list, sources: list) -> None:
+            # As the worker does: a batch's outputs live until the broker acknowledged
+            # them (a few batches later), not for the whole run.
+            nonlocal n_sent
+            n_sent += len(out)
+            sent.append(out)
+            del sent[:-4]
 
-    runner._deliver = deliver  # type: ignore[method-assign]
-    runner._ensure_index = lambda: None  # type: ignore[method-assign]
-    if hasattr(runner, "defers_flush"):
-        # As under at_least_once with the project's consumer: flush at each "commit".
-        runner.defers_flush = lambda: args.commit > 1  # type: ignore[method-assign]
+    # As under at_least_once with the project's consumer: flush at each "commit".
+    commit = CommitProtocol(Outputs(), defer=args.commit > 1)
+    configured = RUNNERS[f"bench-{args.kind}"]
+    runner = WindowRunner(configured.defn, None, None, configured.sink, configured.late, store=store, commit=commit)
 
     rng = random.Random(7)
     base = time.time() - args.events / 1000 - 60
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def go() -> None:
         nonlocal consumer_cpu
-        flush = getattr(runner, "flush", None)
+        flush = commit.before_commit
         for n, raw in enumerate(batches, 1):
             # What the consumer hands a batch agent: aiokafka's records of each partition
             # (made per fetch, as aiokafka does), grouped by partition (Batch.parts).

@@ -108,5 +108,5 @@ class WriteBackBuffer:
     def clear(self) -> None:
         """Drop every cached value; dirty ones must have been flushed first."""
         if self._dirty:
-            raise RuntimeError(f"{len(self._dirty)} dirty keys would be lost; flush first")
+            raise RuntimeError(f"{len(self._dirty)} unwritten (dirty) keys would be lost; flush first")
         self._values.clear()

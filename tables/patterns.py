@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from mode import Service
 
 from app import app, settings
+from app.commit import commit_protocol
 from app.kafka_security import client_options
 from app.patterns import (
     EngineConfig,
@@ -42,7 +43,8 @@ from app.patterns import (
     parse_definition,
 )
 from app.topics import declare
-from tables.windows import RAW_SCHEMA, PartitionStore
+from tables.store import PartitionStore, WriteBackCache
+from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -79,33 +81,39 @@ def table_key_bytes(key: str) -> bytes:
     return orjson.dumps(key)
 
 
-class StateCache:
+class StateCache(WriteBackCache):
     """The decoded ``pattern-state`` values of recently matched keys, by (partition,
-    table key) (the key as a string, ``"user_id=u1"``; stored as its JSON).
+    table key) (the key as a string, ``"user_id=u1"``; stored as its JSON): the pattern
+    engine's write-back cache in the one state store (``tables.store``), flushed by the
+    commit protocol (``app.commit``) before each offset commit, or per batch under
+    exactly_once.
 
     Why: with many keys nearly every event is a distinct key in its batch, and reading a
     state back (RocksDB get + JSON decode, ~10 µs) cost as much as matching it. This
     worker is the only writer of the partitions it owns, so what it last wrote is what
     RocksDB holds, *while it keeps owning them*: the cache is dropped whenever
-    partitions are revoked or assigned (Faust's signals, and a per-batch check of the
-    assignment in case a signal is missed), and by a handler that fails half-way.
-    ``STREAMETL_PATTERN_STATE_CACHE`` keys at most (0 = off); when full it starts over.
-
-    It is also the write-back buffer of the states under at_least_once
-    (``agents.patterns``): ``dirty`` holds the keys whose cached state is newer than
-    RocksDB and the changelog; they are written before the next offset commit, and
-    never dropped unwritten (``clear`` refuses, a full cache keeps them). After a
-    failure that may have left a dirty state half-updated, ``failed`` is set: no flush
-    (so no commit) may write it, and a restart replays from the last commit.
+    partitions are revoked or assigned (the commit protocol, and a per-batch check of
+    the assignment in case a signal is missed), and by a handler that fails half-way.
+    ``STREAMETL_PATTERN_STATE_CACHE`` keys at most (0 = off); when full it starts over,
+    keeping the unwritten ones (``dirty``), which are never dropped unwritten.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, store: Any = None) -> None:
+        # State dict keys are strings (topics, pattern and step names, JSON event
+        # fields): encoded without OPT_NON_STR_KEYS, about half the cost.
+        super().__init__(store, max_entries=limit, str_keys=True,
+                         key_bytes=lambda ck: table_key_bytes(ck[1]), max_dirty=max(1, limit // 2))
         self.limit = limit
-        self.entries: dict[tuple[int, str], Any] = {}
         self.assignment: frozenset | None = None
-        #: (partition, key) of the cached states not written yet, in first-dirtied order.
-        self.dirty: dict[tuple[int, str], None] = {}
-        self.failed = False
+
+    @property
+    def entries(self) -> dict[tuple[int, str], Any]:
+        return self._values
+
+    @property
+    def dirty(self) -> dict[tuple[int, str], int]:
+        """(partition, key) -> partition of the cached states not written yet."""
+        return self._dirty
 
     def check(self, assignment: frozenset) -> None:
         if assignment != self.assignment:
@@ -113,50 +121,61 @@ class StateCache:
             self.assignment = assignment
 
     def clear(self) -> None:
-        if self.dirty:
-            raise RuntimeError(f"{len(self.dirty)} unwritten pattern states would be lost; flush first")
-        self.entries.clear()
+        super().clear()
         self.assignment = None
 
     def fail(self) -> None:
-        """Forget everything after a handler failed half-way: a cached state may hold
-        changes whose outputs were never sent. Unwritten states stay unwritten for
-        good (``failed``), so the offsets they cover are never committed."""
-        if self.dirty:
-            self.failed = True
-            self.dirty.clear()
-        self.entries.clear()
+        super().fail()
         self.assignment = None
 
-    def put(self, partition: int, key: str, value: Any) -> None:
+    def put(self, partition: int, key: str, value: Any) -> None:  # type: ignore[override]
+        """Cache a state that is written already."""
         if self.limit <= 0:
             return
-        if len(self.entries) >= self.limit:
+        if len(self._values) >= self.limit:
             self._start_over()
-        self.entries[(partition, key)] = value
+        self._values[(partition, key)] = value
 
     def _start_over(self) -> None:
         # Keep what is not written yet.
-        dirty = self.dirty
-        self.entries = {k: v for k, v in self.entries.items() if k in dirty}
+        dirty = self._dirty
+        self._values = {k: v for k, v in self._values.items() if k in dirty}
+
+    def _evict(self) -> None:
+        if len(self._values) > self.max_entries:
+            self._start_over()
 
     def put_dirty(self, partition: int, key: str, value: Any) -> None:
         """Cache a state that is written later (before the next offset commit)."""
-        self.put(partition, key, value)
-        self.dirty[(partition, key)] = None
+        self.put_dirty_many([(_At(partition), key, value)])
 
     def put_dirty_many(self, writes: list[tuple[Any, str, Any]]) -> None:
-        """``put_dirty`` of a batch's (record, key, state): the room is made once."""
-        if len(self.entries) + len(writes) > self.limit:
+        """Cache a batch's changed (record, key, state), to be written with the next
+        flush: the room is made once."""
+        if len(self._values) + len(writes) > self.limit:
             self._start_over()
-        entries, dirty = self.entries, self.dirty
+        entries, dirty = self._values, self._dirty
         for record, key, value in writes:
-            ck = (record.message.partition, key)
+            p = record.message.partition
+            ck = (p, key)
             entries[ck] = value
-            dirty[ck] = None
+            dirty[ck] = p
+        self.updates += len(writes)
 
 
-state_cache = StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")))
+class _At:
+    __slots__ = ("partition",)
+
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+
+    @property
+    def message(self) -> _At:
+        return self
+
+
+state_cache = commit_protocol.register(
+    StateCache(int(os.environ.get("STREAMETL_PATTERN_STATE_CACHE", "50000")), state_store))
 
 
 class EventClock:

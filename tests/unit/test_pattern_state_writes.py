@@ -159,9 +159,16 @@ def test_a_failed_flush_keeps_the_states_unwritten(env):
 
 
 def test_revoke_writes_the_states_before_dropping_the_cache(env):
+    """The commit protocol's revoke/assign step (app.commit) writes a registered
+    cache's states, then drops the cache."""
+    from app.commit import CommitProtocol, MemoryEmitter
+
     store, _, _ = env
     run(engine.apply_items(batches()[0]))
-    run(engine._flush_and_drop_states())
+    engine.state_cache.store = store
+    protocol = CommitProtocol(MemoryEmitter())
+    protocol.register(engine.state_cache)
+    run(protocol.partitions_moved())
     assert len(store.calls) == 1 and not engine.state_cache.entries
 
 
@@ -187,11 +194,14 @@ def test_the_cache_never_drops_an_unwritten_state():
 
 
 def test_the_flush_hook_is_registered_with_the_first_unwritten_state_and_once(env):
+    """The one commit hook (the commit protocol's, which flushes the pattern cache with
+    every other registered one) is hooked with the first unwritten state, once."""
+    from app.commit import commit_protocol
     from app.transport import commit_guard
 
     _, _, monkeypatch = env
     monkeypatch.setattr(commit_guard, "before_commit", [])  # a worker whose engine matched nothing yet
     run(engine.apply_items(batches()[0]))
-    assert commit_guard.before_commit == [engine.flush_states]  # before the batch's ack
+    assert commit_guard.before_commit == [commit_protocol.before_commit]  # before the batch's ack
     run(engine.apply_items(batches()[1]))
-    assert commit_guard.before_commit == [engine.flush_states]
+    assert commit_guard.before_commit == [commit_protocol.before_commit]

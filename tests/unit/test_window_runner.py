@@ -1,6 +1,9 @@
 """The window agent's buffer discipline without a broker: with the commit-time flush,
-state stays in memory across batches until ``flush`` (the before-commit hook), a flush
-that fails leaves everything dirty, and results equal a fold of the input."""
+state stays in memory across batches until the commit protocol's ``before_commit``, a
+flush that fails leaves everything dirty, and results equal a fold of the input.
+
+Runs over the in-memory store and emitter (``tables.store.MemoryStore``,
+``app.commit.MemoryEmitter``), with a commit protocol of its own."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ import pytest
 
 from agents.window_aggregate import WindowRunner
 from app.codec import RecordError
+from app.commit import CommitProtocol, Emitter, MemoryEmitter, TransactionalEmitter
 from app.windows import decode_source, make_decoder, parse_window_def
+from tables.store import MemoryStore
 
 
 class Rec:
@@ -35,26 +40,10 @@ def parts(batch):
     return list(by_p.items())
 
 
-class Store:
-    def __init__(self, fail=False):
-        self.data, self.fail, self.flushes = {}, fail, 0
-
-    def read(self, event, key):
-        raw = self.data.get((event.message.partition, key))
-        return None if raw is None else orjson.loads(raw)
-
-    async def write_partitions(self, items, str_keys=False):
-        if self.fail:
-            raise RuntimeError("changelog unreachable")
-        self.flushes += 1
-        self.str_keys = str_keys
-        for p, key, value in items:
-            # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a string
-            # (orjson raises TypeError on any other key, so a wrong claim fails here).
-            self.data[(p, key)] = orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)
-
-    def scan(self):
-        return iter(())
+def Store(fail=False):
+    store = MemoryStore()
+    store.fail = fail
+    return store
 
 
 DEF = parse_window_def({
@@ -65,20 +54,30 @@ DEF = parse_window_def({
 })
 
 
-def runner(store, defer=True):
-    r = WindowRunner(DEF, None, None, "sink", "late")
-    r.store = store
-    r.sent = []
-    r.dead = []
+class Outputs(MemoryEmitter):
+    """The runner's outputs as it made them: (topic, key, value[, headers]) in ``out``,
+    dead letters as (partition, raw record, error) in ``refused``."""
 
-    async def deliver(out, dead, sources=None):
-        r.sent.extend(out)
-        r.dead.extend(dead)
+    def __init__(self):
+        super().__init__()
+        self.out, self.refused = [], []
 
-    r._deliver = deliver
-    r._ensure_index = lambda: None
-    r.defers_flush = lambda: defer
+    async def send_later(self, out, sources):
+        self.out.extend(out)
+
+    async def dead_letter(self, key, value, **why):
+        self.refused.append(why)
+
+
+def runner(store, defer=True, emitter=None):
+    emitter = emitter or Outputs()
+    r = WindowRunner(DEF, None, None, "sink", "late", store=store, commit=CommitProtocol(emitter, defer=defer))
+    r.sent = emitter.out if isinstance(emitter, Outputs) else None
     return r
+
+
+def flush(r):
+    return r.commit.before_commit()
 
 
 def batches():
@@ -103,7 +102,7 @@ def test_state_is_written_only_by_flush_and_results_equal_a_fold():
         for b in batches():
             await r.process(parts(b))
             assert store.flushes == 0  # nothing written between commits
-        await r.flush()
+        await flush(r)
 
     asyncio.run(go())
     assert store.flushes == 1 and r.buffer.dirty_count == 0 and not r.meta_dirty
@@ -136,10 +135,10 @@ def test_a_failed_flush_keeps_everything_dirty():
         await r.process(parts(batches()[0]))
         dirty = r.buffer.dirty_count
         with pytest.raises(RuntimeError):
-            await r.flush()
+            await flush(r)
         assert r.buffer.dirty_count == dirty and r.meta_dirty
         store.fail = False
-        await r.flush()
+        await flush(r)
         assert r.buffer.dirty_count == 0 and store.flushes == 1
 
     asyncio.run(go())
@@ -181,7 +180,7 @@ def test_results_in_flight_are_acknowledged_before_the_flush_and_a_failed_send_b
     commit) first waits for every send, and a failed send fails that flush and every
     later one, so no commit can cover the lost results."""
     store = Store()
-    r = runner(store)
+    r = runner(store, emitter=Emitter())
     order = []
 
     async def ok(tag):
@@ -192,16 +191,16 @@ def test_results_in_flight_are_acknowledged_before_the_flush_and_a_failed_send_b
         raise RuntimeError("broker down")
 
     async def go():
-        r._sending.append(asyncio.ensure_future(ok("a")))
-        r._sending.append(asyncio.ensure_future(ok("b")))
+        r.emitter.sending.append(asyncio.ensure_future(ok("a")))
+        r.emitter.sending.append(asyncio.ensure_future(ok("b")))
         r.buffer.put(b"k", {"w": []}, 0)
-        await r.flush()
-        assert order == ["a", "b"] and store.flushes == 1 and not r._sending
-        r._sending.append(asyncio.ensure_future(bad()))
+        await flush(r)
+        assert order == ["a", "b"] and store.flushes == 1 and not r.emitter.sending
+        r.emitter.sending.append(asyncio.ensure_future(bad()))
         r.buffer.put(b"k", {"w": []}, 0)
         for _ in range(2):
             with pytest.raises(RuntimeError, match="broker down"):
-                await r.flush()
+                await flush(r)
             assert store.flushes == 1 and r.buffer.dirty_count == 1
 
     asyncio.run(go())
@@ -251,6 +250,8 @@ def test_bad_records_go_to_the_dead_letter_list_and_ticks_are_not_records():
     tick = Rec(1, 8, b"", headers=[("streametl.tick", b"1")])
 
     asyncio.run(r.process([(1, [good, bad, no_key, tick])]))
+    r.dead = [(why["partition"], {6: bad, 7: no_key}[why["offset"]], RecordError(why["reason"], ""))
+              for why in r.emitter.refused]
     assert [(p, rec, exc.reason) for p, rec, exc in r.dead] == [(1, bad, "invalid_json"), (1, no_key, "missing_key")]
     assert r.stats["records"] == 1 and r.buffer.dirty_count == 1
 
@@ -274,11 +275,10 @@ def test_results_closed_by_event_time_have_the_record_json_for_any_key_text():
         assert got[k] == (k.encode(), orjson.dumps(want))
 
 
-def test_exactly_once_results_join_the_transaction_of_the_partition_they_come_from(monkeypatch):
+def test_exactly_once_results_join_the_transaction_of_the_partition_they_come_from():
     """Under exactly_once each result is sent inside ``from_partition`` of the input
     partition whose records closed its window: the transaction that commits those
     records' offsets, wherever the result's key puts it (app/transport.py)."""
-    import agents.window_aggregate as wa
     from app.batches import SOURCE_PARTITION
 
     class Sink:
@@ -294,12 +294,9 @@ def test_exactly_once_results_join_the_transaction_of_the_partition_they_come_fr
             done.set_result(None)
             return done
 
-    monkeypatch.setattr(wa, "settings", wa.settings.replace(processing_guarantee="exactly_once"))
     sink = Sink()
-    r = WindowRunner(DEF, None, None, sink, sink)
-    r.store = Store()
-    r._ensure_index = lambda: None
-    r.defers_flush = lambda: True
+    r = WindowRunner(DEF, None, None, sink, sink, store=Store(),
+                     commit=CommitProtocol(TransactionalEmitter(), defer=True))
     by_partition = {0: ["a", "b"], 1: ["c", "d"]}
     first = [(p, [Rec(p, i, orjson.dumps({"user": u, "ts": 1_000, "v": 1})) for i, u in enumerate(users)])
              for p, users in by_partition.items()]

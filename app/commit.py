@@ -1,0 +1,489 @@
+"""The one place the delivery guarantee is decided: how outputs are sent (``Emitter``)
+and how state, outputs and offsets commit together (``CommitProtocol``).
+
+Agents, tables and views never look at ``processing_guarantee``; they
+
+* send outputs through ``emitter`` (``send``, ``send_later``, ``writer``, ``tick``),
+  chosen once here: pipelined record batches through ``app.kafka_io`` under
+  at_least_once, Faust's transactional producer under exactly_once (each output in the
+  transaction of the input partition it comes from, ``app.batches.from_partition``);
+* keep their state in write-back caches (``tables.store.WriteBackCache``) registered
+  with ``commit_protocol``, and call ``await commit_protocol.end_batch(cache)`` at the
+  end of each batch.
+
+One commit, in this order (``CommitProtocol.before_commit``; app/transport.py runs it
+between processing sections, right before Faust commits the offsets or the
+transaction): wait for every output sent so far to be acknowledged, then flush every
+registered cache (each: changelog records acknowledged, then one RocksDB write batch
+per partition), then the offsets. So a committed offset never covers an output or a
+state change that is not durable, and the state that drops a closed window is never
+written before the result that reports it. Under exactly_once the caches are flushed
+at the end of every batch instead, inside the batch's transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import Any, Protocol
+
+import orjson
+
+from app import app, settings
+from app.batches import from_partition
+from app.codec import dumps_held
+from app.dead_letter import send_dead_letter
+from app.kafka_io import KeyPartitioner, OutgoingMessage, RecordBatches, kafka_io
+from app.transport import FastConsumer, commit_guard
+
+log = logging.getLogger(__name__)
+
+#: The guarantee, decided once per process (Settings is read once).
+EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
+
+#: An output: (topic object, key, value) or (topic object, key, value, headers).
+Output = tuple
+
+
+class Flushable(Protocol):
+    """What the commit protocol needs of a registered state cache."""
+
+    failed: bool
+
+    async def flush(self) -> None: ...
+
+    def moved(self) -> None: ...
+
+    def pending(self) -> bool: ...
+
+    @property
+    def dirty_count(self) -> int: ...
+
+    @property
+    def max_dirty(self) -> int: ...
+
+
+class Emitter:
+    """at_least_once: outputs as pipelined record batches (``app.kafka_io``).
+
+    Far cheaper per message than Faust's per-message send. A batch's outputs are
+    acknowledged before its offsets can commit: ``send`` waits for them, ``send_later``
+    leaves them in flight until ``flush`` (which the commit protocol runs first)."""
+
+    #: Sends in flight (``send_later``) kept while the next batch runs.
+    MAX_SENDING = 4
+    #: Outputs, state and offsets commit in one Kafka transaction.
+    transactional = False
+
+    def __init__(self) -> None:
+        #: ``send_later`` sends not acknowledged yet, oldest first; each waits for the
+        #: one before it, so outputs reach the broker in the order they were made.
+        self.sending: list[asyncio.Future] = []
+        self._partitioners: dict[str, KeyPartitioner] = {}
+
+    # --- the state store's changelog path ----------------------------------------------
+
+    def batches_changelog(self) -> bool:
+        """True when the state stores write their changelog as pipelined record batches
+        (acknowledged before RocksDB is written); False: through Faust's table API."""
+        return kafka_io.ready.is_set()
+
+    async def ready(self) -> None:
+        """Wait for the batch producer while it starts (the first fetches of a backlog
+        arrive before it is up): Faust's per-message path, the fallback, costs several
+        times more. Not while it stops: then the fallback is used."""
+        if not kafka_io.ready.is_set() and not kafka_io.should_stop:
+            await kafka_io.ready.wait()
+
+    async def table_writes_done(self) -> None:
+        """After writes through Faust's table API: nothing to do (Faust flushes its
+        producer before an at_least_once commit)."""
+
+    # --- outputs -------------------------------------------------------------------------
+
+    async def partitioner(self, topic_name: str) -> KeyPartitioner:
+        """Where a key goes in ``topic_name`` (its partition count, looked up once)."""
+        partition_of = self._partitioners.get(topic_name)
+        if partition_of is None:
+            count = await kafka_io.partition_count(topic_name) or settings.topic_partitions
+            partition_of = self._partitioners[topic_name] = KeyPartitioner(count)
+        return partition_of
+
+    async def send(self, topic: Any, items: Sequence[tuple[int | None, bytes | None, bytes,
+                                                            Sequence[tuple[str, bytes]], int | None]]) -> None:
+        """Send ``(source partition, key, value, headers, partition or None)`` items to
+        ``topic``; returns once the broker acknowledged them all (a key's partition when
+        none is given)."""
+        if not items:
+            return
+        await self.ready()
+        if not kafka_io.ready.is_set():  # stopping: Faust's producer, flushed before it commits
+            await _send_through_faust(topic, items)
+            return
+        await kafka_io.send_batch(topic.get_topic_name(),
+                                  [OutgoingMessage(key, value, tuple(headers), partition)
+                                   for _, key, value, headers, partition in items],
+                                  settings.topic_partitions)
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+        """Send ``out`` without waiting for the broker's acknowledgement (at most
+        ``MAX_SENDING`` batches' outputs stay in flight); ``flush`` waits for them.
+
+        ``sources``: (input partition, index of its first output in ``out``), what the
+        transactional emitter needs. Why not await them here: a batch would wait a
+        broker round trip before the next one starts, and nothing needs them
+        acknowledged before the offsets that produced them commit, or before the state
+        that closed their windows is written: both come after ``flush``."""
+        if not out:
+            return
+        await self.ready()
+        if not kafka_io.ready.is_set():
+            futures = await _send_outputs_through_faust(out, sources)
+            await asyncio.gather(*futures)
+            return
+        by_topic: dict[str, list[OutgoingMessage]] = {}
+        names: dict[int, list[OutgoingMessage]] = {}
+        groups_by_topic: dict[int, tuple[str, dict[int, list[tuple[bytes, bytes]]], KeyPartitioner]] = {}
+        for item in out:
+            topic = item[0]
+            if len(item) == 3:
+                # No headers: (key, value) pairs by the key's partition, as send_batch
+                # would place them, without a message object each.
+                slot = groups_by_topic.get(id(topic))
+                if slot is None:
+                    name = topic.get_topic_name()
+                    slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                key = item[1]
+                p = slot[2](key)
+                group = slot[1].get(p)
+                if group is None:
+                    group = slot[1][p] = []
+                group.append((key, item[2]))
+                continue
+            msgs = names.get(id(topic))
+            if msgs is None:
+                msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
+            msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None))
+        prev = self.sending[-1] if self.sending else None
+        partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()]
+
+        async def send() -> None:
+            if prev is not None:
+                await prev  # in order; and nothing after a failed send is reported sent
+            sends: list[Awaitable[Any]] = [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
+            if by_topic:
+                sends.append(kafka_io.send_topics(by_topic))
+            await asyncio.gather(*sends)
+
+        self.sending.append(asyncio.ensure_future(send()))
+        await self.flush(keep=self.MAX_SENDING)
+
+    async def flush(self, keep: int = 0) -> None:
+        """Wait until every ``send_later`` but the newest ``keep`` is acknowledged.
+
+        A failed send raises here and stays in the list: every later flush (and so
+        every later commit) fails too, until the worker restarts and replays."""
+        sending = self.sending
+        while len(sending) > keep:
+            task = sending[0]
+            await task
+            if sending and sending[0] is task:
+                sending.pop(0)
+
+    def writer(self, sink: Any) -> OutputWriter:
+        """A per-batch writer of one sink topic (see ``OutputWriter``)."""
+        return OutputWriter(sink)
+
+    async def dead_letter(self, key: bytes | None, value: bytes | None, **why: Any) -> None:
+        """One refused record to the dead-letter topic (``app.dead_letter``: through
+        Faust's producer, so under exactly_once in the transaction of ``partition``)."""
+        await send_dead_letter(key, value, **why)
+
+    async def tick(self, topic: Any, partition: int, headers: list[tuple[str, bytes]]) -> None:
+        """A wake-up record (``value`` empty) into ``partition`` of ``topic``: input, not an
+        output of processed records."""
+        await topic.send(key=None, value=b"", partition=partition, headers=headers)
+
+
+class TransactionalEmitter(Emitter):
+    """exactly_once: outputs through Faust's transactional producer, each in the
+    transaction of the input partition it comes from (the one committing that input's
+    offsets), even when its key puts it in a partition of another number:
+    app/transport.py, TransactionManager."""
+
+    transactional = True
+
+    def batches_changelog(self) -> bool:
+        return False
+
+    async def ready(self) -> None:
+        pass
+
+    async def table_writes_done(self) -> None:
+        # Faust's table writes only enter its producer buffer (send_soon), and its
+        # transactional commit does not flush that buffer (its at_least_once commit
+        # does): a commit right after this batch could commit its offsets while these
+        # writes went into the *next* transaction, which a kill -9 aborts (found by the
+        # windows' exactly_once kill test; docs/windows.md). Drained here, inside the
+        # batch, they join this batch's transaction.
+        await app.producer.flush()
+
+    async def send(self, topic: Any, items: Sequence[tuple[int | None, bytes | None, bytes,
+                                                            Sequence[tuple[str, bytes]], int | None]]) -> None:
+        await _send_through_faust(topic, items)
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+        futures = await _send_outputs_through_faust(out, sources)
+        if futures:
+            await asyncio.gather(*futures)
+
+    def writer(self, sink: Any) -> OutputWriter:
+        return TransactionalWriter(sink)
+
+    async def tick(self, topic: Any, partition: int, headers: list[tuple[str, bytes]]) -> None:
+        # Not through the topic: the TransactionManager would put it into the transaction
+        # of ``partition``, which nothing commits while the partition is idle
+        # (read_committed never saw the tick, and the open transaction timed out and
+        # fenced the producer). A plain send, visible at once.
+        await app.producer.send(topic.get_topic_name(), None, b"", partition, None, headers)
+
+
+async def _send_through_faust(topic: Any, items: Iterable[tuple[Any, ...]]) -> None:
+    for source_partition, key, value, headers, partition in items:
+        with from_partition(source_partition):
+            await topic.send(key=key, value=value, partition=partition, headers=list(headers) or None)
+
+
+async def _send_outputs_through_faust(out: list[Output], sources: list[tuple[int, int]] | None) -> list[Any]:
+    """Each output inside ``from_partition`` of the input partition it comes from
+    (``sources``: (partition, index of its first output)); returns the send futures."""
+    futures = []
+    bounds = [*(sources or [(None, 0)]), (None, len(out))]
+    for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
+        with from_partition(p):
+            for topic, key, value, *rest in out[start:end]:
+                headers = rest[0] if rest else None
+                futures.append(await topic.send(key=key, value=value, headers=headers))
+    return futures
+
+
+class OutputWriter:
+    """One sink's outputs, one batch at a time, each to its key's partition (keyless
+    ones share one partition per batch, like Kafka's sticky partitioner).
+
+    at_least_once: each output is encoded straight into its partition's record batch
+    (``kafka_io.record_batches``), and a batch's outputs go out together: Faust's
+    per-message send path costs more than the whole transformation."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink, self.name = sink, sink.get_topic_name()
+        self.partition_of: KeyPartitioner | None = None
+        self.batches: RecordBatches | None = None
+        self.count = 0
+        self._keyless = 0
+
+    async def begin_batch(self) -> None:
+        count = await kafka_io.partition_count(self.name) or settings.topic_partitions
+        if self.partition_of is None or self.partition_of.num_partitions != count:
+            self.partition_of = KeyPartitioner(count)
+        self._keyless = (self._keyless + 1) % count
+        self.count = 0
+        self.batches = kafka_io.record_batches()  # a failed batch's records are dropped
+
+    def enter_partition(self, event: Any) -> None:
+        """The next outputs come from records of ``event``'s partition."""
+
+    def add(self, event: Any, key: bytes | None, record: dict[str, Any]) -> None:
+        """Encode ``record`` to the sink, in ``key``'s partition."""
+        self.count += 1
+        partition = self._keyless if key is None else self.partition_of(key)  # type: ignore[misc]
+        self.batches.add(partition, key, orjson.dumps(record))  # type: ignore[union-attr]
+
+    async def send(self) -> Awaitable[Any] | None:
+        """Send the batch's outputs; returns what completes when the broker acknowledged
+        them (None: nothing to wait for). ``count`` keeps this batch's outputs until
+        ``begin_batch``."""
+        batches, self.batches = self.batches, None
+        if batches is None or not batches.count:
+            return None
+        return await batches.start(self.name)
+
+
+class TransactionalWriter(OutputWriter):
+    """exactly_once: every output through Faust into the transaction of the input
+    partition it came from (``from_partition``)."""
+
+    def __init__(self, sink: Any) -> None:
+        super().__init__(sink)
+        #: (input partition, output partition, key, value) per output.
+        self.transactional: list[tuple[int, int, bytes | None, bytes]] = []
+
+    async def begin_batch(self) -> None:
+        await super().begin_batch()
+        self.batches = None
+        self.transactional = []
+
+    def enter_partition(self, event: Any) -> None:
+        # Faust's current event picks the changelog partition and transaction of table
+        # writes made through its API.
+        from tables.store import set_current_event
+
+        set_current_event(event)
+
+    def add(self, event: Any, key: bytes | None, record: dict[str, Any]) -> None:
+        self.count += 1
+        partition = self._keyless if key is None else self.partition_of(key)  # type: ignore[misc]
+        # Held until sent: dumps_held.
+        self.transactional.append((event.message.partition, partition, key, dumps_held(record)))
+
+    async def send(self) -> Awaitable[Any] | None:
+        outputs, self.transactional = self.transactional, []
+        for source_partition, partition, key, value in outputs:
+            with from_partition(source_partition):
+                await self.sink.send(key=key, value=value, partition=partition)
+        return None  # the transaction commits them
+
+
+class MemoryEmitter(Emitter):
+    """The in-memory twin of the emitter, for tests and the processor harness: every
+    output is kept in ``sent`` as (topic, key, value, headers, source partition), dead
+    letters in ``dead`` as (key, value, why), ticks in ``ticks``; nothing is in flight.
+    ``transactional``: behave as under exactly_once (state written per batch)."""
+
+    def __init__(self, transactional: bool = False) -> None:
+        super().__init__()
+        self.transactional = transactional
+        self.sent: list[tuple[Any, bytes | None, bytes, tuple, int | None]] = []
+        self.dead: list[tuple[bytes | None, bytes | None, dict[str, Any]]] = []
+        self.ticks: list[tuple[Any, int]] = []
+
+    def batches_changelog(self) -> bool:
+        return False
+
+    async def ready(self) -> None:
+        pass
+
+    async def send(self, topic: Any, items: Sequence[tuple[Any, ...]]) -> None:
+        for source_partition, key, value, headers, _partition in items:
+            self.sent.append((topic, key, value, tuple(headers), source_partition))
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+        bounds = [*(sources or [(None, 0)]), (None, len(out))]
+        for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
+            for item in out[start:end]:
+                self.sent.append((item[0], item[1], item[2], tuple(item[3]) if len(item) > 3 else (), p))
+
+    def writer(self, sink: Any) -> OutputWriter:
+        return MemoryWriter(sink, self)
+
+    async def dead_letter(self, key: bytes | None, value: bytes | None, **why: Any) -> None:
+        self.dead.append((key, value, why))
+
+    async def tick(self, topic: Any, partition: int, headers: list[tuple[str, bytes]]) -> None:
+        self.ticks.append((topic, partition))
+
+
+class MemoryWriter(OutputWriter):
+    """``OutputWriter`` into a ``MemoryEmitter`` (the value as its decoded record)."""
+
+    def __init__(self, sink: Any, into: MemoryEmitter) -> None:
+        self.sink, self.name, self.into, self.count = sink, getattr(sink, "name", str(sink)), into, 0
+
+    async def begin_batch(self) -> None:
+        self.count = 0
+
+    def add(self, event: Any, key: bytes | None, record: dict[str, Any]) -> None:
+        self.count += 1
+        self.into.sent.append((self.sink, key, orjson.dumps(record), (), event.message.partition))
+
+    async def send(self) -> Awaitable[Any] | None:
+        return None
+
+
+#: The one output path of this worker.
+emitter: Emitter = TransactionalEmitter() if EXACTLY_ONCE else Emitter()
+
+
+class CommitProtocol:
+    """The registered state caches and the one ordered sequence that makes them durable
+    before offsets commit (module docstring).
+
+    ``emitter``: the output path whose sends a commit waits for. ``defer``: whether
+    state may wait for the commit (None: decided from the emitter and the consumer,
+    ``defers``). ``guard``: where ``before_commit`` is hooked (app/transport.py's
+    ``commit_guard``; None for a protocol of its own, as tests and the harness use)."""
+
+    def __init__(self, emitter: Emitter, defer: bool | None = None, guard: Any = None) -> None:
+        self.emitter = emitter
+        self.caches: list[Flushable] = []
+        self._defer = defer
+        self._guard = guard
+
+    def register(self, cache: Any) -> Any:
+        """Make ``cache`` part of every commit; returns it."""
+        if cache not in self.caches:
+            self.caches.append(cache)
+        return cache
+
+    def defers(self) -> bool:
+        """True when dirty state may stay in memory across batches until the next commit:
+        under at_least_once with this project's consumer, whose commits run
+        ``before_commit`` first. Under exactly_once state is written inside each batch's
+        transaction."""
+        if self._defer is not None:
+            return self._defer
+        return not self.emitter.transactional and isinstance(app.consumer, FastConsumer)
+
+    def arm(self) -> None:
+        """Hook ``before_commit`` into the consumer's commits (once). Called with the
+        first state left unwritten (before that batch is acked, so before any commit
+        could cover it), not at start: with a hook, every commit of the worker waits for
+        the batch in hand and holds the next one back for its round trip, which a
+        worker with nothing stateful should not pay."""
+        guard = self._guard
+        if guard is not None and self.before_commit not in guard.before_commit:
+            guard.before_commit.append(self.before_commit)
+
+    async def end_batch(self, *caches: Any) -> None:
+        """A batch's state changes are in ``caches``: write them now unless they may wait
+        for the commit (``defers``), or when one holds too many unwritten values."""
+        if not self.defers():
+            await self.emitter.flush()
+            for cache in caches:
+                await cache.flush()
+            return
+        self.arm()
+        for cache in caches:
+            if cache.dirty_count >= cache.max_dirty:
+                await self.emitter.flush()  # outputs before the state that follows them
+                await cache.flush()
+
+    async def before_commit(self) -> None:
+        """Outputs acknowledged, then every cache flushed (changelog, then RocksDB); the
+        caller commits the offsets (or the transaction) after this returns. A step that
+        raises stops the commit: its offsets stay uncommitted."""
+        await self.emitter.flush()
+        for cache in self.caches:
+            await cache.flush()
+
+    async def partitions_moved(self, *args: Any, **kwargs: Any) -> None:
+        """On revoke and assign: whatever is unwritten reaches the changelog before
+        another worker restores these partitions from it; then every cache forgets
+        (partitions moved: another worker may change that state). A cache that failed
+        has nothing left to write (its batch replays after a restart)."""
+        if any(not cache.failed and cache.pending() for cache in self.caches):
+            await self.emitter.flush()
+        for cache in self.caches:
+            if not cache.failed:
+                await cache.flush()
+            cache.moved()
+
+
+#: The one commit protocol of this worker process.
+commit_protocol = CommitProtocol(emitter, guard=commit_guard)
+app.on_partitions_revoked.connect(commit_protocol.partitions_moved)
+app.on_partitions_assigned.connect(commit_protocol.partitions_moved)
+
+__all__ = ["EXACTLY_ONCE", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
+           "TransactionalWriter", "commit_protocol", "emitter"]
