@@ -57,6 +57,8 @@ from tables.windows import META_PREFIX, RAW_SCHEMA, meta_key
 log = logging.getLogger(__name__)
 
 SIDE_NAMES = {LEFT: "left", RIGHT: "right"}
+#: Keys Faust itself writes into a table's RocksDB partitions.
+FAUST_KEY_PREFIX = b"__faust"
 
 
 class JoinConfigError(PipelineConfigError):
@@ -114,11 +116,15 @@ class PartitionBuffers(MutableMapping):
                 if value is not None:
                     yield key, value
         for raw_key, raw in self.store.scan_partition(p):
-            if raw_key.startswith(META_PREFIX):
+            # Not a join key: the partition's bookkeeping, or what Faust keeps in each
+            # RocksDB partition (its changelog offset, under ``__faust\0offset__``).
+            if raw_key.startswith(META_PREFIX) or raw_key.startswith(FAUST_KEY_PREFIX):
                 continue
             key = raw_key.decode()
             if key not in seen:
-                yield key, orjson.loads(raw)
+                value = orjson.loads(raw)
+                if value.__class__ is dict:
+                    yield key, value
 
     def __iter__(self) -> Iterator[str]:
         return (key for key, _ in self.items())
