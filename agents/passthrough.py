@@ -31,7 +31,7 @@ def count(n: int) -> None:
 
 if settings.passthrough_enabled:
     from app.batches import Batch, batch_agent
-    from app.kafka_io import OutgoingMessage, kafka_io
+    from app.commit import emitter
     from app.topics import declare
     from app.transport import commit_guard
 
@@ -60,18 +60,8 @@ if settings.passthrough_enabled:
                 output joins the transaction of its input partition); the delivery-semantics
                 tests compare it with the input. Outputs are awaited before the batch is
                 acked (the consumer acks when this returns)."""
-                if settings.processing_guarantee == "exactly_once":
-                    for r in records:
-                        await passthrough_out.send(key=r.key, value=r.value, partition=r.partition,
-                                                   headers=src(r.partition, r.offset))
-                else:
-                    await kafka_io.ready.wait()
-                    await kafka_io.send_batch(
-                        passthrough_out.get_topic_name(),
-                        [OutgoingMessage(r.key, r.value, tuple(src(r.partition, r.offset)), r.partition)
-                         for r in records],
-                        settings.topic_partitions,
-                    )
+                await emitter.send(passthrough_out, [(r.partition, r.key, r.value, src(r.partition, r.offset),
+                                                      r.partition) for r in records])
                 count(len(records))
 
         else:

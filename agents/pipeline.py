@@ -3,7 +3,7 @@
 A record that is not a JSON object, or fails a step, goes to the dead-letter topic
 with the pipeline, step and reason in its headers; the pipeline keeps running.
 Each pipeline is a batch agent (app/batches.py): it gets every record of a fetch at
-once, and each batch's outputs are written together (see ``SinkWriter``).
+once, and each batch's outputs are written together (``app.commit.OutputWriter``).
 
 Deduplication state lives in a changelog-backed table per pipeline (RocksDB by
 default). Faust writes a table change to the changelog partition of the event being
@@ -14,34 +14,34 @@ one partition. That state comes back from the changelog after a crash or rebalan
 so a restarted worker never re-admits a duplicate it had already seen.
 
 Expiry: keys older than the horizon are deleted (tombstoned in the changelog) while
-events of the same partition flow, from an in-memory queue of what this worker
-admitted; a key admitted before a restart is still judged by its stored time, so it
-is never wrongly treated as a duplicate, only kept until it is overwritten.
+events of the same partition flow, a few per record (``tables.store.Expiry``). The
+queue of a partition is rebuilt from the stored entries the first time the partition is
+used after an assignment, so keys admitted before a restart or a rebalance expire too.
+Outputs go through the one output path (``app.commit.emitter``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from faust.streams import _current_event
 
 from app import app, settings
-from app.batches import Batch, BatchRecord, batch_agent, from_partition
-from app.codec import RecordError, dumps_held, loads_object
-from app.dead_letter import send_dead_letter
-from app.kafka_io import KeyPartitioner, RecordBatches, kafka_io
+from app.batches import Batch, BatchRecord, batch_agent
+from app.codec import RecordError, loads_object
+from app.commit import commit_protocol, emitter
+from app.kafka_io import kafka_io
 from app.pipelines import PipelineSpec, configured_pipelines
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, runnable
 from tables.reference import reference_store
-from tables.windows import RAW_SCHEMA, PartitionStore
+from tables.store import Expiry, PartitionStore
+from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,6 @@ class LiveContext:
         self._storing_here: list[dict[bytes, Any]] = []
         self.partition = -1
         self.offset = 0
-        self.expiry: dict[int, deque] = {}
         self._now = 0.0
         self._memories: dict[int, TableMemory] = {}
         #: The RocksDB of each partition seen in this batch (None: another store kind).
@@ -136,8 +135,27 @@ class LiveContext:
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
         dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
-        self._horizon_s = dedupe["horizon_seconds"] if dedupe else None
-        self._horizon_n = dedupe["horizon_count"] if dedupe else None
+        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
+        #: assignment: ``moved``).
+        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
+                             dedupe["horizon_count"] if dedupe else None, _seen_at)
+        #: What the commit protocol asks of a registered store (``app.commit``): the
+        #: writes are stored per batch, after its outputs are acked, before it is acked,
+        #: so nothing waits for a commit.
+        self.failed = False
+        self.dirty_count = 0
+        self.max_dirty = 1 << 62
+
+    async def flush(self) -> None:
+        """Nothing waits for the commit (see ``store_after``)."""
+
+    def pending(self) -> bool:
+        return False
+
+    def moved(self) -> None:
+        """Partitions moved: each partition's expiry queue is rebuilt from the store the
+        next time it is used (another worker may have changed it meanwhile)."""
+        self.expiry.forget()
 
     def begin_batch(self) -> None:
         self.release_stores()
@@ -201,9 +219,11 @@ class LiveContext:
         self._overlay[key] = value
 
     def expiry_queue(self) -> deque:
-        queue = self.expiry.get(self.partition)
+        """The current partition's expiry queue (built from the store on first use)."""
+        queue = self.expiry.queues.get(self.partition)
         if queue is None:
-            queue = self.expiry[self.partition] = deque()
+            assert self.store is not None
+            queue = self.expiry.ensure(self.partition, self.store)
         return queue
 
     def detach_writes(self) -> dict[int, Writes]:
@@ -244,10 +264,12 @@ class LiveContext:
         """Delete up to ``at_most`` keys of this partition whose horizon has passed (by
         the time and offset of the last record); called once per partition per batch,
         since a check per record cost as much as a step."""
-        queue = self.expiry.get(self.partition)
+        queue = self.expiry.queues.get(self.partition)
+        if queue is None and self.store is not None:
+            queue = self.expiry.ensure(self.partition, self.store)
         if not queue:
             return
-        horizon_s, horizon_n = self._horizon_s, self._horizon_n
+        horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
         for _ in range(at_most):
             if not queue:
                 return
@@ -269,70 +291,12 @@ class LiveContext:
                 self.store.delete(self.event, key)
 
 
-class SinkWriter:
-    """Where a pipeline's outputs go, one batch at a time: written before the batch is
-    acked, so its offsets can only be committed after its outputs are durable.
-
-    Outputs go to their key's partition (``key_by``; keyless ones share one partition
-    per batch) under either guarantee. Under at_least_once each output is encoded
-    straight into its partition's record batch (``kafka_io.record_batches``), and a
-    batch's outputs go out together: Faust's per-message send path costs more than the
-    whole transformation. Under exactly_once every output goes through Faust into the
-    transaction of the input partition it came from (``from_partition``), the one that
-    commits that input's offset. (Before, each output kept its input's partition
-    number, Faust's way of finding a transaction, so ``key_by`` did not decide where
-    it went.)
-    """
-
-    def __init__(self, sink: Any, exactly_once: bool) -> None:
-        self.sink, self.name, self.exactly_once = sink, sink.get_topic_name(), exactly_once
-        self.partition_of: KeyPartitioner | None = None
-        self.batches: RecordBatches | None = None
-        #: exactly_once: (input partition, output partition, key, value) per output.
-        self.transactional: list[tuple[int, int, bytes | None, bytes]] = []
-        self.count = 0
-        self._keyless = 0
-
-    async def begin_batch(self) -> None:
-        count = await kafka_io.partition_count(self.name) or settings.topic_partitions
-        if self.partition_of is None or self.partition_of.num_partitions != count:
-            self.partition_of = KeyPartitioner(count)
-        # Keyless outputs of one batch share a partition (like Kafka's sticky partitioner).
-        self._keyless = (self._keyless + 1) % count
-        self.count, self.transactional = 0, []
-        if not self.exactly_once:
-            self.batches = kafka_io.record_batches()  # a failed batch's records are dropped
-
-    def add(self, event: Any, key: bytes | None, record: dict[str, Any]) -> None:
-        """Encode ``record`` to the sink, in ``key``'s partition."""
-        self.count += 1
-        assert self.partition_of is not None
-        partition = self._keyless if key is None else self.partition_of(key)
-        if self.exactly_once:
-            # Held until sent: dumps_held.
-            self.transactional.append((event.message.partition, partition, key, dumps_held(record)))
-            return
-        self.batches.add(partition, key, orjson.dumps(record))  # type: ignore[union-attr]
-
-    async def send(self) -> Awaitable[Any] | None:
-        """Send the batch's outputs; returns what completes when the broker acknowledged
-        them (None: nothing to wait for; under exactly_once the transaction commits them).
-        ``count`` keeps this batch's outputs until ``begin_batch``."""
-        if self.exactly_once:
-            outputs, self.transactional = self.transactional, []
-            for source_partition, partition, key, value in outputs:
-                with from_partition(source_partition):
-                    await self.sink.send(key=key, value=value, partition=partition)
-            return None
-        batches, self.batches = self.batches, None
-        if batches is None or not batches.count:
-            return None
-        return await batches.start(self.name)
-
-
-def set_current_event(event: Any) -> None:
-    """Make ``event`` Faust's current event (what table writes are partitioned by)."""
-    _current_event.set(weakref.ref(event))
+def _seen_at(raw: bytes) -> tuple[float, int] | None:
+    """(time, position) of a stored dedupe entry (``TableMemory.put``: ``[at, seq]``)."""
+    value = orjson.loads(raw)
+    if value.__class__ is list and len(value) == 2:
+        return value[0], value[1]
+    return None
 
 
 COUNTERS: dict[str, PipelineCounters] = {}
@@ -354,9 +318,10 @@ def build(spec: PipelineSpec) -> None:
     source_name = source.get_topic_name()
 
     ctx = LiveContext(spec, table)
+    if table is not None:
+        commit_protocol.register(ctx)
     tally, steps, key_by = counters.steps, runnable(spec.steps), spec.key_by
-    exactly_once = settings.processing_guarantee == "exactly_once"
-    writer = SinkWriter(sink, exactly_once)
+    writer = emitter.writer(sink)
 
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
@@ -374,8 +339,7 @@ def build(spec: PipelineSpec) -> None:
             # their changelog partition and transaction by it, and so does the sink.
             # Wrapping each record (BatchRecord) cost ~2 µs a record for nothing more.
             partition_event = BatchRecord(tp, raw_records[0])
-            if exactly_once:
-                set_current_event(partition_event)
+            writer.enter_partition(partition_event)
             ctx.enter_partition(partition_event)
             partition = tp.partition
             for raw in raw_records:
@@ -384,7 +348,7 @@ def build(spec: PipelineSpec) -> None:
                     record = loads_object(raw.value)
                 except RecordError as exc:
                     counters.dead_lettered += 1
-                    await send_dead_letter(raw.key, raw.value, reason=exc.reason, message=str(exc),
+                    await emitter.dead_letter(raw.key, raw.value, reason=exc.reason, message=str(exc),
                                            source_topic=source_name, pipeline=spec.name, step="parse",
                                            partition=partition, offset=raw.offset)
                     continue
@@ -403,7 +367,7 @@ def build(spec: PipelineSpec) -> None:
                 else:
                     counters.dead_lettered += 1
                     assert outcome.step is not None
-                    await send_dead_letter(raw.key, raw.value, reason="step_failed",
+                    await emitter.dead_letter(raw.key, raw.value, reason="step_failed",
                                            message=outcome.failed or "", source_topic=source_name,
                                            pipeline=spec.name, step=outcome.step.label,
                                            partition=partition, offset=raw.offset)

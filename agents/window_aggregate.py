@@ -15,10 +15,12 @@ Per window ``W`` (see app/windows.py):
   ``W.keyed`` that has had no input for ``idle_close`` seconds; the agent closes that
   partition's windows when it reads the tick, inside normal stream processing.
 
-Guarantees (argued in docs/windows.md): the consumer acks a batch only after the handler
-returns (outputs awaited), and flushes the producer before committing, so a commit never
-covers a buffered update. Each key's state remembers the last source offset it
-applied per source partition, so records replayed after a crash are not counted twice.
+Guarantees (argued in docs/windows.md): the state lives in a write-back cache
+registered with the commit protocol (app/commit.py), which before every offset commit
+waits for the results sent so far and then writes the cache (changelog, then RocksDB),
+so a commit never covers a buffered update or an unacknowledged result. Each key's
+state remembers the last source offset it applied per source partition, so records
+replayed after a crash are not counted twice.
 Results and late records are delivered (awaited) before the state that drops a closed
 window is written, so a crash can duplicate an emission but never lose one.
 """

@@ -39,8 +39,13 @@ from app.transport import FastConsumer, commit_guard
 
 log = logging.getLogger(__name__)
 
+def exactly_once(of: Any = settings) -> bool:
+    """True when ``of`` (the worker's Settings) asks for exactly_once processing."""
+    return of.processing_guarantee == "exactly_once"
+
+
 #: The guarantee, decided once per process (Settings is read once).
-EXACTLY_ONCE = settings.processing_guarantee == "exactly_once"
+EXACTLY_ONCE = exactly_once(settings)
 
 #: An output: (topic object, key, value) or (topic object, key, value, headers).
 Output = tuple
@@ -145,20 +150,25 @@ class Emitter:
         by_topic: dict[str, list[OutgoingMessage]] = {}
         names: dict[int, list[OutgoingMessage]] = {}
         groups_by_topic: dict[int, tuple[str, dict[int, list[tuple[bytes, bytes]]], KeyPartitioner]] = {}
+        last: Any = None  # the topic of the previous output without headers
+        groups: dict[int, list[tuple[bytes, bytes]]] = {}
+        partition_of: Any = None
         for item in out:
             topic = item[0]
             if len(item) == 3:
                 # No headers: (key, value) pairs by the key's partition, as send_batch
                 # would place them, without a message object each.
-                slot = groups_by_topic.get(id(topic))
-                if slot is None:
-                    name = topic.get_topic_name()
-                    slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                if topic is not last:
+                    slot = groups_by_topic.get(id(topic))
+                    if slot is None:
+                        name = topic.get_topic_name()
+                        slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                    last, groups, partition_of = topic, slot[1], slot[2]
                 key = item[1]
-                p = slot[2](key)
-                group = slot[1].get(p)
+                p = partition_of(key)
+                group = groups.get(p)
                 if group is None:
-                    group = slot[1][p] = []
+                    group = groups[p] = []
                 group.append((key, item[2]))
                 continue
             msgs = names.get(id(topic))
@@ -485,5 +495,5 @@ commit_protocol = CommitProtocol(emitter, guard=commit_guard)
 app.on_partitions_revoked.connect(commit_protocol.partitions_moved)
 app.on_partitions_assigned.connect(commit_protocol.partitions_moved)
 
-__all__ = ["EXACTLY_ONCE", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
+__all__ = ["EXACTLY_ONCE", "exactly_once", "CommitProtocol", "Emitter", "MemoryEmitter", "MemoryWriter", "OutputWriter", "TransactionalEmitter",
            "TransactionalWriter", "commit_protocol", "emitter"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app import app, settings
+from app.commit import exactly_once
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def exactly_once_state_from_changelog(sender: Any = None, **kwargs: Any) -> None
 
     Faust sends ``on_worker_init`` after autodiscovery, so every table is declared by
     then (windows, the aggregate API, pipelines' dedupe memory, the pattern engine)."""
-    if settings.processing_guarantee != "exactly_once":
+    if not exactly_once(settings):
         return
     names = sorted(table.name for table in app.tables.values())
     gone = discard_local_state(Path(app.conf.tabledir), names)

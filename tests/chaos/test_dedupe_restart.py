@@ -43,3 +43,63 @@ def test_duplicates_before_and_after_a_crash_are_dropped(kafka):
         assert len(ids) == len(set(ids)), f"duplicates emitted: {len(ids) - len(set(ids))}"
     finally:
         w.kill()
+
+
+HORIZON = 6.0
+
+
+def test_the_dedupe_horizon_holds_across_a_restart(kafka):
+    """Issue 18: expiry lives in the store, so it survives a restart. Ids admitted
+    before the worker restarted are deleted (tombstoned in the dedupe changelog) once
+    older than the horizon, while ids admitted after it, within the horizon, are still
+    refused as duplicates. Before, the expiry queue lived only in the worker's memory:
+    keys admitted before a restart were never deleted, and the state grew without bound.
+    """
+    from app.kafka_io import partition_for
+
+    name = unique("dhorizon")
+    config = {"pipelines": [{
+        "name": "dedupe", "source": "events", "sink": "events.clean",
+        "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
+    }]}
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(config)})
+    source, sink = w.topic_prefix + "events", w.topic_prefix + "events.clean"
+    changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
+    old = [{"event_id": f"old{i}", "value": i} for i in range(12)]
+    # Recent ids in every partition, so that each partition holding an old id gets
+    # records (expiry runs as a partition's records flow).
+    recent, covered = [], {}
+    for i in range(1000):
+        p = partition_for(f"new{i}".encode(), 4, 0)
+        if covered.get(p, 0) < 3:
+            covered[p] = covered.get(p, 0) + 1
+            recent.append({"event_id": f"new{i}", "value": i})
+        if len(recent) == 12:
+            break
+    try:
+        w.start(timeout=120)
+        run(produce_json(source, old, key="event_id"))
+        assert len(run(read_topic(sink, expect=len(old)))) == len(old)
+        admitted_at = time.time()
+        time.sleep(2.5)  # past the commit interval: the dedupe entries are stored
+        w.stop()
+        w.start(timeout=120)
+        time.sleep(max(0.0, admitted_at + HORIZON + 1.0 - time.time()))
+        run(produce_json(source, recent, key="event_id"))
+        assert len(run(read_topic(sink, expect=len(old) + len(recent)))) == len(old) + len(recent)
+        # Duplicates of the recent ids, within the horizon: refused.
+        run(produce_json(source, recent, key="event_id"))
+
+        async def old_ids_deleted() -> bool:
+            records = await read_topic(changelog, timeout=5, idle=1.0)
+            gone = {r.key for r in records if r.value is None}
+            return all(f"0|id:{e['event_id']}".encode() in gone for e in old)
+
+        from tests.support import wait_for
+
+        run(wait_for(old_ids_deleted, timeout=60, interval=1.0, what="the old ids expired"))
+        out = run(read_topic(sink, timeout=20, idle=3))
+        ids = [r.json()["event_id"] for r in out]
+        assert sorted(ids) == sorted(e["event_id"] for e in old + recent), "a recent duplicate was admitted"
+    finally:
+        w.kill()

@@ -31,6 +31,12 @@ class FakeStore:
     def _partition_db(self, partition: int) -> FakeDB:
         return FakeDB(self.dbs.setdefault(partition, {}))
 
+    def scan_partition(self, partition: int):
+        """(key, stored bytes) of one partition (the expiry queue is rebuilt from them)."""
+        import orjson
+
+        return [(key, orjson.dumps(value)) for key, value in self.dbs.get(partition, {}).items()]
+
     def delete(self, event, key: bytes) -> None:
         self.dbs.get(event.message.partition, {}).pop(key, None)
         self.deleted.append(key)
