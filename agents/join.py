@@ -249,7 +249,8 @@ class JoinRunner:
                     continue
                 record = outcome
             tally.completed += 1
-            out.append((self.sink, key, dumps_held(record)))
+            # The record's timestamp is the pair's time (the later of the two).
+            out.append((self.sink, key, dumps_held(record), (), round(joined.time * 1000)))
 
     def _late(self, side: str, p: int, ev: Any, join: IntervalJoin) -> tuple[Any, bytes | None, bytes, list]:
         headers = [

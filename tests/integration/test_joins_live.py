@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 
 import orjson
@@ -57,8 +58,11 @@ def make_phases(seed: int, n: int) -> list[tuple[list[dict], list[dict]]]:
     """``n`` phases of (left, right) records, then the closing phase."""
     rng = random.Random(seed)
     phases, serial = [], 0
+    # Recent times: the outputs carry them as record timestamps, and the broker's
+    # retention would delete records of 1970 at its next check.
+    start = int(time.time()) - 1200
     for j in range(n):
-        base = 1_000_000 + 20 * j
+        base = start + 20 * j
         sides: dict[str, list[dict]] = {"l": [], "r": []}
         for side in "lr":
             keys = [k for k in range(40) if rng.random() < 0.6]
@@ -74,7 +78,7 @@ def make_phases(seed: int, n: int) -> list[tuple[list[dict], list[dict]]]:
                     sides[side].append({"k": k, "ts": base - 100, "id": f"{side}{serial}", "late": True})
             rng.shuffle(sides[side])  # out of order within the phase (its span < grace)
         phases.append((sides["l"], sides["r"]))
-    end = 1_000_000 + 20 * n + 10_000
+    end = start + 20 * n + 1000
     phases.append(([{"k": 1000 + p, "ts": end, "sentinel": True} for p in range(PARTITIONS)], []))
     return phases
 
@@ -172,8 +176,10 @@ def assert_equals_the_fold(w: Worker, phases, isolation: str) -> None:
         assert not missing and not extra, (
             f"{t}: {sum(missing.values())} missing, {sum(extra.values())} extra (of {sum(want.values())}): "
             f"{list(missing)[:3]} {list(extra)[:3]}")
-        assert all(r.key == str(r.json()["left"]["k"] if r.json()["left"] else r.json()["right"]["k"]).encode()
-                   for r in got)
+        for r in got:  # keyed by the join key; the record's timestamp is the pair's time
+            joined = r.json()
+            assert r.key == str((joined["left"] or joined["right"])["k"]).encode()
+            assert r.timestamp == round(joined["ts"] * 1000)
         late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=10, idle=2, isolation_level=isolation))
         assert as_multiset(orjson.loads(r.value) for r in late) == want_late, t
         assert {r.headers["late.side"] for r in late} == {b"left", b"right"}
