@@ -184,6 +184,9 @@ class JoinRunner:
         self.stats: Counter[str] = Counter()
         self.checked = False
         self.stale = True
+        #: Wall times of the first batch's start and the last batch's end (rates).
+        self.first_batch_at: float | None = None
+        self.last_batch_at: float | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -272,6 +275,7 @@ class JoinRunner:
         ``parts``: (partition, its aiokafka records in offset order)."""
         if not self.checked:
             await self.check_partitions()
+        self.first_batch_at = self.first_batch_at or time.time()
         if self.stale:
             self._reset()
         counters, stats = self.counters, self.stats
@@ -326,12 +330,14 @@ class JoinRunner:
                                            source_topic=source or self.names[LEFT], pipeline=self.pipeline.name,
                                            step=step, partition=p, offset=offset)
         await self.commit.end_batch(self.cache)
+        self.last_batch_at = time.time()
 
     def describe(self) -> dict[str, Any]:
         """The join's counters on this worker (GET /api/v1/pipelines)."""
         return {"with": self.pipeline.join_with, "late_topic": settings.topic(self.pipeline.late_topic),
                 **{k: self.stats.get(k, 0) for k in ("left", "right", "pairs", "unmatched", "late", "limited")},
-                "replayed_skipped": self.stats.get("replayed_skipped", 0)}
+                "replayed_skipped": self.stats.get("replayed_skipped", 0),
+                "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
 
 #: pipeline name -> its join runner, for the web views and tests.
