@@ -8,7 +8,7 @@ Per join pipeline ``P`` (left side: its ``source``; right side: the step's ``wit
 - State: the table ``pipeline-P-join`` (RocksDB + changelog), through the one state
   store (``tables.store``): per partition, each join key's buffered records
   (``{"l": [...], "r": [...]}``, operators.joins) and one bookkeeping value (stream
-  time, arrival sequence, the last offset applied per side). A ``WriteBackCache``
+  time of each side, arrival sequence, the last offset applied per side). A ``WriteBackCache``
   registered with the commit protocol (``app.commit``) holds the changes until the
   commit (or, under exactly_once, the end of the batch), after the outputs.
 - The index of buffered records by the time their interval closes is rebuilt from
@@ -214,18 +214,18 @@ class JoinRunner:
         join = self.joins.get(p)
         if join is None:
             meta = self.store.read(AtPartition(p), meta_key(p)) or {}
-            st = meta.get("st")
+            times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
             # The index of closing intervals is rebuilt from the stored buffers here.
             join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                -math.inf if st is None else st, meta.get("seq", 0))
+                                                times, meta.get("seq", 0))
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
         return join
 
     def _meta_changed(self, p: int) -> None:
         join = self.joins[p]
-        st = join.stream_time
-        self.cache.put_side(meta_key(p), {"st": None if st == -math.inf else st, "seq": join.seq,
-                                          "o": dict(self.applied[p])}, p)
+        # -inf (a side not seen yet) is not JSON: None.
+        times = {side: None if t == -math.inf else t for side, t in join.times.items()}
+        self.cache.put_side(meta_key(p), {"t": times, "seq": join.seq, "o": dict(self.applied[p])}, p)
 
     def _key(self, record: dict[str, Any]) -> bytes:
         """The output key: the join key (a text value as it is, anything else as JSON)."""

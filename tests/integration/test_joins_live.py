@@ -79,29 +79,32 @@ def make_phases(seed: int, n: int) -> list[tuple[list[dict], list[dict]]]:
             rng.shuffle(sides[side])  # out of order within the phase (its span < grace)
         phases.append((sides["l"], sides["r"]))
     end = start + 20 * n + 1000
-    phases.append(([{"k": 1000 + p, "ts": end, "sentinel": True} for p in range(PARTITIONS)], []))
+    phases.append(([{"k": 1000 + p, "ts": end, "sentinel": True} for p in range(PARTITIONS)],
+                   [{"k": 2000 + p, "ts": end, "sentinel": True} for p in range(PARTITIONS)]))
     return phases
 
 
 def fold(join_type: str, phases: list[tuple[list[dict], list[dict]]]) -> tuple[Counter, Counter]:
     """The join by its definition: (outputs, late records) as multisets of JSON."""
-    stream_time = dict.fromkeys(range(PARTITIONS), float("-inf"))
+    # Per partition, the largest time seen on each side; stream time is the smaller.
+    side_time = {(p, s): float("-inf") for p in range(PARTITIONS) for s in "lr"}
     kept: dict[str, list[dict]] = {"l": [], "r": []}
     late = []
     for left, right in phases:
-        seen = dict(stream_time)
+        seen = dict(side_time)
         for side, records in (("l", left), ("r", right)):
             for r in records:
                 p = partition_of(r)
-                if r["ts"] < stream_time[p] - GRACE:
+                if r["ts"] < min(side_time[(p, "l")], side_time[(p, "r")]) - GRACE:
                     late.append(r)
                 else:
                     kept[side].append(r)
-                    seen[p] = max(seen[p], r["ts"])
+                    seen[(p, side)] = max(seen[(p, side)], r["ts"])
         for records in (left, right):
             for r in records:  # the phases are built so that no other record can be late
-                assert r.get("late") or r["ts"] >= seen[partition_of(r)] - GRACE or r.get("sentinel")
-        stream_time = seen
+                p = partition_of(r)
+                assert r.get("late") or r.get("sentinel") or r["ts"] >= min(seen[(p, "l")], seen[(p, "r")]) - GRACE
+        side_time = seen
     assert all(r.get("late") for r in late) and late
     out, matched_l, matched_r = [], set(), set()
     for a, left_r in enumerate(kept["l"]):
@@ -114,7 +117,8 @@ def fold(join_type: str, phases: list[tuple[list[dict], list[dict]]]) -> tuple[C
         out += [{"left": r, "right": None, "ts": r["ts"]} for a, r in enumerate(kept["l"])
                 if a not in matched_l and not r.get("sentinel")]
     if join_type == "outer":
-        out += [{"left": None, "right": r, "ts": r["ts"]} for b, r in enumerate(kept["r"]) if b not in matched_r]
+        out += [{"left": None, "right": r, "ts": r["ts"]} for b, r in enumerate(kept["r"])
+                if b not in matched_r and not r.get("sentinel")]
     return as_multiset(out), as_multiset(late)
 
 

@@ -94,8 +94,9 @@ def expected(js, left, right, sentinels):
     for p in range(PARTITIONS):
         out += fold(js, [x for x in left + sentinels if partition_of(x) == p],
                     [x for x in right if partition_of(x) == p])
-    # A sentinel (far in the future) closes every interval before it; it stays buffered.
-    return [r for r in out if not (r["left"] or {}).get("sentinel")]
+    # The sentinels (far in the future, on both sides) close every interval before
+    # them; they stay buffered.
+    return [r for r in out if not ((r["left"] or {}).get("sentinel") or (r["right"] or {}).get("sentinel"))]
 
 
 def outputs(emitters):
@@ -111,7 +112,8 @@ def test_live_join_equals_the_fold_across_a_restart(join_type, seed):
     left = random_stream(rng, 150, "l", keys=12, disorder=0.2)
     right = random_stream(rng, 150, "r", keys=12, disorder=0.2)
     sentinels = [{"k": 1000 + p, "ts": 10**9, "sentinel": True} for p in range(PARTITIONS)]
-    batches = list(feed(rng, left + sentinels, right))
+    sentinels_r = [{"k": 2000 + p, "ts": 10**9, "sentinel": True} for p in range(PARTITIONS)]
+    batches = list(feed(rng, left + sentinels, right + sentinels_r))
     store = MemoryStore()
     first = runner(pipeline(join_type, before, after), store, transactional=seed % 2 == 1)
     cut = len(batches) // 2
@@ -128,7 +130,7 @@ def test_live_join_equals_the_fold_across_a_restart(join_type, seed):
 
     second = asyncio.run(go())
     got = outputs([first.emitter, second.emitter])
-    assert as_multiset(got) == as_multiset(expected(js, left, right, sentinels))
+    assert as_multiset(got) == as_multiset(expected(js, left, right + sentinels_r, sentinels))
     late = [v for e in (first.emitter, second.emitter) for t, _, v, _, _ in e.sent if t is LATE]
     assert first.stats["late"] + second.stats["late"] == len(late) > 0
     # Everything that closed left the store: only the open (sentinel-era) buffers remain.
