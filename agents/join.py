@@ -237,6 +237,11 @@ class JoinRunner:
 
     def _outputs(self, results: list[Joined], out: list, dead: list, p: int) -> None:
         spec, steps, tally, counters = self.spec, self.steps, self.tally, self.counters
+        # Timestamps are capped at this worker's clock: a broker refuses a record more
+        # than message.timestamp.after.max.ms ahead of its own (1 h by default since
+        # Kafka 4.0), and the refusal stopped the worker at every restart (a pair of
+        # future event times was a poison pill).
+        now_ms = int(time.time() * 1000)
         for joined in results:
             record = merged(joined, spec, later_raw_time(joined, spec.time_field))
             key = self._key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
@@ -253,7 +258,7 @@ class JoinRunner:
                 record = outcome
             tally.completed += 1
             # The record's timestamp is the pair's time (the later of the two).
-            out.append((self.sink, key, dumps_held(record), (), round(joined.time * 1000)))
+            out.append((self.sink, key, dumps_held(record), (), min(round(joined.time * 1000), now_ms)))
 
     def _late(self, side: str, p: int, ev: Any, join: IntervalJoin) -> tuple[Any, bytes | None, bytes, list]:
         headers = [

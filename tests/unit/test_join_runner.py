@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import orjson
 import pytest
@@ -212,3 +213,28 @@ def test_a_live_join_pipeline_is_accepted():
     [p] = parse_pipelines([{"name": "paid", "source": "orders", "sink": "orders.paid", "steps": [
         {"op": "join", "with": "payments", "on": "order_id", "within": "10m", "grace": "1m", "type": "left"}]}])
     assert (p.join_with, p.join.before, p.join.grace, p.late_topic) == ("payments", 600, 60, "pipeline.paid.late")
+
+
+def test_an_output_timestamp_is_the_pairs_time_capped_at_the_clock():
+    """A pair of future event times is written with the worker's clock as its Kafka
+    timestamp: a broker refuses records more than an hour ahead (Kafka 4's
+    message.timestamp.after.max.ms), which crashed the worker at every restart."""
+    sent = []
+
+    class Keep(MemoryEmitter):
+        async def send_later(self, out, sources):
+            sent.extend(out)
+
+    commit = CommitProtocol(Keep(), defer=True)
+    r = JoinRunner(pipeline("inner", 10, 10), None, SINK, LATE, left_name="left", right_name="right",
+                   store=MemoryStore(), commit=commit)
+    r.checked = True
+    future = time.time() + 7200
+
+    async def go():
+        await r.process("l", [(0, [Rec(0, {"k": 0, "ts": 1000.5}), Rec(1, {"k": 3, "ts": future})])])
+        await r.process("r", [(0, [Rec(0, {"k": 0, "ts": 1001}), Rec(1, {"k": 3, "ts": future})])])
+
+    asyncio.run(go())
+    assert sent[0][4] == 1001000
+    assert sent[1][4] <= time.time() * 1000 < future * 1000
