@@ -75,8 +75,9 @@ async def close_every_interval(prefix: str, at: float) -> None:
     try:
         for p in range(PARTITIONS):
             for topic in ("orders", "payments"):
-                await (await producer.send(f"{prefix}{topic}", orjson.dumps({"k": f"end{p}", "ts": at, "end": True}),
-                                           key=f"end{p}".encode(), partition=p))
+                key = f"end-{topic}-{p}"  # one key per side: the two do not pair
+                await (await producer.send(f"{prefix}{topic}", orjson.dumps({"k": key, "ts": at, "end": True}),
+                                           key=key.encode(), partition=p))
     finally:
         await producer.stop()
 
