@@ -304,6 +304,9 @@ class OutputWriter:
             self.partition_of = KeyPartitioner(count)
         self._keyless = (self._keyless + 1) % count
         self.count = 0
+        self._begin()
+
+    def _begin(self) -> None:
         self.batches = kafka_io.record_batches()  # a failed batch's records are dropped
 
     def enter_partition(self, event: Any) -> None:
@@ -334,9 +337,7 @@ class TransactionalWriter(OutputWriter):
         #: (input partition, output partition, key, value) per output.
         self.transactional: list[tuple[int, int, bytes | None, bytes]] = []
 
-    async def begin_batch(self) -> None:
-        await super().begin_batch()
-        self.batches = None
+    def _begin(self) -> None:
         self.transactional = []
 
     def enter_partition(self, event: Any) -> None:

@@ -166,3 +166,26 @@ def test_no_partition_database_is_held_after_a_batch():
     ctx.release_stores()
     gc.collect()
     assert opened and all(ref() is None for ref in opened)
+
+
+def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused():
+    """Issue 18: expiry lives in the store. A restarted worker (a new context over the
+    same stored entries) rebuilds a partition's expiry queue from the store, so ids
+    admitted before the restart are deleted once past the horizon, while recent ids are
+    still refused. Before, the queue was only in memory and such ids were never deleted."""
+    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3})
+
+    async def first_run() -> None:
+        store.gate = asyncio.Event()
+        store.gate.set()
+        admitted(ctx, steps, [(Record(0, o), f"id{o}") for o in range(3)])
+        await ctx.store_after(None, ctx.detach_writes())
+
+    asyncio.run(first_run())
+    restarted, steps, _ = context({"op": "deduplicate", "horizon_count": 3})
+    restarted.store = store
+    # id2 (offset 2) is within 3 records of offset 4: a duplicate still.
+    assert admitted(restarted, steps, [(Record(0, 4), "id2"), (Record(0, 5), "id5")]) == ["id5"]
+    restarted.expire(100)  # offsets 0 and 1 are more than 3 records behind 5
+    assert store.deleted == [b"0|id:id0", b"0|id:id1"]
+    assert admitted(restarted, steps, [(Record(0, 6), "id5")]) == []  # recent: still refused
