@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,13 +58,18 @@ class PipelineCounters:
     dropped: dict[str, int] = field(default_factory=dict)
     dead_lettered: int = 0
     steps: StepTally = field(default_factory=lambda: StepTally([]))
+    #: A join pipeline's join counters (agents/join.py: ``JoinRunner.describe``).
+    join: Callable[[], dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "in": self.into, "out": self.out, "dropped": sum(self.dropped.values()),
             "dropped_by_reason": dict(self.dropped), "dead_lettered": self.dead_lettered,
             "steps": [c.as_dict() for c in self.steps.counts()],
         }
+        if self.join is not None:
+            out["join"] = self.join()
+        return out
 
 
 class TableMemory:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from app.config_file import load_yaml
 from app.db_sinks import SinkConfigError, parse_sink, parse_sinks
 from app.patterns import PatternError, config_patterns, engine_config, parse_definition
 from app.pipelines import PipelineConfigError, parse_pipelines
@@ -28,7 +29,7 @@ def load(path: str | Path) -> tuple[dict[str, Any] | None, list[str]]:
     if not file.is_file():
         return None, [f"{file}: no such file"]
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = load_yaml(file.read_text()) or {}
     except yaml.YAMLError as exc:
         return None, [f"{file}: not valid YAML: {exc}"]
     if not isinstance(data, dict):

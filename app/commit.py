@@ -52,7 +52,8 @@ def exactly_once(of: Any = settings) -> bool:
 #: The guarantee, decided once per process (Settings is read once).
 EXACTLY_ONCE = exactly_once(settings)
 
-#: An output: (topic object, key, value) or (topic object, key, value, headers).
+#: An output: (topic object, key, value), (topic object, key, value, headers) or
+#: (topic object, key, value, headers, timestamp in epoch ms).
 Output = tuple
 
 
@@ -181,7 +182,7 @@ class Emitter:
             msgs = names.get(id(topic))
             if msgs is None:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
-            msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None))
+            msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
         prev = self.sending[-1] if self.sending else None
         partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()]
 
@@ -281,7 +282,11 @@ async def _send_outputs_through_faust(out: list[Output], sources: list[tuple[int
         with from_partition(p):
             for topic, key, value, *rest in out[start:end]:
                 headers = rest[0] if rest else None
-                futures.append(await topic.send(key=key, value=value, headers=headers))
+                if len(rest) > 1 and rest[1] is not None:
+                    futures.append(await topic.send(key=key, value=value, headers=headers or None,
+                                                    timestamp=rest[1] / 1000.0))
+                else:
+                    futures.append(await topic.send(key=key, value=value, headers=headers))
     return futures
 
 

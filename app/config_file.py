@@ -7,6 +7,7 @@ and validates it itself; this module only loads the file once.
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,25 @@ from app.settings import DEFAULT_PIPELINES_FILE, settings
 
 class ConfigFileError(ValueError):
     """The config file is missing, unreadable or not a mapping."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only ``true``/``false``. Why: under
+    YAML 1.1 an unquoted ``on`` (the join step's key field, ``{op: join, on: order_id}``)
+    is the boolean True, and so are ``yes``, ``no``, ``off``; the step then had no ``on``."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config text as the worker does (``ConfigLoader``)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @functools.cache
@@ -35,7 +55,7 @@ def load_config(path: str | None = None) -> dict[str, Any]:
             return {}
         raise ConfigFileError(f"{file}: config file not found (set by STREAMETL_PIPELINES_FILE)")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = load_yaml(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigFileError(f"{file}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

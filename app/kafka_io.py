@@ -44,6 +44,8 @@ class OutgoingMessage(NamedTuple):
     headers: Sequence[tuple[str, bytes]] = ()
     #: An explicit partition; None = by key (murmur2), or sticky when keyless.
     partition: int | None = None
+    #: The record's timestamp (epoch ms); None: the producer's clock.
+    timestamp_ms: int | None = None
 
 
 class Delivered(NamedTuple):
@@ -264,12 +266,12 @@ class KafkaIO(Service):
             for record in records:
                 # aiokafka's (C) builder wants a list; most records have no headers.
                 headers = list(record.headers) if record.headers else NO_HEADERS
-                if not append_record(batch, count, record.key, record.value, headers):
+                if not append_record(batch, count, record.key, record.value, headers, record.timestamp_ms):
                     # Full: send it and start the next, which always takes its first
                     # record (as in ``RecordBatches.add``).
                     pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
                     batch, count = producer.create_batch(), 0
-                    append_record(batch, count, record.key, record.value, headers)
+                    append_record(batch, count, record.key, record.value, headers, record.timestamp_ms)
                 count += 1
             if count:
                 pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))

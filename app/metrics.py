@@ -48,6 +48,10 @@ _timestamp = attrgetter("timestamp")
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+#: The outcomes of a join pipeline's records (agents/join.py: ``JoinRunner.describe``).
+JOIN_OUTCOMES = ("left", "right", "pairs", "unmatched", "late", "limited")
+
+
 def _pipelines() -> Mapping[str, Mapping[str, Any]]:
     module = sys.modules.get("agents.pipeline")
     return {} if module is None else {name: c.as_dict() for name, c in module.COUNTERS.items()}
@@ -198,13 +202,19 @@ class StreamCollector(Collector):
                                       "Records a pipeline step dropped, by reason", labels=["pipeline", "reason"])
         dead = CounterMetricFamily("streametl_pipeline_records_dead_lettered",
                                    "Records a pipeline sent to the dead-letter topic", labels=["pipeline"])
+        joins = CounterMetricFamily("streametl_join_records",
+                                    "A join pipeline's records by outcome (left, right read; pairs, unmatched "
+                                    "emitted; late; limited: pairs left out by max_matches)",
+                                    labels=["pipeline", "outcome"])
         for name, c in self.sources.pipelines().items():
             into.add_metric([name], c["in"])
             out.add_metric([name], c["out"])
             dead.add_metric([name], c["dead_lettered"])
             for reason, n in c["dropped_by_reason"].items():
                 dropped.add_metric([name, reason], n)
-        yield from (into, out, dropped, dead)
+            for outcome in JOIN_OUTCOMES if "join" in c else ():
+                joins.add_metric([name, outcome], c["join"].get(outcome, 0))
+        yield from (into, out, dropped, dead, joins)
 
     def _windows(self) -> Iterable[Metric]:
         families = {

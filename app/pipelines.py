@@ -24,6 +24,19 @@ and whose results go to the pipeline's ``sink``. The window rekeys that topic by
 records in one partition under both guarantees: under exactly_once the pipeline's
 outputs keep their input partition.
 
+A pipeline may start with a **join step** (docs/joins.md, "Live")::
+
+    source: orders
+    steps: [{op: join, with: payments, on: order_id, within: 10m, grace: 1m, type: left},
+            {op: filter, where: "right == null or right.amount > 0"}]
+
+Its source is the left side and ``with`` the right one; both must be keyed by the join
+key (the same key in the same partition number: co-partitioned), with the same
+partition count (checked before the first batch). The steps after it run on each
+joined record and must be stateless (normalize, enrich, filter, map). The joined
+records go to ``sink`` keyed by the join key; records past the grace go to the late
+topic ``pipeline.<name>.late``.
+
 A pipeline's ``sink`` may be a database table instead of a topic::
 
     sink: {type: postgres, dsn: "postgresql://…", table: customers, key: [id], mode: upsert}
@@ -55,6 +68,7 @@ from typing import Any
 from app.config_file import section
 from app.db_sinks import SinkConfigError, SinkSpec, parse_sink
 from app.windows import WindowConfigError, WindowDef, parse_window_def
+from operators.joins import JoinSpec
 from operators.steps import STEP_PARSERS, Step, StepSpecError, parse_steps
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -86,6 +100,15 @@ class PipelineSpec:
     window: WindowDef | None = None
     #: The database table the sink topic is replicated into (None: the topic is the end).
     db_sink: SinkSpec | None = None
+    #: The live join a first ``join`` step declares (None without one).
+    join: JoinSpec | None = None
+    #: The join's right side (logical topic name).
+    join_with: str | None = None
+
+    @property
+    def late_topic(self) -> str:
+        """Where a join's late records go (logical name)."""
+        return f"pipeline.{self.name}.late"
 
     @property
     def output_topic(self) -> str:
@@ -141,6 +164,42 @@ def _entry_error(where: str, path: str, message: str, field: str = "") -> Pipeli
     return PipelineConfigError(f"{where}{suffix}: {message}", f"{path}{suffix}", message)
 
 
+#: The steps that may follow a live join: stateless, one joined record at a time.
+AFTER_JOIN = ("normalize", "enrich", "filter", "map")
+
+
+def _join_of(steps: list[Step], entry: dict[str, Any], where: str, path: str) -> tuple[JoinSpec | None, str | None]:
+    """The live join a pipeline declares (its first step), or (None, None)."""
+    joins = [s for s in steps if s.op == "join"]
+    if not joins:
+        return None, None
+    step = joins[0]
+    at = f"{path}.steps[{step.index}]"
+
+    def refuse(message: str, field: str = "") -> PipelineConfigError:
+        return PipelineConfigError(f"{where}: step {step.index} (join): {message}",
+                                   at + (f".{field}" if field else ""), message)
+
+    if step.index != 0:
+        raise refuse("a join must be the first step (the steps before it would run on the left side only)")
+    spec, other, inline = step.params
+    if inline is not None:
+        raise refuse("a live join reads its right side from a topic: give 'with', not 'with_records'", "with_records")
+    if not isinstance(other, str) or not TOPIC_NAME.match(other):
+        raise refuse("must be a topic name", "with")
+    if other in (entry["source"], entry["sink"]):
+        raise refuse("must be another topic than the pipeline's source and sink", "with")
+    for later in steps[1:]:
+        if later.op not in AFTER_JOIN:
+            raise PipelineConfigError(
+                f"{where}: step {later.index} ({later.op}): only stateless steps {list(AFTER_JOIN)} may follow a join",
+                f"{path}.steps[{later.index}]", f"only stateless steps {list(AFTER_JOIN)} may follow a join")
+    if entry.get("key_by") is not None:
+        raise PipelineConfigError(f"{where}.key_by: a join's output is keyed by the join key ('on')",
+                                  f"{path}.key_by", "a join's output is keyed by the join key ('on')")
+    return spec, other
+
+
 def parse_pipelines(raw: Any) -> list[PipelineSpec]:
     """Validate the ``pipelines:`` section (a list of entries)."""
     if raw is None:
@@ -193,13 +252,7 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             step_path = f"{path}.steps" + (f"[{exc.index}]" if exc.op or exc.param else "") + \
                 (f".{exc.param}" if exc.param else "")
             raise PipelineConfigError(f"{where}: {exc}", step_path, exc.reason) from None
-        joins = [s for s in steps if s.op == "join"]
-        if joins:
-            # The live join (two topics, buffered in changelog-backed state) is not
-            # built yet: issue 19. POST /api/v1/process runs the same join over a batch.
-            raise PipelineConfigError(
-                f"{where}: step {joins[0].index} (join): joins run only in POST /api/v1/process "
-                "(with_records) in this version", f"{path}.steps[{joins[0].index}]", "join is not available in live pipelines yet")
+        join, join_with = _join_of(steps, entry, where, path)
         if steps and steps[0].op == "cdc":
             steps, db_sink = _cdc_pipeline(steps, db_sink, key_by, where, path)
         window = None
@@ -208,7 +261,7 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             # Keyed like the window, so the rekey step's partitioning is the same.
             key_by = key_by or window.key_by
         specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,
-                                  window, db_sink))
+                                  window, db_sink, join, join_with))
     return specs
 
 

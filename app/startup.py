@@ -72,7 +72,7 @@ def register_processors() -> None:
     if _registered:
         return
     _registered = True
-    from agents import db_sink, patterns, pipeline, window_aggregate
+    from agents import db_sink, join, patterns, pipeline, window_aggregate
     from tables.patterns import source_topics
 
     cfg = config()
@@ -81,7 +81,10 @@ def register_processors() -> None:
     for source in cfg.engine.sources:
         patterns.make_source_agent(source, source_topics[source])
     for pipeline_spec in cfg.pipelines:
-        pipeline.build(pipeline_spec)
+        if pipeline_spec.join is None:
+            pipeline.build(pipeline_spec)
+        else:  # the interval join of two topics (docs/joins.md)
+            join.build(pipeline_spec)
     for defn in cfg.windows:
         window_aggregate.register(defn)
 

@@ -1985,7 +1985,8 @@ def record_appender(batch: Any) -> Callable[..., Any]:
     return batch._builder.append
 
 
-def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | None, headers: list) -> bool:
+def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | None, headers: list,
+                  timestamp_ms: int | None = None) -> bool:
     """Append one record at relative ``offset`` to an aiokafka ``BatchBuilder`` we alone
     fill; False when the batch is full.
 
@@ -1994,7 +1995,7 @@ def append_record(batch: Any, offset: int, key: bytes | None, value: bytes | Non
     by one caller, does not need: 0.92 µs a record against 0.37 (measured), and the
     sink and changelog paths append one or two records per event. ``finished`` sets
     the record count the wrapper would have kept."""
-    return batch._builder.append(offset, None, key, value, headers) is not None
+    return batch._builder.append(offset, timestamp_ms, key, value, headers) is not None
 
 
 def finished(batch: Any, count: int) -> Any:

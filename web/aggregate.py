@@ -140,7 +140,7 @@ async def route(request: Any, req: AggregateRequest, body: dict[str, Any] | None
             data = None if body is None else orjson.dumps(body)
             try:
                 status, raw = await forwarder.send(url, request.method, request.path, data, headers)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 last_problem = f"the owner at {url} did not answer: {type(exc).__name__}: {exc}"
             else:
                 reply = orjson.loads(raw) if raw else {}

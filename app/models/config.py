@@ -181,13 +181,32 @@ class JoinStep(Strict):
     prefix: JoinPrefix | None = None
 
 
+class PipelineJoinStep(Strict):
+    """The live interval join of a pipeline (docs/joins.md, "Live"): the pipeline's
+    source is the left side, the topic ``with`` the right one; the first step."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    op: Literal["join"]
+    with_: TopicName = Field(alias="with", description="the right side's topic (logical name)")
+    on: FieldNames
+    within: Duration | Literal[0] | None = None
+    before: Duration | Literal[0] | None = None
+    after: Duration | Literal[0] | None = None
+    grace: Duration | Literal[0] | None = None
+    type: Literal["inner", "left", "outer"] = "inner"
+    time_field: FieldName = "ts"
+    max_matches: Annotated[int, Field(gt=0)] = 1000
+    prefix: JoinPrefix | None = None
+
+
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]
 #: A step: an op name alone, or an object with ``op`` and its parameters.
 Step = StepOp | Annotated[
     CdcStep | DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | JoinStep,
     Field(discriminator="op")]
 PipelineStep = StepOp | Annotated[
-    CdcStep | DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | WindowStep,
+    CdcStep | DeduplicateStep | NormalizeStep | EnrichStep | FilterStep | MapStep | WindowStep | PipelineJoinStep,
     Field(discriminator="op")]
 
 

@@ -88,7 +88,7 @@ async def run(ctx: Context) -> list[Result]:
                     else:
                         left = iter(range(requests))
 
-                        async def client() -> None:
+                        async def client(left: Any = left, latencies: Any = latencies) -> None:
                             for _ in left:
                                 await one(session, latencies)
 

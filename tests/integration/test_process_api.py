@@ -153,15 +153,16 @@ def test_a_join_over_http_pairs_records_within_the_interval_and_emits_unmatched_
     status, reply = worker.post("/api/v1/process", {
         "records": [{"order_id": "o1", "ts": 100}, {"order_id": "o2", "ts": 101}, {"order_id": "o3", "ts": 20}],
         "transformations": [{"op": "join", "on": "order_id", "within": "10s", "grace": "5s", "type": "left",
-                             "with_records": [{"order_id": "o1", "ts": 104, "amount": 9},
+                             "with_records": [{"order_id": "o1", "ts": 99, "amount": 9},
                                               {"order_id": "o2", "ts": 150, "amount": 3}]}],
     })
     assert status == 200, reply
     assert reply["records"] == [
-        {"left": {"order_id": "o1", "ts": 100}, "right": {"order_id": "o1", "ts": 104, "amount": 9}, "ts": 104},
+        {"left": {"order_id": "o1", "ts": 100}, "right": {"order_id": "o1", "ts": 99, "amount": 9}, "ts": 100},
         {"left": {"order_id": "o2", "ts": 101}, "right": None, "ts": 101},
     ]
-    # o3 (ts 20) arrives after ts 101 was seen: past the grace, late.
+    # o3 (ts 20) arrives once both sides were seen up to 99 (stream time, the smaller
+    # of the two sides' times): past the grace, late.
     assert reply["dropped"] == [{"index": 2, "side": "left", "step": 0, "op": "join", "reason": "late"}]
     assert reply["steps"] == [{"step": 0, "op": "join", "in": 5, "out": 2, "dropped": {"late": 1}, "failed": 0}]
 

@@ -29,3 +29,14 @@ def test_a_file_that_exists_is_read(tmp_path):
 
 def test_an_empty_name_means_no_config_file():
     assert config_file.load_config.__wrapped__("") == {}
+
+
+def test_an_unquoted_on_key_stays_a_key_and_yaml_12_booleans():
+    """YAML 1.1 reads an unquoted ``on`` as the boolean True: the join step's
+    ``{op: join, on: order_id}`` lost its key field. The config loader reads YAML 1.2
+    booleans (true/false only)."""
+    from app.config_file import load_yaml
+
+    data = load_yaml("steps: [{op: join, with: payments, on: order_id, within: 10m}]\nflag: true\nword: yes\n")
+    assert data["steps"][0]["on"] == "order_id"
+    assert data["flag"] is True and data["word"] == "yes"

@@ -33,24 +33,25 @@ def arrivals(left, right):
 
 
 def fold(js: JoinSpec, left, right):
-    """The join by its definition: drop late records (below the largest earlier time
-    minus the grace), pair every remaining left and right record of one key within
-    the bounds, add the unmatched records the join type emits."""
-    stream_time, kept = float("-inf"), {"l": [], "r": []}
+    """The join by its definition: drop late records (below stream time minus the
+    grace, stream time being the smaller of the two sides' largest earlier times), pair
+    every remaining left and right record of one key within the bounds, add the
+    unmatched records the join type emits."""
+    side_time, kept = {"l": float("-inf"), "r": float("-inf")}, {"l": [], "r": []}
     for side, rec in arrivals(left, right):
-        if rec["ts"] < stream_time - js.grace:
+        if rec["ts"] < min(side_time.values()) - js.grace:
             continue
-        stream_time = max(stream_time, rec["ts"])
+        side_time[side] = max(side_time[side], rec["ts"])
         kept[side].append(rec)
     out, matched_l, matched_r = [], set(), set()
-    for a, l in enumerate(kept["l"]):
+    for a, lrec in enumerate(kept["l"]):
         for b, r in enumerate(kept["r"]):
-            if l["k"] == r["k"] and l["ts"] - js.before <= r["ts"] <= l["ts"] + js.after:
-                out.append({"left": l, "right": r, "ts": max(l["ts"], r["ts"])})
+            if lrec["k"] == r["k"] and lrec["ts"] - js.before <= r["ts"] <= lrec["ts"] + js.after:
+                out.append({"left": lrec, "right": r, "ts": max(lrec["ts"], r["ts"])})
                 matched_l.add(a)
                 matched_r.add(b)
     if js.type in ("left", "outer"):
-        out += [{"left": l, "right": None, "ts": l["ts"]} for a, l in enumerate(kept["l"]) if a not in matched_l]
+        out += [{"left": lrec, "right": None, "ts": lrec["ts"]} for a, lrec in enumerate(kept["l"]) if a not in matched_l]
     if js.type == "outer":
         out += [{"left": None, "right": r, "ts": r["ts"]} for b, r in enumerate(kept["r"]) if b not in matched_r]
     return out
@@ -92,6 +93,7 @@ def test_join_equals_the_fold(join_type, seed):
 def test_unmatched_left_is_emitted_once_when_its_interval_closes_never_before_a_match():
     join = IntervalJoin(spec(type="left", after=10.0, grace=5.0))
     assert join.add("l", {"k": 1, "ts": 100}) == []
+    assert join.add("l", {"k": 3, "ts": 114}) == []
     # Stream time 114: the watermark (109) has not passed 100 + 10: still open.
     assert join.add("r", {"k": 2, "ts": 114}) == []
     # A partner at 110 still matches (it is not late: 110 >= 109).
@@ -99,13 +101,29 @@ def test_unmatched_left_is_emitted_once_when_its_interval_closes_never_before_a_
     assert [(p.left["ts"], p.right["ts"], p.time) for p in pairs] == [(100, 110, 110)]
     join2 = IntervalJoin(spec(type="left", after=10.0, grace=5.0))
     join2.add("l", {"k": 1, "ts": 100})
+    join2.add("l", {"k": 3, "ts": 115.5})
     assert join2.add("r", {"k": 2, "ts": 115}) == []  # watermark 110: not past 110 yet
     closed = join2.add("r", {"k": 2, "ts": 115.5})  # watermark 110.5 > 110: closes
     assert [(c.left["ts"], c.right) for c in closed] == [(100, None)]
     # A partner now would be late: nothing follows the unmatched record.
     assert join2.add("r", {"k": 1, "ts": 110}) is None
     assert join2.counts.unmatched == 1 and join2.counts.late == 1
-    assert join2.close_all() == []
+    assert [c.left["k"] for c in join2.close_all()] == [3]
+
+
+def test_a_side_read_ahead_makes_nothing_of_the_other_side_late():
+    """Two topics are not read in step: the left side's backlog read far ahead leaves
+    stream time at the right side's time, so the right records still to come are not
+    late, and the left records wait for them instead of closing unmatched. (With stream
+    time the larger of the two, every right record below was late and every left record
+    closed unmatched.)"""
+    join = IntervalJoin(spec(type="left", before=10.0, after=10.0, grace=5.0))
+    for i in range(10):
+        assert join.add("l", {"k": i, "ts": 100 + 20 * i}) == []
+    assert join.stream_time == float("-inf")
+    pairs = [p for i in range(10) for p in join.add("r", {"k": i, "ts": 101 + 20 * i})]
+    assert [(p.left["k"], p.right["k"]) for p in pairs] == [(i, i) for i in range(10)]
+    assert join.counts.late == join.counts.unmatched == 0
 
 
 def test_many_matches_are_bounded_and_counted():
@@ -122,10 +140,11 @@ def test_buffers_are_plain_json_and_the_index_is_rebuilt_after_a_restore():
     join.add("l", {"k": 1, "ts": 100})
     join.add("r", {"k": 2, "ts": 101})
     saved = orjson.loads(orjson.dumps(join.buffers))
-    restored = IntervalJoin(join.spec, saved, join.stream_time, join.seq)
-    closed = restored.add("l", {"k": 3, "ts": 200})
+    restored = IntervalJoin(join.spec, saved, join.times, join.seq)
+    assert restored.add("l", {"k": 3, "ts": 200}) == []  # the right side is still at 101
+    closed = restored.add("r", {"k": 4, "ts": 200})
     assert sorted((c.left or {}).get("ts", 0) + (c.right or {}).get("ts", 0) for c in closed) == [100, 101]
-    assert list(restored.buffers) == ['3']
+    assert sorted(restored.buffers) == ['3', '4']
 
 
 def test_join_step_over_http_batch_with_prefixes_and_steps_after_it():

@@ -267,3 +267,15 @@ def test_open_table_stores_lists_only_open_rocksdb_partitions():
     app = SimpleNamespace(tables={"t1": rocks, "t2": memory},
                           assignor=SimpleNamespace(assigned_standbys=lambda: {TP("app-t1-changelog", 2)}))
     assert open_table_stores(app) == [("t1", 0, False, "db0"), ("t1", 2, True, "db2")]
+
+
+def test_a_join_pipelines_counters_by_outcome():
+    """A join pipeline's counters (agents/join.py) are exported per outcome."""
+    join = {**PIPELINES["clean"], "join": {"left": 5, "right": 4, "pairs": 3, "unmatched": 1, "late": 2,
+                                           "limited": 0, "replayed_skipped": 0}}
+    sources = Sources(pipelines=lambda: {"paid": join}, windows=dict, patterns=lambda: ({}, {}),
+                      progress=list, now=lambda: 10.0)
+    found = labelled(samples(Metrics(sources)), "streametl_join_records_total")
+    assert found[(("outcome", "pairs"), ("pipeline", "paid"))] == 3
+    assert found[(("outcome", "late"), ("pipeline", "paid"))] == 2
+    assert len(found) == 6

@@ -38,7 +38,7 @@ COMPAT = REPO / "app" / "transport.py"
 #: replaces all three). ``test_the_projects_own_private_names_are_its_own`` checks that
 #: the owner defines each name, so the list cannot hide a library internal of that name.
 PROJECT_PRIVATE: dict[str, tuple[str, str, frozenset[str]]] = {
-    "_values": ("operators/window_buffer.py", "WriteBackBuffer", frozenset({"agents/window_aggregate.py"})),
+    "_values": ("operators/window_buffer.py", "WriteBackBuffer", frozenset({"agents/window_aggregate.py", "agents/join.py"})),
     "_dirty": ("operators/window_buffer.py", "WriteBackBuffer", frozenset({"agents/window_aggregate.py"})),
     "_partition_db": ("tables/store.py", "PartitionStore",
                       frozenset({"tables/store.py", "agents/pipeline.py"})),

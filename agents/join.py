@@ -1,0 +1,396 @@
+"""The live interval join of two topics: a pipeline whose first step is ``join``
+(app/pipelines.py; semantics in docs/joins.md, "Live").
+
+Per join pipeline ``P`` (left side: its ``source``; right side: the step's ``with``):
+
+- ``pipeline.P.left`` and ``pipeline.P.right``: batch agents (app/batches.py) on the
+  two topics, both handing their fetches to one ``JoinRunner``.
+- State: the table ``pipeline-P-join`` (RocksDB + changelog), through the one state
+  store (``tables.store``): per partition, each join key's buffered records
+  (``{"l": [...], "r": [...]}``, operators.joins) and one bookkeeping value (stream
+  time of each side, arrival sequence, the last offset applied per side). A ``WriteBackCache``
+  registered with the commit protocol (``app.commit``) holds the changes until the
+  commit (or, under exactly_once, the end of the batch), after the outputs.
+- The index of buffered records by the time their interval closes is rebuilt from
+  the store the first time a partition is used after an assignment, so retention
+  (interval plus grace, driven by stream time) survives restarts and rebalances.
+- Outputs through ``commit_protocol.emitter``: each joined record (after the steps
+  that follow the join) to the pipeline's sink keyed by the join key; records past the
+  grace to ``pipeline.P.late``; records without key or time to the dead-letter topic.
+
+Co-partitioning: the two topics must have the same partition count (checked before
+the first batch: a clear error stops the worker) and carry a key's records in the same
+partition number on both sides (producers key both by the join key). Faust's assignor
+gives topics of one partition count, read by the same workers, to one worker per
+partition number, so partition ``p`` of both sides and of the state meet there.
+
+Replays: the bookkeeping value remembers the last offset applied per side, written in
+the same flush as the buffers (after them), so records replayed after a crash between
+a flush and its offset commit (at_least_once) are not buffered twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Hashable, Iterable, Iterator, MutableMapping, Sequence
+from typing import Any
+
+import orjson
+
+from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
+from app import app, settings
+from app.batches import Batch, batch_agent
+from app.codec import RecordError, dumps_held, loads_object
+from app.commit import CommitProtocol, Emitter, commit_protocol
+from app.pipelines import PipelineConfigError, PipelineSpec
+from app.topics import declare
+from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, later_raw_time, merged
+from operators.steps import Outcome, StepTally, pass_record, runnable
+from operators.transform import RecordFailure
+from tables.reference import reference_store
+from tables.store import AtPartition, PartitionStore, WriteBackCache
+from tables.windows import META_PREFIX, RAW_SCHEMA, meta_key
+
+log = logging.getLogger(__name__)
+
+SIDE_NAMES = {LEFT: "left", RIGHT: "right"}
+#: Keys Faust itself writes into a table's RocksDB partitions.
+FAUST_KEY_PREFIX = b"__faust"
+
+
+class JoinConfigError(PipelineConfigError):
+    """The two sides of a join cannot be joined as they are (e.g. partition counts)."""
+
+
+def check_copartitioned(name: str, left: str, left_count: int | None, right: str, right_count: int | None) -> None:
+    """Both sides of a join exist with the same partition count, or JoinConfigError."""
+    if left_count is None or right_count is None:
+        missing = left if left_count is None else right
+        raise JoinConfigError(f"pipeline {name!r}: join: topic {missing!r} does not exist")
+    if left_count != right_count:
+        raise JoinConfigError(
+            f"pipeline {name!r}: join: {left!r} has {left_count} partitions and {right!r} {right_count}; "
+            "a join needs both sides co-partitioned: the same partition count, keyed by the join key")
+
+
+class PartitionBuffers(MutableMapping):
+    """One partition's buffers (join key -> ``{"l": […], "r": […]}``) as the mapping
+    ``IntervalJoin`` works on, over the runner's write-back cache (cache key: the
+    partition and the join key; stored key: the join key's text)."""
+
+    def __init__(self, cache: WriteBackCache, store: Any, partition: int) -> None:
+        self.cache, self.store, self.partition = cache, store, partition
+        self._at = AtPartition(partition)
+
+    def _load(self, key: str) -> Any:
+        return self.store.read(self._at, key.encode())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self.cache.get((self.partition, key), lambda: self._load(key))
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.cache.put((self.partition, key), value, self.partition)
+
+    def __delitem__(self, key: str) -> None:
+        # None is written as a delete (a changelog tombstone) by the flush.
+        self.cache.put((self.partition, key), None, self.partition)
+
+    def items(self) -> Iterator[tuple[str, Any]]:  # type: ignore[override]
+        """Every buffered key of the partition: the cached values first (they may be
+        newer than the store), then the stored ones."""
+        p = self.partition
+        seen: set[str] = set()
+        for (cp, key), value in list(self.cache._values.items()):
+            if cp == p:
+                seen.add(key)
+                if value is not None:
+                    yield key, value
+        for raw_key, raw in self.store.scan_partition(p):
+            # Not a join key: the partition's bookkeeping, or what Faust keeps in each
+            # RocksDB partition (its changelog offset, under ``__faust\0offset__``).
+            if raw_key.startswith(META_PREFIX) or raw_key.startswith(FAUST_KEY_PREFIX):
+                continue
+            key = raw_key.decode()
+            if key not in seen:
+                value = orjson.loads(raw)
+                if value.__class__ is dict:
+                    yield key, value
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self.items())
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+
+def _stored_key(cache_key: Hashable) -> bytes:
+    return cache_key[1].encode()  # type: ignore[index]
+
+
+class _AfterJoin:
+    """The StepContext of the stateless steps after a join (enrich looks up reference
+    data; nothing is remembered)."""
+
+    def memory(self, step_index: int) -> Any:
+        raise RuntimeError("no state after a join")
+
+    def lookup(self, source: str, key: str) -> Any:
+        return reference_store.lookup(source, key)
+
+    def now(self) -> float:
+        return time.time()
+
+    def next_seq(self) -> int:
+        return 0
+
+
+class JoinRunner:
+    """The state and processing of one join pipeline on this worker."""
+
+    #: Flush inside a batch once this many join keys are dirty (bounds memory).
+    MAX_DIRTY = 50_000
+
+    def __init__(self, spec: PipelineSpec, table: Any, sink: Any, late: Any, *, left_name: str, right_name: str,
+                 store: Any = None, commit: CommitProtocol | None = None,
+                 counters: PipelineCounters | None = None) -> None:
+        """``store``: the state store (default: ``table``'s; tests give a
+        ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
+        registers with (default: the worker's), whose emitter sends the outputs."""
+        assert spec.join is not None
+        self.pipeline = spec
+        self.spec: JoinSpec = spec.join
+        self.store = store if store is not None else PartitionStore(table, left_name)
+        self.commit = commit or commit_protocol
+        self.emitter: Emitter = self.commit.emitter
+        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=_stored_key,
+                                                         max_dirty=self.MAX_DIRTY))
+        self.sink, self.late = sink, late
+        self.names = {LEFT: left_name, RIGHT: right_name}
+        self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
+        self.steps = runnable(spec.steps[1:])
+        self.tally = self.counters.steps
+        self.ctx = _AfterJoin()
+        #: pairs, unmatched, late, limited, left, right, replayed_skipped
+        self.stats: Counter[str] = Counter()
+        self.checked = False
+        self.stale = True
+        #: Wall times of the first batch's start and the last batch's end (rates).
+        self.first_batch_at: float | None = None
+        self.last_batch_at: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        # Partitions moved (the commit protocol flushed and emptied the cache).
+        self.cache.clear()
+        self.joins: dict[int, IntervalJoin] = {}
+        #: partition -> {"l": last offset applied, "r": …}
+        self.applied: dict[int, dict[str, int]] = {}
+        self.stale = False
+
+    def mark_stale(self) -> None:
+        """Called on rebalance: rebuild the joins from the store before the next batch."""
+        self.stale = True
+
+    async def check_partitions(self) -> None:
+        from app.kafka_io import kafka_io
+
+        await kafka_io.ready.wait()
+        left, right = self.names[LEFT], self.names[RIGHT]
+        check_copartitioned(self.pipeline.name, left, await kafka_io.partition_count(left),
+                            right, await kafka_io.partition_count(right))
+        self.checked = True
+
+    def _join(self, p: int) -> IntervalJoin:
+        join = self.joins.get(p)
+        if join is None:
+            meta = self.store.read(AtPartition(p), meta_key(p)) or {}
+            times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
+            # The index of closing intervals is rebuilt from the stored buffers here.
+            join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
+                                                times, meta.get("seq", 0))
+            self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
+        return join
+
+    def _meta_changed(self, p: int) -> None:
+        join = self.joins[p]
+        # -inf (a side not seen yet) is not JSON: None.
+        times = {side: None if t == -math.inf else t for side, t in join.times.items()}
+        self.cache.put_side(meta_key(p), {"t": times, "seq": join.seq, "o": dict(self.applied[p])}, p)
+
+    def _key(self, record: dict[str, Any]) -> bytes:
+        """The output key: the join key (a text value as it is, anything else as JSON)."""
+        on = self.spec.on
+        value = record.get(on[0]) if len(on) == 1 else [record.get(f) for f in on]
+        if value.__class__ is str:
+            return value.encode()
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+    def _outputs(self, results: list[Joined], out: list, dead: list, p: int) -> None:
+        spec, steps, tally, counters = self.spec, self.steps, self.tally, self.counters
+        # Timestamps are capped at this worker's clock: a broker refuses a record more
+        # than message.timestamp.after.max.ms ahead of its own (1 h by default since
+        # Kafka 4.0), and the refusal stopped the worker at every restart (a pair of
+        # future event times was a poison pill).
+        now_ms = int(time.time() * 1000)
+        for joined in results:
+            record = merged(joined, spec, later_raw_time(joined, spec.time_field))
+            key = self._key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
+            if steps:
+                outcome = pass_record(steps, record, self.ctx)
+                if outcome.__class__ is Outcome:
+                    tally.add(outcome)  # type: ignore[arg-type]
+                    if outcome.dropped:  # type: ignore[union-attr]
+                        counters.dropped[outcome.dropped] = counters.dropped.get(outcome.dropped, 0) + 1  # type: ignore[union-attr]
+                    else:
+                        dead.append((p, key, dumps_held(record), "step_failed", outcome.failed or "",  # type: ignore[union-attr]
+                                     outcome.step.label, None, None))  # type: ignore[union-attr]
+                    continue
+                record = outcome
+            tally.completed += 1
+            # The record's timestamp is the pair's time (the later of the two).
+            out.append((self.sink, key, dumps_held(record), (), min(round(joined.time * 1000), now_ms)))
+
+    def _late(self, side: str, p: int, ev: Any, join: IntervalJoin) -> tuple[Any, bytes | None, bytes, list]:
+        headers = [
+            ("late.reason", b"past_grace"),
+            ("late.pipeline", self.pipeline.name.encode()),
+            ("late.side", SIDE_NAMES[side].encode()),
+            ("late.stream_time", repr(join.stream_time).encode()),
+            ("late.grace_s", repr(self.spec.grace).encode()),
+            ("late.src_partition", str(p).encode()),
+            ("late.src_offset", str(ev.offset).encode()),
+        ]
+        return self.late, ev.key, ev.value, headers
+
+    async def process(self, side: str, parts: Iterable[tuple[int, Sequence[Any]]]) -> None:
+        """One fetch of one side: join each record, emit pairs, closed unmatched
+        records and late ones (outputs before state: the emitter's sends are acknowledged
+        before any flush), then hand the state to the commit protocol.
+
+        ``parts``: (partition, its aiokafka records in offset order)."""
+        if not self.checked:
+            await self.check_partitions()
+        self.first_batch_at = self.first_batch_at or time.time()
+        if self.stale:
+            self._reset()
+        counters, stats = self.counters, self.stats
+        out: list[tuple[Any, ...]] = []
+        #: (partition, key, value, reason, message, step, offset, source topic)
+        dead: list[tuple[Any, ...]] = []
+        sources: list[tuple[int, int]] = []
+        topic = self.names[side]
+        for p, records in parts:
+            if not records:
+                continue
+            join = self._join(p)
+            applied = self.applied[p]
+            last = applied[side]
+            sources.append((p, len(out)))
+            counts = join.counts
+            before = (counts.pairs, counts.unmatched, counts.late, counts.limited)
+            for ev in records:
+                offset = ev.offset
+                if offset <= last:
+                    stats["replayed_skipped"] += 1
+                    continue
+                last = offset
+                counters.into += 1
+                try:
+                    record = loads_object(ev.value)
+                    results = join.add(side, record)
+                except RecordError as exc:
+                    dead.append((p, ev.key, ev.value, exc.reason, str(exc), "parse", offset, topic))
+                    continue
+                except RecordFailure as exc:
+                    dead.append((p, ev.key, ev.value, "step_failed", str(exc), "0:join", offset, topic))
+                    continue
+                if results is None:
+                    out.append(self._late(side, p, ev, join))
+                elif results:
+                    self._outputs(results, out, dead, p)
+            applied[side] = last
+            self._meta_changed(p)
+            stats[SIDE_NAMES[side]] += len(records)
+            for name, was, now in zip(("pairs", "unmatched", "late", "limited"), before,
+                                      (counts.pairs, counts.unmatched, counts.late, counts.limited), strict=True):
+                stats[name] += now - was
+        counters.dead_lettered += len(dead)
+        counters.out += sum(1 for item in out if item[0] is self.sink)
+        # Delivered before this batch is acked and before any state is flushed (the
+        # commit protocol waits for the emitter first); under exactly_once in the
+        # transaction of the input partition each output comes from (``sources``).
+        await self.emitter.send_later(out, sources)
+        for p, key, value, reason, message, step, offset, source in dead:
+            await self.emitter.dead_letter(key, value, reason=reason, message=message,
+                                           source_topic=source or self.names[LEFT], pipeline=self.pipeline.name,
+                                           step=step, partition=p, offset=offset)
+        await self.commit.end_batch(self.cache)
+        self.last_batch_at = time.time()
+
+    def describe(self) -> dict[str, Any]:
+        """The join's counters on this worker (GET /api/v1/pipelines)."""
+        return {"with": self.pipeline.join_with, "late_topic": settings.topic(self.pipeline.late_topic),
+                **{k: self.stats.get(k, 0) for k in ("left", "right", "pairs", "unmatched", "late", "limited")},
+                "replayed_skipped": self.stats.get("replayed_skipped", 0),
+                "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
+
+
+#: pipeline name -> its join runner, for the web views and tests.
+JOINS: dict[str, JoinRunner] = {}
+
+
+def build(spec: PipelineSpec) -> JoinRunner:
+    """Declare the topics, table and agents of one join pipeline."""
+    assert spec.join is not None and spec.join_with is not None
+    left, right = declare(spec.source), declare(spec.join_with)
+    sink, late = declare(spec.output_topic), declare(spec.late_topic)
+    table = app.Table(f"pipeline-{spec.name}-join", partitions=settings.topic_partitions,
+                      key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
+                      help=f"join buffers of pipeline {spec.name}")
+    counters = COUNTERS.setdefault(spec.name, PipelineCounters())
+    counters.steps = StepTally(spec.steps[1:])
+    PIPELINES[spec.name] = spec
+    runner = JoinRunner(spec, table, sink, late, left_name=left.get_topic_name(),
+                        right_name=right.get_topic_name(), counters=counters)
+    counters.join = runner.describe  # type: ignore[attr-defined]
+    JOINS[spec.name] = runner
+
+    async def run_left(records: Batch) -> None:
+        await _ready(spec)
+        await runner.process(LEFT, [(tp.partition, part) for tp, part in records.parts])
+
+    async def run_right(records: Batch) -> None:
+        await _ready(spec)
+        await runner.process(RIGHT, [(tp.partition, part) for tp, part in records.parts])
+
+    batch_agent(left, name=f"pipeline.{spec.name}.left")(run_left)
+    batch_agent(right, name=f"pipeline.{spec.name}.right")(run_right)
+    return runner
+
+
+async def _ready(spec: PipelineSpec) -> None:
+    if any(s.op == "enrich" and s.params.source for s in spec.steps):
+        await reference_store.caught_up.wait()
+
+
+async def _on_moved(*args: Any, **kwargs: Any) -> None:
+    # The commit protocol writes what is unwritten and empties the caches on revoke
+    # and assign (app.commit); the joins are rebuilt from the store before the next batch.
+    for runner in JOINS.values():
+        runner.mark_stale()
+
+
+app.on_partitions_revoked.connect(_on_moved)
+app.on_partitions_assigned.connect(_on_moved)
+
+__all__ = ["JOINS", "JoinConfigError", "JoinRunner", "PartitionBuffers", "build", "check_copartitioned"]

@@ -1,0 +1,240 @@
+"""The live join's processor (agents/join.py) without a broker: over the in-memory store
+and emitter, its outputs equal the fold of operators-level reference (tests/unit/
+test_joins.py) per partition, for every join type, with out-of-order and late records,
+duplicates, many matches and unmatched records on both sides; a restart in the middle
+(a new runner over the same store, after a commit) keeps the buffered records, and a
+batch replayed after a crash between flush and commit is not buffered twice. The
+pipeline config of a live join is checked (first step, stateless steps after it,
+``with``), and so is the co-partitioning of its two topics."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import orjson
+import pytest
+
+from agents.join import JoinConfigError, JoinRunner, check_copartitioned
+from app.commit import CommitProtocol, MemoryEmitter
+from app.pipelines import PipelineConfigError, parse_pipelines
+from tables.store import MemoryStore
+from tests.unit.test_joins import arrivals, as_multiset, fold, random_stream, spec
+
+PARTITIONS = 3
+
+
+class Rec:
+    """A raw record of a batch-agent topic (offset, key, value, headers)."""
+
+    __slots__ = ("offset", "timestamp", "key", "value", "headers")
+
+    def __init__(self, offset, record):
+        self.offset, self.timestamp, self.headers = offset, 1000, ()
+        self.key = str(record.get("k")).encode()
+        self.value = orjson.dumps(record)
+
+
+class Sink:
+    def __init__(self, name):
+        self.name = name
+
+    def get_topic_name(self):
+        return self.name
+
+
+def pipeline(join_type, before, after, grace=5.0, steps=()):
+    step = {"op": "join", "with": "right", "on": "k", "before": before, "after": after, "grace": grace,
+            "type": join_type, "time_field": "ts"}
+    return parse_pipelines([{"name": "j", "source": "left", "sink": "out", "steps": [step, *steps]}])[0]
+
+
+def runner(spec_, store, transactional=False):
+    emitter = MemoryEmitter(transactional=transactional)
+    commit = CommitProtocol(emitter, defer=not transactional)
+    r = JoinRunner(spec_, None, SINK, LATE, left_name="left", right_name="right", store=store, commit=commit)
+    r.checked = True  # no broker to ask for partition counts
+    return r
+
+
+SINK, LATE = Sink("out"), Sink("late")
+
+
+def partition_of(record):
+    return record["k"] % PARTITIONS
+
+
+def feed(rng, left, right):
+    """Batches as the two batch agents get them: per partition the arrival order of
+    ``arrivals`` (a two-topic consumer's), partitions interleaved at random; a batch is
+    a run of one side's records, possibly of several partitions. Yields (side, parts)."""
+    queues = {p: [(s, r) for s, r in arrivals([x for x in left if partition_of(x) == p],
+                                               [x for x in right if partition_of(x) == p])]
+              for p in range(PARTITIONS)}
+    offsets = {(s, p): 0 for s in "lr" for p in range(PARTITIONS)}
+    while any(queues.values()):
+        side = rng.choice("lr")
+        parts = []
+        for p in range(PARTITIONS):
+            q = queues[p]
+            n = 0
+            while q and q[0][0] == side and n < rng.randint(1, 6):
+                _, record = q.pop(0)
+                if not parts or parts[-1][0] != p:
+                    parts.append((p, []))
+                parts[-1][1].append(Rec(offsets[(side, p)], record))
+                offsets[(side, p)] += 1
+                n += 1
+        if parts:
+            yield side, parts
+
+
+def expected(js, left, right, sentinels):
+    out = []
+    for p in range(PARTITIONS):
+        out += fold(js, [x for x in left + sentinels if partition_of(x) == p],
+                    [x for x in right if partition_of(x) == p])
+    # The sentinels (far in the future, on both sides) close every interval before
+    # them; they stay buffered.
+    return [r for r in out if not ((r["left"] or {}).get("sentinel") or (r["right"] or {}).get("sentinel"))]
+
+
+def outputs(emitters):
+    return [orjson.loads(value) for e in emitters for topic, key, value, _, _ in e.sent if topic is SINK]
+
+
+@pytest.mark.parametrize("join_type", ["inner", "left", "outer"])
+@pytest.mark.parametrize("seed", range(4))
+def test_live_join_equals_the_fold_across_a_restart(join_type, seed):
+    rng = random.Random(seed)
+    before, after = rng.choice([0.0, 4.0, 10.0]), rng.choice([0.0, 6.0, 10.0])
+    js = spec(type=join_type, before=before, after=after)
+    left = random_stream(rng, 150, "l", keys=12, disorder=0.2)
+    right = random_stream(rng, 150, "r", keys=12, disorder=0.2)
+    sentinels = [{"k": 1000 + p, "ts": 10**9, "sentinel": True} for p in range(PARTITIONS)]
+    sentinels_r = [{"k": 2000 + p, "ts": 10**9, "sentinel": True} for p in range(PARTITIONS)]
+    batches = list(feed(rng, left + sentinels, right + sentinels_r))
+    store = MemoryStore()
+    first = runner(pipeline(join_type, before, after), store, transactional=seed % 2 == 1)
+    cut = len(batches) // 2
+
+    async def go():
+        for side, parts in batches[:cut]:
+            await first.process(side, parts)
+        await first.commit.before_commit()  # a commit, then the worker stops
+        second = runner(pipeline(join_type, before, after), store, transactional=seed % 2 == 1)
+        for side, parts in batches[cut:]:
+            await second.process(side, parts)
+        await second.commit.before_commit()
+        return second
+
+    second = asyncio.run(go())
+    got = outputs([first.emitter, second.emitter])
+    assert as_multiset(got) == as_multiset(expected(js, left, right + sentinels_r, sentinels))
+    late = [v for e in (first.emitter, second.emitter) for t, _, v, _, _ in e.sent if t is LATE]
+    assert first.stats["late"] + second.stats["late"] == len(late) > 0
+    # Everything that closed left the store: only the open (sentinel-era) buffers remain.
+    assert all(orjson.loads(v) for db in store.data.values() for v in db.values())
+
+
+def test_a_batch_replayed_after_a_flush_is_not_buffered_twice():
+    store = MemoryStore()
+    r = runner(pipeline("inner", 10, 10), store)
+    batch = [(0, [Rec(0, {"k": 0, "ts": 100}), Rec(1, {"k": 0, "ts": 101})])]
+
+    async def go():
+        await r.process("l", batch)
+        await r.commit.before_commit()
+        # A crash after the flush, before the offsets committed: the batch comes again.
+        again = runner(pipeline("inner", 10, 10), store)
+        await again.process("l", batch)
+        await again.process("r", [(0, [Rec(0, {"k": 0, "ts": 102})])])
+        return again
+
+    again = asyncio.run(go())
+    assert again.stats["replayed_skipped"] == 2
+    assert sorted(o["left"]["ts"] for o in outputs([again.emitter])) == [100, 101]
+
+
+def test_steps_after_the_join_run_on_the_joined_record_and_output_is_keyed_by_the_join_key():
+    spec_ = pipeline("left", 10, 10, grace=0, steps=[
+        {"op": "filter", "where": "right == null or right.amount > 0"},
+        {"op": "map", "set": {"paid": "right != null"}}])
+    r = runner(spec_, MemoryStore())
+
+    async def go():
+        await r.process("l", [(0, [Rec(0, {"k": 3, "ts": 100}), Rec(1, {"k": 6, "ts": 100})])])
+        await r.process("r", [(0, [Rec(0, {"k": 3, "ts": 105, "amount": 5}),
+                                   Rec(1, {"k": 6, "ts": 105, "amount": 0}),
+                                   Rec(2, {"k": 9, "ts": 200, "amount": 1})])])
+
+    asyncio.run(go())
+    sent = [(key, orjson.loads(v)) for t, key, v, _, _ in r.emitter.sent if t is SINK]
+    # k=3 paired; k=6's pair filtered out, and k=6 matched so never emitted alone.
+    assert sent == [(b"3", {"left": {"k": 3, "ts": 100}, "right": {"k": 3, "ts": 105, "amount": 5},
+                            "ts": 105, "paid": True})]
+    assert r.counters.dropped == {"filtered": 1}
+    described = r.describe()
+    assert (described["pairs"], described["left"], described["right"]) == (2, 2, 3)
+
+
+def test_records_without_key_or_time_go_to_the_dead_letter_topic():
+    r = runner(pipeline("inner", 10, 10), MemoryStore())
+    asyncio.run(r.process("r", [(1, [Rec(0, {"ts": 1}), Rec(1, {"k": 1}), Rec(2, {"k": 1, "ts": 1})])]))
+    assert [why["step"] for _, _, why in r.emitter.dead] == ["0:join", "0:join"]
+    assert r.counters.dead_lettered == 2
+
+
+def test_copartitioning_is_checked():
+    check_copartitioned("j", "a", 4, "b", 4)
+    with pytest.raises(JoinConfigError, match="co-partitioned"):
+        check_copartitioned("j", "a", 4, "b", 6)
+    with pytest.raises(JoinConfigError, match="does not exist"):
+        check_copartitioned("j", "a", 4, "b", None)
+
+
+@pytest.mark.parametrize("steps, path, message", [
+    (["normalize", {"op": "join", "with": "r", "on": "k", "within": 5}], "pipelines[0].steps[1]", "first step"),
+    ([{"op": "join", "with_records": [], "on": "k", "within": 5}], "pipelines[0].steps[0].with_records", "'with'"),
+    ([{"op": "join", "with": "src", "on": "k", "within": 5}], "pipelines[0].steps[0].with", "another topic"),
+    ([{"op": "join", "with": "r", "on": "k", "within": 5}, "deduplicate"], "pipelines[0].steps[1]", "stateless"),
+    ([{"op": "join", "with": "r", "on": "k", "within": 5},
+      {"op": "window", "key_by": "k", "window": {"type": "tumbling", "size": 10},
+       "aggregations": [{"name": "n", "type": "count"}]}], "pipelines[0].steps[1]", "stateless"),
+])
+def test_live_join_config_errors_name_the_step(steps, path, message):
+    with pytest.raises(PipelineConfigError, match=message) as info:
+        parse_pipelines([{"name": "p", "source": "src", "sink": "out", "steps": steps}])
+    assert info.value.path == path
+
+
+def test_a_live_join_pipeline_is_accepted():
+    [p] = parse_pipelines([{"name": "paid", "source": "orders", "sink": "orders.paid", "steps": [
+        {"op": "join", "with": "payments", "on": "order_id", "within": "10m", "grace": "1m", "type": "left"}]}])
+    assert (p.join_with, p.join.before, p.join.grace, p.late_topic) == ("payments", 600, 60, "pipeline.paid.late")
+
+
+def test_an_output_timestamp_is_the_pairs_time_capped_at_the_clock():
+    """A pair of future event times is written with the worker's clock as its Kafka
+    timestamp: a broker refuses records more than an hour ahead (Kafka 4's
+    message.timestamp.after.max.ms), which crashed the worker at every restart."""
+    sent = []
+
+    class Keep(MemoryEmitter):
+        async def send_later(self, out, sources):
+            sent.extend(out)
+
+    commit = CommitProtocol(Keep(), defer=True)
+    r = JoinRunner(pipeline("inner", 10, 10), None, SINK, LATE, left_name="left", right_name="right",
+                   store=MemoryStore(), commit=commit)
+    r.checked = True
+    future = time.time() + 7200
+
+    async def go():
+        await r.process("l", [(0, [Rec(0, {"k": 0, "ts": 1000.5}), Rec(1, {"k": 3, "ts": future})])])
+        await r.process("r", [(0, [Rec(0, {"k": 0, "ts": 1001}), Rec(1, {"k": 3, "ts": future})])])
+
+    asyncio.run(go())
+    assert sent[0][4] == 1001000
+    assert sent[1][4] <= time.time() * 1000 < future * 1000
