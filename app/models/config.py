@@ -163,13 +163,9 @@ class JoinPrefix(Strict):
     right: str = ""
 
 
-class JoinStep(Strict):
-    """An interval join with a second stream (docs/joins.md). Over HTTP the other side
-    is given inline in ``with_records``."""
+class JoinInterval(Strict):
+    """What every join step shares: the key, the interval, lateness and output shape."""
 
-    op: Literal["join"]
-    name: str | None = None
-    with_records: list[dict[str, Any]]
     on: FieldNames
     within: Duration | Literal[0] | None = None
     before: Duration | Literal[0] | None = None
@@ -181,7 +177,16 @@ class JoinStep(Strict):
     prefix: JoinPrefix | None = None
 
 
-class PipelineJoinStep(Strict):
+class JoinStep(JoinInterval):
+    """An interval join with a second stream (docs/joins.md). Over HTTP the other side
+    is given inline in ``with_records``."""
+
+    op: Literal["join"]
+    name: str | None = None
+    with_records: list[dict[str, Any]]
+
+
+class PipelineJoinStep(JoinInterval):
     """The live interval join of a pipeline (docs/joins.md, "Live"): the pipeline's
     source is the left side, the topic ``with`` the right one; the first step."""
 
@@ -189,15 +194,6 @@ class PipelineJoinStep(Strict):
 
     op: Literal["join"]
     with_: TopicName = Field(alias="with", description="the right side's topic (logical name)")
-    on: FieldNames
-    within: Duration | Literal[0] | None = None
-    before: Duration | Literal[0] | None = None
-    after: Duration | Literal[0] | None = None
-    grace: Duration | Literal[0] | None = None
-    type: Literal["inner", "left", "outer"] = "inner"
-    time_field: FieldName = "ts"
-    max_matches: Annotated[int, Field(gt=0)] = 1000
-    prefix: JoinPrefix | None = None
 
 
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]
