@@ -1658,6 +1658,15 @@ class Recovery(FaustRecovery):
         await super()._seek_offsets(consumer, tps, offsets, title)
         if title == "active":
             self._actives_seeked = True
+            # A recovery end signalled for an earlier pass must not end this one: the
+            # pass waits for ``signal_recovery_end`` right after this seek, and Faust
+            # clears it only at its changelog loop's next turn (a record, or a 5 s
+            # timeout). Set by ``_find_transactional_ends`` without that turn, it stayed
+            # set, and the next rebalance's pass ended at once, before reading the
+            # changelog partitions it had just been given: the new owner of a window
+            # partition ran on the state of its standby copy (lost counts after a join
+            # and a graceful leave; docs/delivery.md, S).
+            self.signal_recovery_end.clear()
 
     async def on_rebalance(self, *args: Any, **kwargs: Any) -> None:
         self._actives_seeked = False

@@ -62,7 +62,10 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 
     try:
         for worker in [first, *rest]:
             worker.start(timeout=120)
-        feeder = LiveStream(source, sent, key="event_id", per_chunk=250)
+        # 1,250 records/s (16,000 in ~13 s): at 5,000/s a worker that started late took
+        # the whole stream as a backlog in a batch or two, so its first commit already
+        # covered every event and there was no "mid-stream" left to kill in.
+        feeder = LiveStream(source, sent, key="event_id", per_chunk=250, pause=0.2)
 
         async def some_committed() -> bool:
             got = await read_topic(sink, timeout=2, idle=0.2, isolation_level="read_committed")

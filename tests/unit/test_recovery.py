@@ -221,3 +221,36 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
     assert r.active_offsets[done] == 11 and r.signal_recovery_end.is_set() and flushed == [1]
     r = asyncio.run(go({done: 11, short: 20}, {done: 9, short: 4}))
     assert r.active_offsets == {done: 11, short: 4} and not r.signal_recovery_end.is_set()
+
+
+def test_a_recovery_end_signalled_for_an_earlier_pass_does_not_end_the_next_one(monkeypatch):
+    """The end of a transactional changelog is signalled by a task of its own, and
+    Faust clears that signal only at its changelog loop's next turn: left set, the next
+    rebalance's pass ended at once, before reading the partitions it had just been given
+    (a window partition's new owner ran on its standby copy's state: counts lost after a
+    join and a graceful leave under exactly_once; docs/delivery.md, S). Seeking a pass's
+    active partitions clears it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from faust.tables.recovery import Recovery as FaustRecovery
+
+    from app.transport import Recovery
+
+    async def seek(self, consumer, tps, offsets, title):
+        return None
+
+    monkeypatch.setattr(FaustRecovery, "_seek_offsets", seek)
+
+    async def go():
+        r = object.__new__(Recovery)
+        r.__dict__.update(_signal_recovery_end=asyncio.Event(), _actives_seeked=False,
+                          _check_not_superseded=lambda: None, app=SimpleNamespace())
+        r.signal_recovery_end.set()  # left over from the previous pass
+        await Recovery._seek_offsets(r, None, [], {}, "standby")
+        assert r.signal_recovery_end.is_set()  # standbys are not the pass's wait
+        await Recovery._seek_offsets(r, None, [], {}, "active")
+        return r
+
+    r = asyncio.run(go())
+    assert r._actives_seeked and not r.signal_recovery_end.is_set()
