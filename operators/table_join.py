@@ -401,8 +401,8 @@ class BatchTableJoin:
             else:
                 try:
                     t = epoch_seconds(raw_t)
-                except (ValueError, TypeError) as exc:
-                    self.failures.append(("table", i, f"timestamp is not a time: {exc}"))
+                except (RecordFailure, ValueError, TypeError) as exc:
+                    self.failures.append(("table", i, f"timestamp: {exc}"))
                     continue
             try:
                 yield t, i, table_record(self.spec, item.get("key"), item["value"], t)

@@ -227,3 +227,18 @@ def test_batch_counts():
     batch = BatchTableJoin(spec(type="left"))
     counts = batch.run([{"k": 1, "ts": 10}], [{"value": {"k": 1}, "timestamp": 5}])
     assert (counts.stream, counts.table, counts.pairs, counts.unmatched) == (1, 1, 1, 0)
+
+
+@pytest.mark.parametrize("as_of", ["event_time", "latest"])
+@pytest.mark.parametrize("ts", [True, {"a": 1}, [1], 1e308, "x", 10**30])
+def test_odd_times_and_keys_over_http_are_failures_not_errors(as_of, ts):
+    """Whatever JSON a client sends as times and keys, each record is answered (a
+    failure with its side and index), never a server error."""
+    steps = parse_steps([{"op": "join", "on": "k", "as_of": as_of, "type": "left", "table_records": [
+        {"key": [1], "value": {"k": 1}, "timestamp": ts}, {"key": {"z": 1}, "value": None, "timestamp": ts},
+        {"value": [1]}, 5, {"value": {"k": {"a": 1}}, "timestamp": 1}]}])
+    result = run_batch(steps, [{"k": 1, "ts": ts}, {"k": [1]}, {"k": {"a": 1}, "ts": 1}], MemoryContext())
+    answered = len(result.records) + sum(1 for d in result.dropped if d["side"] == "stream") + \
+        sum(1 for f in result.failures if f["side"] == "stream")
+    assert answered == 3
+    assert {f["index"] for f in result.failures if f["side"] == "table"} >= {0, 1, 2, 3}
