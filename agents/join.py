@@ -133,13 +133,13 @@ class PartitionBuffers(MutableMapping):
         return sum(1 for _ in self.items())
 
 
-def _stored_key(cache_key: Hashable) -> bytes:
+def stored_key(cache_key: Hashable) -> bytes:
     return cache_key[1].encode()  # type: ignore[index]
 
 
-class _AfterJoin:
-    """The StepContext of the stateless steps after a join (enrich looks up reference
-    data; nothing is remembered)."""
+class AfterJoin:
+    """The StepContext of the stateless steps after a join, stream-stream or
+    stream-table (enrich looks up reference data; nothing is remembered)."""
 
     def memory(self, step_index: int) -> Any:
         raise RuntimeError("no state after a join")
@@ -172,14 +172,14 @@ class JoinRunner:
         self.store = store if store is not None else PartitionStore(table, left_name)
         self.commit = commit or commit_protocol
         self.emitter: Emitter = self.commit.emitter
-        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=_stored_key,
+        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=stored_key,
                                                          max_dirty=self.MAX_DIRTY))
         self.sink, self.late = sink, late
         self.names = {LEFT: left_name, RIGHT: right_name}
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
         self.steps = runnable(spec.steps[1:])
         self.tally = self.counters.steps
-        self.ctx = _AfterJoin()
+        self.ctx = AfterJoin()
         #: pairs, unmatched, late, limited, left, right, replayed_skipped
         self.stats: Counter[str] = Counter()
         self.checked = False

@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import Counter
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from agents.join import PartitionBuffers, check_copartitioned
+from agents.join import AfterJoin, PartitionBuffers, check_copartitioned, stored_key
 from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
 from app import app, settings
 from app.batches import Batch, batch_agent
@@ -55,27 +54,6 @@ log = logging.getLogger(__name__)
 STREAM, TABLE = "stream", "table"
 
 
-def _stored_key(cache_key: Hashable) -> bytes:
-    return cache_key[1].encode()  # type: ignore[index]
-
-
-class _AfterJoin:
-    """The StepContext of the stateless steps after the join (enrich looks up reference
-    data; nothing is remembered)."""
-
-    def memory(self, step_index: int) -> Any:
-        raise RuntimeError("no state after a join")
-
-    def lookup(self, source: str, key: str) -> Any:
-        return reference_store.lookup(source, key)
-
-    def now(self) -> float:
-        return time.time()
-
-    def next_seq(self) -> int:
-        return 0
-
-
 class TableJoinRunner:
     """The state and processing of one stream-table join pipeline on this worker."""
 
@@ -94,14 +72,14 @@ class TableJoinRunner:
         self.store = store if store is not None else PartitionStore(table, stream_name)
         self.commit = commit or commit_protocol
         self.emitter: Emitter = self.commit.emitter
-        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=_stored_key,
+        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=stored_key,
                                                          max_dirty=self.MAX_DIRTY))
         self.sink = sink
         self.names = {STREAM: stream_name, TABLE: table_name}
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
         self.steps = runnable(spec.steps[1:])
         self.tally = self.counters.steps
-        self.ctx = _AfterJoin()
+        self.ctx = AfterJoin()
         #: stream, table, pairs, unmatched, beyond_history, table_late, replayed_skipped
         self.stats: Counter[str] = Counter()
         self.checked = False
