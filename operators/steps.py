@@ -301,15 +301,7 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     if not isinstance(time_field, str) or not time_field:
         raise StepSpecError(index, op, "time_field", "must be a field name")
     max_matches = _positive(index, op, spec, "max_matches", int) or 1000
-    prefix = spec.get("prefix")
-    prefixes = None
-    if prefix is not None:
-        if (not isinstance(prefix, dict) or set(prefix) - {"left", "right"}
-                or not all(isinstance(v, str) for v in prefix.values())):
-            raise StepSpecError(index, op, "prefix", "must be an object {left: text, right: text}")
-        prefixes = (prefix.get("left", ""), prefix.get("right", ""))
-        if prefixes[0] == prefixes[1]:
-            raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
+    prefixes = _prefixes(index, op, spec)
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
                   time_field, max_matches, prefixes)
 
