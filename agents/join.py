@@ -45,9 +45,10 @@ from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
 from app.commit import CommitProtocol, Emitter, commit_protocol
+from app.metrics import observe_flush
 from app.pipelines import PipelineConfigError, PipelineSpec
 from app.topics import declare
-from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, later_raw_time, merged
+from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged
 from operators.steps import Outcome, StepTally, pass_record, runnable
 from operators.transform import RecordFailure
 from tables.reference import reference_store
@@ -174,6 +175,7 @@ class JoinRunner:
         self.emitter: Emitter = self.commit.emitter
         self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=_stored_key,
                                                          max_dirty=self.MAX_DIRTY))
+        self.cache.on_flush = self._flushed
         self.sink, self.late = sink, late
         self.names = {LEFT: left_name, RIGHT: right_name}
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
@@ -182,6 +184,9 @@ class JoinRunner:
         self.ctx = _AfterJoin()
         #: pairs, unmatched, late, limited, left, right, replayed_skipped
         self.stats: Counter[str] = Counter()
+        #: State flushes: how many, their seconds in all and the longest (a flush holds
+        #: the next batch back: the join's latency).
+        self.flushes = {"count": 0, "seconds": 0.0, "max_s": 0.0}
         self.checked = False
         self.stale = True
         #: Wall times of the first batch's start and the last batch's end (rates).
@@ -221,6 +226,13 @@ class JoinRunner:
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
         return join
 
+    def _flushed(self, seconds: float) -> None:
+        flushes = self.flushes
+        flushes["count"] += 1
+        flushes["seconds"] += seconds
+        flushes["max_s"] = max(flushes["max_s"], seconds)
+        observe_flush(f"join-{self.pipeline.name}", seconds)
+
     def _meta_changed(self, p: int) -> None:
         join = self.joins[p]
         # -inf (a side not seen yet) is not JSON: None.
@@ -243,7 +255,7 @@ class JoinRunner:
         # future event times was a poison pill).
         now_ms = int(time.time() * 1000)
         for joined in results:
-            record = merged(joined, spec, later_raw_time(joined, spec.time_field))
+            record = merged(joined, spec)
             key = self._key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
             if steps:
                 outcome = pass_record(steps, record, self.ctx)
@@ -342,6 +354,7 @@ class JoinRunner:
         return {"with": self.pipeline.join_with, "late_topic": settings.topic(self.pipeline.late_topic),
                 **{k: self.stats.get(k, 0) for k in ("left", "right", "pairs", "unmatched", "late", "limited")},
                 "replayed_skipped": self.stats.get("replayed_skipped", 0),
+                "flushes": {k: round(v, 3) for k, v in self.flushes.items()},
                 "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
 

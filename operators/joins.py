@@ -80,12 +80,14 @@ class JoinCounts:
 
 @dataclass(slots=True)
 class Joined:
-    """One output of the join: the pair (a side is None when unmatched) and its event
-    time, the later of the two."""
+    """One output of the join: the pair (a side is None when unmatched), its event
+    time (the later of the two) and that time as written in the record it comes from
+    (``raw``: the output's time field; the left one on a tie)."""
 
     left: dict[str, Any] | None
     right: dict[str, Any] | None
     time: float
+    raw: Any
 
 
 def join_key(record: Mapping[str, Any], on: Sequence[str]) -> str:
@@ -156,7 +158,8 @@ class IntervalJoin:
         Raises RecordFailure when the record has no key or time."""
         spec = self.spec
         key = join_key(record, spec.on)
-        t = event_time(record, spec.time_field)
+        tf = spec.time_field
+        t = event_time(record, tf)
         if t < self.watermark:
             self.counts.late += 1
             return None
@@ -180,8 +183,13 @@ class IntervalJoin:
                     continue
                 found += 1
                 partner[3] = matched = True
-                later = t if t >= partner[0] else partner[0]
-                out.append(Joined(record, partner[2], later) if side == LEFT else Joined(partner[2], record, later))
+                # The later time of the pair, the left one on a tie.
+                if side == LEFT:
+                    out.append(Joined(record, partner[2], t, record[tf]) if t >= partner[0]
+                               else Joined(record, partner[2], partner[0], partner[2][tf]))
+                else:
+                    out.append(Joined(partner[2], record, partner[0], partner[2][tf]) if partner[0] >= t
+                               else Joined(partner[2], record, t, record[tf]))
         self.seq += 1
         sides[side].append([t, self.seq, record, matched])
         self.buffers[key] = sides  # written back: a store sees the change
@@ -209,8 +217,9 @@ class IntervalJoin:
                 if entry[1] == seq:
                     del entries[i]
                     if not entry[3] and self.spec.emits_unmatched(side):
-                        out.append(Joined(entry[2], None, entry[0]) if side == LEFT
-                                   else Joined(None, entry[2], entry[0]))
+                        raw = entry[2][self.spec.time_field]
+                        out.append(Joined(entry[2], None, entry[0], raw) if side == LEFT
+                                   else Joined(None, entry[2], entry[0], raw))
                     break
             if sides[LEFT] or sides[RIGHT]:
                 self.buffers[key] = sides
@@ -224,10 +233,10 @@ class IntervalJoin:
         return self.close(math.inf)
 
 
-def merged(joined: Joined, spec: JoinSpec, raw_time: Any) -> dict[str, Any]:
+def merged(joined: Joined, spec: JoinSpec) -> dict[str, Any]:
     """The output record of one join result. Nested: ``{"left": …, "right": …}``;
     flat: each side's fields under its prefix. Either way ``time_field`` holds the
-    later time of the pair (``raw_time``, as it was written in that record)."""
+    later time of the pair, as it was written in that record (``joined.raw``)."""
     if spec.prefixes is None:
         out: dict[str, Any] = {"left": joined.left, "right": joined.right}
     else:
@@ -236,18 +245,8 @@ def merged(joined: Joined, spec: JoinSpec, raw_time: Any) -> dict[str, Any]:
             if record:
                 for name, value in record.items():
                     out[prefix + name] = value
-    out[spec.time_field] = raw_time
+    out[spec.time_field] = joined.raw
     return out
-
-
-def later_raw_time(joined: Joined, time_field: str) -> Any:
-    """The time value, as written, of the record the pair's time comes from."""
-    left, right = joined.left, joined.right
-    if left is None:
-        return right[time_field]  # type: ignore[index]
-    if right is None:
-        return left[time_field]
-    return left[time_field] if event_time(left, time_field) >= event_time(right, time_field) else right[time_field]
 
 
 @dataclass
@@ -283,7 +282,7 @@ class BatchJoin:
 
     def _emit(self, results: list[Joined]) -> None:
         for joined in results:
-            self.outputs.append(merged(joined, self.spec, later_raw_time(joined, self.spec.time_field)))
+            self.outputs.append(merged(joined, self.spec))
 
     def _arrivals(self, left: Sequence[dict[str, Any]], right: Sequence[dict[str, Any]]
                   ) -> Iterator[tuple[str, int, dict[str, Any]]]:
