@@ -41,6 +41,7 @@ from typing import Any
 import orjson
 
 from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
+from agents.window_aggregate import TICK_HEADER, caught_up
 from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
@@ -163,10 +164,11 @@ class JoinRunner:
 
     def __init__(self, spec: PipelineSpec, table: Any, sink: Any, late: Any, *, left_name: str, right_name: str,
                  store: Any = None, commit: CommitProtocol | None = None,
-                 counters: PipelineCounters | None = None) -> None:
+                 counters: PipelineCounters | None = None, topics: dict[str, Any] | None = None) -> None:
         """``store``: the state store (default: ``table``'s; tests give a
         ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
-        registers with (default: the worker's), whose emitter sends the outputs."""
+        registers with (default: the worker's), whose emitter sends the outputs;
+        ``topics``: the two sides' topics by side (where idle ticks go)."""
         assert spec.join is not None
         self.pipeline = spec
         self.spec: JoinSpec = spec.join
@@ -178,6 +180,13 @@ class JoinRunner:
         self.cache.on_flush = self._flushed
         self.sink, self.late = sink, late
         self.names = {LEFT: left_name, RIGHT: right_name}
+        self.topics = topics or {}
+        #: Idle sides (``idle_close``): the monotonic time of the last input per (side,
+        #: partition); the last tick sent; the ones marked idle with no input since.
+        self.clock = time.monotonic
+        self.last_activity: dict[tuple[str, int], float] = {}
+        self.last_tick: dict[tuple[str, int], float] = {}
+        self.idle_marked: set[tuple[str, int]] = set()
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
         self.steps = runnable(spec.steps[1:])
         self.tally = self.counters.steps
@@ -222,7 +231,7 @@ class JoinRunner:
             times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
             # The index of closing intervals is rebuilt from the stored buffers here.
             join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                times, meta.get("seq", 0))
+                                                times, meta.get("seq", 0), meta.get("i", ()))
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
         return join
 
@@ -237,7 +246,10 @@ class JoinRunner:
         join = self.joins[p]
         # -inf (a side not seen yet) is not JSON: None.
         times = {side: None if t == -math.inf else t for side, t in join.times.items()}
-        self.cache.put_side(meta_key(p), {"t": times, "seq": join.seq, "o": dict(self.applied[p])}, p)
+        meta = {"t": times, "seq": join.seq, "o": dict(self.applied[p])}
+        if join.idle:
+            meta["i"] = sorted(join.idle)
+        self.cache.put_side(meta_key(p), meta, p)
 
     def _key(self, record: dict[str, Any]) -> bytes:
         """The output key: the join key (a text value as it is, anything else as JSON)."""
@@ -301,6 +313,7 @@ class JoinRunner:
         dead: list[tuple[Any, ...]] = []
         sources: list[tuple[int, int]] = []
         topic = self.names[side]
+        now = self.clock()
         for p, records in parts:
             if not records:
                 continue
@@ -310,12 +323,22 @@ class JoinRunner:
             sources.append((p, len(out)))
             counts = join.counts
             before = (counts.pairs, counts.unmatched, counts.late, counts.limited)
+            ticks = 0
+            active = False
             for ev in records:
                 offset = ev.offset
                 if offset <= last:
                     stats["replayed_skipped"] += 1
                     continue
                 last = offset
+                if ev.headers and any(name == TICK_HEADER for name, _ in ev.headers):
+                    ticks += 1
+                    self._tick(side, p, join, now, out, dead)
+                    continue
+                if not active:
+                    active = True
+                    self.last_activity[(side, p)] = now
+                    self.idle_marked.discard((side, p))
                 counters.into += 1
                 try:
                     record = loads_object(ev.value)
@@ -332,7 +355,7 @@ class JoinRunner:
                     self._outputs(results, out, dead, p)
             applied[side] = last
             self._meta_changed(p)
-            stats[SIDE_NAMES[side]] += len(records)
+            stats[SIDE_NAMES[side]] += len(records) - ticks
             for name, was, now in zip(("pairs", "unmatched", "late", "limited"), before,
                                       (counts.pairs, counts.unmatched, counts.late, counts.limited), strict=True):
                 stats[name] += now - was
@@ -349,11 +372,57 @@ class JoinRunner:
         await self.commit.end_batch(self.cache)
         self.last_batch_at = time.time()
 
+    # --- idle sides (``idle_close``) ------------------------------------------------
+
+    def _tick(self, side: str, p: int, join: IntervalJoin, now: float, out: list, dead: list) -> None:
+        """A tick read from ``side``'s partition ``p``: unless input arrived since it was
+        sent, the side is idle (``IntervalJoin.mark_idle``); the unmatched records that
+        closes are emitted as the closes of ``add`` are."""
+        if now - self.last_activity.get((side, p), 0.0) < self.spec.idle_close:
+            return
+        self.idle_marked.add((side, p))
+        results = join.mark_idle(side)  # counted in join.counts, as closes by add are
+        self.stats["idle_marked"] += 1
+        if results:
+            self._outputs(results, out, dead, p)
+
+    def due_ticks(self, now: float, assigned: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The (side, partition)s to send a tick to now: without input for
+        ``idle_close`` seconds, not marked idle since their last input, and no tick sent
+        to them within ``idle_close``."""
+        idle_close = self.spec.idle_close
+        due = []
+        for at in assigned:
+            last = self.last_activity.setdefault(at, now)
+            if now - last < idle_close or at in self.idle_marked:
+                continue
+            if now - self.last_tick.get(at, -math.inf) < idle_close:
+                continue
+            self.last_tick[at] = now
+            due.append(at)
+        return due
+
+    async def tick(self) -> None:
+        """Timer (``idle_close``): a tick into each side's partition that is idle, once
+        this worker has read both topics to their end (waiting records are not
+        idleness). Like a window's tick, it is read as input, so what it closes is
+        emitted, and committed, inside normal processing."""
+        if not app.tables.recovery.completed.is_set() or app.rebalancing:
+            return
+        names = self.names
+        if not caught_up(set(names.values())):
+            return
+        assigned = [(side, tp.partition) for tp in app.consumer.assignment()
+                    for side in (LEFT, RIGHT) if tp.topic == names[side]]
+        for side, p in self.due_ticks(self.clock(), assigned):
+            await self.emitter.tick(self.topics[side], p, [(TICK_HEADER, b"1")])
+
     def describe(self) -> dict[str, Any]:
         """The join's counters on this worker (GET /api/v1/pipelines)."""
         return {"with": self.pipeline.join_with, "late_topic": settings.topic(self.pipeline.late_topic),
                 **{k: self.stats.get(k, 0) for k in ("left", "right", "pairs", "unmatched", "late", "limited")},
                 "replayed_skipped": self.stats.get("replayed_skipped", 0),
+                "idle_marked": self.stats.get("idle_marked", 0),
                 "flushes": {k: round(v, 3) for k, v in self.flushes.items()},
                 "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
@@ -374,7 +443,7 @@ def build(spec: PipelineSpec) -> JoinRunner:
     counters.steps = StepTally(spec.steps[1:])
     PIPELINES[spec.name] = spec
     runner = JoinRunner(spec, table, sink, late, left_name=left.get_topic_name(),
-                        right_name=right.get_topic_name(), counters=counters)
+                        right_name=right.get_topic_name(), counters=counters, topics={LEFT: left, RIGHT: right})
     counters.join = runner.describe  # type: ignore[attr-defined]
     JOINS[spec.name] = runner
 
@@ -388,6 +457,11 @@ def build(spec: PipelineSpec) -> JoinRunner:
 
     batch_agent(left, name=f"pipeline.{spec.name}.left")(run_left)
     batch_agent(right, name=f"pipeline.{spec.name}.right")(run_right)
+    if spec.join.idle_close > 0:
+        async def idle_tick() -> None:
+            await runner.tick()
+
+        app.timer(max(0.2, spec.join.idle_close / 4), name=f"pipeline.{spec.name}.idle")(idle_tick)
     return runner
 
 

@@ -505,27 +505,7 @@ class WindowRunner:
         """True when this worker has read up to the end of its partitions of the source
         and input topics. Under load the rekey step can lag: records still waiting in
         the source are not idleness."""
-        consumer = app.consumer
-        names = {input_name, self.source_name}
-        for tp in consumer.assignment():
-            if tp.topic not in names:
-                continue
-            read = read_offset(consumer, tp)
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # no fetch position yet
-                return False
-            if read is None or high is None or read + 1 < high:
-                # Nothing delivered yet (just started or assigned), no end offset yet,
-                # or records before the end not delivered: caught up only if the fetch
-                # position is at the end with nothing held back. Before, "nothing
-                # delivered yet" counted as caught up: right after a restart, a
-                # partition whose backlog had not been fetched yet could look idle and
-                # have its windows closed early (a plausible cause of the chaos test's
-                # early idle closes).
-                if not fetched_to(consumer, tp, high):
-                    return False
-        return True
+        return caught_up({input_name, self.source_name})
 
     async def tick(self) -> None:
         """Timer: send a tick to each partition idle for ``idle_close`` with windows open."""
@@ -553,6 +533,32 @@ class WindowRunner:
 
 #: name -> runner, for the web views and tests.
 RUNNERS: dict[str, WindowRunner] = {}
+
+
+def caught_up(names: set[str]) -> bool:
+    """True when this worker has read up to the end of its partitions of the topics
+    ``names``: records still waiting to be read are not idleness (the idle rule of
+    windows and joins)."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        if tp.topic not in names:
+            continue
+        read = read_offset(consumer, tp)
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # no fetch position yet
+            return False
+        if read is None or high is None or read + 1 < high:
+            # Nothing delivered yet (just started or assigned), no end offset yet,
+            # or records before the end not delivered: caught up only if the fetch
+            # position is at the end with nothing held back. Before, "nothing
+            # delivered yet" counted as caught up: right after a restart, a
+            # partition whose backlog had not been fetched yet could look idle and
+            # have its windows closed early (a plausible cause of the chaos test's
+            # early idle closes).
+            if not fetched_to(consumer, tp, high):
+                return False
+    return True
 
 
 def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
@@ -632,4 +638,4 @@ async def _on_moved(*args: Any, **kwargs: Any) -> None:
 app.on_partitions_revoked.connect(_on_moved)
 app.on_partitions_assigned.connect(_on_moved)
 
-__all__ = ["RUNNERS", "WindowRunner", "register"]
+__all__ = ["RUNNERS", "TICK_HEADER", "WindowRunner", "caught_up", "register"]

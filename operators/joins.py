@@ -22,6 +22,14 @@ Semantics (docs/joins.md has the tables):
   defect Kafka Streams fixed with KIP-633).
 - Many-to-many: a record joins at most ``max_matches`` buffered partners (the oldest
   first); the pairs left out are counted in ``JoinCounts.limited``.
+- Idle sides (live joins with ``idle_close``; ``IntervalJoin.mark_idle``): a side that
+  received nothing for a while is *idle* until its next record, as an idle input in
+  Flink: its time follows the other side's, so stream time (and the watermark) move
+  with the side that still has input, and intervals close. When both sides of a
+  partition are idle, every interval closes, and the watermark moves past the last of
+  them, so no record that arrives later can match a record emitted unmatched (as
+  windows close at ``idle_close``). A record of an idle side ends its idleness; it may
+  be late then.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +65,8 @@ class JoinSpec:
     max_matches: int = 1000
     #: Flat output: each side's fields under its prefix; None: ``{"left": …, "right": …}``.
     prefixes: tuple[str, str] | None = None
+    #: Live joins: seconds without input after which a side is idle (0: never).
+    idle_close: float = 0.0
 
     def emits_unmatched(self, side: str) -> bool:
         return self.type == "outer" or (self.type == "left" and side == LEFT)
@@ -122,13 +132,15 @@ class IntervalJoin:
     interval closes, rebuilt from ``buffers`` (``rebuild_index``) after a restore."""
 
     def __init__(self, spec: JoinSpec, buffers: MutableMapping[str, dict[str, list[Buffered]]] | None = None,
-                 times: Mapping[str, float] | None = None, seq: int = 0) -> None:
+                 times: Mapping[str, float] | None = None, seq: int = 0, idle: Iterable[str] = ()) -> None:
         self.spec = spec
         self.buffers = {} if buffers is None else buffers
         self.times = {LEFT: -math.inf, RIGHT: -math.inf}
         if times:
             self.times.update(times)
         self.seq = seq
+        #: The sides marked idle (``mark_idle``) and without a record since.
+        self.idle: set[str] = set(idle)
         self.counts = JoinCounts()
         self.closing: list[tuple[float, int, str, str]] = []
         self.rebuild_index()
@@ -160,6 +172,9 @@ class IntervalJoin:
         key = join_key(record, spec.on)
         tf = spec.time_field
         t = event_time(record, tf)
+        idle = self.idle
+        if idle:
+            idle.discard(side)  # input: no longer idle (the record may be late)
         if t < self.watermark:
             self.counts.late += 1
             return None
@@ -198,9 +213,44 @@ class IntervalJoin:
         if t > self.times[side]:
             before = self.stream_time
             self.times[side] = t
+            if idle:
+                other = RIGHT if side == LEFT else LEFT
+                if other in idle and self.times[other] < t:
+                    self.times[other] = t  # an idle side's time follows this one
             if self.stream_time > before:
                 out.extend(self.close(self.watermark))
         return out
+
+    def mark_idle(self, side: str) -> list[Joined]:
+        """``side`` received nothing for ``idle_close``: it is idle until its next record.
+        Its time catches up with the other side's (and follows it from now on); when the
+        other side is idle too, every interval closes, and both times move so that the
+        watermark is past the end of the last one. Returns the unmatched records this
+        closes, as ``add`` does."""
+        other = RIGHT if side == LEFT else LEFT
+        self.idle.add(side)
+        times = self.times
+        if other in self.idle:
+            return self._close_everything()
+        if times[other] <= times[side]:
+            return []
+        before = self.stream_time
+        times[side] = times[other]
+        return self.close(self.watermark) if self.stream_time > before else []
+
+    def _close_everything(self) -> list[Joined]:
+        if not self.closing:
+            return []
+        end = max(entry[0] for entry in self.closing)
+        # Stream time such that the watermark (stream time - grace) is above ``end``:
+        # a record arriving later can pair with none of the closed ones (it is late).
+        target = end + self.spec.grace
+        while target - self.spec.grace <= end:
+            target = math.nextafter(target, math.inf)
+        for s in (LEFT, RIGHT):
+            if self.times[s] < target:
+                self.times[s] = target
+        return self.close(self.watermark)
 
     def close(self, watermark: float) -> list[Joined]:
         """Close every interval that ends before ``watermark``: drop those records from

@@ -267,8 +267,10 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     ``POST /api/v1/process``). Its ``params`` are ``(JoinSpec, with, with_records)``."""
     op = "join"
     _check_params(index, op, spec, {"with", "with_records", "on", "within", "before", "after", "grace",
-                                    "type", "time_field", "max_matches", "prefix"})
+                                    "type", "time_field", "max_matches", "prefix", "idle_close"})
     other, inline = spec.get("with"), spec.get("with_records")
+    if inline is not None and "idle_close" in spec:
+        raise StepSpecError(index, op, "idle_close", "applies to a live join ('with' a topic) only")
     if (other is None) == (inline is None):
         raise StepSpecError(index, op, "with", "give the other side: 'with' (a topic) or 'with_records' (a list)")
     if other is not None and (not isinstance(other, str) or not other):
@@ -302,7 +304,8 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
         if prefixes[0] == prefixes[1]:
             raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
-                  time_field, max_matches, prefixes)
+                  time_field, max_matches, prefixes,
+                  _duration(index, op, spec, "idle_close", allow_zero=True) or 0.0)
 
     def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
         raise RuntimeError("a join is run by run_batch or a live join, not record by record")

@@ -194,6 +194,9 @@ class PipelineJoinStep(JoinInterval):
 
     op: Literal["join"]
     with_: TopicName = Field(alias="with", description="the right side's topic (logical name)")
+    idle_close: Duration | Literal[0] | None = Field(
+        default=None, description="a side without input this long is idle: stream time follows the other "
+                                  "side; both idle: every interval closes (0 or absent: never)")
 
 
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]

@@ -242,3 +242,52 @@ def test_live_joins_under_exactly_once_after_a_kill9_each_pair_once(kafka, wipe)
         assert_equals_the_fold(w, phases, "read_committed")
     finally:
         w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_idle_sides_close_the_intervals_of_left_and_outer_joins(kafka):
+    """idle_close against the real broker: with a grace long enough that no interval
+    would close from the records alone, the worker's idle ticks (into each idle side's
+    partitions) close them once both sides stopped: a left join emits each unmatched
+    left record, an outer join the unmatched records of both sides, each once and
+    besides the pair; a partner produced afterwards goes to the late topic, not out as
+    a pair after its record was emitted alone."""
+    name = unique("joinidle")
+    cfg = {"pipelines": [
+        {"name": f"j{t}", "source": "orders", "sink": f"paid.{t}",
+         "steps": [{"op": "join", "with": "payments", "on": "k", "within": 10, "grace": 600, "type": t,
+                    "time_field": "ts", "idle_close": 2}]}
+        for t in ("left", "outer")]}
+    run(create_topics([f"{name}.orders", f"{name}.payments"], partitions=PARTITIONS))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(cfg)})
+    w.start(timeout=150)
+    t0 = 1_700_000_000.0
+    left = [{"k": k, "ts": t0 + k, "id": f"l{k}"} for k in range(8)]
+    right = [{"k": 0, "ts": t0 + 1, "id": "r0"}, {"k": 100, "ts": t0 + 2, "id": "r100"}]
+    pair = {"left": left[0], "right": right[0], "ts": t0 + 1}
+    want = {
+        "left": as_multiset([pair] + [{"left": r, "right": None, "ts": r["ts"]} for r in left[1:]]),
+        "outer": as_multiset([pair] + [{"left": r, "right": None, "ts": r["ts"]} for r in left[1:]]
+                             + [{"left": None, "right": right[1], "ts": right[1]["ts"]}]),
+    }
+    try:
+        run(produce(w.topic_prefix, left, right))
+        for t, expected in want.items():
+            async def complete(t=t, expected=expected):
+                got = await read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=2)
+                return got if len(got) >= sum(expected.values()) else None
+
+            run(wait_for(complete, timeout=180, interval=2, what=f"{t} join outputs after idle_close"))
+        late_partner = {"k": 3, "ts": t0 + 3, "id": "r3"}
+        run(produce(w.topic_prefix, [], [late_partner]))
+        wait_committed(w)
+        for t, expected in want.items():
+            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=3))
+            assert as_multiset(r.json() for r in got) == expected, t
+            late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=10, idle=2))
+            assert [orjson.loads(r.value) for r in late] == [late_partner], t
+        status, body = w.get("/api/v1/pipelines")
+        counters = {p["name"]: p["counters"]["join"] for p in body["pipelines"]}
+        assert counters["jleft"]["idle_marked"] > 0 and counters["jleft"]["right"] == 3
+    finally:
+        w.kill()
