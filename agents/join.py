@@ -8,7 +8,8 @@ Per join pipeline ``P`` (left side: its ``source``; right side: the step's ``wit
 - State: the table ``pipeline-P-join`` (RocksDB + changelog), through the one state
   store (``tables.store``): per partition, each join key's buffered records
   (``{"l": [...], "r": [...]}``, operators.joins) and one bookkeeping value (stream
-  time of each side, arrival sequence, the last offset applied per side). A ``WriteBackCache``
+  time of each side, arrival sequence, the last offset applied per side, idle sides,
+  and for re-keyed sides the last source offset applied per source partition). A ``WriteBackCache``
   registered with the commit protocol (``app.commit``) holds the changes until the
   commit (or, under exactly_once, the end of the batch), after the outputs.
 - The index of buffered records by the time their interval closes is rebuilt from
@@ -41,7 +42,7 @@ from typing import Any
 import orjson
 
 from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
-from agents.window_aggregate import TICK_HEADER, caught_up
+from agents.window_aggregate import SRC_OFFSET, SRC_PARTITION, TICK_HEADER, caught_up, rekey_handler
 from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
@@ -181,6 +182,8 @@ class JoinRunner:
         self.sink, self.late = sink, late
         self.names = {LEFT: left_name, RIGHT: right_name}
         self.topics = topics or {}
+        #: Re-keyed: the source topics too (records waiting there are not idleness).
+        self.source_names: set[str] = set()
         #: Idle sides (``idle_close``): the monotonic time of the last input per (side,
         #: partition); the last tick sent; the ones marked idle with no input since.
         self.clock = time.monotonic
@@ -209,6 +212,9 @@ class JoinRunner:
         self.joins: dict[int, IntervalJoin] = {}
         #: partition -> {"l": last offset applied, "r": …}
         self.applied: dict[int, dict[str, int]] = {}
+        #: Re-keyed sides: partition -> side -> source partition (text) -> the last
+        #: source offset applied (a record repeated in the keyed topic is skipped).
+        self.applied_src: dict[int, dict[str, dict[str, int]]] = {}
         self.stale = False
 
     def mark_stale(self) -> None:
@@ -233,6 +239,7 @@ class JoinRunner:
             join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
                                                 times, meta.get("seq", 0), meta.get("i", ()))
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
+            self.applied_src[p] = {LEFT: {}, RIGHT: {}, **meta.get("so", {})}
         return join
 
     def _flushed(self, seconds: float) -> None:
@@ -247,11 +254,13 @@ class JoinRunner:
         # -inf (a side not seen yet) is not JSON: None.
         times = {side: None if t == -math.inf else t for side, t in join.times.items()}
         meta = {"t": times, "seq": join.seq, "o": dict(self.applied[p])}
+        if self.spec.repartition:
+            meta["so"] = self.applied_src[p]
         if join.idle:
             meta["i"] = sorted(join.idle)
         self.cache.put_side(meta_key(p), meta, p)
 
-    def _key(self, record: dict[str, Any]) -> bytes:
+    def output_key(self, record: dict[str, Any]) -> bytes:
         """The output key: the join key (a text value as it is, anything else as JSON)."""
         on = self.spec.on
         value = record.get(on[0]) if len(on) == 1 else [record.get(f) for f in on]
@@ -268,7 +277,7 @@ class JoinRunner:
         now_ms = int(time.time() * 1000)
         for joined in results:
             record = merged(joined, spec)
-            key = self._key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
+            key = self.output_key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
             if steps:
                 outcome = pass_record(steps, record, self.ctx)
                 if outcome.__class__ is Outcome:
@@ -325,16 +334,29 @@ class JoinRunner:
             before = (counts.pairs, counts.unmatched, counts.late, counts.limited)
             ticks = 0
             active = False
+            src_applied = self.applied_src[p][side] if self.spec.repartition else None
             for ev in records:
                 offset = ev.offset
                 if offset <= last:
                     stats["replayed_skipped"] += 1
                     continue
                 last = offset
-                if ev.headers and any(name == TICK_HEADER for name, _ in ev.headers):
-                    ticks += 1
-                    self._tick(side, p, join, now, out, dead)
-                    continue
+                headers = ev.headers
+                if headers:
+                    headers = dict(headers)
+                    if TICK_HEADER in headers:
+                        ticks += 1
+                        self._tick(side, p, join, now, out, dead)
+                        continue
+                    if src_applied is not None and SRC_PARTITION in headers:
+                        # Re-keyed: a record the rekey step sent again after a crash (its
+                        # source offset was not committed) is here twice; skip the repeat.
+                        src_p, src_offset = headers[SRC_PARTITION].decode(), int(headers[SRC_OFFSET])
+                        if src_offset <= src_applied.get(src_p, -1):
+                            ticks += 1  # not input either
+                            stats["replayed_skipped"] += 1
+                            continue
+                        src_applied[src_p] = src_offset
                 if not active:
                     active = True
                     self.last_activity[(side, p)] = now
@@ -410,7 +432,7 @@ class JoinRunner:
         if not app.tables.recovery.completed.is_set() or app.rebalancing:
             return
         names = self.names
-        if not caught_up(set(names.values())):
+        if not caught_up(set(names.values()) | self.source_names):
             return
         assigned = [(side, tp.partition) for tp in app.consumer.assignment()
                     for side in (LEFT, RIGHT) if tp.topic == names[side]]
@@ -434,7 +456,14 @@ JOINS: dict[str, JoinRunner] = {}
 def build(spec: PipelineSpec) -> JoinRunner:
     """Declare the topics, table and agents of one join pipeline."""
     assert spec.join is not None and spec.join_with is not None
-    left, right = declare(spec.source), declare(spec.join_with)
+    source_left, source_right = declare(spec.source), declare(spec.join_with)
+    if spec.join.repartition:
+        # Each side re-keyed by the join key into an internal topic, through the rekey
+        # step of windows; both internal topics have the app's partition count and one
+        # partitioner, so a key's records of both sides meet in one partition number.
+        left, right = declare(spec.keyed_topic("left")), declare(spec.keyed_topic("right"))
+    else:
+        left, right = source_left, source_right
     sink, late = declare(spec.output_topic), declare(spec.late_topic)
     table = app.Table(f"pipeline-{spec.name}-join", partitions=settings.topic_partitions,
                       key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
@@ -457,6 +486,17 @@ def build(spec: PipelineSpec) -> JoinRunner:
 
     batch_agent(left, name=f"pipeline.{spec.name}.left")(run_left)
     batch_agent(right, name=f"pipeline.{spec.name}.right")(run_right)
+    if spec.join.repartition:
+        runner.source_names = {source_left.get_topic_name(), source_right.get_topic_name()}
+
+        def forward(r: Any) -> tuple[bytes, bytes]:
+            # A record without the key field is forwarded keyed by null; the join
+            # dead-letters it as it does an unkeyed record of a co-partitioned side.
+            return runner.output_key(loads_object(r.value)), r.value
+
+        for side, source, keyed in ((LEFT, source_left, left), (RIGHT, source_right, right)):
+            batch_agent(source, name=f"pipeline.{spec.name}.{SIDE_NAMES[side]}-rekey")(
+                rekey_handler(keyed, forward, pipeline=spec.name, step="0:join"))
     if spec.join.idle_close > 0:
         async def idle_tick() -> None:
             await runner.tick()

@@ -100,11 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     runner.checked = True
     batches = fetches(args.events, args.keys, args.fetch, args.event_rate)
 
+    flush_cpu = [0.0]
+
     async def go() -> None:
         for i, (side, parts) in enumerate(batches, 1):
             await runner.process(side, parts)
             if i % args.commit == 0:
+                c = time.process_time()
                 await commit.before_commit()
+                flush_cpu[0] += time.process_time() - c
         await commit.before_commit()
 
     profiler = cProfile.Profile() if args.profile else None
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{cpu / total * 1e6:.2f} µs/record, stats {dict(runner.stats)}")
     db = [v for part in store.data.values() for v in part.values()]
     print(f"state at the end: {len(db)} values, {sum(map(len, db)) / max(1, len(db)):.0f} bytes each; "
-          f"{store_writes[0]} values written, {store_writes[1] / max(1, store_writes[0]):.0f} bytes each")
+          f"{store_writes[0]} values written, {store_writes[1] / max(1, store_writes[0]):.0f} bytes each; "
+          f"flushes {runner.flushes}, their CPU {flush_cpu[0]:.2f} s")
     if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     return 0

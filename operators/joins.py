@@ -67,6 +67,9 @@ class JoinSpec:
     prefixes: tuple[str, str] | None = None
     #: Live joins: seconds without input after which a side is idle (0: never).
     idle_close: float = 0.0
+    #: Live joins: the two topics are not keyed by the join key; each is re-keyed
+    #: through an internal topic first (agents/join.py).
+    repartition: bool = False
 
     def emits_unmatched(self, side: str) -> bool:
         return self.type == "outer" or (self.type == "left" and side == LEFT)

@@ -267,10 +267,14 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     ``POST /api/v1/process``). Its ``params`` are ``(JoinSpec, with, with_records)``."""
     op = "join"
     _check_params(index, op, spec, {"with", "with_records", "on", "within", "before", "after", "grace",
-                                    "type", "time_field", "max_matches", "prefix", "idle_close"})
+                                    "type", "time_field", "max_matches", "prefix", "idle_close", "repartition"})
     other, inline = spec.get("with"), spec.get("with_records")
-    if inline is not None and "idle_close" in spec:
-        raise StepSpecError(index, op, "idle_close", "applies to a live join ('with' a topic) only")
+    for live_only in ("idle_close", "repartition"):
+        if inline is not None and live_only in spec:
+            raise StepSpecError(index, op, live_only, "applies to a live join ('with' a topic) only")
+    repartition = spec.get("repartition", False)
+    if not isinstance(repartition, bool):
+        raise StepSpecError(index, op, "repartition", "must be true or false")
     if (other is None) == (inline is None):
         raise StepSpecError(index, op, "with", "give the other side: 'with' (a topic) or 'with_records' (a list)")
     if other is not None and (not isinstance(other, str) or not other):
@@ -305,7 +309,7 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
             raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
                   time_field, max_matches, prefixes,
-                  _duration(index, op, spec, "idle_close", allow_zero=True) or 0.0)
+                  _duration(index, op, spec, "idle_close", allow_zero=True) or 0.0, repartition)
 
     def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
         raise RuntimeError("a join is run by run_batch or a live join, not record by record")

@@ -197,6 +197,9 @@ class PipelineJoinStep(JoinInterval):
     idle_close: Duration | Literal[0] | None = Field(
         default=None, description="a side without input this long is idle: stream time follows the other "
                                   "side; both idle: every interval closes (0 or absent: never)")
+    repartition: bool = Field(
+        default=False, description="the two topics are not keyed by the join key: re-key each through an "
+                                   "internal topic first")
 
 
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]

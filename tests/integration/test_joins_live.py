@@ -291,3 +291,60 @@ def test_idle_sides_close_the_intervals_of_left_and_outer_joins(kafka):
         assert counters["jleft"]["idle_marked"] > 0 and counters["jleft"]["right"] == 3
     finally:
         w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_sides_not_keyed_by_the_join_key_are_repartitioned(kafka):
+    """repartition against the real broker: both topics are written with keys and
+    partitions unrelated to the join key (a key's records are spread over all
+    partitions, on both sides), and the join still finds every pair: each side is
+    re-keyed by the join key through its internal topic
+    (``pipeline.<name>.<side>.keyed``, the windows' rekey step). Without it most pairs
+    would be in different partitions. A left join's unmatched records are emitted once
+    both sides are idle (idle_close); nothing is late (the grace covers all times)."""
+    name = unique("joinrekey")
+    cfg = {"pipelines": [
+        {"name": "jleft", "source": "orders", "sink": "paid.left",
+         "steps": [{"op": "join", "with": "payments", "on": "k", "within": 5, "grace": 600, "type": "left",
+                    "time_field": "ts", "idle_close": 2, "repartition": True}]}]}
+    run(create_topics([f"{name}.orders", f"{name}.payments"], partitions=PARTITIONS))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(cfg)})
+    w.start(timeout=150)
+    rng = random.Random(3)
+    t0 = 1_700_000_000.0
+    left = [{"k": rng.randrange(12), "ts": t0 + i, "id": f"l{i}"} for i in range(120)]
+    right = [{"k": rng.randrange(12), "ts": t0 + i + rng.uniform(0, 3), "id": f"r{i}"} for i in range(120)]
+    want, matched = [], set()
+    for a in left:
+        for b in right:
+            if a["k"] == b["k"] and abs(a["ts"] - b["ts"]) <= 5:
+                want.append({"left": a, "right": b, "ts": max(a["ts"], b["ts"])})
+                matched.add(a["id"])
+    want += [{"left": a, "right": None, "ts": a["ts"]} for a in left if a["id"] not in matched]
+
+    async def produce_scattered() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
+        await producer.start()
+        try:
+            for topic, records in (("orders", left), ("payments", right)):
+                for i, r in enumerate(records):
+                    await producer.send_and_wait(f"{name}.{topic}", json.dumps(r).encode(), key=f"x{i}".encode(),
+                                                 partition=i % PARTITIONS)
+        finally:
+            await producer.stop()
+
+    try:
+        run(produce_scattered())
+
+        async def complete():
+            got = await read_topic(f"{name}.paid.left", timeout=10, idle=2)
+            return got if len(got) >= len(want) else None
+
+        run(wait_for(complete, timeout=240, interval=2, what="the re-keyed join's outputs"))
+        got = run(read_topic(f"{name}.paid.left", timeout=10, idle=3))
+        assert as_multiset(r.json() for r in got) == as_multiset(want)
+        assert all(r.key == str((r.json()["left"] or r.json()["right"])["k"]).encode() for r in got)
+        keyed = run(read_topic(f"{name}.pipeline.jleft.left.keyed", timeout=10, idle=2))
+        assert {r.key for r in keyed if r.value} == {str(k).encode() for k in {a["k"] for a in left}}
+    finally:
+        w.kill()
