@@ -148,9 +148,9 @@ def epoch_seconds(value: Any) -> float:
 
     JSON numbers are computed directly, with the same rounding as ``_iso`` and the
     same value ``datetime.timestamp()`` gives for that text (whole seconds and
-    microseconds as integers, divided once). Why: the live join reads one event time
-    per record, and the round trip through ISO text and a datetime cost ~9 µs, a
-    fifth of the join's CPU per record (docs/performance.md, "The live join")."""
+    microseconds as integers, divided once). Why: the live join reads an event time
+    per record, and the round trip through ISO text and a datetime was a sixth of its
+    processing (docs/performance.md, "The live join")."""
     if (value.__class__ is float or value.__class__ is int) and math.isfinite(value):
         seconds = value / 1000.0 if abs(value) >= 1e11 else float(value)
         frac, whole = math.modf(seconds)
