@@ -322,7 +322,7 @@ class JoinRunner:
         dead: list[tuple[Any, ...]] = []
         sources: list[tuple[int, int]] = []
         topic = self.names[side]
-        now = self.clock()
+        clock_now = self.clock()
         for p, records in parts:
             if not records:
                 continue
@@ -346,7 +346,7 @@ class JoinRunner:
                     headers = dict(headers)
                     if TICK_HEADER in headers:
                         ticks += 1
-                        self._tick(side, p, join, now, out, dead)
+                        self._tick(side, p, join, clock_now, out, dead)
                         continue
                     if src_applied is not None and SRC_PARTITION in headers:
                         # Re-keyed: a record the rekey step sent again after a crash (its
@@ -359,7 +359,7 @@ class JoinRunner:
                         src_applied[src_p] = src_offset
                 if not active:
                     active = True
-                    self.last_activity[(side, p)] = now
+                    self.last_activity[(side, p)] = clock_now
                     self.idle_marked.discard((side, p))
                 counters.into += 1
                 try:

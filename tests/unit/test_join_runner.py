@@ -285,6 +285,26 @@ def test_an_idle_side_read_as_a_tick_emits_the_unmatched_record_and_survives_a_r
     assert r.stats["right"] == 1 and r.counters.into == 3 and r.stats["idle_marked"] == 1
 
 
+def test_a_tick_after_another_partitions_records_in_one_batch_marks_its_side_idle():
+    """A batch of several partitions: a tick in the second partition, after records of
+    the first, is judged by the batch's clock (not by a value left from the first
+    partition's counting)."""
+    clock = [1000.0]
+    r = runner(idle_pipeline("left"), MemoryStore())
+    r.clock = lambda: clock[0]
+
+    async def go():
+        await r.process("l", [(1, [Rec(0, {"k": 4, "ts": 0, "id": "a"}), Rec(1, {"k": 7, "ts": 100})])])
+        await r.process("r", [(1, [Rec(0, {"k": 1, "ts": 0})])])
+        clock[0] += 31
+        await r.process("l", [(0, [Rec(0, {"k": 3, "ts": 50})])])
+        await r.process("r", [(0, [Rec(1, {"k": 3, "ts": 50})]), (1, [Tick(1)])])
+
+    asyncio.run(go())
+    assert r.stats["idle_marked"] == 1
+    assert [o["left"].get("id") for o in outputs([r.emitter]) if o["right"] is None] == ["a"]
+
+
 def test_idle_ticks_are_due_once_per_idle_period_per_side_and_partition():
     r = runner(idle_pipeline("left", idle_close=10.0), MemoryStore())
     assigned = [("l", 0), ("r", 0)]
