@@ -116,6 +116,11 @@ class PipelineSpec:
         """Where a join's late records go (logical name)."""
         return f"pipeline.{self.name}.late"
 
+    def keyed_topic(self, side: str) -> str:
+        """The internal topic a re-keyed join side (``repartition``) is read from, keyed
+        by the join key (logical name; ``side``: ``left`` or ``right``)."""
+        return f"pipeline.{self.name}.{side}.keyed"
+
     @property
     def output_topic(self) -> str:
         """Where the pipeline writes its records: the sink, or its window's input."""

@@ -276,8 +276,14 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     if "with_table" in spec or "table_records" in spec:
         return parse_table_join(index, spec)
     _check_params(index, op, spec, {"with", "with_records", "on", "within", "before", "after", "grace",
-                                    "type", "time_field", "max_matches", "prefix"})
+                                    "type", "time_field", "max_matches", "prefix", "idle_close", "repartition"})
     other, inline = spec.get("with"), spec.get("with_records")
+    for live_only in ("idle_close", "repartition"):
+        if inline is not None and live_only in spec:
+            raise StepSpecError(index, op, live_only, "applies to a live join ('with' a topic) only")
+    repartition = spec.get("repartition", False)
+    if not isinstance(repartition, bool):
+        raise StepSpecError(index, op, "repartition", "must be true or false")
     if (other is None) == (inline is None):
         raise StepSpecError(index, op, "with", "give the other side: 'with' (a topic) or 'with_records' (a list)")
     if other is not None and (not isinstance(other, str) or not other):
@@ -303,7 +309,8 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     max_matches = _positive(index, op, spec, "max_matches", int) or 1000
     prefixes = _prefixes(index, op, spec)
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
-                  time_field, max_matches, prefixes)
+                  time_field, max_matches, prefixes,
+                  _duration(index, op, spec, "idle_close", allow_zero=True) or 0.0, repartition)
 
     def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
         raise RuntimeError("a join is run by run_batch or a live join, not record by record")

@@ -316,11 +316,12 @@ class VersionedTable:
             t = _time_or_none(record, spec.time_field)
             row = self.lookup(key, t)
         self.counts.stream += 1
+        raw = record.get(spec.time_field)  # the output's time field, as the record wrote it
         if row is None:
             self.counts.unmatched += 1
-            return Joined(record, None, t) if spec.type == "left" else None
+            return Joined(record, None, t, raw) if spec.type == "left" else None
         self.counts.pairs += 1
-        return Joined(record, row, t)
+        return Joined(record, row, t, raw)
 
 
 def _time_or_none(record: Mapping[str, Any], time_field: str) -> float:
@@ -335,7 +336,7 @@ def output(joined: Joined, spec: TableJoinSpec) -> dict[str, Any]:
     """The output record: the stream record and its row, nested (``{"left": …,
     "right": …}``) or flat under the prefixes, as the interval join writes them; the
     time field is the stream record's own (written as it wrote it)."""
-    out = merged(joined, spec, joined.left.get(spec.time_field) if joined.left else None)  # type: ignore[arg-type]
+    out = merged(joined, spec)  # type: ignore[arg-type]
     if joined.left is not None and spec.time_field not in joined.left:
         del out[spec.time_field]
     return out

@@ -209,6 +209,12 @@ class PipelineJoinStep(JoinInterval, TableJoinFields):
     op: Literal["join"]
     with_: TopicName | None = Field(None, alias="with", description="the right side's topic (logical name)")
     with_table: Name | None = Field(None, description="a table: a topic of rows or a materialized table")
+    idle_close: Duration | Literal[0] | None = Field(
+        default=None, description="a side without input this long is idle: stream time follows the other "
+                                  "side; both idle: every interval closes (0 or absent: never)")
+    repartition: bool = Field(
+        default=False, description="the two topics are not keyed by the join key: re-key each through an "
+                                   "internal topic first")
 
 
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]
