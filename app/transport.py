@@ -2014,6 +2014,19 @@ def finished(batch: Any, count: int) -> Any:
     return batch
 
 
+def batch_records(batch: Any) -> list[tuple[bytes | None, bytes | None, list, int]]:
+    """(key, value, headers, timestamp in epoch ms) of each record of an aiokafka
+    ``BatchBuilder`` handed to the producer, to send them again in a new batch.
+
+    Why read them back: the builder cannot be sent twice (aiokafka builds its buffer
+    once, and sets the producer id and sequence on the builder it then drops), and the
+    batch paths hold no copy of the records (``kafka_io.RecordBatches``)."""
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    return [(r.key, r.value, list(r.headers), r.timestamp)
+            for r in DefaultRecordBatch(bytearray(batch._build()))]
+
+
 def consumer_state(app: Any, topic: str) -> dict[str, Any]:
     """Why a consumer might not be fetching ``topic``: flow, paused partitions, unacked
     messages, the fetcher service, and ``topic``'s partitions by state (a debug view,
@@ -2044,6 +2057,6 @@ __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "TransactionManager",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
-           "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",
+           "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]
