@@ -86,6 +86,7 @@ from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
+from faust.assignor import PartitionAssignor as FaustPartitionAssignor
 from faust.models import maybe_model
 from faust.streams import _current_event as faust_current_event_var
 from faust.tables.manager import TableManager as FaustTableManager
@@ -1813,6 +1814,52 @@ class Web(faust_aiohttp_web.Web):
     production_blueprints: ClassVar[list] = []
 
 
+def unique_topic_groups(copartitioned: Any) -> dict[str, int]:
+    """Topic -> topic group number, one number per copartitioned topic set.
+
+    ``copartitioned``: partition count -> the topic sets of that count (Faust's
+    ``_get_copartitioned_groups``). The first set of each count (by sorted topic names)
+    keeps Faust's number, the index of its partition count; each further set of a count
+    gets a number after all of those. So with one set per count, as when every worker
+    subscribes to the same topics, the numbers (and the transactional ids built from
+    them) are Faust's."""
+    counts = sorted(copartitioned)
+    groups: dict[str, int] = {}
+    extra = len(counts)
+    for index, count in enumerate(counts):
+        for rank, topics in enumerate(sorted(sorted(topic_set) for topic_set in copartitioned[count])):
+            if rank:
+                number, extra = extra, extra + 1
+            else:
+                number = index
+            for topic in topics:
+                groups[topic] = number
+    return groups
+
+
+class PartitionAssignor(FaustPartitionAssignor):
+    """Faust's assignor with a topic group number per copartitioned topic set
+    (``App(PartitionAssignor=...)``).
+
+    Why (docs/delivery.md, T): Faust numbers topic groups by partition count, but
+    assigns each set of co-subscribed topics of that count on its own. Topics of one
+    count subscribed by different sets of workers (a worker started with another
+    pipeline config: a rolling config change) form two sets with one number, so
+    partition 0 of a one-partition topic of each set could go to two workers, both
+    with the transactional id ``{app id}-{group}-0``: under exactly_once each one's
+    producer fences the other's."""
+
+    def _get_copartitioned_groups(self, topics: Any, cluster: Any, subscriptions: Any) -> Any:
+        groups = super()._get_copartitioned_groups(topics, cluster, subscriptions)
+        self._copartitioned = {count: [set(topic_set) for topic_set in sets] for count, sets in groups.items()}
+        return self._copartitioned
+
+    def _protocol_assignments(self, assignments: Any, cl_distribution: Any, tp_distribution: Any,
+                              topic_groups: Any) -> Any:
+        return super()._protocol_assignments(assignments, cl_distribution, tp_distribution,
+                                             unique_topic_groups(self._copartitioned))
+
+
 def install() -> None:
     """Register :data:`SCHEME` in Faust's transport registry and :data:`WEB_SCHEME` in
     its web driver registry (idempotent)."""
@@ -2055,7 +2102,7 @@ def consumer_state(app: Any, topic: str) -> dict[str, Any]:
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
-           "TransactionManager",
+           "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
