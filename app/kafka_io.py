@@ -42,7 +42,7 @@ MAX_BATCH_BYTES = 900 * 1024
 #: How long record batches that failed with a retriable error are sent again before
 #: their failure is final (Kafka's producer default ``delivery.timeout.ms``: 120 s).
 #: aiokafka gives a batch up once it waited its ``request_timeout_ms`` (40 s) without a
-#: known leader, which a broker restart can outlast (docs/delivery.md, S).
+#: known leader, which a broker restart can outlast (docs/delivery.md, W).
 SEND_RETRY_SECONDS = 120.0
 #: The first wait before sending again, doubled up to ``SEND_RETRY_MAX_BACKOFF``.
 SEND_RETRY_BACKOFF = 0.1

@@ -1841,7 +1841,7 @@ class PartitionAssignor(FaustPartitionAssignor):
     """Faust's assignor with a topic group number per copartitioned topic set
     (``App(PartitionAssignor=...)``).
 
-    Why (docs/delivery.md, T): Faust numbers topic groups by partition count, but
+    Why (docs/delivery.md, X): Faust numbers topic groups by partition count, but
     assigns each set of co-subscribed topics of that count on its own. Topics of one
     count subscribed by different sets of workers (a worker started with another
     pipeline config: a rolling config change) form two sets with one number, so

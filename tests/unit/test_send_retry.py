@@ -1,4 +1,4 @@
-"""The output path sends again what failed with a retriable error (docs/delivery.md, S).
+"""The output path sends again what failed with a retriable error (docs/delivery.md, W).
 
 During a broker restart aiokafka gives up a record batch that waited its request
 timeout without a known leader (``NotLeaderForPartitionError``); the emitter's next

@@ -1,4 +1,4 @@
-"""Transactional ids are unique per copartitioned topic set (docs/delivery.md, T).
+"""Transactional ids are unique per copartitioned topic set (docs/delivery.md, X).
 
 Faust builds a transactional id per active partition as ``{app id}-{topic group}-{p}``
 and numbered topic groups by partition count, while it assigns each set of
