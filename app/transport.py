@@ -1348,6 +1348,16 @@ class TransactionManager(FaustTransactionManager):
                 "group: paused, or its session expired); its local state may hold writes of "
                 "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
+            if commit_guard.session_lapsed():
+                # Paused (or blocked) past its session while it set this assignment
+                # up: the group has gone on, and these partitions have other owners
+                # now. Registering a producer (InitProducerId) for the next id would
+                # fence its current owner's (seen in a chaos run: a worker paused in
+                # this loop woke and fenced a running worker, which crashed).
+                raise ZombieRestart(
+                    "exactly_once: this worker's group session lapsed while it started the "
+                    "producers of its assignment; it restarts instead of fencing the producers "
+                    "of the partitions' current owners")
             await self.ready_transaction(tid)
         for hook in ASSIGNMENT_HOOKS:
             await hook(assigned)
