@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import murmur2
 from mode import Service
 
@@ -32,6 +38,7 @@ from app.transport import (
     finished,
     record_appender,
     refresh_topic_metadata,
+    reset_producer_id,
 )
 
 log = logging.getLogger(__name__)
@@ -362,9 +369,12 @@ def producer_of(io: KafkaIO) -> Any:
 
 def retriable(exc: BaseException) -> bool:
     """A send error that sending again may cure: aiokafka's retriable errors (leader
-    moved or unknown, request timed out, not enough replicas, connection lost), and a
-    batch that timed out waiting for metadata or room in the producer's buffer."""
-    return isinstance(exc, KafkaTimeoutError) or (isinstance(exc, KafkaError) and exc.retriable)
+    moved or unknown, request timed out, not enough replicas, connection lost), a batch
+    that timed out waiting for metadata or room in the producer's buffer, and the
+    sequence errors a batch given up before leaves (sent again under a new producer id,
+    ``delivered``)."""
+    return (isinstance(exc, (KafkaTimeoutError, OutOfOrderSequenceNumber, UnknownProducerId))
+            or (isinstance(exc, KafkaError) and exc.retriable))
 
 
 async def hand_over(producer: Any, topic: str, partition: int, batch: Any, count: int) -> SentBatch:
@@ -415,6 +425,9 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
                     sorted(first_failed), error, backoff)
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, SEND_RETRY_MAX_BACKOFF)
+        # A batch given up may have had its sequence numbers: without a new producer
+        # id every later batch of its partition fails (``reset_producer_id``).
+        reset_producer_id(producer)
         again = list(sent)
         for index, one in enumerate(sent):
             if index >= first_failed.get(one.partition, len(sent)):

@@ -2071,6 +2071,28 @@ def finished(batch: Any, count: int) -> Any:
     return batch
 
 
+def reset_producer_id(producer: Any) -> bool:
+    """Make an idempotent, not transactional, aiokafka producer register a new producer
+    id before it drains its next batch (its sender waits for one at each round), with
+    every partition's sequence number back at 0; True if it did.
+
+    Why (docs/delivery.md, W): aiokafka numbers a partition's batches when it first
+    drains them and never takes a number back. A batch given up after that (no known
+    leader past its request timeout, during a broker restart) leaves a gap, and the
+    broker answers every later batch of that producer and partition with
+    ``OutOfOrderSequenceNumber``, for good. Kafka's Java producer resets its producer
+    id or bumps its epoch then (KIP-360); aiokafka does not."""
+    from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
+
+    txn = getattr(producer, "_txn_manager", None)
+    if txn is None or txn.transactional_id is not None or not txn.has_pid():
+        return False
+    txn._pid_and_epoch = PidAndEpoch(NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    txn._pid_waiter = asyncio.get_running_loop().create_future()
+    txn._sequence_numbers.clear()
+    return True
+
+
 def batch_records(batch: Any) -> list[tuple[bytes | None, bytes | None, list, int]]:
     """(key, value, headers, timestamp in epoch ms) of each record of an aiokafka
     ``BatchBuilder`` handed to the producer, to send them again in a new batch.
@@ -2114,6 +2136,7 @@ __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
            "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
-           "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions", "consumer_state",
+           "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
+           "reset_producer_id", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

@@ -150,3 +150,41 @@ def test_a_retriable_error_that_outlasts_the_bound_fails(monkeypatch):
 
     with pytest.raises(NotLeaderForPartitionError):
         asyncio.run(scenario())
+
+
+def test_a_sequence_gap_is_sent_again_under_a_new_producer_id():
+    """Long mode, at_least_once, seed 3: after a batch given up during a broker
+    restart (its sequence numbers taken), the broker answered every later batch of
+    the partition with OutOfOrderSequenceNumber, which ended two workers. The batch
+    is now sent again, and the producer registers a new producer id first."""
+    from aiokafka.errors import OutOfOrderSequenceNumber
+    from aiokafka.producer.transaction_manager import TransactionManager
+    from aiokafka.structs import TopicPartition
+
+    async def scenario():
+        producer = FlakyProducer({(0, 0): OutOfOrderSequenceNumber()})
+        producer._txn_manager = txn = TransactionManager(None, 60000)  # idempotent, not transactional
+        txn.set_pid_and_epoch(7, 0)
+        txn.increment_sequence_number(TopicPartition("out", 0), 40)
+        batches = kio.RecordBatches(producer)
+        made = fill(batches, 4)
+        await (await batches.start("out"))
+        return producer, made, txn
+
+    producer, made, txn = asyncio.run(scenario())
+    assert producer.log[0] == made[0]
+    assert not txn.has_pid()  # the sender registers a new one before its next batch
+    assert txn.sequence_number(TopicPartition("out", 0)) == 0
+
+
+def test_a_transactional_producer_keeps_its_id():
+    from aiokafka.producer.transaction_manager import TransactionManager
+
+    from app.transport import reset_producer_id
+
+    async def scenario():
+        producer = SimpleNamespace(_txn_manager=TransactionManager("app-1-0", 60000))
+        producer._txn_manager.set_pid_and_epoch(7, 0)
+        return reset_producer_id(producer), producer._txn_manager.producer_id
+
+    assert asyncio.run(scenario()) == (False, 7)
