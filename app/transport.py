@@ -86,6 +86,7 @@ from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
+from faust.assignor import PartitionAssignor as FaustPartitionAssignor
 from faust.models import maybe_model
 from faust.streams import _current_event as faust_current_event_var
 from faust.tables.manager import TableManager as FaustTableManager
@@ -1347,6 +1348,16 @@ class TransactionManager(FaustTransactionManager):
                 "group: paused, or its session expired); its local state may hold writes of "
                 "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
+            if commit_guard.session_lapsed():
+                # Paused (or blocked) past its session while it set this assignment
+                # up: the group has gone on, and these partitions have other owners
+                # now. Registering a producer (InitProducerId) for the next id would
+                # fence its current owner's (seen in a chaos run: a worker paused in
+                # this loop woke and fenced a running worker, which crashed).
+                raise ZombieRestart(
+                    "exactly_once: this worker's group session lapsed while it started the "
+                    "producers of its assignment; it restarts instead of fencing the producers "
+                    "of the partitions' current owners")
             await self.ready_transaction(tid)
         for hook in ASSIGNMENT_HOOKS:
             await hook(assigned)
@@ -1813,6 +1824,52 @@ class Web(faust_aiohttp_web.Web):
     production_blueprints: ClassVar[list] = []
 
 
+def unique_topic_groups(copartitioned: Any) -> dict[str, int]:
+    """Topic -> topic group number, one number per copartitioned topic set.
+
+    ``copartitioned``: partition count -> the topic sets of that count (Faust's
+    ``_get_copartitioned_groups``). The first set of each count (by sorted topic names)
+    keeps Faust's number, the index of its partition count; each further set of a count
+    gets a number after all of those. So with one set per count, as when every worker
+    subscribes to the same topics, the numbers (and the transactional ids built from
+    them) are Faust's."""
+    counts = sorted(copartitioned)
+    groups: dict[str, int] = {}
+    extra = len(counts)
+    for index, count in enumerate(counts):
+        for rank, topics in enumerate(sorted(sorted(topic_set) for topic_set in copartitioned[count])):
+            if rank:
+                number, extra = extra, extra + 1
+            else:
+                number = index
+            for topic in topics:
+                groups[topic] = number
+    return groups
+
+
+class PartitionAssignor(FaustPartitionAssignor):
+    """Faust's assignor with a topic group number per copartitioned topic set
+    (``App(PartitionAssignor=...)``).
+
+    Why (docs/delivery.md, X): Faust numbers topic groups by partition count, but
+    assigns each set of co-subscribed topics of that count on its own. Topics of one
+    count subscribed by different sets of workers (a worker started with another
+    pipeline config: a rolling config change) form two sets with one number, so
+    partition 0 of a one-partition topic of each set could go to two workers, both
+    with the transactional id ``{app id}-{group}-0``: under exactly_once each one's
+    producer fences the other's."""
+
+    def _get_copartitioned_groups(self, topics: Any, cluster: Any, subscriptions: Any) -> Any:
+        groups = super()._get_copartitioned_groups(topics, cluster, subscriptions)
+        self._copartitioned = {count: [set(topic_set) for topic_set in sets] for count, sets in groups.items()}
+        return self._copartitioned
+
+    def _protocol_assignments(self, assignments: Any, cl_distribution: Any, tp_distribution: Any,
+                              topic_groups: Any) -> Any:
+        return super()._protocol_assignments(assignments, cl_distribution, tp_distribution,
+                                             unique_topic_groups(self._copartitioned))
+
+
 def install() -> None:
     """Register :data:`SCHEME` in Faust's transport registry and :data:`WEB_SCHEME` in
     its web driver registry (idempotent)."""
@@ -2014,6 +2071,41 @@ def finished(batch: Any, count: int) -> Any:
     return batch
 
 
+def reset_producer_id(producer: Any) -> bool:
+    """Make an idempotent, not transactional, aiokafka producer register a new producer
+    id before it drains its next batch (its sender waits for one at each round), with
+    every partition's sequence number back at 0; True if it did.
+
+    Why (docs/delivery.md, W): aiokafka numbers a partition's batches when it first
+    drains them and never takes a number back. A batch given up after that (no known
+    leader past its request timeout, during a broker restart) leaves a gap, and the
+    broker answers every later batch of that producer and partition with
+    ``OutOfOrderSequenceNumber``, for good. Kafka's Java producer resets its producer
+    id or bumps its epoch then (KIP-360); aiokafka does not."""
+    from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
+
+    txn = getattr(producer, "_txn_manager", None)
+    if txn is None or txn.transactional_id is not None or not txn.has_pid():
+        return False
+    txn._pid_and_epoch = PidAndEpoch(NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    txn._pid_waiter = asyncio.get_running_loop().create_future()
+    txn._sequence_numbers.clear()
+    return True
+
+
+def batch_records(batch: Any) -> list[tuple[bytes | None, bytes | None, list, int]]:
+    """(key, value, headers, timestamp in epoch ms) of each record of an aiokafka
+    ``BatchBuilder`` handed to the producer, to send them again in a new batch.
+
+    Why read them back: the builder cannot be sent twice (aiokafka builds its buffer
+    once, and sets the producer id and sequence on the builder it then drops), and the
+    batch paths hold no copy of the records (``kafka_io.RecordBatches``)."""
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    return [(r.key, r.value, list(r.headers), r.timestamp)
+            for r in DefaultRecordBatch(bytearray(batch._build()))]
+
+
 def consumer_state(app: Any, topic: str) -> dict[str, Any]:
     """Why a consumer might not be fetching ``topic``: flow, paused partitions, unacked
     messages, the fetcher service, and ``topic``'s partitions by state (a debug view,
@@ -2042,8 +2134,9 @@ def consumer_state(app: Any, topic: str) -> dict[str, Any]:
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
-           "TransactionManager",
+           "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
-           "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",
+           "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
+           "reset_producer_id", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

@@ -42,25 +42,16 @@ def run_case(guarantee: str) -> dict:
 
 
 @pytest.mark.timeout(1200)  # 6,000 events in 60 s, then a minute's session stall per kill, on 2 loaded cores
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 23 (docs/delivery.md, O): seed 7's zombie is out of the group for a generation, and "
-    "under exactly_once such a worker now restarts on purpose (ZombieRestart: its stores hold "
-    "writes of aborted transactions), which the verifier's crashed verdict counts. Session 12, "
-    "on the final code: 1 run, only verdict crashed (that restart); lost, duplicated, windows and "
-    "alerts passed. Before that restart existed, 1 run passed but a long run lost 91 records the "
-    "zombie's stores took for copies. Plain once a zombie's stores are rolled back without a "
-    "restart, or the verifier counts that restart apart"))
 def test_chained_faults_exactly_once(kafka):
+    """Was xfail (the woken zombie's ZombieRestart counted as a crash; the verifier now
+    lists it apart). Passed 2 of 2 runs in session 13."""
     run_case("exactly_once")
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 23: a worker can crash on a NotLeaderForPartitionError while seed 7's broker restart "
-    "moves leadership (FastConsumer: 'Crashed reason=NotLeaderForPartitionError()'); seen in 1 of 2 "
-    "fresh-clone CI runs of session 12, with nothing lost, repeated or wrong (verdict crashed "
-    "only). A transient broker error must be retried, not end the worker: not fixed yet"))
 def test_chained_faults_at_least_once(kafka):
     """Was xfail (issue 23 finding 3 on 510198f: stuck in 2 of 9 runs, 1 crash). Passed 3
-    of 3 runs in session 12, after sections I and P of docs/delivery.md."""
+    of 3 runs in session 12, after sections I and P of docs/delivery.md; then xfail again
+    for a crash on NotLeaderForPartitionError (1 of 2 CI runs), fixed by section W.
+    Passed 2 of 2 runs in session 13."""
     run_case("at_least_once")
