@@ -42,13 +42,25 @@ def run_case(guarantee: str) -> dict:
 
 
 @pytest.mark.timeout(1200)  # 6,000 events in 60 s, then a minute's session stall per kill, on 2 loaded cores
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 23, docs/delivery.md 'Open: exactly_once alerts repeated inside one transaction': "
+    "in 3 of 3 integrator runs of session 13 the same source records reached the pattern split "
+    "twice inside one open transaction (4-9 alerts repeated; nothing lost; the helper's 3 runs "
+    "passed). Cause not found yet: a seek or rewind behind records already delivered into the "
+    "transaction is the lead"))
 def test_chained_faults_exactly_once(kafka):
     """Was xfail (the woken zombie's ZombieRestart counted as a crash; the verifier now
-    lists it apart). Passed 2 of 2 runs in session 13."""
+    lists it apart); xfail again for repeated alerts (reason above)."""
     run_case("exactly_once")
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 23, docs/delivery.md 'Open: a new owner that started at the end of the partition': "
+    "the session 13 long mode lost records at a paused worker's wake under at_least_once "
+    "(seed 1: 18 ids; a dropped fetch's partitions were not moved back by the seek to the "
+    "committed offsets) and got windows wrong (seed 3). This case's schedule has such a pause; "
+    "it passed 5 of 5 runs in session 13, the defect is still open"))
 def test_chained_faults_at_least_once(kafka):
     """Was xfail (issue 23 finding 3 on 510198f: stuck in 2 of 9 runs, 1 crash). Passed 3
     of 3 runs in session 12, after sections I and P of docs/delivery.md; then xfail again
