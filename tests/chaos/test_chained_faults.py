@@ -60,7 +60,7 @@ def test_chained_faults_exactly_once(kafka):
     "the session 13 long mode lost records at a paused worker's wake under at_least_once "
     "(seed 1: 18 ids; a dropped fetch's partitions were not moved back by the seek to the "
     "committed offsets) and got windows wrong (seed 3). This case's schedule has such a pause; "
-    "it passed 5 of 5 runs in session 13, the defect is still open"))
+    "it passed 4 of 4 runs in session 13, the defect is still open"))
 def test_chained_faults_at_least_once(kafka):
     """Was xfail (issue 23 finding 3 on 510198f: stuck in 2 of 9 runs, 1 crash). Passed 3
     of 3 runs in session 12, after sections I and P of docs/delivery.md; then xfail again
