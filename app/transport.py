@@ -582,11 +582,25 @@ class FastConsumer(faust_aiokafka.Consumer):
         partition's position was its first dropped record's offset. With the consumer
         in its own thread a seek can come in between: one that went further back is
         kept (never forward), one that went forward is undone, which only makes Recovery
-        read changelog records again that it ignores by offset."""
+        read changelog records again that it ignores by offset.
+
+        A partition with a committed offset at or before its first dropped record is
+        also put back, to that committed offset: the seek to the committed offsets is
+        meant to have done it, but a woken worker's seek left such partitions past the
+        dropped fetch (the group had kept it through a broker restart; its unwritten
+        state had been dropped, docs/delivery.md P), and the next batch's jump was acked
+        as a gap: records lost under at_least_once (delivery.md, "Open: a new owner…",
+        session 13, seed 1). A committed offset past the first dropped record means the
+        group went on beyond it: nothing moves back then."""
         for tp, tp_records in records.items():
-            if not tp_records or self._committed_offset.get(tp):
+            if not tp_records:
                 continue
             first = tp_records[0].offset
+            committed = self._committed_offset.get(tp)
+            if committed:
+                if committed > first:
+                    continue
+                first = committed
             if await self._thread.rewind(tp, first):
                 self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
 
