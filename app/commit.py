@@ -20,10 +20,10 @@ flushed at the end of every batch instead, inside the batch's transaction.
 
 Under at_least_once a commit is a snapshot (``CommitProtocol.begin_commit``, hooked
 into app/transport.py's commits): between two processing sections it takes the offsets
-acked so far, the sends in flight so far and every cache's unwritten values (encoded
-then: later changes belong to the next commit); then batches run again while it waits
-for those sends, writes those values and commits those offsets, in that order. A batch
-never waits for the commit's round trips (issue 22: alerts waited ~100 ms on them).
+acked so far and every cache's unwritten values; then batches run again while it
+encodes those values (a part at a time, between batches), waits for the sends made
+until then, writes the values and commits those offsets, in that order. A batch never
+waits for the commit's round trips (issue 22: alerts waited ~100 ms on them).
 Under exactly_once the whole commit stays between two sections: the transaction being
 committed is the one a batch would send into, and one producer has one transaction.
 """
@@ -31,6 +31,7 @@ committed is the one a batch would send into, and one producer has one transacti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
@@ -508,16 +509,27 @@ class CommitProtocol:
         if rest is not None:
             await rest
 
+    #: Values encoded per section of a commit's snapshot (``begin_commit``): a few ms
+    #: that batches wait, instead of the encoding of every changed key at once.
+    ENCODE_PART = 1000
+
     async def begin_commit(self) -> Awaitable[None] | None:
         """The part of a commit no batch may run during, run between two processing
-        sections with the offsets to commit taken at the same point: the sends so far
-        (``Emitter.sent_so_far``) and every cache's unwritten values, taken and encoded
-        (``WriteBackCache.snapshot``; a cache without ``snapshot`` is flushed here,
-        after the outputs). Returns the rest, which may run while batches run again:
-        those sends acknowledged, then those values written, each cache in turn; the
-        caller commits the offsets after it returned, and not if it raised. None:
-        nothing left to do."""
-        sent = self.emitter.sent_so_far()
+        sections with the offsets to commit taken at the same point: every cache's
+        unwritten values taken (``WriteBackCache.snapshot``; a cache without
+        ``snapshot`` is flushed here, after the outputs) and the first part of them
+        encoded. Returns the rest, which lets batches run between its steps: the other
+        parts encoded, each between two batches (``ENCODE_PART`` values; a value changed
+        meanwhile is encoded as it is then, and written again by the next commit); the
+        sends made until the last part acknowledged (so a window's result is before the
+        state that dropped it); the values written, each cache in turn. The caller
+        commits the offsets after it returned, and not if it raised. None: nothing left.
+
+        So the state written covers at least the batches the offsets end with, maybe a
+        few more: a replay after a crash meets state that already holds some of its
+        records, which windows, patterns and joins skip (each key's state keeps the last
+        offset applied per source partition), as after a crash between a flush and its
+        offset commit."""
         snapshots: list[Any] = []
         try:
             for cache in self.caches:
@@ -529,28 +541,45 @@ class CommitProtocol:
                 taken = await snapshot()
                 if taken is not None:
                     snapshots.append(taken)
+            if not snapshots:
+                return self.emitter.sent_so_far()
+            done = snapshots[0].encode_some(self.ENCODE_PART)
         except BaseException:
             for taken in snapshots:
                 taken.abandon()
-            if sent is not None:
-                sent.close()
             raise
-        if sent is None and not snapshots:
-            return None
-        return self._write_snapshot(sent, snapshots)
+        sent = self.emitter.sent_so_far() if done and len(snapshots) == 1 else None
+        return self._write_snapshot(snapshots, done, sent)
 
-    async def _write_snapshot(self, sent: Coroutine[Any, Any, None] | None, snapshots: list[Any]) -> None:
+    async def _write_snapshot(self, snapshots: list[Any], done: bool, sent: Any) -> None:
         written = 0
         try:
+            last = len(snapshots) - 1
+            for i, taken in enumerate(snapshots):
+                while not done:
+                    await asyncio.sleep(0)  # a batch waiting for the section goes first
+                    async with self._between_batches():
+                        done = taken.encode_some(self.ENCODE_PART)
+                        if done and i == last:
+                            # The sends made before the last part was encoded.
+                            sent = self.emitter.sent_so_far()
+                done = False
             if sent is not None:
-                await sent
+                sent, waiting = None, sent
+                await waiting
             for taken in snapshots:
                 written += 1
                 await taken.write()
         except BaseException:
+            if sent is not None:
+                sent.close()
             for taken in snapshots[written:]:
                 taken.abandon()
             raise
+
+    def _between_batches(self) -> Any:
+        """A section no batch runs during (the guard's commit section)."""
+        return self._guard.committing() if self._guard is not None else contextlib.nullcontext()
 
     async def partitions_moved(self, *args: Any, **kwargs: Any) -> None:
         """On revoke and assign: whatever is unwritten reaches the changelog before

@@ -285,7 +285,7 @@ class Metrics:
             buckets=WORK_BUCKETS, registry=r)
         self.commit_hold_seconds = Histogram(
             "streametl_commit_hold_seconds",
-            "Time one commit kept batches waiting (under at_least_once its snapshot only)",
+            "Time one commit section kept batches out (under at_least_once a snapshot or one part of its encoding)",
             buckets=WORK_BUCKETS, registry=r)
         self.flush_seconds = Histogram(
             "streametl_state_flush_seconds", "Time one write-back flush of state took", ["store"],

@@ -132,8 +132,8 @@ class Observers:
 
     ``batch(agent_name, batch, seconds)``: once per batch agent call, after it returned.
     ``commit(seconds)``: once per offset commit (the before-commit flushes included).
-    ``commit_hold(seconds)``: once per commit that kept processing sections out, for
-    as long as it did (``CommitGuard.committing``).
+    ``commit_hold(seconds)``: once per commit section (``CommitGuard.committing``), from
+    the end of the batch it waited for until batches may run again.
     ``rebalance(phase, seconds)``: ``"assign"`` from a rebalance's start until this
     worker's partitions are assigned, ``"restore"`` from then until table recovery has
     completed (Faust's rebalance end)."""
@@ -283,16 +283,17 @@ class CommitGuard:
         idle, open_ = self._events()
         self._committing += 1
         open_.clear()
-        t0 = time.perf_counter()
+        t0 = None
         try:
             while not idle.is_set():
                 await idle.wait()
+            t0 = time.perf_counter()
             yield
         finally:
             self._committing -= 1
             if not self._committing:
                 open_.set()
-            if observers.commit_hold is not None:
+            if observers.commit_hold is not None and t0 is not None:
                 observers.commit_hold(time.perf_counter() - t0)
 
 

@@ -143,27 +143,15 @@ class PartitionStore:
 
     def prepare_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> StoreWrites | None:
         """``write_partitions`` in two steps: the values are encoded now (into the
-        changelog record batches and RocksDB write batches), and ``store()`` of what this
-        returns sends, awaits the acks, then writes RocksDB. So a caller can take a
-        snapshot of values that change afterwards (the commit protocol, app/commit.py).
-        None when the changelog does not go out as record batches (Faust's table API:
-        ``write_partitions`` then writes through it)."""
+        changelog record batches and RocksDB write batches; more with ``add``), and
+        ``store()`` of what this returns sends, awaits the acks, then writes RocksDB. So
+        a caller can encode values while they may still change and write them later (the
+        commit protocol, app/commit.py). None when the changelog does not go out as
+        record batches (Faust's table API: ``write_partitions`` then writes through it)."""
         if not emitter.batches_changelog():
             return None
-        # Encoded straight into the changelog batches and RocksDB write batches
-        # (StoreWrites), no event object per item.
-        dumps, option = orjson.dumps, 0 if str_keys else orjson.OPT_NON_STR_KEYS
         writes = StoreWrites(self)
-        put = writes.put
-        for partition, key, value in items:
-            if value is None:
-                writes.delete(partition, key)
-                continue
-            try:
-                raw = dumps(value, option=option)
-            except TypeError:  # a non-string dict key after all (str_keys)
-                raw = dumps(value, option=orjson.OPT_NON_STR_KEYS)
-            put(partition, key, raw)
+        writes.add(items, str_keys)
         return writes
 
     def at(self, partition: int) -> AtPartition:
@@ -230,6 +218,21 @@ class StoreWrites:
             db = self.target._partition_db(partition)
             local = self.local[partition] = _HeldWrites() if db is None else WriteBatch(raw_mode=True)
         return local
+
+    def add(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
+        """Encode (partition, key, JSON value; None deletes) into the write: straight into
+        the changelog batches and RocksDB write batches, no event object per item."""
+        dumps, option = orjson.dumps, 0 if str_keys else orjson.OPT_NON_STR_KEYS
+        put = self.put
+        for partition, key, value in items:
+            if value is None:
+                self.delete(partition, key)
+                continue
+            try:
+                raw = dumps(value, option=option)
+            except TypeError:  # a non-string dict key after all (str_keys)
+                raw = dumps(value, option=orjson.OPT_NON_STR_KEYS)
+            put(partition, key, raw)
 
     def put(self, partition: int, key: bytes, raw: bytes) -> None:
         self.changelog.add(partition, key, raw)
@@ -301,15 +304,9 @@ class MemoryStore:
         """As ``PartitionStore.prepare_partitions``: encoded now, stored by ``store()``
         (which waits for ``hold`` while it is set: a write in flight, for tests)."""
         self.str_keys = str_keys
-        encoded = []
-        for p, key, value in items:
-            if value is None or value.__class__ is bytes:
-                encoded.append((p, key, value))
-            else:
-                # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a
-                # string (orjson raises TypeError on any other key, so a wrong claim fails).
-                encoded.append((p, key, orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)))
-        return _MemoryWrites(self, encoded)
+        writes = _MemoryWrites(self, [])
+        writes.add(items, str_keys)
+        return writes
 
     def at(self, partition: int) -> AtPartition:
         return AtPartition(partition)
@@ -334,6 +331,15 @@ class _MemoryWrites:
 
     def __init__(self, target: MemoryStore, encoded: list[tuple[int, bytes, bytes | None]]) -> None:
         self.target, self.encoded = target, encoded
+
+    def add(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
+        for p, key, value in items:
+            if value is None or value.__class__ is bytes:
+                self.encoded.append((p, key, value))
+            else:
+                # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a
+                # string (orjson raises TypeError on any other key, so a wrong claim fails).
+                self.encoded.append((p, key, orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)))
 
     async def store(self) -> None:
         target = self.target
@@ -405,12 +411,14 @@ class WriteBackCache(WriteBackBuffer):
 
     async def snapshot(self) -> CacheSnapshot | None:
         """The first half of a flush, for a commit that lets batches run while it writes
-        (app/commit.py, ``CommitProtocol.begin_commit``): every dirty value is taken and
-        encoded *now*, so changes made after this belong to the next flush; the returned
-        ``CacheSnapshot`` writes them (``write``). Until it is done, no other flush of this
-        cache starts (changelog order) and no value it writes is evicted (a read meanwhile
-        would find RocksDB without it). None: nothing to write, or written already here
-        (a store that cannot encode ahead: ``prepare_partitions`` None or missing)."""
+        (app/commit.py, ``CommitProtocol.begin_commit``): every dirty value is taken now
+        (changes made after this mark them dirty again: the next flush writes them too);
+        the returned ``CacheSnapshot`` encodes them (``encode_some``, a part at a time
+        between batches) and writes them (``write``). Until it is done, no other flush of
+        this cache starts (changelog order) and no value it writes is evicted (a read
+        meanwhile would find RocksDB without it). None: nothing to write, or written
+        already here (a store that cannot encode ahead: ``prepare_partitions`` None or
+        missing)."""
         await self._lock.acquire()
         done = True
         try:
@@ -418,20 +426,20 @@ class WriteBackCache(WriteBackBuffer):
             if not self._dirty and not self.side:
                 return None
             prepare = getattr(self.store, "prepare_partitions", None)
+            prepared = None if prepare is None else prepare([], str_keys=self.str_keys)
             t0 = time.perf_counter()
-            taken, side, writes = self._take()
-            try:
-                prepared = None if prepare is None else prepare(writes, str_keys=self.str_keys)
-                if prepared is None:
-                    await self.store.write_partitions(writes, str_keys=self.str_keys)
-            except BaseException:
-                self.give_back(taken, side)
-                self.written()
-                raise
             if prepared is None:
-                self.written()
+                taken, side, writes = self._take()
+                try:
+                    await self.store.write_partitions(writes, str_keys=self.str_keys)
+                except BaseException:
+                    self.give_back(taken, side)
+                    raise
+                finally:
+                    self.written()
                 self.count_flush(t0)
                 return None
+            taken, side, _ = self._take(encoded_later=True)
             done = False
             return CacheSnapshot(self, prepared, taken, side, t0)
         finally:
@@ -443,7 +451,8 @@ class WriteBackCache(WriteBackBuffer):
             raise RuntimeError("a batch failed after changing cached state: not writing it "
                                "(a restart replays from the last commit)")
 
-    def _take(self) -> tuple[list[tuple[Hashable, Any, int]], dict[bytes, tuple[int, Any]], list[tuple[int, bytes, Any]]]:
+    def _take(self, encoded_later: bool = False) -> tuple[list[tuple[Hashable, Any, int]], dict[bytes, tuple[int, Any]],
+                                                          list[tuple[int, bytes, Any]]]:
         # As ``take_dirty``, but the taken keys stay cached (``_writing``) until the write
         # is done (``written``): a read meanwhile must not find the store without them.
         dirty, self._dirty = self._dirty, {}
@@ -452,13 +461,18 @@ class WriteBackCache(WriteBackBuffer):
         self.writes += len(taken)
         self._writing.update(dirty)
         side, self.side = self.side, {}
+        return taken, side, [] if encoded_later else self.items_of(taken, side)
+
+    def items_of(self, taken: list[tuple[Hashable, Any, int]],
+                 side: dict[bytes, tuple[int, Any]]) -> list[tuple[int, bytes, Any]]:
+        """(partition, stored key, value) of taken values and side values."""
         key_bytes = self.key_bytes
         if key_bytes is None:
             writes = [(p, key, value) for key, value, p in taken]
         else:
             writes = [(p, key_bytes(key), value) for key, value, p in taken]
         writes.extend((p, key, value) for key, (p, value) in side.items())
-        return taken, side, writes
+        return writes
 
     def give_back(self, taken: list[tuple[Hashable, Any, int]], side: dict[bytes, tuple[int, Any]]) -> None:
         """Taken values not written: unwritten again (not after ``fail``, which gave
@@ -519,14 +533,29 @@ class WriteBackCache(WriteBackBuffer):
 
 
 class CacheSnapshot:
-    """The values a ``WriteBackCache`` had unwritten at a commit's snapshot, encoded;
-    ``write`` stores them, ``abandon`` gives them back as unwritten. Either exactly once:
-    the cache's flushes wait until then."""
+    """The values a ``WriteBackCache`` had unwritten at a commit's snapshot: ``encode_some``
+    encodes them a part at a time (each part as the value is then: with any later change
+    made in place, which is dirty again too), ``write`` stores them, ``abandon`` gives them
+    back as unwritten. Either exactly once: the cache's flushes wait until then."""
 
-    __slots__ = ("cache", "prepared", "taken", "side", "t0")
+    __slots__ = ("cache", "prepared", "taken", "side", "t0", "encoded")
 
     def __init__(self, cache: WriteBackCache, prepared: Any, taken: list, side: dict, t0: float) -> None:
         self.cache, self.prepared, self.taken, self.side, self.t0 = cache, prepared, taken, side, t0
+        #: How many of ``taken`` are encoded (then the side values, with the last part).
+        self.encoded = 0
+
+    def encode_some(self, n: int) -> bool:
+        """Encode the next ``n`` values into the write (the side values with the last
+        part); True once all are."""
+        start, taken = self.encoded, self.taken
+        if start > len(taken):
+            return True
+        part = taken[start:start + n]
+        last = start + len(part) >= len(taken)
+        self.encoded = len(taken) + 1 if last else start + len(part)
+        self.prepared.add(self.cache.items_of(part, self.side if last else {}), self.cache.str_keys)
+        return last
 
     async def write(self) -> None:
         """Changelog records acknowledged, then RocksDB. A failure leaves the values

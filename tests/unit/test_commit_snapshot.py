@@ -214,3 +214,49 @@ def test_a_state_being_written_stays_cached():
         assert (0, "a") not in cache.entries  # an ordinary clean entry once written
 
     asyncio.run(main())
+
+
+def test_a_large_snapshot_is_encoded_between_batches_and_waits_for_their_outputs(worker, monkeypatch):
+    """Past ``ENCODE_PART`` values a snapshot is encoded a part at a time, each part
+    between two batches (no batch waits for the encoding of every changed key). A batch
+    that runs between two parts may change a value encoded after it, in place: that
+    value is written with the batch's change, so the write waits for the batch's
+    outputs too (a window's result before the state that dropped the window); the
+    offsets committed are still those taken with the snapshot."""
+    consumer, _protocol, _cache, store = worker
+    emitter = Emitter()
+    protocol = CommitProtocol(emitter, defer=True, guard=commit_guard)
+    monkeypatch.setattr(protocol, "ENCODE_PART", 1)
+    cache = protocol.register(WriteBackCache(store))
+    monkeypatch.setattr(commit_guard, "before_commit", [protocol.begin_commit])
+    result_sent = asyncio.Event()
+
+    async def send_result():
+        await result_sent.wait()
+
+    async def main():
+        async with commit_guard.processing():
+            cache.put(b"a", {"n": 1}, 0)
+            cache.put(b"b", {"n": 1}, 0)
+            consumer.ack_spans({TP0: (0, 9)})
+        async def next_batch():  # arrives during the snapshot; runs between its parts
+            async with commit_guard.processing():
+                assert cache.dirty_count == 0  # after the snapshot took a and b
+                cache.get(b"b", dict)["n"] = 2  # b's window closes
+                cache.put(b"b", cache.get(b"b", dict), 0)
+                emitter.sending.append(asyncio.ensure_future(send_result()))
+                consumer.ack_spans({TP0: (10, 19)})
+
+        committing = asyncio.ensure_future(consumer.commit())
+        batch_done = asyncio.ensure_future(next_batch())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert batch_done.done()
+        assert not committing.done() and value_of(store, b"b") is None  # waits for the result
+        result_sent.set()
+        assert await committing is True
+        assert consumer.commits == [({TP0: 10}, {"n": 1})]
+        assert value_of(store, b"b") == {"n": 2} and cache.dirty_count == 1  # and again next time
+        await emitter.flush()
+
+    asyncio.run(main())
