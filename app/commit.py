@@ -557,7 +557,8 @@ class CommitProtocol:
             last = len(snapshots) - 1
             for i, taken in enumerate(snapshots):
                 while not done:
-                    await asyncio.sleep(0)  # a batch waiting for the section goes first
+                    if self._guard is not None:
+                        await self._guard.let_waiting_in()  # a batch waiting goes first
                     async with self._between_batches():
                         done = taken.encode_some(self.ENCODE_PART)
                         if done and i == last:

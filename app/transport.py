@@ -223,6 +223,8 @@ class CommitGuard:
         #: those offsets commit only once it returned (app/commit.py, ``begin_commit``).
         self.before_commit: list[Callable[[], Awaitable[Awaitable[None] | None]]] = []
         self._one_commit: asyncio.Lock | None = None
+        #: Processing sections waiting for a commit section to end.
+        self._waiting = 0
         #: When this worker last knew its group session alive (a heartbeat answered, an
         #: assignment received; ``time.monotonic()``), and the session timeout (s).
         self.session_ok_at: float | None = None
@@ -260,7 +262,11 @@ class CommitGuard:
         """A section no commit may interleave with (waits while a commit is pending)."""
         idle, open_ = self._events()
         while not open_.is_set():
-            await open_.wait()
+            self._waiting += 1
+            try:
+                await open_.wait()
+            finally:
+                self._waiting -= 1
         self._active += 1
         idle.clear()
         try:
@@ -269,6 +275,14 @@ class CommitGuard:
             self._active -= 1
             if not self._active:
                 idle.set()
+
+    async def let_waiting_in(self) -> None:
+        """Between two sections of one commit: let the batches that wait for the section
+        to end start first (the event loop wakes them a few steps after ``open`` is set,
+        and a commit that closed it again at once kept them out of every section)."""
+        _idle, open_ = self._events()
+        while self._waiting and open_.is_set():
+            await asyncio.sleep(0)
 
     def one_commit(self) -> asyncio.Lock:
         """Held by a commit from its snapshot until its offsets are committed: one commit

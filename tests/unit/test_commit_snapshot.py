@@ -235,11 +235,7 @@ def test_a_large_snapshot_is_encoded_between_batches_and_waits_for_their_outputs
         await result_sent.wait()
 
     async def main():
-        async with commit_guard.processing():
-            cache.put(b"a", {"n": 1}, 0)
-            cache.put(b"b", {"n": 1}, 0)
-            consumer.ack_spans({TP0: (0, 9)})
-        async def next_batch():  # arrives during the snapshot; runs between its parts
+        async def next_batch():  # waits for the snapshot; runs between its parts
             async with commit_guard.processing():
                 assert cache.dirty_count == 0  # after the snapshot took a and b
                 cache.get(b"b", dict)["n"] = 2  # b's window closes
@@ -247,8 +243,23 @@ def test_a_large_snapshot_is_encoded_between_batches_and_waits_for_their_outputs
                 emitter.sending.append(asyncio.ensure_future(send_result()))
                 consumer.ack_spans({TP0: (10, 19)})
 
+        first_batch_ends = asyncio.Event()
+
+        async def first_batch():  # the commit starts while it runs
+            async with commit_guard.processing():
+                cache.put(b"a", {"n": 1}, 0)
+                cache.put(b"b", {"n": 1}, 0)
+                consumer.ack_spans({TP0: (0, 9)})
+                await first_batch_ends.wait()
+
+        first = asyncio.ensure_future(first_batch())
+        await asyncio.sleep(0)
         committing = asyncio.ensure_future(consumer.commit())
+        await asyncio.sleep(0)
         batch_done = asyncio.ensure_future(next_batch())
+        await asyncio.sleep(0)  # waits for the commit's section
+        first_batch_ends.set()
+        await first
         for _ in range(20):
             await asyncio.sleep(0)
         assert batch_done.done()
