@@ -474,6 +474,19 @@ class WriteBackCache(WriteBackBuffer):
         writes.extend((p, key, value) for key, (p, value) in side.items())
         return writes
 
+    def take_current(self, part: list[tuple[Hashable, Any, int]]) -> list[tuple[Hashable, Any, int]]:
+        """Taken (key, value, partition)s with each value as it is now: a key changed
+        since it was taken is written with its change, which is then no longer dirty
+        (written once, not by this commit and again by the next)."""
+        values, dirty = self._values, self._dirty
+        out = []
+        for key, value, partition in part:
+            if key in dirty:
+                del dirty[key]
+                value = values.get(key, value)
+            out.append((key, value, partition))
+        return out
+
     def give_back(self, taken: list[tuple[Hashable, Any, int]], side: dict[bytes, tuple[int, Any]]) -> None:
         """Taken values not written: unwritten again (not after ``fail``, which gave
         every unwritten value up)."""
@@ -554,6 +567,8 @@ class CacheSnapshot:
         part = taken[start:start + n]
         last = start + len(part) >= len(taken)
         self.encoded = len(taken) + 1 if last else start + len(part)
+        if start:  # not the first part, encoded in the snapshot's own section
+            part = self.cache.take_current(part)
         self.prepared.add(self.cache.items_of(part, self.side if last else {}), self.cache.str_keys)
         return last
 
