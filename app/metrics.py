@@ -287,6 +287,10 @@ class Metrics:
         self.commit_seconds = Histogram(
             "streametl_commit_seconds", "Time one offset commit took (state flushes before it included)",
             buckets=WORK_BUCKETS, registry=r)
+        self.commit_hold_seconds = Histogram(
+            "streametl_commit_hold_seconds",
+            "Time one commit section kept batches out (under at_least_once a snapshot or one part of its encoding)",
+            buckets=WORK_BUCKETS, registry=r)
         self.flush_seconds = Histogram(
             "streametl_state_flush_seconds", "Time one write-back flush of state took", ["store"],
             buckets=WORK_BUCKETS, registry=r)
@@ -379,6 +383,7 @@ def install() -> None:
 
     observers.batch = METRICS.observe_batch
     observers.commit = METRICS.commit_seconds.observe
+    observers.commit_hold = METRICS.commit_hold_seconds.observe
     observers.rebalance = METRICS.observe_rebalance
 
 
