@@ -51,7 +51,6 @@ app = _transport.App(
     store=settings.store,
     # One folder per app id: local table state of one app must never be read by another.
     datadir=str(Path(settings.data_dir) / settings.app_id),
-    processing_guarantee=settings.processing_guarantee,
     topic_partitions=settings.topic_partitions,
     topic_replication_factor=settings.topic_replication,
     # Topics are created by the app (explicitly, with partition counts).
@@ -64,8 +63,8 @@ app = _transport.App(
     web_ssl_context=_web_ssl_context(),
     broker_credentials=broker_credentials(settings),
     broker_session_timeout=settings.session_timeout,
-    broker_commit_interval=settings.commit_interval_seconds(),
-    broker_commit_every=settings.commit_every,
+    # The delivery guarantee and the commit cadence (Settings.commit_options).
+    **settings.commit_options(),
     broker_max_poll_records=settings.max_poll_records,
     consumer_max_fetch_size=settings.max_partition_fetch_bytes,
     producer_linger=settings.producer_linger,

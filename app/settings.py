@@ -260,6 +260,15 @@ class Settings:
             return self.commit_interval
         return 1.0 if self.processing_guarantee == "exactly_once" else 3.0
 
+    def commit_options(self) -> dict[str, Any]:
+        """The Faust app's delivery and commit options, built here from the guarantee so
+        that nothing else reads it (``app.commit`` decides everything else from it)."""
+        return {
+            "processing_guarantee": self.processing_guarantee,
+            "broker_commit_interval": self.commit_interval_seconds(),
+            "broker_commit_every": self.commit_every,
+        }
+
     def topic(self, name: str) -> str:
         """The Kafka topic name of one of the app's own logical topics."""
         return f"{self.topic_prefix}{name}"

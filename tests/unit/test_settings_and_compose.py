@@ -101,3 +101,22 @@ def test_commit_interval_follows_the_guarantee_unless_set():
     with pytest.raises(SettingsError, match="commit_interval"):
         Settings.from_env({"STREAMETL_COMMIT_INTERVAL": "-1"})
     assert app.conf.broker_commit_interval == settings.commit_interval_seconds()
+
+
+def test_only_settings_and_the_commit_module_name_the_guarantee():
+    """Issue 18: the delivery guarantee has one owner. Outside app/settings.py (which
+    reads it and builds the Faust app's commit options, ``Settings.commit_options``)
+    and app/commit.py (which decides everything else from it), no module of the worker
+    names ``processing_guarantee``; app/__init__.py used to pass it to Faust itself."""
+    from pathlib import Path
+
+    from app import app, settings
+
+    repo = Path(__file__).resolve().parents[2]
+    owners = {repo / "app" / "settings.py", repo / "app" / "commit.py"}
+    found = [str(path.relative_to(repo))
+             for package in ("app", "agents", "tables", "web", "operators")
+             for path in sorted((repo / package).rglob("*.py"))
+             if path not in owners and "processing_guarantee" in path.read_text()]
+    assert found == []
+    assert app.conf.processing_guarantee.value == settings.processing_guarantee
