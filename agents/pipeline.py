@@ -40,7 +40,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
-from tables.store import Expiry, PartitionStore
+from tables.store import Expiry, PartitionStore, WriteBackCache
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,10 @@ class PipelineCounters:
 class TableMemory:
     """Deduplication memory of one step over a Faust table (keys prefixed by step).
 
-    Writes of a batch collect in the context's overlay and reach the table (RocksDB and
-    changelog, one record batch per partition) only after the batch's outputs were
-    acknowledged by the sink: a crash in between re-emits, it never loses a record.
+    Writes of a batch collect in the context's write-back cache and reach the table
+    (RocksDB and changelog, one record batch per partition) only after the batch's
+    outputs were acknowledged by the sink: a crash in between re-emits, it never loses
+    a record.
     """
 
     def __init__(self, ctx: LiveContext, step: Step) -> None:
@@ -99,32 +100,59 @@ class TableMemory:
         ctx.expiry_queue().append((at, seq, k))
 
 
-class Writes:
-    """One batch's dedupe writes in one partition, not yet stored."""
+def _stored_key(cache_key: Any) -> bytes:
+    """The stored key of a cache key ``(partition, stored key)``."""
+    return cache_key[1]
 
-    __slots__ = ("event", "values")
 
-    def __init__(self, event: Any) -> None:
-        #: Stands for the partition's records where a store needs the current event.
-        self.event = event
-        self.values: dict[bytes, Any] = {}
+class DedupeCache(WriteBackCache):
+    """A pipeline's unstored dedupe entries. ``max_entries`` 0: a value leaves the cache
+    once stored (stored entries are read from RocksDB directly, ~1 µs; caching them too
+    would only grow the cache)."""
+
+    def __init__(self, expiry: Expiry) -> None:
+        super().__init__(None, max_entries=0, key_bytes=_stored_key, max_dirty=1 << 62)
+        self.expiry = expiry
+
+    def moved(self) -> None:
+        """Partitions moved: each partition's expiry queue is rebuilt from the store the
+        next time it is used (another worker may have changed it meanwhile)."""
+        super().moved()
+        self.expiry.forget()
+
+
+#: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
+#: the cache's layer of ((partition, key), value, partition), and by partition the
+#: event that stands for its records where a store needs "the current event".
+Detached = tuple[list[tuple[Any, Any, int]], dict[int, Any]]
 
 
 class LiveContext:
-    """The StepContext of one event in a live pipeline."""
+    """The StepContext of one event in a live pipeline.
+
+    Its dedupe entries live in one ``tables.store.WriteBackCache`` (cache key:
+    ``(partition, stored key)``; dedupe is per partition), registered with the commit
+    protocol by ``build``. The cache holds only what is not in the store yet: each
+    batch's writes are detached at its end (``detach_writes``) and written once its
+    outputs are acknowledged (``store_after``), before the batch is acked, so nothing
+    waits for a commit; until then the next batch reads them from the cache. Everything
+    else is read from the partition's RocksDB directly.
+    """
 
     def __init__(self, spec: PipelineSpec, table: Any) -> None:
         self.spec, self.table = spec, table
+        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
+        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
+        #: assignment: ``DedupeCache.moved``, run by the commit protocol).
+        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
+                             dedupe["horizon_count"] if dedupe else None, _seen_at)
+        self.cache = DedupeCache(self.expiry)
         self.store = PartitionStore(table) if table is not None else None
+        self._peek = self.cache.peek
+        self._put = self.cache.put
         self.event: Any = None
-        #: partition → what this batch wrote there, not yet stored.
-        self.overlays: dict[int, Writes] = {}
-        self._overlay: dict[bytes, Any] = {}
-        #: The writes of earlier batches being stored (oldest first): read like the
-        #: current ones until they are in RocksDB (``store_after``).
-        self.storing: list[dict[int, Writes]] = []
-        #: This partition's values in ``storing``, newest first.
-        self._storing_here: list[dict[bytes, Any]] = []
+        #: partition → the event standing for this batch's records of it.
+        self.events: dict[int, Any] = {}
         self.partition = -1
         self.offset = 0
         self._now = 0.0
@@ -134,35 +162,24 @@ class LiveContext:
         #: rebalance completes while a batch is in flight (app/batches.py).
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
-        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
-        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
-        #: assignment: ``moved``).
-        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
-                             dedupe["horizon_count"] if dedupe else None, _seen_at)
-        #: What the commit protocol asks of a registered store (``app.commit``): the
-        #: writes are stored per batch, after its outputs are acked, before it is acked,
-        #: so nothing waits for a commit.
-        self.failed = False
-        self.dirty_count = 0
-        self.max_dirty = 1 << 62
 
-    async def flush(self) -> None:
-        """Nothing waits for the commit (see ``store_after``)."""
+    @property
+    def store(self) -> Any:
+        return self.cache.store
 
-    def pending(self) -> bool:
-        return False
+    @store.setter
+    def store(self, store: Any) -> None:
+        self.cache.store = store
 
-    def drop_unflushed(self) -> None:
-        """Nothing is held for a commit (see ``flush``)."""
-
-    def moved(self) -> None:
-        """Partitions moved: each partition's expiry queue is rebuilt from the store the
-        next time it is used (another worker may have changed it meanwhile)."""
-        self.expiry.forget()
+    @property
+    def storing(self) -> list[list[tuple[Any, Any, int]]]:
+        """The writes of earlier batches being stored (oldest first)."""
+        return self.cache.layers
 
     def begin_batch(self) -> None:
         self.release_stores()
         self.partition = -1
+        self.events = {}
 
     def release_stores(self) -> None:
         """Let go of the partitions' databases once a batch's records are processed.
@@ -178,23 +195,15 @@ class LiveContext:
         """The next records are of ``event``'s partition; ``event`` stands for each of
         them where a store needs "the current event" (its partition and topic)."""
         self.event = event
-        self._enter_partition(event.message.partition)
-        self.overlays[self.partition].event = event
+        partition = self.partition = event.message.partition
+        self.events[partition] = event
+        if partition not in self._dbs:
+            self._dbs[partition] = None if self.store is None else self.store.partition_db(partition)
+        self._db = self._dbs[partition]
 
     def at_offset(self, offset: int) -> None:
         """The next record is at ``offset`` of the current partition."""
         self.offset, self._now = offset, time.time()
-
-    def _enter_partition(self, partition: int) -> None:
-        self.partition = partition
-        writes = self.overlays.get(partition)
-        if writes is None:
-            writes = self.overlays[partition] = Writes(self.event)
-        self._overlay = writes.values
-        self._storing_here = [layer[partition].values for layer in reversed(self.storing) if partition in layer]
-        if partition not in self._dbs:
-            self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
-        self._db = self._dbs[partition]
 
     def memory(self, step_index: int) -> TableMemory:
         memory = self._memories.get(step_index)
@@ -203,14 +212,11 @@ class LiveContext:
         return memory
 
     def read(self, key: bytes) -> Any:
-        """The stored value of ``key`` in the current event's partition (overlay first)."""
-        pending = self._overlay.get(key)
+        """The stored value of ``key`` in the current event's partition (the cache's
+        unstored writes first)."""
+        pending = self._peek((self.partition, key))
         if pending is not None:
             return pending
-        for values in self._storing_here:
-            pending = values.get(key)
-            if pending is not None:
-                return pending
         if self._db is not None:
             raw = self._db.get(key)
             return None if raw is None else orjson.loads(raw)
@@ -219,7 +225,8 @@ class LiveContext:
 
     def write(self, key: bytes, value: Any) -> None:
         """``value`` (not None) for ``key`` in the current partition, stored with the batch."""
-        self._overlay[key] = value
+        partition = self.partition
+        self._put((partition, key), value, partition)
 
     def expiry_queue(self) -> deque:
         """The current partition's expiry queue (built from the store on first use)."""
@@ -229,28 +236,25 @@ class LiveContext:
             queue = self.expiry.ensure(self.partition, self.store)
         return queue
 
-    def detach_writes(self) -> dict[int, Writes]:
+    def detach_writes(self) -> Detached:
         """End the batch's writes: they stay readable (``storing``) until ``store_after``
-        has stored them, while the next batch writes to fresh overlays."""
-        layer = {p: writes for p, writes in self.overlays.items() if writes.values}
-        self.overlays, self._overlay, self.partition = {}, {}, -1
-        if layer:
-            self.storing.append(layer)
-        return layer
+        has stored them, while the next batch writes anew."""
+        layer = self.cache.detach()
+        events, self.events, self.partition = self.events, {}, -1
+        return layer, events
 
-    async def store_after(self, outputs_acked: Awaitable[Any] | None,
-                          layer: dict[int, Writes]) -> None:
+    async def store_after(self, outputs_acked: Awaitable[Any] | None, detached: Detached) -> None:
         """Store one batch's writes (RocksDB and changelog), only once its outputs are
         acknowledged by the sink: a crash in between re-emits, it never loses a record."""
         if outputs_acked is not None:
             await outputs_acked
+        layer, events = detached
         if not layer:
             return
-        items = [(writes.event, key, value) for writes in layer.values() for key, value in writes.values.items()]
         assert self.store is not None
-        await self.store.write_many(items)
-        # Stored: reads find it in RocksDB now (identity, not ==: layers are dicts).
-        self.storing = [other for other in self.storing if other is not layer]
+        await self.store.write_many([(events[p], key[1], value) for key, value, p in layer])
+        # Stored: reads find it in RocksDB now.
+        self.cache.written(layer)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -273,6 +277,7 @@ class LiveContext:
         if not queue:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
+        cache, partition = self.cache, self.partition
         for _ in range(at_most):
             if not queue:
                 return
@@ -281,7 +286,7 @@ class LiveContext:
             old_by_count = horizon_n is not None and self.offset - seq > horizon_n
             if not (old_by_time or old_by_count):
                 return
-            if any(key in layer for layer in self._storing_here):
+            if cache.held((partition, key)):
                 # Still being stored: deleting now would let that store bring it back;
                 # the next events retry (expiry only reclaims space: ``is_duplicate``
                 # judges the horizon itself).
@@ -289,7 +294,7 @@ class LiveContext:
             queue.popleft()
             current = self.read(key)
             if current is not None and current[0] == at and current[1] == seq:
-                self._overlay.pop(key, None)
+                cache.forget((partition, key))
                 assert self.store is not None
                 self.store.delete(self.event, key)
 
@@ -322,7 +327,7 @@ def build(spec: PipelineSpec) -> None:
 
     ctx = LiveContext(spec, table)
     if table is not None:
-        commit_protocol.register(ctx)
+        commit_protocol.register(ctx.cache)
     tally, steps, key_by = counters.steps, runnable(spec.steps), spec.key_by
     writer = emitter.writer(sink)
     cdc = spec.is_cdc
@@ -406,7 +411,7 @@ def build(spec: PipelineSpec) -> None:
         outputs_acked = await writer.send()
         # The acks of the outputs, then the dedupe state, may complete while the next
         # batch is handled (at_least_once; app/batches.py): that batch reads this
-        # one's writes from ``ctx.storing`` meanwhile.
+        # one's writes from ``ctx.cache`` meanwhile.
         if table is not None:
             records.finish_later(ctx.store_after(outputs_acked, ctx.detach_writes()))
         elif outputs_acked is not None:

@@ -346,6 +346,13 @@ class WriteBackCache(WriteBackBuffer):
         self._lock = asyncio.Lock()
         #: Called after each successful flush with its seconds (metrics).
         self.on_flush: Callable[[float], None] | None = None
+        #: Changes taken by ``detach`` and not ``written`` yet, oldest first; their keys
+        #: (``_held``: cache key -> how many of those layers hold it) stay cached.
+        self.layers: list[list[tuple[Hashable, Any, int]]] = []
+        self._held: dict[Hashable, int] = {}
+        #: The cached value of a key, or None; never loads (a bound ``dict.get``: one
+        #: call in a hot loop).
+        self.peek: Callable[[Hashable], Any] = self._values.get
 
     async def flush(self, store: Any = None) -> None:
         """Write every dirty value once (changelog records, then RocksDB: one
@@ -403,6 +410,54 @@ class WriteBackCache(WriteBackBuffer):
         self._dirty.clear()
         self.side.clear()
         self._values.clear()
+
+    def detach(self) -> list[tuple[Hashable, Any, int]]:
+        """Take every change made so far, as (key, value, partition), for a write the
+        caller makes itself: they are no longer dirty, but stay cached (readable, never
+        evicted) until ``written``. For state that must be written per batch once the
+        batch's outputs are acknowledged, not at the commit (a pipeline's dedupe
+        entries: agents/pipeline.py), while the next batch already reads and changes it."""
+        dirty = self._dirty
+        if not dirty:
+            return []
+        self._dirty = {}
+        values, held = self._values, self._held
+        layer = [(key, values[key], partition) for key, partition in dirty.items()]
+        for key in dirty:
+            held[key] = held.get(key, 0) + 1
+        self.layers.append(layer)
+        self.writes += len(layer)
+        return layer
+
+    def written(self, layer: list[tuple[Hashable, Any, int]]) -> None:
+        """``layer`` (from ``detach``) is stored: its keys may be evicted again."""
+        self.layers = [other for other in self.layers if other is not layer]  # identity
+        held = self._held
+        for key, _, _ in layer:
+            n = held[key] - 1
+            if n:
+                held[key] = n
+            else:
+                del held[key]
+        self._evict()
+
+    def held(self, key: Hashable) -> bool:
+        """True while a detached change of ``key`` is not written yet."""
+        return key in self._held
+
+    def _evict(self) -> None:
+        # As the buffer's (oldest-inserted clean entries first), sparing the detached
+        # keys too: they are not in the store yet.
+        values, dirty, held = self._values, self._dirty, self._held
+        excess = len(values) - self.max_entries
+        if excess <= 0:
+            return
+        for key in list(values):
+            if excess <= 0:
+                break
+            if key not in dirty and key not in held:
+                del values[key]
+                excess -= 1
 
     def moved(self) -> None:
         """Partitions moved: drop every cached value (another worker may change them)."""
