@@ -34,7 +34,7 @@ import orjson
 from app import app, settings
 from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, loads_object
-from app.commit import commit_protocol, emitter
+from app.commit import Emitter, commit_protocol, emitter
 from app.kafka_io import kafka_io
 from app.pipelines import PipelineSpec
 from app.topics import declare
@@ -328,9 +328,21 @@ def build(spec: PipelineSpec) -> None:
     ctx = LiveContext(spec, table)
     if table is not None:
         commit_protocol.register(ctx.cache)
+    handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)
+    batch_agent(source, name=f"pipeline.{spec.name}")(handler)
+
+
+def pipeline_handler(spec: PipelineSpec, ctx: LiveContext, sink: Any, source_name: str,
+                     counters: PipelineCounters, emit: Emitter, *,
+                     wait_for_inputs: bool = True) -> Callable[[Batch], Awaitable[None]]:
+    """The batch handler of one pipeline: its records through the steps, outputs to
+    ``sink`` through ``emit``, dedupe state in ``ctx`` (``build``; ``app.harness``
+    runs it over the in-memory store and emitter, with ``wait_for_inputs`` False: no
+    batch producer or reference data to wait for)."""
     tally, steps, key_by = counters.steps, runnable(spec.steps), spec.key_by
-    writer = emitter.writer(sink)
+    writer = emit.writer(sink)
     cdc = spec.is_cdc
+    stateful = ctx.store is not None
 
     async def on_change(raw: Any, partition_event: Any) -> None:
         """One record of a cdc pipeline (operators.steps.run_change): a change event
@@ -347,7 +359,7 @@ def build(spec: PipelineSpec) -> None:
         if result.reason is not None:
             counters.dead_lettered += 1
             assert outcome.step is not None
-            await emitter.dead_letter(raw.key, raw.value, reason=result.reason, message=outcome.failed or "",
+            await emit.dead_letter(raw.key, raw.value, reason=result.reason, message=outcome.failed or "",
                                       source_topic=source_name, pipeline=spec.name, step=outcome.step.label,
                                       partition=partition_event.message.partition, offset=raw.offset)
         elif result.output is None:  # a duplicate (a dropped row went on as a delete)
@@ -356,9 +368,10 @@ def build(spec: PipelineSpec) -> None:
     async def run_pipeline(records: Batch) -> None:
         """One fetched batch: outputs to the sink, then dedupe state; the consumer acks
         the batch once both are stored (app/batches.py)."""
-        if spec.reads_reference:
-            await reference_store.caught_up.wait()
-        await kafka_io.ready.wait()
+        if wait_for_inputs:
+            if spec.reads_reference:
+                await reference_store.caught_up.wait()
+            await kafka_io.ready.wait()
         await writer.begin_batch()
         ctx.begin_batch()
         counters.into += len(records)
@@ -381,9 +394,9 @@ def build(spec: PipelineSpec) -> None:
                     record = loads_object(raw.value)
                 except RecordError as exc:
                     counters.dead_lettered += 1
-                    await emitter.dead_letter(raw.key, raw.value, reason=exc.reason, message=str(exc),
-                                           source_topic=source_name, pipeline=spec.name, step="parse",
-                                           partition=partition, offset=raw.offset)
+                    await emit.dead_letter(raw.key, raw.value, reason=exc.reason, message=str(exc),
+                                        source_topic=source_name, pipeline=spec.name, step="parse",
+                                        partition=partition, offset=raw.offset)
                     continue
                 outcome = pass_record(steps, record, ctx)
                 if outcome.__class__ is not Outcome:  # the output record
@@ -400,11 +413,11 @@ def build(spec: PipelineSpec) -> None:
                 else:
                     counters.dead_lettered += 1
                     assert outcome.step is not None
-                    await emitter.dead_letter(raw.key, raw.value, reason="step_failed",
-                                           message=outcome.failed or "", source_topic=source_name,
-                                           pipeline=spec.name, step=outcome.step.label,
-                                           partition=partition, offset=raw.offset)
-            if table is not None:
+                    await emit.dead_letter(raw.key, raw.value, reason="step_failed",
+                                        message=outcome.failed or "", source_topic=source_name,
+                                        pipeline=spec.name, step=outcome.step.label,
+                                        partition=partition, offset=raw.offset)
+            if stateful:
                 ctx.expire(EXPIRE_PER_RECORD * len(raw_records))
         ctx.release_stores()
         counters.out += writer.count
@@ -412,10 +425,10 @@ def build(spec: PipelineSpec) -> None:
         # The acks of the outputs, then the dedupe state, may complete while the next
         # batch is handled (at_least_once; app/batches.py): that batch reads this
         # one's writes from ``ctx.cache`` meanwhile.
-        if table is not None:
+        if stateful:
             records.finish_later(ctx.store_after(outputs_acked, ctx.detach_writes()))
         elif outputs_acked is not None:
             records.finish_later(outputs_acked)
 
-    batch_agent(source, name=f"pipeline.{spec.name}")(run_pipeline)
+    return run_pipeline
 

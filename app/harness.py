@@ -4,10 +4,16 @@ over the in-memory store and emitter, and get back what it sent and what it stor
     runner = window_processor({"name": "t", "source": "clicks", ...})
     outputs, state = run_batches(runner, [[Record(0, 0, b'{"user": "a", "ts": 1, "v": 2}')]])
 
-A processor here is anything with ``commit`` (an ``app.commit.CommitProtocol``) and an
-async ``process(parts)`` taking ``(partition, records)`` pairs, the records with the
-fields of aiokafka's ``ConsumerRecord`` (``WindowRunner``). Each batch is followed by a
-commit (``commit_every``), as the worker's commit interval would.
+    dedupe = pipeline_processor({"name": "p", "source": "in", "sink": "out",
+                                 "steps": [{"op": "deduplicate", "horizon_seconds": 60}]})
+    outputs, state = run_batches(dedupe, [[Record(0, 0, b'{"event_id": "a"}')]])
+
+A processor here is anything with ``commit`` (an ``app.commit.CommitProtocol``), a
+``store`` (``MemoryStore``) and an async ``process(parts)`` taking ``(partition,
+records)`` pairs, the records with the fields of aiokafka's ``ConsumerRecord``
+(``WindowRunner``; ``PipelineProcessor`` around the pipeline's own batch handler). Each
+batch is followed by a commit (``commit_every``), as the worker's commit interval would.
+Dead letters are in ``processor.commit.emitter.dead``.
 """
 
 from __future__ import annotations
@@ -46,6 +52,49 @@ def window_processor(definition: Mapping[str, Any], *, exactly_once: bool = Fals
     return WindowRunner(defn, None, None, defn.sink, defn.late_topic, store=MemoryStore(), commit=commit)
 
 
+class PipelineProcessor:
+    """A pipeline (a ``pipelines:`` entry) as the worker runs it (agents/pipeline.py's
+    ``pipeline_handler``), its dedupe state over a ``MemoryStore``, its outputs into a
+    ``MemoryEmitter``; ``counters``: the pipeline's counters (in, out, dropped)."""
+
+    def __init__(self, definition: Mapping[str, Any], *, exactly_once: bool = False,
+                 store: MemoryStore | None = None) -> None:
+        from agents.pipeline import LiveContext, PipelineCounters, pipeline_handler
+        from app.pipelines import parse_pipelines
+        from operators.steps import StepTally
+
+        (spec,) = parse_pipelines([dict(definition)])
+        self.spec = spec
+        self.commit = CommitProtocol(MemoryEmitter(transactional=exactly_once), defer=not exactly_once)
+        #: Pass the store of an earlier processor to run on after a "restart".
+        self.store = store if store is not None else MemoryStore()
+        self.ctx = LiveContext(spec, None)
+        if spec.has_state:
+            self.ctx.store = self.store
+            self.commit.register(self.ctx.cache)
+        self.counters = PipelineCounters(steps=StepTally(spec.steps))
+        self.handler = pipeline_handler(spec, self.ctx, spec.output_topic, spec.source, self.counters,
+                                        self.commit.emitter, wait_for_inputs=False)
+
+    async def process(self, parts: Sequence[tuple[int, Sequence[Record]]]) -> None:
+        from faust.types import TP
+
+        from app.batches import Batch
+
+        batch = Batch()
+        for partition, records in parts:
+            batch.add(TP(self.spec.source, partition), list(records))
+        await self.handler(batch)
+        for work in batch.take_later():  # before the batch would be acked
+            await work
+
+
+def pipeline_processor(definition: Mapping[str, Any], *, exactly_once: bool = False,
+                       store: MemoryStore | None = None) -> PipelineProcessor:
+    """A pipeline (a ``pipelines:`` entry) over a ``MemoryStore`` and a ``MemoryEmitter``."""
+    return PipelineProcessor(definition, exactly_once=exactly_once, store=store)
+
+
 def run_batches(processor: Any, batches: Iterable[Sequence[Record]], *,
                 commit_every: int = 1) -> tuple[list[tuple[Any, bytes | None, bytes, tuple, int | None]],
                                                 dict[int, dict[bytes, Any]]]:
@@ -72,4 +121,4 @@ def run_batches(processor: Any, batches: Iterable[Sequence[Record]], *,
     return list(emitter.sent), state
 
 
-__all__ = ["Record", "run_batches", "window_processor"]
+__all__ = ["PipelineProcessor", "Record", "pipeline_processor", "run_batches", "window_processor"]
