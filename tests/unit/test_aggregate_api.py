@@ -60,11 +60,14 @@ def owner(monkeypatch):
     owner = A.Owner()
     writes: list[list[tuple[bytes, dict]]] = []
 
-    async def store_items(partition: int, items: list) -> None:
-        writes.append(items)
-        fake.data.update(items)
+    class Writer:
+        """The owner's state writer (``app.commit.OwnerStateWriter``): records each write."""
 
-    monkeypatch.setattr(owner, "_store", store_items)
+        async def write(self, partition: int, items: list) -> None:
+            writes.append(items)
+            fake.data.update(items)
+
+    owner.writer = Writer()
     monkeypatch.setattr(owner, "owns", lambda partition: True)
     return owner, writes
 
