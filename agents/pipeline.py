@@ -430,5 +430,18 @@ def pipeline_handler(spec: PipelineSpec, ctx: LiveContext, sink: Any, source_nam
         elif outputs_acked is not None:
             records.finish_later(outputs_acked)
 
-    return run_pipeline
+    if not stateful:
+        return run_pipeline
+
+    async def run_stateful(records: Batch) -> None:
+        try:
+            await run_pipeline(records)
+        except BaseException:
+            # The batch's dedupe entries admitted records whose outputs were never sent:
+            # none may be written, by a commit or a revoke (the cache refuses to flush
+            # from now on); the worker stops and replays the batch.
+            ctx.cache.fail()
+            raise
+
+    return run_stateful
 
