@@ -113,6 +113,9 @@ class DedupeCache(WriteBackCache):
     def __init__(self, expiry: Expiry) -> None:
         super().__init__(None, max_entries=0, key_bytes=_stored_key, max_dirty=1 << 62)
         self.expiry = expiry
+        # ``peek`` as the bound ``dict.get`` (one call per record read): this cache
+        # never replaces its dict of values.
+        self.peek = self._values.get  # type: ignore[method-assign]
 
     def moved(self) -> None:
         """Partitions moved: each partition's expiry queue is rebuilt from the store the

@@ -350,9 +350,6 @@ class WriteBackCache(WriteBackBuffer):
         #: (``_held``: cache key -> how many of those layers hold it) stay cached.
         self.layers: list[list[tuple[Hashable, Any, int]]] = []
         self._held: dict[Hashable, int] = {}
-        #: The cached value of a key, or None; never loads (a bound ``dict.get``: one
-        #: call in a hot loop).
-        self.peek: Callable[[Hashable], Any] = self._values.get
 
     async def flush(self, store: Any = None) -> None:
         """Write every dirty value once (changelog records, then RocksDB: one
@@ -440,6 +437,10 @@ class WriteBackCache(WriteBackBuffer):
             else:
                 del held[key]
         self._evict()
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached value of ``key``, or None; never loads."""
+        return self._values.get(key)
 
     def held(self, key: Hashable) -> bool:
         """True while a detached change of ``key`` is not written yet."""
