@@ -346,10 +346,10 @@ class WriteBackCache(WriteBackBuffer):
         self._lock = asyncio.Lock()
         #: Called after each successful flush with its seconds (metrics).
         self.on_flush: Callable[[float], None] | None = None
-        #: Changes taken by ``detach`` and not ``written`` yet, oldest first; their keys
-        #: (``_held``: cache key -> how many of those layers hold it) stay cached.
+        #: Changes taken by ``detach`` and not ``written`` yet, oldest first, and the
+        #: keys of each (``_held``: its dirty set, key -> partition); those stay cached.
         self.layers: list[list[tuple[Hashable, Any, int]]] = []
-        self._held: dict[Hashable, int] = {}
+        self._held: list[dict[Hashable, int]] = []
 
     async def flush(self, store: Any = None) -> None:
         """Write every dirty value once (changelog records, then RocksDB: one
@@ -418,25 +418,27 @@ class WriteBackCache(WriteBackBuffer):
         if not dirty:
             return []
         self._dirty = {}
-        values, held = self._values, self._held
+        values = self._values
         layer = [(key, values[key], partition) for key, partition in dirty.items()]
-        for key in dirty:
-            held[key] = held.get(key, 0) + 1
         self.layers.append(layer)
+        self._held.append(dirty)
         self.writes += len(layer)
         return layer
 
     def written(self, layer: list[tuple[Hashable, Any, int]]) -> None:
         """``layer`` (from ``detach``) is stored: its keys may be evicted again."""
-        self.layers = [other for other in self.layers if other is not layer]  # identity
-        held = self._held
-        for key, _, _ in layer:
-            n = held[key] - 1
-            if n:
-                held[key] = n
-            else:
-                del held[key]
-        self._evict()
+        index = next(i for i, other in enumerate(self.layers) if other is layer)  # identity
+        del self.layers[index]
+        keys = self._held.pop(index)
+        if self.max_entries > 0:
+            self._evict()
+            return
+        # Nothing clean is kept: drop this layer's keys (not the ones changed again
+        # since, or held by another layer), without a pass over the whole cache.
+        values, dirty, held = self._values, self._dirty, self._held
+        for key in keys:
+            if key not in dirty and not (held and any(key in other for other in held)):
+                values.pop(key, None)
 
     def peek(self, key: Hashable) -> Any:
         """The cached value of ``key``, or None; never loads."""
@@ -444,7 +446,7 @@ class WriteBackCache(WriteBackBuffer):
 
     def held(self, key: Hashable) -> bool:
         """True while a detached change of ``key`` is not written yet."""
-        return key in self._held
+        return any(key in keys for keys in self._held)
 
     def _evict(self) -> None:
         # As the buffer's (oldest-inserted clean entries first), sparing the detached
@@ -456,7 +458,7 @@ class WriteBackCache(WriteBackBuffer):
         for key in list(values):
             if excess <= 0:
                 break
-            if key not in dirty and key not in held:
+            if key not in dirty and not (held and any(key in keys for keys in held)):
                 del values[key]
                 excess -= 1
 
