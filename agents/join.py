@@ -8,7 +8,8 @@ Per join pipeline ``P`` (left side: its ``source``; right side: the step's ``wit
 - State: the table ``pipeline-P-join`` (RocksDB + changelog), through the one state
   store (``tables.store``): per partition, each join key's buffered records
   (``{"l": [...], "r": [...]}``, operators.joins) and one bookkeeping value (stream
-  time of each side, arrival sequence, the last offset applied per side). A ``WriteBackCache``
+  time of each side, arrival sequence, the last offset applied per side, idle sides,
+  and for re-keyed sides the last source offset applied per source partition). A ``WriteBackCache``
   registered with the commit protocol (``app.commit``) holds the changes until the
   commit (or, under exactly_once, the end of the batch), after the outputs.
 - The index of buffered records by the time their interval closes is rebuilt from
@@ -41,13 +42,15 @@ from typing import Any
 import orjson
 
 from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
+from agents.window_aggregate import SRC_OFFSET, SRC_PARTITION, TICK_HEADER, caught_up, rekey_handler
 from app import app, settings
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
 from app.commit import CommitProtocol, Emitter, commit_protocol
+from app.metrics import observe_flush
 from app.pipelines import PipelineConfigError, PipelineSpec
 from app.topics import declare
-from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, later_raw_time, merged
+from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged
 from operators.steps import Outcome, StepTally, pass_record, runnable
 from operators.transform import RecordFailure
 from tables.reference import reference_store
@@ -133,13 +136,13 @@ class PartitionBuffers(MutableMapping):
         return sum(1 for _ in self.items())
 
 
-def _stored_key(cache_key: Hashable) -> bytes:
+def stored_key(cache_key: Hashable) -> bytes:
     return cache_key[1].encode()  # type: ignore[index]
 
 
-class _AfterJoin:
-    """The StepContext of the stateless steps after a join (enrich looks up reference
-    data; nothing is remembered)."""
+class AfterJoin:
+    """The StepContext of the stateless steps after a join, stream-stream or
+    stream-table (enrich looks up reference data; nothing is remembered)."""
 
     def memory(self, step_index: int) -> Any:
         raise RuntimeError("no state after a join")
@@ -162,26 +165,40 @@ class JoinRunner:
 
     def __init__(self, spec: PipelineSpec, table: Any, sink: Any, late: Any, *, left_name: str, right_name: str,
                  store: Any = None, commit: CommitProtocol | None = None,
-                 counters: PipelineCounters | None = None) -> None:
+                 counters: PipelineCounters | None = None, topics: dict[str, Any] | None = None) -> None:
         """``store``: the state store (default: ``table``'s; tests give a
         ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
-        registers with (default: the worker's), whose emitter sends the outputs."""
+        registers with (default: the worker's), whose emitter sends the outputs;
+        ``topics``: the two sides' topics by side (where idle ticks go)."""
         assert spec.join is not None
         self.pipeline = spec
         self.spec: JoinSpec = spec.join
         self.store = store if store is not None else PartitionStore(table, left_name)
         self.commit = commit or commit_protocol
         self.emitter: Emitter = self.commit.emitter
-        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=_stored_key,
+        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=stored_key,
                                                          max_dirty=self.MAX_DIRTY))
+        self.cache.on_flush = self._flushed
         self.sink, self.late = sink, late
         self.names = {LEFT: left_name, RIGHT: right_name}
+        self.topics = topics or {}
+        #: Re-keyed: the source topics too (records waiting there are not idleness).
+        self.source_names: set[str] = set()
+        #: Idle sides (``idle_close``): the monotonic time of the last input per (side,
+        #: partition); the last tick sent; the ones marked idle with no input since.
+        self.clock = time.monotonic
+        self.last_activity: dict[tuple[str, int], float] = {}
+        self.last_tick: dict[tuple[str, int], float] = {}
+        self.idle_marked: set[tuple[str, int]] = set()
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
         self.steps = runnable(spec.steps[1:])
         self.tally = self.counters.steps
-        self.ctx = _AfterJoin()
+        self.ctx = AfterJoin()
         #: pairs, unmatched, late, limited, left, right, replayed_skipped
         self.stats: Counter[str] = Counter()
+        #: State flushes: how many, their seconds in all and the longest (a flush holds
+        #: the next batch back: the join's latency).
+        self.flushes = {"count": 0, "seconds": 0.0, "max_s": 0.0}
         self.checked = False
         self.stale = True
         #: Wall times of the first batch's start and the last batch's end (rates).
@@ -195,6 +212,9 @@ class JoinRunner:
         self.joins: dict[int, IntervalJoin] = {}
         #: partition -> {"l": last offset applied, "r": …}
         self.applied: dict[int, dict[str, int]] = {}
+        #: Re-keyed sides: partition -> side -> source partition (text) -> the last
+        #: source offset applied (a record repeated in the keyed topic is skipped).
+        self.applied_src: dict[int, dict[str, dict[str, int]]] = {}
         self.stale = False
 
     def mark_stale(self) -> None:
@@ -217,17 +237,30 @@ class JoinRunner:
             times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
             # The index of closing intervals is rebuilt from the stored buffers here.
             join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                times, meta.get("seq", 0))
+                                                times, meta.get("seq", 0), meta.get("i", ()))
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
+            self.applied_src[p] = {LEFT: {}, RIGHT: {}, **meta.get("so", {})}
         return join
+
+    def _flushed(self, seconds: float) -> None:
+        flushes = self.flushes
+        flushes["count"] += 1
+        flushes["seconds"] += seconds
+        flushes["max_s"] = max(flushes["max_s"], seconds)
+        observe_flush(f"join-{self.pipeline.name}", seconds)
 
     def _meta_changed(self, p: int) -> None:
         join = self.joins[p]
         # -inf (a side not seen yet) is not JSON: None.
         times = {side: None if t == -math.inf else t for side, t in join.times.items()}
-        self.cache.put_side(meta_key(p), {"t": times, "seq": join.seq, "o": dict(self.applied[p])}, p)
+        meta = {"t": times, "seq": join.seq, "o": dict(self.applied[p])}
+        if self.spec.repartition:
+            meta["so"] = self.applied_src[p]
+        if join.idle:
+            meta["i"] = sorted(join.idle)
+        self.cache.put_side(meta_key(p), meta, p)
 
-    def _key(self, record: dict[str, Any]) -> bytes:
+    def output_key(self, record: dict[str, Any]) -> bytes:
         """The output key: the join key (a text value as it is, anything else as JSON)."""
         on = self.spec.on
         value = record.get(on[0]) if len(on) == 1 else [record.get(f) for f in on]
@@ -243,8 +276,8 @@ class JoinRunner:
         # future event times was a poison pill).
         now_ms = int(time.time() * 1000)
         for joined in results:
-            record = merged(joined, spec, later_raw_time(joined, spec.time_field))
-            key = self._key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
+            record = merged(joined, spec)
+            key = self.output_key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
             if steps:
                 outcome = pass_record(steps, record, self.ctx)
                 if outcome.__class__ is Outcome:
@@ -289,6 +322,7 @@ class JoinRunner:
         dead: list[tuple[Any, ...]] = []
         sources: list[tuple[int, int]] = []
         topic = self.names[side]
+        clock_now = self.clock()
         for p, records in parts:
             if not records:
                 continue
@@ -298,12 +332,35 @@ class JoinRunner:
             sources.append((p, len(out)))
             counts = join.counts
             before = (counts.pairs, counts.unmatched, counts.late, counts.limited)
+            ticks = 0
+            active = False
+            src_applied = self.applied_src[p][side] if self.spec.repartition else None
             for ev in records:
                 offset = ev.offset
                 if offset <= last:
                     stats["replayed_skipped"] += 1
                     continue
                 last = offset
+                headers = ev.headers
+                if headers:
+                    headers = dict(headers)
+                    if TICK_HEADER in headers:
+                        ticks += 1
+                        self._tick(side, p, join, clock_now, out, dead)
+                        continue
+                    if src_applied is not None and SRC_PARTITION in headers:
+                        # Re-keyed: a record the rekey step sent again after a crash (its
+                        # source offset was not committed) is here twice; skip the repeat.
+                        src_p, src_offset = headers[SRC_PARTITION].decode(), int(headers[SRC_OFFSET])
+                        if src_offset <= src_applied.get(src_p, -1):
+                            ticks += 1  # not input either
+                            stats["replayed_skipped"] += 1
+                            continue
+                        src_applied[src_p] = src_offset
+                if not active:
+                    active = True
+                    self.last_activity[(side, p)] = clock_now
+                    self.idle_marked.discard((side, p))
                 counters.into += 1
                 try:
                     record = loads_object(ev.value)
@@ -320,7 +377,7 @@ class JoinRunner:
                     self._outputs(results, out, dead, p)
             applied[side] = last
             self._meta_changed(p)
-            stats[SIDE_NAMES[side]] += len(records)
+            stats[SIDE_NAMES[side]] += len(records) - ticks
             for name, was, now in zip(("pairs", "unmatched", "late", "limited"), before,
                                       (counts.pairs, counts.unmatched, counts.late, counts.limited), strict=True):
                 stats[name] += now - was
@@ -337,11 +394,58 @@ class JoinRunner:
         await self.commit.end_batch(self.cache)
         self.last_batch_at = time.time()
 
+    # --- idle sides (``idle_close``) ------------------------------------------------
+
+    def _tick(self, side: str, p: int, join: IntervalJoin, now: float, out: list, dead: list) -> None:
+        """A tick read from ``side``'s partition ``p``: unless input arrived since it was
+        sent, the side is idle (``IntervalJoin.mark_idle``); the unmatched records that
+        closes are emitted as the closes of ``add`` are."""
+        if now - self.last_activity.get((side, p), 0.0) < self.spec.idle_close:
+            return
+        self.idle_marked.add((side, p))
+        results = join.mark_idle(side)  # counted in join.counts, as closes by add are
+        self.stats["idle_marked"] += 1
+        if results:
+            self._outputs(results, out, dead, p)
+
+    def due_ticks(self, now: float, assigned: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The (side, partition)s to send a tick to now: without input for
+        ``idle_close`` seconds, not marked idle since their last input, and no tick sent
+        to them within ``idle_close``."""
+        idle_close = self.spec.idle_close
+        due = []
+        for at in assigned:
+            last = self.last_activity.setdefault(at, now)
+            if now - last < idle_close or at in self.idle_marked:
+                continue
+            if now - self.last_tick.get(at, -math.inf) < idle_close:
+                continue
+            self.last_tick[at] = now
+            due.append(at)
+        return due
+
+    async def tick(self) -> None:
+        """Timer (``idle_close``): a tick into each side's partition that is idle, once
+        this worker has read both topics to their end (waiting records are not
+        idleness). Like a window's tick, it is read as input, so what it closes is
+        emitted, and committed, inside normal processing."""
+        if not app.tables.recovery.completed.is_set() or app.rebalancing:
+            return
+        names = self.names
+        if not caught_up(set(names.values()) | self.source_names):
+            return
+        assigned = [(side, tp.partition) for tp in app.consumer.assignment()
+                    for side in (LEFT, RIGHT) if tp.topic == names[side]]
+        for side, p in self.due_ticks(self.clock(), assigned):
+            await self.emitter.tick(self.topics[side], p, [(TICK_HEADER, b"1")])
+
     def describe(self) -> dict[str, Any]:
         """The join's counters on this worker (GET /api/v1/pipelines)."""
         return {"with": self.pipeline.join_with, "late_topic": settings.topic(self.pipeline.late_topic),
                 **{k: self.stats.get(k, 0) for k in ("left", "right", "pairs", "unmatched", "late", "limited")},
                 "replayed_skipped": self.stats.get("replayed_skipped", 0),
+                "idle_marked": self.stats.get("idle_marked", 0),
+                "flushes": {k: round(v, 3) for k, v in self.flushes.items()},
                 "first_batch_at": self.first_batch_at, "last_batch_at": self.last_batch_at}
 
 
@@ -352,7 +456,14 @@ JOINS: dict[str, JoinRunner] = {}
 def build(spec: PipelineSpec) -> JoinRunner:
     """Declare the topics, table and agents of one join pipeline."""
     assert spec.join is not None and spec.join_with is not None
-    left, right = declare(spec.source), declare(spec.join_with)
+    source_left, source_right = declare(spec.source), declare(spec.join_with)
+    if spec.join.repartition:
+        # Each side re-keyed by the join key into an internal topic, through the rekey
+        # step of windows; both internal topics have the app's partition count and one
+        # partitioner, so a key's records of both sides meet in one partition number.
+        left, right = declare(spec.keyed_topic("left")), declare(spec.keyed_topic("right"))
+    else:
+        left, right = source_left, source_right
     sink, late = declare(spec.output_topic), declare(spec.late_topic)
     table = app.Table(f"pipeline-{spec.name}-join", partitions=settings.topic_partitions,
                       key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
@@ -361,7 +472,7 @@ def build(spec: PipelineSpec) -> JoinRunner:
     counters.steps = StepTally(spec.steps[1:])
     PIPELINES[spec.name] = spec
     runner = JoinRunner(spec, table, sink, late, left_name=left.get_topic_name(),
-                        right_name=right.get_topic_name(), counters=counters)
+                        right_name=right.get_topic_name(), counters=counters, topics={LEFT: left, RIGHT: right})
     counters.join = runner.describe  # type: ignore[attr-defined]
     JOINS[spec.name] = runner
 
@@ -375,6 +486,22 @@ def build(spec: PipelineSpec) -> JoinRunner:
 
     batch_agent(left, name=f"pipeline.{spec.name}.left")(run_left)
     batch_agent(right, name=f"pipeline.{spec.name}.right")(run_right)
+    if spec.join.repartition:
+        runner.source_names = {source_left.get_topic_name(), source_right.get_topic_name()}
+
+        def forward(r: Any) -> tuple[bytes, bytes]:
+            # A record without the key field is forwarded keyed by null; the join
+            # dead-letters it as it does an unkeyed record of a co-partitioned side.
+            return runner.output_key(loads_object(r.value)), r.value
+
+        for side, source, keyed in ((LEFT, source_left, left), (RIGHT, source_right, right)):
+            batch_agent(source, name=f"pipeline.{spec.name}.{SIDE_NAMES[side]}-rekey")(
+                rekey_handler(keyed, forward, pipeline=spec.name, step="0:join"))
+    if spec.join.idle_close > 0:
+        async def idle_tick() -> None:
+            await runner.tick()
+
+        app.timer(max(0.2, spec.join.idle_close / 4), name=f"pipeline.{spec.name}.idle")(idle_tick)
     return runner
 
 

@@ -40,7 +40,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
-from tables.store import Expiry, PartitionStore, WriteBackCache
+from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,9 @@ class PipelineCounters:
 class TableMemory:
     """Deduplication memory of one step over a Faust table (keys prefixed by step).
 
-    Writes of a batch collect in the context's write-back cache and reach the table
-    (RocksDB and changelog, one record batch per partition) only after the batch's
-    outputs were acknowledged by the sink: a crash in between re-emits, it never loses
-    a record.
+    Writes of a batch collect in the context's overlay and reach the table (RocksDB and
+    changelog, one record batch per partition) only after the batch's outputs were
+    acknowledged by the sink: a crash in between re-emits, it never loses a record.
     """
 
     def __init__(self, ctx: LiveContext, step: Step) -> None:
@@ -100,62 +99,33 @@ class TableMemory:
         ctx.expiry_queue().append((at, seq, k))
 
 
-def _stored_key(cache_key: Any) -> bytes:
-    """The stored key of a cache key ``(partition, stored key)``."""
-    return cache_key[1]
-
-
-class DedupeCache(WriteBackCache):
-    """A pipeline's unstored dedupe entries. ``max_entries`` 0: a value leaves the cache
-    once stored (stored entries are read from RocksDB directly, ~1 µs; caching them too
-    would only grow the cache)."""
-
-    def __init__(self, expiry: Expiry) -> None:
-        super().__init__(None, max_entries=0, key_bytes=_stored_key, max_dirty=1 << 62)
-        self.expiry = expiry
-        # ``peek`` as the bound ``dict.get`` (one call per record read): this cache
-        # never replaces its dict of values.
-        self.peek = self._values.get  # type: ignore[method-assign]
-
-    def moved(self) -> None:
-        """Partitions moved: each partition's expiry queue is rebuilt from the store the
-        next time it is used (another worker may have changed it meanwhile)."""
-        super().moved()
-        self.expiry.forget()
-
-
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
-#: the cache's layer of ((partition, key), value, partition), and by partition the
-#: event that stands for its records where a store needs "the current event".
-Detached = tuple[list[tuple[Any, Any, int]], dict[int, Any]]
+#: partition -> key -> value, and by partition the event that stands for its records
+#: where a store needs "the current event".
+Detached = tuple[dict[int, dict[bytes, Any]], dict[int, Any]]
 
 
 class LiveContext:
     """The StepContext of one event in a live pipeline.
 
-    Its dedupe entries live in one ``tables.store.WriteBackCache`` (cache key:
-    ``(partition, stored key)``; dedupe is per partition), registered with the commit
-    protocol by ``build``. The cache holds only what is not in the store yet: each
-    batch's writes are detached at its end (``detach_writes``) and written once its
-    outputs are acknowledged (``store_after``), before the batch is acked, so nothing
-    waits for a commit; until then the next batch reads them from the cache. Everything
-    else is read from the partition's RocksDB directly.
-    """
+    Its dedupe entries not stored yet live in a ``tables.store.DedupeCache`` (``cache``),
+    registered with the commit protocol by ``build``: each batch's writes are detached
+    at its end (``detach_writes``) and stored once its outputs are acknowledged
+    (``store_after``), before the batch is acked, so nothing waits for a commit; until
+    then the next batch reads them from the cache. Everything else is read from the
+    partition's RocksDB directly."""
 
     def __init__(self, spec: PipelineSpec, table: Any) -> None:
         self.spec, self.table = spec, table
-        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
-        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
-        #: assignment: ``DedupeCache.moved``, run by the commit protocol).
-        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
-                             dedupe["horizon_count"] if dedupe else None, _seen_at)
-        self.cache = DedupeCache(self.expiry)
         self.store = PartitionStore(table) if table is not None else None
-        self._peek = self.cache.peek
-        self._put = self.cache.put
         self.event: Any = None
         #: partition → the event standing for this batch's records of it.
         self.events: dict[int, Any] = {}
+        #: The current partition's dict of this batch's writes in ``cache`` (written
+        #: directly: one dict set per admitted id).
+        self._overlay: dict[bytes, Any] = {}
+        #: The current partition's writes of earlier batches being stored, newest first.
+        self._storing_here: list[dict[bytes, Any]] = []
         self.partition = -1
         self.offset = 0
         self._now = 0.0
@@ -165,17 +135,15 @@ class LiveContext:
         #: rebalance completes while a batch is in flight (app/batches.py).
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
+        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
+        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
+        #: assignment: ``DedupeCache.moved``, run by the commit protocol).
+        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
+                             dedupe["horizon_count"] if dedupe else None, _seen_at)
+        self.cache = DedupeCache(self.expiry)
 
     @property
-    def store(self) -> Any:
-        return self.cache.store
-
-    @store.setter
-    def store(self, store: Any) -> None:
-        self.cache.store = store
-
-    @property
-    def storing(self) -> list[list[tuple[Any, Any, int]]]:
+    def storing(self) -> list[dict[int, dict[bytes, Any]]]:
         """The writes of earlier batches being stored (oldest first)."""
         return self.cache.layers
 
@@ -198,15 +166,20 @@ class LiveContext:
         """The next records are of ``event``'s partition; ``event`` stands for each of
         them where a store needs "the current event" (its partition and topic)."""
         self.event = event
-        partition = self.partition = event.message.partition
-        self.events[partition] = event
-        if partition not in self._dbs:
-            self._dbs[partition] = None if self.store is None else self.store.partition_db(partition)
-        self._db = self._dbs[partition]
+        self.events[event.message.partition] = event
+        self._enter_partition(event.message.partition)
 
     def at_offset(self, offset: int) -> None:
         """The next record is at ``offset`` of the current partition."""
         self.offset, self._now = offset, time.time()
+
+    def _enter_partition(self, partition: int) -> None:
+        self.partition = partition
+        self._overlay = self.cache.values_of(partition)
+        self._storing_here = self.cache.layers_of(partition)
+        if partition not in self._dbs:
+            self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
+        self._db = self._dbs[partition]
 
     def memory(self, step_index: int) -> TableMemory:
         memory = self._memories.get(step_index)
@@ -215,11 +188,14 @@ class LiveContext:
         return memory
 
     def read(self, key: bytes) -> Any:
-        """The stored value of ``key`` in the current event's partition (the cache's
-        unstored writes first)."""
-        pending = self._peek((self.partition, key))
+        """The stored value of ``key`` in the current event's partition (overlay first)."""
+        pending = self._overlay.get(key)
         if pending is not None:
             return pending
+        for values in self._storing_here:
+            pending = values.get(key)
+            if pending is not None:
+                return pending
         if self._db is not None:
             raw = self._db.get(key)
             return None if raw is None else orjson.loads(raw)
@@ -228,8 +204,7 @@ class LiveContext:
 
     def write(self, key: bytes, value: Any) -> None:
         """``value`` (not None) for ``key`` in the current partition, stored with the batch."""
-        partition = self.partition
-        self._put((partition, key), value, partition)
+        self._overlay[key] = value
 
     def expiry_queue(self) -> deque:
         """The current partition's expiry queue (built from the store on first use)."""
@@ -243,7 +218,8 @@ class LiveContext:
         """End the batch's writes: they stay readable (``storing``) until ``store_after``
         has stored them, while the next batch writes anew."""
         layer = self.cache.detach()
-        events, self.events, self.partition = self.events, {}, -1
+        events, self.events = self.events, {}
+        self._overlay, self._storing_here, self.partition = {}, [], -1
         return layer, events
 
     async def store_after(self, outputs_acked: Awaitable[Any] | None, detached: Detached) -> None:
@@ -254,10 +230,11 @@ class LiveContext:
         layer, events = detached
         if not layer:
             return
+        items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
         assert self.store is not None
-        await self.store.write_many([(events[p], key[1], value) for key, value, p in layer])
+        await self.store.write_many(items)
         # Stored: reads find it in RocksDB now.
-        self.cache.written(layer)
+        self.cache.release(layer)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -280,7 +257,6 @@ class LiveContext:
         if not queue:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
-        cache, partition = self.cache, self.partition
         for _ in range(at_most):
             if not queue:
                 return
@@ -289,7 +265,7 @@ class LiveContext:
             old_by_count = horizon_n is not None and self.offset - seq > horizon_n
             if not (old_by_time or old_by_count):
                 return
-            if cache.held((partition, key)):
+            if any(key in layer for layer in self._storing_here):
                 # Still being stored: deleting now would let that store bring it back;
                 # the next events retry (expiry only reclaims space: ``is_duplicate``
                 # judges the horizon itself).
@@ -297,7 +273,7 @@ class LiveContext:
             queue.popleft()
             current = self.read(key)
             if current is not None and current[0] == at and current[1] == seq:
-                cache.forget((partition, key))
+                self._overlay.pop(key, None)
                 assert self.store is not None
                 self.store.delete(self.event, key)
 

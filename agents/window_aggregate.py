@@ -31,7 +31,7 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -505,27 +505,7 @@ class WindowRunner:
         """True when this worker has read up to the end of its partitions of the source
         and input topics. Under load the rekey step can lag: records still waiting in
         the source are not idleness."""
-        consumer = app.consumer
-        names = {input_name, self.source_name}
-        for tp in consumer.assignment():
-            if tp.topic not in names:
-                continue
-            read = read_offset(consumer, tp)
-            try:
-                high = consumer.highwater(tp)
-            except Exception:  # no fetch position yet
-                return False
-            if read is None or high is None or read + 1 < high:
-                # Nothing delivered yet (just started or assigned), no end offset yet,
-                # or records before the end not delivered: caught up only if the fetch
-                # position is at the end with nothing held back. Before, "nothing
-                # delivered yet" counted as caught up: right after a restart, a
-                # partition whose backlog had not been fetched yet could look idle and
-                # have its windows closed early (a plausible cause of the chaos test's
-                # early idle closes).
-                if not fetched_to(consumer, tp, high):
-                    return False
-        return True
+        return caught_up({input_name, self.source_name})
 
     async def tick(self) -> None:
         """Timer: send a tick to each partition idle for ``idle_close`` with windows open."""
@@ -555,9 +535,39 @@ class WindowRunner:
 RUNNERS: dict[str, WindowRunner] = {}
 
 
-def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
-    """The rekey batch handler of one window: source records to ``keyed`` by ``key_by``."""
-    aggs = defn.aggs  # built once, not per record
+def caught_up(names: set[str]) -> bool:
+    """True when this worker has read up to the end of its partitions of the topics
+    ``names``: records still waiting to be read are not idleness (the idle rule of
+    windows and joins)."""
+    consumer = app.consumer
+    for tp in consumer.assignment():
+        if tp.topic not in names:
+            continue
+        read = read_offset(consumer, tp)
+        try:
+            high = consumer.highwater(tp)
+        except Exception:  # no fetch position yet
+            return False
+        if read is None or high is None or read + 1 < high:
+            # Nothing delivered yet (just started or assigned), no end offset yet,
+            # or records before the end not delivered: caught up only if the fetch
+            # position is at the end with nothing held back. Before, "nothing
+            # delivered yet" counted as caught up: right after a restart, a
+            # partition whose backlog had not been fetched yet could look idle and
+            # have its windows closed early (a plausible cause of the chaos test's
+            # early idle closes).
+            if not fetched_to(consumer, tp, high):
+                return False
+    return True
+
+
+def rekey_handler(keyed: Any, forward: Callable[[Any], tuple[bytes, bytes]], *, pipeline: str, step: str,
+                  on_dead_letter: Callable[[], None] | None = None) -> Any:
+    """A batch handler that forwards each source record to the internal topic
+    ``keyed``, keyed by what ``forward(record)`` returns as ``(key, value)`` (a
+    RecordError sends the record to the dead-letter topic instead), with its source
+    partition and offset in headers (``SRC_PARTITION``, ``SRC_OFFSET``), so the reader of
+    ``keyed`` can skip repeats (windows: per key; joins: per partition)."""
     keyed_name = keyed.get_topic_name()
 
     async def rekey(records: Batch) -> None:
@@ -571,29 +581,44 @@ def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
         # the transaction of s. A kill -9 between those two commits can lose records
         # (the offset of s committed, the keyed record aborted).
         # Sent plainly and acknowledged before the source offset can commit, a record
-        # is at worst repeated in the keyed topic after a crash, and the window agent
-        # skips such repeats by their source partition/offset (headers), inside its own
-        # transaction: results and state stay exactly-once.
+        # is at worst repeated in the keyed topic after a crash, and the reader of the
+        # keyed topic skips such repeats by their source partition/offset (headers),
+        # inside its own transaction: results and state stay exactly-once.
         out: list[OutgoingMessage] = []
         for r in records:
             try:
-                key, ts, values = decode_source(defn, aggs, r.value, r.timestamp)
+                key, value = forward(r)
             except RecordError as exc:
                 await send_dead_letter(
                     r.key, r.value, reason=exc.reason, message=str(exc),
-                    source_topic=r.topic, pipeline=defn.name, step="window",
+                    source_topic=r.topic, pipeline=pipeline, step=step,
                     partition=r.partition, offset=r.offset,
                 )
-                runner.stats["dead_letters"] += 1
+                if on_dead_letter is not None:
+                    on_dead_letter()
                 continue
             headers = ((SRC_PARTITION, str(r.partition).encode()), (SRC_OFFSET, str(r.offset).encode()))
-            # Held until acknowledged: dumps_held.
-            out.append(OutgoingMessage(key.encode(), dumps_held([ts, values]), headers, None))
+            out.append(OutgoingMessage(key, value, headers, None))
         if out:
             await kafka_io.ready.wait()
             await kafka_io.send_topics({keyed_name: out})
 
     return rekey
+
+
+def _rekey_handler(defn: WindowDef, runner: WindowRunner, keyed: Any) -> Any:
+    """The rekey batch handler of one window: source records to ``keyed`` by ``key_by``."""
+    aggs = defn.aggs  # built once, not per record
+
+    def forward(r: Any) -> tuple[bytes, bytes]:
+        key, ts, values = decode_source(defn, aggs, r.value, r.timestamp)
+        # Held until acknowledged: dumps_held.
+        return key.encode(), dumps_held([ts, values])
+
+    def dead_lettered() -> None:
+        runner.stats["dead_letters"] += 1
+
+    return rekey_handler(keyed, forward, pipeline=defn.name, step="window", on_dead_letter=dead_lettered)
 
 
 def register(defn: WindowDef) -> None:
@@ -632,4 +657,5 @@ async def _on_moved(*args: Any, **kwargs: Any) -> None:
 app.on_partitions_revoked.connect(_on_moved)
 app.on_partitions_assigned.connect(_on_moved)
 
-__all__ = ["RUNNERS", "WindowRunner", "register"]
+__all__ = ["RUNNERS", "SRC_OFFSET", "SRC_PARTITION", "TICK_HEADER", "WindowRunner", "caught_up", "register",
+           "rekey_handler"]

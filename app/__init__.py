@@ -74,6 +74,8 @@ app = _transport.App(
     logging_config=logs.logging_config(settings.log_format),
     # Faust's table recovery, restarted when a rebalance interrupts it (app/transport.py).
     TableManager=_transport.TableManager,
+    # One topic group number (transactional id) per copartitioned topic set (app/transport.py).
+    PartitionAssignor=_transport.PartitionAssignor,
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout

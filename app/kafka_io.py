@@ -13,24 +13,47 @@ import asyncio
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    KafkaError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumber,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import murmur2
 from mode import Service
 
 from app import app, settings
 from app.kafka_security import client_options
 from app.topics import DECLARED, TopicSpec
-from app.transport import append_record, finished, record_appender, refresh_topic_metadata
+from app.transport import (
+    append_record,
+    batch_records,
+    finished,
+    record_appender,
+    refresh_topic_metadata,
+    reset_producer_id,
+)
 
 log = logging.getLogger(__name__)
 
 #: Largest record batch we build; below the broker's default message.max.bytes (1 MiB).
 MAX_BATCH_BYTES = 900 * 1024
+
+#: How long record batches that failed with a retriable error are sent again before
+#: their failure is final (Kafka's producer default ``delivery.timeout.ms``: 120 s).
+#: aiokafka gives a batch up once it waited its ``request_timeout_ms`` (40 s) without a
+#: known leader, which a broker restart can outlast (docs/delivery.md, W).
+SEND_RETRY_SECONDS = 120.0
+#: The first wait before sending again, doubled up to ``SEND_RETRY_MAX_BACKOFF``.
+SEND_RETRY_BACKOFF = 0.1
+SEND_RETRY_MAX_BACKOFF = 5.0
 
 
 class OutgoingMessage(NamedTuple):
@@ -239,7 +262,7 @@ class KafkaIO(Service):
                 p = partition_for(message.key, num_partitions, sticky)
             indexes.setdefault(p, []).append(index)
         groups = {p: [messages[i] for i in positions] for p, positions in indexes.items()}
-        sent = iter(await acked(await self._append_record_batches(topic, groups)))
+        sent = iter(await delivered(producer_of(self), topic, await self._append_record_batches(topic, groups)))
 
         results: list[Delivered | None] = [None] * len(messages)
         for positions in indexes.values():  # record batches come partition by partition
@@ -253,14 +276,14 @@ class KafkaIO(Service):
 
     async def _append_record_batches(
         self, topic: str, groups: dict[int, Sequence[OutgoingMessage]]
-    ) -> list[tuple[asyncio.Future, int]]:
+    ) -> list[SentBatch]:
         """Append each partition's messages, with their headers, to record batches and
         hand them to the producer, partition by partition in the order given; return
-        (delivery future, record count) per record batch. (Records without headers,
-        made one by one, take ``RecordBatches``.)"""
+        them as ``SentBatch``es. (Records without headers, made one by one, take
+        ``RecordBatches``.)"""
         assert self.producer is not None
         producer = self.producer
-        pending: list[tuple[asyncio.Future, int]] = []
+        pending: list[SentBatch] = []
         for partition, records in groups.items():
             batch, count = producer.create_batch(), 0
             for record in records:
@@ -269,12 +292,12 @@ class KafkaIO(Service):
                 if not append_record(batch, count, record.key, record.value, headers, record.timestamp_ms):
                     # Full: send it and start the next, which always takes its first
                     # record (as in ``RecordBatches.add``).
-                    pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
+                    pending.append(await hand_over(producer, topic, partition, finished(batch, count), count))
                     batch, count = producer.create_batch(), 0
                     append_record(batch, count, record.key, record.value, headers, record.timestamp_ms)
                 count += 1
             if count:
-                pending.append((await producer.send_batch(finished(batch, count), topic, partition=partition), count))
+                pending.append(await hand_over(producer, topic, partition, finished(batch, count), count))
         return pending
 
 
@@ -325,21 +348,109 @@ class RecordBatches:
         them all (what ``KafkaIO.start_partitioned`` returns)."""
         batches = self._full + [(p, finished(batch, n), n) for p, (batch, n, _) in self._open.items() if n]
         self._open, self._full, self.count = {}, [], 0
-        pending = [(await self.producer.send_batch(batch, topic, partition=p), n) for p, batch, n in batches]
-        return asyncio.ensure_future(last_offsets(pending))
+        pending = [await hand_over(self.producer, topic, p, batch, n) for p, batch, n in batches]
+        return asyncio.ensure_future(last_offsets(self.producer, topic, pending))
 
 
-async def acked(pending: list[tuple[asyncio.Future, int]]) -> list[tuple[Any, int]]:
-    """(record metadata, record count) of each (delivery future, record count), once the
-    broker acknowledged every batch; raises if any failed."""
-    metas = await asyncio.gather(*(fut for fut, _ in pending))
-    return [(meta, count) for meta, (_, count) in zip(metas, pending, strict=True)]
+class SentBatch(NamedTuple):
+    """A record batch handed to the producer: kept until acknowledged, so that it can
+    be sent again (``delivered``)."""
+
+    partition: int
+    batch: Any
+    count: int
+    future: asyncio.Future
 
 
-async def last_offsets(pending: list[tuple[asyncio.Future, int]]) -> dict[int, int]:
+def producer_of(io: KafkaIO) -> Any:
+    assert io.producer is not None
+    return io.producer
+
+
+def retriable(exc: BaseException) -> bool:
+    """A send error that sending again may cure: aiokafka's retriable errors (leader
+    moved or unknown, request timed out, not enough replicas, connection lost), a batch
+    that timed out waiting for metadata or room in the producer's buffer, and the
+    sequence errors a batch given up before leaves (sent again under a new producer id,
+    ``delivered``)."""
+    return (isinstance(exc, (KafkaTimeoutError, OutOfOrderSequenceNumber, UnknownProducerId))
+            or (isinstance(exc, KafkaError) and exc.retriable))
+
+
+async def hand_over(producer: Any, topic: str, partition: int, batch: Any, count: int) -> SentBatch:
+    """``producer.send_batch``; a retriable failure to hand it over (no metadata while
+    the broker is away) becomes the batch's failed delivery, which ``delivered`` sends
+    again in order with the rest."""
+    try:
+        future = await producer.send_batch(batch, topic, partition=partition)
+    except Exception as exc:
+        if not retriable(exc):
+            raise
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(exc)
+    return SentBatch(partition, batch, count, future)
+
+
+async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tuple[Any, int]]:
+    """(record metadata, record count) of each batch of ``sent`` once the broker
+    acknowledged them all.
+
+    A batch that failed with a retriable error is sent again, as a new batch of the same
+    records, together with every later batch of its partition in ``sent`` (acknowledged
+    or not), in their order: a partition's records then end in the order they were
+    made (a state changelog's last value of a key is its newest), with the later ones
+    written twice at most. With backoff, for up to ``SEND_RETRY_SECONDS``; a
+    non-retriable error, or one that outlasts that bound, is raised, and the caller's
+    commit fails (the worker restarts and replays)."""
+    deadline: float | None = None
+    backoff = SEND_RETRY_BACKOFF
+    while True:
+        results = await asyncio.gather(*(s.future for s in sent), return_exceptions=True)
+        first_failed: dict[int, int] = {}  # partition -> index of its first failed batch
+        error: BaseException | None = None
+        for index, (one, result) in enumerate(zip(sent, results, strict=True)):
+            if isinstance(result, BaseException):
+                if not retriable(result):
+                    raise result
+                error = error or result
+                first_failed.setdefault(one.partition, index)
+        if error is None:
+            return [(meta, one.count) for meta, one in zip(results, sent, strict=True)]
+        now = time.monotonic()
+        deadline = deadline or now + SEND_RETRY_SECONDS
+        if now >= deadline:
+            raise error
+        log.warning("%s: %d record batch(es) of partition(s) %s failed (%r); sending again in %.1f s",
+                    topic, sum(1 for i, s in enumerate(sent) if i >= first_failed.get(s.partition, len(sent))),
+                    sorted(first_failed), error, backoff)
+        await asyncio.sleep(backoff)
+        backoff = min(backoff * 2, SEND_RETRY_MAX_BACKOFF)
+        # A batch given up may have had its sequence numbers: without a new producer
+        # id every later batch of its partition fails (``reset_producer_id``).
+        reset_producer_id(producer)
+        again = list(sent)
+        for index, one in enumerate(sent):
+            if index >= first_failed.get(one.partition, len(sent)):
+                again[index] = await hand_over(producer, topic, one.partition,
+                                               rebuilt(producer, one.batch), one.count)
+        sent = again
+
+
+def rebuilt(producer: Any, batch: Any) -> Any:
+    """A new record batch with the records of ``batch`` (timestamps kept)."""
+    new, count = producer.create_batch(), 0
+    for key, value, headers, timestamp_ms in batch_records(batch):
+        # They fitted one batch of this size before, so they do again.
+        if not append_record(new, count, key, value, headers or NO_HEADERS, timestamp_ms) and count:
+            raise RuntimeError("records of one record batch did not fit a new one")
+        count += 1
+    return finished(new, count)
+
+
+async def last_offsets(producer: Any, topic: str, pending: list[SentBatch]) -> dict[int, int]:
     """The last offset stored in each partition, once every batch is acknowledged."""
     last: dict[int, int] = {}
-    for meta, count in await acked(pending):
+    for meta, count in await delivered(producer, topic, pending):
         end = meta.offset + count - 1
         if end > last.get(meta.partition, -1):
             last[meta.partition] = end

@@ -48,8 +48,10 @@ _timestamp = attrgetter("timestamp")
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-#: The outcomes of a join pipeline's records (agents/join.py: ``JoinRunner.describe``).
-JOIN_OUTCOMES = ("left", "right", "pairs", "unmatched", "late", "limited")
+#: The outcomes of a join pipeline's records (agents/join.py: ``JoinRunner.describe``;
+#: a stream-table join, agents/table_join.py, has those it counts).
+JOIN_OUTCOMES = ("left", "right", "pairs", "unmatched", "late", "limited", "stream", "table", "beyond_history",
+                 "table_late")
 
 
 def _pipelines() -> Mapping[str, Mapping[str, Any]]:
@@ -204,7 +206,8 @@ class StreamCollector(Collector):
                                    "Records a pipeline sent to the dead-letter topic", labels=["pipeline"])
         joins = CounterMetricFamily("streametl_join_records",
                                     "A join pipeline's records by outcome (left, right read; pairs, unmatched "
-                                    "emitted; late; limited: pairs left out by max_matches)",
+                                    "emitted; late; limited: pairs left out by max_matches; a stream-table join: stream, "
+                                    "table read, beyond_history, table_late)",
                                     labels=["pipeline", "outcome"])
         for name, c in self.sources.pipelines().items():
             into.add_metric([name], c["in"])
@@ -213,7 +216,8 @@ class StreamCollector(Collector):
             for reason, n in c["dropped_by_reason"].items():
                 dropped.add_metric([name, reason], n)
             for outcome in JOIN_OUTCOMES if "join" in c else ():
-                joins.add_metric([name, outcome], c["join"].get(outcome, 0))
+                if outcome in c["join"]:
+                    joins.add_metric([name, outcome], c["join"][outcome])
         yield from (into, out, dropped, dead, joins)
 
     def _windows(self) -> Iterable[Metric]:
@@ -282,6 +286,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.commit_seconds = Histogram(
             "streametl_commit_seconds", "Time one offset commit took (state flushes before it included)",
+            buckets=WORK_BUCKETS, registry=r)
+        self.commit_hold_seconds = Histogram(
+            "streametl_commit_hold_seconds",
+            "Time one commit section kept batches out (under at_least_once a snapshot or one part of its encoding)",
             buckets=WORK_BUCKETS, registry=r)
         self.flush_seconds = Histogram(
             "streametl_state_flush_seconds", "Time one write-back flush of state took", ["store"],
@@ -375,6 +383,7 @@ def install() -> None:
 
     observers.batch = METRICS.observe_batch
     observers.commit = METRICS.commit_seconds.observe
+    observers.commit_hold = METRICS.commit_hold_seconds.observe
     observers.rebalance = METRICS.observe_rebalance
 
 

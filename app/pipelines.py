@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,7 @@ from app.db_sinks import SinkConfigError, SinkSpec, parse_sink
 from app.windows import WindowConfigError, WindowDef, parse_window_def
 from operators.joins import JoinSpec
 from operators.steps import STEP_PARSERS, Step, StepSpecError, parse_steps
+from operators.table_join import TableJoinSpec
 
 PIPELINE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -100,15 +102,24 @@ class PipelineSpec:
     window: WindowDef | None = None
     #: The database table the sink topic is replicated into (None: the topic is the end).
     db_sink: SinkSpec | None = None
-    #: The live join a first ``join`` step declares (None without one).
-    join: JoinSpec | None = None
-    #: The join's right side (logical topic name).
+    #: The live join a first ``join`` step declares (None without one): an interval
+    #: join of two streams, or a stream-table join (``with_table``).
+    join: JoinSpec | TableJoinSpec | None = None
+    #: The join's right side (logical topic name; a stream-table join's table topic,
+    #: once ``resolve_tables`` has looked up materialized tables).
     join_with: str | None = None
+    #: A stream-table join's ``with_table`` as written (a topic or materialized table).
+    join_table: str | None = None
 
     @property
     def late_topic(self) -> str:
         """Where a join's late records go (logical name)."""
         return f"pipeline.{self.name}.late"
+
+    def keyed_topic(self, side: str) -> str:
+        """The internal topic a re-keyed join side (``repartition``) is read from, keyed
+        by the join key (logical name; ``side``: ``left`` or ``right``)."""
+        return f"pipeline.{self.name}.{side}.keyed"
 
     @property
     def output_topic(self) -> str:
@@ -183,7 +194,15 @@ def _join_of(steps: list[Step], entry: dict[str, Any], where: str, path: str) ->
     if step.index != 0:
         raise refuse("a join must be the first step (the steps before it would run on the left side only)")
     spec, other, inline = step.params
-    if inline is not None:
+    if isinstance(spec, TableJoinSpec):
+        if inline is not None:
+            raise refuse("a live join reads its table from a topic or materialized table: give 'with_table', "
+                         "not 'table_records'", "table_records")
+        if not TOPIC_NAME.match(other):
+            raise refuse("must be a topic or materialized table name", "with_table")
+        if other in (entry["source"], entry["sink"]):
+            raise refuse("must be another topic than the pipeline's source and sink", "with_table")
+    elif inline is not None:
         raise refuse("a live join reads its right side from a topic: give 'with', not 'with_records'", "with_records")
     if not isinstance(other, str) or not TOPIC_NAME.match(other):
         raise refuse("must be a topic name", "with")
@@ -261,8 +280,27 @@ def parse_pipelines(raw: Any) -> list[PipelineSpec]:
             # Keyed like the window, so the rekey step's partitioning is the same.
             key_by = key_by or window.key_by
         specs.append(PipelineSpec(name, entry["source"], entry["sink"], steps, entry.get("steps", []), key_by,
-                                  window, db_sink, join, join_with))
+                                  window, db_sink, join, join_with,
+                                  join_with if isinstance(join, TableJoinSpec) else None))
     return specs
+
+
+def resolve_tables(pipelines: Sequence[PipelineSpec], sinks: Sequence[SinkSpec]) -> list[PipelineSpec]:
+    """Stream-table joins whose ``with_table`` names a materialized table (a
+    ``type: table`` sink) read that table's topic, in its format, keyed by its key
+    (unless the step names ``table_key``); any other name is the table's topic."""
+    tables = {s.name: s for s in sinks if s.type == "table"}
+    out = []
+    for spec in pipelines:
+        sink = tables.get(spec.join_table or "")
+        if isinstance(spec.join, TableJoinSpec) and sink is not None:
+            join = spec.join
+            if join.table_key == join.on and sink.key and len(sink.key) == len(join.on):
+                join = dataclasses.replace(join, table_key=sink.key)
+            spec = dataclasses.replace(spec, join=dataclasses.replace(join, format=sink.format),
+                                       join_with=sink.source)
+        out.append(spec)
+    return out
 
 
 def _cdc_pipeline(steps: list[Step], db_sink: SinkSpec | None, key_by: str | None, where: str,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from app.db_sinks import SinkSpec, parse_sinks
 from app.patterns import EngineConfig, Pattern, config_patterns, engine_config
-from app.pipelines import PipelineSpec, parse_pipelines
+from app.pipelines import PipelineSpec, parse_pipelines, resolve_tables
 from app.windows import WindowDef, load_window_defs
 
 
@@ -53,12 +53,14 @@ def config() -> Config:
         raise ValueError(f"window names must be unique (pipeline window steps are named pipeline.<name>): "
                          f"{[d.name for d in windows]}")
     engine = engine_config()
+    sinks = tuple(parse_sinks(section("sinks")) + [p.db_sink for p in pipelines if p.db_sink is not None])
     return Config(
-        pipelines=pipelines,
+        # A stream-table join may read a materialized table's topic.
+        pipelines=tuple(resolve_tables(pipelines, sinks)),
         windows=windows,
         engine=engine,
         patterns=config_patterns(engine),
-        sinks=tuple(parse_sinks(section("sinks")) + [p.db_sink for p in pipelines if p.db_sink is not None]),
+        sinks=sinks,
     )
 
 
@@ -72,7 +74,8 @@ def register_processors() -> None:
     if _registered:
         return
     _registered = True
-    from agents import db_sink, join, patterns, pipeline, window_aggregate
+    from agents import db_sink, join, patterns, pipeline, table_join, window_aggregate
+    from operators.table_join import TableJoinSpec
     from tables.patterns import source_topics
 
     cfg = config()
@@ -83,6 +86,8 @@ def register_processors() -> None:
     for pipeline_spec in cfg.pipelines:
         if pipeline_spec.join is None:
             pipeline.build(pipeline_spec)
+        elif isinstance(pipeline_spec.join, TableJoinSpec):  # a stream joined with a table
+            table_join.build(pipeline_spec)
         else:  # the interval join of two topics (docs/joins.md)
             join.build(pipeline_spec)
     for defn in cfg.windows:

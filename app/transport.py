@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import inspect
 import logging
@@ -86,6 +87,8 @@ from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
 from faust import current_event as faust_current_event
 from faust.agents.replies import ReplyConsumer as FaustReplyConsumer
+from faust.assignor import PartitionAssignor as FaustPartitionAssignor
+from faust.exceptions import ProducerSendError
 from faust.models import maybe_model
 from faust.streams import _current_event as faust_current_event_var
 from faust.tables.manager import TableManager as FaustTableManager
@@ -131,12 +134,15 @@ class Observers:
 
     ``batch(agent_name, batch, seconds)``: once per batch agent call, after it returned.
     ``commit(seconds)``: once per offset commit (the before-commit flushes included).
+    ``commit_hold(seconds)``: once per commit section (``CommitGuard.committing``), from
+    the end of the batch it waited for until batches may run again.
     ``rebalance(phase, seconds)``: ``"assign"`` from a rebalance's start until this
     worker's partitions are assigned, ``"restore"`` from then until table recovery has
     completed (Faust's rebalance end)."""
 
     batch: Callable[[str, Batch, float], None] | None = None
     commit: Callable[[float], None] | None = None
+    commit_hold: Callable[[float], None] | None = None
     rebalance: Callable[[str, float], None] | None = None
 
 
@@ -214,7 +220,13 @@ class CommitGuard:
         #: sections: state kept in memory across batches (the window agents' write-back
         #: buffers) is made durable here, like Kafka Streams flushing its record caches
         #: at commit. A hook that raises stops the commit: its offsets stay uncommitted.
-        self.before_commit: list[Callable[[], Awaitable[None]]] = []
+        #: A hook may return an awaitable, the rest of its work: under at_least_once it
+        #: runs after the section is open again, with the offsets taken before, and
+        #: those offsets commit only once it returned (app/commit.py, ``begin_commit``).
+        self.before_commit: list[Callable[[], Awaitable[Awaitable[None] | None]]] = []
+        self._one_commit: asyncio.Lock | None = None
+        #: Processing sections waiting for a commit section to end.
+        self._waiting = 0
         #: When this worker last knew its group session alive (a heartbeat answered, an
         #: assignment received; ``time.monotonic()``), and the session timeout (s).
         self.session_ok_at: float | None = None
@@ -252,7 +264,11 @@ class CommitGuard:
         """A section no commit may interleave with (waits while a commit is pending)."""
         idle, open_ = self._events()
         while not open_.is_set():
-            await open_.wait()
+            self._waiting += 1
+            try:
+                await open_.wait()
+            finally:
+                self._waiting -= 1
         self._active += 1
         idle.clear()
         try:
@@ -262,20 +278,39 @@ class CommitGuard:
             if not self._active:
                 idle.set()
 
+    async def let_waiting_in(self) -> None:
+        """Between two sections of one commit: let the batches that wait for the section
+        to end start first (the event loop wakes them a few steps after ``open`` is set,
+        and a commit that closed it again at once kept them out of every section)."""
+        _idle, open_ = self._events()
+        while self._waiting and open_.is_set():
+            await asyncio.sleep(0)
+
+    def one_commit(self) -> asyncio.Lock:
+        """Held by a commit from its snapshot until its offsets are committed: one commit
+        at a time, so a later snapshot's offsets never commit before an earlier one's."""
+        if self._one_commit is None:
+            self._one_commit = asyncio.Lock()
+        return self._one_commit
+
     @contextlib.asynccontextmanager
     async def committing(self) -> AsyncIterator[None]:
         """Wait until no processing section is open and keep new ones out meanwhile."""
         idle, open_ = self._events()
         self._committing += 1
         open_.clear()
+        t0 = None
         try:
             while not idle.is_set():
                 await idle.wait()
+            t0 = time.perf_counter()
             yield
         finally:
             self._committing -= 1
             if not self._committing:
                 open_.set()
+            if observers.commit_hold is not None and t0 is not None:
+                observers.commit_hold(time.perf_counter() - t0)
 
 
 #: The one guard of this worker process (agents: ``async with commit_guard.processing()``).
@@ -438,15 +473,19 @@ class FastConsumer(faust_aiokafka.Consumer):
         hooks = commit_guard.before_commit
         if not self.app.in_transaction and not hooks:
             return await super().commit(topics, start_new_transaction=start_new_transaction)
+        if not self.app.in_transaction:
+            return await self._commit_snapshot(topics, hooks, start_new_transaction)
         async with commit_guard.committing():
             if self._broken_section is not None and self.app.in_transaction:
                 # Interrupted while this commit waited for its section to end (seen: a
                 # timer commit begun 80 ms before a SIGTERM cancelled the batch).
                 return False
             for hook in hooks:
-                await hook()
-            if not self.app.in_transaction:
-                return await super().commit(topics, start_new_transaction=start_new_transaction)
+                rest = await hook()
+                if rest is not None:
+                    # The transaction about to commit is the one a batch would send
+                    # into: all of it before the section opens again.
+                    await rest
             try:
                 return await super().commit(topics, start_new_transaction=start_new_transaction)
             except (ProducerFenced, IllegalOperation) as exc:
@@ -461,6 +500,53 @@ class FastConsumer(faust_aiokafka.Consumer):
                                  exc)
                 self.app.tables.on_aborted_writes()
                 return False
+
+    async def _commit_snapshot(self, topics: Any, hooks: list[Any], start_new_transaction: bool) -> bool:
+        """at_least_once with commit hooks: the offsets acked so far and the hooks' first
+        halves between two processing sections, then (batches running again) the hooks'
+        rests, then those offsets (app/commit.py, ``CommitProtocol.begin_commit``).
+
+        Why: a batch used to wait for the whole commit (outputs acknowledged, every
+        changed state encoded, its changelog acknowledged, RocksDB written): pattern
+        alerts at 5,000 events/s had a p99 of 130 ms (issue 22). The offsets are taken
+        in the same section-free moment as the state, so they cover exactly the batches
+        whose changes the rests make durable; a rest that raises commits nothing."""
+        async with commit_guard.one_commit():
+            rests: list[Awaitable[None]] = []
+            async with commit_guard.committing():
+                # First the offsets, then the state: whatever the hooks take covers at
+                # least the batches these offsets end with.
+                offsets = self._filter_committable_offsets(list(self._filter_tps_with_pending_acks(topics)))
+                try:
+                    for hook in hooks:
+                        rest = await hook()
+                        if rest is not None:
+                            rests.append(rest)
+                except BaseException:
+                    for rest in rests:  # a hook's rest ends what it began (its locks)
+                        with contextlib.suppress(Exception):
+                            await rest
+                    raise
+            for i, rest in enumerate(rests):
+                try:
+                    await rest
+                except BaseException:
+                    for later in rests[i + 1:]:
+                        with contextlib.suppress(Exception):
+                            await later
+                    raise
+            if not offsets:
+                return False
+            # Faust's ``force_commit`` → ``_commit_tps`` with the offsets taken above.
+            sensor_state = self.app.sensors.on_commit_initiated(self)
+            try:
+                await self._handle_attached(offsets)
+            except ProducerSendError as exc:
+                await self.crash(exc)
+                return False
+            did_commit = await self._commit_offsets(offsets, start_new_transaction=start_new_transaction)
+            self.app.sensors.on_commit_completed(self, sensor_state)
+            return did_commit
 
     async def deliver(self, callback: Callable[[Any], Awaitable[Any]], message: Any) -> None:
         """Deliver one message; a suspended flow still interrupts a blocked delivery."""
@@ -581,11 +667,25 @@ class FastConsumer(faust_aiokafka.Consumer):
         partition's position was its first dropped record's offset. With the consumer
         in its own thread a seek can come in between: one that went further back is
         kept (never forward), one that went forward is undone, which only makes Recovery
-        read changelog records again that it ignores by offset."""
+        read changelog records again that it ignores by offset.
+
+        A partition with a committed offset at or before its first dropped record is
+        also put back, to that committed offset: the seek to the committed offsets is
+        meant to have done it, but a woken worker's seek left such partitions past the
+        dropped fetch (the group had kept it through a broker restart; its unwritten
+        state had been dropped, docs/delivery.md P), and the next batch's jump was acked
+        as a gap: records lost under at_least_once (delivery.md, "Open: a new owner…",
+        session 13, seed 1). A committed offset past the first dropped record means the
+        group went on beyond it: nothing moves back then."""
         for tp, tp_records in records.items():
-            if not tp_records or self._committed_offset.get(tp):
+            if not tp_records:
                 continue
             first = tp_records[0].offset
+            committed = self._committed_offset.get(tp)
+            if committed:
+                if committed > first:
+                    continue
+                first = committed
             if await self._thread.rewind(tp, first):
                 self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
 
@@ -1347,6 +1447,16 @@ class TransactionManager(FaustTransactionManager):
                 "group: paused, or its session expired); its local state may hold writes of "
                 "aborted transactions, so it restarts and restores it from the changelogs")
         for tid in sorted(keep):
+            if commit_guard.session_lapsed():
+                # Paused (or blocked) past its session while it set this assignment
+                # up: the group has gone on, and these partitions have other owners
+                # now. Registering a producer (InitProducerId) for the next id would
+                # fence its current owner's (seen in a chaos run: a worker paused in
+                # this loop woke and fenced a running worker, which crashed).
+                raise ZombieRestart(
+                    "exactly_once: this worker's group session lapsed while it started the "
+                    "producers of its assignment; it restarts instead of fencing the producers "
+                    "of the partitions' current owners")
             await self.ready_transaction(tid)
         for hook in ASSIGNMENT_HOOKS:
             await hook(assigned)
@@ -1735,6 +1845,33 @@ class TableManager(FaustTableManager):
     """Faust's table manager with :class:`Recovery` (``App(TableManager=...)``), which
     under exactly_once also stores the changelog offsets its commits made durable."""
 
+    async def on_stop(self) -> None:
+        """Faust's, after one full garbage collection and a freeze of what is left.
+
+        Why (issue 22, 1,000,000 keys under exactly_once): Faust's RocksDB store runs a
+        full ``gc.collect()`` when it stops (to drop its databases), once per table.
+        With a million keys of window state in memory (the caches, the close index),
+        each pass took 1.5-3 s on the loaded machine, and five of them passed the stop
+        deadline (``STREAMETL_STOP_TIMEOUT``, 8 s): the worker exited without its final
+        commit or the clean-shutdown marker, and the next start restored every table in
+        full. Collected once here and frozen, what those passes walk is only what the
+        stop itself creates; a database is still closed when its store drops it (freed
+        by its reference count), before the marker lists the tables' files."""
+        gc.collect()
+        gc.freeze()
+        await super().on_stop()
+
+    async def on_start(self) -> None:
+        """Faust's, without the second it sleeps first (for tables declared late).
+
+        Why (issue 22, restarts within 5 s): that sleep was a fixed second of every
+        start. Every table of this app is declared before the worker starts (module
+        imports and ``startup.register_processors``, both in ``App.discover``), and a
+        table added after this point still fails loudly ("Too late to add tables")."""
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
     def on_commit(self, offsets: Any) -> None:
         """After a commit of source ``offsets``: store the persisted offset of every
         changelog partition whose transaction that commit ended.
@@ -1811,6 +1948,52 @@ class Web(faust_aiohttp_web.Web):
     streametl serves its dashboard (web/dashboard.py)."""
 
     production_blueprints: ClassVar[list] = []
+
+
+def unique_topic_groups(copartitioned: Any) -> dict[str, int]:
+    """Topic -> topic group number, one number per copartitioned topic set.
+
+    ``copartitioned``: partition count -> the topic sets of that count (Faust's
+    ``_get_copartitioned_groups``). The first set of each count (by sorted topic names)
+    keeps Faust's number, the index of its partition count; each further set of a count
+    gets a number after all of those. So with one set per count, as when every worker
+    subscribes to the same topics, the numbers (and the transactional ids built from
+    them) are Faust's."""
+    counts = sorted(copartitioned)
+    groups: dict[str, int] = {}
+    extra = len(counts)
+    for index, count in enumerate(counts):
+        for rank, topics in enumerate(sorted(sorted(topic_set) for topic_set in copartitioned[count])):
+            if rank:
+                number, extra = extra, extra + 1
+            else:
+                number = index
+            for topic in topics:
+                groups[topic] = number
+    return groups
+
+
+class PartitionAssignor(FaustPartitionAssignor):
+    """Faust's assignor with a topic group number per copartitioned topic set
+    (``App(PartitionAssignor=...)``).
+
+    Why (docs/delivery.md, X): Faust numbers topic groups by partition count, but
+    assigns each set of co-subscribed topics of that count on its own. Topics of one
+    count subscribed by different sets of workers (a worker started with another
+    pipeline config: a rolling config change) form two sets with one number, so
+    partition 0 of a one-partition topic of each set could go to two workers, both
+    with the transactional id ``{app id}-{group}-0``: under exactly_once each one's
+    producer fences the other's."""
+
+    def _get_copartitioned_groups(self, topics: Any, cluster: Any, subscriptions: Any) -> Any:
+        groups = super()._get_copartitioned_groups(topics, cluster, subscriptions)
+        self._copartitioned = {count: [set(topic_set) for topic_set in sets] for count, sets in groups.items()}
+        return self._copartitioned
+
+    def _protocol_assignments(self, assignments: Any, cl_distribution: Any, tp_distribution: Any,
+                              topic_groups: Any) -> Any:
+        return super()._protocol_assignments(assignments, cl_distribution, tp_distribution,
+                                             unique_topic_groups(self._copartitioned))
 
 
 def install() -> None:
@@ -2014,6 +2197,41 @@ def finished(batch: Any, count: int) -> Any:
     return batch
 
 
+def reset_producer_id(producer: Any) -> bool:
+    """Make an idempotent, not transactional, aiokafka producer register a new producer
+    id before it drains its next batch (its sender waits for one at each round), with
+    every partition's sequence number back at 0; True if it did.
+
+    Why (docs/delivery.md, W): aiokafka numbers a partition's batches when it first
+    drains them and never takes a number back. A batch given up after that (no known
+    leader past its request timeout, during a broker restart) leaves a gap, and the
+    broker answers every later batch of that producer and partition with
+    ``OutOfOrderSequenceNumber``, for good. Kafka's Java producer resets its producer
+    id or bumps its epoch then (KIP-360); aiokafka does not."""
+    from aiokafka.producer.transaction_manager import NO_PRODUCER_EPOCH, NO_PRODUCER_ID, PidAndEpoch
+
+    txn = getattr(producer, "_txn_manager", None)
+    if txn is None or txn.transactional_id is not None or not txn.has_pid():
+        return False
+    txn._pid_and_epoch = PidAndEpoch(NO_PRODUCER_ID, NO_PRODUCER_EPOCH)
+    txn._pid_waiter = asyncio.get_running_loop().create_future()
+    txn._sequence_numbers.clear()
+    return True
+
+
+def batch_records(batch: Any) -> list[tuple[bytes | None, bytes | None, list, int]]:
+    """(key, value, headers, timestamp in epoch ms) of each record of an aiokafka
+    ``BatchBuilder`` handed to the producer, to send them again in a new batch.
+
+    Why read them back: the builder cannot be sent twice (aiokafka builds its buffer
+    once, and sets the producer id and sequence on the builder it then drops), and the
+    batch paths hold no copy of the records (``kafka_io.RecordBatches``)."""
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    return [(r.key, r.value, list(r.headers), r.timestamp)
+            for r in DefaultRecordBatch(bytearray(batch._build()))]
+
+
 def consumer_state(app: Any, topic: str) -> dict[str, Any]:
     """Why a consumer might not be fetching ``topic``: flow, paused partitions, unacked
     messages, the fetcher service, and ``topic``'s partitions by state (a debug view,
@@ -2042,8 +2260,9 @@ def consumer_state(app: Any, topic: str) -> dict[str, Any]:
 
 __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard", "observers", "RawPartitionRecords",
            "Recovery", "ReplyConsumer", "ResumeDelivery", "App", "ASSIGNMENT_HOOKS", "stopped_clean", "TableManager", "WEB_SCHEME", "Web", "reply_topic_name",
-           "TransactionManager",
+           "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
-           "WRITTEN_FOR", "append_record", "as_current_event", "check_versions", "consumer_state",
+           "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
+           "reset_producer_id", "consumer_state",
            "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

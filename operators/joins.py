@@ -22,6 +22,14 @@ Semantics (docs/joins.md has the tables):
   defect Kafka Streams fixed with KIP-633).
 - Many-to-many: a record joins at most ``max_matches`` buffered partners (the oldest
   first); the pairs left out are counted in ``JoinCounts.limited``.
+- Idle sides (live joins with ``idle_close``; ``IntervalJoin.mark_idle``): a side that
+  received nothing for a while is *idle* until its next record, as an idle input in
+  Flink: its time follows the other side's, so stream time (and the watermark) move
+  with the side that still has input, and intervals close. When both sides of a
+  partition are idle, every interval closes, and the watermark moves past the last of
+  them, so no record that arrives later can match a record emitted unmatched (as
+  windows close at ``idle_close``). A record of an idle side ends its idleness; it may
+  be late then.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +65,11 @@ class JoinSpec:
     max_matches: int = 1000
     #: Flat output: each side's fields under its prefix; None: ``{"left": …, "right": …}``.
     prefixes: tuple[str, str] | None = None
+    #: Live joins: seconds without input after which a side is idle (0: never).
+    idle_close: float = 0.0
+    #: Live joins: the two topics are not keyed by the join key; each is re-keyed
+    #: through an internal topic first (agents/join.py).
+    repartition: bool = False
 
     def emits_unmatched(self, side: str) -> bool:
         return self.type == "outer" or (self.type == "left" and side == LEFT)
@@ -80,12 +93,14 @@ class JoinCounts:
 
 @dataclass(slots=True)
 class Joined:
-    """One output of the join: the pair (a side is None when unmatched) and its event
-    time, the later of the two."""
+    """One output of the join: the pair (a side is None when unmatched), its event
+    time (the later of the two) and that time as written in the record it comes from
+    (``raw``: the output's time field; the left one on a tie)."""
 
     left: dict[str, Any] | None
     right: dict[str, Any] | None
     time: float
+    raw: Any
 
 
 def join_key(record: Mapping[str, Any], on: Sequence[str]) -> str:
@@ -120,13 +135,15 @@ class IntervalJoin:
     interval closes, rebuilt from ``buffers`` (``rebuild_index``) after a restore."""
 
     def __init__(self, spec: JoinSpec, buffers: MutableMapping[str, dict[str, list[Buffered]]] | None = None,
-                 times: Mapping[str, float] | None = None, seq: int = 0) -> None:
+                 times: Mapping[str, float] | None = None, seq: int = 0, idle: Iterable[str] = ()) -> None:
         self.spec = spec
         self.buffers = {} if buffers is None else buffers
         self.times = {LEFT: -math.inf, RIGHT: -math.inf}
         if times:
             self.times.update(times)
         self.seq = seq
+        #: The sides marked idle (``mark_idle``) and without a record since.
+        self.idle: set[str] = set(idle)
         self.counts = JoinCounts()
         self.closing: list[tuple[float, int, str, str]] = []
         self.rebuild_index()
@@ -156,7 +173,11 @@ class IntervalJoin:
         Raises RecordFailure when the record has no key or time."""
         spec = self.spec
         key = join_key(record, spec.on)
-        t = event_time(record, spec.time_field)
+        tf = spec.time_field
+        t = event_time(record, tf)
+        idle = self.idle
+        if idle:
+            idle.discard(side)  # input: no longer idle (the record may be late)
         if t < self.watermark:
             self.counts.late += 1
             return None
@@ -180,8 +201,13 @@ class IntervalJoin:
                     continue
                 found += 1
                 partner[3] = matched = True
-                later = t if t >= partner[0] else partner[0]
-                out.append(Joined(record, partner[2], later) if side == LEFT else Joined(partner[2], record, later))
+                # The later time of the pair, the left one on a tie.
+                if side == LEFT:
+                    out.append(Joined(record, partner[2], t, record[tf]) if t >= partner[0]
+                               else Joined(record, partner[2], partner[0], partner[2][tf]))
+                else:
+                    out.append(Joined(partner[2], record, partner[0], partner[2][tf]) if partner[0] >= t
+                               else Joined(partner[2], record, t, record[tf]))
         self.seq += 1
         sides[side].append([t, self.seq, record, matched])
         self.buffers[key] = sides  # written back: a store sees the change
@@ -190,9 +216,44 @@ class IntervalJoin:
         if t > self.times[side]:
             before = self.stream_time
             self.times[side] = t
+            if idle:
+                other = RIGHT if side == LEFT else LEFT
+                if other in idle and self.times[other] < t:
+                    self.times[other] = t  # an idle side's time follows this one
             if self.stream_time > before:
                 out.extend(self.close(self.watermark))
         return out
+
+    def mark_idle(self, side: str) -> list[Joined]:
+        """``side`` received nothing for ``idle_close``: it is idle until its next record.
+        Its time catches up with the other side's (and follows it from now on); when the
+        other side is idle too, every interval closes, and both times move so that the
+        watermark is past the end of the last one. Returns the unmatched records this
+        closes, as ``add`` does."""
+        other = RIGHT if side == LEFT else LEFT
+        self.idle.add(side)
+        times = self.times
+        if other in self.idle:
+            return self._close_everything()
+        if times[other] <= times[side]:
+            return []
+        before = self.stream_time
+        times[side] = times[other]
+        return self.close(self.watermark) if self.stream_time > before else []
+
+    def _close_everything(self) -> list[Joined]:
+        if not self.closing:
+            return []
+        end = max(entry[0] for entry in self.closing)
+        # Stream time such that the watermark (stream time - grace) is above ``end``:
+        # a record arriving later can pair with none of the closed ones (it is late).
+        target = end + self.spec.grace
+        while target - self.spec.grace <= end:
+            target = math.nextafter(target, math.inf)
+        for s in (LEFT, RIGHT):
+            if self.times[s] < target:
+                self.times[s] = target
+        return self.close(self.watermark)
 
     def close(self, watermark: float) -> list[Joined]:
         """Close every interval that ends before ``watermark``: drop those records from
@@ -209,8 +270,9 @@ class IntervalJoin:
                 if entry[1] == seq:
                     del entries[i]
                     if not entry[3] and self.spec.emits_unmatched(side):
-                        out.append(Joined(entry[2], None, entry[0]) if side == LEFT
-                                   else Joined(None, entry[2], entry[0]))
+                        raw = entry[2][self.spec.time_field]
+                        out.append(Joined(entry[2], None, entry[0], raw) if side == LEFT
+                                   else Joined(None, entry[2], entry[0], raw))
                     break
             if sides[LEFT] or sides[RIGHT]:
                 self.buffers[key] = sides
@@ -224,10 +286,10 @@ class IntervalJoin:
         return self.close(math.inf)
 
 
-def merged(joined: Joined, spec: JoinSpec, raw_time: Any) -> dict[str, Any]:
+def merged(joined: Joined, spec: JoinSpec) -> dict[str, Any]:
     """The output record of one join result. Nested: ``{"left": …, "right": …}``;
     flat: each side's fields under its prefix. Either way ``time_field`` holds the
-    later time of the pair (``raw_time``, as it was written in that record)."""
+    later time of the pair, as it was written in that record (``joined.raw``)."""
     if spec.prefixes is None:
         out: dict[str, Any] = {"left": joined.left, "right": joined.right}
     else:
@@ -236,18 +298,8 @@ def merged(joined: Joined, spec: JoinSpec, raw_time: Any) -> dict[str, Any]:
             if record:
                 for name, value in record.items():
                     out[prefix + name] = value
-    out[spec.time_field] = raw_time
+    out[spec.time_field] = joined.raw
     return out
-
-
-def later_raw_time(joined: Joined, time_field: str) -> Any:
-    """The time value, as written, of the record the pair's time comes from."""
-    left, right = joined.left, joined.right
-    if left is None:
-        return right[time_field]  # type: ignore[index]
-    if right is None:
-        return left[time_field]
-    return left[time_field] if event_time(left, time_field) >= event_time(right, time_field) else right[time_field]
 
 
 @dataclass
@@ -283,7 +335,7 @@ class BatchJoin:
 
     def _emit(self, results: list[Joined]) -> None:
         for joined in results:
-            self.outputs.append(merged(joined, self.spec, later_raw_time(joined, self.spec.time_field)))
+            self.outputs.append(merged(joined, self.spec))
 
     def _arrivals(self, left: Sequence[dict[str, Any]], right: Sequence[dict[str, Any]]
                   ) -> Iterator[tuple[str, int, dict[str, Any]]]:

@@ -21,6 +21,13 @@ from typing import Any, Protocol
 from operators.cdc import UPSERT, ChangeError, delete_of, envelope, message_key, parse_change
 from operators.expr import ExprError, compile_expr
 from operators.joins import JOIN_TYPES, BatchJoin, JoinSpec
+from operators.table_join import (
+    AS_OF,
+    TABLE_FORMATS,
+    TABLE_JOIN_TYPES,
+    BatchTableJoin,
+    TableJoinSpec,
+)
 from operators.transform import (
     SCHEMA_TYPES,
     EnrichSpec,
@@ -266,9 +273,17 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     other side is a topic (``with``, live pipelines) or given inline (``with_records``,
     ``POST /api/v1/process``). Its ``params`` are ``(JoinSpec, with, with_records)``."""
     op = "join"
+    if "with_table" in spec or "table_records" in spec:
+        return parse_table_join(index, spec)
     _check_params(index, op, spec, {"with", "with_records", "on", "within", "before", "after", "grace",
-                                    "type", "time_field", "max_matches", "prefix"})
+                                    "type", "time_field", "max_matches", "prefix", "idle_close", "repartition"})
     other, inline = spec.get("with"), spec.get("with_records")
+    for live_only in ("idle_close", "repartition"):
+        if inline is not None and live_only in spec:
+            raise StepSpecError(index, op, live_only, "applies to a live join ('with' a topic) only")
+    repartition = spec.get("repartition", False)
+    if not isinstance(repartition, bool):
+        raise StepSpecError(index, op, "repartition", "must be true or false")
     if (other is None) == (inline is None):
         raise StepSpecError(index, op, "with", "give the other side: 'with' (a topic) or 'with_records' (a list)")
     if other is not None and (not isinstance(other, str) or not other):
@@ -292,22 +307,74 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     if not isinstance(time_field, str) or not time_field:
         raise StepSpecError(index, op, "time_field", "must be a field name")
     max_matches = _positive(index, op, spec, "max_matches", int) or 1000
-    prefix = spec.get("prefix")
-    prefixes = None
-    if prefix is not None:
-        if (not isinstance(prefix, dict) or set(prefix) - {"left", "right"}
-                or not all(isinstance(v, str) for v in prefix.values())):
-            raise StepSpecError(index, op, "prefix", "must be an object {left: text, right: text}")
-        prefixes = (prefix.get("left", ""), prefix.get("right", ""))
-        if prefixes[0] == prefixes[1]:
-            raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
+    prefixes = _prefixes(index, op, spec)
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
-                  time_field, max_matches, prefixes)
+                  time_field, max_matches, prefixes,
+                  _duration(index, op, spec, "idle_close", allow_zero=True) or 0.0, repartition)
 
     def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
         raise RuntimeError("a join is run by run_batch or a live join, not record by record")
 
     return Step(index, op, (js, other, inline), apply, drops="late")
+
+
+def _prefixes(index: int, op: str, spec: Mapping[str, Any]) -> tuple[str, str] | None:
+    prefix = spec.get("prefix")
+    if prefix is None:
+        return None
+    if (not isinstance(prefix, dict) or set(prefix) - {"left", "right"}
+            or not all(isinstance(v, str) for v in prefix.values())):
+        raise StepSpecError(index, op, "prefix", "must be an object {left: text, right: text}")
+    prefixes = (prefix.get("left", ""), prefix.get("right", ""))
+    if prefixes[0] == prefixes[1]:
+        raise StepSpecError(index, op, "prefix", "left and right need different prefixes")
+    return prefixes
+
+
+def parse_table_join(index: int, spec: Mapping[str, Any]) -> Step:
+    """A temporal stream-table join (operators/table_join.py, docs/joins.md): the table
+    is a topic or materialized table (``with_table``, live pipelines) or given inline
+    (``table_records``, ``POST /api/v1/process``). Its ``params`` are
+    ``(TableJoinSpec, with_table, table_records)``."""
+    op = "join"
+    _check_params(index, op, spec, {"with_table", "table_records", "on", "table_key", "as_of", "history", "type",
+                                    "time_field", "format", "prefix"})
+    other, inline = spec.get("with_table"), spec.get("table_records")
+    if (other is None) == (inline is None):
+        raise StepSpecError(index, op, "with_table",
+                            "give the table: 'with_table' (a topic or materialized table) or 'table_records' (a list)")
+    if other is not None and (not isinstance(other, str) or not other):
+        raise StepSpecError(index, op, "with_table", "must be a topic or materialized table name")
+    if inline is not None and not isinstance(inline, list):
+        raise StepSpecError(index, op, "table_records", "must be a list of {key, value, timestamp}")
+    on = _str_list(index, op, spec, "on")
+    if not on:
+        raise StepSpecError(index, op, "on", "is required: the stream's key field(s)")
+    table_key = _str_list(index, op, spec, "table_key")
+    if table_key is not None and len(table_key) != len(on):
+        raise StepSpecError(index, op, "table_key", f"needs {len(on)} field(s), one per 'on' field")
+    as_of = spec.get("as_of", "latest")
+    if as_of not in AS_OF:
+        raise StepSpecError(index, op, "as_of", f"must be one of {list(AS_OF)}")
+    history = _duration(index, op, spec, "history")
+    if history is not None and as_of != "event_time":
+        raise StepSpecError(index, op, "history", "applies to as_of: event_time (versions kept back that far)")
+    kind = spec.get("type", "inner")
+    if kind not in TABLE_JOIN_TYPES:
+        raise StepSpecError(index, op, "type", f"must be one of {list(TABLE_JOIN_TYPES)} for a stream-table join")
+    time_field = spec.get("time_field", "ts")
+    if not isinstance(time_field, str) or not time_field:
+        raise StepSpecError(index, op, "time_field", "must be a field name")
+    fmt = spec.get("format", "json")
+    if fmt not in TABLE_FORMATS:
+        raise StepSpecError(index, op, "format", f"must be one of {list(TABLE_FORMATS)}")
+    ts = TableJoinSpec(on, table_key or on, as_of, 86400.0 if history is None else history, kind, time_field, fmt,
+                       _prefixes(index, op, spec))
+
+    def apply(record: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
+        raise RuntimeError("a join is run by run_batch or a live join, not record by record")
+
+    return Step(index, op, (ts, other, inline), apply, drops="no_row")
 
 
 @dataclass(frozen=True)
@@ -593,6 +660,8 @@ def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
         return _run_steps(steps, records, ctx)
     join = steps[join_at]
     spec, _, inline = join.params
+    if isinstance(spec, TableJoinSpec):
+        return _run_table_join(steps, join_at, records, ctx)
     before = _run_steps(steps[:join_at], records, ctx, side="left")
     left = before.records
     origin = before.origin
@@ -621,6 +690,35 @@ def run_batch(steps: Sequence[Step], records: Sequence[Any], ctx: StepContext,
         join_dropped["max_matches"] = counts.limited
     join_count = StepCounts(join.index, "join", len(left) + len(right), len(batch.outputs), join_dropped,
                             len(batch.failures))
+    return BatchResult(after.records, before.counts + [join_count] + after.counts,
+                       dropped + after.dropped, failures + after.failures)
+
+
+def _run_table_join(steps: Sequence[Step], join_at: int, records: Sequence[Any], ctx: StepContext) -> BatchResult:
+    """A stream-table join over HTTP: the records are the stream, ``table_records`` the
+    table (operators.table_join.BatchTableJoin)."""
+    join = steps[join_at]
+    spec, _, inline = join.params
+    before = _run_steps(steps[:join_at], records, ctx, side="stream")
+    origin = before.origin
+    batch = BatchTableJoin(spec)
+    counts = batch.run(before.records, inline or ())
+    dropped, failures = list(before.dropped), list(before.failures)
+    for side, i, reason in batch.dropped:
+        dropped.append({"index": origin[i] if side == "stream" else i, "side": side, "step": join.index,
+                        "op": "join", "reason": reason})
+    for side, i, reason in batch.failures:
+        failures.append({"index": origin[i] if side == "stream" else i, "side": side, "step": join.index,
+                         "op": "join", "reason": reason})
+    after = _run_steps(steps[join_at + 1:], batch.outputs, ctx, side="joined")
+    join_dropped = {}
+    for _, _, reason in batch.dropped:
+        join_dropped[reason] = join_dropped.get(reason, 0) + 1
+    stream_failed = sum(1 for side, _, _ in batch.failures if side == "stream")
+    join_count = StepCounts(join.index, "join", len(before.records), len(batch.outputs),
+                            {k: v for k, v in join_dropped.items() if k != "late"}, stream_failed)
+    if counts.table_late:
+        join_count.dropped["table_late"] = counts.table_late
     return BatchResult(after.records, before.counts + [join_count] + after.counts,
                        dropped + after.dropped, failures + after.failures)
 

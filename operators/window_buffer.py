@@ -24,6 +24,9 @@ class WriteBackBuffer:
         self.max_entries = max_entries
         self._values: dict[Hashable, Any] = {}
         self._dirty: dict[Hashable, int] = {}  # key -> partition it must be written to
+        #: Keys whose values a write in flight is storing (taken from ``_dirty``): kept
+        #: cached until it is done, since the store does not hold them yet.
+        self._writing: set[Hashable] = set()
         self.loads = 0
         self.writes = 0
         self.updates = 0
@@ -89,14 +92,16 @@ class WriteBackBuffer:
         return n
 
     def _evict(self) -> None:
-        # Oldest-inserted clean entries go first; dirty ones never (they are not written yet).
+        # Oldest-inserted clean entries go first; dirty ones never (they are not written
+        # yet), nor those a write in flight is storing.
         excess = len(self._values) - self.max_entries
         if excess <= 0:
             return
+        writing = self._writing
         for key in list(self._values):
             if excess <= 0:
                 break
-            if key not in self._dirty:
+            if key not in self._dirty and key not in writing:
                 del self._values[key]
                 excess -= 1
 

@@ -132,9 +132,9 @@ class StateCache(WriteBackCache):
         self._values[(partition, key)] = value
 
     def _start_over(self) -> None:
-        # Keep what is not written yet.
-        dirty = self._dirty
-        self._values = {k: v for k, v in self._values.items() if k in dirty}
+        # Keep what is not written yet (dirty, or being written: ``_writing``).
+        dirty, writing = self._dirty, self._writing
+        self._values = {k: v for k, v in self._values.items() if k in dirty or k in writing}
 
     def _evict(self) -> None:
         if len(self._values) > self.max_entries:

@@ -129,21 +129,8 @@ class PartitionStore:
         if not items:
             return
         await emitter.ready()
-        if emitter.batches_changelog():
-            # Encoded straight into the changelog batches and RocksDB write batches
-            # (StoreWrites), no event object per item.
-            dumps, option = orjson.dumps, 0 if str_keys else orjson.OPT_NON_STR_KEYS
-            writes = StoreWrites(self)
-            put = writes.put
-            for partition, key, value in items:
-                if value is None:
-                    writes.delete(partition, key)
-                    continue
-                try:
-                    raw = dumps(value, option=option)
-                except TypeError:  # a non-string dict key after all (str_keys)
-                    raw = dumps(value, option=orjson.OPT_NON_STR_KEYS)
-                put(partition, key, raw)
+        writes = self.prepare_partitions(items, str_keys)
+        if writes is not None:
             await writes.store()
             return
         at = {p: self.at(p) for p in {p for p, _, _ in items}}
@@ -153,6 +140,19 @@ class PartitionStore:
             self.delete(ev, key)
         if deletes:
             await emitter.table_writes_done()
+
+    def prepare_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> StoreWrites | None:
+        """``write_partitions`` in two steps: the values are encoded now (into the
+        changelog record batches and RocksDB write batches; more with ``add``), and
+        ``store()`` of what this returns sends, awaits the acks, then writes RocksDB. So
+        a caller can encode values while they may still change and write them later (the
+        commit protocol, app/commit.py). None when the changelog does not go out as
+        record batches (Faust's table API: ``write_partitions`` then writes through it)."""
+        if not emitter.batches_changelog():
+            return None
+        writes = StoreWrites(self)
+        writes.add(items, str_keys)
+        return writes
 
     def at(self, partition: int) -> AtPartition:
         """A stand-in current event of ``partition`` of the source topic (or, with no
@@ -219,6 +219,21 @@ class StoreWrites:
             local = self.local[partition] = _HeldWrites() if db is None else WriteBatch(raw_mode=True)
         return local
 
+    def add(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
+        """Encode (partition, key, JSON value; None deletes) into the write: straight into
+        the changelog batches and RocksDB write batches, no event object per item."""
+        dumps, option = orjson.dumps, 0 if str_keys else orjson.OPT_NON_STR_KEYS
+        put = self.put
+        for partition, key, value in items:
+            if value is None:
+                self.delete(partition, key)
+                continue
+            try:
+                raw = dumps(value, option=option)
+            except TypeError:  # a non-string dict key after all (str_keys)
+                raw = dumps(value, option=orjson.OPT_NON_STR_KEYS)
+            put(partition, key, raw)
+
     def put(self, partition: int, key: bytes, raw: bytes) -> None:
         self.changelog.add(partition, key, raw)
         local = self.local.get(partition)
@@ -283,23 +298,21 @@ class MemoryStore:
         await self.write_partitions([(ev.message.partition, key, value) for ev, key, value in items])
 
     async def write_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
-        if self.fail:
-            raise RuntimeError("changelog unreachable")
-        self.flushes += 1
+        await self.prepare_partitions(items, str_keys).store()
+
+    def prepare_partitions(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> _MemoryWrites:
+        """As ``PartitionStore.prepare_partitions``: encoded now, stored by ``store()``
+        (which waits for ``hold`` while it is set: a write in flight, for tests)."""
         self.str_keys = str_keys
-        for p, key, value in items:
-            db = self.partition_db(p)
-            if value is None:
-                db.pop(key, None)
-            elif value.__class__ is bytes:
-                db[key] = value
-            else:
-                # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a
-                # string (orjson raises TypeError on any other key, so a wrong claim fails).
-                db[key] = orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)
+        writes = _MemoryWrites(self, [])
+        writes.add(items, str_keys)
+        return writes
 
     def at(self, partition: int) -> AtPartition:
         return AtPartition(partition)
+
+    #: While set to an unset ``asyncio.Event``, every ``store()`` waits for it.
+    hold: asyncio.Event | None = None
 
     def delete(self, event: Any, key: bytes) -> None:
         self.data.get(event.message.partition, {}).pop(key, None)
@@ -311,6 +324,36 @@ class MemoryStore:
 
     def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         yield from list(self.data.get(partition, {}).items())
+
+
+class _MemoryWrites:
+    """One prepared write of a ``MemoryStore``."""
+
+    def __init__(self, target: MemoryStore, encoded: list[tuple[int, bytes, bytes | None]]) -> None:
+        self.target, self.encoded = target, encoded
+
+    def add(self, items: list[tuple[int, bytes, Any]], str_keys: bool = False) -> None:
+        for p, key, value in items:
+            if value is None or value.__class__ is bytes:
+                self.encoded.append((p, key, value))
+            else:
+                # As PartitionStore: without OPT_NON_STR_KEYS when told every key is a
+                # string (orjson raises TypeError on any other key, so a wrong claim fails).
+                self.encoded.append((p, key, orjson.dumps(value, option=0 if str_keys else orjson.OPT_NON_STR_KEYS)))
+
+    async def store(self) -> None:
+        target = self.target
+        if target.hold is not None:
+            await target.hold.wait()
+        if target.fail:
+            raise RuntimeError("changelog unreachable")
+        target.flushes += 1
+        for p, key, raw in self.encoded:
+            db = target.partition_db(p)
+            if raw is None:
+                db.pop(key, None)
+            else:
+                db[key] = raw
 
 
 class WriteBackCache(WriteBackBuffer):
@@ -346,39 +389,126 @@ class WriteBackCache(WriteBackBuffer):
         self._lock = asyncio.Lock()
         #: Called after each successful flush with its seconds (metrics).
         self.on_flush: Callable[[float], None] | None = None
-        #: Changes taken by ``detach`` and not ``written`` yet, oldest first, and the
-        #: keys of each (``_held``: its dirty set, key -> partition); those stay cached.
-        self.layers: list[list[tuple[Hashable, Any, int]]] = []
-        self._held: list[dict[Hashable, int]] = []
 
     async def flush(self, store: Any = None) -> None:
         """Write every dirty value once (changelog records, then RocksDB: one
         ``write_partitions``). A failed write leaves them dirty (with whatever became so
         meanwhile), so no commit covers them until a flush succeeds."""
         async with self._lock:
-            if self.failed:
-                raise RuntimeError("a batch failed after changing cached state: not writing it "
-                                   "(a restart replays from the last commit)")
+            self._check_failed()
             if not self._dirty and not self.side:
                 return
             t0 = time.perf_counter()
-            taken = self.take_dirty()
-            side, self.side = self.side, {}
-            key_bytes = self.key_bytes
-            if key_bytes is None:
-                writes = [(p, key, value) for key, value, p in taken]
-            else:
-                writes = [(p, key_bytes(key), value) for key, value, p in taken]
-            writes.extend((p, key, value) for key, (p, value) in side.items())
+            taken, side, writes = self._take()
             try:
                 await (store or self.store).write_partitions(writes, str_keys=self.str_keys)
             except BaseException:
-                self.restore_dirty(taken)
-                self.side = {**side, **self.side}
+                self.give_back(taken, side)
                 raise
-            self.flushes += 1
-            if self.on_flush is not None:
-                self.on_flush(time.perf_counter() - t0)
+            finally:
+                self.written()
+            self.count_flush(t0)
+
+    async def snapshot(self) -> CacheSnapshot | None:
+        """The first half of a flush, for a commit that lets batches run while it writes
+        (app/commit.py, ``CommitProtocol.begin_commit``): every dirty value is taken now
+        (changes made after this mark them dirty again: the next flush writes them too);
+        the returned ``CacheSnapshot`` encodes them (``encode_some``, a part at a time
+        between batches) and writes them (``write``). Until it is done, no other flush of
+        this cache starts (changelog order) and no value it writes is evicted (a read
+        meanwhile would find RocksDB without it). None: nothing to write, or written
+        already here (a store that cannot encode ahead: ``prepare_partitions`` None or
+        missing)."""
+        await self._lock.acquire()
+        done = True
+        try:
+            self._check_failed()
+            if not self._dirty and not self.side:
+                return None
+            prepare = getattr(self.store, "prepare_partitions", None)
+            prepared = None if prepare is None else prepare([], str_keys=self.str_keys)
+            t0 = time.perf_counter()
+            if prepared is None:
+                taken, side, writes = self._take()
+                try:
+                    await self.store.write_partitions(writes, str_keys=self.str_keys)
+                except BaseException:
+                    self.give_back(taken, side)
+                    raise
+                finally:
+                    self.written()
+                self.count_flush(t0)
+                return None
+            taken, side, _ = self._take(encoded_later=True)
+            done = False
+            return CacheSnapshot(self, prepared, taken, side, t0)
+        finally:
+            if done:
+                self._lock.release()
+
+    def _check_failed(self) -> None:
+        if self.failed:
+            raise RuntimeError("a batch failed after changing cached state: not writing it "
+                               "(a restart replays from the last commit)")
+
+    def _take(self, encoded_later: bool = False) -> tuple[list[tuple[Hashable, Any, int]], dict[bytes, tuple[int, Any]],
+                                                          list[tuple[int, bytes, Any]]]:
+        # As ``take_dirty``, but the taken keys stay cached (``_writing``) until the write
+        # is done (``written``): a read meanwhile must not find the store without them.
+        dirty, self._dirty = self._dirty, {}
+        values = self._values
+        taken = [(key, values[key], partition) for key, partition in dirty.items()]
+        self.writes += len(taken)
+        self._writing.update(dirty)
+        side, self.side = self.side, {}
+        return taken, side, [] if encoded_later else self.items_of(taken, side)
+
+    def items_of(self, taken: list[tuple[Hashable, Any, int]],
+                 side: dict[bytes, tuple[int, Any]]) -> list[tuple[int, bytes, Any]]:
+        """(partition, stored key, value) of taken values and side values."""
+        key_bytes = self.key_bytes
+        if key_bytes is None:
+            writes = [(p, key, value) for key, value, p in taken]
+        else:
+            writes = [(p, key_bytes(key), value) for key, value, p in taken]
+        writes.extend((p, key, value) for key, (p, value) in side.items())
+        return writes
+
+    def take_current(self, part: list[tuple[Hashable, Any, int]]) -> list[tuple[Hashable, Any, int]]:
+        """Taken (key, value, partition)s with each value as it is now: a key changed
+        since it was taken is written with its change, which is then no longer dirty
+        (written once, not by this commit and again by the next)."""
+        values, dirty = self._values, self._dirty
+        out = []
+        for key, value, partition in part:
+            if key in dirty:
+                del dirty[key]
+                value = values.get(key, value)
+            out.append((key, value, partition))
+        return out
+
+    def give_back(self, taken: list[tuple[Hashable, Any, int]], side: dict[bytes, tuple[int, Any]]) -> None:
+        """Taken values not written: unwritten again (not after ``fail``, which gave
+        every unwritten value up)."""
+        if self.failed:
+            return
+        self.restore_dirty(taken)
+        self.side = {**side, **self.side}
+
+    def written(self) -> None:
+        """A write of taken values ended (stored, or given back as dirty)."""
+        self._writing.clear()
+        self._evict()
+
+    def end_snapshot(self) -> None:
+        """A ``snapshot``'s write ended: the next flush may start."""
+        self.written()
+        self._lock.release()
+
+    def count_flush(self, t0: float) -> None:
+        self.flushes += 1
+        if self.on_flush is not None:
+            self.on_flush(time.perf_counter() - t0)
 
     def fail(self) -> None:
         """Forget everything after a handler failed half-way: a cached value may hold
@@ -408,65 +538,60 @@ class WriteBackCache(WriteBackBuffer):
         self.side.clear()
         self._values.clear()
 
-    def detach(self) -> list[tuple[Hashable, Any, int]]:
-        """Take every change made so far, as (key, value, partition), for a write the
-        caller makes itself: they are no longer dirty, but stay cached (readable, never
-        evicted) until ``written``. For state that must be written per batch once the
-        batch's outputs are acknowledged, not at the commit (a pipeline's dedupe
-        entries: agents/pipeline.py), while the next batch already reads and changes it."""
-        dirty = self._dirty
-        if not dirty:
-            return []
-        self._dirty = {}
-        values = self._values
-        layer = [(key, values[key], partition) for key, partition in dirty.items()]
-        self.layers.append(layer)
-        self._held.append(dirty)
-        self.writes += len(layer)
-        return layer
-
-    def written(self, layer: list[tuple[Hashable, Any, int]]) -> None:
-        """``layer`` (from ``detach``) is stored: its keys may be evicted again."""
-        index = next(i for i, other in enumerate(self.layers) if other is layer)  # identity
-        del self.layers[index]
-        keys = self._held.pop(index)
-        if self.max_entries > 0:
-            self._evict()
-            return
-        # Nothing clean is kept: drop this layer's keys (not the ones changed again
-        # since, or held by another layer), without a pass over the whole cache.
-        values, dirty, held = self._values, self._dirty, self._held
-        for key in keys:
-            if key not in dirty and not (held and any(key in other for other in held)):
-                values.pop(key, None)
-
-    def peek(self, key: Hashable) -> Any:
-        """The cached value of ``key``, or None; never loads."""
-        return self._values.get(key)
-
-    def held(self, key: Hashable) -> bool:
-        """True while a detached change of ``key`` is not written yet."""
-        return any(key in keys for keys in self._held)
-
-    def _evict(self) -> None:
-        # As the buffer's (oldest-inserted clean entries first), sparing the detached
-        # keys too: they are not in the store yet.
-        values, dirty, held = self._values, self._dirty, self._held
-        excess = len(values) - self.max_entries
-        if excess <= 0:
-            return
-        for key in list(values):
-            if excess <= 0:
-                break
-            if key not in dirty and not (held and any(key in keys for keys in held)):
-                del values[key]
-                excess -= 1
-
     def moved(self) -> None:
         """Partitions moved: drop every cached value (another worker may change them)."""
         if self.side:
             raise RuntimeError(f"{len(self.side)} unwritten values would be lost; flush first")
         self.clear()
+
+
+class CacheSnapshot:
+    """The values a ``WriteBackCache`` had unwritten at a commit's snapshot: ``encode_some``
+    encodes them a part at a time (each part as the value is then: with any later change
+    made in place, which is dirty again too), ``write`` stores them, ``abandon`` gives them
+    back as unwritten. Either exactly once: the cache's flushes wait until then."""
+
+    __slots__ = ("cache", "prepared", "taken", "side", "t0", "encoded")
+
+    def __init__(self, cache: WriteBackCache, prepared: Any, taken: list, side: dict, t0: float) -> None:
+        self.cache, self.prepared, self.taken, self.side, self.t0 = cache, prepared, taken, side, t0
+        #: How many of ``taken`` are encoded (then the side values, with the last part).
+        self.encoded = 0
+
+    def encode_some(self, n: int) -> bool:
+        """Encode the next ``n`` values into the write (the side values with the last
+        part); True once all are."""
+        start, taken = self.encoded, self.taken
+        if start > len(taken):
+            return True
+        part = taken[start:start + n]
+        last = start + len(part) >= len(taken)
+        self.encoded = len(taken) + 1 if last else start + len(part)
+        if start:  # not the first part, encoded in the snapshot's own section
+            part = self.cache.take_current(part)
+        self.prepared.add(self.cache.items_of(part, self.side if last else {}), self.cache.str_keys)
+        return last
+
+    async def write(self) -> None:
+        """Changelog records acknowledged, then RocksDB. A failure leaves the values
+        unwritten (dirty again, unless changed since: then the newer value is)."""
+        cache = self.cache
+        try:
+            await self.prepared.store()
+        except BaseException:
+            cache.give_back(self.taken, self.side)
+            raise
+        finally:
+            self._done()
+        cache.count_flush(self.t0)
+
+    def abandon(self) -> None:
+        """Not written (the commit stopped before): unwritten again."""
+        self.cache.give_back(self.taken, self.side)
+        self._done()
+
+    def _done(self) -> None:
+        self.cache.end_snapshot()
 
 
 class Expiry:
@@ -514,5 +639,87 @@ class Expiry:
                 or (horizon_n is not None and position - seq > horizon_n))
 
 
-__all__ = ["AtPartition", "Expiry", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
+class DedupeCache:
+    """The write-back cache of state written per batch, not per commit: a pipeline's
+    dedupe entries (agents/pipeline.py), which must reach the store once the batch's
+    outputs are acknowledged and before the batch is acked, while the next batch
+    already reads and changes them. Registered with the commit protocol like a
+    ``WriteBackCache``; a commit has nothing of it to write (``flush``: every entry is
+    written by its batch).
+
+    Laid out for a per-record path: one dict of stored key -> value per partition
+    (``values_of``: the caller writes into it directly, no call per entry), and the
+    detached batches as whole layers (partition -> that dict), read newest first
+    (``layers_of``) and released as a whole (``release``), never key by key.
+    ``expiry``: the entries' ``Expiry``, forgotten when partitions move."""
+
+    max_dirty = 1 << 62
+
+    def __init__(self, expiry: Expiry | None = None) -> None:
+        self.store: Any = None
+        self.expiry = expiry
+        #: partition -> the current batch's changes there.
+        self.current: dict[int, dict[bytes, Any]] = {}
+        #: Detached batches not written yet, oldest first (``detach``).
+        self.layers: list[dict[int, dict[bytes, Any]]] = []
+        self.failed = False
+
+    def values_of(self, partition: int) -> dict[bytes, Any]:
+        """The current batch's changes in ``partition`` (a dict the caller may write)."""
+        values = self.current.get(partition)
+        if values is None:
+            values = self.current[partition] = {}
+        return values
+
+    def layers_of(self, partition: int) -> list[dict[bytes, Any]]:
+        """``partition``'s changes of the detached batches not written yet, newest first."""
+        return [layer[partition] for layer in reversed(self.layers) if partition in layer]
+
+    def detach(self) -> dict[int, dict[bytes, Any]]:
+        """Take the current batch's changes (partition -> key -> value) for the caller to
+        write; they stay readable (``layers_of``) until ``release``. Empty: none."""
+        layer = {p: values for p, values in self.current.items() if values}
+        self.current = {}
+        if layer:
+            self.layers.append(layer)
+        return layer
+
+    def release(self, layer: dict[int, dict[bytes, Any]]) -> None:
+        """``layer`` (from ``detach``) is in the store now: reads go there."""
+        self.layers = [other for other in self.layers if other is not layer]  # identity
+
+    def held(self, partition: int, key: bytes) -> bool:
+        """True while a detached change of ``key`` is not written yet."""
+        return any(key in layer[partition] for layer in self.layers if partition in layer)
+
+    @property
+    def dirty_count(self) -> int:
+        return 0
+
+    async def flush(self) -> None:
+        """Nothing waits for a commit (each batch writes its own changes); after ``fail``
+        a flush (so a commit) raises, as a failed ``WriteBackCache``'s does."""
+        if self.failed:
+            raise RuntimeError("a batch failed half-way: not writing its dedupe entries")
+
+    def pending(self) -> bool:
+        return False
+
+    def fail(self) -> None:
+        """A batch failed half-way: its changes admitted records whose outputs were never
+        sent, so they are dropped and never written; the worker replays the batch."""
+        self.failed = True
+        self.current = {}
+
+    def drop_unflushed(self) -> None:
+        """Nothing is held for a commit (see ``flush``)."""
+
+    def moved(self) -> None:
+        """Partitions moved: each partition's expiry queue is rebuilt from the store the
+        next time it is used (another worker may have changed it meanwhile)."""
+        if self.expiry is not None:
+            self.expiry.forget()
+
+
+__all__ = ["AtPartition", "CacheSnapshot", "DedupeCache", "Expiry", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
            "as_current", "partition_db", "set_current_event"]

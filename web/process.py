@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
+from operators.table_join import TableJoinSpec
 from tables.reference import reference_store
 from web.api_models import PROCESS_MAX_RECORDS, ProcessBody, ProcessResult
 from web.common import ApiView, Operation, endpoint, invalid
@@ -33,9 +34,11 @@ class Process(ApiView):
                           {"field": "transformations", "op": steps[-1].op})
         for step in steps:
             if step.op == "join" and step.params[2] is None:
+                inline, live = (("table_records", "with_table") if isinstance(step.params[0], TableJoinSpec)
+                                else ("with_records", "with"))
                 raise invalid(f"step {step.index} (join): over HTTP give the other side inline as "
-                              "'with_records' (a topic in 'with' is for live pipelines)",
-                              {"field": "transformations", "step": step.index, "op": "join", "parameter": "with"})
+                              f"'{inline}' (a topic in '{live}' is for live pipelines)",
+                              {"field": "transformations", "step": step.index, "op": "join", "parameter": live})
         if req.keys is not None and not (steps and steps[0].op == "cdc"):
             raise invalid("keys are the message keys of change events: they need a cdc first step",
                           {"field": "keys"})

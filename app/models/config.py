@@ -177,23 +177,44 @@ class JoinInterval(Strict):
     prefix: JoinPrefix | None = None
 
 
-class JoinStep(JoinInterval):
-    """An interval join with a second stream (docs/joins.md). Over HTTP the other side
-    is given inline in ``with_records``."""
+class TableJoinFields(Strict):
+    """A temporal stream-table join's own fields (docs/joins.md, "Stream-table joins"):
+    given with a table (``with_table`` or ``table_records``), the step joins each record
+    with its key's row instead of an interval of a second stream."""
+
+    table_key: FieldNames | None = Field(None, description="the table row's key field(s), in the order of 'on'")
+    as_of: Literal["latest", "event_time"] = "latest"
+    history: Duration | None = Field(None, description="as_of event_time: how far back versions are kept (1d)")
+    format: Literal["json", "debezium"] = "json"
+
+
+class JoinStep(JoinInterval, TableJoinFields):
+    """A join (docs/joins.md). Over HTTP the other side is given inline: a second
+    stream's records in ``with_records``, or a table's records in ``table_records``."""
 
     op: Literal["join"]
     name: str | None = None
-    with_records: list[dict[str, Any]]
+    with_records: list[dict[str, Any]] | None = None
+    table_records: list[dict[str, Any]] | None = Field(
+        None, description="a table's records: {key, value (null: a delete), timestamp}")
 
 
-class PipelineJoinStep(JoinInterval):
-    """The live interval join of a pipeline (docs/joins.md, "Live"): the pipeline's
-    source is the left side, the topic ``with`` the right one; the first step."""
+class PipelineJoinStep(JoinInterval, TableJoinFields):
+    """The live join of a pipeline (docs/joins.md, "Live"), its first step: the
+    pipeline's source is the left side (the stream), the topic ``with`` the right one,
+    or ``with_table`` a table (a topic of rows, or a materialized table's name)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     op: Literal["join"]
-    with_: TopicName = Field(alias="with", description="the right side's topic (logical name)")
+    with_: TopicName | None = Field(None, alias="with", description="the right side's topic (logical name)")
+    with_table: Name | None = Field(None, description="a table: a topic of rows or a materialized table")
+    idle_close: Duration | Literal[0] | None = Field(
+        default=None, description="a side without input this long is idle: stream time follows the other "
+                                  "side; both idle: every interval closes (0 or absent: never)")
+    repartition: bool = Field(
+        default=False, description="the two topics are not keyed by the join key: re-key each through an "
+                                   "internal topic first")
 
 
 StepOp = Literal["cdc", "deduplicate", "normalize", "enrich", "filter", "map"]

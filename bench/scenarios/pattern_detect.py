@@ -113,6 +113,29 @@ async def wait_processed(workers: list[Worker], n: int, timeout: float = 900) ->
     raise TimeoutError(f"{n} records not processed in {timeout}s")
 
 
+async def commit_metrics(workers: list[Worker]) -> dict:
+    """Per worker, from ``GET /metrics``: the commits (count, mean ms) and how long they
+    held batches back (``streametl_commit_hold_seconds``; absent before issue 22's
+    snapshot commit, when the whole commit held them: ``commit``)."""
+    out: dict = {}
+    for i, w in enumerate(workers):
+        status, body = await asyncio.to_thread(w.http, "GET", "/metrics")
+        if status != 200:
+            continue
+        text = body if isinstance(body, str) else body.decode() if isinstance(body, bytes) else str(body)
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            for name in ("streametl_commit_seconds", "streametl_commit_hold_seconds"):
+                for part in ("_sum", "_count"):
+                    if line.startswith(name + part + " "):
+                        found[name + part] = float(line.split()[-1])
+        for name, label in (("streametl_commit_seconds", "commit"), ("streametl_commit_hold_seconds", "hold")):
+            n = found.get(name + "_count")
+            if n:
+                out[f"w{i}_{label}"] = {"count": int(n), "mean_ms": round(found[name + "_sum"] / n * 1000, 2)}
+    return out
+
+
 async def run(ctx: Context) -> Result:
     opts = ctx.args.options
     workers_n = int(opts.get("workers", 1))
@@ -155,6 +178,7 @@ async def run(ctx: Context) -> Result:
         await produce_events(ctx.bootstrap, events_topic, live, rate=rate, pace_every=50)
         await wait_processed(workers, ctx.events + live_n)
         alerts = await read_alerts(ctx.bootstrap, alerts_topic)
+        commits = await commit_metrics(workers)
     finally:
         for w in workers:
             w.stop()
@@ -179,6 +203,6 @@ async def run(ctx: Context) -> Result:
         ],
         extra={"alerts_by_pattern": by_pattern, "alerts_expected_by_fold": expected,
                "alerts_match_fold": by_pattern == {k: v for k, v in expected.items() if v},
-               "engine": done},
+               "engine": done, "commits": commits},
         compare_with="raw-aiokafka",
     )

@@ -22,6 +22,9 @@ from tests.integration.test_windows import write_config
 from tests.support import Worker, produce_json, read_topic, run, unique, wait_for
 
 KEYS = int(os.environ.get("STREAMETL_TEST_RESTART_KEYS", "20000"))
+#: Waits grow with the keys (the default's are the CI's); 1,000,000 keys means 8 million
+#: records produced and 4 million results read back on 2 shared cores.
+WAIT = max(600, KEYS // 500)
 CONFIG = {"windows": [{"name": "pairs", "source": "events", "key_by": "user_id",
                        "window": {"type": "count", "size": 2},
                        "aggregations": [{"name": "n", "type": "count"}], "emit": "final"}]}
@@ -41,7 +44,7 @@ def wait_processed(w: Worker, n: int) -> None:
     async def done() -> bool:
         return window_records(w) >= n
 
-    run(wait_for(done, timeout=600, interval=0.5, what=f"{n} records in the window"))
+    run(wait_for(done, timeout=WAIT, interval=0.5, what=f"{n} records in the window"))
 
 
 def pairs_closed(w: Worker, expect: int, guarantee: str) -> dict[str, list[int]]:
@@ -51,7 +54,7 @@ def pairs_closed(w: Worker, expect: int, guarantee: str) -> dict[str, list[int]]
     isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
 
     async def distinct() -> dict | None:
-        got = await read_topic(f"{w.topic_prefix}pairs.aggregates", timeout=60, idle=2,
+        got = await read_topic(f"{w.topic_prefix}pairs.aggregates", timeout=max(60, KEYS // 2000), idle=2,
                                isolation_level=isolation)
         windows = {}
         for rec in got:
@@ -59,7 +62,7 @@ def pairs_closed(w: Worker, expect: int, guarantee: str) -> dict[str, list[int]]
             windows[(r["key"], r["start"])] = r["count"]
         return windows if len(windows) >= expect else None
 
-    windows = run(wait_for(distinct, timeout=600, interval=1, what=f"{expect} closed windows"))
+    windows = run(wait_for(distinct, timeout=WAIT, interval=1, what=f"{expect} closed windows"))
     out: dict[str, list[int]] = {}
     for (key, _), count in sorted(windows.items()):
         out.setdefault(key, []).append(count)
@@ -77,7 +80,7 @@ def log_text(w: Worker) -> str:
     return w.log_path.read_text(errors="replace") if w.log_path else ""
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(max(1800, 4 * WAIT))
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_clean_stop_keeps_the_state_and_kill_restores_it_in_full(kafka, guarantee):
     name = unique("restart")

@@ -242,3 +242,109 @@ def test_live_joins_under_exactly_once_after_a_kill9_each_pair_once(kafka, wipe)
         assert_equals_the_fold(w, phases, "read_committed")
     finally:
         w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_idle_sides_close_the_intervals_of_left_and_outer_joins(kafka):
+    """idle_close against the real broker: with a grace long enough that no interval
+    would close from the records alone, the worker's idle ticks (into each idle side's
+    partitions) close them once both sides stopped: a left join emits each unmatched
+    left record, an outer join the unmatched records of both sides, each once and
+    besides the pair; a partner produced afterwards goes to the late topic, not out as
+    a pair after its record was emitted alone."""
+    name = unique("joinidle")
+    cfg = {"pipelines": [
+        {"name": f"j{t}", "source": "orders", "sink": f"paid.{t}",
+         "steps": [{"op": "join", "with": "payments", "on": "k", "within": 10, "grace": 600, "type": t,
+                    "time_field": "ts", "idle_close": 2}]}
+        for t in ("left", "outer")]}
+    run(create_topics([f"{name}.orders", f"{name}.payments"], partitions=PARTITIONS))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(cfg)})
+    w.start(timeout=150)
+    t0 = 1_700_000_000.0
+    left = [{"k": k, "ts": t0 + k, "id": f"l{k}"} for k in range(8)]
+    right = [{"k": 0, "ts": t0 + 1, "id": "r0"}, {"k": 100, "ts": t0 + 2, "id": "r100"}]
+    pair = {"left": left[0], "right": right[0], "ts": t0 + 1}
+    want = {
+        "left": as_multiset([pair] + [{"left": r, "right": None, "ts": r["ts"]} for r in left[1:]]),
+        "outer": as_multiset([pair] + [{"left": r, "right": None, "ts": r["ts"]} for r in left[1:]]
+                             + [{"left": None, "right": right[1], "ts": right[1]["ts"]}]),
+    }
+    try:
+        run(produce(w.topic_prefix, left, right))
+        for t, expected in want.items():
+            async def complete(t=t, expected=expected):
+                got = await read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=2)
+                return got if len(got) >= sum(expected.values()) else None
+
+            run(wait_for(complete, timeout=180, interval=2, what=f"{t} join outputs after idle_close"))
+        late_partner = {"k": 3, "ts": t0 + 3, "id": "r3"}
+        run(produce(w.topic_prefix, [], [late_partner]))
+        wait_committed(w)
+        for t, expected in want.items():
+            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=3))
+            assert as_multiset(r.json() for r in got) == expected, t
+            late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=10, idle=2))
+            assert [orjson.loads(r.value) for r in late] == [late_partner], t
+        status, body = w.get("/api/v1/pipelines")
+        counters = {p["name"]: p["counters"]["join"] for p in body["pipelines"]}
+        assert counters["jleft"]["idle_marked"] > 0 and counters["jleft"]["right"] == 3
+    finally:
+        w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_sides_not_keyed_by_the_join_key_are_repartitioned(kafka):
+    """repartition against the real broker: both topics are written with keys and
+    partitions unrelated to the join key (a key's records are spread over all
+    partitions, on both sides), and the join still finds every pair: each side is
+    re-keyed by the join key through its internal topic
+    (``pipeline.<name>.<side>.keyed``, the windows' rekey step). Without it most pairs
+    would be in different partitions. A left join's unmatched records are emitted once
+    both sides are idle (idle_close); nothing is late (the grace covers all times)."""
+    name = unique("joinrekey")
+    cfg = {"pipelines": [
+        {"name": "jleft", "source": "orders", "sink": "paid.left",
+         "steps": [{"op": "join", "with": "payments", "on": "k", "within": 5, "grace": 600, "type": "left",
+                    "time_field": "ts", "idle_close": 2, "repartition": True}]}]}
+    run(create_topics([f"{name}.orders", f"{name}.payments"], partitions=PARTITIONS))
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(cfg)})
+    w.start(timeout=150)
+    rng = random.Random(3)
+    t0 = 1_700_000_000.0
+    left = [{"k": rng.randrange(12), "ts": t0 + i, "id": f"l{i}"} for i in range(120)]
+    right = [{"k": rng.randrange(12), "ts": t0 + i + rng.uniform(0, 3), "id": f"r{i}"} for i in range(120)]
+    want, matched = [], set()
+    for a in left:
+        for b in right:
+            if a["k"] == b["k"] and abs(a["ts"] - b["ts"]) <= 5:
+                want.append({"left": a, "right": b, "ts": max(a["ts"], b["ts"])})
+                matched.add(a["id"])
+    want += [{"left": a, "right": None, "ts": a["ts"]} for a in left if a["id"] not in matched]
+
+    async def produce_scattered() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
+        await producer.start()
+        try:
+            for topic, records in (("orders", left), ("payments", right)):
+                for i, r in enumerate(records):
+                    await producer.send_and_wait(f"{name}.{topic}", json.dumps(r).encode(), key=f"x{i}".encode(),
+                                                 partition=i % PARTITIONS)
+        finally:
+            await producer.stop()
+
+    try:
+        run(produce_scattered())
+
+        async def complete():
+            got = await read_topic(f"{name}.paid.left", timeout=10, idle=2)
+            return got if len(got) >= len(want) else None
+
+        run(wait_for(complete, timeout=240, interval=2, what="the re-keyed join's outputs"))
+        got = run(read_topic(f"{name}.paid.left", timeout=10, idle=3))
+        assert as_multiset(r.json() for r in got) == as_multiset(want)
+        assert all(r.key == str((r.json()["left"] or r.json()["right"])["k"]).encode() for r in got)
+        keyed = run(read_topic(f"{name}.pipeline.jleft.left.keyed", timeout=10, idle=2))
+        assert {r.key for r in keyed if r.value} == {str(k).encode() for k in {a["k"] for a in left}}
+    finally:
+        w.kill()

@@ -173,3 +173,31 @@ def test_a_join_over_http_needs_its_other_side_inline(worker):
         "transformations": [{"op": "join", "with": "payments", "on": "k", "within": 5}]})
     assert status == 422, reply
     assert "with_records" in reply["error"]["message"]
+
+
+def test_a_stream_table_join_over_http_joins_the_version_valid_at_each_record(worker):
+    """The README's example: a customer updated at 100 and 200 and deleted at 300; an
+    order at 150 joins the version of 100, one at 250 that of 200, one at 350 no row
+    (``left``: emitted alone), one at 50 (before the first version) no row."""
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"customer_id": 7, "ts": 150}, {"customer_id": 7, "ts": 250}, {"customer_id": 7, "ts": 350},
+                    {"customer_id": 7, "ts": 50}],
+        "transformations": [{"op": "join", "on": "customer_id", "table_key": "id", "as_of": "event_time",
+                             "history": "1h", "type": "left", "prefix": {"right": "customer_"},
+                             "table_records": [{"value": {"id": 7, "tier": "silver"}, "timestamp": 100},
+                                               {"value": {"id": 7, "tier": "gold"}, "timestamp": 200},
+                                               {"key": 7, "value": None, "timestamp": 300}]}],
+    })
+    assert status == 200, reply
+    # Each list keeps its order: the order at 50 comes last, after every table record,
+    # and still finds no version valid at its time.
+    assert [(r["ts"], r.get("customer_tier")) for r in reply["records"]] == [
+        (150, "silver"), (250, "gold"), (350, None), (50, None)]
+    assert reply["steps"] == [{"step": 0, "op": "join", "in": 4, "out": 4, "dropped": {}, "failed": 0}]
+
+
+def test_a_stream_table_join_over_http_needs_its_table_inline(worker):
+    status, reply = worker.post("/api/v1/process", {
+        "records": [{"k": 1}], "transformations": [{"op": "join", "with_table": "customers", "on": "k"}]})
+    assert status == 422, reply
+    assert "table_records" in reply["error"]["message"]

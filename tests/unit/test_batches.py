@@ -87,10 +87,17 @@ class ConsumerHost:
         self.log = logging.getLogger("test")
         self.should_stop = False
         self.seeks = 0  # perform_seek calls (seek to the committed offsets)
+        #: Whether perform_seek moves assigned partitions with a committed offset there
+        #: (what it is meant to do; a woken worker's seek was seen not to).
+        self.seek_moves = True
         self._thread = FetchPositions()
 
     async def perform_seek(self) -> None:
         self.seeks += 1
+        if self.seek_moves:
+            for tp in self._thread.positions:
+                if self._committed_offset.get(tp):
+                    self._thread.positions[tp] = self._committed_offset[tp]
 
 
 
@@ -300,9 +307,51 @@ def test_a_dropped_fetch_rewinds_the_changelog_partitions_recovery_is_reading():
     host._wait_next_records = wait_next_records
     assert asyncio.run(host.fetch(1.0)) is None
     assert host.seeks == 1
-    assert host._thread.positions == {changelog: 100, source: 7058}
+    assert host._thread.positions == {changelog: 100, source: 7000}
     assert host._read_offset[changelog] == 100  # records from 100 on are delivered again
     assert unassigned not in host._thread.positions
+
+
+def test_a_dropped_fetch_puts_a_partition_the_seek_left_past_it_back_to_its_committed_offset():
+    """Issue 23, session 13 long mode (at_least_once, seed 1; docs/delivery.md, "Open: a
+    new owner…"): a worker woken after a pause that the group outlasted (the broker was
+    restarting) dropped a fetch and sought to the committed offsets, but its partitions
+    stayed past the dropped records; the next batch's jump was acked as a gap and the
+    records from the committed offset on were never processed (18 ids lost). The drop
+    must put such a partition back to its committed offset."""
+    host = ConsumerHost()
+    host.seek_moves = False  # the seek that did not move the partition
+    source = TP(TOPIC, 1)
+    host._committed_offset[source] = 4494
+    host._thread.positions = {source: 5950}
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2
+        return {source: [record(1, o) for o in range(5913, 5950)]}, {source}
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host._thread.positions == {source: 4494}
+    assert host._read_offset[source] == 4494
+
+
+def test_a_dropped_fetch_never_moves_a_partition_behind_a_later_committed_offset():
+    """A committed offset past the dropped records: the group went on beyond them (the
+    seek moved the partition forward, or another owner committed); nothing moves back."""
+    host = ConsumerHost()
+    host.seek_moves = False
+    source = TP(TOPIC, 1)
+    host._committed_offset[source] = 9000
+    host._thread.positions = {source: 5950}
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2
+        return {source: [record(1, o) for o in range(5913, 5950)]}, {source}
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host._thread.positions == {source: 5950}
+    assert host._read_offset[source] is None
 
 
 def test_a_rewind_never_moves_a_partition_forward():

@@ -59,9 +59,10 @@ def test_a_batch_that_fails_half_way_leaves_no_dedupe_entry_for_a_commit_to_writ
     """A pipeline batch that raises after admitting ids (here: the dead-letter topic is
     unreachable) crashes the worker; the ids it admitted were never sent, so neither a
     commit nor the revoke on the way out may store them, or the replay after the
-    restart would drop those records as duplicates (lost). Its dedupe entries now live
-    in a write-back cache that the commit protocol flushes; the failed batch marks it
-    failed, as windows and patterns do."""
+    restart would drop those records as duplicates (lost). Its dedupe entries live in
+    a ``DedupeCache`` registered with the commit protocol; the failed batch marks it
+    failed (its entries dropped, every later flush refused), as windows and patterns do
+    with their caches."""
     import asyncio
 
     import pytest

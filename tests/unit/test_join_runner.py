@@ -238,3 +238,114 @@ def test_an_output_timestamp_is_the_pairs_time_capped_at_the_clock():
     asyncio.run(go())
     assert sent[0][4] == 1001000
     assert sent[1][4] <= time.time() * 1000 < future * 1000
+
+
+class Tick:
+    """A tick the idle timer sends into a side's partition (agents/join.py: tick)."""
+
+    def __init__(self, offset):
+        self.offset, self.timestamp, self.key, self.value = offset, 1000, None, b""
+        self.headers = [("streametl.tick", b"1")]
+
+
+def idle_pipeline(join_type, idle_close=30.0):
+    step = {"op": "join", "with": "right", "on": "k", "within": 10, "grace": 5, "type": join_type,
+            "time_field": "ts", "idle_close": idle_close}
+    return parse_pipelines([{"name": "j", "source": "left", "sink": "out", "steps": [step]}])[0]
+
+
+def test_an_idle_side_read_as_a_tick_emits_the_unmatched_record_and_survives_a_restart():
+    """idle_close in the live join: a tick read from the right side's partition marks it
+    idle (unless input arrived since it was sent); a left join then emits its unmatched
+    record, once, and the idle mark is kept in the stored bookkeeping, so after a
+    restart the right side's time still follows the left side's. Ticks are not input
+    records (not counted, not joined)."""
+    store = MemoryStore()
+    clock = [1000.0]
+    r = runner(idle_pipeline("left"), store)
+    r.clock = lambda: clock[0]
+
+    async def go():
+        await r.process("r", [(0, [Rec(0, {"k": 9, "ts": 0})])])
+        await r.process("l", [(0, [Rec(0, {"k": 3, "ts": 0, "id": "a"}), Rec(1, {"k": 6, "ts": 100})])])
+        await r.process("r", [(0, [Tick(1)])])  # sent before 30 s without input: ignored
+        assert outputs([r.emitter]) == []
+        clock[0] += 31
+        await r.process("r", [(0, [Tick(2)])])
+        assert [o["left"]["id"] for o in outputs([r.emitter])] == ["a"]
+        await r.commit.before_commit()
+        again = runner(idle_pipeline("left"), store)
+        await again.process("l", [(0, [Rec(2, {"k": 12, "ts": 200})])])
+        return again
+
+    again = asyncio.run(go())
+    # The right side is still idle after the restart: its time followed to 200, so
+    # k=6 (ts 100) closed without any right record.
+    assert [o["left"]["k"] for o in outputs([again.emitter])] == [6]
+    assert r.stats["right"] == 1 and r.counters.into == 3 and r.stats["idle_marked"] == 1
+
+
+def test_a_tick_after_another_partitions_records_in_one_batch_marks_its_side_idle():
+    """A batch of several partitions: a tick in the second partition, after records of
+    the first, is judged by the batch's clock (not by a value left from the first
+    partition's counting)."""
+    clock = [1000.0]
+    r = runner(idle_pipeline("left"), MemoryStore())
+    r.clock = lambda: clock[0]
+
+    async def go():
+        await r.process("l", [(1, [Rec(0, {"k": 4, "ts": 0, "id": "a"}), Rec(1, {"k": 7, "ts": 100})])])
+        await r.process("r", [(1, [Rec(0, {"k": 1, "ts": 0})])])
+        clock[0] += 31
+        await r.process("l", [(0, [Rec(0, {"k": 3, "ts": 50})])])
+        await r.process("r", [(0, [Rec(1, {"k": 3, "ts": 50})]), (1, [Tick(1)])])
+
+    asyncio.run(go())
+    assert r.stats["idle_marked"] == 1
+    assert [o["left"].get("id") for o in outputs([r.emitter]) if o["right"] is None] == ["a"]
+
+
+def test_idle_ticks_are_due_once_per_idle_period_per_side_and_partition():
+    r = runner(idle_pipeline("left", idle_close=10.0), MemoryStore())
+    assigned = [("l", 0), ("r", 0)]
+    assert r.due_ticks(0.0, assigned) == []  # first seen now
+    assert r.due_ticks(9.0, assigned) == []
+    assert r.due_ticks(10.0, assigned) == assigned
+    assert r.due_ticks(15.0, assigned) == []  # a tick is on its way
+    r.idle_marked.add(("r", 0))  # the tick was read: marked idle until input
+    assert r.due_ticks(25.0, assigned) == [("l", 0)]
+
+
+class Keyed(Rec):
+    """A record of a re-keyed side: sent by the rekey step with its source position."""
+
+    def __init__(self, offset, record, src_partition, src_offset):
+        super().__init__(offset, record)
+        self.headers = [("streametl.src.partition", str(src_partition).encode()),
+                        ("streametl.src.offset", str(src_offset).encode())]
+
+
+def test_a_record_the_rekey_step_sent_twice_is_joined_once_also_after_a_restart():
+    """repartition: after a crash the rekey step sends again the records whose source
+    offsets were not committed, so the keyed topic holds them twice (other offsets);
+    the join skips a repeat by its source partition and offset, remembered in the
+    stored bookkeeping (so also by a new runner after a restart)."""
+    step = {"op": "join", "with": "right", "on": "k", "within": 10, "grace": 5, "type": "inner",
+            "time_field": "ts", "repartition": True}
+    spec_ = parse_pipelines([{"name": "j", "source": "left", "sink": "out", "steps": [step]}])[0]
+    store = MemoryStore()
+    r = runner(spec_, store)
+
+    async def go():
+        await r.process("l", [(0, [Keyed(0, {"k": 0, "ts": 100}, 2, 7), Keyed(1, {"k": 0, "ts": 101}, 3, 4)])])
+        await r.commit.before_commit()
+        again = runner(spec_, store)
+        # The repeats (source 2@7, 3@4) at new keyed offsets, then a new record.
+        await again.process("l", [(0, [Keyed(2, {"k": 0, "ts": 100}, 2, 7), Keyed(3, {"k": 0, "ts": 101}, 3, 4),
+                                       Keyed(4, {"k": 0, "ts": 102}, 2, 8)])])
+        await again.process("r", [(0, [Keyed(0, {"k": 0, "ts": 103}, 1, 0)])])
+        return again
+
+    again = asyncio.run(go())
+    assert sorted(o["left"]["ts"] for o in outputs([again.emitter])) == [100, 101, 102]
+    assert again.stats["replayed_skipped"] == 2

@@ -187,3 +187,58 @@ def test_one_join_per_step_list():
     j = {"op": "join", "with_records": [], "on": "k", "within": 5}
     with pytest.raises(StepSpecError, match="one join"):
         parse_steps([j, j])
+
+
+def test_an_idle_side_lets_stream_time_follow_the_other_side():
+    """idle_close (mark_idle): without it a left join's unmatched record waits for the
+    right side's time to move; once the right side is marked idle, its time follows
+    the left side's, the interval closes and the record is emitted once; a right
+    record that arrives afterwards for it is late, never a match after the unmatched
+    emission; and the right side's next record ends its idleness."""
+    join = IntervalJoin(spec(type="left", before=10.0, after=10.0, grace=5.0))
+    assert join.add("r", {"k": 9, "ts": 0.0}) == []
+    assert join.add("l", {"k": 1, "ts": 0.0, "id": "a"}) == []
+    # Left moves on, right says nothing: stream time stays at the right side's 0.
+    assert join.add("l", {"k": 2, "ts": 100.0}) == []
+    assert [j.left["id"] for j in join.mark_idle("r")] == ["a"]
+    assert join.mark_idle("r") == []  # marking it again closes nothing more
+    # Idle, the right side's time follows the left side's as it moves.
+    out = join.add("l", {"k": 3, "ts": 200.0})
+    assert [j.left.get("k") for j in out] == [2]
+    assert join.add("r", {"k": 1, "ts": 1.0}) is None  # late: its partner was emitted alone
+    assert "r" not in join.idle  # input ends idleness
+    assert join.counts.unmatched == 2 and join.counts.late == 1
+
+
+def test_marking_idle_emits_the_unmatched_record_once():
+    join = IntervalJoin(spec(type="left", before=10.0, after=10.0, grace=5.0))
+    join.add("r", {"k": 9, "ts": 0.0})
+    join.add("l", {"k": 1, "ts": 0.0, "id": "a"})
+    join.add("l", {"k": 2, "ts": 100.0})
+    out = join.mark_idle("r")
+    assert [(j.left["id"], j.right, j.raw) for j in out] == [("a", None, 0.0)]
+    assert join.times["r"] == 100.0 and join.stream_time == 100.0
+
+
+def test_both_sides_idle_close_every_interval_and_later_partners_are_late():
+    """Both sides of a partition idle: every interval closes (the unmatched records of
+    both sides of an outer join are emitted), and the watermark moves past the last
+    interval's end, so a partner arriving later is late, not a match."""
+    join = IntervalJoin(spec(type="outer", before=10.0, after=10.0, grace=5.0))
+    assert join.add("l", {"k": 1, "ts": 50.0}) == []
+    assert join.add("r", {"k": 2, "ts": 52.0}) == []
+    assert join.mark_idle("l") == []  # the right side is ahead: nothing closes yet
+    out = join.mark_idle("r")
+    assert sorted((j.left or j.right)["k"] for j in out) == [1, 2]
+    assert join.buffers == {} and join.watermark > 62.0
+    assert join.add("r", {"k": 1, "ts": 60.0}) is None
+    assert join.add("l", {"k": 2, "ts": 62.0}) is None
+    assert join.counts.unmatched == 2 and join.counts.pairs == 0
+
+
+def test_idle_close_is_a_live_join_parameter():
+    step = parse_steps([{"op": "join", "with": "payments", "on": "k", "within": "10s", "idle_close": "30s"}])[0]
+    assert step.params[0].idle_close == 30.0
+    with pytest.raises(StepSpecError) as err:
+        parse_steps([{"op": "join", "with_records": [], "on": "k", "within": "10s", "idle_close": 5}])
+    assert err.value.param == "idle_close"

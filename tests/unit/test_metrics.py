@@ -279,3 +279,18 @@ def test_a_join_pipelines_counters_by_outcome():
     assert found[(("outcome", "pairs"), ("pipeline", "paid"))] == 3
     assert found[(("outcome", "late"), ("pipeline", "paid"))] == 2
     assert len(found) == 6
+
+
+def test_a_stream_table_joins_counters_by_outcome():
+    """A stream-table join's counters (agents/table_join.py) are exported with the
+    outcomes it counts, none of the interval join's it does not."""
+    join = {**PIPELINES["clean"], "join": {"with_table": "c", "table_topic": "c", "as_of": "latest", "stream": 5,
+                                           "table": 4, "pairs": 3, "unmatched": 2, "beyond_history": 0,
+                                           "table_late": 1, "replayed_skipped": 0}}
+    sources = Sources(pipelines=lambda: {"enriched": join}, windows=dict, patterns=lambda: ({}, {}),
+                      progress=list, now=lambda: 10.0)
+    found = labelled(samples(Metrics(sources)), "streametl_join_records_total")
+    assert found[(("outcome", "stream"), ("pipeline", "enriched"))] == 5
+    assert found[(("outcome", "table_late"), ("pipeline", "enriched"))] == 1
+    assert {dict(k)["outcome"] for k in found} == {"stream", "table", "pairs", "unmatched", "beyond_history",
+                                                   "table_late"}

@@ -202,9 +202,9 @@ def test_the_flush_hook_is_registered_with_the_first_unwritten_state_and_once(en
     _, _, monkeypatch = env
     monkeypatch.setattr(commit_guard, "before_commit", [])  # a worker whose engine matched nothing yet
     run(engine.apply_items(batches()[0]))
-    assert commit_guard.before_commit == [commit_protocol.before_commit]  # before the batch's ack
+    assert commit_guard.before_commit == [commit_protocol.begin_commit]  # before the batch's ack
     run(engine.apply_items(batches()[1]))
-    assert commit_guard.before_commit == [commit_protocol.before_commit]
+    assert commit_guard.before_commit == [commit_protocol.begin_commit]
 
 
 def test_a_worker_whose_session_lapsed_does_not_write_its_cached_states_at_revocation(env):

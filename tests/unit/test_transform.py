@@ -70,6 +70,36 @@ def test_epoch_numbers_format_as_datetime_does():
         assert canonical_timestamp(value) == expected.replace("+00:00", "Z"), value
 
 
+def test_epoch_seconds_of_a_number_is_that_of_its_text():
+    """epoch_seconds computes JSON numbers directly (the live join's hot path); the
+    value must be the one the ISO text round trip gives (seconds cut to the
+    millisecond, the text's rounding), and out-of-range numbers still fail."""
+    from operators.transform import epoch_seconds
+
+    def outcome(convert, value):
+        try:
+            return convert(value)
+        except RecordFailure:
+            return "refused"
+
+    def through_text(value):
+        iso = canonical_timestamp(value)
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+    rng = random.Random(11)
+    edges = [0, 1, -1, 0.0005, 0.9995, 0.9999995, -0.0005, -0.9999995, 10**11, 10**11 - 1, 1.5e12,
+             -1.5e12, 1700000000.1235, 99999999999.9995]
+    for _ in range(50_000):
+        edges.append(rng.choice([rng.uniform(-3e9, 4e9), round(rng.uniform(0, 2e9), rng.randint(0, 7)),
+                                 rng.randint(-10**12, 4 * 10**12), rng.uniform(1e11, 4e12),
+                                 rng.randint(0, 2 * 10**9) + rng.randint(0, 999_999) / 1e6]))
+    for value in edges:
+        assert outcome(epoch_seconds, value) == outcome(through_text, value), value
+    for value in (1e20, -1e20, 2.6e14, True, float("inf")):
+        with pytest.raises(RecordFailure):
+            epoch_seconds(value)
+
+
 @pytest.mark.parametrize("value", ["yesterday", True, None, [1], float("nan"), 10**30])
 def test_bad_timestamps_fail_the_record(value):
     with pytest.raises(RecordFailure):

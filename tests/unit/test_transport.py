@@ -670,6 +670,40 @@ def test_a_worker_that_missed_a_generation_restarts():
     run(main())
 
 
+def test_a_worker_paused_while_it_starts_its_producers_does_not_fence_the_owners(monkeypatch):
+    """Issue 23 (long-mode chaos run, docs/delivery.md, Y): a worker paused (SIGSTOP)
+    in the middle of ``on_rebalance`` woke 70 s later, after the group had given its
+    partitions to others, and went on registering producers for the transactional ids
+    of its stale assignment: each InitProducerId fenced the producer of that
+    partition's current owner, a running worker, which crashed. Once its session has
+    lapsed it registers no further producer and restarts (ZombieRestart)."""
+    import time
+
+    from app import transport
+    from app.transport import ZombieRestart
+
+    host = RebalanceTxnHost()
+    guard = transport.commit_guard
+    monkeypatch.setattr(guard, "session_timeout", 45.0)
+    monkeypatch.setattr(guard, "session_ok_at", time.monotonic())
+    new_producer = host.producer._new_producer
+
+    def paused_after_first(transactional_id=None):
+        producer = new_producer(transactional_id)
+        guard.session_ok_at = time.monotonic() - 70.0  # SIGSTOP here, SIGCONT 70 s later
+        return producer
+
+    host.producer._new_producer = paused_after_first
+
+    async def main():
+        host.app.consumer_generation_id = 1
+        with pytest.raises(ZombieRestart, match="session lapsed"):
+            await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+
+    run(main())
+    assert [p._txn_manager.transactional_id for p in host.producer.created] == ["g-1-0"]  # none for g-1-1
+
+
 def test_a_fenced_transaction_does_not_keep_the_others_from_committing():
     """Issue 23 (docs/delivery.md, O): Faust commits the transactions of a commit in
     turn and stopped at the first fenced one; the later ones kept outputs whose

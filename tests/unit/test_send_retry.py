@@ -1,0 +1,190 @@
+"""The output path sends again what failed with a retriable error (docs/delivery.md, W).
+
+During a broker restart aiokafka gives up a record batch that waited its request
+timeout without a known leader (``NotLeaderForPartitionError``); the emitter's next
+``flush`` raised it and the commit ended the worker. Now the batch path
+(``app.kafka_io``: ``RecordBatches``, ``send_batch``, so ``Emitter.send_later``) sends
+such batches again, in each partition's order; only a non-retriable error, or one that
+outlasts ``SEND_RETRY_SECONDS``, fails the send."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from aiokafka.errors import NotLeaderForPartitionError, RecordTooLargeError
+
+from app import kafka_io as kio
+
+
+class FlakyProducer:
+    """What the batch path uses of aiokafka's producer. ``fail``: (partition, n) -> the
+    error the n-th batch sent to ``partition`` (0 first) fails with. ``log`` holds what
+    a broker stored per partition, in order."""
+
+    def __init__(self, fail: dict[tuple[int, int], Exception], batch_size: int = 1024) -> None:
+        self.fail, self.batch_size = fail, batch_size
+        self.sends: dict[int, int] = {}
+        self.log: dict[int, list[tuple[bytes, bytes]]] = {}
+
+    def create_batch(self):
+        from aiokafka.producer.message_accumulator import BatchBuilder
+
+        return BatchBuilder(self.batch_size, 0)
+
+    async def send_batch(self, batch, topic, *, partition):
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        records = [(r.key, r.value) for r in DefaultRecordBatch(bytearray(batch._build()))]
+        n = self.sends[partition] = self.sends.get(partition, -1) + 1
+        future = asyncio.get_running_loop().create_future()
+        error = self.fail.get((partition, n))
+        if error is not None:
+            future.set_exception(error)  # given up: nothing stored
+            return future
+        stored = self.log.setdefault(partition, [])
+        future.set_result(SimpleNamespace(partition=partition, offset=len(stored)))
+        stored.extend(records)
+        return future
+
+
+@pytest.fixture(autouse=True)
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(kio, "SEND_RETRY_BACKOFF", 0.0, raising=False)
+
+
+def fill(batches: kio.RecordBatches, count: int) -> dict[int, list[tuple[bytes, bytes]]]:
+    made: dict[int, list[tuple[bytes, bytes]]] = {0: [], 1: []}
+    for i in range(count):  # ~120 bytes a record: several batches per partition
+        partition = i % 2
+        record = (f"k{i}".encode(), b"v" * 100)
+        batches.add(partition, *record)
+        made[partition].append(record)
+    return made
+
+
+def test_a_batch_failed_with_a_retriable_error_is_sent_again_in_order():
+    """Partition 0's second batch fails with NotLeaderForPartitionError (its third is
+    acknowledged): both are sent again, so the partition ends in the order the records
+    were made (the third twice); the future reports the last offsets stored. Without
+    the retry the future raised NotLeaderForPartitionError."""
+
+    async def scenario():
+        producer = FlakyProducer({(0, 1): NotLeaderForPartitionError()})
+        batches = kio.RecordBatches(producer)
+        made = fill(batches, 60)
+        last = await (await batches.start("out"))
+        return producer, made, last
+
+    producer, made, last = asyncio.run(scenario())
+    assert producer.sends[0] > 3  # the first try had more than two batches
+    stored = producer.log[0]
+    # Every record made is stored, and the newest copy of each comes in the order made.
+    newest = {record: index for index, record in enumerate(stored)}
+    assert sorted(newest, key=newest.get) == made[0]
+    assert producer.log[1] == made[1]  # the other partition: once, untouched
+    assert last == {0: len(stored) - 1, 1: len(made[1]) - 1}
+
+
+def test_send_batch_sends_again_and_reports_where_each_message_went():
+    """``send_batch`` (``Emitter.send``, the produce API): a retriable failure of one
+    partition's batch is sent again; every message's reported offset holds it."""
+
+    async def scenario():
+        io = kio.KafkaIO()
+        io.producer = FlakyProducer({(1, 0): NotLeaderForPartitionError()})
+        messages = [kio.OutgoingMessage(f"k{i}".encode(), f"v{i}".encode(), (), i % 2) for i in range(10)]
+        delivered = await io.send_batch("out", messages, 2)
+        return io.producer, messages, delivered
+
+    producer, messages, delivered = asyncio.run(scenario())
+    for message, where in zip(messages, delivered, strict=True):
+        assert producer.log[where.partition][where.offset] == (message.key, message.value)
+
+
+def test_emitter_flush_survives_a_retriable_send_failure(monkeypatch):
+    """The reported path: window results sent with ``Emitter.send_later`` fail with
+    NotLeaderForPartitionError; the commit's ``flush`` used to raise it (ending the
+    worker). Now it returns once they are stored, each once, in order."""
+    from app import commit
+
+    async def scenario():
+        producer = FlakyProducer({(0, 0): NotLeaderForPartitionError(), (0, 1): NotLeaderForPartitionError()})
+        monkeypatch.setattr(kio.kafka_io, "producer", producer)
+        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
+        kio.kafka_io.ready.set()
+        try:
+            emitter = commit.Emitter()
+            topic = SimpleNamespace(get_topic_name=lambda: "results")
+            out = [(topic, f"w{i}".encode(), f"r{i}".encode()) for i in range(5)]
+            await emitter.send_later(out, [(0, 0)])
+            await emitter.flush()
+        finally:
+            kio.kafka_io.ready.clear()
+        return producer, out
+
+    producer, out = asyncio.run(scenario())
+    assert producer.log[0] == [(key, value) for _, key, value in out]
+
+
+def test_a_non_retriable_error_fails_at_once():
+    async def scenario():
+        producer = FlakyProducer({(0, 0): RecordTooLargeError()})
+        batches = kio.RecordBatches(producer)
+        fill(batches, 4)
+        await (await batches.start("out"))
+
+    with pytest.raises(RecordTooLargeError):
+        asyncio.run(scenario())
+
+
+def test_a_retriable_error_that_outlasts_the_bound_fails(monkeypatch):
+    monkeypatch.setattr(kio, "SEND_RETRY_SECONDS", 0.0, raising=False)
+
+    async def scenario():
+        producer = FlakyProducer({(0, n): NotLeaderForPartitionError() for n in range(100)})
+        batches = kio.RecordBatches(producer)
+        fill(batches, 4)
+        await (await batches.start("out"))
+
+    with pytest.raises(NotLeaderForPartitionError):
+        asyncio.run(scenario())
+
+
+def test_a_sequence_gap_is_sent_again_under_a_new_producer_id():
+    """Long mode, at_least_once, seed 3: after a batch given up during a broker
+    restart (its sequence numbers taken), the broker answered every later batch of
+    the partition with OutOfOrderSequenceNumber, which ended two workers. The batch
+    is now sent again, and the producer registers a new producer id first."""
+    from aiokafka.errors import OutOfOrderSequenceNumber
+    from aiokafka.producer.transaction_manager import TransactionManager
+    from aiokafka.structs import TopicPartition
+
+    async def scenario():
+        producer = FlakyProducer({(0, 0): OutOfOrderSequenceNumber()})
+        producer._txn_manager = txn = TransactionManager(None, 60000)  # idempotent, not transactional
+        txn.set_pid_and_epoch(7, 0)
+        txn.increment_sequence_number(TopicPartition("out", 0), 40)
+        batches = kio.RecordBatches(producer)
+        made = fill(batches, 4)
+        await (await batches.start("out"))
+        return producer, made, txn
+
+    producer, made, txn = asyncio.run(scenario())
+    assert producer.log[0] == made[0]
+    assert not txn.has_pid()  # the sender registers a new one before its next batch
+    assert txn.sequence_number(TopicPartition("out", 0)) == 0
+
+
+def test_a_transactional_producer_keeps_its_id():
+    from aiokafka.producer.transaction_manager import TransactionManager
+
+    from app.transport import reset_producer_id
+
+    async def scenario():
+        producer = SimpleNamespace(_txn_manager=TransactionManager("app-1-0", 60000))
+        producer._txn_manager.set_pid_and_epoch(7, 0)
+        return reset_producer_id(producer), producer._txn_manager.producer_id
+
+    assert asyncio.run(scenario()) == (False, 7)
