@@ -40,7 +40,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
-from tables.store import Expiry, PartitionStore
+from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -99,31 +99,32 @@ class TableMemory:
         ctx.expiry_queue().append((at, seq, k))
 
 
-class Writes:
-    """One batch's dedupe writes in one partition, not yet stored."""
-
-    __slots__ = ("event", "values")
-
-    def __init__(self, event: Any) -> None:
-        #: Stands for the partition's records where a store needs the current event.
-        self.event = event
-        self.values: dict[bytes, Any] = {}
+#: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
+#: partition -> key -> value, and by partition the event that stands for its records
+#: where a store needs "the current event".
+Detached = tuple[dict[int, dict[bytes, Any]], dict[int, Any]]
 
 
 class LiveContext:
-    """The StepContext of one event in a live pipeline."""
+    """The StepContext of one event in a live pipeline.
+
+    Its dedupe entries not stored yet live in a ``tables.store.DedupeCache`` (``cache``),
+    registered with the commit protocol by ``build``: each batch's writes are detached
+    at its end (``detach_writes``) and stored once its outputs are acknowledged
+    (``store_after``), before the batch is acked, so nothing waits for a commit; until
+    then the next batch reads them from the cache. Everything else is read from the
+    partition's RocksDB directly."""
 
     def __init__(self, spec: PipelineSpec, table: Any) -> None:
         self.spec, self.table = spec, table
         self.store = PartitionStore(table) if table is not None else None
         self.event: Any = None
-        #: partition → what this batch wrote there, not yet stored.
-        self.overlays: dict[int, Writes] = {}
+        #: partition → the event standing for this batch's records of it.
+        self.events: dict[int, Any] = {}
+        #: The current partition's dict of this batch's writes in ``cache`` (written
+        #: directly: one dict set per admitted id).
         self._overlay: dict[bytes, Any] = {}
-        #: The writes of earlier batches being stored (oldest first): read like the
-        #: current ones until they are in RocksDB (``store_after``).
-        self.storing: list[dict[int, Writes]] = []
-        #: This partition's values in ``storing``, newest first.
+        #: The current partition's writes of earlier batches being stored, newest first.
         self._storing_here: list[dict[bytes, Any]] = []
         self.partition = -1
         self.offset = 0
@@ -136,33 +137,20 @@ class LiveContext:
         self._db: Any = None
         dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
         #: The dedupe entries' expiry, by partition (rebuilt from the store after each
-        #: assignment: ``moved``).
+        #: assignment: ``DedupeCache.moved``, run by the commit protocol).
         self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
                              dedupe["horizon_count"] if dedupe else None, _seen_at)
-        #: What the commit protocol asks of a registered store (``app.commit``): the
-        #: writes are stored per batch, after its outputs are acked, before it is acked,
-        #: so nothing waits for a commit.
-        self.failed = False
-        self.dirty_count = 0
-        self.max_dirty = 1 << 62
+        self.cache = DedupeCache(self.expiry)
 
-    async def flush(self) -> None:
-        """Nothing waits for the commit (see ``store_after``)."""
-
-    def pending(self) -> bool:
-        return False
-
-    def drop_unflushed(self) -> None:
-        """Nothing is held for a commit (see ``flush``)."""
-
-    def moved(self) -> None:
-        """Partitions moved: each partition's expiry queue is rebuilt from the store the
-        next time it is used (another worker may have changed it meanwhile)."""
-        self.expiry.forget()
+    @property
+    def storing(self) -> list[dict[int, dict[bytes, Any]]]:
+        """The writes of earlier batches being stored (oldest first)."""
+        return self.cache.layers
 
     def begin_batch(self) -> None:
         self.release_stores()
         self.partition = -1
+        self.events = {}
 
     def release_stores(self) -> None:
         """Let go of the partitions' databases once a batch's records are processed.
@@ -178,8 +166,8 @@ class LiveContext:
         """The next records are of ``event``'s partition; ``event`` stands for each of
         them where a store needs "the current event" (its partition and topic)."""
         self.event = event
+        self.events[event.message.partition] = event
         self._enter_partition(event.message.partition)
-        self.overlays[self.partition].event = event
 
     def at_offset(self, offset: int) -> None:
         """The next record is at ``offset`` of the current partition."""
@@ -187,11 +175,8 @@ class LiveContext:
 
     def _enter_partition(self, partition: int) -> None:
         self.partition = partition
-        writes = self.overlays.get(partition)
-        if writes is None:
-            writes = self.overlays[partition] = Writes(self.event)
-        self._overlay = writes.values
-        self._storing_here = [layer[partition].values for layer in reversed(self.storing) if partition in layer]
+        self._overlay = self.cache.values_of(partition)
+        self._storing_here = self.cache.layers_of(partition)
         if partition not in self._dbs:
             self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
         self._db = self._dbs[partition]
@@ -229,28 +214,27 @@ class LiveContext:
             queue = self.expiry.ensure(self.partition, self.store)
         return queue
 
-    def detach_writes(self) -> dict[int, Writes]:
+    def detach_writes(self) -> Detached:
         """End the batch's writes: they stay readable (``storing``) until ``store_after``
-        has stored them, while the next batch writes to fresh overlays."""
-        layer = {p: writes for p, writes in self.overlays.items() if writes.values}
-        self.overlays, self._overlay, self.partition = {}, {}, -1
-        if layer:
-            self.storing.append(layer)
-        return layer
+        has stored them, while the next batch writes anew."""
+        layer = self.cache.detach()
+        events, self.events = self.events, {}
+        self._overlay, self._storing_here, self.partition = {}, [], -1
+        return layer, events
 
-    async def store_after(self, outputs_acked: Awaitable[Any] | None,
-                          layer: dict[int, Writes]) -> None:
+    async def store_after(self, outputs_acked: Awaitable[Any] | None, detached: Detached) -> None:
         """Store one batch's writes (RocksDB and changelog), only once its outputs are
         acknowledged by the sink: a crash in between re-emits, it never loses a record."""
         if outputs_acked is not None:
             await outputs_acked
+        layer, events = detached
         if not layer:
             return
-        items = [(writes.event, key, value) for writes in layer.values() for key, value in writes.values.items()]
+        items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
         assert self.store is not None
         await self.store.write_many(items)
-        # Stored: reads find it in RocksDB now (identity, not ==: layers are dicts).
-        self.storing = [other for other in self.storing if other is not layer]
+        # Stored: reads find it in RocksDB now.
+        self.cache.release(layer)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -322,7 +306,7 @@ def build(spec: PipelineSpec) -> None:
 
     ctx = LiveContext(spec, table)
     if table is not None:
-        commit_protocol.register(ctx)
+        commit_protocol.register(ctx.cache)
     handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)
     batch_agent(source, name=f"pipeline.{spec.name}")(handler)
 
@@ -419,11 +403,24 @@ def pipeline_handler(spec: PipelineSpec, ctx: LiveContext, sink: Any, source_nam
         outputs_acked = await writer.send()
         # The acks of the outputs, then the dedupe state, may complete while the next
         # batch is handled (at_least_once; app/batches.py): that batch reads this
-        # one's writes from ``ctx.storing`` meanwhile.
+        # one's writes from ``ctx.cache`` meanwhile.
         if stateful:
             records.finish_later(ctx.store_after(outputs_acked, ctx.detach_writes()))
         elif outputs_acked is not None:
             records.finish_later(outputs_acked)
 
-    return run_pipeline
+    if not stateful:
+        return run_pipeline
+
+    async def run_stateful(records: Batch) -> None:
+        try:
+            await run_pipeline(records)
+        except BaseException:
+            # The batch's dedupe entries admitted records whose outputs were never sent:
+            # none may be written, by a commit or a revoke (the cache refuses to flush
+            # from now on); the worker stops and replays the batch.
+            ctx.cache.fail()
+            raise
+
+    return run_stateful
 

@@ -78,7 +78,7 @@ class PipelineProcessor:
         self.ctx = LiveContext(spec, None)
         if spec.has_state:
             self.ctx.store = self.store
-            self.commit.register(self.ctx)
+            self.commit.register(self.ctx.cache)
         self.counters = PipelineCounters(steps=StepTally(spec.steps))
         self.handler = pipeline_handler(spec, self.ctx, spec.output_topic, spec.source, self.counters,
                                         self.commit.emitter, wait_for_inputs=False)

@@ -639,5 +639,87 @@ class Expiry:
                 or (horizon_n is not None and position - seq > horizon_n))
 
 
-__all__ = ["AtPartition", "CacheSnapshot", "Expiry", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
+class DedupeCache:
+    """The write-back cache of state written per batch, not per commit: a pipeline's
+    dedupe entries (agents/pipeline.py), which must reach the store once the batch's
+    outputs are acknowledged and before the batch is acked, while the next batch
+    already reads and changes them. Registered with the commit protocol like a
+    ``WriteBackCache``; a commit has nothing of it to write (``flush``: every entry is
+    written by its batch).
+
+    Laid out for a per-record path: one dict of stored key -> value per partition
+    (``values_of``: the caller writes into it directly, no call per entry), and the
+    detached batches as whole layers (partition -> that dict), read newest first
+    (``layers_of``) and released as a whole (``release``), never key by key.
+    ``expiry``: the entries' ``Expiry``, forgotten when partitions move."""
+
+    max_dirty = 1 << 62
+
+    def __init__(self, expiry: Expiry | None = None) -> None:
+        self.store: Any = None
+        self.expiry = expiry
+        #: partition -> the current batch's changes there.
+        self.current: dict[int, dict[bytes, Any]] = {}
+        #: Detached batches not written yet, oldest first (``detach``).
+        self.layers: list[dict[int, dict[bytes, Any]]] = []
+        self.failed = False
+
+    def values_of(self, partition: int) -> dict[bytes, Any]:
+        """The current batch's changes in ``partition`` (a dict the caller may write)."""
+        values = self.current.get(partition)
+        if values is None:
+            values = self.current[partition] = {}
+        return values
+
+    def layers_of(self, partition: int) -> list[dict[bytes, Any]]:
+        """``partition``'s changes of the detached batches not written yet, newest first."""
+        return [layer[partition] for layer in reversed(self.layers) if partition in layer]
+
+    def detach(self) -> dict[int, dict[bytes, Any]]:
+        """Take the current batch's changes (partition -> key -> value) for the caller to
+        write; they stay readable (``layers_of``) until ``release``. Empty: none."""
+        layer = {p: values for p, values in self.current.items() if values}
+        self.current = {}
+        if layer:
+            self.layers.append(layer)
+        return layer
+
+    def release(self, layer: dict[int, dict[bytes, Any]]) -> None:
+        """``layer`` (from ``detach``) is in the store now: reads go there."""
+        self.layers = [other for other in self.layers if other is not layer]  # identity
+
+    def held(self, partition: int, key: bytes) -> bool:
+        """True while a detached change of ``key`` is not written yet."""
+        return any(key in layer[partition] for layer in self.layers if partition in layer)
+
+    @property
+    def dirty_count(self) -> int:
+        return 0
+
+    async def flush(self) -> None:
+        """Nothing waits for a commit (each batch writes its own changes); after ``fail``
+        a flush (so a commit) raises, as a failed ``WriteBackCache``'s does."""
+        if self.failed:
+            raise RuntimeError("a batch failed half-way: not writing its dedupe entries")
+
+    def pending(self) -> bool:
+        return False
+
+    def fail(self) -> None:
+        """A batch failed half-way: its changes admitted records whose outputs were never
+        sent, so they are dropped and never written; the worker replays the batch."""
+        self.failed = True
+        self.current = {}
+
+    def drop_unflushed(self) -> None:
+        """Nothing is held for a commit (see ``flush``)."""
+
+    def moved(self) -> None:
+        """Partitions moved: each partition's expiry queue is rebuilt from the store the
+        next time it is used (another worker may have changed it meanwhile)."""
+        if self.expiry is not None:
+            self.expiry.forget()
+
+
+__all__ = ["AtPartition", "CacheSnapshot", "DedupeCache", "Expiry", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
            "as_current", "partition_db", "set_current_event"]

@@ -53,3 +53,30 @@ def test_exactly_once_stores_each_batch_too():
     dedupe = pipeline_processor(PIPELINE, exactly_once=True)
     outputs, state = run_batches(dedupe, [[ev(0, 0, "a")], [ev(0, 1, "a"), ev(0, 2, "b")]], commit_every=10)
     assert ids(outputs) == [(0, "a"), (0, "b")] and sorted(state[0]) == [b"0|id:a", b"0|id:b"]
+
+
+def test_a_batch_that_fails_half_way_leaves_no_dedupe_entry_for_a_commit_to_write():
+    """A pipeline batch that raises after admitting ids (here: the dead-letter topic is
+    unreachable) crashes the worker; the ids it admitted were never sent, so neither a
+    commit nor the revoke on the way out may store them, or the replay after the
+    restart would drop those records as duplicates (lost). Its dedupe entries live in
+    a ``DedupeCache`` registered with the commit protocol; the failed batch marks it
+    failed (its entries dropped, every later flush refused), as windows and patterns do
+    with their caches."""
+    import asyncio
+
+    import pytest
+
+    dedupe = pipeline_processor(PIPELINE)
+    emitter = dedupe.commit.emitter
+
+    async def unreachable(*args, **kwargs):
+        raise RuntimeError("dead-letter topic unreachable")
+
+    emitter.dead_letter = unreachable
+    with pytest.raises(RuntimeError, match="unreachable"):
+        asyncio.run(dedupe.process([(0, [ev(0, 0, "a"), Record(0, 1, b"not json")])]))
+    with pytest.raises(RuntimeError, match="not writing"):
+        asyncio.run(dedupe.commit.before_commit())
+    asyncio.run(dedupe.commit.partitions_moved())
+    assert dedupe.store.data.get(0, {}) == {}
