@@ -115,15 +115,23 @@ def _iso(seconds: float) -> str:
     microseconds rounded half-even (carrying into the second), then cut to milliseconds.
     """
     global _last_second
-    frac, whole = math.modf(seconds)
-    micros = round(frac * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    elif micros < 0:
-        whole, micros = whole - 1, micros + 1_000_000
+    whole, micros = _whole_and_micros(seconds)
     if whole != _last_second[0]:  # consecutive records mostly share their second
         _last_second = (whole, _iso_second(int(whole)))
     return _last_second[1] + _MILLIS[micros // 1000]
+
+
+def _whole_and_micros(seconds: float) -> tuple[float, int]:
+    """(whole seconds, microseconds 0-999,999) of ``seconds``, the microseconds rounded
+    half-even as datetime rounds them (carrying into the second): the one rounding of
+    the ISO text (``_iso``) and of the epoch value (``epoch_seconds``)."""
+    frac, whole = math.modf(seconds)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        return whole + 1, micros - 1_000_000
+    if micros < 0:
+        return whole - 1, micros + 1_000_000
+    return whole, micros
 
 
 #: (whole second, its text) of the last timestamp formatted.
@@ -152,13 +160,7 @@ def epoch_seconds(value: Any) -> float:
     per record, and the round trip through ISO text and a datetime was a sixth of its
     processing (docs/performance.md, "The live join")."""
     if (value.__class__ is float or value.__class__ is int) and math.isfinite(value):
-        seconds = value / 1000.0 if abs(value) >= 1e11 else float(value)
-        frac, whole = math.modf(seconds)
-        micros = round(frac * 1e6)
-        if micros >= 1_000_000:
-            whole, micros = whole + 1, micros - 1_000_000
-        elif micros < 0:
-            whole, micros = whole - 1, micros + 1_000_000
+        whole, micros = _whole_and_micros(value / 1000.0 if abs(value) >= 1e11 else float(value))
         _iso_second(int(whole))  # out of datetime's range: RecordFailure, as for text
         return (int(whole) * 1_000_000 + micros // 1000 * 1000) / 1_000_000
     iso = canonical_timestamp(value)
