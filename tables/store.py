@@ -398,16 +398,21 @@ class WriteBackCache(WriteBackBuffer):
             self._check_failed()
             if not self._dirty and not self.side:
                 return
-            t0 = time.perf_counter()
-            taken, side, writes = self._take()
-            try:
-                await (store or self.store).write_partitions(writes, str_keys=self.str_keys)
-            except BaseException:
-                self.give_back(taken, side)
-                raise
-            finally:
-                self.written()
-            self.count_flush(t0)
+            await self._write_all(store or self.store)
+
+    async def _write_all(self, store: Any) -> None:
+        """Take every unwritten value and write it to ``store`` now (the lock held); a
+        failed write gives them back, still unwritten."""
+        t0 = time.perf_counter()
+        taken, side, writes = self._take()
+        try:
+            await store.write_partitions(writes, str_keys=self.str_keys)
+        except BaseException:
+            self.give_back(taken, side)
+            raise
+        finally:
+            self.written()
+        self.count_flush(t0)
 
     async def snapshot(self) -> CacheSnapshot | None:
         """The first half of a flush, for a commit that lets batches run while it writes
@@ -427,18 +432,10 @@ class WriteBackCache(WriteBackBuffer):
                 return None
             prepare = getattr(self.store, "prepare_partitions", None)
             prepared = None if prepare is None else prepare([], str_keys=self.str_keys)
-            t0 = time.perf_counter()
             if prepared is None:
-                taken, side, writes = self._take()
-                try:
-                    await self.store.write_partitions(writes, str_keys=self.str_keys)
-                except BaseException:
-                    self.give_back(taken, side)
-                    raise
-                finally:
-                    self.written()
-                self.count_flush(t0)
+                await self._write_all(self.store)
                 return None
+            t0 = time.perf_counter()
             taken, side, _ = self._take(encoded_later=True)
             done = False
             return CacheSnapshot(self, prepared, taken, side, t0)
