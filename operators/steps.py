@@ -303,9 +303,7 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
     kind = spec.get("type", "inner")
     if kind not in JOIN_TYPES:
         raise StepSpecError(index, op, "type", f"must be one of {list(JOIN_TYPES)}")
-    time_field = spec.get("time_field", "ts")
-    if not isinstance(time_field, str) or not time_field:
-        raise StepSpecError(index, op, "time_field", "must be a field name")
+    time_field = _time_field(index, op, spec)
     max_matches = _positive(index, op, spec, "max_matches", int) or 1000
     prefixes = _prefixes(index, op, spec)
     js = JoinSpec(on, before, after, _duration(index, op, spec, "grace", allow_zero=True) or 0.0, kind,
@@ -316,6 +314,14 @@ def parse_join(index: int, spec: Mapping[str, Any]) -> Step:
         raise RuntimeError("a join is run by run_batch or a live join, not record by record")
 
     return Step(index, op, (js, other, inline), apply, drops="late")
+
+
+def _time_field(index: int, op: str, spec: Mapping[str, Any]) -> str:
+    """A join's ``time_field`` (default ``ts``)."""
+    time_field = spec.get("time_field", "ts")
+    if not isinstance(time_field, str) or not time_field:
+        raise StepSpecError(index, op, "time_field", "must be a field name")
+    return time_field
 
 
 def _prefixes(index: int, op: str, spec: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -362,9 +368,7 @@ def parse_table_join(index: int, spec: Mapping[str, Any]) -> Step:
     kind = spec.get("type", "inner")
     if kind not in TABLE_JOIN_TYPES:
         raise StepSpecError(index, op, "type", f"must be one of {list(TABLE_JOIN_TYPES)} for a stream-table join")
-    time_field = spec.get("time_field", "ts")
-    if not isinstance(time_field, str) or not time_field:
-        raise StepSpecError(index, op, "time_field", "must be a field name")
+    time_field = _time_field(index, op, spec)
     fmt = spec.get("format", "json")
     if fmt not in TABLE_FORMATS:
         raise StepSpecError(index, op, "format", f"must be one of {list(TABLE_FORMATS)}")
