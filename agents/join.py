@@ -79,6 +79,14 @@ def check_copartitioned(name: str, left: str, left_count: int | None, right: str
             "a join needs both sides co-partitioned: the same partition count, keyed by the join key")
 
 
+async def check_topics_copartitioned(name: str, left: str, right: str) -> None:
+    """``check_copartitioned`` with the two topics' partition counts from the broker."""
+    from app.kafka_io import kafka_io
+
+    await kafka_io.ready.wait()
+    check_copartitioned(name, left, await kafka_io.partition_count(left), right, await kafka_io.partition_count(right))
+
+
 class PartitionBuffers(MutableMapping):
     """One partition's buffers (join key -> ``{"l": […], "r": […]}``) as the mapping
     ``IntervalJoin`` works on, over the runner's write-back cache (cache key: the
@@ -222,12 +230,7 @@ class JoinRunner:
         self.stale = True
 
     async def check_partitions(self) -> None:
-        from app.kafka_io import kafka_io
-
-        await kafka_io.ready.wait()
-        left, right = self.names[LEFT], self.names[RIGHT]
-        check_copartitioned(self.pipeline.name, left, await kafka_io.partition_count(left),
-                            right, await kafka_io.partition_count(right))
+        await check_topics_copartitioned(self.pipeline.name, self.names[LEFT], self.names[RIGHT])
         self.checked = True
 
     def _join(self, p: int) -> IntervalJoin:

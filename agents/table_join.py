@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from agents.join import AfterJoin, PartitionBuffers, check_copartitioned, stored_key
+from agents.join import AfterJoin, PartitionBuffers, check_topics_copartitioned, stored_key
 from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
 from app import app, settings
 from app.batches import Batch, batch_agent
@@ -99,12 +99,7 @@ class TableJoinRunner:
         self.stale = True
 
     async def check_partitions(self) -> None:
-        from app.kafka_io import kafka_io
-
-        await kafka_io.ready.wait()
-        stream, table = self.names[STREAM], self.names[TABLE]
-        check_copartitioned(self.pipeline.name, stream, await kafka_io.partition_count(stream),
-                            table, await kafka_io.partition_count(table))
+        await check_topics_copartitioned(self.pipeline.name, self.names[STREAM], self.names[TABLE])
         self.checked = True
 
     def _table(self, p: int) -> VersionedTable:
