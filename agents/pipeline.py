@@ -178,7 +178,7 @@ class LiveContext:
         self._overlay = self.cache.values_of(partition)
         self._storing_here = self.cache.layers_of(partition)
         if partition not in self._dbs:
-            self._dbs[partition] = None if self.store is None else self.store._partition_db(partition)
+            self._dbs[partition] = None if self.store is None else self.store.partition_db(partition)
         self._db = self._dbs[partition]
 
     def memory(self, step_index: int) -> TableMemory:

@@ -64,7 +64,7 @@ class PartitionStore:
         #: The topic whose partitions this store's partitions follow (see AtPartition).
         self.source_topic = source_topic
 
-    def _partition_db(self, partition: int) -> Any:
+    def partition_db(self, partition: int) -> Any:
         """The RocksDB (rocksdict) of one partition, or None for another kind of store.
 
         Why: a read through ``Table.get`` costs ~10 µs (key serializer registry, two
@@ -73,11 +73,10 @@ class PartitionStore:
         (RAW_SCHEMA), so the bytes Faust would store are exactly these."""
         return partition_db(self.table, partition)
 
-    partition_db = _partition_db
 
     def read(self, event: Any, key: bytes) -> Any:
         """The decoded value of ``key`` in ``event``'s partition, or None."""
-        db = self._partition_db(event.message.partition)
+        db = self.partition_db(event.message.partition)
         if db is not None:
             raw = db.get(key)
         else:
@@ -173,7 +172,7 @@ class PartitionStore:
 
     def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, raw value) stored in one partition (RocksDB directly)."""
-        db = self._partition_db(partition)
+        db = self.partition_db(partition)
         if db is None:
             return
         for key, raw in db.items():
@@ -215,7 +214,7 @@ class StoreWrites:
     def _local(self, partition: int) -> Any:
         local = self.local.get(partition)
         if local is None:
-            db = self.target._partition_db(partition)
+            db = self.target.partition_db(partition)
             local = self.local[partition] = _HeldWrites() if db is None else WriteBatch(raw_mode=True)
         return local
 
@@ -262,7 +261,7 @@ class StoreWrites:
             # Faust's RocksDB ``Store._set`` minus the current-event lookup and its
             # key→partition LRU (a hint for reads outside a stream, which then look in
             # each partition's database instead), one write for the whole batch.
-            self.target._partition_db(partition).write(local)
+            self.target.partition_db(partition).write(local)
         for partition, offset in last.items():
             table.data.set_persisted_offset(TP(topic, partition), offset)
 
@@ -284,8 +283,6 @@ class MemoryStore:
         if db is None:
             db = self.data[partition] = {}
         return db
-
-    _partition_db = partition_db
 
     def read(self, event: Any, key: bytes) -> Any:
         raw = self.data.get(event.message.partition, {}).get(key)

@@ -28,7 +28,7 @@ class FakeStore:
         self.gate: asyncio.Event | None = None
         self.deleted: list[bytes] = []
 
-    def _partition_db(self, partition: int) -> FakeDB:
+    def partition_db(self, partition: int) -> FakeDB:
         return FakeDB(self.dbs.setdefault(partition, {}))
 
     def scan_partition(self, partition: int):
@@ -154,14 +154,14 @@ def test_no_partition_database_is_held_after_a_batch():
 
     ctx, steps, store = context()
     opened: list = []
-    original = store._partition_db
+    original = store.partition_db
 
     def tracked(partition):
         db = original(partition)
         opened.append(weakref.ref(db))
         return db
 
-    store._partition_db = tracked
+    store.partition_db = tracked
     admitted(ctx, steps, [(Record(2, 0), "a"), (Record(3, 0), "b")])
     ctx.release_stores()
     gc.collect()
