@@ -124,6 +124,9 @@ async def _done(value: Any) -> Any:
     return value
 
 
+#: How long the fetch loop pauses after holding a fetch back until a rebalance ends.
+HOLD_BACK_PAUSE = 0.05
+
 #: How long a stopping consumer waits for the batch finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
@@ -689,6 +692,28 @@ class FastConsumer(faust_aiokafka.Consumer):
             if await self._thread.rewind(tp, first):
                 self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
 
+    async def hold_back(self, records: dict[Any, list[Any]]) -> None:
+        """Deliver none of a fetch's batch-topic records while a rebalance is not done:
+        put each partition back to its first fetched record (never forward), to be
+        fetched again once the rebalance ended.
+
+        Why (issue 23, docs/delivery.md AB): at the end of a rebalance Faust's Recovery
+        resumes the stream partitions and only then seeks them to their committed
+        offsets, with the flow already running (it ran for the changelogs). A fetch in
+        between was delivered and processed, its transaction could commit, and the seek
+        (its committed offsets read before that commit) put the partitions back: the
+        same records processed twice, their outputs twice in ``read_committed`` (the
+        repeated alerts of the chained exactly_once case). Faust's ``on_rebalance_end``,
+        after that seek, ends ``app.rebalancing``."""
+        moved = False
+        for tp, tp_records in records.items():
+            if tp_records and tp.topic in BATCH_AGENTS and await self._thread.rewind(tp, tp_records[0].offset):
+                self._read_offset[tp] = tp_records[0].offset
+                moved = True
+        if moved:
+            # Not a busy loop while the rebalance finishes: the records come again anyway.
+            await asyncio.sleep(HOLD_BACK_PAUSE)
+
     def _still_current(self, generation_id: int) -> bool:
         # Faust's stop conditions inside a fetch: flow suspended or a new generation
         # (rebalance) ends it; the rest is fetched again after seeking.
@@ -701,6 +726,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         Per partition the same filtering as the per-message loop: records below the read
         offset (fetched before a seek) are dropped; a jump past it is a gap (offsets with
         no record, e.g. transaction markers), committed past like Faust's gaps."""
+        if self.app.rebalancing:
+            await self.hold_back(records)
+            return
         by_topic: dict[str, tuple[list[Any], Batch, dict[Any, tuple[int, int]]]] = {}
         read_offset = self._read_offset
         buffered = self._buffered_partitions
@@ -1998,9 +2026,43 @@ class PartitionAssignor(FaustPartitionAssignor):
 
 def install() -> None:
     """Register :data:`SCHEME` in Faust's transport registry and :data:`WEB_SCHEME` in
-    its web driver registry (idempotent)."""
+    its web driver registry, and guard transactional producer registration (all
+    idempotent)."""
     TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
     WEB_DRIVERS.aliases.setdefault(WEB_SCHEME, f"{__name__}:Web")
+    refuse_registration_after_lapsed_session()
+
+
+def refuse_registration_after_lapsed_session() -> None:
+    """Make every transactional aiokafka producer of this process check, right before
+    it registers (InitProducerId), that the worker's group session has not lapsed; if
+    it has, raise :class:`ZombieRestart` instead of registering.
+
+    Why (issue 23, docs/delivery.md AC): registering a transactional id bumps its epoch
+    and fences whoever holds it. ``TransactionManager.on_rebalance`` checks the session
+    before each registration, but a worker paused *inside* one (its request not sent
+    yet, a metadata refresh in between) sent it when woken, 70 s later: it fenced the
+    producer the partition's new owner had registered meanwhile, and that running
+    worker crashed (``ProducerFenced``, then ``Can't send messages while not in
+    transaction``). The aggregate API's owner writers register their own producers and
+    had no check at all. Checked here, there is no await between check and request."""
+    from aiokafka.producer.sender import Sender
+
+    register = Sender._do_init_pid
+    if getattr(register, "guards_zombies", False):
+        return
+
+    async def guarded(self: Any, node_id: Any) -> Any:
+        txn = self._txn_manager
+        if txn is not None and txn.transactional_id is not None and commit_guard.session_lapsed():
+            raise ZombieRestart(
+                f"exactly_once: this worker's group session lapsed before it registered the "
+                f"producer {txn.transactional_id!r}; it restarts instead of fencing the "
+                "producer of the partition's current owner")
+        return await register(self, node_id)
+
+    guarded.guards_zombies = True  # type: ignore[attr-defined]
+    Sender._do_init_pid = guarded
 
 
 def open_table_stores(app: Any) -> list[tuple[str, int, bool, Any]]:

@@ -39,6 +39,7 @@ class FakeTables:
 class FakeApp:
     def __init__(self) -> None:
         self.consumer_generation_id = 1
+        self.rebalancing = False
         self.crashed: list[BaseException] = []
         self.in_transaction = False
         self.tables = FakeTables()
@@ -67,6 +68,7 @@ class ConsumerHost:
     wait_finishing = FastConsumer.wait_finishing
     _release = FastConsumer._release
     ack_if_none_failed = FastConsumer.ack_if_none_failed
+    hold_back = FastConsumer.hold_back
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -396,6 +398,33 @@ def test_records_of_a_partition_not_active_are_fetched_again(agent):
     assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
     assert host._thread.positions == {tp0: 10, tp1: 1}
     assert host._new_offset(tp0) is None
+
+
+def test_a_fetch_before_the_rebalance_ended_is_held_back(agent, monkeypatch):
+    """Issue 23 (docs/delivery.md AB): Faust's Recovery resumes the stream partitions
+    before it seeks them to their committed offsets, flow running. Records fetched in
+    between were processed, and the seek then put the partitions back: processed twice
+    (exactly_once alerts repeated). Until the rebalance ended nothing is delivered or
+    acked; each partition goes back to its first fetched record, delivered once after."""
+    import app.transport as transport
+
+    monkeypatch.setattr(transport, "HOLD_BACK_PAUSE", 0)
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host._thread.positions = {tp0: 12, tp1: 1}
+    host.app.rebalancing = True
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, None, 1))
+    assert seen == []
+    assert host._thread.positions == {tp0: 10, tp1: 0}
+    assert host._read_offset[tp0] == 10 and host._read_offset[tp1] == 0
+    assert host._new_offset(tp0) is None and host._new_offset(tp1) is None
+
+    host.app.rebalancing = False
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, None, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(0, 10), (0, 11), (1, 0)]
+    assert host._new_offset(tp0) == 12 and host._new_offset(tp1) == 1
 
 
 def test_every_batch_agent_of_a_topic_gets_the_batch_before_it_is_acked():
