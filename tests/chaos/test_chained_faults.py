@@ -42,15 +42,11 @@ def run_case(guarantee: str) -> dict:
 
 
 @pytest.mark.timeout(1200)  # 6,000 events in 60 s, then a minute's session stall per kill, on 2 loaded cores
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 23, docs/delivery.md 'Open: exactly_once alerts repeated inside one transaction': "
-    "in 3 of 3 integrator runs of session 13 the same source records reached the pattern split "
-    "twice inside one open transaction (4-9 alerts repeated; nothing lost; the helper's 3 runs "
-    "passed). Cause not found yet: a seek or rewind behind records already delivered into the "
-    "transaction is the lead"))
 def test_chained_faults_exactly_once(kafka):
-    """Was xfail (the woken zombie's ZombieRestart counted as a crash; the verifier now
-    lists it apart); xfail again for repeated alerts (reason above)."""
+    """Was xfail: repeated alerts (records delivered before Recovery's seek and again
+    after it, docs/delivery.md AB) and a running worker fenced by a woken zombie (AC).
+    Session 14, after both fixes: 3 of 3 runs of seed 7 passed (1 of 1 failed before:
+    12 alerts repeated, 1 crash)."""
     run_case("exactly_once")
 
 
