@@ -1579,8 +1579,7 @@ class TransactionManager(FaustTransactionManager):
             # whatever partition it goes to; Kafka transactions span partitions.
             tid = f"{self.app.conf.id}-{groups[source]}-{source_partition}"
             if tid in self.producer._transaction_producers:
-                return await self.producer.send(topic, key, value, partition, timestamp, headers,
-                                                transactional_id=tid)
+                return await self._send_in(tid, topic, key, value, partition, timestamp, headers)
         group = groups.get(topic)
         if group is None and source is not None:
             group = groups.get(source)
@@ -1608,7 +1607,24 @@ class TransactionManager(FaustTransactionManager):
                 self.log.warning("exactly_once: %s[%s] is not a partition this worker owns; its "
                                  "outputs are sent outside a transaction (at-least-once)", topic, p)
             return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=None)
-        return await self.producer.send(topic, key, value, p, timestamp, headers, transactional_id=tid)
+        return await self._send_in(tid, topic, key, value, p, timestamp, headers)
+
+    async def _send_in(self, tid: str, topic: str, key: bytes | None, value: bytes | None,
+                       partition: int | None, timestamp: float | None, headers: Any) -> Any:
+        """Send into ``tid``'s open transaction, unless this worker's group session lapsed.
+
+        Why (issue 23, docs/delivery.md AC): a worker woken after a pause longer than its
+        session has had its partitions, and their transactional ids, taken over; its
+        producers are fenced, and the first send into a transaction the fence ended
+        raised ``IllegalOperation`` in Faust's producer buffer (the table writes' sender),
+        which crashed the worker. It is a zombie: it restarts (:class:`ZombieRestart`)
+        and restores its state from the changelogs, as section O does at its next
+        rebalance."""
+        if commit_guard.session_lapsed():
+            raise ZombieRestart(
+                f"exactly_once: this worker's group session lapsed; a send into {tid!r} would join "
+                "a transaction that its partition's new owner has fenced, so it restarts")
+        return await self.producer.send(topic, key, value, partition, timestamp, headers, transactional_id=tid)
 
     async def _partition_with_metadata(self, topic: str, key: bytes | None) -> int:
         """The key's partition of ``topic`` once the consumer's metadata knows the topic

@@ -258,6 +258,7 @@ class TxnHost:
     """Just what ``TransactionManager.send`` uses."""
 
     send = TransactionManager.send
+    _send_in = TransactionManager._send_in
     _partition_with_metadata = TransactionManager._partition_with_metadata
     metadata_timeout = 1.0
 
@@ -304,6 +305,36 @@ def test_sends_outside_processing_and_to_unowned_partitions_stay_plain():
     run(main())
     assert host.producer.sent == [("sink", 0, None), ("src-changelog", 0, "g-1-0"), ("sink", 3, None)]
     assert host._warned == {("sink", 3)}
+
+
+def test_a_worker_whose_session_lapsed_sends_into_no_transaction(monkeypatch):
+    """Issue 23 (docs/delivery.md AC): a zombie woken after its session sent Faust's
+    buffered table writes into a transaction its partition's new owner had fenced, and
+    crashed on ``IllegalOperation``. It raises ``ZombieRestart`` instead (the worker
+    restarts and restores from the changelogs); a plain send (no input) is not held."""
+    import time
+
+    from app.transport import ZombieRestart, commit_guard
+
+    monkeypatch.setattr(commit_guard, "session_timeout", 10.0)
+    monkeypatch.setattr(commit_guard, "session_ok_at", time.monotonic() - 70.0)
+    host = TxnHost()
+
+    async def main():
+        await host.send("sink", b"k", b"v", 0, None, None)  # not processing input: plain
+        token = PROCESSING_TOPIC.set("src")
+        try:
+            with pytest.raises(ZombieRestart):
+                await host.send("sink", b"k", b"v", 3, None, None)
+            with from_partition(0), pytest.raises(ZombieRestart):
+                await host.send("sink", b"k", b"v", 3, None, None)
+        finally:
+            PROCESSING_TOPIC.reset(token)
+        with pytest.raises(ZombieRestart):
+            await host.send("src-changelog", b"k", b"v", 0, None, None)  # a table write
+
+    run(main())
+    assert host.producer.sent == [("sink", 0, None)]
 
 
 def test_outputs_join_the_transaction_of_the_input_partition_they_come_from():
