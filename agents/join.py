@@ -50,7 +50,7 @@ from app.commit import CommitProtocol, Emitter, commit_protocol
 from app.metrics import observe_flush
 from app.pipelines import PipelineConfigError, PipelineSpec
 from app.topics import declare
-from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged
+from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged, record_of
 from operators.steps import Outcome, StepTally, pass_record, runnable
 from operators.transform import RecordFailure
 from tables.reference import reference_store
@@ -200,6 +200,9 @@ class JoinRunner:
         self.idle_marked: set[tuple[str, int]] = set()
         self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
         self.steps = runnable(spec.steps[1:])
+        #: Outputs are written as they are (no steps read them, nested): a record
+        #: buffered with its bytes is written as it arrived (operators.joins.Held).
+        self.encoded_outputs = not self.steps and self.spec.prefixes is None
         self.tally = self.counters.steps
         self.ctx = AfterJoin()
         #: pairs, unmatched, late, limited, left, right, replayed_skipped
@@ -240,7 +243,8 @@ class JoinRunner:
             times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
             # The index of closing intervals is rebuilt from the stored buffers here.
             join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                times, meta.get("seq", 0), meta.get("i", ()))
+                                                times, meta.get("seq", 0), meta.get("i", ()),
+                                                encoded_outputs=self.encoded_outputs)
             self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
             self.applied_src[p] = {LEFT: {}, RIGHT: {}, **meta.get("so", {})}
         return join
@@ -271,16 +275,27 @@ class JoinRunner:
             return value.encode()
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
+    def key_of(self, joined: Joined) -> bytes:
+        """``output_key`` of a join result, from the join key's text it carries (the
+        JSON of the key value(s), ``operators.joins.join_key``): no side decoded."""
+        text = joined.key
+        if text is None:
+            return self.output_key(record_of(joined.left if joined.left is not None else joined.right))
+        if text[0] == '"' and len(self.spec.on) == 1:
+            return orjson.loads(text).encode()  # a text value as it is
+        return text.encode()
+
     def _outputs(self, results: list[Joined], out: list, dead: list, p: int) -> None:
         spec, steps, tally, counters = self.spec, self.steps, self.tally, self.counters
+        encoded = self.encoded_outputs
         # Timestamps are capped at this worker's clock: a broker refuses a record more
         # than message.timestamp.after.max.ms ahead of its own (1 h by default since
         # Kafka 4.0), and the refusal stopped the worker at every restart (a pair of
         # future event times was a poison pill).
         now_ms = int(time.time() * 1000)
         for joined in results:
-            record = merged(joined, spec)
-            key = self.output_key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
+            record = merged(joined, spec, encoded=encoded)
+            key = self.key_of(joined)
             if steps:
                 outcome = pass_record(steps, record, self.ctx)
                 if outcome.__class__ is Outcome:
@@ -367,7 +382,7 @@ class JoinRunner:
                 counters.into += 1
                 try:
                     record = loads_object(ev.value)
-                    results = join.add(side, record)
+                    results = join.add(side, record, ev.value)
                 except RecordError as exc:
                     dead.append((p, ev.key, ev.value, exc.reason, str(exc), "parse", offset, topic))
                     continue
