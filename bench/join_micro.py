@@ -10,6 +10,8 @@ the emitter keeps a few batches' outputs, as until their acknowledgement. A comm
 (``before_commit``: outputs, then the state flush) every ``--commit`` fetches;
 ``--exactly-once``: the state is written at the end of every fetch instead, as under
 exactly_once (through the in-memory store: Faust's per-record changelog path is left out).
+The garbage collector is set up as in a worker (``app/gc_tuning.py``) unless
+``--python-gc``; the fetches, made up front, are frozen with the rest of the heap.
 What this leaves out: aiokafka's fetch parsing, the producer and the broker round trips.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import random
 import time
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--event-rate", type=float, default=1000.0, help="orders/s of event time")
     parser.add_argument("--exactly-once", action="store_true",
                         help="the state written at the end of every fetch, as under exactly_once")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="Python's collector thresholds, not the worker's (app/gc_tuning.py)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
 
@@ -103,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
                         store=store, commit=commit)
     runner.checked = True
     batches = fetches(args.events, args.keys, args.fetch, args.event_rate)
+    if not args.python_gc:
+        # As app/gc_tuning.py sets up a worker: larger young passes, the heap so far frozen.
+        from app import settings
+        from app.gc_tuning import freeze_heap
+
+        thresholds = settings.gc_threshold_values()
+        if thresholds is not None:
+            gc.set_threshold(*thresholds)
+        freeze_heap()
 
     flush_cpu = [0.0]
 
