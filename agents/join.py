@@ -50,7 +50,7 @@ from app.commit import CommitProtocol, Emitter, commit_protocol
 from app.metrics import observe_flush
 from app.pipelines import PipelineConfigError, PipelineSpec
 from app.topics import declare
-from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged
+from operators.joins import LEFT, RIGHT, IntervalJoin, Joined, JoinSpec, merged, record_of
 from operators.steps import Outcome, StepTally, pass_record, runnable
 from operators.transform import RecordFailure
 from tables.reference import reference_store
@@ -165,30 +165,110 @@ class AfterJoin:
         return 0
 
 
-class JoinRunner:
-    """The state and processing of one join pipeline on this worker."""
+class TwoInputRunner:
+    """The life cycle both join runners share (``JoinRunner`` here, the stream-table
+    ``agents.table_join.TableJoinRunner``): the state cache over the store, registered
+    with the commit protocol; the co-partitioning check of the two topics before the
+    first batch; each partition's state built from the store the first time it is used
+    after partitions moved (``mark_stale``; ``state(p)`` calls the runner's ``load``
+    with the partition's bookkeeping value and buffers); and a batch's end: outputs,
+    dead letters, then the state handed to the commit protocol.
 
-    #: Flush inside a batch once this many join keys are dirty (bounds memory).
+    ``names``: the two topics by side, the state's partitions following the first."""
+
+    #: Flush inside a batch once this many keys are dirty (bounds memory).
     MAX_DIRTY = 50_000
 
-    def __init__(self, spec: PipelineSpec, table: Any, sink: Any, late: Any, *, left_name: str, right_name: str,
-                 store: Any = None, commit: CommitProtocol | None = None,
-                 counters: PipelineCounters | None = None, topics: dict[str, Any] | None = None) -> None:
+    def __init__(self, spec: PipelineSpec, table: Any, names: dict[str, str], *, store: Any = None,
+                 commit: CommitProtocol | None = None, counters: PipelineCounters | None = None) -> None:
         """``store``: the state store (default: ``table``'s; tests give a
         ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
-        registers with (default: the worker's), whose emitter sends the outputs;
-        ``topics``: the two sides' topics by side (where idle ticks go)."""
-        assert spec.join is not None
+        registers with (default: the worker's), whose emitter sends the outputs."""
         self.pipeline = spec
-        self.spec: JoinSpec = spec.join
-        self.store = store if store is not None else PartitionStore(table, left_name)
+        self.names = names
+        self.store = store if store is not None else PartitionStore(table, next(iter(names.values())))
         self.commit = commit or commit_protocol
         self.emitter: Emitter = self.commit.emitter
         self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=stored_key,
                                                          max_dirty=self.MAX_DIRTY))
+        self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
+        self.steps = runnable(spec.steps[1:])
+        self.tally = self.counters.steps
+        self.ctx = AfterJoin()
+        self.stats: Counter[str] = Counter()
+        self.checked = False
+        self.stale = True
+        #: partition -> its state (``load``), built when first used after a move.
+        self.states: dict[int, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        # Partitions moved (the commit protocol flushed and emptied the cache).
+        self.cache.clear()
+        self.states = {}
+        self.forget()
+        self.stale = False
+
+    def forget(self) -> None:
+        """Partitions moved: drop the runner's own per-partition bookkeeping."""
+
+    def load(self, p: int, meta: dict[str, Any], buffers: PartitionBuffers) -> Any:
+        """Partition ``p``'s state from its stored bookkeeping value and buffers."""
+        raise NotImplementedError
+
+    def mark_stale(self) -> None:
+        """Called on rebalance: rebuild the partitions' state from the store before the
+        next batch."""
+        self.stale = True
+
+    async def check_partitions(self) -> None:
+        first, second = self.names.values()
+        await check_topics_copartitioned(self.pipeline.name, first, second)
+        self.checked = True
+
+    async def begin_batch(self) -> None:
+        if not self.checked:
+            await self.check_partitions()
+        if self.stale:
+            self._reset()
+
+    def state(self, p: int) -> Any:
+        state = self.states.get(p)
+        if state is None:
+            meta = self.store.read(AtPartition(p), meta_key(p)) or {}
+            state = self.states[p] = self.load(p, meta, PartitionBuffers(self.cache, self.store, p))
+        return state
+
+    async def end_batch(self, out: list, sources: list[tuple[int, int]], dead: list[tuple[Any, ...]],
+                        source_topic: str | None = None) -> None:
+        """Outputs (delivered before this batch is acked and before any state is flushed:
+        the commit protocol waits for the emitter first; under exactly_once in the
+        transaction of the input partition each output comes from, ``sources``), then
+        the dead letters ((partition, key, value, reason, message, step, offset, source
+        topic or None: ``source_topic``)), then the state to the commit protocol."""
+        self.counters.dead_lettered += len(dead)
+        await self.emitter.send_later(out, sources)
+        for p, key, value, reason, message, step, offset, source in dead:
+            await self.emitter.dead_letter(key, value, reason=reason, message=message,
+                                           source_topic=source or source_topic, pipeline=self.pipeline.name,
+                                           step=step, partition=p, offset=offset)
+        await self.commit.end_batch(self.cache)
+
+
+class JoinRunner(TwoInputRunner):
+    """The state and processing of one join pipeline on this worker."""
+
+    def __init__(self, spec: PipelineSpec, table: Any, sink: Any, late: Any, *, left_name: str, right_name: str,
+                 store: Any = None, commit: CommitProtocol | None = None,
+                 counters: PipelineCounters | None = None, topics: dict[str, Any] | None = None) -> None:
+        """As ``TwoInputRunner``; ``topics``: the two sides' topics by side (where idle
+        ticks go)."""
+        assert spec.join is not None
+        super().__init__(spec, table, {LEFT: left_name, RIGHT: right_name}, store=store, commit=commit,
+                         counters=counters)
+        self.spec: JoinSpec = spec.join
         self.cache.on_flush = self._flushed
         self.sink, self.late = sink, late
-        self.names = {LEFT: left_name, RIGHT: right_name}
         self.topics = topics or {}
         #: Re-keyed: the source topics too (records waiting there are not idleness).
         self.source_names: set[str] = set()
@@ -198,52 +278,31 @@ class JoinRunner:
         self.last_activity: dict[tuple[str, int], float] = {}
         self.last_tick: dict[tuple[str, int], float] = {}
         self.idle_marked: set[tuple[str, int]] = set()
-        self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
-        self.steps = runnable(spec.steps[1:])
-        self.tally = self.counters.steps
-        self.ctx = AfterJoin()
-        #: pairs, unmatched, late, limited, left, right, replayed_skipped
-        self.stats: Counter[str] = Counter()
+        #: Outputs are written as they are (no steps read them, nested): a record
+        #: buffered with its bytes is written as it arrived (operators.joins.Held).
+        self.encoded_outputs = not self.steps and self.spec.prefixes is None
+        #: pairs, unmatched, late, limited, left, right, replayed_skipped (``stats``).
         #: State flushes: how many, their seconds in all and the longest (a flush holds
         #: the next batch back: the join's latency).
         self.flushes = {"count": 0, "seconds": 0.0, "max_s": 0.0}
-        self.checked = False
-        self.stale = True
         #: Wall times of the first batch's start and the last batch's end (rates).
         self.first_batch_at: float | None = None
         self.last_batch_at: float | None = None
-        self._reset()
 
-    def _reset(self) -> None:
-        # Partitions moved (the commit protocol flushed and emptied the cache).
-        self.cache.clear()
-        self.joins: dict[int, IntervalJoin] = {}
+    def forget(self) -> None:
         #: partition -> {"l": last offset applied, "r": …}
         self.applied: dict[int, dict[str, int]] = {}
         #: Re-keyed sides: partition -> side -> source partition (text) -> the last
         #: source offset applied (a record repeated in the keyed topic is skipped).
         self.applied_src: dict[int, dict[str, dict[str, int]]] = {}
-        self.stale = False
 
-    def mark_stale(self) -> None:
-        """Called on rebalance: rebuild the joins from the store before the next batch."""
-        self.stale = True
-
-    async def check_partitions(self) -> None:
-        await check_topics_copartitioned(self.pipeline.name, self.names[LEFT], self.names[RIGHT])
-        self.checked = True
-
-    def _join(self, p: int) -> IntervalJoin:
-        join = self.joins.get(p)
-        if join is None:
-            meta = self.store.read(AtPartition(p), meta_key(p)) or {}
-            times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
-            # The index of closing intervals is rebuilt from the stored buffers here.
-            join = self.joins[p] = IntervalJoin(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                times, meta.get("seq", 0), meta.get("i", ()))
-            self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
-            self.applied_src[p] = {LEFT: {}, RIGHT: {}, **meta.get("so", {})}
-        return join
+    def load(self, p: int, meta: dict[str, Any], buffers: PartitionBuffers) -> IntervalJoin:
+        times = {side: t for side, t in meta.get("t", {}).items() if t is not None}
+        self.applied[p] = {LEFT: -1, RIGHT: -1, **meta.get("o", {})}
+        self.applied_src[p] = {LEFT: {}, RIGHT: {}, **meta.get("so", {})}
+        # The index of closing intervals is rebuilt from the stored buffers here.
+        return IntervalJoin(self.spec, buffers, times, meta.get("seq", 0), meta.get("i", ()),
+                            encoded_outputs=self.encoded_outputs)
 
     def _flushed(self, seconds: float) -> None:
         flushes = self.flushes
@@ -253,7 +312,7 @@ class JoinRunner:
         observe_flush(f"join-{self.pipeline.name}", seconds)
 
     def _meta_changed(self, p: int) -> None:
-        join = self.joins[p]
+        join = self.states[p]
         # -inf (a side not seen yet) is not JSON: None.
         times = {side: None if t == -math.inf else t for side, t in join.times.items()}
         meta = {"t": times, "seq": join.seq, "o": dict(self.applied[p])}
@@ -271,16 +330,27 @@ class JoinRunner:
             return value.encode()
         return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
 
+    def key_of(self, joined: Joined) -> bytes:
+        """``output_key`` of a join result, from the join key's text it carries (the
+        JSON of the key value(s), ``operators.joins.join_key``): no side decoded."""
+        text = joined.key
+        if text is None:
+            return self.output_key(record_of(joined.left if joined.left is not None else joined.right))
+        if text[0] == '"' and len(self.spec.on) == 1:
+            return orjson.loads(text).encode()  # a text value as it is
+        return text.encode()
+
     def _outputs(self, results: list[Joined], out: list, dead: list, p: int) -> None:
         spec, steps, tally, counters = self.spec, self.steps, self.tally, self.counters
+        encoded = self.encoded_outputs
         # Timestamps are capped at this worker's clock: a broker refuses a record more
         # than message.timestamp.after.max.ms ahead of its own (1 h by default since
         # Kafka 4.0), and the refusal stopped the worker at every restart (a pair of
         # future event times was a poison pill).
         now_ms = int(time.time() * 1000)
         for joined in results:
-            record = merged(joined, spec)
-            key = self.output_key(joined.left if joined.left is not None else joined.right)  # type: ignore[arg-type]
+            record = merged(joined, spec, encoded=encoded)
+            key = self.key_of(joined)
             if steps:
                 outcome = pass_record(steps, record, self.ctx)
                 if outcome.__class__ is Outcome:
@@ -314,11 +384,8 @@ class JoinRunner:
         before any flush), then hand the state to the commit protocol.
 
         ``parts``: (partition, its aiokafka records in offset order)."""
-        if not self.checked:
-            await self.check_partitions()
+        await self.begin_batch()
         self.first_batch_at = self.first_batch_at or time.time()
-        if self.stale:
-            self._reset()
         counters, stats = self.counters, self.stats
         out: list[tuple[Any, ...]] = []
         #: (partition, key, value, reason, message, step, offset, source topic)
@@ -329,7 +396,7 @@ class JoinRunner:
         for p, records in parts:
             if not records:
                 continue
-            join = self._join(p)
+            join = self.state(p)
             applied = self.applied[p]
             last = applied[side]
             sources.append((p, len(out)))
@@ -367,7 +434,7 @@ class JoinRunner:
                 counters.into += 1
                 try:
                     record = loads_object(ev.value)
-                    results = join.add(side, record)
+                    results = join.add(side, record, ev.value)
                 except RecordError as exc:
                     dead.append((p, ev.key, ev.value, exc.reason, str(exc), "parse", offset, topic))
                     continue
@@ -384,17 +451,8 @@ class JoinRunner:
             for name, was, now in zip(("pairs", "unmatched", "late", "limited"), before,
                                       (counts.pairs, counts.unmatched, counts.late, counts.limited), strict=True):
                 stats[name] += now - was
-        counters.dead_lettered += len(dead)
         counters.out += sum(1 for item in out if item[0] is self.sink)
-        # Delivered before this batch is acked and before any state is flushed (the
-        # commit protocol waits for the emitter first); under exactly_once in the
-        # transaction of the input partition each output comes from (``sources``).
-        await self.emitter.send_later(out, sources)
-        for p, key, value, reason, message, step, offset, source in dead:
-            await self.emitter.dead_letter(key, value, reason=reason, message=message,
-                                           source_topic=source or self.names[LEFT], pipeline=self.pipeline.name,
-                                           step=step, partition=p, offset=offset)
-        await self.commit.end_batch(self.cache)
+        await self.end_batch(out, sources, dead, self.names[LEFT])
         self.last_batch_at = time.time()
 
     # --- idle sides (``idle_close``) ------------------------------------------------
@@ -468,23 +526,18 @@ def build(spec: PipelineSpec) -> JoinRunner:
     else:
         left, right = source_left, source_right
     sink, late = declare(spec.output_topic), declare(spec.late_topic)
-    table = app.Table(f"pipeline-{spec.name}-join", partitions=settings.topic_partitions,
-                      key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
-                      help=f"join buffers of pipeline {spec.name}")
-    counters = COUNTERS.setdefault(spec.name, PipelineCounters())
-    counters.steps = StepTally(spec.steps[1:])
-    PIPELINES[spec.name] = spec
+    table = state_table(spec, "join", f"join buffers of pipeline {spec.name}")
     runner = JoinRunner(spec, table, sink, late, left_name=left.get_topic_name(),
-                        right_name=right.get_topic_name(), counters=counters, topics={LEFT: left, RIGHT: right})
-    counters.join = runner.describe  # type: ignore[attr-defined]
-    JOINS[spec.name] = runner
+                        right_name=right.get_topic_name(), counters=pipeline_counters(spec),
+                        topics={LEFT: left, RIGHT: right})
+    JOINS[spec.name] = registered(runner)
 
     async def run_left(records: Batch) -> None:
-        await _ready(spec)
+        await ready_for(spec)
         await runner.process(LEFT, [(tp.partition, part) for tp, part in records.parts])
 
     async def run_right(records: Batch) -> None:
-        await _ready(spec)
+        await ready_for(spec)
         await runner.process(RIGHT, [(tp.partition, part) for tp, part in records.parts])
 
     batch_agent(left, name=f"pipeline.{spec.name}.left")(run_left)
@@ -508,19 +561,47 @@ def build(spec: PipelineSpec) -> JoinRunner:
     return runner
 
 
-async def _ready(spec: PipelineSpec) -> None:
+def state_table(spec: PipelineSpec, kind: str, help: str) -> Any:
+    """The changelog-backed table of a join pipeline's state (``pipeline-<name>-<kind>``)."""
+    return app.Table(f"pipeline-{spec.name}-{kind}", partitions=settings.topic_partitions,
+                     key_type=bytes, value_type=bytes, schema=RAW_SCHEMA, help=help)
+
+
+def pipeline_counters(spec: PipelineSpec) -> PipelineCounters:
+    """The counters of a join pipeline (GET /api/v1/pipelines), the pipeline registered."""
+    counters = COUNTERS.setdefault(spec.name, PipelineCounters())
+    counters.steps = StepTally(spec.steps[1:])
+    PIPELINES[spec.name] = spec
+    return counters
+
+
+#: Every join runner of this worker (both kinds), marked stale when partitions move.
+RUNNERS: list[TwoInputRunner] = []
+
+
+def registered(runner: Any) -> Any:
+    """``runner`` (a ``TwoInputRunner``) counted in its pipeline's counters
+    (``counters.join``) and rebuilt from the store after partitions moved."""
+    runner.counters.join = runner.describe
+    RUNNERS.append(runner)
+    return runner
+
+
+async def ready_for(spec: PipelineSpec) -> None:
+    """Wait until the reference data an ``enrich`` after the join reads is loaded."""
     if any(s.op == "enrich" and s.params.source for s in spec.steps):
         await reference_store.caught_up.wait()
 
 
 async def _on_moved(*args: Any, **kwargs: Any) -> None:
     # The commit protocol writes what is unwritten and empties the caches on revoke
-    # and assign (app.commit); the joins are rebuilt from the store before the next batch.
-    for runner in JOINS.values():
+    # and assign (app.commit); each runner rebuilds from the store before its next batch.
+    for runner in RUNNERS:
         runner.mark_stale()
 
 
 app.on_partitions_revoked.connect(_on_moved)
 app.on_partitions_assigned.connect(_on_moved)
 
-__all__ = ["JOINS", "JoinConfigError", "JoinRunner", "PartitionBuffers", "build", "check_copartitioned"]
+__all__ = ["JOINS", "RUNNERS", "JoinConfigError", "JoinRunner", "PartitionBuffers", "TwoInputRunner", "build",
+           "check_copartitioned", "pipeline_counters", "ready_for", "registered", "state_table"]

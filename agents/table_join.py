@@ -29,92 +29,61 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from agents.join import AfterJoin, PartitionBuffers, check_topics_copartitioned, stored_key
-from agents.pipeline import COUNTERS, PIPELINES, PipelineCounters
-from app import app, settings
+from agents.join import (
+    PartitionBuffers,
+    TwoInputRunner,
+    pipeline_counters,
+    ready_for,
+    registered,
+    state_table,
+)
+from agents.pipeline import PipelineCounters
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
-from app.commit import CommitProtocol, Emitter, commit_protocol
+from app.commit import CommitProtocol
 from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.cdc import ChangeError
-from operators.steps import Outcome, StepTally, pass_record, runnable
+from operators.steps import Outcome, pass_record
 from operators.table_join import TableJoinSpec, VersionedTable, output, table_record
 from operators.transform import RecordFailure
-from tables.reference import reference_store
-from tables.store import AtPartition, PartitionStore, WriteBackCache
-from tables.windows import RAW_SCHEMA, meta_key
+from tables.windows import meta_key
 
 log = logging.getLogger(__name__)
 
 STREAM, TABLE = "stream", "table"
 
 
-class TableJoinRunner:
+class TableJoinRunner(TwoInputRunner):
     """The state and processing of one stream-table join pipeline on this worker."""
-
-    #: Flush inside a batch once this many keys are dirty (bounds memory).
-    MAX_DIRTY = 50_000
 
     def __init__(self, spec: PipelineSpec, table: Any, sink: Any, *, stream_name: str, table_name: str,
                  store: Any = None, commit: CommitProtocol | None = None,
                  counters: PipelineCounters | None = None) -> None:
-        """``store``: the state store (default: ``table``'s; tests give a
-        ``tables.store.MemoryStore``); ``commit``: the commit protocol the state cache
-        registers with (default: the worker's), whose emitter sends the outputs."""
+        """As ``TwoInputRunner``."""
         assert isinstance(spec.join, TableJoinSpec)
-        self.pipeline = spec
+        super().__init__(spec, table, {STREAM: stream_name, TABLE: table_name}, store=store, commit=commit,
+                         counters=counters)
         self.spec: TableJoinSpec = spec.join
-        self.store = store if store is not None else PartitionStore(table, stream_name)
-        self.commit = commit or commit_protocol
-        self.emitter: Emitter = self.commit.emitter
-        self.cache = self.commit.register(WriteBackCache(self.store, str_keys=True, key_bytes=stored_key,
-                                                         max_dirty=self.MAX_DIRTY))
         self.sink = sink
-        self.names = {STREAM: stream_name, TABLE: table_name}
-        self.counters = counters or PipelineCounters(steps=StepTally(spec.steps[1:]))
-        self.steps = runnable(spec.steps[1:])
-        self.tally = self.counters.steps
-        self.ctx = AfterJoin()
         #: stream, table, pairs, unmatched, beyond_history, table_late, replayed_skipped
-        self.stats: Counter[str] = Counter()
-        self.checked = False
-        self.stale = True
-        self._reset()
+        #: (``stats``); partition -> its VersionedTable (``states``).
 
-    def _reset(self) -> None:
-        # Partitions moved (the commit protocol flushed and emptied the cache).
-        self.cache.clear()
-        self.tables: dict[int, VersionedTable] = {}
+    def forget(self) -> None:
         #: partition -> the last table offset applied
         self.applied: dict[int, int] = {}
-        self.stale = False
 
-    def mark_stale(self) -> None:
-        """Called on rebalance: rebuild the tables from the store before the next batch."""
-        self.stale = True
-
-    async def check_partitions(self) -> None:
-        await check_topics_copartitioned(self.pipeline.name, self.names[STREAM], self.names[TABLE])
-        self.checked = True
-
-    def _table(self, p: int) -> VersionedTable:
-        joined = self.tables.get(p)
-        if joined is None:
-            meta = self.store.read(AtPartition(p), meta_key(p)) or {}
-            tt = meta.get("tt")
-            # The pruning index is rebuilt from the stored versions here.
-            joined = self.tables[p] = VersionedTable(self.spec, PartitionBuffers(self.cache, self.store, p),
-                                                     -math.inf if tt is None else tt)
-            self.applied[p] = meta.get("o", -1)
-        return joined
+    def load(self, p: int, meta: dict[str, Any], buffers: PartitionBuffers) -> VersionedTable:
+        tt = meta.get("tt")
+        self.applied[p] = meta.get("o", -1)
+        # The pruning index is rebuilt from the stored versions here.
+        return VersionedTable(self.spec, buffers, -math.inf if tt is None else tt)
 
     def _meta_changed(self, p: int) -> None:
-        tt = self.tables[p].table_time
+        tt = self.states[p].table_time
         self.cache.put_side(meta_key(p), {"tt": None if not math.isfinite(tt) else tt, "o": self.applied[p]}, p)
 
     async def process(self, side: str, parts: Iterable[tuple[int, Sequence[Any]]]) -> None:
@@ -123,10 +92,7 @@ class TableJoinRunner:
         acknowledged before any flush); then the state goes to the commit protocol.
 
         ``parts``: (partition, its aiokafka records in offset order)."""
-        if not self.checked:
-            await self.check_partitions()
-        if self.stale:
-            self._reset()
+        await self.begin_batch()
         out: list[tuple[Any, ...]] = []
         #: (partition, key, value, reason, message, step, offset, source topic)
         dead: list[tuple[Any, ...]] = []
@@ -134,23 +100,14 @@ class TableJoinRunner:
         for p, records in parts:
             if not records:
                 continue
-            joined = self._table(p)
+            joined = self.state(p)
             if side == TABLE:
                 self._apply_table(p, joined, records, dead)
             else:
                 sources.append((p, len(out)))
                 self._join_stream(p, joined, records, out, dead)
-        counters = self.counters
-        counters.dead_lettered += len(dead)
-        counters.out += len(out)
-        # Delivered before this batch is acked and before any state is flushed (the
-        # commit protocol waits for the emitter first); under exactly_once in the
-        # transaction of the input partition each output comes from (``sources``).
-        await self.emitter.send_later(out, sources)
-        for p, key, value, reason, message, step, offset, source in dead:
-            await self.emitter.dead_letter(key, value, reason=reason, message=message, source_topic=source,
-                                           pipeline=self.pipeline.name, step=step, partition=p, offset=offset)
-        await self.commit.end_batch(self.cache)
+        self.counters.out += len(out)
+        await self.end_batch(out, sources, dead)
 
     def _apply_table(self, p: int, joined: VersionedTable, records: Sequence[Any], dead: list) -> None:
         stats, spec, topic = self.stats, self.spec, self.names[TABLE]
@@ -229,19 +186,13 @@ def build(spec: PipelineSpec) -> TableJoinRunner:
     assert isinstance(spec.join, TableJoinSpec) and spec.join_with is not None
     stream, table_topic = declare(spec.source), declare(spec.join_with)
     sink = declare(spec.output_topic)
-    table = app.Table(f"pipeline-{spec.name}-table", partitions=settings.topic_partitions,
-                      key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
-                      help=f"the joined table's versions of pipeline {spec.name}")
-    counters = COUNTERS.setdefault(spec.name, PipelineCounters())
-    counters.steps = StepTally(spec.steps[1:])
-    PIPELINES[spec.name] = spec
+    table = state_table(spec, "table", f"the joined table's versions of pipeline {spec.name}")
     runner = TableJoinRunner(spec, table, sink, stream_name=stream.get_topic_name(),
-                             table_name=table_topic.get_topic_name(), counters=counters)
-    counters.join = runner.describe  # type: ignore[attr-defined]
-    TABLE_JOINS[spec.name] = runner
+                             table_name=table_topic.get_topic_name(), counters=pipeline_counters(spec))
+    TABLE_JOINS[spec.name] = registered(runner)
 
     async def run_stream(records: Batch) -> None:
-        await _ready(spec)
+        await ready_for(spec)
         await runner.process(STREAM, [(tp.partition, part) for tp, part in records.parts])
 
     async def run_table(records: Batch) -> None:
@@ -251,20 +202,5 @@ def build(spec: PipelineSpec) -> TableJoinRunner:
     batch_agent(table_topic, name=f"pipeline.{spec.name}.table")(run_table)
     return runner
 
-
-async def _ready(spec: PipelineSpec) -> None:
-    if any(s.op == "enrich" and s.params.source for s in spec.steps):
-        await reference_store.caught_up.wait()
-
-
-async def _on_moved(*args: Any, **kwargs: Any) -> None:
-    # The commit protocol writes what is unwritten and empties the caches on revoke and
-    # assign (app.commit); the tables are rebuilt from the store before the next batch.
-    for runner in TABLE_JOINS.values():
-        runner.mark_stale()
-
-
-app.on_partitions_revoked.connect(_on_moved)
-app.on_partitions_assigned.connect(_on_moved)
 
 __all__ = ["TABLE_JOINS", "TableJoinRunner", "build"]

@@ -7,7 +7,11 @@ grace 30 s, 4 partitions), in fetches of ``--fetch`` records alternating between
 two sides, and reports ``time.process_time`` µs per input record. The state store is
 ``tables.store.MemoryStore`` (it encodes each write with orjson, as RocksDB's does);
 the emitter keeps a few batches' outputs, as until their acknowledgement. A commit
-(``before_commit``: outputs, then the state flush) every ``--commit`` fetches.
+(``before_commit``: outputs, then the state flush) every ``--commit`` fetches;
+``--exactly-once``: the state is written at the end of every fetch instead, as under
+exactly_once (through the in-memory store: Faust's per-record changelog path is left out).
+The garbage collector is set up as in a worker (``app/gc_tuning.py``) unless
+``--python-gc``; the fetches, made up front, are frozen with the rest of the heap.
 What this leaves out: aiokafka's fetch parsing, the producer and the broker round trips.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import pstats
 import random
 import time
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch", type=int, default=2_000, help="records per fetch (one side)")
     parser.add_argument("--commit", type=int, default=8, help="fetches per commit")
     parser.add_argument("--event-rate", type=float, default=1000.0, help="orders/s of event time")
+    parser.add_argument("--exactly-once", action="store_true",
+                        help="the state written at the end of every fetch, as under exactly_once")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="Python's collector thresholds, not the worker's (app/gc_tuning.py)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
 
@@ -93,12 +102,21 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = parse_pipelines(config(30.0)["pipelines"])[0]
     store = Store()
-    emitter = Outputs()
-    commit = CommitProtocol(emitter, defer=True)
+    emitter = Outputs(transactional=args.exactly_once)
+    commit = CommitProtocol(emitter, defer=not args.exactly_once)
     runner = JoinRunner(spec, None, Topic("paid"), Topic("late"), left_name="orders", right_name="payments",
                         store=store, commit=commit)
     runner.checked = True
     batches = fetches(args.events, args.keys, args.fetch, args.event_rate)
+    if not args.python_gc:
+        # As app/gc_tuning.py sets up a worker: larger young passes, the heap so far frozen.
+        from app import settings
+        from app.gc_tuning import freeze_heap
+
+        thresholds = settings.gc_threshold_values()
+        if thresholds is not None:
+            gc.set_threshold(*thresholds)
+        freeze_heap()
 
     flush_cpu = [0.0]
 

@@ -52,6 +52,38 @@ LEFT, RIGHT = "l", "r"
 Buffered = list
 
 
+class Held(list):
+    """A buffered record kept as it arrived: ``[event time, arrival sequence,
+    orjson.Fragment of its JSON, matched]``, the same JSON as a ``Buffered`` entry, and
+    ``raw``, those bytes (a Fragment does not give them back), decoded when the record
+    itself is needed (``record_of``).
+
+    Why: a live join's state is one value per join key holding all its buffered
+    records, and nearly every key changes between two commits, so each commit encodes
+    every buffered record again (28 % of the join's CPU: docs/performance.md, "The live
+    join"). A Fragment is copied into the value as it is, not encoded; and an output
+    whose records need no change embeds them the same way (``merged``, ``encoded``)."""
+
+    __slots__ = ("raw",)
+
+
+def record_of(side: Any) -> dict[str, Any]:
+    """The record of a ``Joined`` side or of a buffered entry's record slot: a record
+    (dict) as it is, a ``Held`` entry decoded from its bytes."""
+    return side if side.__class__ is dict else orjson.loads(side.raw)
+
+
+def _buffered(entry: list) -> Any:
+    """What a ``Joined`` carries of a buffered entry: the ``Held`` entry itself (its
+    bytes), or a decoded entry's record."""
+    return entry if entry.__class__ is Held else entry[2]
+
+
+def _encoded(side: Any) -> Any:
+    """A ``Joined`` side as orjson writes it: a ``Held`` entry's Fragment, else as is."""
+    return side[2] if side.__class__ is Held else side
+
+
 @dataclass(frozen=True)
 class JoinSpec:
     """A parsed ``join`` step (operators.steps.parse_join checks the raw spec)."""
@@ -95,12 +127,15 @@ class JoinCounts:
 class Joined:
     """One output of the join: the pair (a side is None when unmatched), its event
     time (the later of the two) and that time as written in the record it comes from
-    (``raw``: the output's time field; the left one on a tie)."""
+    (``raw``: the output's time field; the left one on a tie). A side is a record, or
+    a ``Held`` entry of a record buffered with its bytes (``record_of`` decodes it).
+    ``key``: the join key's text (``join_key``), when the join knows it."""
 
-    left: dict[str, Any] | None
-    right: dict[str, Any] | None
+    left: Any
+    right: Any
     time: float
     raw: Any
+    key: str | None = None
 
 
 def join_key(record: Mapping[str, Any], on: Sequence[str]) -> str:
@@ -135,8 +170,12 @@ class IntervalJoin:
     interval closes, rebuilt from ``buffers`` (``rebuild_index``) after a restore."""
 
     def __init__(self, spec: JoinSpec, buffers: MutableMapping[str, dict[str, list[Buffered]]] | None = None,
-                 times: Mapping[str, float] | None = None, seq: int = 0, idle: Iterable[str] = ()) -> None:
+                 times: Mapping[str, float] | None = None, seq: int = 0, idle: Iterable[str] = (),
+                 encoded_outputs: bool = True) -> None:
+        """``encoded_outputs``: the outputs are written as they are (``merged`` with
+        ``encoded``), not read, so a record added with its bytes is carried as those."""
         self.spec = spec
+        self.encoded_outputs = encoded_outputs
         self.buffers = {} if buffers is None else buffers
         self.times = {LEFT: -math.inf, RIGHT: -math.inf}
         if times:
@@ -167,10 +206,13 @@ class IntervalJoin:
     def watermark(self) -> float:
         return self.stream_time - self.spec.grace
 
-    def add(self, side: str, record: dict[str, Any]) -> list[Joined] | None:
+    def add(self, side: str, record: dict[str, Any], raw: bytes | None = None) -> list[Joined] | None:
         """One record of ``side`` (``"l"`` or ``"r"``): the pairs it makes, then the
         unmatched records whose intervals its time closed; None when it is late.
-        Raises RecordFailure when the record has no key or time."""
+        Raises RecordFailure when the record has no key or time.
+
+        ``raw``: the record's JSON as it arrived (a live join's input): buffered as a
+        ``Held`` entry, and the outputs carry it instead of the record."""
         spec = self.spec
         key = join_key(record, spec.on)
         tf = spec.time_field
@@ -194,6 +236,15 @@ class IntervalJoin:
         lo, hi = (t - spec.before, t + spec.after) if side == LEFT else (t - spec.after, t + spec.before)
         found = 0
         matched = False
+        self.seq += 1
+        if raw is None:
+            entry = [t, self.seq, record, matched]
+            this: Any = record
+        else:
+            entry = Held((t, self.seq, orjson.Fragment(raw), matched))
+            entry.raw = raw
+            # Outputs that are only written carry its bytes; others the record in hand.
+            this = entry if self.encoded_outputs else record
         for partner in sides[RIGHT if side == LEFT else LEFT]:
             if lo <= partner[0] <= hi:
                 if found == spec.max_matches:
@@ -201,15 +252,16 @@ class IntervalJoin:
                     continue
                 found += 1
                 partner[3] = matched = True
+                other = partner if partner.__class__ is Held else partner[2]
                 # The later time of the pair, the left one on a tie.
                 if side == LEFT:
-                    out.append(Joined(record, partner[2], t, record[tf]) if t >= partner[0]
-                               else Joined(record, partner[2], partner[0], partner[2][tf]))
+                    out.append(Joined(this, other, t, record[tf], key) if t >= partner[0]
+                               else Joined(this, other, partner[0], record_of(other)[tf], key))
                 else:
-                    out.append(Joined(partner[2], record, partner[0], partner[2][tf]) if partner[0] >= t
-                               else Joined(partner[2], record, t, record[tf]))
-        self.seq += 1
-        sides[side].append([t, self.seq, record, matched])
+                    out.append(Joined(other, this, partner[0], record_of(other)[tf], key) if partner[0] >= t
+                               else Joined(other, this, t, record[tf], key))
+        entry[3] = matched
+        sides[side].append(entry)
         self.buffers[key] = sides  # written back: a store sees the change
         heapq.heappush(self.closing, (self._closes_at(side, t), self.seq, key, side))
         self.counts.pairs += len(out)
@@ -270,9 +322,10 @@ class IntervalJoin:
                 if entry[1] == seq:
                     del entries[i]
                     if not entry[3] and self.spec.emits_unmatched(side):
-                        raw = entry[2][self.spec.time_field]
-                        out.append(Joined(entry[2], None, entry[0], raw) if side == LEFT
-                                   else Joined(None, entry[2], entry[0], raw))
+                        record = _buffered(entry)
+                        raw = record_of(record)[self.spec.time_field]
+                        out.append(Joined(record, None, entry[0], raw, key) if side == LEFT
+                                   else Joined(None, record, entry[0], raw, key))
                     break
             if sides[LEFT] or sides[RIGHT]:
                 self.buffers[key] = sides
@@ -286,15 +339,26 @@ class IntervalJoin:
         return self.close(math.inf)
 
 
-def merged(joined: Joined, spec: JoinSpec) -> dict[str, Any]:
+def merged(joined: Joined, spec: JoinSpec, encoded: bool = False) -> dict[str, Any]:
     """The output record of one join result. Nested: ``{"left": …, "right": …}``;
     flat: each side's fields under its prefix. Either way ``time_field`` holds the
-    later time of the pair, as it was written in that record (``joined.raw``)."""
+    later time of the pair, as it was written in that record (``joined.raw``).
+
+    ``encoded``: the result is only written as JSON, not read: a nested side buffered
+    with its bytes (``Held``) stays an ``orjson.Fragment`` of them, written as it
+    arrived instead of decoded and encoded again. Otherwise every side is a record."""
+    left, right = joined.left, joined.right
     if spec.prefixes is None:
-        out: dict[str, Any] = {"left": joined.left, "right": joined.right}
+        if encoded:
+            out: dict[str, Any] = {"left": _encoded(left), "right": _encoded(right)}
+        else:
+            out = {"left": None if left is None else record_of(left),
+                   "right": None if right is None else record_of(right)}
     else:
         out = {}
-        for record, prefix in ((joined.left, spec.prefixes[0]), (joined.right, spec.prefixes[1])):
+        for record, prefix in ((left, spec.prefixes[0]), (right, spec.prefixes[1])):
+            if record is not None:
+                record = record_of(record)
             if record:
                 for name, value in record.items():
                     out[prefix + name] = value
@@ -359,5 +423,5 @@ class BatchJoin:
             yield side, index, record
 
 
-__all__ = ["JOIN_TYPES", "BatchJoin", "IntervalJoin", "JoinCounts", "JoinSpec", "Joined", "join_key",
-           "merged"]
+__all__ = ["JOIN_TYPES", "BatchJoin", "Held", "IntervalJoin", "JoinCounts", "JoinSpec", "Joined", "join_key",
+           "merged", "record_of"]

@@ -19,6 +19,7 @@ import pytest
 from agents.join import JoinConfigError, JoinRunner, check_copartitioned
 from app.commit import CommitProtocol, MemoryEmitter
 from app.pipelines import PipelineConfigError, parse_pipelines
+from operators.joins import IntervalJoin
 from tables.store import MemoryStore
 from tests.unit.test_joins import arrivals, as_multiset, fold, random_stream, spec
 
@@ -349,3 +350,72 @@ def test_a_record_the_rekey_step_sent_twice_is_joined_once_also_after_a_restart(
     again = asyncio.run(go())
     assert sorted(o["left"]["ts"] for o in outputs([again.emitter])) == [100, 101, 102]
     assert again.stats["replayed_skipped"] == 2
+
+
+def test_buffers_keep_their_stored_json_and_values_stored_before_load_and_join():
+    """The live join buffers each record with its bytes as it arrived (operators.joins.
+    Held, encoded into the state by concatenation), but the stored value is the same
+    JSON as the plain layout of the pure join (``[time, seq, record, matched]`` per
+    record): values stored by earlier versions need no migration. A runner over such
+    a store (plain decoded entries) joins them, and the outputs are the same records,
+    whitespace in the input notwithstanding."""
+    store = MemoryStore()
+    first = runner(pipeline("left", 10, 10, grace=0), store)
+    raw_a = b'{"k": "a",  "ts": 100,\n "x": [1, 2]}'
+    rec_a = Rec(0, {})
+    rec_a.key, rec_a.value = b"a", raw_a
+
+    # The pure join's plain entries: the layout stored before.
+    pure = IntervalJoin(spec(type="left", before=10, after=10, grace=0))
+    pure.add("l", orjson.loads(raw_a))
+    pure.add("l", {"k": "b", "ts": 101})
+    pure.add("r", {"k": "a", "ts": 103, "amount": 7})
+    stored = {}
+
+    async def go():
+        await first.process("l", [(0, [rec_a, Rec(1, {"k": "b", "ts": 101})])])
+        await first.process("r", [(0, [Rec(0, {"k": "a", "ts": 103, "amount": 7})])])
+        await first.commit.before_commit()
+        stored.update({k: orjson.loads(v) for k, v in store.data[0].items() if not k.startswith(b"\x00")})
+        second = runner(pipeline("left", 10, 10, grace=0), store)
+        await second.process("r", [(0, [Rec(1, {"k": "a", "ts": 104, "amount": 8}),
+                                         Rec(2, {"k": "c", "ts": 500})])])
+        await second.process("l", [(0, [Rec(2, {"k": "c", "ts": 500})])])
+        return second
+
+    second = asyncio.run(go())
+    assert stored == {key.encode(): orjson.loads(orjson.dumps(value)) for key, value in pure.buffers.items()}
+    a = {"k": "a", "ts": 100, "x": [1, 2]}
+    sent = [(key, orjson.loads(v)) for e in (first.emitter, second.emitter) for t, key, v, _, _ in e.sent if t is SINK]
+    assert sent == [
+        (b"a", {"left": a, "right": {"k": "a", "ts": 103, "amount": 7}, "ts": 103}),
+        (b"a", {"left": a, "right": {"k": "a", "ts": 104, "amount": 8}, "ts": 104}),  # a stored (plain) entry
+        (b"c", {"left": {"k": "c", "ts": 500}, "right": {"k": "c", "ts": 500}, "ts": 500}),
+        (b"b", {"left": {"k": "b", "ts": 101}, "right": None, "ts": 101}),  # closed from a stored entry
+    ]
+
+
+def test_prefixed_output_and_steps_read_records_buffered_with_their_bytes():
+    """A flat output (``prefix``) and the steps after the join need the buffered records
+    themselves: they are decoded from the bytes kept with them, whichever side arrived
+    last, and an unmatched one is emitted with its own fields too."""
+    step = {"op": "join", "with": "right", "on": ["k", "z"], "within": 10, "grace": 0, "type": "outer",
+            "time_field": "ts", "prefix": {"left": "o_", "right": "p_"}}
+    spec_ = parse_pipelines([{"name": "j", "source": "left", "sink": "out",
+                              "steps": [step, {"op": "map", "set": {"sum": "o_v + p_v"}}]}])[0]
+    r = runner(spec_, MemoryStore())
+
+    async def go():
+        await r.process("r", [(0, [Rec(0, {"k": 1, "z": "q", "ts": 100, "v": 1}),
+                                   Rec(1, {"k": 2, "z": "q", "ts": 100, "v": 5})])])
+        await r.process("l", [(0, [Rec(0, {"k": 1, "z": "q", "ts": 99, "v": 10}),
+                                   Rec(1, {"k": 3, "z": "q", "ts": 200, "v": 0})])])
+        await r.process("r", [(0, [Rec(2, {"k": 3, "z": "q", "ts": 200, "v": 2})])])
+
+    asyncio.run(go())
+    sent = [(key, orjson.loads(v)) for t, key, v, _, _ in r.emitter.sent if t is SINK]
+    assert sent[0] == (b'[1,"q"]', {"o_k": 1, "o_z": "q", "o_ts": 99, "o_v": 10,
+                                     "p_k": 1, "p_z": "q", "p_ts": 100, "p_v": 1, "ts": 100, "sum": 11})
+    # k=2 closed unmatched (its step fails: o_v is missing), k=3 paired.
+    assert [key for key, _ in sent[1:]] == [b'[3,"q"]']
+    assert r.tally.completed == 2

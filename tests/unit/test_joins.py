@@ -10,7 +10,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from operators.joins import BatchJoin, IntervalJoin, JoinSpec
+from operators.joins import BatchJoin, IntervalJoin, JoinSpec, merged
 from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
 
 
@@ -88,6 +88,30 @@ def test_join_equals_the_fold(join_type, seed):
     assert as_multiset(batch.outputs) == as_multiset(expected)
     assert counts.late == len(batch.late) > 0
     assert counts.pairs == sum(1 for r in expected if r["left"] and r["right"])
+
+
+@pytest.mark.parametrize("join_type", ["inner", "left", "outer"])
+@pytest.mark.parametrize("encoded_outputs", [True, False])
+def test_records_added_with_their_bytes_join_as_records_do(join_type, encoded_outputs):
+    """``add(side, record, raw)`` (the live join: each record buffered with its bytes,
+    ``Held``) gives the same outputs as the records themselves, written as they are
+    (``merged(..., encoded=True)``: the bytes embedded as they arrived) or read, in
+    both output shapes; the buffers' JSON is the plain layout's."""
+    rng = random.Random(3)
+    for prefixes in (None, ("l_", "r_")):
+        js = spec(type=join_type, before=4.0, after=6.0, prefixes=prefixes)
+        left = random_stream(rng, 150, "l", keys=12, disorder=0.2)
+        right = random_stream(rng, 150, "r", keys=12, disorder=0.2)
+        plain, held = IntervalJoin(js), IntervalJoin(js, encoded_outputs=encoded_outputs)
+        want, got = [], []
+        for side, rec in arrivals(left, right):
+            raw = orjson.dumps(rec).replace(b",", b", ")  # as a producer may write it
+            want += [merged(j, js) for j in plain.add(side, dict(rec)) or ()]
+            got += [orjson.loads(orjson.dumps(merged(j, js, encoded=True))) for j in held.add(side, dict(rec), raw) or ()]
+            assert orjson.dumps(held.buffers).replace(b", ", b",") == orjson.dumps(plain.buffers)
+        want += [merged(j, js) for j in plain.close_all()]
+        got += [orjson.loads(orjson.dumps(merged(j, js, encoded=True))) for j in held.close_all()]
+        assert as_multiset(got) == as_multiset(want) and want
 
 
 def test_unmatched_left_is_emitted_once_when_its_interval_closes_never_before_a_match():

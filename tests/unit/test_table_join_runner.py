@@ -224,3 +224,50 @@ def test_with_table_is_checked_and_a_materialized_table_resolves_to_its_topic():
     assert (resolved[0].join_with, resolved[0].join.table_key, resolved[0].join.format) == (
         "cdc.customers", ("id",), "debezium")
     assert (resolved[1].join_with, resolved[1].join.table_key) == ("plain.topic", ("customer_id",))
+
+
+def test_both_join_runners_rebuild_from_the_store_after_partitions_moved():
+    """The interval join and the stream-table join share one life cycle
+    (agents.join.TwoInputRunner): a rebalance marks every registered runner of either
+    kind stale, and its next batch rebuilds the partition's state from the store (here
+    another worker's changes, written meanwhile), not from what it had cached."""
+    from agents import join as join_module
+    from agents.join import JoinRunner
+    from tests.unit.test_join_runner import LATE
+    from tests.unit.test_join_runner import SINK as JOIN_SINK
+    from tests.unit.test_join_runner import Rec as JoinRec
+    from tests.unit.test_join_runner import pipeline as join_pipeline
+
+    table_store, join_store = MemoryStore(), MemoryStore()
+    t = join_module.registered(runner(pipeline(as_of="latest"), table_store))
+    emitter = MemoryEmitter()
+    j = join_module.registered(JoinRunner(join_pipeline("inner", 10, 10), None, JOIN_SINK, LATE, left_name="left",
+                                          right_name="right", store=join_store,
+                                          commit=CommitProtocol(emitter, defer=True)))
+    j.checked = True
+    try:
+        async def go():
+            await t.process(TABLE, [(0, [Rec(0, 1, {"k": 1, "name": "old"}, 10)])])
+            await t.commit.before_commit()
+            await j.process("l", [(0, [JoinRec(0, {"k": 1, "ts": 100})])])
+            await j.commit.before_commit()
+            # Another worker owned the partitions meanwhile: its changes are in the stores.
+            other_t = runner(pipeline(as_of="latest"), table_store)
+            await other_t.process(TABLE, [(0, [Rec(1, 1, {"k": 1, "name": "new"}, 20)])])
+            await other_t.commit.before_commit()
+            other_j = JoinRunner(join_pipeline("inner", 10, 10), None, JOIN_SINK, LATE, left_name="left",
+                                 right_name="right", store=join_store, commit=CommitProtocol(MemoryEmitter(), defer=True))
+            other_j.checked = True
+            await other_j.process("l", [(0, [JoinRec(1, {"k": 1, "ts": 101})])])
+            await other_j.commit.before_commit()
+            await join_module._on_moved()
+            assert t.stale and j.stale
+            await t.process(STREAM, [(0, [Rec(0, 1, {"k": 1, "ts": 30}, 30)])])
+            await j.process("r", [(0, [JoinRec(0, {"k": 1, "ts": 102})])])
+
+        asyncio.run(go())
+    finally:
+        join_module.RUNNERS.remove(t)
+        join_module.RUNNERS.remove(j)
+    assert [o["right"]["name"] for o in outputs(t)] == ["new"]
+    assert sorted(orjson.loads(v)["left"]["ts"] for topic, _, v, _, _ in emitter.sent if topic is JOIN_SINK) == [100, 101]
