@@ -13,7 +13,7 @@ from pathlib import Path
 from app import api_auth, logs
 from app import metrics as _metrics
 from app import transport as _transport
-from app.kafka_security import broker_credentials, check_connection
+from app.kafka_security import broker_credentials, check_connection, wait_for_broker
 from app.settings import settings
 
 # The consume path (app/transport.py) is selected by the broker URL scheme. It is the
@@ -79,6 +79,8 @@ app = _transport.App(
     origin="app",
 )
 app.stop_timeout = settings.stop_timeout
+if settings.broker_wait > 0:
+    app.start_checks.append(lambda: wait_for_broker(settings))
 if settings.kafka_security_protocol != "PLAINTEXT":
     # A refused login or certificate stops the worker with the setting to fix, instead
     # of clients that retry for ever.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import ssl
 from typing import Any
 
@@ -23,6 +24,8 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class KafkaSecurityError(RuntimeError):
@@ -96,6 +99,31 @@ async def check_connection(settings: Settings, timeout: float = 30.0) -> None:
         await admin.close()
 
 
+async def wait_for_broker(settings: Settings, attempt_timeout: float = 5.0) -> None:
+    """A start check: wait, up to ``settings.broker_wait`` seconds, until one bootstrap
+    server accepts a connection; then the worker starts as usual (and fails as before if
+    the broker is still away).
+
+    Why (issue 23): a worker restarted while its broker restarted exited at once
+    ("Unable to bootstrap"), and its supervisor restarted it every few seconds until the
+    broker was back (six exits in one chaos run). Kafka's own clients wait instead."""
+    deadline = asyncio.get_running_loop().time() + settings.broker_wait
+    waited = False
+    while True:
+        error = await probe(settings, attempt_timeout)
+        if error is None:
+            if waited:
+                log.info("The broker at %s is reachable; starting", settings.bootstrap_servers)
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            return  # the client's own error follows, with its explanation
+        if not waited:
+            log.warning("No broker at %s (%r); waiting up to %.0f s for it", settings.bootstrap_servers,
+                        error, settings.broker_wait)
+            waited = True
+        await asyncio.sleep(1.0)
+
+
 async def probe(settings: Settings, timeout: float) -> BaseException | None:
     """The error of one direct connection to the first bootstrap server, if any."""
     host, _, port = settings.bootstrap_servers.split(",")[0].rpartition(":")
@@ -109,4 +137,5 @@ async def probe(settings: Settings, timeout: float) -> BaseException | None:
     return None
 
 
-__all__ = ["KafkaSecurityError", "broker_credentials", "check_connection", "client_options", "ssl_context"]
+__all__ = ["KafkaSecurityError", "broker_credentials", "check_connection", "client_options", "ssl_context",
+           "wait_for_broker"]

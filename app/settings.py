@@ -132,6 +132,9 @@ class Settings:
     # finishing it (0 = no limit). Nothing is lost either way: what was not committed is
     # processed again after a restart, or its transaction is aborted under exactly_once.
     stop_timeout: float = 8.0
+    # Seconds a starting worker waits for an unreachable broker (a broker restart)
+    # before it gives up and exits (0: it does not wait).
+    broker_wait: float = 120.0
     # Declarative pipelines and patterns
     # A file named here must exist; only the default may be absent (then nothing runs).
     pipelines_file: str = DEFAULT_PIPELINES_FILE
@@ -216,6 +219,8 @@ class Settings:
             raise SettingsError(f"log_format must be text or json, not {self.log_format!r}")
         if self.commit_interval < 0:
             raise SettingsError("commit_interval must be >= 0 (0: chosen by processing_guarantee)")
+        if self.broker_wait < 0:
+            raise SettingsError("broker_wait must be >= 0 (0: no wait)")
         if self.stop_timeout < 0:
             raise SettingsError("stop_timeout must be >= 0 (0: no limit)")
         if self.commit_every < 1:

@@ -81,7 +81,7 @@ from typing import Any, ClassVar
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
-from aiokafka.errors import IllegalOperation, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.protocol.api import Request, RequestStruct, Response
 from aiokafka.protocol.types import Array, Int16, Int32, Schema, String
@@ -2047,6 +2047,39 @@ def install() -> None:
     TRANSPORTS.aliases.setdefault(SCHEME, f"{__name__}:Transport")
     WEB_DRIVERS.aliases.setdefault(WEB_SCHEME, f"{__name__}:Web")
     refuse_registration_after_lapsed_session()
+    retry_coordinator_lookup_on_lost_connections()
+
+
+def retry_coordinator_lookup_on_lost_connections() -> None:
+    """Make aiokafka's producer sender look its transaction coordinator up again when
+    the lookup failed with a retriable error (the broker's connection closed or
+    refused), as it already does for "coordinator not available" and timeouts.
+
+    Why (issue 23, docs/delivery.md AD): aiokafka retries the lookup only for those
+    three errors and turns every other one into ``KafkaError("Unexpected error during
+    batch delivery")``, which ends the sender: the producer is dead, the next commit
+    fails and the worker stops. A broker restart during an exactly_once commit (the
+    lookup of the EndTxn's coordinator found the connection closed) ended a running
+    worker that way in the long chaos mode."""
+    from aiokafka.producer.sender import Sender
+
+    find = Sender._find_coordinator
+    if getattr(find, "retries_lost_connections", False):
+        return
+
+    async def find_again(self: Any, coordinator_type: Any, coordinator_key: Any) -> Any:
+        while True:
+            try:
+                return await find(self, coordinator_type, coordinator_key)
+            except KafkaError as exc:
+                cause = exc.__cause__
+                if not (isinstance(cause, KafkaError) and cause.retriable):
+                    raise
+                await self.client.force_metadata_update()
+                await asyncio.sleep(self._retry_backoff)
+
+    find_again.retries_lost_connections = True  # type: ignore[attr-defined]
+    Sender._find_coordinator = find_again
 
 
 def refuse_registration_after_lapsed_session() -> None:

@@ -70,3 +70,44 @@ def test_an_idempotent_producer_registers_whatever_the_session(session):
     session(70.0)
     _, result = register(None)
     assert result is True
+
+
+def test_a_coordinator_lookup_that_lost_its_connection_is_tried_again():
+    """Issue 23 (docs/delivery.md AD): aiokafka's sender retried the transaction
+    coordinator lookup only for three errors; a closed connection (a broker restart
+    during an exactly_once commit) ended the sender and the worker. Now a retriable
+    cause is looked up again; a non-retriable one still ends it."""
+    from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
+    from aiokafka.client import CoordinationType
+
+    install()
+
+    class Client:
+        def __init__(self, errors):
+            self.errors, self.lookups, self.refreshes = list(errors), 0, 0
+
+        async def coordinator_lookup(self, coordinator_type, key):
+            self.lookups += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return 1
+
+        async def force_metadata_update(self):
+            self.refreshes += 1
+            return True
+
+        async def ready(self, node_id, group=None):
+            return True
+
+    async def lookup(errors):
+        s = SimpleNamespace(_txn_manager=TransactionManager("app-1-0", 60_000), _retry_backoff=0.0,
+                            _coordinators={}, client=Client(errors))
+        try:
+            return s.client, await Sender._find_coordinator(s, CoordinationType.TRANSACTION, "app-1-0")
+        except KafkaError as exc:
+            return s.client, exc
+
+    client, node = asyncio.run(lookup([KafkaConnectionError("closed"), KafkaConnectionError("closed")]))
+    assert node == 1 and client.lookups == 3 and client.refreshes == 2
+    client, result = asyncio.run(lookup([TopicAuthorizationFailedError()]))
+    assert isinstance(result, KafkaError) and client.lookups == 1
