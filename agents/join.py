@@ -121,7 +121,7 @@ class PartitionBuffers(MutableMapping):
         newer than the store), then the stored ones."""
         p = self.partition
         seen: set[str] = set()
-        for (cp, key), value in list(self.cache._values.items()):
+        for (cp, key), value in list(self.cache.cached.items()):
             if cp == p:
                 seen.add(key)
                 if value is not None:

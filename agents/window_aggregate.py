@@ -262,9 +262,9 @@ class WindowRunner:
         next_close = W.next_close
         heappush = heapq.heappush
         buffer = self.buffer
-        cached = buffer._values
+        cached = buffer.cached
         # buffer.put inline: the state is already the cached value (get or load above).
-        dirty_keys = buffer._dirty
+        dirty_keys = buffer.dirty_keys
         stats = self.stats
         out: list[tuple[Any, bytes | None, bytes, list[tuple[str, bytes]] | None]] = []
         dead: list[tuple[int, Any, RecordError]] = []  # (partition, raw record, why)
@@ -407,8 +407,8 @@ class WindowRunner:
         open_p, due_p, times_p = self._index_of(p)
         spec = self.spec
         buffer = self.buffer
-        cached = buffer._values
-        dirty_keys = buffer._dirty
+        cached = buffer.cached
+        dirty_keys = buffer.dirty_keys
         expire = W.expire
         next_close = W.next_close
         index_at = self._index_at

@@ -22,9 +22,9 @@ class WriteBackBuffer:
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self.max_entries = max_entries
-        self._values: dict[Hashable, Any] = {}
-        self._dirty: dict[Hashable, int] = {}  # key -> partition it must be written to
-        #: Keys whose values a write in flight is storing (taken from ``_dirty``): kept
+        self.cached: dict[Hashable, Any] = {}
+        self.dirty_keys: dict[Hashable, int] = {}  # key -> partition it must be written to
+        #: Keys whose values a write in flight is storing (taken from ``dirty_keys``): kept
         #: cached until it is done, since the store does not hold them yet.
         self._writing: set[Hashable] = set()
         self.loads = 0
@@ -32,44 +32,44 @@ class WriteBackBuffer:
         self.updates = 0
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self.cached)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._values
+        return key in self.cached
 
     def get(self, key: Hashable, load: Callable[[], Any]) -> Any:
         """The cached value of ``key``, loading it with ``load()`` on a miss."""
         try:
-            return self._values[key]
+            return self.cached[key]
         except KeyError:
             self.loads += 1
-            value = self._values[key] = load()
+            value = self.cached[key] = load()
             return value
 
     def put(self, key: Hashable, value: Any, partition: int) -> None:
         """Set (or mark as changed in place) the value of ``key``, owned by ``partition``."""
-        self._values[key] = value
-        self._dirty[key] = partition
+        self.cached[key] = value
+        self.dirty_keys[key] = partition
         self.updates += 1
 
     @property
     def dirty_count(self) -> int:
         """How many keys a flush would write now."""
-        return len(self._dirty)
+        return len(self.dirty_keys)
 
     def drain(self) -> Iterator[tuple[Hashable, Any, int]]:
         """Yield (key, value, partition) once per dirty key, marking each clean."""
-        dirty, self._dirty = self._dirty, {}
+        dirty, self.dirty_keys = self.dirty_keys, {}
         for key, partition in dirty.items():
             self.writes += 1
-            yield key, self._values[key], partition
+            yield key, self.cached[key], partition
         self._evict()
 
     def take_dirty(self) -> list[tuple[Hashable, Any, int]]:
         """Every dirty (key, value, partition), marking them clean: a flush that writes
         them asynchronously; ``restore_dirty`` them if that write fails."""
-        dirty, self._dirty = self._dirty, {}
-        values = self._values
+        dirty, self.dirty_keys = self.dirty_keys, {}
+        values = self.cached
         taken = [(key, values[key], partition) for key, partition in dirty.items()]
         self.writes += len(taken)
         self._evict()
@@ -79,8 +79,8 @@ class WriteBackBuffer:
         """Mark what ``take_dirty`` returned dirty again (the write did not happen).
         A key updated meanwhile keeps its newer value (and stays dirty)."""
         for key, value, partition in taken:
-            self._values.setdefault(key, value)
-            self._dirty.setdefault(key, partition)
+            self.cached.setdefault(key, value)
+            self.dirty_keys.setdefault(key, partition)
             self.writes -= 1
 
     def flush(self, write: Callable[[Hashable, Any, int], None]) -> int:
@@ -94,24 +94,24 @@ class WriteBackBuffer:
     def _evict(self) -> None:
         # Oldest-inserted clean entries go first; dirty ones never (they are not written
         # yet), nor those a write in flight is storing.
-        excess = len(self._values) - self.max_entries
+        excess = len(self.cached) - self.max_entries
         if excess <= 0:
             return
         writing = self._writing
-        for key in list(self._values):
+        for key in list(self.cached):
             if excess <= 0:
                 break
-            if key not in self._dirty and key not in writing:
-                del self._values[key]
+            if key not in self.dirty_keys and key not in writing:
+                del self.cached[key]
                 excess -= 1
 
     def forget(self, key: Hashable) -> None:
         """Drop ``key`` from the cache (not from the store)."""
-        self._values.pop(key, None)
-        self._dirty.pop(key, None)
+        self.cached.pop(key, None)
+        self.dirty_keys.pop(key, None)
 
     def clear(self) -> None:
         """Drop every cached value; dirty ones must have been flushed first."""
-        if self._dirty:
-            raise RuntimeError(f"{len(self._dirty)} unwritten (dirty) keys would be lost; flush first")
-        self._values.clear()
+        if self.dirty_keys:
+            raise RuntimeError(f"{len(self.dirty_keys)} unwritten (dirty) keys would be lost; flush first")
+        self.cached.clear()

@@ -103,12 +103,12 @@ class StateCache(WriteBackCache):
 
     @property
     def entries(self) -> dict[tuple[int, str], Any]:
-        return self._values
+        return self.cached
 
     @property
     def dirty(self) -> dict[tuple[int, str], int]:
         """(partition, key) -> partition of the cached states not written yet."""
-        return self._dirty
+        return self.dirty_keys
 
     def check(self, assignment: frozenset) -> None:
         if assignment != self.assignment:
@@ -127,17 +127,17 @@ class StateCache(WriteBackCache):
         """Cache a state that is written already."""
         if self.limit <= 0:
             return
-        if len(self._values) >= self.limit:
+        if len(self.cached) >= self.limit:
             self._start_over()
-        self._values[(partition, key)] = value
+        self.cached[(partition, key)] = value
 
     def _start_over(self) -> None:
         # Keep what is not written yet (dirty, or being written: ``_writing``).
-        dirty, writing = self._dirty, self._writing
-        self._values = {k: v for k, v in self._values.items() if k in dirty or k in writing}
+        dirty, writing = self.dirty_keys, self._writing
+        self.cached = {k: v for k, v in self.cached.items() if k in dirty or k in writing}
 
     def _evict(self) -> None:
-        if len(self._values) > self.max_entries:
+        if len(self.cached) > self.max_entries:
             self._start_over()
 
     def put_dirty(self, partition: int, key: str, value: Any) -> None:
@@ -147,9 +147,9 @@ class StateCache(WriteBackCache):
     def put_dirty_many(self, writes: list[tuple[Any, str, Any]]) -> None:
         """Cache a batch's changed (record, key, state), to be written with the next
         flush: the room is made once."""
-        if len(self._values) + len(writes) > self.limit:
+        if len(self.cached) + len(writes) > self.limit:
             self._start_over()
-        entries, dirty = self._values, self._dirty
+        entries, dirty = self.cached, self.dirty_keys
         for record, key, value in writes:
             p = record.message.partition
             ck = (p, key)

@@ -360,8 +360,8 @@ class WriteBackCache(WriteBackBuffer):
     batch where the guarantee wants it.
 
     Like Kafka Streams' caching store: any number of batches may change a key between
-    two commits; it is encoded and written once. Hot loops may use ``_values`` and
-    ``_dirty`` directly (a get and a set item instead of two method calls per record).
+    two commits; it is encoded and written once. Hot loops may use ``cached`` and
+    ``dirty_keys`` directly (a get and a set item instead of two method calls per record).
 
     ``key_bytes``: the stored key of a cache key (default: the cache key is the stored
     bytes). ``str_keys``: every dict key of the values is a string (cheaper encoding).
@@ -393,7 +393,7 @@ class WriteBackCache(WriteBackBuffer):
         meanwhile), so no commit covers them until a flush succeeds."""
         async with self._lock:
             self._check_failed()
-            if not self._dirty and not self.side:
+            if not self.dirty_keys and not self.side:
                 return
             await self._write_all(store or self.store)
 
@@ -425,7 +425,7 @@ class WriteBackCache(WriteBackBuffer):
         done = True
         try:
             self._check_failed()
-            if not self._dirty and not self.side:
+            if not self.dirty_keys and not self.side:
                 return None
             prepare = getattr(self.store, "prepare_partitions", None)
             prepared = None if prepare is None else prepare([], str_keys=self.str_keys)
@@ -449,8 +449,8 @@ class WriteBackCache(WriteBackBuffer):
                                                           list[tuple[int, bytes, Any]]]:
         # As ``take_dirty``, but the taken keys stay cached (``_writing``) until the write
         # is done (``written``): a read meanwhile must not find the store without them.
-        dirty, self._dirty = self._dirty, {}
-        values = self._values
+        dirty, self.dirty_keys = self.dirty_keys, {}
+        values = self.cached
         taken = [(key, values[key], partition) for key, partition in dirty.items()]
         self.writes += len(taken)
         self._writing.update(dirty)
@@ -472,7 +472,7 @@ class WriteBackCache(WriteBackBuffer):
         """Taken (key, value, partition)s with each value as it is now: a key changed
         since it was taken is written with its change, which is then no longer dirty
         (written once, not by this commit and again by the next)."""
-        values, dirty = self._values, self._dirty
+        values, dirty = self.cached, self.dirty_keys
         out = []
         for key, value, partition in part:
             if key in dirty:
@@ -508,15 +508,15 @@ class WriteBackCache(WriteBackBuffer):
         """Forget everything after a handler failed half-way: a cached value may hold
         changes whose outputs were never sent. Unwritten values stay unwritten for good
         (``failed``), so the offsets they cover are never committed."""
-        if self._dirty or self.side:
+        if self.dirty_keys or self.side:
             self.failed = True
-            self._dirty.clear()
+            self.dirty_keys.clear()
             self.side.clear()
-        self._values.clear()
+        self.cached.clear()
 
     def pending(self) -> bool:
         """True when a flush would write something."""
-        return bool(self._dirty or self.side)
+        return bool(self.dirty_keys or self.side)
 
     def put_side(self, key: bytes, value: Any, partition: int) -> None:
         """Write ``value`` under ``key`` with the next flush (read then: later changes to
@@ -528,9 +528,9 @@ class WriteBackCache(WriteBackBuffer):
         group session lapsed (paused, then woken) holds changes of offsets it never
         committed, while the partitions' new owners have written newer state since
         (docs/delivery.md, P). Whoever owns them now processes those records again."""
-        self._dirty.clear()
+        self.dirty_keys.clear()
         self.side.clear()
-        self._values.clear()
+        self.cached.clear()
 
     def moved(self) -> None:
         """Partitions moved: drop every cached value (another worker may change them)."""
