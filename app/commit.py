@@ -509,9 +509,17 @@ class CommitProtocol:
         if rest is not None:
             await rest
 
-    #: Values encoded per section of a commit's snapshot (``begin_commit``): a few ms
-    #: that batches wait, instead of the encoding of every changed key at once.
-    ENCODE_PART = 1000
+    #: Values encoded per section of a commit's snapshot (``begin_commit``): about a
+    #: millisecond that batches wait (~11 µs a pattern state), instead of the encoding
+    #: of every changed key at once...
+    ENCODE_PART = 100
+    #: ...but in at most this many sections: one runs between two batches, so a commit
+    #: lasts as many batches as it has sections, and an overloaded worker's batches
+    #: grow long (measured at load 7: 250 ms each; 90 sections would be 22 s).
+    ENCODE_PARTS_MAX = 32
+
+    def _part_size(self, snapshot: Any) -> int:
+        return max(self.ENCODE_PART, -(-len(snapshot.taken) // self.ENCODE_PARTS_MAX))
 
     async def begin_commit(self) -> Awaitable[None] | None:
         """The part of a commit no batch may run during, run between two processing
@@ -519,7 +527,7 @@ class CommitProtocol:
         unwritten values taken (``WriteBackCache.snapshot``; a cache without
         ``snapshot`` is flushed here, after the outputs) and the first part of them
         encoded. Returns the rest, which lets batches run between its steps: the other
-        parts encoded, each between two batches (``ENCODE_PART`` values; a value changed
+        parts encoded, each between two batches (``_part_size`` values; a value changed
         meanwhile is encoded as it is then, and written again by the next commit); the
         sends made until the last part acknowledged (so a window's result is before the
         state that dropped it); the values written, each cache in turn. The caller
@@ -543,7 +551,7 @@ class CommitProtocol:
                     snapshots.append(taken)
             if not snapshots:
                 return self.emitter.sent_so_far()
-            done = snapshots[0].encode_some(self.ENCODE_PART)
+            done = snapshots[0].encode_some(self._part_size(snapshots[0]))
         except BaseException:
             for taken in snapshots:
                 taken.abandon()
@@ -556,11 +564,11 @@ class CommitProtocol:
         try:
             last = len(snapshots) - 1
             for i, taken in enumerate(snapshots):
+                part = self._part_size(taken)
                 while not done:
-                    if self._guard is not None:
-                        await self._guard.let_waiting_in()  # a batch waiting goes first
+                    await self._batches_first()
                     async with self._between_batches():
-                        done = taken.encode_some(self.ENCODE_PART)
+                        done = taken.encode_some(part)
                         if done and i == last:
                             # The sends made before the last part was encoded.
                             sent = self.emitter.sent_so_far()
@@ -577,6 +585,17 @@ class CommitProtocol:
             for taken in snapshots[written:]:
                 taken.abandon()
             raise
+
+    async def _batches_first(self) -> None:
+        """Before the next part of a commit: the event loop's turn, then the batches
+        that wait for a section. Why the turn: a batch asks for its section only after
+        its fetch went through several loop turns (response, ``freshen``); a commit that
+        found no batch waiting and went on at once encoded every part in one go, and
+        the loop (fetches, batches, the web server) stalled that long: ~100 ms at each
+        commit of the pattern benchmark (issue 22; docs/delivery.md, AB)."""
+        await asyncio.sleep(0)
+        if self._guard is not None:
+            await self._guard.let_waiting_in()  # a batch waiting goes first
 
     def _between_batches(self) -> Any:
         """A section no batch runs during (the guard's commit section)."""
