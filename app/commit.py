@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -564,14 +565,16 @@ class CommitProtocol:
         try:
             last = len(snapshots) - 1
             for i, taken in enumerate(snapshots):
-                part = self._part_size(taken)
+                part, took = self._part_size(taken), 0.0
                 while not done:
-                    await self._batches_first()
+                    await self._batches_first(took)
                     async with self._between_batches():
+                        t0 = time.perf_counter()
                         done = taken.encode_some(part)
                         if done and i == last:
                             # The sends made before the last part was encoded.
                             sent = self.emitter.sent_so_far()
+                        took = time.perf_counter() - t0
                 done = False
             if sent is not None:
                 sent, waiting = None, sent
@@ -586,14 +589,22 @@ class CommitProtocol:
                 taken.abandon()
             raise
 
-    async def _batches_first(self) -> None:
-        """Before the next part of a commit: the event loop's turn, then the batches
-        that wait for a section. Why the turn: a batch asks for its section only after
-        its fetch went through several loop turns (response, ``freshen``); a commit that
-        found no batch waiting and went on at once encoded every part in one go, and
-        the loop (fetches, batches, the web server) stalled that long: ~100 ms at each
-        commit of the pattern benchmark (issue 22; docs/delivery.md, AB)."""
-        await asyncio.sleep(0)
+    #: The least time the event loop gets between two parts of a commit (seconds).
+    PART_GAP = 0.001
+
+    async def _batches_first(self, took: float) -> None:
+        """Before the next part of a commit: the event loop for as long as the previous
+        part took (at least ``PART_GAP``), then the batches that wait for a section.
+
+        Why: a batch asks for its section only after its fetch went through several
+        loop turns (the response, ``freshen``'s short fetches). A commit that found no
+        batch waiting and went on at once encoded every part in one go, and the loop
+        (fetches, batches, the web server) stalled that long: ~100 ms at each commit of
+        the pattern benchmark (issue 22; docs/delivery.md, AB). One turn between parts
+        was not enough either: each of the fetch's turns let another part run first.
+        So while it encodes, a commit takes at most about half of the loop's time, and
+        a batch that gets ready meanwhile waits for one part at most."""
+        await asyncio.sleep(max(took, self.PART_GAP))
         if self._guard is not None:
             await self._guard.let_waiting_in()  # a batch waiting goes first
 
