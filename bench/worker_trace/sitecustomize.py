@@ -239,7 +239,7 @@ def _patch_store(m) -> None:
             hand_over = marks.get("hand_over", 0.0)
             rec("store", at, end - t0, table=self.target.table.name, hand_over=hand_over,
                 acks=acked - t0 - hand_over, rocksdb=end - acked, partitions=len(self.local),
-                chunks=len(self.full))
+                chunks=len(getattr(self, "full", ())))
 
     writes.store = traced_store
 
