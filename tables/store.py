@@ -11,8 +11,9 @@ instead, which keeps a key's state in the partition its records come from
 
 How values reach disk is decided by ``app.commit.emitter``: under at_least_once the
 changelog records go out as pipelined record batches, acknowledged before one RocksDB
-``WriteBatch`` per partition is written (``StoreWrites``); under exactly_once through
-Faust's table API, inside the transaction of the batch.
+``WriteBatch`` per partition (per ``WRITE_CHUNK`` values of a large one) is written
+(``StoreWrites``); under exactly_once through Faust's table API, inside the transaction
+of the batch.
 """
 
 from __future__ import annotations
