@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -509,9 +510,17 @@ class CommitProtocol:
         if rest is not None:
             await rest
 
-    #: Values encoded per section of a commit's snapshot (``begin_commit``): a few ms
-    #: that batches wait, instead of the encoding of every changed key at once.
-    ENCODE_PART = 1000
+    #: Values encoded per section of a commit's snapshot (``begin_commit``): about a
+    #: millisecond that batches wait (~11 µs a pattern state), instead of the encoding
+    #: of every changed key at once...
+    ENCODE_PART = 100
+    #: ...but in at most this many sections: one runs between two batches, so a commit
+    #: lasts as many batches as it has sections, and an overloaded worker's batches
+    #: grow long (measured at load 7: 250 ms each; 90 sections would be 22 s).
+    ENCODE_PARTS_MAX = 32
+
+    def _part_size(self, snapshot: Any) -> int:
+        return max(self.ENCODE_PART, -(-len(snapshot.taken) // self.ENCODE_PARTS_MAX))
 
     async def begin_commit(self) -> Awaitable[None] | None:
         """The part of a commit no batch may run during, run between two processing
@@ -519,7 +528,7 @@ class CommitProtocol:
         unwritten values taken (``WriteBackCache.snapshot``; a cache without
         ``snapshot`` is flushed here, after the outputs) and the first part of them
         encoded. Returns the rest, which lets batches run between its steps: the other
-        parts encoded, each between two batches (``ENCODE_PART`` values; a value changed
+        parts encoded, each between two batches (``_part_size`` values; a value changed
         meanwhile is encoded as it is then, and written again by the next commit); the
         sends made until the last part acknowledged (so a window's result is before the
         state that dropped it); the values written, each cache in turn. The caller
@@ -543,7 +552,7 @@ class CommitProtocol:
                     snapshots.append(taken)
             if not snapshots:
                 return self.emitter.sent_so_far()
-            done = snapshots[0].encode_some(self.ENCODE_PART)
+            done = snapshots[0].encode_some(self._part_size(snapshots[0]))
         except BaseException:
             for taken in snapshots:
                 taken.abandon()
@@ -556,14 +565,16 @@ class CommitProtocol:
         try:
             last = len(snapshots) - 1
             for i, taken in enumerate(snapshots):
+                part, took = self._part_size(taken), 0.0
                 while not done:
-                    if self._guard is not None:
-                        await self._guard.let_waiting_in()  # a batch waiting goes first
+                    await self._batches_first(took)
                     async with self._between_batches():
-                        done = taken.encode_some(self.ENCODE_PART)
+                        t0 = time.perf_counter()
+                        done = taken.encode_some(part)
                         if done and i == last:
                             # The sends made before the last part was encoded.
                             sent = self.emitter.sent_so_far()
+                        took = time.perf_counter() - t0
                 done = False
             if sent is not None:
                 sent, waiting = None, sent
@@ -577,6 +588,25 @@ class CommitProtocol:
             for taken in snapshots[written:]:
                 taken.abandon()
             raise
+
+    #: The least time the event loop gets between two parts of a commit (seconds).
+    PART_GAP = 0.001
+
+    async def _batches_first(self, took: float) -> None:
+        """Before the next part of a commit: the event loop for as long as the previous
+        part took (at least ``PART_GAP``), then the batches that wait for a section.
+
+        Why: a batch asks for its section only after its fetch went through several
+        loop turns (the response, ``freshen``'s short fetches). A commit that found no
+        batch waiting and went on at once encoded every part in one go, and the loop
+        (fetches, batches, the web server) stalled that long: ~100 ms at each commit of
+        the pattern benchmark (issue 22; docs/delivery.md, AB). One turn between parts
+        was not enough either: each of the fetch's turns let another part run first.
+        So while it encodes, a commit takes at most about half of the loop's time, and
+        a batch that gets ready meanwhile waits for one part at most."""
+        await asyncio.sleep(max(took, self.PART_GAP))
+        if self._guard is not None:
+            await self._guard.let_waiting_in()  # a batch waiting goes first
 
     def _between_batches(self) -> Any:
         """A section no batch runs during (the guard's commit section)."""

@@ -66,6 +66,12 @@ class Result:
     compare_with: str | None = "raw-aiokafka"
     #: Which run of the scenario this is (``--runs``), from 1.
     run: int = 1
+    #: Per latency sample, when its event was sent (epoch s), in the order of
+    #: ``latencies_ms`` (or empty): ``--dump-latencies`` writes both, to line a run's
+    #: tail up with what the worker did then.
+    sent_at: list[float] = field(default_factory=list, repr=False)
+    #: More per-sample series for ``--dump-latencies`` (name -> values, same order).
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     @property
     def events_per_second(self) -> float:
@@ -177,6 +183,16 @@ def write_report(name: str, results: list[Result], args: argparse.Namespace) -> 
     json_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     md_path.write_text(markdown(report))
     return json_path, md_path
+
+
+def dump_latencies(into: Path, namespace: str, result: Result) -> Path:
+    """``result``'s latency samples (ms) and their events' send times (epoch s), as JSON."""
+    into.mkdir(parents=True, exist_ok=True)
+    path = into / f"{namespace}-run{result.run}.json"
+    path.write_bytes(orjson.dumps({"scenario": result.scenario, "run": result.run,
+                                   "latencies_ms": result.latencies_ms, "sent_at": result.sent_at,
+                                   **result.samples}))
+    return path
 
 
 def _spread(values: list[float | None]) -> dict[str, float] | None:
@@ -297,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1,
                         help="run the scenario (and its baseline) this many times; the report gives each "
                              "latency and rate as a distribution over the runs")
+    parser.add_argument("--dump-latencies", metavar="DIR",
+                        help="write each run's latency samples with their send times to DIR (JSON)")
+    parser.add_argument("--namespace", default="bench",
+                        help="prefix of each run's app id and topics (several benchmarks sharing a broker)")
     parser.add_argument("--first-run-cold", action="store_true",
                         help="the first run follows a broker start: reported apart from the warm runs")
     args = parser.parse_args(argv)
@@ -317,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     async def one_run(names: list[str], run_number: int) -> list[Result]:
         results = []
         for name in names:
-            ctx = Context(args.bootstrap, f"bench{int(time.time())}{name.replace('-', '')[:10]}", args.events, args.keys, args)
+            ctx = Context(args.bootstrap, f"{args.namespace}{int(time.time())}{name.replace('-', '')[:10]}", args.events, args.keys, args)
             print(f"[bench] running {name} with {args.events} events ...", flush=True)
             try:
                 result = await found[name].run(ctx)
@@ -327,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
             for r in result if isinstance(result, list) else [result]:
                 r.run = run_number
                 results.append(r)
+                if args.dump_latencies:
+                    dump_latencies(Path(args.dump_latencies), ctx.namespace, r)
             print(f"[bench] run {run_number} {name}: {orjson.dumps([r.summary() for r in (result if isinstance(result, list) else [result])]).decode()}", flush=True)
         return results
 

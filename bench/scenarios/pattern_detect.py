@@ -182,11 +182,10 @@ async def run(ctx: Context) -> Result:
     finally:
         for w in workers:
             w.stop()
-    latencies = [
-        (a["detected_at"] - max(e["ts"] for e in a["evidence"])) * 1000
-        for a in alerts if a["kind"] != "absence" and a["evidence"]
-        and max(e["ts"] for e in a["evidence"]) >= live_start
-    ]
+    completed = [(a["detected_at"], max(e["ts"] for e in a["evidence"])) for a in alerts
+                 if a["kind"] != "absence" and a["evidence"]]
+    completed = [(detected, ts) for detected, ts in completed if ts >= live_start]
+    latencies = [(detected - ts) * 1000 for detected, ts in completed]
     by_pattern: dict[str, int] = {}
     for a in alerts:
         by_pattern[a["pattern"]] = by_pattern.get(a["pattern"], 0) + 1
@@ -205,4 +204,5 @@ async def run(ctx: Context) -> Result:
                "alerts_match_fold": by_pattern == {k: v for k, v in expected.items() if v},
                "engine": done, "commits": commits},
         compare_with="raw-aiokafka",
+        sent_at=[ts for _, ts in completed],
     )

@@ -61,9 +61,11 @@ async def load_users(worker: Worker, keys: int) -> None:
 
 
 async def latency_phase(ctx: Context, source: str, sink: str, rate: float, seconds: float,
-                        worker_side: list[float] | None = None) -> list[float]:
+                        worker_side: list[float] | None = None,
+                        sent: list[float] | None = None) -> list[float]:
     """End-to-end latencies (ms) of paced events; ``worker_side`` collects the part up to
-    the worker's append of each output (its sink record timestamp minus ``sent_at``)."""
+    the worker's append of each output (its sink record timestamp minus ``sent_at``),
+    ``sent`` each one's ``sent_at``."""
     consumer = AIOKafkaConsumer(sink, bootstrap_servers=ctx.bootstrap, auto_offset_reset="latest", **kafka_options(),
                                 group_id=f"{ctx.namespace}-lat", enable_auto_commit=False)
     await consumer.start()
@@ -94,6 +96,8 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
                 for m in messages:
                     sent_at = json.loads(m.value)["sent_at"]
                     latencies.append((now - sent_at) * 1000)
+                    if sent is not None:
+                        sent.append(sent_at)
                     if worker_side is not None:
                         worker_side.append(m.timestamp - sent_at * 1000)
 
@@ -158,7 +162,8 @@ async def run(ctx: Context) -> Result:
         rate = ctx.args.rate or 5000
         lat_seconds = float(ctx.args.options.get("latency_seconds", 10))
         worker_side: list[float] = []
-        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side)
+        sent: list[float] = []
+        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side, sent)
         _, pipelines = worker.get("/api/v1/pipelines")
     finally:
         worker.stop()
@@ -172,6 +177,8 @@ async def run(ctx: Context) -> Result:
                "latency_to_sink_append_ms: sent_at to the worker's append of the output "
                "(its sink record timestamp); the rest is the sink's ack and the reader's fetch",
                f"worker counters: {pipelines['pipelines'][0]['counters'] if isinstance(pipelines, dict) else pipelines}"],
+        sent_at=sent,
+        samples={"to_sink_append_ms": worker_side},
     )
 
 

@@ -24,7 +24,7 @@ from faust.types import TP
 from app.commit import CommitProtocol, Emitter, MemoryEmitter
 from app.transport import FastConsumer, commit_guard
 from tables.patterns import StateCache
-from tables.store import MemoryStore, WriteBackCache
+from tables.store import CacheSnapshot, MemoryStore, WriteBackCache
 
 TP0 = TP("events", 0)
 
@@ -269,5 +269,51 @@ def test_a_large_snapshot_is_encoded_between_batches_and_waits_for_their_outputs
         assert consumer.commits == [({TP0: 10}, {"n": 1})]
         assert value_of(store, b"b") == {"n": 2} and cache.dirty_count == 0  # written once
         await emitter.flush()
+
+    asyncio.run(main())
+
+
+def test_records_that_arrive_during_a_large_snapshot_run_between_its_parts(worker, monkeypatch):
+    """Between two parts of a snapshot's encoding the commit gives the event loop a turn,
+    so records fetched meanwhile reach their batch (a fetch takes several loop turns
+    before its batch asks for a processing section) and that batch runs between two
+    parts. Without the turn, a commit with no batch already waiting for its section
+    encoded every part in one go: the loop (fetches, batches, the web server) stalled
+    for the whole encoding, ~100 ms at each commit of the pattern benchmark (issue 22;
+    docs/delivery.md, AB)."""
+    consumer, _protocol, _cache, store = worker
+    protocol = CommitProtocol(MemoryEmitter(), defer=True, guard=commit_guard)
+    monkeypatch.setattr(protocol, "ENCODE_PART", 1)
+    cache = protocol.register(WriteBackCache(store))
+    monkeypatch.setattr(commit_guard, "before_commit", [protocol.begin_commit])
+    parts: list[int] = []
+    encode_some = CacheSnapshot.encode_some
+
+    def counted(self, n):
+        parts.append(n)
+        return encode_some(self, n)
+
+    monkeypatch.setattr(CacheSnapshot, "encode_some", counted)
+
+    async def main():
+        for i in range(10):
+            cache.put(f"k{i}".encode(), {"n": i}, 0)
+        consumer.ack_spans({TP0: (0, 9)})
+        ran_after: list[int] = []
+
+        async def fetch_then_batch():
+            for _ in range(3):  # the fetch response on its way to the batch
+                await asyncio.sleep(0)
+            async with commit_guard.processing():
+                ran_after.append(len(parts))
+
+        committing = asyncio.ensure_future(consumer.commit())
+        await asyncio.sleep(0)  # the commit begins: snapshot and first part
+        batch = asyncio.ensure_future(fetch_then_batch())
+        assert await committing is True
+        await batch
+        assert ran_after and ran_after[0] < 10, f"the batch ran after part {ran_after}"
+        assert consumer.commits == [({TP0: 10}, None)]
+        assert all(value_of(store, f"k{i}".encode()) == {"n": i} for i in range(10))
 
     asyncio.run(main())
