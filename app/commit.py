@@ -600,7 +600,7 @@ class CommitProtocol:
         loop turns (the response, ``freshen``'s short fetches). A commit that found no
         batch waiting and went on at once encoded every part in one go, and the loop
         (fetches, batches, the web server) stalled that long: ~100 ms at each commit of
-        the pattern benchmark (issue 22; docs/delivery.md, AB). One turn between parts
+        the pattern benchmark (issue 22; docs/delivery.md, AE). One turn between parts
         was not enough either: each of the fetch's turns let another part run first.
         So while it encodes, a commit takes at most about half of the loop's time, and
         a batch that gets ready meanwhile waits for one part at most."""

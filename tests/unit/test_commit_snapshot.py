@@ -280,7 +280,7 @@ def test_records_that_arrive_during_a_large_snapshot_run_between_its_parts(worke
     parts. Without the turn, a commit with no batch already waiting for its section
     encoded every part in one go: the loop (fetches, batches, the web server) stalled
     for the whole encoding, ~100 ms at each commit of the pattern benchmark (issue 22;
-    docs/delivery.md, AB)."""
+    docs/delivery.md, AE)."""
     consumer, _protocol, _cache, store = worker
     protocol = CommitProtocol(MemoryEmitter(), defer=True, guard=commit_guard)
     monkeypatch.setattr(protocol, "ENCODE_PART", 1)

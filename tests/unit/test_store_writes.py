@@ -2,7 +2,7 @@
 
 A commit's snapshot writes every state changed since the last commit in one
 ``StoreWrites``: ~9,000 pattern states in the pattern benchmark, whose one RocksDB write
-held the worker's event loop 10-90 ms (issue 22; docs/delivery.md, AB). Past
+held the worker's event loop 10-90 ms (issue 22; docs/delivery.md, AE). Past
 ``WRITE_CHUNK`` values a partition's writes go in several write batches, in the order
 they were made, and the event loop runs between two of them; a small write (a batch's
 own) is still one write per partition, with no extra loop turn.
