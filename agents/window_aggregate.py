@@ -102,6 +102,8 @@ class WindowRunner:
         self.idle_closed: set[int] = set()
         #: (final, closed_by, superseded) -> result JSON template (``_result_format``).
         self._formats: dict[tuple[bool, str | None, bool], bytes] = {}
+        #: The sink's partition of a result key (Emitter.partitioner), once known.
+        self._sink_partition: Callable[[bytes], int] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -362,17 +364,30 @@ class WindowRunner:
             meta["st"] = st
         stats["records"] += n_records
         buffer.updates += n_records
+        # Final results of windows closed by event time go straight into the sink's
+        # record batches (Emitter.record_batches) when the emitter takes them so: every
+        # key's window closes at the same stream time, by the thousand.
+        results = None
+        if final and any(self._due_now(p) for p in touched):
+            results = self.emitter.record_batches()
+            if results is not None:
+                self.sink_name = self.sink_name or self.sink.get_topic_name()
+                self._sink_partition = await self.emitter.partitioner(self.sink_name)
         for p in touched:
             sources.append((p, len(out)))
-            self._close_due(p, out, final)
+            self._close_due(p, out, final, results)
         for p in ticks:
             sources.append((p, len(out)))
             self._idle_close(p, now, out, final)
         stats["emitted"] += len(out)
+        appended = ()
+        if results is not None and results.count:
+            stats["emitted"] += results.count
+            appended = ((self.sink_name, results),)
         t1 = time.perf_counter()
         # Results and late records are delivered (awaited) before this batch is acked,
         # and before any state that dropped a closed window can be flushed.
-        await self._deliver(out, dead, sources)
+        await self._deliver(out, dead, sources, appended)
         t2 = time.perf_counter()
         # Exactly_once: the state joins this batch's transaction now; at_least_once: at
         # the next commit (app.commit), after the results are acknowledged.
@@ -399,7 +414,15 @@ class WindowRunner:
         ]
         return self.late, key.encode(), dumps_held(value), headers
 
-    def _close_due(self, p: int, out: list, final: bool) -> None:
+    def _due_now(self, p: int) -> bool:
+        """Whether partition ``p``'s stream time has reached a scheduled close."""
+        times = self.due_times.get(p)
+        return bool(times) and times[0] <= self.meta[p]["st"]
+
+    def _close_due(self, p: int, out: list, final: bool, results: Any = None) -> None:
+        """Close partition ``p``'s windows that its stream time has reached: their final
+        results (emit final) into ``results`` (record batches of the sink, appended as
+        they are made, each to its key's partition) or else as items into ``out``."""
         times = self.due_times.get(p)
         if not times:
             return
@@ -417,6 +440,9 @@ class WindowRunner:
         dumps = orjson.dumps
         aggregates_json = dumps if self.aggs.result_is_state else self._aggregates_json
         heappop = heapq.heappop
+        if results is not None:
+            add_result = results.add
+            partition_of = self._sink_partition
         n_put = 0
         while times and times[0] <= st:
             due = heappop(times)
@@ -435,9 +461,15 @@ class WindowRunner:
                         # Letters and digits only (ASCII): the JSON string is the key
                         # in quotes; anything else is escaped by orjson.
                         key_json = b'"%b"' % key if key.isalnum() else dumps(key.decode())
-                        for w in closed:
-                            out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
-                                                          aggregates_json(w["a"]))))
+                        if results is not None:
+                            sink_p = partition_of(key)
+                            for w in closed:
+                                add_result(sink_p, key, fmt % (key_json, w["s"], w["e"], w["n"],
+                                                               aggregates_json(w["a"])))
+                        else:
+                            for w in closed:
+                                out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
+                                                              aggregates_json(w["a"]))))
                     # buffer.put inlined: the state is the cached value already.
                     dirty_keys[key] = p
                     n_put += 1
@@ -475,11 +507,15 @@ class WindowRunner:
         self.idle_closed.add(p)
 
     async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]],
-                       sources: list[tuple[int, int]] | None = None) -> None:
+                       sources: list[tuple[int, int]] | None = None, appended: Sequence[tuple[str, Any]] = ()) -> None:
         # Acknowledged before the next offset commit and before any state is written
         # (the commit protocol waits for the emitter first); under exactly_once in the
         # transaction of the input partition each output comes from (``sources``).
-        await self.emitter.send_later(out, sources or [])
+        # ``appended``: record batches with this batch's closed windows' results.
+        if appended:
+            await self.emitter.send_later(out, sources or [], appended)
+        else:
+            await self.emitter.send_later(out, sources or [])
         for p, ev, exc in dead:
             await self.emitter.dead_letter(
                 ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input_name,
