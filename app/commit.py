@@ -147,21 +147,21 @@ class Emitter:
                                    for _, key, value, headers, partition in items],
                                   settings.topic_partitions)
 
-    def record_batches(self) -> RecordBatches | None:
-        """Record batches to append outputs to as they are made (``RecordBatches.add``),
-        then handed to ``send_later`` as ``appended``; None: give ``send_later`` the
-        outputs as items instead (the batch producer is not up).
+    def takes_grouped(self) -> bool:
+        """Whether ``send_later`` takes outputs already grouped by partition
+        (``grouped``): under at_least_once with the batch producer up. Otherwise outputs
+        are items of ``out`` (exactly_once: each joins its input partition's
+        transaction).
 
         Why: a window's results are made by the thousand at once (every key's window
-        ends at the same time), and collecting each as an item, then grouping the items
-        by partition and appending them in ``send_later``'s send cost about as much CPU
-        again as making them (~1.5 of ~3.6 µs a result), all of it between the record
-        that closed the windows and the results' append (docs/performance.md, "window
-        result latency")."""
-        return kafka_io.record_batches() if kafka_io.ready.is_set() else None
+        ends at the same time); collecting each as an item, then grouping the items by
+        partition here cost a third of the CPU a result takes (~1.2 of ~3.6-4.5 µs),
+        between the record that closed the windows and the results' hand-over
+        (docs/performance.md, "window result latency")."""
+        return kafka_io.ready.is_set()
 
     async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
-                         appended: Sequence[tuple[str, RecordBatches]] = ()) -> None:
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         """Send ``out`` without waiting for the broker's acknowledgement (at most
         ``MAX_SENDING`` batches' outputs stay in flight); ``flush`` waits for them.
 
@@ -171,15 +171,14 @@ class Emitter:
         acknowledged before the offsets that produced them commit, or before the state
         that closed their windows is written: both come after ``flush``.
 
-        ``appended``: (topic name, record batches from ``record_batches``) with outputs
-        already appended, handed to the producer before ``out`` (in the order the
-        caller made them: its appended outputs come before its items in ``out`` to the
-        same partition)."""
-        appended = [(name, batches) for name, batches in appended if batches.count]
-        if not out and not appended:
+        ``grouped``: (topic name, partition -> (key, value) pairs) of outputs without
+        headers, made before the items of ``out`` (when ``takes_grouped``): an item of
+        ``out`` to the same partition goes after them, as made."""
+        by_name = {name: groups for name, groups in grouped if groups}
+        if not out and not by_name:
             return
         await self.ready()
-        if not kafka_io.ready.is_set() and not appended:
+        if not kafka_io.ready.is_set() and not by_name:
             futures = await _send_outputs_through_faust(out, sources)
             await asyncio.gather(*futures)
             return
@@ -198,7 +197,8 @@ class Emitter:
                     slot = groups_by_topic.get(id(topic))
                     if slot is None:
                         name = topic.get_topic_name()
-                        slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                        slot = groups_by_topic[id(topic)] = (name, by_name.pop(name, {}),
+                                                             await self.partitioner(name))
                     last, groups, partition_of = topic, slot[1], slot[2]
                 key = item[1]
                 p = partition_of(key)
@@ -212,13 +212,12 @@ class Emitter:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
             msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
         prev = self.sending[-1] if self.sending else None
-        partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()]
+        partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()] + list(by_name.items())
 
         async def send() -> None:
             if prev is not None:
                 await prev  # in order; and nothing after a failed send is reported sent
-            sends: list[Awaitable[Any]] = [await batches.start(name) for name, batches in appended]
-            sends += [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
+            sends: list[Awaitable[Any]] = [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
             if by_topic:
                 sends.append(kafka_io.send_topics(by_topic))
             await asyncio.gather(*sends)
@@ -292,11 +291,11 @@ class TransactionalEmitter(Emitter):
                                                             Sequence[tuple[str, bytes]], int | None]]) -> None:
         await _send_through_faust(topic, items)
 
-    def record_batches(self) -> RecordBatches | None:
-        return None  # every output goes into its input partition's transaction, via Faust
+    def takes_grouped(self) -> bool:
+        return False  # every output goes into its input partition's transaction, via Faust
 
     async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
-                         appended: Sequence[tuple[str, RecordBatches]] = ()) -> None:
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         futures = await _send_outputs_through_faust(out, sources)
         if futures:
             await asyncio.gather(*futures)
@@ -436,11 +435,11 @@ class MemoryEmitter(Emitter):
         for source_partition, key, value, headers, _partition in items:
             self.sent.append((topic, key, value, tuple(headers), source_partition))
 
-    def record_batches(self) -> RecordBatches | None:
-        return None  # outputs are kept as items (``sent``)
+    def takes_grouped(self) -> bool:
+        return False  # outputs are kept as items (``sent``)
 
     async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
-                         appended: Sequence[tuple[str, RecordBatches]] = ()) -> None:
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         bounds = [*(sources or [(None, 0)]), (None, len(out))]
         for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
             for item in out[start:end]:
