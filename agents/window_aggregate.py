@@ -367,7 +367,7 @@ class WindowRunner:
         # Final results of windows closed by event time are grouped by the sink's
         # partition as they are made, when the emitter takes them so
         # (Emitter.takes_grouped): every key's window closes at the same stream time, by
-        # the thousand, and an item per result, grouped later, cost a third of the CPU.
+        # the thousand, and an item per result, grouped in a second pass, cost ~15 % more.
         results: dict[int, list[tuple[bytes, bytes]]] | None = None
         if final and any(self._due_now(p) for p in touched) and self.emitter.takes_grouped():
             results = {}
