@@ -102,6 +102,8 @@ class WindowRunner:
         self.idle_closed: set[int] = set()
         #: (final, closed_by, superseded) -> result JSON template (``_result_format``).
         self._formats: dict[tuple[bool, str | None, bool], bytes] = {}
+        #: The sink's partition of a result key (Emitter.partitioner), once known.
+        self._sink_partition: Callable[[bytes], int] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -362,17 +364,30 @@ class WindowRunner:
             meta["st"] = st
         stats["records"] += n_records
         buffer.updates += n_records
+        # Final results of windows closed by event time are grouped by the sink's
+        # partition as they are made, when the emitter takes them so
+        # (Emitter.takes_grouped): every key's window closes at the same stream time, by
+        # the thousand, and an item per result, grouped in a second pass, cost ~15 % more.
+        results: dict[int, list[tuple[bytes, bytes]]] | None = None
+        if final and any(self._due_now(p) for p in touched) and self.emitter.takes_grouped():
+            results = {}
+            self.sink_name = self.sink_name or self.sink.get_topic_name()
+            self._sink_partition = await self.emitter.partitioner(self.sink_name)
         for p in touched:
             sources.append((p, len(out)))
-            self._close_due(p, out, final)
+            self._close_due(p, out, final, results)
         for p in ticks:
             sources.append((p, len(out)))
             self._idle_close(p, now, out, final)
         stats["emitted"] += len(out)
+        grouped = ()
+        if results:
+            stats["emitted"] += sum(len(group) for group in results.values())
+            grouped = ((self.sink_name, results),)
         t1 = time.perf_counter()
         # Results and late records are delivered (awaited) before this batch is acked,
         # and before any state that dropped a closed window can be flushed.
-        await self._deliver(out, dead, sources)
+        await self._deliver(out, dead, sources, grouped)
         t2 = time.perf_counter()
         # Exactly_once: the state joins this batch's transaction now; at_least_once: at
         # the next commit (app.commit), after the results are acknowledged.
@@ -399,7 +414,15 @@ class WindowRunner:
         ]
         return self.late, key.encode(), dumps_held(value), headers
 
-    def _close_due(self, p: int, out: list, final: bool) -> None:
+    def _due_now(self, p: int) -> bool:
+        """Whether partition ``p``'s stream time has reached a scheduled close."""
+        times = self.due_times.get(p)
+        return bool(times) and times[0] <= self.meta[p]["st"]
+
+    def _close_due(self, p: int, out: list, final: bool, results: Any = None) -> None:
+        """Close partition ``p``'s windows that its stream time has reached: their final
+        results (emit final) into ``results`` (the sink's partition -> (key, value)
+        pairs) or else as items into ``out``."""
         times = self.due_times.get(p)
         if not times:
             return
@@ -417,6 +440,8 @@ class WindowRunner:
         dumps = orjson.dumps
         aggregates_json = dumps if self.aggs.result_is_state else self._aggregates_json
         heappop = heapq.heappop
+        if results is not None:
+            partition_of = self._sink_partition
         n_put = 0
         while times and times[0] <= st:
             due = heappop(times)
@@ -435,9 +460,18 @@ class WindowRunner:
                         # Letters and digits only (ASCII): the JSON string is the key
                         # in quotes; anything else is escaped by orjson.
                         key_json = b'"%b"' % key if key.isalnum() else dumps(key.decode())
-                        for w in closed:
-                            out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
+                        if results is not None:
+                            sink_p = partition_of(key)
+                            group = results.get(sink_p)
+                            if group is None:
+                                group = results[sink_p] = []
+                            for w in closed:
+                                group.append((key, fmt % (key_json, w["s"], w["e"], w["n"],
                                                           aggregates_json(w["a"]))))
+                        else:
+                            for w in closed:
+                                out.append((sink, key, fmt % (key_json, w["s"], w["e"], w["n"],
+                                                              aggregates_json(w["a"]))))
                     # buffer.put inlined: the state is the cached value already.
                     dirty_keys[key] = p
                     n_put += 1
@@ -475,11 +509,15 @@ class WindowRunner:
         self.idle_closed.add(p)
 
     async def _deliver(self, out: list, dead: list[tuple[int, Any, RecordError]],
-                       sources: list[tuple[int, int]] | None = None) -> None:
+                       sources: list[tuple[int, int]] | None = None, grouped: Sequence[tuple[str, Any]] = ()) -> None:
         # Acknowledged before the next offset commit and before any state is written
         # (the commit protocol waits for the emitter first); under exactly_once in the
         # transaction of the input partition each output comes from (``sources``).
-        await self.emitter.send_later(out, sources or [])
+        # ``grouped``: this batch's closed windows' results, by the sink's partition.
+        if grouped:
+            await self.emitter.send_later(out, sources or [], grouped)
+        else:
+            await self.emitter.send_later(out, sources or [])
         for p, ev, exc in dead:
             await self.emitter.dead_letter(
                 ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input_name,

@@ -148,7 +148,21 @@ class Emitter:
                                    for _, key, value, headers, partition in items],
                                   settings.topic_partitions)
 
-    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+    def takes_grouped(self) -> bool:
+        """Whether ``send_later`` takes outputs already grouped by partition
+        (``grouped``): under at_least_once with the batch producer up. Otherwise outputs
+        are items of ``out`` (exactly_once: each joins its input partition's
+        transaction).
+
+        Why: a window's results are made by the thousand at once (every key's window
+        ends at the same time), between the record that closed the windows and the
+        results' hand-over; an item per result and a second pass here to group them
+        cost ~0.6 of the ~4-5 µs a result takes (in-process; docs/performance.md,
+        "window result latency")."""
+        return kafka_io.ready.is_set()
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         """Send ``out`` without waiting for the broker's acknowledgement (at most
         ``MAX_SENDING`` batches' outputs stay in flight); ``flush`` waits for them.
 
@@ -156,11 +170,16 @@ class Emitter:
         transactional emitter needs. Why not await them here: a batch would wait a
         broker round trip before the next one starts, and nothing needs them
         acknowledged before the offsets that produced them commit, or before the state
-        that closed their windows is written: both come after ``flush``."""
-        if not out:
+        that closed their windows is written: both come after ``flush``.
+
+        ``grouped``: (topic name, partition -> (key, value) pairs) of outputs without
+        headers, made before the items of ``out`` (when ``takes_grouped``): an item of
+        ``out`` to the same partition goes after them, as made."""
+        by_name = {name: groups for name, groups in grouped if groups}
+        if not out and not by_name:
             return
         await self.ready()
-        if not kafka_io.ready.is_set():
+        if not kafka_io.ready.is_set() and not by_name:
             futures = await _send_outputs_through_faust(out, sources)
             await asyncio.gather(*futures)
             return
@@ -179,7 +198,8 @@ class Emitter:
                     slot = groups_by_topic.get(id(topic))
                     if slot is None:
                         name = topic.get_topic_name()
-                        slot = groups_by_topic[id(topic)] = (name, {}, await self.partitioner(name))
+                        slot = groups_by_topic[id(topic)] = (name, by_name.pop(name, {}),
+                                                             await self.partitioner(name))
                     last, groups, partition_of = topic, slot[1], slot[2]
                 key = item[1]
                 p = partition_of(key)
@@ -193,7 +213,7 @@ class Emitter:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
             msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
         prev = self.sending[-1] if self.sending else None
-        partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()]
+        partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()] + list(by_name.items())
 
         async def send() -> None:
             if prev is not None:
@@ -272,7 +292,11 @@ class TransactionalEmitter(Emitter):
                                                             Sequence[tuple[str, bytes]], int | None]]) -> None:
         await _send_through_faust(topic, items)
 
-    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+    def takes_grouped(self) -> bool:
+        return False  # every output goes into its input partition's transaction, via Faust
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         futures = await _send_outputs_through_faust(out, sources)
         if futures:
             await asyncio.gather(*futures)
@@ -412,7 +436,11 @@ class MemoryEmitter(Emitter):
         for source_partition, key, value, headers, _partition in items:
             self.sent.append((topic, key, value, tuple(headers), source_partition))
 
-    async def send_later(self, out: list[Output], sources: list[tuple[int, int]]) -> None:
+    def takes_grouped(self) -> bool:
+        return False  # outputs are kept as items (``sent``)
+
+    async def send_later(self, out: list[Output], sources: list[tuple[int, int]],
+                         grouped: Sequence[tuple[str, dict[int, list[tuple[bytes, bytes]]]]] = ()) -> None:
         bounds = [*(sources or [(None, 0)]), (None, len(out))]
         for (p, start), (_, end) in zip(bounds, bounds[1:], strict=False):
             for item in out[start:end]:

@@ -1030,3 +1030,25 @@ def test_an_exactly_once_commit_stores_the_changelog_offsets_its_transactions_en
     tm.aborted_writes = True
     tm.on_commit({TP("src", 1): 100})
     assert stored == {TP("cl", 0): 41}
+
+
+def test_a_refused_first_partition_of_a_transaction_is_asked_again_after_2_ms_not_20():
+    """Issue 22 (docs/performance.md, "exactly_once aggregate tail"): when the broker
+    answers a transaction's first AddPartitionsToTxn with CONCURRENT_TRANSACTIONS (it is
+    still writing the previous transaction's markers), aiokafka waits its
+    ``BACKOFF_OVERRIDE`` before asking again: 20 ms, the whole p99 tail of sequential
+    ``POST /api/v1/aggregate`` under exactly_once. Importing the app shortens it."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import ConcurrentTransactions
+    from aiokafka.producer.sender import AddPartitionsToTxnHandler
+    from aiokafka.structs import TopicPartition
+
+    import app  # noqa: F401 - installs the transport (app/__init__.py)
+    from app.transport import CONCURRENT_TRANSACTIONS_BACKOFF
+
+    txn = SimpleNamespace(txn_partitions=set())  # nothing in the transaction yet
+    sender = SimpleNamespace(_retry_backoff=0.1, _txn_manager=txn)
+    handler = AddPartitionsToTxnHandler(sender, [TopicPartition("t", 0)])
+    resp = SimpleNamespace(errors=[("t", [(0, ConcurrentTransactions.errno)])])
+    assert handler.handle_response(resp) == CONCURRENT_TRANSACTIONS_BACKOFF == 0.002
