@@ -728,13 +728,12 @@ class FastConsumer(faust_aiokafka.Consumer):
         read changelog records again that it ignores by offset.
 
         A partition with a committed offset at or before its first dropped record is
-        also put back, to that committed offset: the seek to the committed offsets is
-        meant to have done it, but a woken worker's seek left such partitions past the
-        dropped fetch (the group had kept it through a broker restart; its unwritten
-        state had been dropped, docs/delivery.md P), and the next batch's jump was acked
-        as a gap: records lost under at_least_once (delivery.md, "Open: a new owner…",
-        session 13, seed 1). A committed offset past the first dropped record means the
-        group went on beyond it: nothing moves back then."""
+        also put back, to that committed offset, which the seek to the committed offsets
+        has normally done already (a seek that failed half-way has not). A committed
+        offset past the first dropped record means the group went on beyond it: nothing
+        moves back then. (The loss this was first added for, a woken worker's records
+        skipped after such a drop, came from the fetch begun before the seek:
+        ``take_prefetch``, docs/delivery.md AB.)"""
         for tp, tp_records in records.items():
             if not tp_records:
                 continue
