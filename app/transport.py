@@ -336,6 +336,10 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._broken_section: BaseException | None = None
         #: Batch partitions: Kafka timestamp (ms) of the last record handed to agents.
         self._last_timestamp: dict[Any, int] = {}
+        #: Moves of aiokafka's fetch positions by this consumer (seeks to the committed
+        #: offsets, rewinds) so far: a fetch begun before one is not delivered
+        #: (``take_prefetch``).
+        self._position_moves = 0
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -625,6 +629,59 @@ class FastConsumer(faust_aiokafka.Consumer):
             active_partitions = more[1]
         return (records, active_partitions, generation_id), None
 
+    async def perform_seek(self) -> None:
+        """Faust's seek to the committed offsets, counted as a move of the positions
+        (before and after: a fetch that overlaps it in any way counts as begun before)."""
+        self._position_moves += 1
+        try:
+            await super().perform_seek()
+        finally:
+            self._position_moves += 1
+
+    async def take_prefetch(self, prefetch: Awaitable[Any], moves: int
+                            ) -> tuple[dict[Any, list[Any]], Any, int] | None:
+        """The fetch ``prefetch`` (begun when ``_position_moves`` was ``moves``), or None
+        when this consumer moved its positions since: its records are dropped, and each
+        of their partitions is put back to its first dropped record (never forward, and
+        never below its committed offset).
+
+        That rewind is exact either way. Taken before the move (a seek to the committed
+        offsets, a rewind: both go back), the records lie at or past the new position,
+        so nothing moves. Taken after it, they start at the new position, to which the
+        partition goes back. (Not ``rewind_dropped``'s committed offset: records acked
+        since it would be processed again.)
+
+        Why (issue 23; docs/delivery.md, AF): the fetch loop begins the next fetch before it
+        delivers the batch in hand. When that delivery drops the batch and seeks to the
+        committed offsets (a woken worker whose session lapsed; a rebalance), the next
+        fetch may already hold the records after the dropped ones, taken at the old
+        positions. Delivered, its first record lay past the read offset the seek had
+        set, so the jump was acked as a gap, and the dropped records (and every one
+        from the committed offset on) were never processed: 18 ids lost in the long
+        mode (at_least_once, seed 1), 53 under exactly_once, and whole windows when the
+        partitions were the window's re-keyed input (seed 3). The generation check
+        does not catch it: a lapsed worker that the group kept has no new generation."""
+        fetched = await prefetch
+        if fetched is None or self._position_moves == moves:
+            return fetched
+        records = {tp: rs for tp, rs in fetched[0].items() if rs}
+        if records:
+            self.log.info("Dropped a fetch begun before this consumer sought (%s); fetching from "
+                          "the new positions", {f"{tp.topic}[{tp.partition}]": rs[0].offset
+                                                for tp, rs in records.items()})
+            committed = self._committed_offset
+            for tp, rs in records.items():
+                await self._rewind(tp, max(rs[0].offset, committed.get(tp) or 0))
+        return None
+
+    async def _rewind(self, tp: Any, offset: int) -> bool:
+        """``FastConsumerThread.rewind`` (back only), and deliver from ``offset`` on."""
+        if not await self._thread.rewind(tp, offset):
+            return False
+        self._position_moves += 1
+        self._read_offset[tp] = offset  # as Faust's seek does
+        return True
+
     async def seek_after_drop(self, records: dict[Any, list[Any]] | None) -> None:
         """Seek back to the committed offsets after dropping fetched records that a
         rebalance overtook.
@@ -645,6 +702,7 @@ class FastConsumer(faust_aiokafka.Consumer):
             return
         self.log.info("Dropped a fetch a rebalance overtook (%s); seeking to committed offsets",
                       {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
+        self._position_moves += 1  # (also when the seek fails half-way)
         try:
             await self.perform_seek()
             await self.rewind_dropped(records)
@@ -674,13 +732,12 @@ class FastConsumer(faust_aiokafka.Consumer):
         read changelog records again that it ignores by offset.
 
         A partition with a committed offset at or before its first dropped record is
-        also put back, to that committed offset: the seek to the committed offsets is
-        meant to have done it, but a woken worker's seek left such partitions past the
-        dropped fetch (the group had kept it through a broker restart; its unwritten
-        state had been dropped, docs/delivery.md P), and the next batch's jump was acked
-        as a gap: records lost under at_least_once (delivery.md, "Open: a new owner…",
-        session 13, seed 1). A committed offset past the first dropped record means the
-        group went on beyond it: nothing moves back then."""
+        also put back, to that committed offset, which the seek to the committed offsets
+        has normally done already (a seek that failed half-way has not). A committed
+        offset past the first dropped record means the group went on beyond it: nothing
+        moves back then. (The loss this was first added for, a woken worker's records
+        skipped after such a drop, came from the fetch begun before the seek:
+        ``take_prefetch``, docs/delivery.md AF.)"""
         for tp, tp_records in records.items():
             if not tp_records:
                 continue
@@ -690,8 +747,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                 if committed > first:
                     continue
                 first = committed
-            if await self._thread.rewind(tp, first):
-                self._read_offset[tp] = first  # deliver from ``first`` on (Faust's seek does the same)
+            await self._rewind(tp, first)
 
     async def hold_back(self, records: dict[Any, list[Any]]) -> None:
         """Deliver none of a fetch's batch-topic records while a rebalance is not done:
@@ -708,8 +764,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         after that seek, ends ``app.rebalancing``."""
         moved = False
         for tp, tp_records in records.items():
-            if tp_records and tp.topic in BATCH_AGENTS and await self._thread.rewind(tp, tp_records[0].offset):
-                self._read_offset[tp] = tp_records[0].offset
+            if tp_records and tp.topic in BATCH_AGENTS and await self._rewind(tp, tp_records[0].offset):
                 moved = True
         if moved:
             # Not a busy loop while the rebalance finishes: the records come again anyway.
@@ -745,8 +800,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                 # so put it back to the first of them (never forward): skipped without
                 # that, they were fetched again by nobody, and the next batch's jump past
                 # the read offset was committed as a gap (docs/delivery.md, "Open").
-                if await self._thread.rewind(tp, tp_records[0].offset):
-                    read_offset[tp] = tp_records[0].offset
+                await self._rewind(tp, tp_records[0].offset)
                 continue
             r_offset = read_offset[tp]
             if r_offset is not None:
@@ -922,15 +976,18 @@ class FastConsumer(faust_aiokafka.Consumer):
         to_message = self._to_message
         since_yield = 0
         prefetch: asyncio.Future | None = None
+        prefetch_moves = 0  # ``_position_moves`` when ``prefetch`` began
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
                 if prefetch is not None:
-                    fetched, prefetch = await prefetch, None
+                    fetched = await self.take_prefetch(prefetch, prefetch_moves)
+                    prefetch = None
                 else:
                     fetched = await self.fetch(timeout=1.0)
                 if fetched is not None and BATCH_AGENTS:
                     fetched, prefetch = await self.freshen(fetched)
+                    prefetch_moves = self._position_moves
                 await self.sleep(0)
                 if fetched is None or self.should_stop:
                     unset_flag(CONSUMER_FETCHING)
@@ -944,6 +1001,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                     # offsets (``seek_after_drop``).
                     if prefetch is None:  # (else: a newer generation's fetch, from freshen)
                         prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
+                        prefetch_moves = self._position_moves
                     await self.deliver_batches(records, active_partitions, generation_id)
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)

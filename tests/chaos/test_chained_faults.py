@@ -52,11 +52,11 @@ def test_chained_faults_exactly_once(kafka):
 
 @pytest.mark.timeout(1200)
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 23, docs/delivery.md 'Open: a new owner that started at the end of the partition': "
-    "the session 13 long mode lost records at a paused worker's wake under at_least_once "
-    "(seed 1: 18 ids; a dropped fetch's partitions were not moved back by the seek to the "
-    "committed offsets) and got windows wrong (seed 3). This case's schedule has such a pause; "
-    "it passed 4 of 4 runs in session 13, the defect is still open"))
+    "issue 23, docs/delivery.md AF: the long mode's loss at a woken worker (sessions 13-14, "
+    "seeds 1 and 3: the fetch begun before its seek) is fixed, but seed 2 (session 14) still got "
+    "windows and alerts short after a broker restart, with nothing lost from the sink and the "
+    "re-keyed topic complete and in order (AB, 'Open'). This case's schedule has a pause; it "
+    "passed 4 of 4 runs in session 13"))
 def test_chained_faults_at_least_once(kafka):
     """Was xfail (issue 23 finding 3 on 510198f: stuck in 2 of 9 runs, 1 crash). Passed 3
     of 3 runs in session 12, after sections I and P of docs/delivery.md; then xfail again

@@ -61,6 +61,8 @@ class ConsumerHost:
     _commit_guarded = FastConsumer._commit_guarded
     seek_after_drop = FastConsumer.seek_after_drop
     rewind_dropped = FastConsumer.rewind_dropped
+    take_prefetch = FastConsumer.take_prefetch
+    _rewind = FastConsumer._rewind
     forget_batches = FastConsumer.forget_batches
     fetch = FastConsumer.fetch
     _finish = FastConsumer._finish
@@ -93,6 +95,7 @@ class ConsumerHost:
         #: (what it is meant to do; a woken worker's seek was seen not to).
         self.seek_moves = True
         self._thread = FetchPositions()
+        self._position_moves = 0
 
     async def perform_seek(self) -> None:
         self.seeks += 1
@@ -100,6 +103,7 @@ class ConsumerHost:
             for tp in self._thread.positions:
                 if self._committed_offset.get(tp):
                     self._thread.positions[tp] = self._committed_offset[tp]
+                    self._read_offset[tp] = self._committed_offset[tp]  # as Faust's does
 
 
 
@@ -354,6 +358,72 @@ def test_a_dropped_fetch_never_moves_a_partition_behind_a_later_committed_offset
     assert asyncio.run(host.fetch(1.0)) is None
     assert host._thread.positions == {source: 5950}
     assert host._read_offset[source] is None
+
+
+def test_a_fetch_begun_before_a_seek_is_not_delivered(agent, monkeypatch):
+    """Issue 23, long mode (docs/delivery.md, AF): the fetch loop begins the next fetch
+    before it delivers the batch in hand. A worker woken after its session lapsed (the
+    group kept it through a broker restart) dropped that batch and sought to the
+    committed offsets, then delivered the fetch begun before the seek: its first record
+    lay past the read offset the seek had set, the jump was acked as a gap, and
+    everything from the committed offset to it was never processed (18 ids lost at
+    at_least_once seed 1; window input, so whole windows, at seed 3). Such a fetch must
+    be dropped, its partition left at the seek's position, and what the next fetch
+    brings from there delivered."""
+    import time
+
+    from app.transport import _done, commit_guard
+
+    seen, _during, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp = TP(TOPIC, 1)
+    host._committed_offset[tp] = 4494
+    host._read_offset[tp] = 5912  # delivered up to here before the pause, not committed
+    host._thread.positions = {tp: 5990}  # past the batch in hand and the prefetch
+    in_hand = {tp: [record(1, o) for o in range(5913, 5950)]}
+    prefetched = ({tp: [record(1, o) for o in range(5950, 5990)]}, {tp}, 1)
+    moves = host._position_moves  # when the prefetch began
+    monkeypatch.setattr(commit_guard, "session_timeout", 45.0)
+    monkeypatch.setattr(commit_guard, "session_ok_at", time.monotonic() - 70)  # paused 70 s
+    asyncio.run(host.deliver_batches(in_hand, None, 1))
+    assert seen == [] and host._thread.positions == {tp: 4494} and host._read_offset[tp] == 4494
+    commit_guard.note_session_ok()  # its next heartbeat is answered: the group kept it
+
+    # The fetch loop's next steps: the prefetch (delivered if take_prefetch gives it),
+    # then the next fetch, from wherever the position is then.
+    fetched = asyncio.run(host.take_prefetch(_done(prefetched), moves))
+    if fetched is not None:
+        asyncio.run(host.deliver_batches(*fetched))
+    position = host._thread.positions[tp]
+    asyncio.run(host.deliver_batches({tp: [record(1, o) for o in range(position, 5990)]}, None, 1))
+    delivered = [r.offset for batch in seen for r in batch]
+    assert delivered == list(range(4494, 5990))  # from the committed offset, none skipped
+    assert host._new_offset(tp) == 5990
+    assert fetched is None
+
+
+def test_a_fetch_begun_after_a_seek_is_fetched_again_from_its_first_record():
+    """A prefetch that overlapped a seek may also have been taken after it, at the new
+    positions: dropped all the same, its partitions go back to its first records (never
+    below the committed offset), so nothing is skipped. Without a move since it began,
+    a prefetch is delivered as it is."""
+    from app.transport import _done
+
+    host = ConsumerHost()
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host._committed_offset[tp0] = 100
+    host._committed_offset[tp1] = 300
+    host._thread.positions = {tp0: 140, tp1: 340}
+    fetched = ({tp0: [record(0, o) for o in range(100, 140)], tp1: [record(1, o) for o in range(250, 340)]},
+               {tp0, tp1}, 1)
+    moves = host._position_moves
+    assert asyncio.run(host.take_prefetch(_done(fetched), moves)) is fetched  # nothing moved
+    assert host._thread.positions == {tp0: 140, tp1: 340}
+    host._position_moves += 1  # a seek or a rewind since the prefetch began
+    assert asyncio.run(host.take_prefetch(_done(fetched), moves)) is None
+    assert host._thread.positions == {tp0: 100, tp1: 300}
+    assert host._read_offset[tp0] == 100 and host._read_offset[tp1] == 300
 
 
 def test_a_rewind_never_moves_a_partition_forward():
