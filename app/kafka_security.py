@@ -110,7 +110,7 @@ async def wait_for_broker(settings: Settings, attempt_timeout: float = 5.0) -> N
     deadline = asyncio.get_running_loop().time() + settings.broker_wait
     waited = False
     while True:
-        error = await probe(settings, attempt_timeout)
+        error = await unreachable(settings, attempt_timeout)
         if error is None:
             if waited:
                 log.info("The broker at %s is reachable; starting", settings.bootstrap_servers)
@@ -122,6 +122,23 @@ async def wait_for_broker(settings: Settings, attempt_timeout: float = 5.0) -> N
                         error, settings.broker_wait)
             waited = True
         await asyncio.sleep(1.0)
+
+
+async def unreachable(settings: Settings, timeout: float) -> BaseException | None:
+    """None when one bootstrap server accepts a TCP connection, else the last error.
+    Only reachability: a refused login or certificate is ``check_connection``'s to
+    explain (waiting would only delay that)."""
+    error: BaseException | None = None
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
+        except (OSError, TimeoutError) as exc:
+            error = exc
+            continue
+        writer.close()
+        return None
+    return error
 
 
 async def probe(settings: Settings, timeout: float) -> BaseException | None:
