@@ -51,15 +51,12 @@ def test_chained_faults_exactly_once(kafka):
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 23, docs/delivery.md AF: the long mode's loss at a woken worker (sessions 13-14, "
-    "seeds 1 and 3: the fetch begun before its seek) is fixed, but seed 2 (session 14) still got "
-    "windows and alerts short after a broker restart, with nothing lost from the sink and the "
-    "re-keyed topic complete and in order (AB, 'Open'). This case's schedule has a pause; it "
-    "passed 4 of 4 runs in session 13"))
 def test_chained_faults_at_least_once(kafka):
     """Was xfail (issue 23 finding 3 on 510198f: stuck in 2 of 9 runs, 1 crash). Passed 3
     of 3 runs in session 12, after sections I and P of docs/delivery.md; then xfail again
     for a crash on NotLeaderForPartitionError (1 of 2 CI runs), fixed by section W.
-    Passed 2 of 2 runs in session 13."""
+    Passed 2 of 2 runs in session 13. Was xfail in session 14 for the long mode's seed 2
+    (windows short after a broker restart: batches delivered during Recovery's seek, closed
+    by docs/delivery.md AB); with AB this case passed 2 of 2 runs, and on the merged code
+    (AB and AF) the long mode's seeds 1, 2 and 3 passed under at_least_once."""
     run_case("at_least_once")
