@@ -174,7 +174,7 @@ def assert_equals_the_fold(w: Worker, phases, isolation: str) -> None:
         try:
             got = run(wait_for(complete, timeout=180, interval=2, what=f"{t} join outputs"))
         except TimeoutError:
-            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=3, isolation_level=isolation))
+            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=60, idle=3, isolation_level=isolation))
         outputs = as_multiset(r.json() for r in got)
         missing, extra = want - outputs, outputs - want
         assert not missing and not extra, (
@@ -184,7 +184,7 @@ def assert_equals_the_fold(w: Worker, phases, isolation: str) -> None:
             joined = r.json()
             assert r.key == str((joined["left"] or joined["right"])["k"]).encode()
             assert r.timestamp == round(joined["ts"] * 1000)
-        late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=10, idle=2, isolation_level=isolation))
+        late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=60, idle=2, isolation_level=isolation))
         assert as_multiset(orjson.loads(r.value) for r in late) == want_late, t
         assert {r.headers["late.side"] for r in late} == {b"left", b"right"}
 
@@ -282,9 +282,9 @@ def test_idle_sides_close_the_intervals_of_left_and_outer_joins(kafka):
         run(produce(w.topic_prefix, [], [late_partner]))
         wait_committed(w)
         for t, expected in want.items():
-            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=3))
+            got = run(read_topic(f"{w.topic_prefix}paid.{t}", timeout=60, idle=3))
             assert as_multiset(r.json() for r in got) == expected, t
-            late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=10, idle=2))
+            late = run(read_topic(f"{w.topic_prefix}pipeline.j{t}.late", timeout=60, idle=2))
             assert [orjson.loads(r.value) for r in late] == [late_partner], t
         status, body = w.get("/api/v1/pipelines")
         counters = {p["name"]: p["counters"]["join"] for p in body["pipelines"]}
@@ -341,10 +341,12 @@ def test_sides_not_keyed_by_the_join_key_are_repartitioned(kafka):
             return got if len(got) >= len(want) else None
 
         run(wait_for(complete, timeout=240, interval=2, what="the re-keyed join's outputs"))
-        got = run(read_topic(f"{name}.paid.left", timeout=10, idle=3))
+        # Read again to catch anything past the expected count (idle=3). Its own bound
+        # is generous: under CI load a 10 s bound once returned nothing at all.
+        got = run(read_topic(f"{name}.paid.left", timeout=60, idle=3))
         assert as_multiset(r.json() for r in got) == as_multiset(want)
         assert all(r.key == str((r.json()["left"] or r.json()["right"])["k"]).encode() for r in got)
-        keyed = run(read_topic(f"{name}.pipeline.jleft.left.keyed", timeout=10, idle=2))
+        keyed = run(read_topic(f"{name}.pipeline.jleft.left.keyed", timeout=60, idle=2))
         assert {r.key for r in keyed if r.value} == {str(k).encode() for k in {a["k"] for a in left}}
     finally:
         w.kill()
