@@ -514,10 +514,7 @@ class WindowRunner:
         # (the commit protocol waits for the emitter first); under exactly_once in the
         # transaction of the input partition each output comes from (``sources``).
         # ``grouped``: this batch's closed windows' results, by the sink's partition.
-        if grouped:
-            await self.emitter.send_later(out, sources or [], grouped)
-        else:
-            await self.emitter.send_later(out, sources or [])
+        await self.emitter.send_later(out, sources or [], grouped)
         for p, ev, exc in dead:
             await self.emitter.dead_letter(
                 ev.key, ev.value, reason=exc.reason, message=str(exc), source_topic=self.input_name,

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     n_sent = 0
 
     class Outputs(MemoryEmitter):
-        async def send_later(self, out: list, sources: list) -> None:
+        async def send_later(self, out: list, sources: list, grouped: Any = ()) -> None:
             # As the worker does: a batch's outputs live until the broker acknowledged
             # them (a few batches later), not for the whole run.
             nonlocal n_sent

@@ -62,7 +62,7 @@ class Outputs(MemoryEmitter):
         super().__init__()
         self.out, self.refused = [], []
 
-    async def send_later(self, out, sources):
+    async def send_later(self, out, sources, grouped=()):
         self.out.extend(out)
 
     async def dead_letter(self, key, value, **why):
