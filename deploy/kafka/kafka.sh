@@ -5,7 +5,7 @@
 #   deploy/kafka/kafka.sh fetch|start|stop|status|ensure
 #
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
-# KAFKA_HOME_DIR (<repo>/.cache/kafka), KAFKA_HEAP (512m).
+# KAFKA_HOME_DIR (<repo>/.cache/kafka), KAFKA_HEAP (1g, the heap's fixed size).
 #
 # KAFKA_SECURITY=sasl_ssl starts a broker whose only client listener is SASL_SSL: a CA and
 # a broker certificate (for 127.0.0.1 and localhost) are made with openssl into
@@ -148,7 +148,11 @@ start() {
     format -t "$cluster_id" -c "$state/server.properties" --ignore-formatted "${users[@]}" >"$state/format.log" 2>&1 \
     || { cat "$state/format.log" >&2; exit 1; }
   log "starting broker on 127.0.0.1:$port (logs: $state/kafka.log)"
-  nohup java -Xms256m -Xmx"${KAFKA_HEAP:-512m}" -XX:+UseG1GC \
+  # A fixed heap of Kafka's own default size (1 GB, as kafka-server-start.sh): with a
+  # 256-512 MB heap the broker's young collections came every ~1.3 s at 5,000 events/s
+  # and each stopped it for 7-14 ms, about 1 % of every latency sample (the p99).
+  # docs/performance.md, "Issue 22, session 15".
+  nohup java -Xms"${KAFKA_HEAP:-1g}" -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC \
     -Dlog4j2.configurationFile="$here/log4j2.yaml" \
     -cp "$libs/*" kafka.Kafka "$state/server.properties" >"$state/kafka.log" 2>&1 &
   echo $! > "$pidfile"
