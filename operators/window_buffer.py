@@ -24,9 +24,10 @@ class WriteBackBuffer:
         self.max_entries = max_entries
         self.cached: dict[Hashable, Any] = {}
         self.dirty_keys: dict[Hashable, int] = {}  # key -> partition it must be written to
-        #: Keys whose values a write in flight is storing (taken from ``dirty_keys``): kept
-        #: cached until it is done, since the store does not hold them yet.
-        self._writing: set[Hashable] = set()
+        #: Keys whose values a write in flight is storing (taken from ``dirty_keys``, with
+        #: their partitions): kept cached until it is done, since the store does not
+        #: hold them yet.
+        self._writing: dict[Hashable, int] = {}
         self.loads = 0
         self.writes = 0
         self.updates = 0

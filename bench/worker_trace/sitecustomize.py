@@ -195,8 +195,38 @@ def _patch_transport(m) -> None:
 
     _timed_async(consumer_cls, "_commit_snapshot", "commit", caller)
 
+    filt = consumer_cls._filter_committable_offsets
+
+    def traced_filter(self, *args, **kwargs):
+        at, t0 = time.time(), time.perf_counter()
+        try:
+            return filt(self, *args, **kwargs)
+        finally:
+            rec("offsets", at, time.perf_counter() - t0)
+
+    consumer_cls._filter_committable_offsets = traced_filter
+
 
 def _patch_store(m) -> None:
+    _timed_async(m.WriteBackCache, "snapshot", "take")
+    if os.environ.get("BENCH_TRACE_PROFILE_TAKE"):
+        taken_calls = [0]
+        orig_take = m.WriteBackCache._take
+
+        def profiled_take(self, *args, **kwargs):
+            taken_calls[0] += 1
+            if len(self.dirty_keys) < 3000:
+                return orig_take(self, *args, **kwargs)
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(orig_take, self, *args, **kwargs)
+            finally:
+                with open(os.path.join(_DIR, f"take-{os.getpid()}-{taken_calls[0]}.txt"), "w") as f:
+                    pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(15)
+
+        m.WriteBackCache._take = profiled_take
     snap = m.CacheSnapshot
     encode_some = snap.encode_some
 
@@ -226,12 +256,12 @@ def _patch_store(m) -> None:
 
     batches_cls.start = timed_start
 
-    async def traced_store(self) -> None:
+    async def traced_store(self, *args) -> None:
         at, t0 = time.time(), time.perf_counter()
         marks: dict = {}
         marks_of[id(self.changelog)] = marks
         try:
-            await store(self)
+            await store(self, *args)
         finally:
             marks_of.pop(id(self.changelog), None)
             end = time.perf_counter()

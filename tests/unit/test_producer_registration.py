@@ -77,8 +77,8 @@ def test_a_coordinator_lookup_that_lost_its_connection_is_tried_again():
     coordinator lookup only for three errors; a closed connection (a broker restart
     during an exactly_once commit) ended the sender and the worker. Now a retriable
     cause is looked up again; a non-retriable one still ends it."""
-    from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
     from aiokafka.client import CoordinationType
+    from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAuthorizationFailedError
 
     install()
 

@@ -188,3 +188,27 @@ def test_a_transactional_producer_keeps_its_id():
         return reset_producer_id(producer), producer._txn_manager.producer_id
 
     assert asyncio.run(scenario()) == (False, 7)
+
+
+def test_full_batches_sent_early_are_in_the_future_of_start_and_in_order():
+    """``send_full`` hands over the batches filled so far (a commit's snapshot, between
+    its parts); ``start`` hands over the rest and its future covers all of them: every
+    record stored once, in the order made, and the last offsets are those of all."""
+
+    async def scenario():
+        producer = FlakyProducer({})
+        batches = kio.RecordBatches(producer)
+        made = fill(batches, 30)
+        assert batches.filled()
+        await batches.send_full("out")
+        early = dict(producer.sends)
+        assert not batches.filled() and early  # handed over now, before start
+        more = fill(batches, 30)
+        last = await (await batches.start("out"))
+        return producer, made, more, early, last
+
+    producer, made, more, early, last = asyncio.run(scenario())
+    assert all(producer.sends[p] > early[p] for p in early)  # start sent the rest
+    for p in (0, 1):
+        assert producer.log[p] == made[p] + more[p]
+    assert last == {p: len(producer.log[p]) - 1 for p in (0, 1)}

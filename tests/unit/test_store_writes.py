@@ -120,3 +120,25 @@ def test_a_small_write_is_one_write_per_partition(log):
     items = [(p, f"k{i}".encode(), {"n": i}) for i in range(20) for p in (0, 1)]
     asyncio.run(write_with_a_bystander(log, items))
     assert [entry for entry in log if entry[0] == "write"] == [("write", 20), ("write", 20)]
+
+
+def test_a_commit_pauses_between_write_batches_as_long_as_the_last_one_took(log):
+    """A commit's snapshot hands ``store`` its pause (``CommitProtocol._batches_first``):
+    before every write batch but the first, ``pause`` is awaited with the time the
+    previous write took, instead of the one loop turn that let no waiting batch in
+    (a fetch needs several turns to reach its batch; docs/delivery.md, AE)."""
+    items = [(0, f"k{i:05d}".encode(), {"n": i}) for i in range(2500)]
+    paused: list[float] = []
+
+    async def pause(took: float) -> None:
+        paused.append(took)
+        log.append(("pause",))
+
+    async def run() -> None:
+        writes = StoreWrites(Target(log))
+        writes.add(items, str_keys=True)
+        await writes.store(pause)
+
+    asyncio.run(run())
+    assert [entry[0] for entry in log] == ["pause", "write", "pause", "write", "pause", "write"]
+    assert paused[0] == 0.0 and all(took > 0 for took in paused[1:])
