@@ -13,7 +13,9 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
 * ``section``: each commit section (``CommitGuard.committing``): its hold;
 * ``encode``: each ``CacheSnapshot.encode_some`` part; ``store``: each
   ``StoreWrites.store`` (hand-over, changelog acks, RocksDB write); ``commit``: each
-  ``FastConsumer._commit_snapshot``; ``timers``: ``TimerIndex.refresh``.
+  ``FastConsumer._commit_snapshot``; ``take``: each ``WriteBackCache.snapshot``;
+  ``offsets``: the commit's ``_filter_committable_offsets``; ``timers``:
+  ``TimerIndex.refresh``.
 
 Times are wall clock (``time.time()``, the clock the benchmarks stamp events with) and
 durations in seconds. Analyse with ``python -m bench.trace_report``.
@@ -209,24 +211,6 @@ def _patch_transport(m) -> None:
 
 def _patch_store(m) -> None:
     _timed_async(m.WriteBackCache, "snapshot", "take")
-    if os.environ.get("BENCH_TRACE_PROFILE_TAKE"):
-        taken_calls = [0]
-        orig_take = m.WriteBackCache._take
-
-        def profiled_take(self, *args, **kwargs):
-            taken_calls[0] += 1
-            if len(self.dirty_keys) < 3000:
-                return orig_take(self, *args, **kwargs)
-            import cProfile
-            import pstats
-            prof = cProfile.Profile()
-            try:
-                return prof.runcall(orig_take, self, *args, **kwargs)
-            finally:
-                with open(os.path.join(_DIR, f"take-{os.getpid()}-{taken_calls[0]}.txt"), "w") as f:
-                    pstats.Stats(prof, stream=f).sort_stats("cumulative").print_stats(15)
-
-        m.WriteBackCache._take = profiled_take
     snap = m.CacheSnapshot
     encode_some = snap.encode_some
 
