@@ -592,11 +592,12 @@ class FastConsumer(faust_aiokafka.Consumer):
             track_end(tp, self.highwater(tp))
         return records, active_partitions, generation_id
 
-    async def freshen(self, fetched: tuple[dict[Any, list[Any]], Any, int]
+    async def freshen(self, fetched: tuple[dict[Any, list[Any]], Any, int], waited: bool = False
                       ) -> tuple[tuple[dict[Any, list[Any]], Any, int], asyncio.Future | None]:
         """Add what arrived since ``fetched`` was fetched: up to ``FRESHEN_ROUNDS`` more
         fetches of at most ``FRESHEN_TIMEOUT`` each, while the batch is small. Returns
         the merged fetch, and a fetch of a newer generation to deliver next (or None).
+        Not when the loop ``waited`` for ``fetched`` to arrive (see below).
 
         Why: aiokafka fetches a partition again only once its previous response was
         taken, and that response then waits for the batch being handled; so a record
@@ -604,8 +605,17 @@ class FastConsumer(faust_aiokafka.Consumer):
         (measured: the oldest record of a batch 35-40 ms old at 5,000 events/s, where a
         batch takes about 10 ms). Taking the waiting response and the one its taking
         triggers starts each batch with records a fetch round trip old. A backlog
-        (a full fetch) skips this."""
+        (a full fetch) skips this.
+
+        A fetch the loop ``waited`` for (idle, the previous batch long done) arrived
+        just now: its records did not wait behind a batch, and a top-up could only
+        wait up to ``FRESHEN_TIMEOUT`` for records that come after them. At low rates
+        that was 3-7 ms of every batch's latency (a window end's results among them:
+        docs/performance.md, "Issue 22, session 15"), for a fuller batch that a fast
+        handler does not need."""
         records, active_partitions, generation_id = fetched
+        if waited:
+            return fetched, None
         count = sum(len(rs) for rs in records.values())
         for _ in range(FRESHEN_ROUNDS):
             if count >= FRESHEN_BELOW or self.should_stop:
@@ -980,13 +990,17 @@ class FastConsumer(faust_aiokafka.Consumer):
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
+                # Whether the loop waits for the fetch: the prefetch begun before the
+                # last batch had not arrived when that batch was done (``freshen``).
+                waited = False
                 if prefetch is not None:
+                    waited = not prefetch.done()
                     fetched = await self.take_prefetch(prefetch, prefetch_moves)
                     prefetch = None
                 else:
                     fetched = await self.fetch(timeout=1.0)
                 if fetched is not None and BATCH_AGENTS:
-                    fetched, prefetch = await self.freshen(fetched)
+                    fetched, prefetch = await self.freshen(fetched, waited)
                     prefetch_moves = self._position_moves
                 await self.sleep(0)
                 if fetched is None or self.should_stop:

@@ -727,6 +727,22 @@ def test_freshen_stops_when_nothing_more_came_or_the_batch_is_large():
     assert host.fetches == 0  # a backlog: deliver what came at once
 
 
+def test_freshen_does_not_top_up_a_fetch_the_loop_waited_for():
+    """Issue 22 (docs/performance.md, "Issue 22, session 15"): a fetch the loop waited
+    for (idle: the prefetch had not arrived when the last batch was done) is delivered
+    as it is. Its records did not wait behind a batch; the top-ups only waited up to
+    ``FRESHEN_TIMEOUT`` each for later records, 3-7 ms of a window end's latency at
+    1,000 events/s. A fetch that was ready at once is still topped up."""
+    tp0 = TP(TOPIC, 0)
+    more = ({tp0: [record(0, 2)]}, None, 1)
+    host = ScriptedFetches([more])
+    fetched = ({tp0: [record(0, 1)]}, None, 1)
+    assert asyncio.run(host.freshen(fetched, waited=True)) == (fetched, None)
+    assert host.fetches == 0
+    (records, _a, _g), _ = asyncio.run(host.freshen(({tp0: [record(0, 1)]}, None, 1), waited=False))
+    assert [r.offset for r in records[tp0]] == [1, 2] and host.fetches == 2
+
+
 def test_freshen_keeps_a_newer_generations_fetch_for_later():
     tp0 = TP(TOPIC, 0)
     newer_fetch = ({tp0: [record(0, 0)]}, None, 2)

@@ -139,6 +139,46 @@ def test_record_batches_keep_each_partitions_order_across_full_batches():
     asyncio.run(scenario())
 
 
+def test_record_batches_add_all_makes_the_batches_add_makes():
+    """``RecordBatches.add_all`` (a partition's records in one call: a window end's
+    results, ``KafkaIO.start_partitioned``) fills the same record batches, in the same
+    order, as ``add`` per record, across full batches and mixed with ``add``, and
+    counts every record."""
+    import asyncio
+
+    from app.kafka_io import RecordBatches
+
+    records = [(f"k{i}".encode(), b"v" * (100 + i % 7)) for i in range(45)]
+
+    async def sent(fill):
+        producer = RecordingProducer(batch_size=1024)
+        batches = RecordBatches(producer)
+        fill(batches)
+        count = batches.count
+        await (await batches.start("sink"))
+        return count, producer.sent
+
+    def one_by_one(batches):
+        for i, record in enumerate(records):
+            batches.add(i % 2, *record)
+
+    def together(batches):
+        batches.add(0, *records[0])  # an open batch already holds a record
+        batches.add_all(0, [r for i, r in enumerate(records) if i % 2 == 0][1:])
+        batches.add_all(1, [r for i, r in enumerate(records) if i % 2 == 1])
+        batches.add_all(1, [])
+
+    want = asyncio.run(sent(one_by_one))
+    assert want[0] == len(records) and len(want[1]) > 2  # several full batches
+    count, got = asyncio.run(sent(together))
+    assert count == len(records)
+    for partition in (0, 1):
+        assert ([r for _, p, rs in got if p == partition for r in rs]
+                == [r for _, p, rs in want[1] if p == partition for r in rs])
+        assert ([len(rs) for _, p, rs in got if p == partition]
+                == [len(rs) for _, p, rs in want[1] if p == partition])
+
+
 def test_a_record_larger_than_a_batch_goes_alone_in_order():
     import asyncio
 

@@ -396,3 +396,39 @@ def test_closed_windows_grouped_by_partition_equal_the_items_path():
     assert len(got) == len(via_items)
     assert not grouping.commit.emitter.out  # nothing else was emitted: no late records here
     assert grouping.stats["emitted"] == items.stats["emitted"] == len(via_items)
+
+
+def test_a_changed_sink_partitioner_is_used_for_keys_seen_before():
+    """The close remembers each key's sink partition and JSON (``_key_outputs``: a key's
+    windows close at every window end). When the emitter's partitioner changes (the
+    sink's partition count), results of keys seen before go where the new one puts
+    them, not where the memo said."""
+
+    class SwitchingOutputs(GroupingOutputs):
+        def __init__(self):
+            super().__init__()
+            self.modulo = 3
+
+        async def partitioner(self, topic_name):
+            modulo = self.modulo
+            return lambda key: len(key) % modulo
+
+    emitter = SwitchingOutputs()
+    r = WindowRunner(DEF, None, None, SinkTopic(), "late", store=Store(),
+                     commit=CommitProtocol(emitter, defer=True))
+    first, rest = batches()[:3], batches()[3:]
+
+    async def go():
+        for b in first:
+            await r.process(parts(b))
+        seen = len(emitter.grouped)
+        emitter.modulo = 2
+        for b in rest:
+            await r.process(parts(b))
+        return seen
+
+    seen = asyncio.run(go())
+    assert 0 < seen < len(emitter.grouped)
+    assert all(p == len(key) % 3 for _n, p, key, _v in emitter.grouped[:seen])
+    assert all(p == len(key) % 2 for _n, p, key, _v in emitter.grouped[seen:])
+    assert {key for _n, _p, key, _v in emitter.grouped[:seen]} & {key for _n, _p, key, _v in emitter.grouped[seen:]}
