@@ -19,9 +19,9 @@ of the batch.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-import itertools
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from typing import Any
 
