@@ -335,7 +335,7 @@ async def apply_items(items: list[Item]) -> int:
             # Hooked before this batch is acked, so before any commit could cover it.
             commit_protocol.arm()
         state_cache.put_dirty_many(state_writes)
-        if not defer or len(state_cache.dirty) >= state_cache.max_dirty:
+        if not defer or state_cache.over_dirty_limit():
             await flush_states()
     except BaseException:
         # The cached states may hold changes that were never written, or whose outputs

@@ -85,6 +85,8 @@ class Flushable(Protocol):
     @property
     def max_dirty(self) -> int: ...
 
+    def over_dirty_limit(self) -> bool: ...
+
 
 class Emitter:
     """at_least_once: outputs as pipelined record batches (``app.kafka_io``).
@@ -526,7 +528,7 @@ class CommitProtocol:
             return
         self.arm()
         for cache in caches:
-            if cache.dirty_count >= cache.max_dirty:
+            if cache.over_dirty_limit():
                 await self.emitter.flush()  # outputs before the state that follows them
                 await cache.flush()
 

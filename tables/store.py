@@ -461,6 +461,13 @@ class WriteBackCache(WriteBackBuffer):
             self.written()
         self.count_flush(t0)
 
+    def over_dirty_limit(self) -> bool:
+        """Whether a batch must flush this cache now: ``max_dirty`` values unwritten, and
+        no flush or commit snapshot of it under way. During a snapshot the batch's flush
+        would wait for the snapshot, which waits for the batch's section to end: a
+        deadlock (docs/delivery.md, AH); the values wait for the next commit instead."""
+        return self.dirty_count >= self.max_dirty and not self._lock.locked()
+
     async def snapshot(self) -> CacheSnapshot | None:
         """The first half of a flush, for a commit that lets batches run while it writes
         (app/commit.py, ``CommitProtocol.begin_commit``): every dirty value is taken now

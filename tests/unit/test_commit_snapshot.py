@@ -413,3 +413,41 @@ def test_a_snapshot_takes_keys_and_encodes_the_values_they_have_then():
         assert value_of(store, b"a") is None and value_of(store, b"b") is None
 
     asyncio.run(main())
+
+
+def test_a_batch_past_max_dirty_during_a_snapshot_does_not_deadlock_the_commit(worker, monkeypatch):
+    """A batch between two parts of a snapshot that leaves its cache at ``max_dirty``
+    does not flush it then: the flush would wait for the cache's lock, which the
+    snapshot holds until it is written, while the snapshot's next part waits for the
+    batch to leave its section. Found with 1,000,000 keys under at_least_once
+    (tests/chaos/test_fast_restart.py): the worker stopped processing for good. The
+    values wait for the next commit instead."""
+    consumer, _protocol, _cache, store = worker
+    protocol = CommitProtocol(MemoryEmitter(), defer=True, guard=commit_guard)
+    monkeypatch.setattr(protocol, "ENCODE_PART", 1)
+    cache = protocol.register(WriteBackCache(store, max_dirty=2))
+    monkeypatch.setattr(commit_guard, "before_commit", [protocol.begin_commit])
+
+    async def main():
+        async with commit_guard.processing():
+            for key in (b"a", b"b"):
+                cache.put(key, {"n": 1}, 0)
+            consumer.ack_spans({TP0: (0, 9)})
+        committing = asyncio.ensure_future(consumer.commit())
+        await asyncio.sleep(0)  # the snapshot (a and b) is taken; its parts follow
+
+        async def batch_past_max_dirty():
+            async with commit_guard.processing():
+                for key in (b"c", b"d", b"e"):
+                    cache.put(key, {"n": 2}, 0)
+                consumer.ack_spans({TP0: (10, 19)})
+                await protocol.end_batch(cache)
+
+        await asyncio.wait_for(batch_past_max_dirty(), 5)
+        assert await asyncio.wait_for(committing, 5) is True
+        assert value_of(store, b"a") == {"n": 1}
+        assert cache.dirty_count == 3  # for the next commit
+        await protocol.end_batch(cache)  # no snapshot in flight: flushed now
+        assert cache.dirty_count == 0 and value_of(store, b"e") == {"n": 2}
+
+    asyncio.run(main())
