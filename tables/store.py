@@ -492,10 +492,7 @@ class WriteBackCache(WriteBackBuffer):
             t0 = time.perf_counter()
             # The dirty keys as they are (a swap, not a list of ~9,000 values built
             # here: that held the commit's first section 7-10 ms; issue 22).
-            taken, self.dirty_keys = self.dirty_keys, {}
-            self.writes += len(taken)
-            self._writing = taken
-            side, self.side = self.side, {}
+            taken, side = self._take_keys()
             done = False
             return CacheSnapshot(self, prepared, taken, side, t0)
         finally:
@@ -511,13 +508,19 @@ class WriteBackCache(WriteBackBuffer):
                              list[tuple[int, bytes, Any]]]:
         # As ``take_dirty``, but the taken keys stay cached (``_writing``) until the write
         # is done (``written``): a read meanwhile must not find the store without them.
-        dirty, self.dirty_keys = self.dirty_keys, {}
+        dirty, side = self._take_keys()
         values = self.cached
         taken = [(key, values[key], partition) for key, partition in dirty.items()]
-        self.writes += len(taken)
+        return taken, side, self.items_of(taken, side)
+
+    def _take_keys(self) -> tuple[dict[Hashable, int], dict[bytes, tuple[int, Any]]]:
+        """The dirty keys (key -> partition) and side values, taken: no longer dirty,
+        kept cached as being written (``_writing``) until ``written``."""
+        dirty, self.dirty_keys = self.dirty_keys, {}
+        self.writes += len(dirty)
         self._writing = dirty
         side, self.side = self.side, {}
-        return taken, side, self.items_of(taken, side)
+        return dirty, side
 
     def items_of(self, taken: list[tuple[Hashable, Any, int]],
                  side: dict[bytes, tuple[int, Any]]) -> list[tuple[int, bytes, Any]]:
