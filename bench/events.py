@@ -43,10 +43,17 @@ def encoded_size(event: dict) -> int:
 
 
 async def produce_events(bootstrap: str, topic: str, events: list[dict], rate: float = 0,
-                         pace_every: int = 1) -> None:
+                         pace_every: int = 1, linger_ms: int | None = None) -> None:
     """Send events keyed by user_id; paced at ``rate``/s when given (then ``sent_at`` and
-    ``ts`` are the send time), checking the pace every ``pace_every`` events."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **kafka_options(),
+    ``ts`` are the send time), checking the pace every ``pace_every`` events.
+
+    ``linger_ms``: default 5 for a backlog (full batches), 0 when paced. Why 0 there: a
+    paced event's ``sent_at`` is taken before the producer holds it, so a linger would
+    count the load generator's own batching wait in every latency sample (up to 5 ms);
+    transform's latency producer does not linger either."""
+    if linger_ms is None:
+        linger_ms = 0 if rate else 5
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms, **kafka_options(),
                                 max_batch_size=512 * 1024)
     await producer.start()
     try:

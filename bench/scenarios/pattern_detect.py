@@ -17,7 +17,9 @@ Two phases (like ``transform`` and ``window-aggregate``):
 
 The alerts of both phases are compared with a fold of the sent events through the pure
 matchers (``alerts_match_fold``). Options: ``workers=N`` (default 1; throughput is then
-summed over the workers' own clocks from the first to the last batch of any of them).
+summed over the workers' own clocks from the first to the last batch of any of them),
+``live_linger_ms`` (the live producer's linger, default 0, as
+``bench.events.produce_events`` explains).
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ async def run(ctx: Context) -> Result:
             e["event_id"] = f"l-{i:012d}"
         live_start = time.time()
         # Paced in steps of 50 so the producer is not a timer loop.
-        await produce_events(ctx.bootstrap, events_topic, live, rate=rate, pace_every=50)
+        await produce_events(ctx.bootstrap, events_topic, live, rate=rate, pace_every=50,
+                             linger_ms=int(ctx.args.options.get("live_linger_ms", 0)))
         await wait_processed(workers, ctx.events + live_n)
         alerts = await read_alerts(ctx.bootstrap, alerts_topic)
         commits = await commit_metrics(workers)

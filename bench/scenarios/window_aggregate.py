@@ -15,7 +15,8 @@ Per window type, one fresh worker:
 Options (``--option K=V``): ``repartition`` (default false: the source is keyed by
 user_id, so no repartition hop; true measures the rekey agent too), ``event_rate``
 (event-time events/s in the backlog, default 1000), ``latency_seconds`` (default 25),
-``types`` (default tumbling,hopping).
+``types`` (default tumbling,hopping), ``live_linger_ms`` (the live producer's linger,
+default 0, as ``bench.events.produce_events`` explains).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ async def run_one(ctx: Context, kind: str) -> Result:
         live_n = int(rate * latency_seconds)
         live = [make_event(ctx.events + i, ctx.keys, rng) for i in range(live_n)]
         live_start = time.time() * 1000
-        await produce_events(ctx.bootstrap, topic, live, rate=rate)
+        await produce_events(ctx.bootstrap, topic, live, rate=rate, linger_ms=int(opts.get("live_linger_ms", 0)))
         live_end = time.time() * 1000
         await wait_processed(worker, name, ctx.events + live_n)
         results = await read_sink(ctx.bootstrap, f"{ns}.{name}.aggregates")
