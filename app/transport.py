@@ -340,6 +340,23 @@ class FastConsumer(faust_aiokafka.Consumer):
         #: offsets, rewinds) so far: a fetch begun before one is not delivered
         #: (``take_prefetch``).
         self._position_moves = 0
+        #: The commit that ``commit_every`` acked records started (``commit_by_count``).
+        self._count_commit: asyncio.Future | None = None
+
+    def commit_by_count(self) -> None:
+        """Start the commit due after ``commit_every`` acked records (Faust's
+        ``broker_commit_every``) as a task of its own, as the timer's commits are; one
+        at a time (Faust's ``commit`` also waits for any commit in progress).
+
+        Why (issue 22): Faust awaits this commit inside the fetch loop, so nothing was
+        fetched or delivered until it ended. An at_least_once commit writes the changed
+        state in parts and lets waiting batches in between them (app/commit.py), but
+        no batch could be waiting: the loop that delivers them was the one awaiting the
+        commit. The pattern benchmark's backlog of 200,000 records ended with such a
+        commit of 10,000 states (320 ms), and the first live alerts waited for all of
+        it (docs/performance.md, "Issue 22, session 16")."""
+        if self._count_commit is None or self._count_commit.done():
+            self._count_commit = self.add_future(self.commit())
 
     def _new_consumer_thread(self) -> FastConsumerThread:
         return FastConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -973,7 +990,8 @@ class FastConsumer(faust_aiokafka.Consumer):
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by Fetcher
         # The same loop as Faust's (read offsets, gaps, commit_every, stop handling);
         # what differs: batch agents get their topics' records per fetch
-        # (``deliver_batches``), other records are delivered inline (``deliver``).
+        # (``deliver_batches``), other records are delivered inline (``deliver``), and
+        # the commit by count runs beside the loop (``commit_by_count``).
         callback = self.callback
         deliver = self.deliver
         consumer_should_stop = self._stopped.is_set
@@ -1043,12 +1061,12 @@ class FastConsumer(faust_aiokafka.Consumer):
                         await self._add_gap(tp, r_offset + 1, offset)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
-                        await self.commit()
+                        self.commit_by_count()
                     await deliver(callback, message)
                     read_offset[tp] = offset
                 if commit_every is not None and self._n_acked >= commit_every:
                     self._n_acked = 0
-                    await self.commit()
+                    self.commit_by_count()
                 unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.integration.test_delivery_semantics import (
     FORWARD,
     PARTITIONS,
@@ -23,15 +25,17 @@ from tests.integration.test_delivery_semantics import (
     read_output,
     wait_all_processed,
 )
+from tests.integration.test_exactly_once import COMMITS
 from tests.support import LiveStream, Worker, create_topics, run, wait_for
 
 
-def test_kill9_mid_stream_loses_nothing(workers, namespace):
+@pytest.mark.parametrize("commits", list(COMMITS))
+def test_kill9_mid_stream_loses_nothing(workers, namespace, commits):
     app_id, prefix = namespace
     topic = f"{prefix}passthrough"
     events = make_events(20000)
     run(create_topics([topic], partitions=PARTITIONS))
-    first: Worker = workers(**FORWARD).start()
+    first: Worker = workers(**FORWARD, **COMMITS[commits]).start()
     # A live stream (5,000 events/s): a pre-produced backlog of 20,000 was all processed
     # before the kill on a fast machine (CI, session 10: "killed too late").
     feeder = LiveStream(topic, events, key="user_id", per_chunk=250)
@@ -50,7 +54,7 @@ def test_kill9_mid_stream_loses_nothing(workers, namespace):
     # A second wave arrives while no worker runs; then a new worker takes over.
     more = make_events(2000, start=len(events))
     run(produce(prefix, more))
-    second = workers(**FORWARD).start()
+    second = workers(**FORWARD, **COMMITS[commits]).start()
     output = run(wait_all_processed(prefix, events + more))
     ends = run(end_offsets(topic))
     run(wait_for(lambda: _reached(app_id, topic, ends), timeout=60, what="commits at the end"))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.integration.test_delivery_semantics import (
     FORWARD,
     PARTITIONS,
@@ -58,12 +60,18 @@ def test_transactions_commit_output_and_offsets(workers, namespace):
     assert all(out_ends[p] > n for p, n in per_partition.items()), (out_ends, per_partition)
 
 
-def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(workers, namespace):
+#: Commits every 3 s (the default), or also after every 500 acked records, which start
+#: beside the fetch loop (``FastConsumer.commit_by_count``) while batches go on.
+COMMITS = {"by time": {}, "by count": {"STREAMETL_COMMIT_EVERY": "500"}}
+
+
+@pytest.mark.parametrize("commits", list(COMMITS))
+def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(workers, namespace, commits):
     app_id, prefix = namespace
     topic = f"{prefix}passthrough"
     events = make_events(20000)
     run(create_topics([topic], partitions=PARTITIONS))
-    first = workers(**EXACTLY_ONCE).start()
+    first = workers(**EXACTLY_ONCE, **COMMITS[commits]).start()
     # A live stream, and the kill once some transactions have committed: killed at its
     # first processed record (as before), a fast worker died inside its first
     # transaction, so nothing committed was ever in play.
@@ -79,7 +87,7 @@ def test_kill9_mid_transaction_no_uncommitted_output_no_loss_no_duplicates(worke
     # Whatever is committed so far is already exactly-once.
     assert all(n == 1 for n in Counter(eid for eid, _, _ in before).values())
 
-    workers(**EXACTLY_ONCE).start()
+    workers(**EXACTLY_ONCE, **COMMITS[commits]).start()
     feeder.wait()
     output = run(wait_all_processed(prefix, events, isolation_level="read_committed"))
     exactly_each_once(output, events)

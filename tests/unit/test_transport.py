@@ -805,6 +805,43 @@ def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monk
         assert calls == ["faust forgets acks"]
 
 
+def test_a_commit_by_count_runs_beside_the_fetch_loop_one_at_a_time():
+    """Issue 22: Faust awaited the commit due after ``commit_every`` acked records inside
+    the fetch loop, so no batch was fetched or delivered until the whole commit (every
+    changed state written) ended: the pattern benchmark's first live alerts waited 165
+    ms. ``commit_by_count`` returns at once with the commit running as a task, and
+    starts no second one while it runs."""
+    consumer = object.__new__(FastConsumer)
+    consumer._count_commit = None
+    started: list[asyncio.Event] = []
+
+    async def commit(topics=None, start_new_transaction=True):
+        done = asyncio.Event()
+        started.append(done)
+        await done.wait()
+        return True
+
+    consumer.commit = commit
+    consumer.add_future = asyncio.ensure_future
+
+    async def scenario():
+        consumer.commit_by_count()  # not awaited: the fetch loop goes on
+        await asyncio.sleep(0)
+        assert len(started) == 1 and not consumer._count_commit.done()
+        consumer.commit_by_count()  # due again while the first still runs: not doubled
+        await asyncio.sleep(0)
+        assert len(started) == 1
+        started[0].set()
+        await consumer._count_commit
+        consumer.commit_by_count()
+        await asyncio.sleep(0)
+        assert len(started) == 2
+        started[1].set()
+        await consumer._count_commit
+
+    run(scenario())
+
+
 # --- static group membership (issue 23, finding 6) -----------------------------------
 
 
