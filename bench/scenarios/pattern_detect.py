@@ -178,7 +178,7 @@ async def run(ctx: Context) -> Result:
         live_start = time.time()
         # Paced in steps of 50 so the producer is not a timer loop.
         await produce_events(ctx.bootstrap, events_topic, live, rate=rate, pace_every=50,
-                             linger_ms=int(ctx.args.options.get("live_linger_ms", 0)))
+                             linger_ms=int(opts.get("live_linger_ms", 0)))
         await wait_processed(workers, ctx.events + live_n)
         alerts = await read_alerts(ctx.bootstrap, alerts_topic)
         commits = await commit_metrics(workers)
