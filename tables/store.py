@@ -740,8 +740,6 @@ class DedupeCache:
     (``layers_of``) and released as a whole (``release``), never key by key.
     ``expiry``: the entries' ``Expiry``, forgotten when partitions move."""
 
-    max_dirty = 1 << 62
-
     def __init__(self, expiry: Expiry | None = None) -> None:
         self.store: Any = None
         self.expiry = expiry
@@ -779,9 +777,9 @@ class DedupeCache:
         """True while a detached change of ``key`` is not written yet."""
         return any(key in layer[partition] for layer in self.layers if partition in layer)
 
-    @property
-    def dirty_count(self) -> int:
-        return 0
+    def over_dirty_limit(self) -> bool:
+        """Never: nothing waits for a commit (see ``flush``)."""
+        return False
 
     async def flush(self) -> None:
         """Nothing waits for a commit (each batch writes its own changes); after ``fail``
