@@ -319,8 +319,12 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
     """Read a topic from the beginning with a plain aiokafka consumer (no group).
 
     Stops at ``expect`` records, or when nothing new arrived for ``idle`` seconds after
-    reaching the current end, or at ``timeout``. ``bootstrap`` defaults to the test
-    broker (the benchmarks pass theirs).
+    reaching the end offsets the topic had when the read began, or at ``timeout``.
+    ``bootstrap`` defaults to the test broker (the benchmarks pass theirs).
+
+    Idleness alone is no end: on a loaded machine the first fetch can take longer
+    than ``idle``, and a read that stopped then returned nothing from a topic that
+    held every expected record (a CI failure of the join idle-close test).
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap or BOOTSTRAP, enable_auto_commit=False, **kafka_options(),
                                 auto_offset_reset="earliest", isolation_level=isolation_level)
@@ -337,6 +341,7 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
         tps = [TopicPartition(topic, p) for p in sorted(parts or [])]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps) if tps else {}
         deadline = time.monotonic() + timeout
         last_new = time.monotonic()
         while time.monotonic() < deadline:
@@ -355,11 +360,20 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
                     for m in msgs:
                         out.append(Consumed(m.key, m.value, dict(m.headers or ()), tp.partition, m.offset, m.timestamp))
                 break
-            if expect is None and time.monotonic() - last_new > idle:
+            if expect is None and time.monotonic() - last_new > idle and await read_to(consumer, ends):
                 break
     finally:
         await consumer.stop()
     return out
+
+
+async def read_to(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
+    """True when ``consumer`` has read each partition up to its offset in ``ends``
+    (its position moves past transaction markers and aborted records too)."""
+    for tp, end in ends.items():
+        if await consumer.position(tp) < end:
+            return False
+    return True
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str = "condition"):

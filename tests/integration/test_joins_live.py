@@ -277,7 +277,13 @@ def test_idle_sides_close_the_intervals_of_left_and_outer_joins(kafka):
                 got = await read_topic(f"{w.topic_prefix}paid.{t}", timeout=10, idle=2)
                 return got if len(got) >= sum(expected.values()) else None
 
-            run(wait_for(complete, timeout=180, interval=2, what=f"{t} join outputs after idle_close"))
+            try:
+                run(wait_for(complete, timeout=180, interval=2, what=f"{t} join outputs after idle_close"))
+            except TimeoutError as exc:
+                # What the worker did: the join counters (ticks marked, closes) and its log.
+                _, body = w.get("/api/v1/pipelines")
+                counters = {p["name"]: p["counters"]["join"] for p in body["pipelines"]}
+                raise AssertionError(f"{exc}\ncounters: {counters}\n{w.log_tail(200)}") from exc
         late_partner = {"k": 3, "ts": t0 + 3, "id": "r3"}
         run(produce(w.topic_prefix, [], [late_partner]))
         wait_committed(w)
