@@ -5,7 +5,8 @@
 #   deploy/kafka/kafka.sh fetch|start|stop|status|ensure
 #
 # Environment: KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
-# KAFKA_HOME_DIR (<repo>/.cache/kafka), KAFKA_HEAP (1g, the heap's fixed size).
+# KAFKA_HOME_DIR (<repo>/.cache/kafka), KAFKA_HEAP (1g, the heap's fixed size),
+# KAFKA_GC_OPTS (the collector's JVM options, -XX:+UseG1GC).
 #
 # KAFKA_SECURITY=sasl_ssl starts a broker whose only client listener is SASL_SSL: a CA and
 # a broker certificate (for 127.0.0.1 and localhost) are made with openssl into
@@ -154,7 +155,8 @@ start() {
   # docs/performance.md, "Issue 22, session 15". G1 keeps its own pause goal (200 ms):
   # kafka-run-class.sh's 20 ms goal gave more, shorter young pauses and a worse
   # transform p99 here ("Issue 22, session 16").
-  nohup java -Xms"${KAFKA_HEAP:-1g}" -Xmx"${KAFKA_HEAP:-1g}" -XX:+UseG1GC \
+  # shellcheck disable=SC2086  # KAFKA_GC_OPTS is a list of JVM options
+  nohup java -Xms"${KAFKA_HEAP:-1g}" -Xmx"${KAFKA_HEAP:-1g}" ${KAFKA_GC_OPTS:--XX:+UseG1GC} \
     -Dlog4j2.configurationFile="$here/log4j2.yaml" \
     -cp "$libs/*" kafka.Kafka "$state/server.properties" >"$state/kafka.log" 2>&1 &
   echo $! > "$pidfile"
