@@ -31,11 +31,12 @@ Delivery contract (implemented in ``app.transport.FastConsumer``):
 * Within one partition records arrive in offset order; a batch may mix partitions.
 * Work a handler hands to :meth:`Batch.finish_later` (typically: wait for the acks of
   the outputs it sent, then store its state) must finish before the batch is acked, but
-  under at_least_once the next batch may be handled meanwhile: at most one batch
-  finishes in the background while the next is handled, batches are acked in order, a
-  rebalance waits for both, and a failure there crashes the worker like a handler
-  failure. Under exactly_once that work is awaited inside the handler's section, before
-  the acks, as if the handler had awaited it.
+  under at_least_once the next batches may be handled meanwhile: up to
+  ``app.transport.MAX_FINISHING`` batches finish in the background, each after the one
+  before it, batches are acked in order, a rebalance waits for all of them, and a failure
+  there crashes the worker like a handler failure. Under exactly_once that work is
+  awaited inside the handler's section, before the acks, as if the handler had awaited
+  it.
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ processor of this project is one) and lacks the delivery fixes above (docs/deliv
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import hashlib
@@ -128,8 +129,15 @@ async def _done(value: Any) -> Any:
 #: How long the fetch loop pauses after holding a fetch back until a rebalance ends.
 HOLD_BACK_PAUSE = 0.05
 
-#: How long a stopping consumer waits for the batch finishing in the background.
+#: How long a stopping consumer waits for the batches finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
+
+#: How many batches may finish in the background (``Batch.finish_later``) before the
+#: fetch loop waits for the oldest. Why more than one: a transform batch finishes with
+#: two broker round trips (its outputs' acks, then its dedupe changelog's), and a loop
+#: that waited for the previous batch's before it delivered the next held every record
+#: fetched meanwhile (docs/performance.md, "Issue 22, session 17").
+MAX_FINISHING = 4
 
 
 class Observers:
@@ -328,8 +336,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         super().__init__(*args, **kwargs)
         #: Batch partitions: the offset after the last acked batch, not yet committed.
         self._batch_next: dict[Any, int] = {}
-        #: The batch whose deferred work (``Batch.finish_later``) runs in the background.
-        self._finishing: asyncio.Future | None = None
+        #: The batches whose deferred work (``Batch.finish_later``) runs in the
+        #: background, oldest first; each waits for the one before it (``MAX_FINISHING``).
+        self._finishing: collections.deque[asyncio.Future] = collections.deque()
         #: Set when a batch's deferred work failed: no later batch may be acked.
         self._finish_failed: BaseException | None = None
         #: exactly_once: why a batch's processing section did not finish (no more commits).
@@ -893,10 +902,18 @@ class FastConsumer(faust_aiokafka.Consumer):
             for tp, (_first, last) in spans.items():
                 read_offset[tp] = last
             if later:
-                # At most one batch finishes in the background: wait for the previous
-                # one (it acks first, so acks stay in offset order), then hand this on.
-                await self.wait_finishing()
-                self._finishing = asyncio.ensure_future(self._finish_and_ack(later, agents, spans, in_flight))
+                # Finished in the background after the batches before it (acks stay in
+                # offset order, state writes in batch order); the loop waits only when
+                # MAX_FINISHING are still finishing.
+                finishing = self._finishing
+                while finishing and finishing[0].done():
+                    finishing.popleft()
+                if len(finishing) >= MAX_FINISHING:
+                    await asyncio.wait({finishing[0]})
+                    finishing.popleft()
+                previous = finishing[-1] if finishing else None
+                finishing.append(asyncio.ensure_future(
+                    self._finish_and_ack(later, agents, spans, in_flight, after=previous)))
 
     async def _finish(self, work: list[Awaitable[Any]], agents: list[Any]) -> None:
         """Await a batch's deferred work (``Batch.finish_later``); a failure crashes the
@@ -912,8 +929,13 @@ class FastConsumer(faust_aiokafka.Consumer):
             raise
 
     async def _finish_and_ack(self, work: list[Awaitable[Any]], agents: list[Any],
-                              spans: dict[Any, tuple[int, int]], in_flight: InFlight) -> None:
+                              spans: dict[Any, tuple[int, int]], in_flight: InFlight,
+                              after: asyncio.Future | None = None) -> None:
+        """``work`` once ``after`` (the batch before, if still finishing) is done, then
+        the ack unless a batch failed to finish."""
         try:
+            if after is not None and not after.done():
+                await asyncio.wait({after})
             await self._finish(work, agents)
             self.ack_if_none_failed(spans)
         except Exception:  # noqa: S110 - logged and crashed in _finish; nothing to ack
@@ -928,10 +950,11 @@ class FastConsumer(faust_aiokafka.Consumer):
             self.ack_spans(spans)
 
     async def wait_finishing(self, timeout: float | None = None) -> None:
-        """Wait for the batch finishing in the background, if any."""
+        """Wait for the batches finishing in the background, if any (the last one
+        finishes after all the others)."""
         finishing = self._finishing
-        if finishing is not None and not finishing.done():
-            await asyncio.wait({finishing}, timeout=timeout)
+        if finishing and not finishing[-1].done():
+            await asyncio.wait({finishing[-1]}, timeout=timeout)
 
     def _release(self, in_flight: InFlight) -> None:
         in_flight.acked = True
@@ -1085,8 +1108,8 @@ class FastConsumer(faust_aiokafka.Consumer):
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()
             unset_flag(CONSUMER_FETCHING)
-            # Let the batch finishing in the background store and ack what it can (a
-            # stop then commits it); bounded, since the broker may be what is failing.
+            # Let the batches finishing in the background store and ack what they can (a
+            # stop then commits them); bounded, since the broker may be what is failing.
             await self.wait_finishing(timeout=FINISH_ON_STOP_SECONDS)
 
 

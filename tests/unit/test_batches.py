@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import defaultdict, deque
 from weakref import WeakSet
 
 import pytest
@@ -19,7 +19,7 @@ from aiokafka.structs import ConsumerRecord
 from faust.types import TP
 
 from app.batches import BATCH_AGENTS, Batch, BatchAgent, BatchRecord
-from app.transport import FastConsumer
+from app.transport import MAX_FINISHING, FastConsumer
 
 TOPIC = "t"
 
@@ -85,7 +85,7 @@ class ConsumerHost:
         self._waiting_for_ack = None
         self._batch_next: dict = {}
         self._last_timestamp: dict = {}
-        self._finishing = None
+        self._finishing: deque = deque()
         self._finish_failed = None
         self._broken_section = None
         self.log = logging.getLogger("test")
@@ -586,27 +586,53 @@ def deferring():
         BATCH_AGENTS.pop(TOPIC, None)
 
 
-def test_deferred_work_finishes_before_the_ack_while_the_next_batch_is_handled(deferring):
+def test_deferred_work_finishes_before_the_ack_while_the_next_batches_are_handled(deferring):
+    """Batches finish in the background in order: the next batch is delivered at once
+    (the fetch loop does not wait for the previous batch's broker round trips), each
+    batch's work starts after the one before it is done, and acks stay in offset order
+    even when a later batch's wait ends first."""
     host = ConsumerHost()
     tp = TP(TOPIC, 0)
 
     async def run() -> None:
         await host.deliver_batches({tp: [record(0, 0), record(0, 1)]}, None, 1)
         # Handled, not finished: nothing acked, the batch still counts as in flight
-        # (what a rebalance waits for), and the next batch may be handled already.
+        # (what a rebalance waits for), and the next batch is handled at once.
         assert host._new_offset(tp) is None and len(host._unacked_messages) == 1
-        second = asyncio.ensure_future(host.deliver_batches({tp: [record(0, 2)]}, None, 1))
+        # (Bounded: a loop that still waited for the first batch would time out here.)
+        await asyncio.wait_for(host.deliver_batches({tp: [record(0, 2)]}, None, 1), 5)
+        assert deferring.handled == [[0, 1], [2]] and len(host._unacked_messages) == 2
+        deferring.gates[1].set_result(None)  # the later batch's wait ends first...
         await asyncio.sleep(0.01)
-        assert deferring.handled == [[0, 1], [2]]
-        assert not second.done()  # waits for the first batch to finish: one at a time
+        assert deferring.finished == [] and host._batch_next == {}  # ...it waits its turn
         deferring.gates[0].set_result(None)
-        await second
-        assert deferring.finished == [1]
-        assert host._batch_next == {tp: 2}
-        deferring.gates[1].set_result(None)
         await host.wait_finishing()
         assert deferring.finished == [1, 2] and host._batch_next == {tp: 3}
         assert not host._unacked_messages and not host.app.crashed
+
+    asyncio.run(run())
+
+
+def test_the_fetch_loop_waits_once_max_finishing_batches_are_still_finishing(deferring):
+    """The background is bounded: with ``MAX_FINISHING`` batches still finishing, the
+    next delivery waits for the oldest to finish (and be acked) before it returns."""
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+
+    async def run() -> None:
+        for offset in range(MAX_FINISHING):
+            await asyncio.wait_for(host.deliver_batches({tp: [record(0, offset)]}, None, 1), 5)
+        over = asyncio.ensure_future(host.deliver_batches({tp: [record(0, MAX_FINISHING)]}, None, 1))
+        await asyncio.sleep(0.01)
+        assert len(deferring.handled) == MAX_FINISHING + 1  # handled, then it waits
+        assert not over.done()
+        deferring.gates[0].set_result(None)
+        await over
+        assert host._batch_next == {tp: 1} and deferring.finished == [0]
+        for gate in deferring.gates[1:]:
+            gate.set_result(None)
+        await host.wait_finishing()
+        assert host._batch_next == {tp: MAX_FINISHING + 1} and not host._unacked_messages
 
     asyncio.run(run())
 
@@ -684,7 +710,7 @@ def test_under_exactly_once_deferred_work_is_awaited_before_the_ack(deferring):
         assert not delivery.done() and host._new_offset(tp) is None
         deferring.gates[0].set_result(None)
         await delivery
-        assert host._finishing is None and host._batch_next == {tp: 1}
+        assert not host._finishing and host._batch_next == {tp: 1}
 
     asyncio.run(run())
 
