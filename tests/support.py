@@ -322,9 +322,9 @@ async def read_topic(topic: str, *, expect: int | None = None, timeout: float = 
     reaching the end offsets the topic had when the read began, or at ``timeout``.
     ``bootstrap`` defaults to the test broker (the benchmarks pass theirs).
 
-    Idleness alone is no end: on a loaded machine the first fetch can take longer
-    than ``idle``, and a read that stopped then returned nothing from a topic that
-    held every expected record (a CI failure of the join idle-close test).
+    Idleness alone is no end: on a loaded machine the first fetch can come later than
+    ``idle``, and a read that stopped then would return nothing from a topic that holds
+    records.
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap or BOOTSTRAP, enable_auto_commit=False, **kafka_options(),
                                 auto_offset_reset="earliest", isolation_level=isolation_level)
