@@ -1,6 +1,6 @@
 """The local broker of the tests and ``make run`` (deploy/kafka/kafka.sh) keeps records of
-any age. A join's or a window's output carries its event time as its Kafka timestamp,
-and the tests replay event times from 2023: with the broker's former 24 h time limit,
+any age. A live join's output carries its event time as its Kafka timestamp, and the
+tests replay event times from 2023: with the broker's former 24 h time limit,
 its retention check (every 5 minutes) deleted such outputs, active segment included, at
 a random moment of a test (docs/delivery.md, "Outputs of old event times deleted by the
 test broker")."""
