@@ -4,7 +4,8 @@ Not part of the app: put this directory on ``PYTHONPATH`` and set
 ``BENCH_WORKER_TRACE=DIR``; every ``python -m app worker`` process started with both
 appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone):
 
-* ``gc``: each collection (generation, collected objects), from ``gc.callbacks``;
+* ``gc``: each collection (generation, collected objects, ``gc.get_count()`` before it),
+  from ``gc.callbacks``;
 * ``lag``: the event loop did not run a 1 ms timer for longer than 10 ms (start, gap,
   ``cpu``: the main thread's CPU time meanwhile, which the machine's load does not
   stretch), with its Python stacks sampled every 5 ms while it was blocked;
@@ -15,7 +16,10 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
   ``StoreWrites.store`` (hand-over, changelog acks, RocksDB write); ``commit``: each
   ``FastConsumer._commit_snapshot``; ``take``: each ``WriteBackCache.snapshot``;
   ``offsets``: the commit's ``_filter_committable_offsets``; ``timers``:
-  ``TimerIndex.refresh``.
+  ``TimerIndex.refresh``;
+* ``window``: each ``WindowRunner.process`` (records, results made, its thread CPU);
+* ``send``: each ``KafkaIO.start_partitioned`` (topic, records, the hand-over's
+  duration) with ``acked``: when the broker acknowledged it (wall clock).
 
 Times are wall clock (``time.time()``, the clock the benchmarks stamp events with) and
 durations in seconds. Analyse with ``python -m bench.trace_report``.
@@ -61,15 +65,28 @@ def _flush() -> None:
 
 # --- gc ------------------------------------------------------------------------------
 
-_gc_start = [0.0, 0.0]
+_gc_start = [0.0, 0.0, (0, 0, 0)]
 
 
 def _gc_cb(phase: str, info: dict) -> None:
     if phase == "start":
-        _gc_start[0], _gc_start[1] = time.time(), time.perf_counter()
+        if os.environ.get("BENCH_GC_TYPES") and info["generation"] == 0 and gc.get_count()[0] > 40000:
+            import collections
+            objs = gc.get_objects(generation=0)
+            c = collections.Counter(type(o).__qualname__ for o in objs)
+            sample = {}
+            for o in objs[-3000:]:
+                t = type(o).__qualname__
+                if t not in sample:
+                    try:
+                        sample[t] = repr(o)[:300]
+                    except Exception:
+                        pass
+            rec("young", time.time(), 0.0, n=len(objs), top=c.most_common(12), sample=sample)
+        _gc_start[0], _gc_start[1], _gc_start[2] = time.time(), time.perf_counter(), gc.get_count()
     else:
         rec("gc", _gc_start[0], time.perf_counter() - _gc_start[1], gen=info["generation"],
-            collected=info["collected"])
+            collected=info["collected"], counts=_gc_start[2])
 
 
 # --- loop lag and what blocked it ------------------------------------------------------
@@ -274,8 +291,43 @@ def _patch_patterns(m) -> None:
     idx.refresh = traced_refresh
 
 
+def _patch_windows(m) -> None:
+    runner = m.WindowRunner
+    process = runner.process
+
+    async def traced_process(self, parts):
+        parts = list(parts)
+        at, t0, cpu0 = time.time(), time.perf_counter(), time.thread_time()
+        emitted = self.stats["emitted"]
+        try:
+            return await process(self, parts)
+        finally:
+            rec("window", at, time.perf_counter() - t0, n=sum(len(rs) for _, rs in parts),
+                results=self.stats["emitted"] - emitted, cpu=time.thread_time() - cpu0,
+                partitions=[p for p, rs in parts if rs])
+
+    runner.process = traced_process
+
+
+def _patch_kafka_io(m) -> None:
+    io = m.KafkaIO
+    start_partitioned = io.start_partitioned
+
+    async def traced_start(self, topic, groups):
+        at, t0 = time.time(), time.perf_counter()
+        future = await start_partitioned(self, topic, groups)
+        info = {"topic": topic, "n": sum(len(g) for g in groups.values()),
+                "partitions": sorted(groups)}
+        dur = time.perf_counter() - t0
+        future.add_done_callback(lambda _f: rec("send", at, dur, acked=time.time(), **info))
+        return future
+
+    io.start_partitioned = traced_start
+
+
 _HOOKS = {"app.transport": _patch_transport, "tables.store": _patch_store,
-          "agents.patterns": _patch_patterns}
+          "agents.patterns": _patch_patterns, "agents.window_aggregate": _patch_windows,
+          "app.kafka_io": _patch_kafka_io}
 
 
 class _PostImport(importlib.abc.MetaPathFinder):
