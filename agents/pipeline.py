@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
-from tables.store import DedupeCache, Expiry, PartitionStore
+from tables.store import DedupeCache, Expiry, ExpiryQueue, PartitionStore
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -90,13 +89,11 @@ class TableMemory:
     def put(self, key: str, at: float, seq: int) -> None:
         ctx = self.ctx
         k = self.prefix + key.encode()
-        # Tuples of atoms, not lists: CPython stops tracking such a tuple at the first
-        # collection it survives, so the entries kept per admitted id (until stored,
-        # and until expired) do not pile up in the older generations that full
-        # collections walk. A list and a (record, value) pair per id did: 2-3 tracked
-        # containers left behind per admitted id.
+        # A tuple of atoms, not a list: CPython stops tracking such a tuple at the first
+        # collection it survives (it lives until the batch is stored). The expiry
+        # queue, kept for the horizon, holds no container per id (ExpiryQueue).
         ctx.write(k, (at, seq))
-        ctx.expiry_queue().append((at, seq, k))
+        ctx.expiry_queue().add((at, seq, k))
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -206,7 +203,7 @@ class LiveContext:
         """``value`` (not None) for ``key`` in the current partition, stored with the batch."""
         self._overlay[key] = value
 
-    def expiry_queue(self) -> deque:
+    def expiry_queue(self) -> ExpiryQueue:
         """The current partition's expiry queue (built from the store on first use)."""
         queue = self.expiry.queues.get(self.partition)
         if queue is None:
@@ -260,7 +257,7 @@ class LiveContext:
         for _ in range(at_most):
             if not queue:
                 return
-            at, seq, key = queue[0]
+            at, seq, key = queue.first()
             old_by_time = horizon_s is not None and self._now - at > horizon_s
             old_by_count = horizon_n is not None and self.offset - seq > horizon_n
             if not (old_by_time or old_by_count):

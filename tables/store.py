@@ -681,6 +681,41 @@ class CacheSnapshot:
         self.cache.end_snapshot()
 
 
+class ExpiryQueue:
+    """One partition's expiring entries ``(at, seq, key)``, oldest first, laid out flat
+    in one deque (at, seq, key, at, seq, key, ...): no container is kept per entry.
+
+    Why: a tuple is a container the garbage collector tracks until the first collection
+    it survives. One kept per admitted id (for the whole horizon, a day by default) made
+    the young generation fill with them: at 5,000 ids/s a young collection ran every
+    10 s and walked the 50,000 tuples at once, 3-13 ms in which the worker did nothing
+    else (docs/performance.md, "Issue 22, session 18"). Floats, ints and bytes are not
+    tracked, and a deque is one object however long."""
+
+    __slots__ = ("_flat", "add")
+
+    def __init__(self, entries: Iterable[tuple[float, int, bytes]] = ()) -> None:
+        self._flat: deque[float | int | bytes] = deque(itertools.chain.from_iterable(entries))
+        #: ``add((at, seq, key))``: one entry, newest last. ``deque.extend`` itself (the
+        #: per-record path): the tuple passed in is not kept, so it dies at once.
+        self.add: Callable[[tuple[float, int, bytes]], None] = self._flat.extend
+
+    def first(self) -> tuple[float, int, bytes]:
+        """The oldest entry (the queue must not be empty)."""
+        flat = self._flat
+        return flat[0], flat[1], flat[2]  # type: ignore[return-value]
+
+    def popleft(self) -> None:
+        """Drop the oldest entry."""
+        popleft = self._flat.popleft
+        popleft()
+        popleft()
+        popleft()
+
+    def __len__(self) -> int:
+        return len(self._flat) // 3
+
+
 class Expiry:
     """Entries with a time (``at``, epoch seconds) and a position (``seq``, the offset of
     the record that wrote them), deleted once older than ``horizon_s`` or further back
@@ -697,9 +732,9 @@ class Expiry:
                  decode: Callable[[bytes], tuple[float, int] | None]) -> None:
         self.horizon_s, self.horizon_n = horizon_s, horizon_n
         self.decode = decode
-        self.queues: dict[int, deque] = {}
+        self.queues: dict[int, ExpiryQueue] = {}
 
-    def ensure(self, partition: int, store: Any) -> deque:
+    def ensure(self, partition: int, store: Any) -> ExpiryQueue:
         """The queue of ``partition``, rebuilt from the store when not known yet."""
         queue = self.queues.get(partition)
         if queue is None:
@@ -713,7 +748,7 @@ class Expiry:
                 if found is not None:
                     entries.append((found[0], found[1], key))
             entries.sort()
-            queue = self.queues[partition] = deque(entries)
+            queue = self.queues[partition] = ExpiryQueue(entries)
         return queue
 
     def forget(self) -> None:

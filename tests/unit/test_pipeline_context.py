@@ -189,3 +189,41 @@ def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused()
     restarted.expire(100)  # offsets 0 and 1 are more than 3 records behind 5
     assert store.deleted == [b"0|id:id0", b"0|id:id1"]
     assert admitted(restarted, steps, [(Record(0, 6), "id5")]) == []  # recent: still refused
+
+
+def test_the_expiry_queue_holds_no_tracked_container_per_admitted_id():
+    """The expiry queue keeps every admitted id for the whole horizon (a day by default).
+    As a tuple per id it filled the collector's young generation: at 5,000 ids/s a young
+    collection every 10 s walked 50,000 of them at once, a 3-13 ms stall of the worker
+    (docs/performance.md, "Issue 22, session 18"). What the queue holds must not be one
+    tracked container per id."""
+    import gc
+
+    ctx, steps, store = context()
+    n = 5_000
+    store.gate = asyncio.Event()
+    gc.disable()  # a collection would untrack tuples of atoms, and hide them
+    try:
+        admitted(ctx, steps, [(Record(0, o), f"id{o}") for o in range(n)])
+        queue = ctx.expiry.queues[0]
+        assert len(queue) == n
+        tracked, level = 0, [queue]
+        for _ in range(3):
+            level = [o for o in gc.get_referents(*level) if gc.is_tracked(o) and not isinstance(o, type)]
+            tracked += len(level)
+    finally:
+        gc.enable()
+    assert tracked < 10, f"{tracked} tracked objects held by the expiry queue of {n} ids"
+
+
+def test_the_expiry_queue_is_oldest_first():
+    from tables.store import ExpiryQueue
+
+    queue = ExpiryQueue([(1.0, 1, b"a"), (2.0, 2, b"b")])
+    queue.add((3.0, 3, b"c"))
+    assert len(queue) == 3 and queue.first() == (1.0, 1, b"a")
+    queue.popleft()
+    assert queue.first() == (2.0, 2, b"b")
+    queue.popleft()
+    queue.popleft()
+    assert len(queue) == 0 and not queue
