@@ -8,6 +8,7 @@ the broker at STREAMETL_BROKER (default 127.0.0.1:9092) that ``make test`` start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -23,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,11 +224,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False) -> None:
-    """Create topics on the test broker (existing ones are left alone)."""
+@contextlib.asynccontextmanager
+async def admin_client() -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client of the test broker, closed on leaving."""
     admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, **kafka_options())
     await admin.start()
     try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False) -> None:
+    """Create topics on the test broker (existing ones are left alone)."""
+    async with admin_client() as admin:
         existing = set(await admin.list_topics())
         new = [
             NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if compacted else {})
@@ -236,8 +246,32 @@ async def create_topics(names: list[str], partitions: int = 4, compacted: bool =
         ]
         if new:
             await admin.create_topics(new)
+
+
+async def committed_offsets(group: str) -> dict[TopicPartition, int]:
+    """The consumer group's committed offset of each partition it committed (≥ 0)."""
+    async with admin_client() as admin:
+        offsets = await admin.list_consumer_group_offsets(group)
+    return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
+
+
+async def end_offsets(tps: Iterable[TopicPartition], read_committed: bool = False) -> dict[TopicPartition, int]:
+    """The log-end offset of each of ``tps`` (``read_committed``: the last stable one)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False,
+                                isolation_level="read_committed" if read_committed else "read_uncommitted",
+                                **kafka_options())
+    await consumer.start()
+    try:
+        return await consumer.end_offsets(list(tps))
     finally:
-        await admin.close()
+        await consumer.stop()
+
+
+async def committed_to_end(group: str, topics: Iterable[str], partitions: int = 4) -> bool:
+    """True when ``group`` committed every record of ``topics``."""
+    committed = await committed_offsets(group)
+    ends = await end_offsets(TopicPartition(t, p) for t in topics for p in range(partitions))
+    return all(committed.get(tp, 0) >= end for tp, end in ends.items())
 
 
 async def produce_json(topic: str, records: list[Any], key: str | None = None,

@@ -821,17 +821,11 @@ class ChaosRun:
         a record a read_committed reader would still get (offsets past the last
         committed record are often only a transaction marker)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
-        from aiokafka.admin import AIOKafkaAdminClient
 
-        from tests.support import BOOTSTRAP
+        from tests.support import BOOTSTRAP, committed_offsets
 
         topics = [self.topic(SOURCE), self.topic(f"{WINDOW}.keyed"), self.topic("patterns-repartition")]
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        await admin.start()
-        try:
-            committed = {tp: m.offset for tp, m in (await admin.list_consumer_group_offsets(self.name)).items()}
-        finally:
-            await admin.close()
+        committed = await committed_offsets(self.name)
         consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False,
                                     isolation_level="read_committed")
         await consumer.start()
@@ -890,19 +884,13 @@ class ChaosRun:
         """Delete the run's topics (its prefix's and Faust's ``<app id>-…`` ones): a
         broker that kept every run's thousands of partitions slowed down until workers
         timed out on it."""
-        from aiokafka.admin import AIOKafkaAdminClient
+        from tests.support import admin_client
 
-        from tests.support import BOOTSTRAP
-
-        admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-        await admin.start()
-        try:
+        async with admin_client() as admin:
             mine = [t for t in await admin.list_topics() if t.startswith(self.name)]
             if mine:
                 await admin.delete_topics(mine)
             return len(mine)
-        finally:
-            await admin.close()
 
     def health(self) -> dict:
         from tests.support import http

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
-from tests.support import BOOTSTRAP, create_topics, produce_json, read_topic, run, wait_for
+from tests import support
+from tests.support import create_topics, produce_json, read_topic, run, wait_for
 
 FORWARD = {
     "STREAMETL_PASSTHROUGH_ENABLED": "true",
@@ -49,27 +49,14 @@ async def read_output(prefix: str, isolation_level: str = "read_uncommitted", id
 
 async def committed_offsets(group: str, topic: str) -> dict[int, int]:
     """The group's committed offset per partition of ``topic`` (absent = none yet)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items()
-            if tp.topic == topic and meta.offset >= 0}
+    return {tp.partition: offset for tp, offset in (await support.committed_offsets(group)).items()
+            if tp.topic == topic}
 
 
 async def end_offsets(topic: str) -> dict[int, int]:
     """The log-end offset of each partition of ``topic``."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        return {tp.partition: off for tp, off in (await consumer.end_offsets(tps)).items()}
-    finally:
-        await consumer.stop()
+    ends = await support.end_offsets(TopicPartition(topic, p) for p in range(PARTITIONS))
+    return {tp.partition: offset for tp, offset in ends.items()}
 
 
 async def wait_all_processed(prefix: str, events: list[dict], timeout: float = 180.0,

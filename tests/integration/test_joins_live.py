@@ -21,12 +21,12 @@ from collections import Counter
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 
 from tests.support import (
     BOOTSTRAP,
     Worker,
+    committed_to_end,
     create_topics,
     kafka_options,
     read_topic,
@@ -140,26 +140,9 @@ async def produce(prefix: str, left: list[dict], right: list[dict]) -> None:
         await producer.stop()
 
 
-async def committed_to_end(group: str, prefix: str) -> bool:
-    """True when the worker's group committed every record of both input topics."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, **kafka_options())
-    await admin.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, **kafka_options())
-    await consumer.start()
-    try:
-        tps = [TopicPartition(f"{prefix}{t}", p) for t in ("orders", "payments") for p in range(PARTITIONS)]
-        ends = await consumer.end_offsets(tps)
-    finally:
-        await consumer.stop()
-    return all((committed.get(tp).offset if committed.get(tp) else 0) >= end for tp, end in ends.items())
-
-
 def wait_committed(w: Worker) -> None:
-    run(wait_for(lambda: committed_to_end(w.app_id, w.topic_prefix), timeout=180, interval=1,
+    topics = [f"{w.topic_prefix}{t}" for t in ("orders", "payments")]
+    run(wait_for(lambda: committed_to_end(w.app_id, topics, PARTITIONS), timeout=180, interval=1,
                  what="the worker to commit every input record"))
 
 

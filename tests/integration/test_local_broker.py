@@ -7,19 +7,14 @@ test broker")."""
 
 from __future__ import annotations
 
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from tests.support import BOOTSTRAP, create_topics, kafka_options, run, unique
+from tests.support import admin_client, create_topics, run, unique
 
 
 async def topic_config(topic: str, names: list[str]) -> dict[str, str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=BOOTSTRAP, **kafka_options())
-    await admin.start()
-    try:
+    async with admin_client() as admin:
         responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
-    finally:
-        await admin.close()
     # resources: (error_code, error_message, resource_type, resource_name, config_entries);
     # each entry starts with (name, value).
     entries = responses[0].resources[0][4]
