@@ -255,11 +255,9 @@ async def committed_offsets(group: str) -> dict[TopicPartition, int]:
     return {tp: meta.offset for tp, meta in offsets.items() if meta.offset >= 0}
 
 
-async def end_offsets(tps: Iterable[TopicPartition], read_committed: bool = False) -> dict[TopicPartition, int]:
-    """The log-end offset of each of ``tps`` (``read_committed``: the last stable one)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, enable_auto_commit=False,
-                                isolation_level="read_committed" if read_committed else "read_uncommitted",
-                                **kafka_options())
+async def end_offsets(tps: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+    """The log-end offset of each of ``tps``."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=BOOTSTRAP, **kafka_options())
     await consumer.start()
     try:
         return await consumer.end_offsets(list(tps))
