@@ -6,6 +6,8 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
 
 * ``gc``: each collection (generation, collected objects, ``gc.get_count()`` before it),
   from ``gc.callbacks``;
+* ``young`` (only with ``BENCH_GC_TYPES=1``): before a young collection of over 40,000
+  objects, the young generation's most common types and a sample ``repr`` of each;
 * ``lag``: the event loop did not run a 1 ms timer for longer than 10 ms (start, gap,
   ``cpu``: the main thread's CPU time meanwhile, which the machine's load does not
   stretch), with its Python stacks sampled every 5 ms while it was blocked;
@@ -66,11 +68,12 @@ def _flush() -> None:
 # --- gc ------------------------------------------------------------------------------
 
 _gc_start = [0.0, 0.0, (0, 0, 0)]
+_GC_TYPES = bool(os.environ.get("BENCH_GC_TYPES"))
 
 
 def _gc_cb(phase: str, info: dict) -> None:
     if phase == "start":
-        if os.environ.get("BENCH_GC_TYPES") and info["generation"] == 0 and gc.get_count()[0] > 40000:
+        if _GC_TYPES and info["generation"] == 0 and gc.get_count()[0] > 40000:
             import collections
             objs = gc.get_objects(generation=0)
             c = collections.Counter(type(o).__qualname__ for o in objs)
