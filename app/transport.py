@@ -351,6 +351,35 @@ class FastConsumer(faust_aiokafka.Consumer):
         self._position_moves = 0
         #: The commit that ``commit_every`` acked records started (``commit_by_count``).
         self._count_commit: asyncio.Future | None = None
+        #: Set while the fetch loop is not handing a fetch to batch agents (created with
+        #: the loop: ``_between_batches``); what a stop waits for (``finish_batch``).
+        self._no_batch: asyncio.Event | None = None
+
+    def _between_batches(self) -> asyncio.Event:
+        if self._no_batch is None:
+            self._no_batch = asyncio.Event()
+            self._no_batch.set()
+        return self._no_batch
+
+    async def finish_batch(self, timeout: float) -> bool:
+        """Wait, at most ``timeout`` s, until no batch is being processed; whether none is.
+
+        Called by a stopping worker after the flow stopped (Faust's ``_stop_consumer``:
+        ``stop_flow``, then ``_stop_fetcher``) and before the fetch loop is cancelled: a
+        stopped flow starts no new batch (``_still_current``), so the loop is then
+        cancelled between batches. Why: a batch cancelled half-way forbids every later
+        commit under exactly_once (``section_interrupted``); the stop was then unclean
+        and the next start restored every table in full (docs/delivery.md, "A graceful
+        stop during a batch"). Under at_least_once its records were processed again.
+        Kafka Streams' ``close()`` likewise finishes the records in hand."""
+        no_batch = self._between_batches()
+        if no_batch.is_set():
+            return True
+        try:
+            await asyncio.wait_for(no_batch.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def commit_by_count(self) -> None:
         """Start the commit due after ``commit_every`` acked records (Faust's
@@ -464,12 +493,12 @@ class FastConsumer(faust_aiokafka.Consumer):
         handler raised, or was cancelled) forbids every later commit of this worker.
 
         Why (issue 23; docs/delivery.md, L): a stopping worker cancels its fetch loop,
-        in the middle of a batch, then commits (Faust's ``_stop_consumer``:
-        ``_stop_fetcher``, then ``wait_empty`` → ``commit_and_end_transactions``); a
-        crashing one does the same. The open transaction held the outputs the
-        interrupted batch had sent so far, without that batch's offsets: committed,
-        they were visible, and the next owner processed the batch again (window results
-        emitted twice after a graceful leave). Not committed, the transaction is
+        in the middle of a batch that did not finish in time (``App._stop_fetcher``),
+        then commits (Faust's ``_stop_consumer``: ``_stop_fetcher``, then
+        ``wait_empty`` → ``commit_and_end_transactions``); a crashing one does the same.
+        The open transaction held the outputs the interrupted batch had sent so far,
+        without that batch's offsets: committed, they were visible, and the next owner
+        processed the batch again (window results emitted twice after a graceful leave). Not committed, the transaction is
         aborted when the next owner's producer takes its transactional id over."""
         if self.app.in_transaction and self._broken_section is None:
             self._broken_section = exc
@@ -1028,6 +1057,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         since_yield = 0
         prefetch: asyncio.Future | None = None
         prefetch_moves = 0  # ``_position_moves`` when ``prefetch`` began
+        no_batch = self._between_batches()
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 set_flag(CONSUMER_FETCHING)
@@ -1057,7 +1087,11 @@ class FastConsumer(faust_aiokafka.Consumer):
                     if prefetch is None:  # (else: a newer generation's fetch, from freshen)
                         prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                         prefetch_moves = self._position_moves
-                    await self.deliver_batches(records, active_partitions, generation_id)
+                    no_batch.clear()
+                    try:
+                        await self.deliver_batches(records, active_partitions, generation_id)
+                    finally:
+                        no_batch.set()
                     records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                     await asyncio.sleep(0)
                 for tp, record in self.scheduler.iterate(records):
@@ -1875,6 +1909,18 @@ class App(faust.App):
         if self.stop_timeout > 0:
             arm_stop_deadline(self.stop_timeout)
         await super().on_stop()
+
+    async def _stop_fetcher(self) -> None:
+        """Faust's (it cancels the fetch loop), once the batch in flight, if any, has
+        finished (``FastConsumer.finish_batch``), for at most a quarter of the stop's
+        deadline: the commit, the tables' stop and the clean-shutdown marker come after."""
+        consumer = self._consumer
+        if isinstance(consumer, FastConsumer):
+            limit = self.stop_timeout / 4 if self.stop_timeout > 0 else FINISH_ON_STOP_SECONDS
+            if not await consumer.finish_batch(limit):
+                self.log.warning("graceful stop: the batch in flight did not finish within %.1f s; "
+                                 "it is cancelled", limit)
+        await super()._stop_fetcher()
 
     def discover(self, *extra_modules: str, **kwargs: Any) -> None:
         """Faust's autodiscovery inside the start-up path (app/startup.py): the config

@@ -101,9 +101,8 @@ def test_clean_stop_keeps_the_state_and_kill_restores_it_in_full(kafka, guarante
     try:
         run(produce_json(f"{w.topic_prefix}events", records(1), key="user_id"))
         wait_processed(w, KEYS)
-        # Stopped once idle: a stop that cancels a batch still finishing (its transaction,
-        # under exactly_once) is unclean by design, and the next start restores in full
-        # (docs/delivery.md, "A graceful stop during a batch").
+        # Stopped once every event is committed: the restart then starts from a stream at
+        # rest (a stop mid-stream: tests/chaos/test_graceful_stop.py).
         run(wait_for(lambda: committed_to_end(w.app_id, [f"{w.topic_prefix}events"]), timeout=WAIT,
                      interval=0.5, what="every event committed"))
         w.stop(timeout=120)
