@@ -14,8 +14,9 @@ one partition. That state comes back from the changelog after a crash or rebalan
 so a restarted worker never re-admits a duplicate it had already seen.
 
 Expiry: keys older than the horizon are deleted (tombstoned in the changelog) while
-events of the same partition flow, a few per record (``tables.store.Expiry``). The
-queue of a partition is rebuilt from the stored entries the first time the partition is
+events of the same partition flow, a few per record (``tables.store.Expiry``), in the
+order of an index on local disk (``ExpiryIndex``; in memory for a memory store). A
+partition's index is rebuilt from the stored entries the first time the partition is
 used after an assignment, so keys admitted before a restart or a rebalance expire too.
 Outputs go through the one output path (``app.commit.emitter``).
 """
@@ -26,6 +27,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,7 +41,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
-from tables.store import DedupeCache, Expiry, ExpiryQueue, PartitionStore
+from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -87,13 +89,10 @@ class TableMemory:
         return self.ctx.read(self.prefix + key.encode())
 
     def put(self, key: str, at: float, seq: int) -> None:
-        ctx = self.ctx
-        k = self.prefix + key.encode()
         # A tuple of atoms, not a list: CPython stops tracking such a tuple at the first
-        # collection it survives (it lives until the batch is stored). The expiry
-        # queue, kept for the horizon, holds no container per id (ExpiryQueue).
-        ctx.write(k, (at, seq))
-        ctx.expiry_queue().add((at, seq, k))
+        # collection it survives (it lives until the batch is stored). Its expiry entry
+        # is made when it is stored (``store_after``).
+        self.ctx.write(self.prefix + key.encode(), (at, seq))
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -112,7 +111,8 @@ class LiveContext:
     then the next batch reads them from the cache. Everything else is read from the
     partition's RocksDB directly."""
 
-    def __init__(self, spec: PipelineSpec, table: Any) -> None:
+    def __init__(self, spec: PipelineSpec, table: Any,
+                 expiry_folder: Callable[[], Path | None] | None = None) -> None:
         self.spec, self.table = spec, table
         self.store = PartitionStore(table) if table is not None else None
         self.event: Any = None
@@ -134,9 +134,10 @@ class LiveContext:
         self._db: Any = None
         dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
         #: The dedupe entries' expiry, by partition (rebuilt from the store after each
-        #: assignment: ``DedupeCache.moved``, run by the commit protocol).
+        #: assignment: ``DedupeCache.moved``, run by the commit protocol), on disk under
+        #: ``expiry_folder()`` when given.
         self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
-                             dedupe["horizon_count"] if dedupe else None, _seen_at)
+                             dedupe["horizon_count"] if dedupe else None, _seen_at, expiry_folder)
         self.cache = DedupeCache(self.expiry)
 
     @property
@@ -203,14 +204,6 @@ class LiveContext:
         """``value`` (not None) for ``key`` in the current partition, stored with the batch."""
         self._overlay[key] = value
 
-    def expiry_queue(self) -> ExpiryQueue:
-        """The current partition's expiry queue (built from the store on first use)."""
-        queue = self.expiry.queues.get(self.partition)
-        if queue is None:
-            assert self.store is not None
-            queue = self.expiry.ensure(self.partition, self.store)
-        return queue
-
     def detach_writes(self) -> Detached:
         """End the batch's writes: they stay readable (``storing``) until ``store_after``
         has stored them, while the next batch writes anew."""
@@ -230,8 +223,10 @@ class LiveContext:
         items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
         assert self.store is not None
         await self.store.write_many(items)
-        # Stored: reads find it in RocksDB now.
+        # Stored: reads find it in RocksDB now, and it expires from now on.
         self.cache.release(layer)
+        for partition, values in layer.items():
+            self.expiry.stored(partition, values)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -254,25 +249,33 @@ class LiveContext:
         if not queue:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
-        for _ in range(at_most):
-            if not queue:
-                return
-            at, seq, key = queue.first()
-            old_by_time = horizon_s is not None and self._now - at > horizon_s
-            old_by_count = horizon_n is not None and self.offset - seq > horizon_n
-            if not (old_by_time or old_by_count):
-                return
-            if any(key in layer for layer in self._storing_here):
-                # Still being stored: deleting now would let that store bring it back;
-                # the next events retry (expiry only reclaims space: ``is_duplicate``
-                # judges the horizon itself).
-                return
-            queue.popleft()
-            current = self.read(key)
-            if current is not None and current[0] == at and current[1] == seq:
-                self._overlay.pop(key, None)
-                assert self.store is not None
-                self.store.delete(self.event, key)
+        now, position = self._now, self.offset
+        expired = 0
+        entries = queue.oldest()
+        try:
+            for at, seq, key in entries:
+                if expired >= at_most:
+                    break
+                old_by_time = horizon_s is not None and now - at > horizon_s
+                old_by_count = horizon_n is not None and position - seq > horizon_n
+                if not (old_by_time or old_by_count):
+                    break
+                if any(key in layer for layer in self._storing_here):
+                    # Still being stored: deleting now would let that store bring it
+                    # back; the next events retry (expiry only reclaims space:
+                    # ``is_duplicate`` judges the horizon itself).
+                    break
+                expired += 1
+                # The entry that record wrote (a key admitted again since has a later
+                # position, and an entry of its own).
+                current = self.read(key)
+                if current is not None and current[1] == seq:
+                    self._overlay.pop(key, None)
+                    assert self.store is not None
+                    self.store.delete(self.event, key)
+        finally:
+            entries.close()
+        queue.drop(expired)
 
 
 def _seen_at(raw: bytes) -> tuple[float, int] | None:
@@ -281,6 +284,15 @@ def _seen_at(raw: bytes) -> tuple[float, int] | None:
     if value.__class__ is list and len(value) == 2:
         return value[0], value[1]
     return None
+
+
+def expiry_folder(table: Any) -> Path | None:
+    """Where a RocksDB table's expiry indexes live (``<tabledir>/expiry/<table>``, one
+    RocksDB per partition, beside the table's own folders, which the clean-shutdown
+    marker covers: these are rebuilt at each assignment); None for another store."""
+    if table is None or not str(table.app.conf.store).startswith("rocksdb"):
+        return None
+    return Path(table.app.conf.tabledir) / "expiry" / table.name
 
 
 COUNTERS: dict[str, PipelineCounters] = {}
@@ -301,7 +313,7 @@ def build(spec: PipelineSpec) -> None:
     PIPELINES[spec.name] = spec
     source_name = source.get_topic_name()
 
-    ctx = LiveContext(spec, table)
+    ctx = LiveContext(spec, table, expiry_folder=lambda: expiry_folder(table))
     if table is not None:
         commit_protocol.register(ctx.cache)
     handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)

@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 from faust.types import TP
-from rocksdict import WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from app.commit import emitter
 from app.kafka_io import kafka_io
@@ -682,83 +684,292 @@ class CacheSnapshot:
 
 
 class ExpiryQueue:
-    """One partition's expiring entries ``(at, seq, key)``, oldest first, laid out flat
-    in one deque (at, seq, key, at, seq, key, ...): no container is kept per entry.
+    """One partition's expiring entries ``(at, seq, key)`` in memory, oldest first (as
+    they were stored), laid out flat in one deque (at, seq, key, at, seq, key, ...): no
+    container is kept per entry. For stores that are not RocksDB (``memory://``, the
+    HTTP harness), whose entries are all in memory anyway; a RocksDB store's entries
+    expire through an ``ExpiryIndex`` on disk.
 
-    Why: a tuple is a container the garbage collector tracks until the first collection
-    it survives. One kept per admitted id (for the whole horizon, a day by default) made
-    the young generation fill with them: at 5,000 ids/s a young collection ran every
-    10 s and walked the 50,000 tuples at once, 3-13 ms in which the worker did nothing
-    else (docs/performance.md, "Issue 22, session 18"). Floats, ints and bytes are not
-    tracked, and a deque is one object however long."""
+    Why flat: a tuple is a container the garbage collector tracks until the first
+    collection it survives. One kept per admitted id made the young generation fill
+    with them: at 5,000 ids/s a young collection ran every 10 s and walked the 50,000
+    tuples at once, 3-13 ms in which the worker did nothing else (docs/performance.md,
+    "Issue 22, session 18"). Floats, ints and bytes are not tracked, and a deque is
+    one object however long."""
 
-    __slots__ = ("_flat", "add")
+    __slots__ = ("_flat",)
 
     def __init__(self, entries: Iterable[tuple[float, int, bytes]] = ()) -> None:
         self._flat: deque[float | int | bytes] = deque(itertools.chain.from_iterable(entries))
-        #: ``add((at, seq, key))``: one entry, newest last. ``deque.extend`` itself (the
-        #: per-record path): the tuple passed in is not kept, so it dies at once.
-        self.add: Callable[[tuple[float, int, bytes]], None] = self._flat.extend
 
-    def first(self) -> tuple[float, int, bytes]:
-        """The oldest entry (the queue must not be empty)."""
-        flat = self._flat
-        return flat[0], flat[1], flat[2]  # type: ignore[return-value]
+    def stored(self, values: dict[bytes, Any]) -> None:
+        """Entries just stored: key -> ``(at, seq)``, newest last."""
+        extend = self._flat.extend
+        for key, (at, seq) in values.items():
+            extend((at, seq, key))
 
-    def popleft(self) -> None:
-        """Drop the oldest entry."""
+    def oldest(self) -> Iterator[tuple[float, int, bytes]]:
+        """The entries, oldest first; ``drop`` them once this iterator is let go."""
+        flat = iter(self._flat)
+        for at in flat:
+            yield at, next(flat), next(flat)  # type: ignore[misc]
+
+    def drop(self, n: int) -> None:
+        """Drop the ``n`` oldest entries."""
         popleft = self._flat.popleft
-        popleft()
-        popleft()
-        popleft()
+        for _ in range(3 * n):
+            popleft()
+
+    def close(self) -> None:
+        self._flat.clear()
 
     def __len__(self) -> int:
         return len(self._flat) // 3
 
 
+class ExpiryIndex:
+    """One partition's expiring entries on local disk, in a RocksDB of their own, so a
+    worker's memory does not grow with them. Two parts, read together oldest first:
+
+    - the entries found in the store when the index was built (after an assignment:
+      ``Expiry.ensure``), one RocksDB key each, ``REBUILT + (at, seq) + key``, so
+      RocksDB sorts them by time;
+    - the entries stored since (``stored``), in the order they were stored, packed one
+      after another into chunks of ~``CHUNK_BYTES`` (``(at, seq, key length)``, then the
+      key), one RocksDB value per chunk under ``LOGGED + chunk number``. Only the chunk
+      being filled and the one being read are in memory.
+
+    Why (docs/performance.md, "The dedupe expiry on disk"): the dedupe step keeps every
+    admitted id for its horizon, a day by default. In memory (``ExpiryQueue``, ~133
+    bytes an id) that was ~57 GB per worker at 5,000 ids/s. A RocksDB key per stored id
+    would cost ~1 µs an id on the batch path (the write and its memtable insert); a
+    packed entry costs ~0.1 µs more than the in-memory queue's.
+
+    Local only, not changelogged: it is built anew from the table's partition after
+    every assignment, so it never needs to survive a restart or a move. The stored part
+    is in store order, as the in-memory queue is: an entry stored after a younger one
+    (event time) waits for it. Times before 1970 sort after all others (big-endian
+    doubles), so such entries are deleted late, never early."""
+
+    REBUILT = b"\x01"
+    LOGGED = b"\x02"
+    SORTED = struct.Struct(">dQ")
+    ENTRY = struct.Struct(">dQI")
+    CHUNK_NUMBER = struct.Struct(">Q")
+    #: A chunk of stored entries is written to RocksDB once it holds this many bytes.
+    CHUNK_BYTES = 256 * 1024
+    #: Entries per RocksDB write while building.
+    REBUILD_CHUNK = 10_000
+
+    def __init__(self, path: Path, entries: Iterable[tuple[float, int, bytes]] = ()) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            Rdict.destroy(str(path))
+        self.db = Rdict(str(path), _index_options())
+        #: Entries found at the build (their keys at or above ``_rebuilt_from``).
+        self._rebuilt = 0
+        self._rebuilt_from = self.REBUILT
+        pack, prefix = self.SORTED.pack, self.REBUILT
+        batch = WriteBatch(raw_mode=True)
+        for at, seq, key in entries:
+            batch.put(prefix + pack(at, seq) + key, b"")
+            self._rebuilt += 1
+            if self._rebuilt % self.REBUILD_CHUNK == 0:
+                self.db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        self.db.write(batch)
+        #: Stored entries: chunks ``_read_no`` .. ``_tail_no - 1`` in RocksDB, then the
+        #: tail being filled; the oldest live one at byte ``_read_pos`` of ``_read_no``.
+        self._logged = 0
+        self._tail = bytearray()
+        self._tail_no = 0
+        self._read_no = 0
+        self._read_pos = 0
+        #: The one chunk read from RocksDB kept in memory (its number, its bytes).
+        self._loaded: tuple[int, bytes] = (-1, b"")
+        #: What the last ``oldest`` gave out, in order: a built entry's RocksDB key, or
+        #: a stored entry's (chunk number, byte after it). ``drop`` deletes up to there.
+        self._taken: list[bytes | tuple[int, int]] = []
+
+    def stored(self, values: dict[bytes, Any]) -> None:
+        """Entries just stored: key -> ``(at, seq)``."""
+        tail, pack = self._tail, self.ENTRY.pack
+        for key, (at, seq) in values.items():
+            tail += pack(at, seq, len(key))
+            tail += key
+        self._logged += len(values)
+        if len(tail) >= self.CHUNK_BYTES:
+            self.db[self.LOGGED + self.CHUNK_NUMBER.pack(self._tail_no)] = bytes(tail)
+            self._tail_no += 1
+            self._tail = bytearray()
+
+    def _chunk(self, number: int) -> bytes | bytearray:
+        if number == self._tail_no:
+            return self._tail
+        if self._loaded[0] != number:
+            self._loaded = (number, self.db[self.LOGGED + self.CHUNK_NUMBER.pack(number)])
+        return self._loaded[1]
+
+    def _stored_entries(self) -> Iterator[tuple[float, int, bytes, tuple[int, int]]]:
+        unpack, size = self.ENTRY.unpack_from, self.ENTRY.size
+        number, pos = self._read_no, self._read_pos
+        while True:
+            chunk = self._chunk(number)
+            end = len(chunk)
+            while pos < end:
+                at, seq, n = unpack(chunk, pos)
+                start = pos + size
+                pos = start + n
+                yield at, seq, bytes(chunk[start:pos]), (number, pos)
+            if number == self._tail_no:
+                return
+            number, pos = number + 1, 0
+
+    def _rebuilt_entries(self) -> Iterator[tuple[float, int, bytes, bytes]]:
+        if not self._rebuilt:
+            return
+        it = self.db.iter()
+        it.seek(self._rebuilt_from)
+        unpack, prefix, skip = self.SORTED.unpack_from, self.REBUILT[0], 1 + self.SORTED.size
+        while it.valid():
+            key = it.key()
+            if key[0] != prefix:
+                return
+            at, seq = unpack(key, 1)
+            yield at, seq, key[skip:], key
+            it.next()
+
+    def oldest(self) -> Iterator[tuple[float, int, bytes]]:
+        """The entries, oldest first; ``drop`` them once this iterator is let go."""
+        self._taken = taken = []
+        built, stored = self._rebuilt_entries(), self._stored_entries()
+        try:
+            a, b = next(built, None), next(stored, None)
+            while a is not None or b is not None:
+                if b is None or (a is not None and a[0] <= b[0]):
+                    taken.append(a[3])  # type: ignore[index]
+                    yield a[0], a[1], a[2]  # type: ignore[index]
+                    a = next(built, None)
+                else:
+                    taken.append(b[3])
+                    yield b[0], b[1], b[2]
+                    b = next(stored, None)
+        finally:
+            built.close()
+            stored.close()
+
+    def drop(self, n: int) -> None:
+        """Delete the ``n`` oldest entries (the first ``n`` the last ``oldest`` gave)."""
+        taken, self._taken = self._taken[:n], []
+        built = [t for t in taken if t.__class__ is bytes]
+        if built:
+            batch = WriteBatch(raw_mode=True)
+            for key in built:
+                batch.delete(key)
+            self.db.write(batch)
+            self._rebuilt -= len(built)
+            # Reads start after the last one deleted: RocksDB then never walks the
+            # deletes' tombstones (a read from the first key would, until a compaction).
+            self._rebuilt_from = built[-1] + b"\x00"  # type: ignore[operator]
+        stored = len(taken) - len(built)
+        if not stored:
+            return
+        number, pos = next(t for t in reversed(taken) if t.__class__ is tuple)  # type: ignore[misc]
+        self._logged -= stored
+        if number < self._tail_no and pos == len(self._chunk(number)):
+            number, pos = number + 1, 0  # that chunk is read to its end
+        for done in range(self._read_no, number):
+            del self.db[self.LOGGED + self.CHUNK_NUMBER.pack(done)]
+        if number == self._tail_no and pos == len(self._tail):
+            self._tail.clear()  # everything stored is deleted: fill the tail anew
+            pos = 0
+        self._read_no, self._read_pos = number, pos
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __len__(self) -> int:
+        return self._rebuilt + self._logged
+
+
+_INDEX_CACHE: Cache | None = None
+
+
+def _index_options() -> Options:
+    """An expiry index's RocksDB options: small write buffers, one block cache shared by
+    every index of the process (they are read from their oldest key and written at
+    their newest, so little of them is ever read back)."""
+    global _INDEX_CACHE
+    if _INDEX_CACHE is None:
+        _INDEX_CACHE = Cache(8 << 20)
+    table = BlockBasedOptions()
+    table.set_block_cache(_INDEX_CACHE)
+    options = Options(raw_mode=True)
+    options.set_block_based_table_factory(table)
+    options.set_write_buffer_size(8 << 20)
+    return options
+
+
 class Expiry:
     """Entries with a time (``at``, epoch seconds) and a position (``seq``, the offset of
     the record that wrote them), deleted once older than ``horizon_s`` or further back
-    than ``horizon_n`` positions, a few per batch (``due``).
+    than ``horizon_n`` positions, a few per batch (the pipeline's ``expire``).
 
-    The queue of one partition is rebuilt from what the store holds the first time the
-    partition is used after an assignment (``ensure``), so entries stored before a
-    restart or a rebalance expire too (the queue used to live only in memory: keys seen
-    before a restart were never deleted, and the state grew without bound).
-    ``decode(raw)`` gives ``(at, seq)`` of a stored value, or None for a value that
-    does not expire."""
+    Each partition's entries are kept in the order they expire, by an ``ExpiryIndex``
+    on disk under ``folder`` for a RocksDB store, else by an ``ExpiryQueue`` in memory.
+    It is rebuilt from what the store holds the first time the partition is used after
+    an assignment (``ensure``), so entries stored before a restart or a rebalance
+    expire too (the queue used to live only in memory: keys seen before a restart were
+    never deleted, and the state grew without bound); after that each batch adds what
+    it stored (``stored``). ``decode(raw)`` gives ``(at, seq)`` of a stored value, or
+    None for a value that does not expire."""
 
     def __init__(self, horizon_s: float | None, horizon_n: int | None,
-                 decode: Callable[[bytes], tuple[float, int] | None]) -> None:
+                 decode: Callable[[bytes], tuple[float, int] | None],
+                 folder: Callable[[], Path | None] | None = None) -> None:
         self.horizon_s, self.horizon_n = horizon_s, horizon_n
         self.decode = decode
-        self.queues: dict[int, ExpiryQueue] = {}
+        #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
+        self.folder = folder
+        self.queues: dict[int, ExpiryQueue | ExpiryIndex] = {}
 
-    def ensure(self, partition: int, store: Any) -> ExpiryQueue:
+    def ensure(self, partition: int, store: Any) -> ExpiryQueue | ExpiryIndex:
         """The queue of ``partition``, rebuilt from the store when not known yet."""
         queue = self.queues.get(partition)
         if queue is None:
-            entries = []
-            decode = self.decode
-            for key, raw in store.scan_partition(partition):
-                try:
-                    found = decode(raw)
-                except (ValueError, TypeError, IndexError):
-                    continue
-                if found is not None:
-                    entries.append((found[0], found[1], key))
-            entries.sort()
-            queue = self.queues[partition] = ExpiryQueue(entries)
+            folder = self.folder() if self.folder is not None else None
+            on_disk = folder is not None and store.partition_db(partition) is not None
+            entries = self._entries(partition, store)
+            if on_disk:
+                queue = ExpiryIndex(folder / str(partition), entries)
+            else:
+                queue = ExpiryQueue(sorted(entries))
+            self.queues[partition] = queue
         return queue
+
+    def _entries(self, partition: int, store: Any) -> Iterator[tuple[float, int, bytes]]:
+        decode = self.decode
+        for key, raw in store.scan_partition(partition):
+            try:
+                found = decode(raw)
+            except (ValueError, TypeError, IndexError):
+                continue
+            if found is not None:
+                yield found[0], found[1], key
+
+    def stored(self, partition: int, values: dict[bytes, Any]) -> None:
+        """``values`` (key -> ``(at, seq)``) were just stored in ``partition``; a queue
+        not built yet finds them in the store when it is."""
+        queue = self.queues.get(partition)
+        if queue is not None:
+            queue.stored(values)
 
     def forget(self) -> None:
         """Partitions moved: rebuild each queue from the store when next used."""
+        for queue in self.queues.values():
+            queue.close()
         self.queues.clear()
-
-    def is_old(self, at: float, seq: int, now: float, position: int) -> bool:
-        horizon_s, horizon_n = self.horizon_s, self.horizon_n
-        return ((horizon_s is not None and now - at > horizon_s)
-                or (horizon_n is not None and position - seq > horizon_n))
 
 
 class DedupeCache:
@@ -841,5 +1052,5 @@ class DedupeCache:
             self.expiry.forget()
 
 
-__all__ = ["AtPartition", "CacheSnapshot", "DedupeCache", "Expiry", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
+__all__ = ["AtPartition", "CacheSnapshot", "DedupeCache", "Expiry", "ExpiryIndex", "ExpiryQueue", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",
            "as_current", "partition_db", "set_current_event"]

@@ -101,5 +101,19 @@ def test_the_dedupe_horizon_holds_across_a_restart(kafka):
         out = run(read_topic(sink, timeout=20, idle=3))
         ids = [r.json()["event_id"] for r in out]
         assert sorted(ids) == sorted(e["event_id"] for e in old + recent), "a recent duplicate was admitted"
+
+        # Ids admitted since the restart expire too: their entries were added to the
+        # partition's expiry index on disk as they were stored, not rebuilt from the store.
+        assert list(w.data_dir.rglob("expiry")), "no expiry index on disk"
+        time.sleep(HORIZON + 1.0)
+        later = [{"event_id": f"later{i}", "value": i} for i in range(400)]
+        run(produce_json(source, later, key="event_id"))  # records in every partition
+
+        async def recent_ids_deleted() -> bool:
+            records = await read_topic(changelog, timeout=5, idle=1.0)
+            gone = {r.key for r in records if r.value is None}
+            return all(f"0|id:{e['event_id']}".encode() in gone for e in recent)
+
+        run(wait_for(recent_ids_deleted, timeout=60, interval=1.0, what="the ids admitted after the restart expired"))
     finally:
         w.kill()

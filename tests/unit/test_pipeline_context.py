@@ -6,6 +6,10 @@ from memory, or it would admit a duplicate."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
 
 from agents.pipeline import LiveContext
 from app.pipelines import parse_pipelines
@@ -59,10 +63,12 @@ class FakeDB:
         return None if value is None else orjson.dumps(value)
 
 
-def context(dedupe: dict | None = None) -> tuple[LiveContext, list, FakeStore]:
+def context(dedupe: dict | None = None, folder: Path | None = None) -> tuple[LiveContext, list, FakeStore]:
+    """A live context over a ``FakeStore``; its expiry on disk under ``folder`` (an
+    ``ExpiryIndex`` per partition) when given, else in memory (``ExpiryQueue``)."""
     (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out",
                                 "steps": [dedupe or {"op": "deduplicate", "horizon_seconds": 60}]}])
-    ctx = LiveContext(spec, table=None)
+    ctx = LiveContext(spec, table=None, expiry_folder=None if folder is None else lambda: folder)
     store = ctx.store = FakeStore()
     return ctx, spec.steps, store
 
@@ -119,8 +125,14 @@ def test_a_store_waits_for_the_outputs_to_be_acked():
     asyncio.run(run())
 
 
-def test_expired_keys_are_deleted_once_stored_and_at_most_a_few_per_record():
-    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3})
+@pytest.fixture(params=["memory", "disk"])
+def expiry_folder(request, tmp_path) -> Path | None:
+    """Where the expiry of a test's context lives: in memory, or on disk."""
+    return None if request.param == "memory" else tmp_path / "expiry"
+
+
+def test_expired_keys_are_deleted_once_stored_and_at_most_a_few_per_record(expiry_folder):
+    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3}, expiry_folder)
 
     async def run() -> None:
         store.gate = asyncio.Event()
@@ -168,12 +180,12 @@ def test_no_partition_database_is_held_after_a_batch():
     assert opened and all(ref() is None for ref in opened)
 
 
-def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused():
+def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused(expiry_folder):
     """Issue 18: expiry lives in the store. A restarted worker (a new context over the
     same stored entries) rebuilds a partition's expiry queue from the store, so ids
     admitted before the restart are deleted once past the horizon, while recent ids are
     still refused. Before, the queue was only in memory and such ids were never deleted."""
-    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3})
+    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 3}, expiry_folder)
 
     async def first_run() -> None:
         store.gate = asyncio.Event()
@@ -182,7 +194,8 @@ def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused()
         await ctx.store_after(None, ctx.detach_writes())
 
     asyncio.run(first_run())
-    restarted, steps, _ = context({"op": "deduplicate", "horizon_count": 3})
+    ctx.expiry.forget()  # the old context's indexes closed, as at a stop
+    restarted, steps, _ = context({"op": "deduplicate", "horizon_count": 3}, expiry_folder)
     restarted.store = store
     # id2 (offset 2) is within 3 records of offset 4: a duplicate still.
     assert admitted(restarted, steps, [(Record(0, 4), "id2"), (Record(0, 5), "id5")]) == ["id5"]
@@ -192,20 +205,20 @@ def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused()
 
 
 def test_the_expiry_queue_holds_no_tracked_container_per_admitted_id():
-    """The expiry queue keeps every admitted id for the whole horizon (a day by default).
-    As a tuple per id it filled the collector's young generation: at 5,000 ids/s a young
+    """A memory store's expiry queue keeps every stored id for the whole horizon. As a
+    tuple per id it filled the collector's young generation: at 5,000 ids/s a young
     collection every 10 s walked 50,000 of them at once, a 3-13 ms stall of the worker
     (docs/performance.md, "Issue 22, session 18"). What the queue holds must not be one
     tracked container per id."""
     import gc
 
-    ctx, steps, store = context()
+    from tables.store import ExpiryQueue
+
     n = 5_000
-    store.gate = asyncio.Event()
+    queue = ExpiryQueue()
     gc.disable()  # a collection would untrack tuples of atoms, and hide them
     try:
-        admitted(ctx, steps, [(Record(0, o), f"id{o}") for o in range(n)])
-        queue = ctx.expiry.queues[0]
+        queue.stored({f"0|id:{o}".encode(): (1.0 + o, o) for o in range(n)})
         assert len(queue) == n
         tracked, level = 0, [queue]
         for _ in range(3):
@@ -216,14 +229,89 @@ def test_the_expiry_queue_holds_no_tracked_container_per_admitted_id():
     assert tracked < 10, f"{tracked} tracked objects held by the expiry queue of {n} ids"
 
 
+def oldest(queue, n: int = 100) -> list:
+    entries = queue.oldest()
+    try:
+        return list(itertools.islice(entries, n))
+    finally:
+        entries.close()
+
+
 def test_the_expiry_queue_is_oldest_first():
     from tables.store import ExpiryQueue
 
     queue = ExpiryQueue([(1.0, 1, b"a"), (2.0, 2, b"b")])
-    queue.add((3.0, 3, b"c"))
-    assert len(queue) == 3 and queue.first() == (1.0, 1, b"a")
-    queue.popleft()
-    assert queue.first() == (2.0, 2, b"b")
-    queue.popleft()
-    queue.popleft()
+    queue.stored({b"c": (3.0, 3)})
+    assert len(queue) == 3 and oldest(queue) == [(1.0, 1, b"a"), (2.0, 2, b"b"), (3.0, 3, b"c")]
+    oldest(queue, 1)
+    queue.drop(1)
+    assert oldest(queue) == [(2.0, 2, b"b"), (3.0, 3, b"c")]
+    queue.drop(2)
     assert len(queue) == 0 and not queue
+
+
+def test_the_expiry_index_reads_built_and_stored_entries_oldest_first(tmp_path):
+    """The entries found at the build are sorted by time (RocksDB keys); those stored
+    since are read in store order; the two are read together, the older head first."""
+    from tables.store import ExpiryIndex
+
+    index = ExpiryIndex(tmp_path / "0", [(5.0, 5, b"e"), (1.0, 1, b"a"), (3.0, 3, b"c")])
+    index.stored({b"b": (2.0, 7), b"d": (4.0, 8)})
+    assert len(index) == 5
+    assert oldest(index) == [(1.0, 1, b"a"), (2.0, 7, b"b"), (3.0, 3, b"c"), (4.0, 8, b"d"), (5.0, 5, b"e")]
+    oldest(index, 2)
+    index.drop(2)
+    assert oldest(index) == [(3.0, 3, b"c"), (4.0, 8, b"d"), (5.0, 5, b"e")] and len(index) == 3
+    oldest(index, 3)
+    index.drop(3)
+    assert oldest(index) == [] and len(index) == 0
+    index.stored({b"f": (6.0, 9)})  # the tail was emptied: it fills anew
+    assert oldest(index) == [(6.0, 9, b"f")] and len(index) == 1
+    index.close()
+    # Built again (after an assignment), it holds only what it is given.
+    again = ExpiryIndex(tmp_path / "0", [(7.0, 7, b"g")])
+    assert oldest(again) == [(7.0, 7, b"g")] and len(again) == 1
+    again.close()
+
+
+def test_the_expiry_index_writes_full_chunks_to_disk_and_deletes_them_once_read(tmp_path, monkeypatch):
+    from tables.store import ExpiryIndex
+
+    monkeypatch.setattr(ExpiryIndex, "CHUNK_BYTES", 100)  # ~3 entries a chunk
+    index = ExpiryIndex(tmp_path / "0")
+    keys = [f"0|id:{i:04}".encode() for i in range(20)]
+    for i in range(0, 20, 2):
+        index.stored({keys[i]: (float(i), i), keys[i + 1]: (float(i + 1), i + 1)})
+    chunks = lambda: [k for k in index.db.keys() if k[:1] == ExpiryIndex.LOGGED]  # noqa: E731
+    assert len(chunks()) >= 4 and len(index) == 20
+    assert [key for _, _, key in oldest(index)] == keys
+    for n in (1, 4, 2, 6):  # dropped across chunk ends
+        first = oldest(index)
+        index.drop(n)
+        assert oldest(index) == first[n:]
+    assert len(index) == 7 and [key for _, _, key in oldest(index)] == keys[13:]
+    assert len(chunks()) <= 3, "chunks read to their end are deleted"
+    oldest(index)
+    index.drop(7)
+    assert oldest(index) == [] and chunks() == [] and len(index) == 0
+    index.close()
+
+
+def test_a_disk_expiry_holds_at_most_two_chunks_in_memory(tmp_path):
+    """Issue 22, session 19: in memory the expiry of a day's ids at 5,000 ids/s took
+    ~57 GB per worker. On disk, the index keeps the chunk being filled and the chunk
+    being read in memory, however many entries it holds."""
+    from tables.store import ExpiryIndex
+
+    index = ExpiryIndex(tmp_path / "0")
+    n = 100_000
+    for start in range(0, n, 5_000):
+        index.stored({f"0|id:{o}".encode(): (1.0 + o, o) for o in range(start, start + 5_000)})
+    for _ in range(3):
+        oldest(index, 1_000)
+        index.drop(1_000)
+    assert len(index) == n - 3_000
+    assert oldest(index, 1)[0][2] == b"0|id:3000"
+    held = len(index._tail) + len(index._loaded[1]) + len(index._taken)
+    assert held <= 2 * ExpiryIndex.CHUNK_BYTES, f"{held} bytes held in memory for {n} entries"
+    index.close()
