@@ -811,9 +811,12 @@ class ExpiryIndex:
             self._loaded = (number, self.db[self.LOGGED + self.CHUNK_NUMBER.pack(number)])
         return self._loaded[1]
 
-    def _stored_entries(self) -> Iterator[tuple[float, int, bytes, tuple[int, int]]]:
+    def _stored_entries(self, taken: list | None = None) -> Iterator[tuple[Any, ...]]:
+        """The stored entries from the oldest: ``(at, seq, key)``, each one's position
+        appended to ``taken``; without ``taken``, ``(at, seq, key, position)``."""
         unpack, size = self.ENTRY.unpack_from, self.ENTRY.size
         number, pos = self._read_no, self._read_pos
+        note = None if taken is None else taken.append
         while True:
             chunk = self._chunk(number)
             end = len(chunk)
@@ -821,7 +824,11 @@ class ExpiryIndex:
                 at, seq, n = unpack(chunk, pos)
                 start = pos + size
                 pos = start + n
-                yield at, seq, bytes(chunk[start:pos]), (number, pos)
+                if note is None:
+                    yield at, seq, bytes(chunk[start:pos]), (number, pos)
+                else:
+                    note((number, pos))
+                    yield at, seq, bytes(chunk[start:pos])
             if number == self._tail_no:
                 return
             number, pos = number + 1, 0
@@ -843,6 +850,9 @@ class ExpiryIndex:
     def oldest(self) -> Iterator[tuple[float, int, bytes]]:
         """The entries, oldest first; ``drop`` them once this iterator is let go."""
         self._taken = taken = []
+        if not self._rebuilt:  # the usual case: what was found at the build has expired
+            yield from self._stored_entries(taken)
+            return
         built, stored = self._rebuilt_entries(), self._stored_entries()
         try:
             a, b = next(built, None), next(stored, None)
