@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,6 +407,16 @@ async def read_to(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -
         if await consumer.position(tp) < end:
             return False
     return True
+
+
+def assert_each_once(got_ids: Iterable[str], events: Iterable[Mapping[str, Any]]) -> None:
+    """Every event's ``event_id`` exactly once among ``got_ids`` (the outputs' ids);
+    otherwise how many are missing, repeated and unknown."""
+    ids = Counter(got_ids)
+    want = Counter(e["event_id"] for e in events)
+    assert ids == want, (f"missing {len(set(want) - set(ids))}, "
+                         f"repeated {sum(n - 1 for n in ids.values() if n > 1)}, "
+                         f"unknown {len(set(ids) - set(want))}")
 
 
 async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.25, what: str = "condition"):

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import time
-from collections import Counter
 
 import pytest
 
@@ -23,6 +22,7 @@ from tests.support import (
     REPO,
     LiveStream,
     Worker,
+    assert_each_once,
     create_topics,
     free_port,
     read_topic,
@@ -142,10 +142,7 @@ def test_sigterm_mid_stream_under_exactly_once_lets_the_batch_finish_and_stops_c
         worker.start(timeout=150)
         sent = feeder.stop()
         out = run(read_topic(sink, expect=len(sent), timeout=180, idle=3.0, isolation_level="read_committed"))
-        ids = Counter(r.json()["event_id"] for r in out)
-        want = Counter(e["event_id"] for e in sent)
-        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
-                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+        assert_each_once((r.json()["event_id"] for r in out), sent)
     finally:
         feeder.stop()
         worker.kill()

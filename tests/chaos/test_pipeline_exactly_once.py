@@ -19,6 +19,7 @@ from tests.integration.test_pipelines import write_config
 from tests.support import (
     LiveStream,
     Worker,
+    assert_each_once,
     create_topics,
     read_topic,
     run,
@@ -85,10 +86,7 @@ def kill9_mid_stream(config: dict, users: int, wipe: bool = True, others: int = 
         first.start(timeout=120)
         feeder.wait()
         out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=3.0, isolation_level="read_committed"))
-        ids = Counter(r.json()["event_id"] for r in out)
-        want = Counter(e["event_id"] for e in distinct)
-        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
-                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+        assert_each_once((r.json()["event_id"] for r in out), distinct)
         return out
     finally:
         for worker in [first, *rest]:
@@ -181,10 +179,7 @@ def test_graceful_leave_hands_the_dedupe_memory_over(kafka, leaves):
         assert len(feeder.sent) < len(sent) - 2000, "the stream ended before the leave: not mid-stream"
         feeder.wait(timeout=180)
         out = run(read_topic(sink, expect=len(distinct), timeout=180, idle=5.0, isolation_level="read_committed"))
-        ids = Counter(r.json()["event_id"] for r in out)
-        want = Counter(e["event_id"] for e in distinct)
-        assert ids == want, (f"missing {len(set(want) - set(ids))}, "
-                             f"repeated {sum(n - 1 for n in ids.values() if n > 1)}")
+        assert_each_once((r.json()["event_id"] for r in out), distinct)
     finally:
         a.kill()
         b.kill()

@@ -24,19 +24,13 @@ from tests.integration.test_delivery_semantics import (
     read_output,
     wait_all_processed,
 )
-from tests.support import LiveStream, create_topics, run, wait_for
+from tests.support import LiveStream, assert_each_once, create_topics, run, wait_for
 
 EXACTLY_ONCE = {**FORWARD, "STREAMETL_PROCESSING_GUARANTEE": "exactly_once"}
 
 
 def exactly_each_once(output, events) -> None:
-    ids = Counter(eid for eid, _, _ in output)
-    want = Counter(e["event_id"] for e in events)
-    assert ids == want, (
-        f"missing {len(set(want) - set(ids))}, "
-        f"repeated {sum(n - 1 for n in ids.values() if n > 1)}, "
-        f"unknown {len(set(ids) - set(want))}"
-    )
+    assert_each_once((eid for eid, _, _ in output), events)
 
 
 def test_transactions_commit_output_and_offsets(workers, namespace):
