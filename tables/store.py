@@ -897,7 +897,9 @@ class ExpiryIndex:
         self._read_no, self._read_pos = number, pos
 
     def close(self) -> None:
+        """Close and delete it (it is built anew when the partition is used again)."""
         self.db.close()
+        Rdict.destroy(str(self.path))
 
     def __len__(self) -> int:
         return self._rebuilt + self._logged

@@ -268,6 +268,7 @@ def test_the_expiry_index_reads_built_and_stored_entries_oldest_first(tmp_path):
     index.stored({b"f": (6.0, 9)})  # the tail was emptied: it fills anew
     assert oldest(index) == [(6.0, 9, b"f")] and len(index) == 1
     index.close()
+    assert not (tmp_path / "0").exists(), "a closed index is deleted: it is built anew"
     # Built again (after an assignment), it holds only what it is given.
     again = ExpiryIndex(tmp_path / "0", [(7.0, 7, b"g")])
     assert oldest(again) == [(7.0, 7, b"g")] and len(again) == 1
