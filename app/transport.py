@@ -498,8 +498,9 @@ class FastConsumer(faust_aiokafka.Consumer):
         ``wait_empty`` → ``commit_and_end_transactions``); a crashing one does the same.
         The open transaction held the outputs the interrupted batch had sent so far,
         without that batch's offsets: committed, they were visible, and the next owner
-        processed the batch again (window results emitted twice after a graceful leave). Not committed, the transaction is
-        aborted when the next owner's producer takes its transactional id over."""
+        processed the batch again (window results emitted twice after a graceful leave).
+        Not committed, the transaction is aborted when the next owner's producer takes
+        its transactional id over."""
         if self.app.in_transaction and self._broken_section is None:
             self._broken_section = exc
             self.app.tables.on_aborted_writes()
