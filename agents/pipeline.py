@@ -260,17 +260,13 @@ class LiveContext:
                 old_by_count = horizon_n is not None and position - seq > horizon_n
                 if not (old_by_time or old_by_count):
                     break
-                if any(key in layer for layer in self._storing_here):
-                    # Still being stored: deleting now would let that store bring it
-                    # back; the next events retry (expiry only reclaims space:
-                    # ``is_duplicate`` judges the horizon itself).
-                    break
                 expired += 1
-                # The entry that record wrote (a key admitted again since has a later
-                # position, and an entry of its own).
+                # Deleted only if the value is still the one that record wrote. An entry
+                # joins the index once stored (``store_after``), so a key admitted again
+                # since, stored or still being stored, reads with a later position and
+                # has an entry of its own.
                 current = self.read(key)
                 if current is not None and current[1] == seq:
-                    self._overlay.pop(key, None)
                     assert self.store is not None
                     self.store.delete(self.event, key)
         finally:

@@ -951,9 +951,8 @@ class Expiry:
         queue = self.queues.get(partition)
         if queue is None:
             folder = self.folder() if self.folder is not None else None
-            on_disk = folder is not None and store.partition_db(partition) is not None
             entries = self._entries(partition, store)
-            if on_disk:
+            if folder is not None:
                 queue = ExpiryIndex(folder / str(partition), entries)
             else:
                 queue = ExpiryQueue(sorted(entries))
