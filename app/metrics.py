@@ -160,6 +160,7 @@ WINDOW_COUNTERS = {
     "dead_letters": ("records_dead_lettered", "Records sent to the dead-letter topic"),
     "replayed_skipped": ("records_replayed_skipped", "Replayed records skipped (already applied)"),
     "idle_closed": ("windows_idle_closed", "Windows closed by the idle rule"),
+    "made_ahead": ("results_made_ahead", "Final results made before their window end (live tumbling windows)"),
     "batches": ("batches", "Batches handled"),
     "flushes": ("state_flushes", "Write-back flushes of the window's state"),
 }

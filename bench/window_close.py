@@ -1,6 +1,6 @@
 """Instructions per closed window of a tumbling window end, without a broker.
 
-``python -m bench.window_close [--keys N] [--no-close]`` gives N keys of the
+``python -m bench.window_close [--keys N] [--no-close] [--ahead]`` gives N keys of the
 window-aggregate scenario's tumbling window (10 s, grace 0, count + sum, 4 partitions)
 one record each in the window [E - 10 s, E), through ``WindowRunner.process``, then
 hands the runner one more batch: one record per partition at E, which closes every
@@ -16,7 +16,9 @@ the state's flush (at the next commit) is not.
 
 Wall time on this machine varies too much to compare small changes: count
 instructions. The difference of the two totals divided by N is the instructions per
-closed window (the set-up is the same in both runs)::
+closed window (the set-up is the same in both runs). ``--ahead`` makes the last
+window's results ahead first, as a live worker does in the idle time before a window
+end (``WindowRunner._prerender``); the close then takes them::
 
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
         .venv/bin/python -m bench.window_close --keys 10000
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.window_close")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--no-close", action="store_true", help="the last batch closes nothing")
+    parser.add_argument("--ahead", action="store_true", help="make the results ahead before the last batch")
     args = parser.parse_args(argv)
 
     from bench.window_micro import MemoryStore, _config
@@ -137,6 +140,15 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(0, len(fill), 5000):  # fetches of 5,000, as in the benchmark
                 await runner.process(parts(fill[i:i + 5000]))
             await commit.before_commit()  # the state written: the close finds it cached
+            if args.ahead:
+                # All keys' windows are filled now: make their results ahead (the lead
+                # and the once-per-window-end mark are a live worker's, not this one's).
+                runner.PRERENDER_LEAD_MS = SIZE_MS
+                runner._prerendered.clear()
+                runner._queue_prerender(range(PARTITIONS))
+                del runner.PRERENDER_LEAD_MS
+                if runner.prerendering is not None:
+                    await runner.prerendering
             last = parts(crossing(last_ts))
             t0 = time.process_time()
             await runner.process(last)
