@@ -611,6 +611,10 @@ class WindowRunner:
                         return
                     self._make_ahead(p, due, keys[i:i + chunk])
                     await asyncio.sleep(0)
+        except Exception:
+            # Only a saving is lost: the close makes what is missing (and meets the
+            # same error, if any, where a batch handles it).
+            log.exception("window %s: making results ahead failed", self.defn.name)
         finally:
             if generation == self._generation:
                 self.prerendering = None
