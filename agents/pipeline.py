@@ -244,8 +244,8 @@ class LiveContext:
         the time and offset of the last record); called once per partition per batch,
         since a check per record cost as much as a step."""
         queue = self.expiry.queues.get(self.partition)
-        if (queue is None or self.expiry.building) and self.store is not None:
-            queue = self.expiry.ensure(self.partition, self.store)  # made, or built further
+        if queue is None and self.store is not None:
+            queue = self.expiry.ensure(self.partition, self.store)
         if not queue:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n

@@ -180,14 +180,13 @@ class PartitionStore:
             if raw is not None:
                 yield key, orjson.loads(raw)
 
-    def scan_partition(self, partition: int, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, raw value) stored in one partition, in key order (RocksDB
-        directly); with ``after``, those after that key."""
+    def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, raw value) stored in one partition (RocksDB directly)."""
         db = self.partition_db(partition)
         if db is None:
             return
-        for key, raw in db.items() if after is None else db.items(from_key=after):
-            if raw is not None and key != after:
+        for key, raw in db.items():
+            if raw is not None:
                 yield key, raw
 
 
@@ -366,9 +365,8 @@ class MemoryStore:
             for key, raw in db.items():
                 yield key, orjson.loads(raw)
 
-    def scan_partition(self, partition: int, after: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
-        yield from [(key, raw) for key, raw in sorted(self.data.get(partition, {}).items())
-                    if after is None or key > after]
+    def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        yield from list(self.data.get(partition, {}).items())
 
 
 class _MemoryWrites:
@@ -748,8 +746,7 @@ class ExpiryIndex:
     packed entry costs ~0.24 µs, ~0.16 µs more than the in-memory queue's append.
 
     Local only, not changelogged: it is built anew from the table's partition after
-    every assignment, a part per batch (``Expiry.ensure``), so it never needs to survive
-    a restart or a move. The stored part
+    every assignment, so it never needs to survive a restart or a move. The stored part
     is in store order, as the in-memory queue is: an entry stored after a younger one
     (event time) waits for it. Times before 1970 sort after all others (big-endian
     doubles), so such entries are deleted late, never early."""
@@ -773,13 +770,15 @@ class ExpiryIndex:
         #: Entries found at the build (their keys at or above ``_rebuilt_from``).
         self._rebuilt = 0
         self._rebuilt_from = self.REBUILT
-        chunk: list[tuple[float, int, bytes]] = []
-        for entry in entries:
-            chunk.append(entry)
-            if len(chunk) == self.REBUILD_CHUNK:
-                self.add_built(chunk)
-                chunk = []
-        self.add_built(chunk)
+        pack, prefix = self.SORTED.pack, self.REBUILT
+        batch = WriteBatch(raw_mode=True)
+        for at, seq, key in entries:
+            batch.put(prefix + pack(at, seq) + key, b"")
+            self._rebuilt += 1
+            if self._rebuilt % self.REBUILD_CHUNK == 0:
+                self.db.write(batch)
+                batch = WriteBatch(raw_mode=True)
+        self.db.write(batch)
         #: Stored entries: chunks ``_read_no`` .. ``_tail_no - 1`` in RocksDB, then the
         #: tail being filled; the oldest live one at byte ``_read_pos`` of ``_read_no``.
         self._logged = 0
@@ -792,25 +791,6 @@ class ExpiryIndex:
         #: What the last ``oldest`` gave out, in order: a built entry's RocksDB key, or
         #: a stored entry's (chunk number, byte after it). ``drop`` deletes up to there.
         self._taken: list[bytes | tuple[int, int]] = []
-
-    def add_built(self, entries: Iterable[tuple[float, int, bytes]]) -> None:
-        """Entries found in the store (``(at, seq, key)``, any order), one RocksDB write.
-        The build may add them a part at a time (``Expiry.ensure``), after ``drop`` has
-        deleted older ones: reads then start at the lowest key added, if lower."""
-        pack, prefix = self.SORTED.pack, self.REBUILT
-        batch = WriteBatch(raw_mode=True)
-        lowest = None
-        for at, seq, key in entries:
-            sorted_key = prefix + pack(at, seq) + key
-            batch.put(sorted_key, b"")
-            if lowest is None or sorted_key < lowest:
-                lowest = sorted_key
-            self._rebuilt += 1
-        if lowest is None:
-            return
-        self.db.write(batch)
-        if lowest < self._rebuilt_from:
-            self._rebuilt_from = lowest
 
     def stored(self, values: dict[bytes, Any]) -> None:
         """Entries just stored: key -> ``(at, seq)``."""
@@ -965,62 +945,23 @@ class Expiry:
         #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
         self.folder = folder
         self.queues: dict[int, ExpiryQueue | ExpiryIndex] = {}
-        #: Partitions whose index on disk is still being built -> the last key read from
-        #: the store (None: none yet).
-        self.building: dict[int, bytes | None] = {}
-
-    #: Entries read from the store per ``ensure`` while an index on disk is being built
-    #: (~1 µs each, a step ~2 ms), so that a large table is indexed over many batches
-    #: instead of stalling the first one: a day of ids at 5,000/s is ~430 million
-    #: entries, ~7 minutes in one go, and the worker's group session would lapse meanwhile.
-    BUILD_STEP = 2_000
 
     def ensure(self, partition: int, store: Any) -> ExpiryQueue | ExpiryIndex:
-        """The queue of ``partition``, made when not known yet: in memory, from the whole
-        store at once; on disk, empty, then filled from the store ``BUILD_STEP`` entries
-        per call, in key order, each call resuming after the last key read, until the
-        scan reaches the end. Entries stored meanwhile join it as they are stored; one
-        the scan finds too is there twice, and ``expire``, which matches an entry to the
-        stored value by its position, skips the second. Until the build is done, entries
-        not read yet expire later than they could (a duplicate is judged by its stored
-        time, not by this index, so none is let through)."""
+        """The queue of ``partition``, rebuilt from the store when not known yet."""
         queue = self.queues.get(partition)
         if queue is None:
             folder = self.folder() if self.folder is not None else None
-            if folder is None:
-                queue = ExpiryQueue(sorted(self._entries(store.scan_partition(partition))))
+            entries = self._entries(partition, store)
+            if folder is not None:
+                queue = ExpiryIndex(folder / str(partition), entries)
             else:
-                queue = ExpiryIndex(folder / str(partition))
-                self.building[partition] = None
+                queue = ExpiryQueue(sorted(entries))
             self.queues[partition] = queue
-        if partition in self.building:
-            self._build_step(partition, store, queue)  # type: ignore[arg-type]
         return queue
 
-    def _build_step(self, partition: int, store: Any, index: ExpiryIndex) -> None:
-        scan = store.scan_partition(partition, self.building[partition])
-        read, last, step = 0, None, self.BUILD_STEP
-        found: list[tuple[bytes, bytes]] = []
-        try:
-            for key, raw in scan:
-                found.append((key, raw))
-                read += 1
-                if read == step:
-                    last = key
-                    break
-        finally:
-            close = getattr(scan, "close", None)
-            if close is not None:
-                close()  # let go of the database now (a revocation may close it)
-        index.add_built(self._entries(found))
-        if last is None:
-            del self.building[partition]
-        else:
-            self.building[partition] = last
-
-    def _entries(self, items: Iterable[tuple[bytes, bytes]]) -> Iterator[tuple[float, int, bytes]]:
+    def _entries(self, partition: int, store: Any) -> Iterator[tuple[float, int, bytes]]:
         decode = self.decode
-        for key, raw in items:
+        for key, raw in store.scan_partition(partition):
             try:
                 found = decode(raw)
             except (ValueError, TypeError, IndexError):
@@ -1040,7 +981,6 @@ class Expiry:
         for queue in self.queues.values():
             queue.close()
         self.queues.clear()
-        self.building.clear()
 
 
 class DedupeCache:

@@ -35,16 +35,11 @@ class FakeStore:
     def partition_db(self, partition: int) -> FakeDB:
         return FakeDB(self.dbs.setdefault(partition, {}))
 
-    def scan_partition(self, partition: int, after: bytes | None = None):
-        """(key, stored bytes) of one partition in key order, those after ``after`` if
-        given (the expiry queue is rebuilt from them)."""
+    def scan_partition(self, partition: int):
+        """(key, stored bytes) of one partition (the expiry queue is rebuilt from them)."""
         import orjson
 
-        self.scanned = getattr(self, "scanned", 0)
-        for key, value in sorted(self.dbs.get(partition, {}).items()):
-            if after is None or key > after:
-                self.scanned += 1
-                yield key, orjson.dumps(value)
+        return [(key, orjson.dumps(value)) for key, value in self.dbs.get(partition, {}).items()]
 
     def delete(self, event, key: bytes) -> None:
         self.dbs.get(event.message.partition, {}).pop(key, None)
@@ -207,54 +202,6 @@ def test_keys_stored_before_a_restart_expire_and_recent_ones_are_still_refused(e
     restarted.expire(100)  # offsets 0 and 1 are more than 3 records behind 5
     assert store.deleted == [b"0|id:id0", b"0|id:id1"]
     assert admitted(restarted, steps, [(Record(0, 6), "id5")]) == []  # recent: still refused
-
-
-def test_a_large_partition_is_indexed_a_step_per_batch_and_every_old_id_expires(tmp_path, monkeypatch):
-    """The expiry index on disk is built from the store after an assignment a step per
-    batch (``Expiry.BUILD_STEP`` entries read), not all in the first batch: a day of
-    ids at 5,000/s is ~430 million entries, which stalled the first batch for minutes.
-    Ids stored while it is built join it as they are stored; when the build is done,
-    every id past the horizon was deleted once and no recent one."""
-    from tables.store import Expiry
-
-    monkeypatch.setattr(Expiry, "BUILD_STEP", 4)
-    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 5}, tmp_path / "expiry")
-    store.gate = asyncio.Event()
-    store.gate.set()
-    # 10 ids stored before the restart, at offsets 0-9 of partition 0.
-    store.dbs[0] = {f"0|id:old{o}".encode(): [1000.0 + o, o] for o in range(10)}
-
-    async def batch(offset: int, event_id: str) -> None:
-        assert admitted(ctx, steps, [(Record(0, offset), event_id)]) == [event_id]
-        store.scanned = 0
-        ctx.expire(100)  # as the batch handler does, per partition, after its records
-        assert store.scanned <= Expiry.BUILD_STEP, "one step of the build per batch"
-        await ctx.store_after(None, ctx.detach_writes())
-
-    async def run() -> None:
-        await batch(20, "new20")  # offsets 0-14 are past the horizon of 5 records
-        assert ctx.expiry.building, "a step read 4 of the 11 entries"
-        for offset in range(21, 24):
-            await batch(offset, f"new{offset}")
-        assert not ctx.expiry.building
-
-    asyncio.run(run())
-    assert sorted(store.deleted) == sorted(f"0|id:old{o}".encode() for o in range(10))
-    assert sorted(store.dbs[0]) == [f"0|id:new{o}".encode() for o in range(20, 24)]
-
-
-def test_entries_built_after_a_drop_are_read_even_when_older(tmp_path):
-    """Reads of the built part start after the last entry deleted (no walk over the
-    deletes' tombstones); an entry the build adds later may be older than that, and
-    reads must start at it then."""
-    from tables.store import ExpiryIndex
-
-    index = ExpiryIndex(tmp_path / "0", [(5.0, 5, b"e"), (6.0, 6, b"f")])
-    oldest(index, 1)
-    index.drop(1)
-    index.add_built([(1.0, 1, b"a"), (7.0, 7, b"g")])
-    assert oldest(index) == [(1.0, 1, b"a"), (6.0, 6, b"f"), (7.0, 7, b"g")] and len(index) == 3
-    index.close()
 
 
 def test_the_expiry_queue_holds_no_tracked_container_per_admitted_id():

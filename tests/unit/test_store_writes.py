@@ -142,26 +142,3 @@ def test_a_commit_pauses_between_write_batches_as_long_as_the_last_one_took(log)
     asyncio.run(run())
     assert [entry[0] for entry in log] == ["pause", "write", "pause", "write", "pause", "write"]
     assert paused[0] == 0.0 and all(took > 0 for took in paused[1:])
-
-
-def test_a_partition_is_scanned_in_key_order_and_resumed_after_a_key(tmp_path):
-    """``PartitionStore.scan_partition`` over a real RocksDB (rocksdict): every key in
-    order, or those after a given key (the expiry index is built a step at a time,
-    each step resuming after the last key read), deleted keys left out."""
-    from types import SimpleNamespace
-
-    from rocksdict import Options, Rdict
-
-    from tables.store import PartitionStore
-
-    db = Rdict(str(tmp_path / "p0"), Options(raw_mode=True))
-    for key in (b"c", b"a", b"e", b"b", b"d"):
-        db[key] = b"v-" + key
-    del db[b"d"]
-    table = SimpleNamespace(data=SimpleNamespace(_db_for_partition=lambda p: db))
-    store = PartitionStore(table)
-    assert [k for k, _ in store.scan_partition(0)] == [b"a", b"b", b"c", b"e"]
-    assert list(store.scan_partition(0, after=b"b")) == [(b"c", b"v-c"), (b"e", b"v-e")]
-    assert [k for k, _ in store.scan_partition(0, after=b"bb")] == [b"c", b"e"]
-    assert list(store.scan_partition(0, after=b"e")) == []
-    db.close()
