@@ -67,8 +67,10 @@ class WindowRunner:
     #: of one commit's flush); otherwise state is flushed at each offset commit.
     MAX_DIRTY = 50_000
 
-    #: Final results of tumbling windows are made ahead of their window end
-    #: (``_prerender``) once a partition's stream time is this close to it (ms), ...
+    #: Final results of tumbling windows are made ahead of their close (``_prerender``)
+    #: once a partition's stream time is this close to it (ms; the close time is the
+    #: window end + grace: with a grace, a key that already has a record in the next
+    #: window holds two windows and is left to the close), ...
     PRERENDER_LEAD_MS = 500
     #: ... after a batch of at most this many records: a live stream, whose keys mostly
     #: stay as they are until the window ends. In a backlog they change again first.
@@ -120,8 +122,9 @@ class WindowRunner:
         #: Final results made ahead of a window end (``_prerender``): key -> (its state,
         #: its one window's end, its sink partition or -1, (key, result JSON)). An entry
         #: is valid while the key's state is unchanged: a record applied to the key drops
-        #: it, as do a revocation and an idle close; a state evicted from the cache
-        #: meanwhile is another object, which the close checks.
+        #: it, as do an idle close and the first batch after a revocation (``_reset``);
+        #: a state evicted from the cache meanwhile is another object, which the close
+        #: checks.
         self._ready: dict[bytes, tuple[dict[str, Any], int, int, tuple[bytes, bytes]]] = {}
         #: The sink partitioner the entries' partitions come from (None: not known
         #: yet, the entries' partitions are -1: looked up at the close).

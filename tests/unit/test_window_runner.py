@@ -459,14 +459,17 @@ def live_batches(seed, n_batches=120, keys=12):
     return out
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["after", "interleaved"])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "items"])
 @pytest.mark.parametrize("lead_ms", [800, 1_500])
 @pytest.mark.parametrize("seed", range(4))
-def test_results_made_ahead_of_the_window_end_equal_results_made_at_it(seed, lead_ms, grouped):
+def test_results_made_ahead_of_the_window_end_equal_results_made_at_it(seed, lead_ms, grouped, interleaved):
     """Results made ahead in the idle time before a window end (``_prerender``) are the
     bytes the close would make, in the same order, for every key a record changed after
     they were made too (each such record drops the key's result made ahead), through a
-    revocation in the middle, and the flushed state is the same."""
+    revocation in the middle, and the flushed state is the same. ``interleaved``: the
+    task makes 2 keys per turn of the loop and gets one turn between batches, so
+    batches (and the revocation) come while it is half-way."""
     emitter_type = GroupingOutputs if grouped else Outputs
     sink = SinkTopic()
 
@@ -475,6 +478,8 @@ def test_results_made_ahead_of_the_window_end_equal_results_made_at_it(seed, lea
                          commit=CommitProtocol(emitter_type(), defer=True))
         r.PRERENDER_LEAD_MS = lead_ms
         r.PRERENDER_MAX_BATCH = 1_000 if ahead else -1
+        if interleaved:
+            r.PRERENDER_CHUNK = 2
         return r
 
     plain, ahead = make(False), make(True)
@@ -486,7 +491,9 @@ def test_results_made_ahead_of_the_window_end_equal_results_made_at_it(seed, lea
                     await flush(r)
                     r.mark_stale()  # a revocation and assignment of the same partitions
                 await r.process(parts(b))
-                if r.prerendering is not None:
+                if interleaved:
+                    await asyncio.sleep(0)
+                elif r.prerendering is not None:
                     await r.prerendering
         for r in (plain, ahead):
             await flush(r)
