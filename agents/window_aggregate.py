@@ -120,15 +120,12 @@ class WindowRunner:
         self._key_out: dict[bytes, tuple[int, bytes]] = {}
         self._key_out_for: Callable[[bytes], int] | None = None
         #: Final results made ahead of a window end (``_prerender``): key -> (its state,
-        #: its one window's end, its sink partition or -1, (key, result JSON)). An entry
+        #: its one window's end, (key, result JSON)). An entry
         #: is valid while the key's state is unchanged: a record applied to the key drops
         #: it, as do an idle close and the first batch after a revocation (``_reset``);
         #: a state evicted from the cache meanwhile is another object, which the close
         #: checks.
-        self._ready: dict[bytes, tuple[dict[str, Any], int, int, tuple[bytes, bytes]]] = {}
-        #: The sink partitioner the entries' partitions come from (None: not known
-        #: yet, the entries' partitions are -1: looked up at the close).
-        self._ready_partitioner: Callable[[bytes], int] | None = None
+        self._ready: dict[bytes, tuple[dict[str, Any], int, tuple[bytes, bytes]]] = {}
         #: Partition -> the close time made ahead (or queued), and the queue.
         self._prerendered: dict[int, int] = {}
         self._prerender_queue: list[tuple[int, int]] = []
@@ -497,9 +494,6 @@ class WindowRunner:
         if results is not None:
             key_out = self._key_outputs(self._sink_partition)
             key_out_get = key_out.get
-            made_for = self._ready_partitioner
-            if made_for is not None and made_for is not self._sink_partition:
-                self._ready.clear()  # their sink partitions are another partitioner's
         ready = self._ready
         ready_pop = ready.pop
         n_put = 0
@@ -520,14 +514,14 @@ class WindowRunner:
                         # The key's one window, unchanged since its result was made.
                         state["w"] = []
                         if final:
-                            item = made[3]
+                            item = made[2]
                             if results is not None:
-                                sink_p = made[2]
-                                if sink_p < 0:
-                                    known = key_out_get(key)
-                                    if known is None:
-                                        known = key_out[key] = self._key_output(key)
-                                    sink_p = known[0]
+                                # The sink partition now: the partitioner may have
+                                # changed since the result was made.
+                                known = key_out_get(key)
+                                if known is None:
+                                    known = key_out[key] = self._key_output(key)
+                                sink_p = known[0]
                                 group = results.get(sink_p)
                                 if group is None:
                                     group = results[sink_p] = []
@@ -628,12 +622,6 @@ class WindowRunner:
         open_p = self.open.get(p)
         if open_p is None:
             return
-        partition_of = self._sink_partition
-        if partition_of is not self._ready_partitioner:
-            if self._ready_partitioner is not None:
-                self._ready.clear()
-            self._ready_partitioner = partition_of
-        key_out = None if partition_of is None else self._key_outputs(partition_of)
         ready = self._ready
         cached = self.buffer.cached
         grace = self.spec.grace
@@ -652,15 +640,7 @@ class WindowRunner:
             end = w["e"]
             if end + grace != due:
                 continue
-            if key_out is None:
-                sink_p, key_json = -1, _key_json(key)
-            else:
-                known = key_out.get(key)
-                if known is None:
-                    known = key_out[key] = self._key_output(key)
-                sink_p, key_json = known
-            ready[key] = (state, end, sink_p,
-                          (key, fmt % (key_json, w["s"], end, w["n"], aggregates_json(w["a"]))))
+            ready[key] = (state, end, (key, fmt % (_key_json(key), w["s"], end, w["n"], aggregates_json(w["a"]))))
 
     #: Keys whose sink partition and JSON are remembered (``_key_outputs``); past it the
     #: memo starts again (a key space that large just recomputes).
