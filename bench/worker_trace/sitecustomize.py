@@ -12,6 +12,8 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
   ``cpu``: the main thread's CPU time meanwhile, which the machine's load does not
   stretch), with its Python stacks sampled every 5 ms while it was blocked;
 * ``batch``: each ``deliver_batches`` (records, the age of its oldest record);
+* ``freshen``: each ``FastConsumer.freshen`` (whether the loop waited for the fetch,
+  records before and after);
 * ``wait``: a batch waited for a commit section (``CommitGuard.processing``);
 * ``section``: each commit section (``CommitGuard.committing``): its hold;
 * ``encode``: each ``CacheSnapshot.encode_some`` part; ``store``: each
@@ -19,7 +21,11 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
   ``FastConsumer._commit_snapshot``; ``take``: each ``WriteBackCache.snapshot``;
   ``offsets``: the commit's ``_filter_committable_offsets``; ``timers``:
   ``TimerIndex.refresh``;
-* ``window``: each ``WindowRunner.process`` (records, results made, its thread CPU);
+* ``window``: each ``WindowRunner.process`` (records, results made, of them made ahead,
+  its thread CPU, its apply and deliver seconds); ``close``: each ``_close_due`` that
+  closes windows (partition, keys due, thread CPU), and with ``BENCH_PROFILE_CLOSE=1``
+  a cProfile of each one over 500 keys in ``DIR/close-<pid>-<time>.prof``; ``ahead``:
+  each ``_make_ahead`` chunk;
 * ``send``: each ``KafkaIO.start_partitioned`` (topic, records, the hand-over's
   duration) with ``acked``: when the broker acknowledged it (wall clock).
 
@@ -208,6 +214,17 @@ def _patch_transport(m) -> None:
                 age=None if oldest is None else at - oldest / 1000)
 
     consumer_cls.deliver_batches = traced_deliver
+    freshen = consumer_cls.freshen
+
+    async def traced_freshen(self, fetched, waited=False):
+        at, t0 = time.time(), time.perf_counter()
+        n_in = sum(len(rs) for rs in fetched[0].values())
+        out = await freshen(self, fetched, waited)
+        rec("freshen", at, time.perf_counter() - t0, waited=waited, n_in=n_in,
+            n_out=sum(len(rs) for rs in out[0][0].values()))
+        return out
+
+    consumer_cls.freshen = traced_freshen
 
     def caller(*args, **kwargs):
         import asyncio
@@ -301,15 +318,48 @@ def _patch_windows(m) -> None:
     async def traced_process(self, parts):
         parts = list(parts)
         at, t0, cpu0 = time.time(), time.perf_counter(), time.thread_time()
-        emitted = self.stats["emitted"]
+        emitted, ahead = self.stats["emitted"], self.stats["made_ahead"]
+        apply, deliver = self.timing["apply"], self.timing["deliver"]
         try:
             return await process(self, parts)
         finally:
             rec("window", at, time.perf_counter() - t0, n=sum(len(rs) for _, rs in parts),
                 results=self.stats["emitted"] - emitted, cpu=time.thread_time() - cpu0,
-                partitions=[p for p, rs in parts if rs])
+                partitions=[p for p, rs in parts if rs], ahead=self.stats["made_ahead"] - ahead,
+                apply=self.timing["apply"] - apply, deliver=self.timing["deliver"] - deliver)
 
     runner.process = traced_process
+    make_ahead = runner._make_ahead
+
+    def traced_make_ahead(self, p, due, keys):
+        at, t0 = time.time(), time.perf_counter()
+        try:
+            return make_ahead(self, p, due, keys)
+        finally:
+            rec("ahead", at, time.perf_counter() - t0, partition=p, keys=len(keys))
+
+    runner._make_ahead = traced_make_ahead
+    close_due = runner._close_due
+
+    def traced_close_due(self, p, out, final, results=None):
+        at, t0, cpu0 = time.time(), time.perf_counter(), time.thread_time()
+        times = self.due_times.get(p)
+        n = len(self.due.get(p, {}).get(times[0], ())) if times and times[0] <= self.meta[p]["st"] else 0
+        prof = None
+        if n > 500 and os.environ.get("BENCH_PROFILE_CLOSE"):
+            import cProfile
+            prof = cProfile.Profile()
+            prof.enable()
+        try:
+            return close_due(self, p, out, final, results)
+        finally:
+            if prof is not None:
+                prof.disable()
+                prof.dump_stats(os.path.join(_DIR, f"close-{os.getpid()}-{at:.3f}.prof"))
+            if n:
+                rec("close", at, time.perf_counter() - t0, partition=p, keys=n, cpu=time.thread_time() - cpu0)
+
+    runner._close_due = traced_close_due
 
 
 def _patch_kafka_io(m) -> None:
