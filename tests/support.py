@@ -236,15 +236,14 @@ async def admin_client() -> AsyncIterator[AIOKafkaAdminClient]:
         await admin.close()
 
 
-async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False) -> None:
-    """Create topics on the test broker (existing ones are left alone)."""
+async def create_topics(names: list[str], partitions: int = 4, compacted: bool = False,
+                        configs: dict[str, str] | None = None) -> None:
+    """Create topics on the test broker (existing ones are left alone), with topic
+    ``configs`` besides."""
+    configs = {**({"cleanup.policy": "compact"} if compacted else {}), **(configs or {})}
     async with admin_client() as admin:
         existing = set(await admin.list_topics())
-        new = [
-            NewTopic(n, partitions, 1, topic_configs={"cleanup.policy": "compact"} if compacted else {})
-            for n in names
-            if n not in existing
-        ]
+        new = [NewTopic(n, partitions, 1, topic_configs=configs) for n in names if n not in existing]
         if new:
             await admin.create_topics(new)
 

@@ -10,13 +10,17 @@ Per window type, one fresh worker:
    ``latency_seconds`` with event time = send time. A window's latency is the sink
    record's timestamp minus the wall time at which the window became closeable (its
    end + grace): how long after a window could close its final result is on the sink
-   topic (windows closed by event time during the live phase).
+   topic (windows closed by event time during the live phase). The sink topic is
+   created first with ``message.timestamp.type=LogAppendTime``, so that a result's
+   timestamp is when the broker stored it, not when the worker appended it to a record
+   batch (option ``log_append_time=false``: the worker's time, as before session 21).
 
 Options (``--option K=V``): ``repartition`` (default false: the source is keyed by
 user_id, so no repartition hop; true measures the rekey agent too), ``event_rate``
 (event-time events/s in the backlog, default 1000), ``latency_seconds`` (default 25),
 ``types`` (default tumbling,hopping), ``live_linger_ms`` (the live producer's linger,
-default 0, as ``bench.events.produce_events`` explains).
+default 0, as ``bench.events.produce_events`` explains), ``log_append_time`` (default
+true, see 2.).
 """
 
 from __future__ import annotations
@@ -81,6 +85,9 @@ async def run_one(ctx: Context, kind: str) -> Result:
     topic = f"{ns}.clicks"
     name = f"bench-{kind}"
     await create_topics([topic], partitions=4)
+    if opts.get("log_append_time", "true").lower() == "true":
+        await create_topics([f"{ns}.{name}.aggregates"], partitions=4,
+                            configs={"message.timestamp.type": "LogAppendTime"})
 
     # Backlog: event time spread at event_rate per second, ending a minute before now.
     rng = random.Random(7)
@@ -109,7 +116,8 @@ async def run_one(ctx: Context, kind: str) -> Result:
             v = orjson.loads(value)
             # Windows that ended during the live phase, closed by event time: event time
             # is send time there, so a window is closeable at wall time end + grace. The
-            # record's Kafka timestamp (ms) is when the worker produced the result.
+            # record's Kafka timestamp (ms) is when the broker stored the result (with
+            # log_append_time=false: when the worker appended it to a record batch).
             closeable = v["end"] + grace_ms
             if v["closed_by"] == "event_time" and live_start <= closeable <= live_end:
                 latencies.append(timestamp - closeable)
@@ -120,7 +128,9 @@ async def run_one(ctx: Context, kind: str) -> Result:
         settings={"window": WINDOWS[kind], "keys": ctx.keys, "repartition": repartition,
                   "event_rate": event_rate, "live_rate": rate, "latency_seconds": latency_seconds},
         notes=["events/s: records the window agent processed / its first-to-last batch time (backlog)",
-               "latency: sink record timestamp - (window end + grace) as wall time (live phase: event time = send time; windows closed by event time)",
+               "latency: sink record timestamp - (window end + grace) as wall time (live phase: event time = send time; windows closed by event time); "
+               + ("the timestamp is the broker's (LogAppendTime)" if opts.get("log_append_time", "true").lower() == "true"
+                  else "the timestamp is the worker's append (CreateTime)"),
                "CPU: worker process while draining the backlog (includes idle polling)"],
         extra={"windows_emitted": len(results), "latency_windows": len(latencies),
                "buffer": done["buffer"], "stats": done["stats"], "timing": done.get("timing")},

@@ -212,3 +212,145 @@ def test_full_batches_sent_early_are_in_the_future_of_start_and_in_order():
     for p in (0, 1):
         assert producer.log[p] == made[p] + more[p]
     assert last == {p: len(producer.log[p]) - 1 for p in (0, 1)}
+
+
+class HeldBroker(FlakyProducer):
+    """A ``FlakyProducer`` whose broker answers only on ``answer()``: every batch handed
+    over since is stored (or fails, as ``fail`` says) in the order handed over, as a
+    partition leader handles one producer's requests."""
+
+    def __init__(self, fail: dict[tuple[int, int], Exception]) -> None:
+        super().__init__(fail)
+        self.held: list[tuple[int, list, Exception | None, asyncio.Future]] = []
+
+    async def send_batch(self, batch, topic, *, partition):
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        records = [(r.key, r.value) for r in DefaultRecordBatch(bytearray(batch._build()))]
+        n = self.sends[partition] = self.sends.get(partition, -1) + 1
+        future = asyncio.get_running_loop().create_future()
+        self.held.append((partition, records, self.fail.get((partition, n)), future))
+        return future
+
+    def answer(self) -> None:
+        held, self.held = self.held, []
+        for partition, records, error, future in held:
+            if error is not None:
+                future.set_exception(error)
+                continue
+            stored = self.log.setdefault(partition, [])
+            future.set_result(SimpleNamespace(partition=partition, offset=len(stored)))
+            stored.extend(records)
+
+
+@pytest.fixture
+def results_topic(monkeypatch):
+    """``Emitter.send_later`` to a one-partition topic "results" through ``HeldBroker``
+    ``fail``s: returns (make the broker, the topic)."""
+
+    def use(fail: dict[tuple[int, int], Exception]) -> HeldBroker:
+        broker = HeldBroker(fail)
+        monkeypatch.setattr(kio.kafka_io, "producer", broker)
+        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
+        return broker
+
+    kio.kafka_io.ready.set()
+    yield use, SimpleNamespace(get_topic_name=lambda: "results")
+    kio.kafka_io.ready.clear()
+
+
+def outputs(topic, name: str, n: int) -> list:
+    return [(topic, f"{name}{i}".encode(), f"{name}-result{i}".encode()) for i in range(n)]
+
+
+def test_send_later_hands_over_before_the_previous_send_is_acknowledged(results_topic):
+    """Issue 22 (docs/performance.md, "Issue 22, session 21"): the second batch's window
+    results waited for the broker to acknowledge the first's before they were handed to
+    the producer. They are handed over at once now; the second send is still done only
+    after the first, and both are stored in the order made."""
+    from app import commit
+
+    use, topic = results_topic
+
+    async def scenario():
+        broker = use({})
+        emitter = commit.Emitter()
+        first, second = outputs(topic, "a", 3), outputs(topic, "b", 3)
+        await emitter.send_later(first, [(0, 0)])
+        await emitter.send_later(second, [(0, 0)])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        handed = len(broker.held)
+        done = [task.done() for task in emitter.sending]
+        flushed = asyncio.ensure_future(emitter.flush())
+        while not flushed.done():
+            broker.answer()
+            await asyncio.sleep(0)
+        await flushed
+        return broker, handed, done, first + second
+
+    broker, handed, done, made = asyncio.run(scenario())
+    assert handed == 2 and done == [False, False]  # both handed over, none acknowledged
+    assert broker.log[0] == [(key, value) for _, key, value in made]
+
+
+def test_a_partition_sent_again_by_an_earlier_send_is_sent_again_after_it(results_topic):
+    """The first send's batch fails (retriable) while the second's, handed over behind
+    it, is stored; the first sends its batch again, and the second sends its own again
+    after that: each record's newest copy is stored in the order made. Without it the
+    partition ended with the first batch's results after the second's."""
+    from app import commit
+
+    use, topic = results_topic
+
+    async def scenario():
+        broker = use({(0, 0): NotLeaderForPartitionError()})
+        emitter = commit.Emitter()
+        first, second = outputs(topic, "a", 3), outputs(topic, "b", 3)
+        await emitter.send_later(first, [(0, 0)])
+        await emitter.send_later(second, [(0, 0)])
+        flushed = asyncio.ensure_future(emitter.flush())
+        while not flushed.done():
+            broker.answer()
+            await asyncio.sleep(0)
+        await flushed
+        # A send handed over after that is not sent twice.
+        third = outputs(topic, "c", 2)
+        await emitter.send_later(third, [(0, 0)])
+        flushed = asyncio.ensure_future(emitter.flush())
+        while not flushed.done():
+            broker.answer()
+            await asyncio.sleep(0)
+        return broker, first + second + third, third
+
+    broker, made, third = asyncio.run(scenario())
+    stored = broker.log[0]
+    newest = {record: index for index, record in enumerate(stored)}
+    assert sorted(newest, key=newest.get) == [(key, value) for _, key, value in made]
+    assert stored[-len(third):] == [(key, value) for _, key, value in third]
+    assert len(stored) == 3 + 3 + 3 + 2  # first's failed batch never stored; second's twice
+
+
+def test_a_send_after_a_failed_one_fails_too(results_topic):
+    """Nothing after a failed send is reported sent, though it was handed over."""
+    from aiokafka.errors import RecordTooLargeError
+
+    from app import commit
+
+    use, topic = results_topic
+
+    async def scenario():
+        broker = use({(0, 0): RecordTooLargeError()})
+        emitter = commit.Emitter()
+        await emitter.send_later(outputs(topic, "a", 1), [(0, 0)])
+        await emitter.send_later(outputs(topic, "b", 1), [(0, 0)])
+        first, second = emitter.sending
+        while not second.done():
+            broker.answer()
+            await asyncio.sleep(0)
+        assert broker.sends[0] == 1  # handed over, and stored
+        for task in (first, second):
+            with pytest.raises(RecordTooLargeError):
+                await task
+
+    asyncio.run(scenario())
