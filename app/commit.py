@@ -46,15 +46,7 @@ from app import app, settings
 from app.batches import from_partition
 from app.codec import dumps_held
 from app.dead_letter import send_dead_letter
-from app.kafka_io import (
-    KeyPartitioner,
-    OutgoingMessage,
-    RecordBatches,
-    SentBatch,
-    delivered,
-    kafka_io,
-    producer_of,
-)
+from app.kafka_io import KeyPartitioner, OutgoingMessage, RecordBatches, kafka_io
 from app.kafka_security import client_options
 from app.transport import ASSIGNMENT_HOOKS, FastConsumer, as_current_event, commit_guard
 
@@ -103,17 +95,9 @@ class Emitter:
     transactional = False
 
     def __init__(self) -> None:
-        #: ``send_later`` sends not acknowledged yet, oldest first; each hands its
-        #: outputs over after the one before it did (the producer keeps each partition's
-        #: batches in that order), and is done only after that one is done.
+        #: ``send_later`` sends not acknowledged yet, oldest first; each waits for the
+        #: one before it, so outputs reach the broker in the order they were made.
         self.sending: list[asyncio.Future] = []
-        #: Done when the newest ``send_later`` has handed its outputs to the producer.
-        self._handed_over: asyncio.Future | None = None
-        #: (topic, partition) -> when a send last sent its batches of it again: a count
-        #: of such events (``_resends``); a later send handed over before then sends
-        #: its own again after them (``delivered``'s ``again``).
-        self._resent_at: dict[tuple[str, int], int] = {}
-        self._resends = 0
         self._partitioners: dict[str, KeyPartitioner] = {}
 
     # --- the state store's changelog path ----------------------------------------------
@@ -225,48 +209,18 @@ class Emitter:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
             msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
         prev = self.sending[-1] if self.sending else None
-        prev_handed_over = self._handed_over
-        handed_over = self._handed_over = asyncio.get_running_loop().create_future()
         partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()] + list(by_name.items())
 
         async def send() -> None:
-            # Handed to the producer as soon as the previous send's are, not once they
-            # are acknowledged: a window end's results waited a broker round trip for the
-            # results of the batch before (docs/performance.md, "Issue 22, session 21").
-            try:
-                if prev_handed_over is not None:
-                    await prev_handed_over
-                handed = [(name, await kafka_io.hand_over_partitioned(name, groups)) for name, groups in partitioned]
-                if by_topic:
-                    handed += await kafka_io.hand_over_topics(by_topic)
-            finally:
-                handed_over.set_result(None)
-            handed_at = self._resends
             if prev is not None:
-                await prev  # nothing after a failed send is reported sent
-            await asyncio.gather(*(self._confirm(name, sent, handed_at) for name, sent in handed))
+                await prev  # in order; and nothing after a failed send is reported sent
+            sends: list[Awaitable[Any]] = [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
+            if by_topic:
+                sends.append(kafka_io.send_topics(by_topic))
+            await asyncio.gather(*sends)
 
-        task = asyncio.ensure_future(send())
-        # A task cancelled before it ran (a stop) never reaches its ``finally``.
-        task.add_done_callback(lambda _: handed_over.done() or handed_over.set_result(None))
-        self.sending.append(task)
+        self.sending.append(asyncio.ensure_future(send()))
         await self.flush(keep=self.MAX_SENDING)
-
-    async def _confirm(self, name: str, sent: list[SentBatch], handed_at: int) -> None:
-        """Wait until ``sent`` (batches of topic ``name`` handed over when ``_resends``
-        was ``handed_at``) are acknowledged, after every earlier send is done. A
-        partition that an earlier send sent again since then is sent again here too,
-        so that its newest records are stored last; a retriable failure is sent again
-        (``delivered``)."""
-        resent_at = self._resent_at
-        again = {p for p in {one.partition for one in sent} if resent_at.get((name, p), -1) > handed_at}
-        resent: set[int] = set()
-        try:
-            await delivered(producer_of(kafka_io), name, sent, again, resent)
-        finally:
-            for p in resent:
-                self._resends += 1
-                resent_at[(name, p)] = self._resends
 
     def sent_so_far(self) -> Coroutine[Any, Any, None] | None:
         """What completes when every ``send_later`` so far is acknowledged (raises as

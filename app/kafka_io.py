@@ -14,7 +14,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
@@ -251,7 +251,16 @@ class KafkaIO(Service):
         Returns only after the broker acknowledged all of them (acks=all); raises if any
         batch failed, so the caller never reports a message as stored that is not.
         """
-        indexes, groups = self._by_partition(messages, num_partitions)
+        # Keyless messages go to one partition per request (like Kafka's sticky
+        # partitioner) so a request makes few, full batches.
+        sticky = next(self._round_robin)
+        indexes: dict[int, list[int]] = {}
+        for index, message in enumerate(messages):
+            p = message.partition
+            if p is None:
+                p = partition_for(message.key, num_partitions, sticky)
+            indexes.setdefault(p, []).append(index)
+        groups = {p: [messages[i] for i in positions] for p, positions in indexes.items()}
         sent = iter(await delivered(producer_of(self), topic, await self._append_record_batches(topic, groups)))
 
         results: list[Delivered | None] = [None] * len(messages)
@@ -263,41 +272,6 @@ class KafkaIO(Service):
                     results[positions[done + relative]] = Delivered(meta.partition, meta.offset + relative)
                 done += count
         return results  # type: ignore[return-value]
-
-    def _by_partition(self, messages: Sequence[OutgoingMessage], num_partitions: int
-                      ) -> tuple[dict[int, list[int]], dict[int, list[OutgoingMessage]]]:
-        """(partition -> indexes of its messages, partition -> its messages), each in the
-        order given. Keyless messages go to one partition per call (like Kafka's sticky
-        partitioner) so a request makes few, full batches."""
-        sticky = next(self._round_robin)
-        indexes: dict[int, list[int]] = {}
-        for index, message in enumerate(messages):
-            p = message.partition
-            if p is None:
-                p = partition_for(message.key, num_partitions, sticky)
-            indexes.setdefault(p, []).append(index)
-        return indexes, {p: [messages[i] for i in positions] for p, positions in indexes.items()}
-
-    async def hand_over_partitioned(
-        self, topic: str, groups: dict[int, list[tuple[bytes | None, bytes | None]]]
-    ) -> list[SentBatch]:
-        """``start_partitioned``'s first half: the records handed to the producer, as
-        ``SentBatch``es for ``delivered`` to confirm."""
-        batches = self.record_batches()
-        for partition, records in groups.items():
-            batches.add_all(partition, records)
-        return await batches.hand_over(topic)
-
-    async def hand_over_topics(self, by_topic: dict[str, list[OutgoingMessage]]
-                               ) -> list[tuple[str, list[SentBatch]]]:
-        """``send_topics``' first half: the messages handed to the producer, as (topic,
-        ``SentBatch``es) for ``delivered`` to confirm."""
-        handed = []
-        for name, messages in by_topic.items():
-            partitions = await self.partition_count(name) or settings.topic_partitions
-            _, groups = self._by_partition(messages, partitions)
-            handed.append((name, await self._append_record_batches(name, groups)))
-        return handed
 
     async def _append_record_batches(
         self, topic: str, groups: dict[int, Sequence[OutgoingMessage]]
@@ -412,17 +386,11 @@ class RecordBatches:
         of the last offset stored in each partition, done once the broker acknowledged
         them all, including those of ``send_full`` (what ``KafkaIO.start_partitioned``
         returns)."""
-        pending = await self.hand_over(topic)
-        return asyncio.ensure_future(last_offsets(self.producer, topic, pending))
-
-    async def hand_over(self, topic: str) -> list[SentBatch]:
-        """``start`` without its future: every batch handed to the producer, each
-        partition's in order, returned (those of ``send_full`` first) for ``delivered``."""
         batches = self._full + [(p, finished(batch, n), n) for p, (batch, n, _) in self._open.items() if n]
         pending = self._sent
         self._open, self._full, self._sent, self.count = {}, [], [], 0
         pending += [await hand_over(self.producer, topic, p, batch, n) for p, batch, n in batches]
-        return pending
+        return asyncio.ensure_future(last_offsets(self.producer, topic, pending))
 
 
 class SentBatch(NamedTuple):
@@ -464,15 +432,9 @@ async def hand_over(producer: Any, topic: str, partition: int, batch: Any, count
     return SentBatch(partition, batch, count, future)
 
 
-async def delivered(producer: Any, topic: str, sent: list[SentBatch], again: Collection[int] = (),
-                    resent: set[int] | None = None) -> list[tuple[Any, int]]:
+async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tuple[Any, int]]:
     """(record metadata, record count) of each batch of ``sent`` once the broker
     acknowledged them all.
-
-    ``again``: partitions whose batches in ``sent`` are sent again first, whatever became
-    of them: an earlier send sent its batches of those partitions again after these were
-    handed over, so these may be stored before them, and sent again they end newest
-    last. ``resent`` collects the partitions this call sent again (``again`` included).
 
     A batch that failed with a retriable error is sent again, as a new batch of the same
     records, together with every later batch of its partition in ``sent`` (acknowledged
@@ -483,14 +445,6 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch], again: Col
     commit fails (the worker restarts and replays)."""
     deadline: float | None = None
     backoff = SEND_RETRY_BACKOFF
-    if again and any(one.partition in again for one in sent):
-        sent = list(sent)
-        for index, one in enumerate(sent):
-            if one.partition in again:
-                one.future.add_done_callback(_settled)  # replaced: its outcome no longer counts
-                sent[index] = await hand_over(producer, topic, one.partition, rebuilt(producer, one.batch), one.count)
-        if resent is not None:
-            resent.update(one.partition for one in sent if one.partition in again)
     while True:
         results = await asyncio.gather(*(s.future for s in sent), return_exceptions=True)
         first_failed: dict[int, int] = {}  # partition -> index of its first failed batch
@@ -515,20 +469,12 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch], again: Col
         # A batch given up may have had its sequence numbers: without a new producer
         # id every later batch of its partition fails (``reset_producer_id``).
         reset_producer_id(producer)
-        retry = list(sent)
+        again = list(sent)
         for index, one in enumerate(sent):
             if index >= first_failed.get(one.partition, len(sent)):
-                retry[index] = await hand_over(producer, topic, one.partition,
+                again[index] = await hand_over(producer, topic, one.partition,
                                                rebuilt(producer, one.batch), one.count)
-        sent = retry
-        if resent is not None:
-            resent.update(first_failed)
-
-
-def _settled(future: asyncio.Future) -> None:
-    """Retrieve a replaced batch's outcome (its error is not a failure of the send)."""
-    if not future.cancelled():
-        future.exception()
+        sent = again
 
 
 def rebuilt(producer: Any, batch: Any) -> Any:
