@@ -162,22 +162,6 @@ class Observers:
 observers = Observers()
 
 
-def behind_long_batch(began: float, batch_ended: float, arrived: float) -> bool:
-    """Whether a prefetch begun at ``began`` (with the batch), still pending when the
-    batch ended at ``batch_ended`` and taken at ``arrived``, only waited behind a long
-    batch: one that ran longer than ``FRESHEN_TIMEOUT``, with the fetch in hand within
-    ``FRESHEN_TIMEOUT`` after it.
-
-    Why: the batch blocked the loop, so the fetch's response (the first records to
-    arrive, usually one or two) came in meanwhile and lay unread; it is still pending
-    when the batch ends. Such a fetch is not one the loop waited for, idle: the records
-    that came after it wait on the broker, and ``freshen`` adds them to this batch. At a
-    window end the first crossing record's close takes 5-8 ms; the next fetch held its
-    one record, and the other partitions' crossing records came a batch later, a fetch
-    round trip and a close behind (docs/performance.md, "Issue 22, session 21")."""
-    return batch_ended - began > FRESHEN_TIMEOUT and arrived - batch_ended < FRESHEN_TIMEOUT
-
-
 #: Yield to the event loop after this many inline deliveries, so the web server, timers
 #: and the stream's own tasks get a turn even when deliveries never suspend.
 YIELD_EVERY = 100
@@ -1074,7 +1058,6 @@ class FastConsumer(faust_aiokafka.Consumer):
         since_yield = 0
         prefetch: asyncio.Future | None = None
         prefetch_moves = 0  # ``_position_moves`` when ``prefetch`` began
-        prefetch_began = 0.0  # monotonic time ``prefetch`` began (the batch began)
         no_batch = self._between_batches()
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
@@ -1083,11 +1066,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                 # last batch had not arrived when that batch was done (``freshen``).
                 waited = False
                 if prefetch is not None:
-                    pending = not prefetch.done()
-                    batch_ended = time.monotonic()
+                    waited = not prefetch.done()
                     fetched = await self.take_prefetch(prefetch, prefetch_moves)
                     prefetch = None
-                    waited = pending and not behind_long_batch(prefetch_began, batch_ended, time.monotonic())
                 else:
                     fetched = await self.fetch(timeout=1.0)
                 if fetched is not None and BATCH_AGENTS:
@@ -1107,7 +1088,6 @@ class FastConsumer(faust_aiokafka.Consumer):
                     if prefetch is None:  # (else: a newer generation's fetch, from freshen)
                         prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
                         prefetch_moves = self._position_moves
-                    prefetch_began = time.monotonic()
                     no_batch.clear()
                     try:
                         await self.deliver_batches(records, active_partitions, generation_id)

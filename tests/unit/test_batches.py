@@ -769,21 +769,6 @@ def test_freshen_does_not_top_up_a_fetch_the_loop_waited_for():
     assert [r.offset for r in records[tp0]] == [1, 2] and host.fetches == 2
 
 
-def test_a_fetch_pending_only_behind_a_long_batch_is_topped_up():
-    """Issue 22 (docs/performance.md, "Issue 22, session 21"): a prefetch still pending
-    when a long batch (a window end's close) ends, and in hand right after it, lay unread
-    behind that batch; the loop did not wait for it, so ``freshen`` tops it up. A batch
-    that was short, or a fetch that came long after the batch, is one the loop waited
-    for."""
-    from app.transport import FRESHEN_TIMEOUT, behind_long_batch
-
-    long_batch, short_batch = 2 * FRESHEN_TIMEOUT, FRESHEN_TIMEOUT / 3
-    soon, late = FRESHEN_TIMEOUT / 2, 0.5
-    assert behind_long_batch(0.0, long_batch, long_batch + soon)
-    assert not behind_long_batch(0.0, long_batch, long_batch + late)  # idle after it
-    assert not behind_long_batch(0.0, short_batch, short_batch + soon)
-
-
 def test_freshen_keeps_a_newer_generations_fetch_for_later():
     tp0 = TP(TOPIC, 0)
     newer_fetch = ({tp0: [record(0, 0)]}, None, 2)
