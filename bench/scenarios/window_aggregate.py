@@ -85,7 +85,8 @@ async def run_one(ctx: Context, kind: str) -> Result:
     topic = f"{ns}.clicks"
     name = f"bench-{kind}"
     await create_topics([topic], partitions=4)
-    if opts.get("log_append_time", "true").lower() == "true":
+    log_append_time = opts.get("log_append_time", "true").lower() == "true"
+    if log_append_time:
         await create_topics([f"{ns}.{name}.aggregates"], partitions=4,
                             configs={"message.timestamp.type": "LogAppendTime"})
 
@@ -129,7 +130,7 @@ async def run_one(ctx: Context, kind: str) -> Result:
                   "event_rate": event_rate, "live_rate": rate, "latency_seconds": latency_seconds},
         notes=["events/s: records the window agent processed / its first-to-last batch time (backlog)",
                "latency: sink record timestamp - (window end + grace) as wall time (live phase: event time = send time; windows closed by event time); "
-               + ("the timestamp is the broker's (LogAppendTime)" if opts.get("log_append_time", "true").lower() == "true"
+               + ("the timestamp is the broker's (LogAppendTime)" if log_append_time
                   else "the timestamp is the worker's append (CreateTime)"),
                "CPU: worker process while draining the backlog (includes idle polling)"],
         extra={"windows_emitted": len(results), "latency_windows": len(latencies),
