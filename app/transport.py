@@ -2450,6 +2450,27 @@ def partition_db(table: Any, partition: int) -> Any:
     return None if get_db is None else get_db(partition)
 
 
+def delete_in_partition(table: Any, partition: int, key: bytes) -> bool:
+    """Delete ``key`` from one partition of a Faust table with a RocksDB store: from that
+    partition's database, with a tombstone in the changelog through the table (so in the
+    partition of the current event, and under exactly_once in its transaction). Returns
+    False when the key is not there.
+
+    Why not ``del table[key]``: Faust's RocksDB store deletes a key from the partition its
+    key index last saw it in, or, for a key that index does not know (values this
+    project writes as record batches, ``tables.store.StoreWrites``, never enter it),
+    from every partition it holds. A dedupe id kept by two partitions (a keyless topic)
+    that expired in one was deleted in the other too, locally and without a tombstone
+    there, and admitted again within its horizon (tests/integration/test_dedupe_expiry.py).
+    """
+    db = partition_db(table, partition)
+    if db is None or db.get(key) is None:
+        return False
+    table.on_key_del(key)  # the changelog tombstone (``ManagedUserDict.__delitem__``'s first half)
+    db.delete(key)
+    return True
+
+
 async def refresh_metadata(consumer: Any) -> None:
     """Ask the broker for fresh metadata of every topic an aiokafka consumer knows of
     (the client's ``force_metadata_update``; the consumer has no public call for it)."""
@@ -2556,5 +2577,5 @@ __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
            "reset_producer_id", "consumer_state",
-           "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
+           "delete_in_partition", "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

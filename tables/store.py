@@ -33,7 +33,7 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
 
 from app.commit import emitter
 from app.kafka_io import kafka_io
-from app.transport import as_current_event, partition_db, set_current_event
+from app.transport import as_current_event, delete_in_partition, partition_db, set_current_event
 from operators.window_buffer import WriteBackBuffer
 
 #: ``await pause(seconds)``: give the event loop time after a step that took that long.
@@ -169,9 +169,12 @@ class PartitionStore:
         return AtPartition(partition, self.source_topic or self.table.changelog_topic.get_topic_name())
 
     def delete(self, event: Any, key: bytes) -> None:
-        """Remove ``key`` (a changelog tombstone)."""
+        """Remove ``key`` from ``event``'s partition, and only there (a changelog
+        tombstone in that partition): ``app.transport.delete_in_partition``."""
         with as_current(event):
-            if key in self.table:
+            if self.partition_db(event.message.partition) is not None:
+                delete_in_partition(self.table, event.message.partition, key)
+            elif key in self.table:
                 del self.table[key]
 
     def scan(self) -> Iterator[tuple[bytes, Any]]:

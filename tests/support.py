@@ -273,15 +273,16 @@ async def committed_to_end(group: str, topics: Iterable[str], partitions: int = 
 
 
 async def produce_json(topic: str, records: list[Any], key: str | None = None,
-                       raw: list[bytes] | None = None) -> None:
-    """Produce JSON records (keyed by field ``key`` when given) straight to Kafka."""
+                       raw: list[bytes] | None = None, partition: int | None = None) -> None:
+    """Produce JSON records (keyed by field ``key`` when given; all into ``partition``
+    when given) straight to Kafka."""
     producer = AIOKafkaProducer(bootstrap_servers=BOOTSTRAP, acks="all", **kafka_options())
     await producer.start()
     try:
         futures = []
         for record in records:
             k = None if key is None else str(record[key]).encode()
-            futures.append(await producer.send(topic, json.dumps(record).encode(), key=k))
+            futures.append(await producer.send(topic, json.dumps(record).encode(), key=k, partition=partition))
         for value in raw or []:
             futures.append(await producer.send(topic, value))
         await asyncio.gather(*futures)

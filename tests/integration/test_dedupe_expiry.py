@@ -1,0 +1,78 @@
+"""The dedupe step's expiry against the real broker and RocksDB: an id that expires in
+one partition is deleted there only.
+
+Dedupe is per partition: an id is refused as a duplicate by the partition that admitted
+it (duplicates are keyed alike, so they meet in one partition). A keyless topic, or a
+retry under another key, can carry the same id into two partitions; each then admits
+it once and keeps its own entry, under the same table key."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.integration.test_pipelines import write_config
+from tests.support import Worker, produce_json, read_topic, run, unique, wait_for
+
+HORIZON = 8.0
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_an_id_expiring_in_one_partition_stays_a_duplicate_in_another(kafka, guarantee):
+    """Faust's delete (``del table[key]``) removed a key from every partition's RocksDB
+    when its key index did not know the key (entries written as record batches never
+    enter it), or from the partition that index last saw it in. So the expiry of id
+    ``x`` in partition 0 also deleted partition 1's younger entry of ``x``, locally and
+    without a tombstone in partition 1's changelog, and partition 1 admitted ``x`` again
+    within its horizon: a duplicate emitted."""
+    name = unique("dexpiry")
+    config = {"pipelines": [{
+        "name": "dedupe", "source": "events", "sink": "events.clean",
+        "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
+    }]}
+    w = Worker(app_id=name, topic_prefix=f"{name}.",
+               env={"STREAMETL_PIPELINES_FILE": write_config(config), "STREAMETL_PROCESSING_GUARANTEE": guarantee})
+    source, sink = w.topic_prefix + "events", w.topic_prefix + "events.clean"
+    changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
+    isolation = "read_committed" if guarantee == "exactly_once" else "read_uncommitted"
+
+    async def emitted() -> list[str]:
+        return [r.json()["event_id"] for r in await read_topic(sink, timeout=10, idle=1.0, isolation_level=isolation)]
+
+    def emitted_now(ids: list[str]):
+        async def check() -> bool:
+            return sorted(await emitted()) == sorted(ids)
+        return check
+
+    try:
+        w.start(timeout=120)
+        run(produce_json(source, [{"event_id": "x", "n": 1}], partition=0))
+        run(wait_for(emitted_now(["x"]), timeout=30, what="x admitted in partition 0"))
+        first_at = time.time()
+        time.sleep(HORIZON / 2)
+        run(produce_json(source, [{"event_id": "x", "n": 2}], partition=1))  # partition 1 has no x yet
+        run(wait_for(emitted_now(["x", "x"]), timeout=30, what="x admitted in partition 1"))
+        second_at = time.time()
+
+        # Partition 0's x is past the horizon: a record there runs its expiry.
+        time.sleep(max(0.0, first_at + HORIZON + 0.5 - time.time()))
+        run(produce_json(source, [{"event_id": "y", "n": 3}], partition=0))
+
+        async def expired_in_partition_0() -> bool:
+            records = await read_topic(changelog, timeout=5, idle=1.0, isolation_level=isolation)
+            return any(r.key == b"0|id:x" and r.value is None and r.partition == 0 for r in records)
+
+        run(wait_for(expired_in_partition_0, timeout=30, interval=0.5, what="x expired in partition 0"))
+        assert time.time() < second_at + HORIZON - 1.0, "too slow: partition 1's x would have expired too"
+        # Partition 1's x is within its horizon: a duplicate there.
+        run(produce_json(source, [{"event_id": "x", "n": 4}], partition=1))
+        run(produce_json(source, [{"event_id": "z", "n": 5}], partition=1))  # behind it: x was handled
+
+        async def z_admitted() -> bool:
+            return "z" in await emitted()
+
+        run(wait_for(z_admitted, timeout=30, what="z admitted in partition 1"))
+        assert sorted(run(emitted())) == ["x", "x", "y", "z"], "partition 1 admitted x again within its horizon"
+    finally:
+        w.kill()
