@@ -61,6 +61,8 @@ class PipelineCounters:
     steps: StepTally = field(default_factory=lambda: StepTally([]))
     #: A join pipeline's join counters (agents/join.py: ``JoinRunner.describe``).
     join: Callable[[], dict[str, Any]] | None = None
+    #: A deduplicating pipeline's expiry (``tables.store.Expiry.describe``).
+    expiry: Callable[[], dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -70,6 +72,8 @@ class PipelineCounters:
         }
         if self.join is not None:
             out["join"] = self.join()
+        if self.expiry is not None:
+            out["expiry"] = self.expiry()
         return out
 
 
@@ -133,8 +137,9 @@ class LiveContext:
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
         dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
-        #: The dedupe entries' expiry, by partition (rebuilt from the store after each
-        #: assignment: ``DedupeCache.moved``, run by the commit protocol), on disk under
+        #: The dedupe entries' expiry, by partition (closed when partitions move:
+        #: ``DedupeCache.moved``, run by the commit protocol; reopened or rebuilt from
+        #: the store at the next use: ``Expiry.ensure``), on disk under
         #: ``expiry_folder()`` when given.
         self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
                              dedupe["horizon_count"] if dedupe else None, _seen_at, expiry_folder)
@@ -284,8 +289,9 @@ def _seen_at(raw: bytes) -> tuple[float, int] | None:
 
 def expiry_folder(table: Any) -> Path | None:
     """Where a RocksDB table's expiry indexes live (``<tabledir>/expiry/<table>``, one
-    RocksDB per partition, beside the table's own folders, which the clean-shutdown
-    marker covers: these are rebuilt at each assignment); None for another store."""
+    RocksDB per partition, beside the table's own folders; not covered by the
+    clean-shutdown marker: ``Expiry`` decides when one is reopened); None for another
+    store."""
     if table is None or not str(table.app.conf.store).startswith("rocksdb"):
         return None
     return Path(table.app.conf.tabledir) / "expiry" / table.name
@@ -293,16 +299,34 @@ def expiry_folder(table: Any) -> Path | None:
 
 COUNTERS: dict[str, PipelineCounters] = {}
 PIPELINES: dict[str, PipelineSpec] = {}
+#: The dedupe expiries of the pipelines of this worker (closed to be reopened at a stop).
+EXPIRIES: list[Expiry] = []
+
+
+@app.on_before_shutdown.connect
+async def keep_expiry_indexes(sender: Any = None, **kwargs: Any) -> None:
+    """After the consumer stopped (its batches done): each open expiry index is closed
+    to be reopened at the next start. A stop that never gets here (a kill) leaves them
+    to be built again."""
+    for expiry in EXPIRIES:
+        expiry.forget()
 
 
 def build(spec: PipelineSpec) -> None:
     """Declare the topics, table and agent of one pipeline."""
     source, sink = declare(spec.source), declare(spec.output_topic)
     table = None
+    ctx: LiveContext | None = None
+
+    async def restored(event: Any) -> None:
+        if ctx is not None:
+            await ctx.expiry.restored(event)
+
     if spec.has_state:
         table = app.Table(
             f"pipeline-{spec.name}-dedupe", partitions=settings.topic_partitions,
             key_type=bytes, value_type=bytes, schema=RAW_SCHEMA,
+            on_changelog_event=restored,  # recovery writes the table: the expiry index follows
         )
     counters = COUNTERS.setdefault(spec.name, PipelineCounters())
     counters.steps = StepTally(spec.steps)
@@ -312,6 +336,8 @@ def build(spec: PipelineSpec) -> None:
     ctx = LiveContext(spec, table, expiry_folder=lambda: expiry_folder(table))
     if table is not None:
         commit_protocol.register(ctx.cache)
+        EXPIRIES.append(ctx.expiry)
+        counters.expiry = ctx.expiry.describe
     handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)
     batch_agent(source, name=f"pipeline.{spec.name}")(handler)
 

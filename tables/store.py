@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 from faust.types import TP
-from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 from app.commit import emitter
 from app.kafka_io import kafka_io
@@ -723,7 +723,8 @@ class ExpiryQueue:
         for _ in range(3 * n):
             popleft()
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Drop it (``keep`` has no meaning in memory: a queue is built anew)."""
         self._flat.clear()
 
     def __len__(self) -> int:
@@ -748,12 +749,17 @@ class ExpiryIndex:
     would cost ~1 µs an id on the batch path (the write and its memtable insert); a
     packed entry costs ~0.24 µs, ~0.16 µs more than the in-memory queue's append.
 
-    Local only, not changelogged: it is built anew from the table's partition after
-    every assignment, so it never needs to survive a restart or a move. The stored part
-    is in store order, as the in-memory queue is: an entry stored after a younger one
-    (event time) waits for it. Times before 1970 sort after all others (big-endian
-    doubles), so such entries are deleted late, never early."""
+    Local only, not changelogged. Closed with ``close(keep=True)`` (partitions moved, a
+    stop), it writes out its tail and read position (``META``), and ``reopen`` goes on
+    with it; ``Expiry`` decides when that is safe. Without ``META`` (a crash, a build cut
+    short) it is built anew from the table's partition. The stored part is in store
+    order, as the in-memory queue is: an entry stored after a younger one (event time)
+    waits for it. Times before 1970 sort after all others (big-endian doubles), so such
+    entries are deleted late, never early."""
 
+    #: The state of an index closed to be reopened (``close(keep=True)``); absent while
+    #: it is open, so that a crash leaves nothing to reopen.
+    META = b"\x00"
     REBUILT = b"\x01"
     LOGGED = b"\x02"
     SORTED = struct.Struct(">dQ")
@@ -764,15 +770,34 @@ class ExpiryIndex:
     #: Entries per RocksDB write while building.
     REBUILD_CHUNK = 10_000
 
-    def __init__(self, path: Path, entries: Iterable[tuple[float, int, bytes]] = ()) -> None:
+    def __init__(self, path: Path, entries: Iterable[tuple[float, int, bytes]] = (), *,
+                 reopened: tuple[Rdict, dict[str, Any]] | None = None) -> None:
+        """Built from ``entries`` at ``path`` (anything there is deleted first), or, with
+        ``reopened`` (its database and ``META``: ``reopen``), going on from there."""
         self.path = path
+        #: Entries found at the build (their keys at or above ``_rebuilt_from``).
+        self._rebuilt = 0
+        self._rebuilt_from = self.REBUILT
+        #: Stored entries: chunks ``_read_no`` .. ``_tail_no - 1`` in RocksDB, then the
+        #: tail being filled; the oldest live one at byte ``_read_pos`` of ``_read_no``.
+        self._logged = 0
+        self._tail = bytearray()
+        self._tail_no = self._read_no = self._read_pos = 0
+        #: The one chunk read from RocksDB kept in memory (its number, its bytes).
+        self._loaded: tuple[int, bytes] = (-1, b"")
+        #: What the last ``oldest`` gave out, in order: a built entry's RocksDB key, or
+        #: a stored entry's (chunk number, byte after it). ``drop`` deletes up to there.
+        self._taken: list[bytes | tuple[int, int]] = []
+        if reopened is not None:
+            self.db, meta = reopened
+            self._rebuilt, self._rebuilt_from = int(meta["rebuilt"]), bytes.fromhex(meta["rebuilt_from"])
+            self._logged, self._tail_no = int(meta["logged"]), int(meta["tail_no"])
+            self._read_no, self._read_pos = int(meta["read_no"]), int(meta["read_pos"])
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             Rdict.destroy(str(path))
         self.db = Rdict(str(path), _index_options())
-        #: Entries found at the build (their keys at or above ``_rebuilt_from``).
-        self._rebuilt = 0
-        self._rebuilt_from = self.REBUILT
         pack, prefix = self.SORTED.pack, self.REBUILT
         batch = WriteBatch(raw_mode=True)
         for at, seq, key in entries:
@@ -782,18 +807,25 @@ class ExpiryIndex:
                 self.db.write(batch)
                 batch = WriteBatch(raw_mode=True)
         self.db.write(batch)
-        #: Stored entries: chunks ``_read_no`` .. ``_tail_no - 1`` in RocksDB, then the
-        #: tail being filled; the oldest live one at byte ``_read_pos`` of ``_read_no``.
-        self._logged = 0
-        self._tail = bytearray()
-        self._tail_no = 0
-        self._read_no = 0
-        self._read_pos = 0
-        #: The one chunk read from RocksDB kept in memory (its number, its bytes).
-        self._loaded: tuple[int, bytes] = (-1, b"")
-        #: What the last ``oldest`` gave out, in order: a built entry's RocksDB key, or
-        #: a stored entry's (chunk number, byte after it). ``drop`` deletes up to there.
-        self._taken: list[bytes | tuple[int, int]] = []
+
+    @classmethod
+    def reopen(cls, path: Path) -> ExpiryIndex | None:
+        """The index that ``close(keep=True)`` left at ``path``, to go on with; None when
+        there is none (never built there, or not closed so: a crash)."""
+        if not (path / "CURRENT").is_file():
+            return None
+        db = Rdict(str(path), _index_options())
+        try:
+            raw = db.get(cls.META)
+            index = None if raw is None else cls(path, reopened=(db, orjson.loads(raw)))
+        except (KeyError, ValueError, TypeError):
+            index = None
+        if index is None:
+            db.close()
+            return None
+        # Changed from now on: until the next close, a crash must leave nothing to reopen.
+        db.delete(cls.META, write_opt=_synced())
+        return index
 
     def stored(self, values: dict[bytes, Any]) -> None:
         """Entries just stored: key -> ``(at, seq)``."""
@@ -899,16 +931,41 @@ class ExpiryIndex:
             pos = 0
         self._read_no, self._read_pos = number, pos
 
-    def close(self) -> None:
-        """Close and delete it (it is built anew when the partition is used again)."""
+    def close(self, keep: bool = False) -> None:
+        """Close it. ``keep``: with its tail and read position written out (``META``), for
+        ``reopen``; else it is deleted (and built anew when the partition is used again)."""
+        if not keep:
+            self.db.close()
+            Rdict.destroy(str(self.path))
+            return
+        if self._tail:
+            self.db[self.LOGGED + self.CHUNK_NUMBER.pack(self._tail_no)] = bytes(self._tail)
+            self._tail_no += 1
+            self._tail = bytearray()
+        meta = {"rebuilt": self._rebuilt, "rebuilt_from": self._rebuilt_from.hex(), "logged": self._logged,
+                "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos}
+        self.db.put(self.META, orjson.dumps(meta), write_opt=_synced())
         self.db.close()
-        Rdict.destroy(str(self.path))
+
+    @staticmethod
+    def discard(path: Path) -> None:
+        """Delete a closed index (its table partition changed without it)."""
+        if path.exists():
+            Rdict.destroy(str(path))
 
     def __len__(self) -> int:
         return self._rebuilt + self._logged
 
 
 _INDEX_CACHE: Cache | None = None
+
+
+def _synced() -> WriteOptions:
+    """Write options of a write that must outlive a crash of the machine, not only of
+    the process (the index's ``META``: one write per open and per close)."""
+    options = WriteOptions()
+    options.sync = True
+    return options
 
 
 def _index_options() -> Options:
@@ -933,12 +990,20 @@ class Expiry:
 
     Each partition's entries are kept in the order they expire, by an ``ExpiryIndex``
     on disk under ``folder`` for a RocksDB store, else by an ``ExpiryQueue`` in memory.
-    It is rebuilt from what the store holds the first time the partition is used after
-    an assignment (``ensure``), so entries stored before a restart or a rebalance
-    expire too (the queue used to live only in memory: keys seen before a restart were
-    never deleted, and the state grew without bound); after that each batch adds what
-    it stored (``stored``). ``decode(raw)`` gives ``(at, seq)`` of a stored value, or
-    None for a value that does not expire."""
+    Each batch adds what it stored (``stored``). The first time a partition is used
+    after an assignment (``ensure``) its index is the one closed at the last move or
+    stop (``forget``), when nothing else wrote its table partition since; otherwise, and
+    always in memory, it is built from what the store holds, so that entries stored
+    before a restart or a rebalance expire too.
+
+    What else writes a table partition: Faust's recovery (another owner's changes, a
+    wiped or discarded folder restored, a standby copy), seen one changelog record at a
+    time by ``restored``, the table's ``on_changelog_event``; and a batch stored after
+    its partition's index was closed (``stored``). Either discards that index. Why keep
+    it: a build reads the whole partition in one batch, ~1.5 µs an entry, so ~10 minutes
+    for a day of ids at 5,000/s, at every rebalance and start (docs/performance.md,
+    "The dedupe expiry kept across moves"). ``decode(raw)`` gives ``(at, seq)`` of a
+    stored value, or None for a value that does not expire."""
 
     def __init__(self, horizon_s: float | None, horizon_n: int | None,
                  decode: Callable[[bytes], tuple[float, int] | None],
@@ -948,18 +1013,33 @@ class Expiry:
         #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
         self.folder = folder
         self.queues: dict[int, ExpiryQueue | ExpiryIndex] = {}
+        #: Partitions whose table was written without their index since it was closed.
+        self.changed: set[int] = set()
+        #: Indexes built from the store, and reopened, since the start (``describe``).
+        self.built = self.reopened = 0
+
+    def _path(self, partition: int) -> Path | None:
+        folder = self.folder() if self.folder is not None else None
+        return None if folder is None else folder / str(partition)
 
     def ensure(self, partition: int, store: Any) -> ExpiryQueue | ExpiryIndex:
-        """The queue of ``partition``, rebuilt from the store when not known yet."""
+        """The queue of ``partition``: open already, reopened, or built from the store."""
         queue = self.queues.get(partition)
-        if queue is None:
-            folder = self.folder() if self.folder is not None else None
-            entries = self._entries(partition, store)
-            if folder is not None:
-                queue = ExpiryIndex(folder / str(partition), entries)
+        if queue is not None:
+            return queue
+        path = self._path(partition)
+        if path is None:
+            queue = ExpiryQueue(sorted(self._entries(partition, store)))
+            self.built += 1
+        else:
+            queue = None if partition in self.changed else ExpiryIndex.reopen(path)
+            if queue is None:
+                queue = ExpiryIndex(path, self._entries(partition, store))
+                self.built += 1
             else:
-                queue = ExpiryQueue(sorted(entries))
-            self.queues[partition] = queue
+                self.reopened += 1
+        self.changed.discard(partition)
+        self.queues[partition] = queue
         return queue
 
     def _entries(self, partition: int, store: Any) -> Iterator[tuple[float, int, bytes]]:
@@ -973,16 +1053,40 @@ class Expiry:
                 yield found[0], found[1], key
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
-        """``values`` (key -> ``(at, seq)``) were just stored in ``partition``; a queue
-        not built yet finds them in the store when it is."""
+        """``values`` (key -> ``(at, seq)``) were just stored in ``partition``. Its queue
+        closed meanwhile (partitions moved): discarded, as the store holds more than it."""
         queue = self.queues.get(partition)
         if queue is not None:
             queue.stored(values)
+        else:
+            self._discard(partition)
+
+    async def restored(self, event: Any) -> None:
+        """A changelog record of ``event``'s partition is being written to the table by
+        Faust's recovery: that partition's index no longer covers the table."""
+        self._discard(event.message.partition)
+
+    def _discard(self, partition: int) -> None:
+        queue = self.queues.pop(partition, None)
+        if queue is not None:
+            queue.close()
+        elif partition not in self.changed:  # once: a standby copy sees every record
+            path = self._path(partition)
+            if path is not None:
+                ExpiryIndex.discard(path)
+        self.changed.add(partition)
+
+    def describe(self) -> dict[str, Any]:
+        """Indexes built from the store and reopened since the start; the entries of
+        the open ones."""
+        return {"indexes_built": self.built, "indexes_reopened": self.reopened,
+                "entries": sum(len(queue) for queue in self.queues.values())}
 
     def forget(self) -> None:
-        """Partitions moved: rebuild each queue from the store when next used."""
+        """Partitions moved, or the worker stops: each index is closed to be reopened
+        (``ensure``), each queue in memory dropped (built again from the store)."""
         for queue in self.queues.values():
-            queue.close()
+            queue.close(keep=True)
         self.queues.clear()
 
 
@@ -1060,8 +1164,8 @@ class DedupeCache:
         """Nothing is held for a commit (see ``flush``)."""
 
     def moved(self) -> None:
-        """Partitions moved: each partition's expiry queue is rebuilt from the store the
-        next time it is used (another worker may have changed it meanwhile)."""
+        """Partitions moved: each partition's expiry index is closed, to be reopened or
+        rebuilt the next time it is used (``Expiry``)."""
         if self.expiry is not None:
             self.expiry.forget()
 

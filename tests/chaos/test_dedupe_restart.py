@@ -98,6 +98,11 @@ def test_the_dedupe_horizon_holds_across_a_restart(kafka):
         from tests.support import wait_for
 
         run(wait_for(old_ids_deleted, timeout=60, interval=1.0, what="the old ids expired"))
+        # The clean stop closed each partition's expiry index to be kept, and nothing
+        # wrote the table while the worker was down: reopened, not built again.
+        status, reply = w.get("/api/v1/pipelines")
+        expiry = reply["pipelines"][0]["counters"]["expiry"]
+        assert status == 200 and expiry["indexes_reopened"] >= 1 and expiry["indexes_built"] == 0, expiry
         out = run(read_topic(sink, timeout=20, idle=3))
         ids = [r.json()["event_id"] for r in out]
         assert sorted(ids) == sorted(e["event_id"] for e in old + recent), "a recent duplicate was admitted"
@@ -117,3 +122,65 @@ def test_the_dedupe_horizon_holds_across_a_restart(kafka):
         run(wait_for(recent_ids_deleted, timeout=60, interval=1.0, what="the ids admitted after the restart expired"))
     finally:
         w.kill()
+
+
+def test_ids_another_worker_admitted_while_this_one_was_down_expire_here(kafka):
+    """A worker's expiry index is kept across a clean stop, but only while nothing else
+    writes its table partitions. Here worker B admits ids while A is down; when A comes
+    back, Faust's recovery writes B's entries into A's tables, so A's kept indexes do
+    not cover them: they are built again from the table, and B's ids expire at A. A kept
+    index trusted regardless would never expire them (the table grows without bound)."""
+    from app.kafka_io import partition_for
+    from tests.support import wait_for
+
+    name = unique("dhandover")
+    config = {"pipelines": [{
+        "name": "dedupe", "source": "events", "sink": "events.clean",
+        "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
+    }]}
+    env = {"STREAMETL_PIPELINES_FILE": write_config(config)}
+    a = Worker(app_id=name, topic_prefix=f"{name}.", env=env)
+    b = Worker(app_id=name, topic_prefix=f"{name}.", env=env)
+    source, sink = a.topic_prefix + "events", a.topic_prefix + "events.clean"
+    changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
+
+    def in_every_partition(prefix: str, per_partition: int) -> list[dict]:
+        out, covered = [], {}
+        for i in range(10_000):
+            p = partition_for(f"{prefix}{i}".encode(), 4, 0)
+            if covered.get(p, 0) < per_partition:
+                covered[p] = covered.get(p, 0) + 1
+                out.append({"event_id": f"{prefix}{i}", "value": i})
+            if len(out) == 4 * per_partition:
+                return out
+        raise AssertionError("keys do not cover every partition")
+
+    first, by_b = in_every_partition("a", 2), in_every_partition("b", 2)
+    try:
+        a.start(timeout=120)
+        run(produce_json(source, first, key="event_id"))
+        assert len(run(read_topic(sink, expect=len(first)))) == len(first)
+        time.sleep(2.5)  # stored, and indexed at A
+        a.stop()
+        b.start(timeout=120)
+        run(produce_json(source, by_b, key="event_id"))
+        assert len(run(read_topic(sink, expect=len(first) + len(by_b)))) == len(first) + len(by_b)
+        admitted_at = time.time()
+        time.sleep(2.5)
+        b.stop()
+        a.start(timeout=120)
+        time.sleep(max(0.0, admitted_at + HORIZON + 1.0 - time.time()))
+        run(produce_json(source, in_every_partition("later", 3), key="event_id"))  # runs expiry everywhere
+
+        async def b_ids_deleted() -> bool:
+            records = await read_topic(changelog, timeout=5, idle=1.0)
+            gone = {r.key for r in records if r.value is None}
+            return all(f"0|id:{e['event_id']}".encode() in gone for e in first + by_b)
+
+        run(wait_for(b_ids_deleted, timeout=60, interval=1.0, what="the ids B admitted expired at A"))
+        status, reply = a.get("/api/v1/pipelines")
+        expiry = reply["pipelines"][0]["counters"]["expiry"]
+        assert status == 200 and expiry["indexes_built"] >= 1, expiry
+    finally:
+        a.kill()
+        b.kill()
