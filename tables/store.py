@@ -100,7 +100,7 @@ class PartitionStore:
             self.table[key] = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
 
     async def write_many(self, items: list[tuple[Any, bytes, Any]]) -> None:
-        """Store many (event, key, JSON value or its encoded bytes).
+        """Store many (event, key, JSON value or its encoded bytes; None deletes the key).
 
         Batched changelog (``emitter.batches_changelog``): the changelog records go out
         as pipelined record batches, one per partition, acknowledged *before* the local
@@ -113,6 +113,9 @@ class PartitionStore:
         dumps, option = orjson.dumps, orjson.OPT_NON_STR_KEYS
         if not emitter.batches_changelog():
             for ev, key, value in items:
+                if value is None:
+                    self.delete(ev, key)
+                    continue
                 with as_current(ev):
                     self.table[key] = value if value.__class__ is bytes else dumps(value, option=option)
             await emitter.table_writes_done()
@@ -125,6 +128,9 @@ class PartitionStore:
         writes = StoreWrites(self)
         put = writes.put
         for ev, key, value in items:
+            if value is None:
+                writes.delete(ev.message.partition, key)
+                continue
             put(ev.message.partition, key, value if value.__class__ is bytes else dumps(value, option=option))
         await writes.store()
 
@@ -1082,6 +1088,11 @@ class Expiry:
         return {"indexes_built": self.built, "indexes_reopened": self.reopened,
                 "entries": sum(len(queue) for queue in self.queues.values())}
 
+    def discard_all(self) -> None:
+        """A store failed after entries left the open indexes: build them all again."""
+        for partition in list(self.queues):
+            self._discard(partition)
+
     def forget(self) -> None:
         """Partitions moved, or the worker stops: each index is closed to be reopened
         (``ensure``), each queue in memory dropped (built again from the store)."""
@@ -1156,9 +1167,12 @@ class DedupeCache:
 
     def fail(self) -> None:
         """A batch failed half-way: its changes admitted records whose outputs were never
-        sent, so they are dropped and never written; the worker replays the batch."""
+        sent, so they are dropped and never written; the worker replays the batch. Its
+        expired entries left the expiry indexes but stay in the store: rebuilt."""
         self.failed = True
         self.current = {}
+        if self.expiry is not None:
+            self.expiry.discard_all()
 
     def drop_unflushed(self) -> None:
         """Nothing is held for a commit (see ``flush``)."""

@@ -8,6 +8,11 @@ Two phases against one real worker running the pipeline (and only it):
 2. latency: events are produced at ``--rate`` (default 5,000/s) for ``latency_seconds``
    (option, default 10); option ``profile=DIR`` runs the worker under pyinstrument while a consumer reads the sink; latency = arrival − ``sent_at``.
 
+Option ``horizon_seconds`` (default 3600) is the dedupe step's: with a horizon shorter
+than the backlog takes (e.g. 1), entries expire as fast as they are admitted during
+most of it, so the throughput phase measures the expiry too (docs/performance.md,
+"The dedupe expiry kept across moves").
+
 The ``users`` reference data (one row per key) is loaded first through the HTTP API of
 a worker running no pipeline, which then stops: the measured worker starts with every
 row in the reference topic, so it enriches every event, and all its work on the backlog
@@ -111,7 +116,9 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
 
 async def run(ctx: Context) -> Result:
     config = Path(tempfile.mkdtemp(prefix="streametl-bench-")) / "pipelines.yaml"
-    config.write_text(json.dumps(PIPELINE))
+    pipeline = json.loads(json.dumps(PIPELINE))
+    pipeline["pipelines"][0]["steps"][0]["horizon_seconds"] = float(ctx.args.options.get("horizon_seconds", 3600))
+    config.write_text(json.dumps(pipeline))
     prefix = f"{ctx.namespace}."
     source, sink = prefix + "events", prefix + "events.clean"
     await create_topics([source, sink], partitions=4)
@@ -171,7 +178,8 @@ async def run(ctx: Context) -> Result:
         NAME, len(out), seconds, latencies, cpu,
         extra={"latency_to_sink_append_ms": spread(worker_side)},
         settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
-                  "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter"},
+                  "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter",
+                  "horizon_seconds": pipeline["pipelines"][0]["steps"][0]["horizon_seconds"]},
         notes=["throughput: backlog produced before start; sink record timestamps first→last",
                "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
                "latency_to_sink_append_ms: sent_at to the worker's append of the output "
