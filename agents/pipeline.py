@@ -39,6 +39,7 @@ from app.commit import Emitter, commit_protocol, emitter
 from app.kafka_io import kafka_io
 from app.pipelines import PipelineSpec
 from app.topics import declare
+from app.transport import stopped_clean
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from tables.reference import reference_store
 from tables.store import DedupeCache, Expiry, PartitionStore
@@ -220,23 +221,25 @@ class LiveContext:
     async def store_after(self, outputs_acked: Awaitable[Any] | None, detached: Detached) -> None:
         """Store one batch's writes (RocksDB and changelog), only once its outputs are
         acknowledged by the sink: a crash in between re-emits, it never loses a record."""
-        if outputs_acked is not None:
-            await outputs_acked
         layer, events = detached
-        if not layer:
-            return
-        items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
-        assert self.store is not None
         try:
+            if outputs_acked is not None:
+                await outputs_acked
+            if not layer:
+                return
+            items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
+            assert self.store is not None
             await self.store.write_many(items)
         except BaseException:
-            # Their expired entries left the indexes (``expire``) but stay in the store.
+            # Failed or cancelled: its expired entries left the indexes (``expire``) but
+            # stay in the store.
             self.expiry.discard_all()
             raise
-        # Stored: reads find it in RocksDB now, and it expires from now on.
+        # Stored: reads find it in RocksDB now, and it expires from now on (the deletes'
+        # ``None`` values are left out by ``stored``).
         self.cache.release(layer)
         for partition, values in layer.items():
-            self.expiry.stored(partition, {key: value for key, value in values.items() if value is not None})
+            self.expiry.stored(partition, values)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -280,8 +283,9 @@ class LiveContext:
                     # Deleted with this batch's writes (``store_after``): its changelog
                     # tombstone then goes out in order with them, in the same record
                     # batch, and a key admitted again in a later batch is written after
-                    # it. Until then reads find the expired value, which no horizon
-                    # counts as a duplicate.
+                    # it. Until then reads find the expired value, and ``is_duplicate``
+                    # judges it by the record's time (by processing time it is past
+                    # its horizon; with ``time_field``, by the record's event time).
                     self._overlay[key] = None
         finally:
             entries.close()
@@ -308,17 +312,19 @@ def expiry_folder(table: Any) -> Path | None:
 
 COUNTERS: dict[str, PipelineCounters] = {}
 PIPELINES: dict[str, PipelineSpec] = {}
-#: The dedupe expiries of the pipelines of this worker (closed to be reopened at a stop).
-EXPIRIES: list[Expiry] = []
+#: The dedupe state of the pipelines of this worker (its expiry indexes closed at a stop).
+DEDUPE_CACHES: list[DedupeCache] = []
 
 
 @app.on_before_shutdown.connect
 async def keep_expiry_indexes(sender: Any = None, **kwargs: Any) -> None:
-    """After the consumer stopped (its batches done): each open expiry index is closed
-    to be reopened at the next start. A stop that never gets here (a kill) leaves them
-    to be built again."""
-    for expiry in EXPIRIES:
-        expiry.forget()
+    """After the consumer stopped: each open expiry index is closed, to be reopened at
+    the next start when the stop was clean and nothing of it is left unstored
+    (``DedupeCache.close_indexes``). A stop that never gets here (a kill) leaves them to
+    be built again."""
+    clean = stopped_clean(app)
+    for cache in DEDUPE_CACHES:
+        cache.close_indexes(keep=clean)
 
 
 def build(spec: PipelineSpec) -> None:
@@ -345,7 +351,7 @@ def build(spec: PipelineSpec) -> None:
     ctx = LiveContext(spec, table, expiry_folder=lambda: expiry_folder(table))
     if table is not None:
         commit_protocol.register(ctx.cache)
-        EXPIRIES.append(ctx.expiry)
+        DEDUPE_CACHES.append(ctx.cache)
         counters.expiry = ctx.expiry.describe
     handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)
     batch_agent(source, name=f"pipeline.{spec.name}")(handler)

@@ -712,10 +712,11 @@ class ExpiryQueue:
         self._flat: deque[float | int | bytes] = deque(itertools.chain.from_iterable(entries))
 
     def stored(self, values: dict[bytes, Any]) -> None:
-        """Entries just stored: key -> ``(at, seq)``, newest last."""
+        """Entries just stored: key -> ``(at, seq)`` or None (a delete), newest last."""
         extend = self._flat.extend
-        for key, (at, seq) in values.items():
-            extend((at, seq, key))
+        for key, value in values.items():
+            if value is not None:
+                extend((value[0], value[1], key))
 
     def oldest(self) -> Iterator[tuple[float, int, bytes]]:
         """The entries, oldest first; ``drop`` them once this iterator is let go."""
@@ -834,12 +835,16 @@ class ExpiryIndex:
         return index
 
     def stored(self, values: dict[bytes, Any]) -> None:
-        """Entries just stored: key -> ``(at, seq)``."""
+        """Entries just stored: key -> ``(at, seq)``, or None (a delete: no entry)."""
         tail, pack = self._tail, self.ENTRY.pack
-        for key, (at, seq) in values.items():
-            tail += pack(at, seq, len(key))
-            tail += key
-        self._logged += len(values)
+        n = 0
+        for key, value in values.items():
+            if value is not None:
+                at, seq = value
+                tail += pack(at, seq, len(key))
+                tail += key
+                n += 1
+        self._logged += n
         if len(tail) >= self.CHUNK_BYTES:
             self.db[self.LOGGED + self.CHUNK_NUMBER.pack(self._tail_no)] = bytes(tail)
             self._tail_no += 1
@@ -950,7 +955,8 @@ class ExpiryIndex:
             self._tail = bytearray()
         meta = {"rebuilt": self._rebuilt, "rebuilt_from": self._rebuilt_from.hex(), "logged": self._logged,
                 "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos}
-        self.db.put(self.META, orjson.dumps(meta), write_opt=_synced())
+        # Not synced: lost in a crash of the machine, it only makes the next use rebuild.
+        self.db[self.META] = orjson.dumps(meta)
         self.db.close()
 
     @staticmethod
@@ -968,7 +974,7 @@ _INDEX_CACHE: Cache | None = None
 
 def _synced() -> WriteOptions:
     """Write options of a write that must outlive a crash of the machine, not only of
-    the process (the index's ``META``: one write per open and per close)."""
+    the process (the delete of an index's ``META`` when it is reopened)."""
     options = WriteOptions()
     options.sync = True
     return options
@@ -1059,7 +1065,8 @@ class Expiry:
                 yield found[0], found[1], key
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
-        """``values`` (key -> ``(at, seq)``) were just stored in ``partition``. Its queue
+        """``values`` (key -> ``(at, seq)``, or None: deleted) were just stored in
+        ``partition``. Its queue
         closed meanwhile (partitions moved): discarded, as the store holds more than it."""
         queue = self.queues.get(partition)
         if queue is not None:
@@ -1073,14 +1080,15 @@ class Expiry:
         self._discard(event.message.partition)
 
     def _discard(self, partition: int) -> None:
+        seen = partition in self.changed
+        self.changed.add(partition)  # first: whatever fails below, it is not reopened
         queue = self.queues.pop(partition, None)
         if queue is not None:
             queue.close()
-        elif partition not in self.changed:  # once: a standby copy sees every record
+        elif not seen:  # once: a standby copy sees every record
             path = self._path(partition)
             if path is not None:
                 ExpiryIndex.discard(path)
-        self.changed.add(partition)
 
     def describe(self) -> dict[str, Any]:
         """Indexes built from the store and reopened since the start; the entries of
@@ -1180,8 +1188,18 @@ class DedupeCache:
     def moved(self) -> None:
         """Partitions moved: each partition's expiry index is closed, to be reopened or
         rebuilt the next time it is used (``Expiry``)."""
-        if self.expiry is not None:
-            self.expiry.forget()
+        self.close_indexes()
+
+    def close_indexes(self, keep: bool = True) -> None:
+        """Close the expiry's open indexes, kept to be reopened unless told not to, or
+        unless a batch's writes are not all stored (a failed or cancelled store, a batch
+        cut short): its expired entries left the indexes while their deletes were never
+        written, so the indexes are built again."""
+        if self.expiry is None:
+            return
+        if not keep or self.failed or self.layers or any(self.current.values()):
+            self.expiry.discard_all()
+        self.expiry.forget()
 
 
 __all__ = ["AtPartition", "CacheSnapshot", "DedupeCache", "Expiry", "ExpiryIndex", "ExpiryQueue", "MemoryStore", "PartitionStore", "StoreWrites", "WriteBackCache",

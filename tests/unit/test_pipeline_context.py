@@ -456,3 +456,59 @@ def test_the_expiry_index_is_kept_across_a_move_unless_its_table_partition_chang
         assert b"0|id:g" in store.deleted, "an entry stored after the close never expired"
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("how", ["outputs not acked", "store cut short", "batch cut short", "unclean stop"])
+def test_expired_entries_never_stored_make_the_indexes_be_built_again(tmp_path, how):
+    """``expire`` takes expired entries out of the index at once, and their deletes are
+    written with the batch (``store_after``). When that write never happens (the
+    outputs' acks fail, a store is cancelled at a stop, a batch ends half-way, an
+    unclean stop), a kept index would lack entries still in the table, which would then
+    never expire. So the indexes are built again at the next start (found by a review:
+    an index kept after a failed ack; the entry outlived 1,000 offsets of a count
+    horizon of 2)."""
+    folder = tmp_path / "expiry"
+    ctx, steps, store = context({"op": "deduplicate", "horizon_count": 2}, folder)
+
+    async def first_run() -> None:
+        store.gate = asyncio.Event()
+        store.gate.set()
+        admitted(ctx, steps, [(Record(0, 0), "a")])
+        ctx.expire(100)
+        await ctx.store_after(None, ctx.detach_writes())
+        admitted(ctx, steps, [(Record(0, 5), "b")])
+        ctx.expire(100)  # a left the index; its delete is in this batch's writes
+        if how == "batch cut short":
+            return  # never detached: the stop finds it in the cache
+        layer = ctx.detach_writes()
+        if how == "outputs not acked":
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(RuntimeError("sink unreachable"))
+            with pytest.raises(RuntimeError):
+                await ctx.store_after(failed, layer)
+        elif how == "store cut short":
+            store.gate.clear()
+            storing = asyncio.ensure_future(ctx.store_after(None, layer))
+            await asyncio.sleep(0)
+            storing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await storing
+        else:
+            await ctx.store_after(None, layer)
+
+    asyncio.run(first_run())
+    ctx.cache.close_indexes(keep=how != "unclean stop")  # the stop (keep_expiry_indexes)
+    if how != "unclean stop":
+        assert b"0|id:a" in store.dbs[0], "the delete was never stored"
+    restarted, steps, _ = context({"op": "deduplicate", "horizon_count": 2}, folder)
+    restarted.store = store
+
+    async def second_run() -> None:
+        store.gate.set()
+        admitted(restarted, steps, [(Record(0, 10), "c")])
+        restarted.expire(100)
+        await restarted.store_after(None, restarted.detach_writes())
+
+    asyncio.run(second_run())
+    assert restarted.expiry.built == 1 and restarted.expiry.reopened == 0
+    assert b"0|id:a" not in store.dbs[0], "an expired entry outlived its index"
