@@ -97,7 +97,10 @@ class TableMemory:
         # A tuple of atoms, not a list: CPython stops tracking such a tuple at the first
         # collection it survives (it lives until the batch is stored). Its expiry entry
         # is made when it is stored (``store_after``).
-        self.ctx.write(self.prefix + key.encode(), (at, seq))
+        ctx = self.ctx
+        ctx.write(self.prefix + key.encode(), (at, seq))
+        if ctx.event_time is not None and at > ctx.event_time.get(ctx.partition, at - 1.0):
+            ctx.event_time[ctx.partition] = at
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -142,6 +145,9 @@ class LiveContext:
         #: ``DedupeCache.moved``, run by the commit protocol; reopened or rebuilt from
         #: the store at the next use: ``Expiry.ensure``), on disk under
         #: ``expiry_folder()`` when given.
+        #: With an event-time horizon (``time_field``): each partition's latest event
+        #: time admitted, the clock its entries expire by (``expire``).
+        self.event_time: dict[int, float] | None = {} if dedupe and dedupe.get("time_field") else None
         self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
                              dedupe["horizon_count"] if dedupe else None, _seen_at, expiry_folder)
         self.cache = DedupeCache(self.expiry)
@@ -262,7 +268,13 @@ class LiveContext:
         if not queue:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
-        now, position = self._now, self.offset
+        # An entry's time is its record's event time under ``time_field``: then it
+        # expires by the partition's event time, not the clock (a backfill of old events
+        # deleted every entry at once, and admitted duplicates).
+        now = self._now if self.event_time is None else self.event_time.get(self.partition)
+        if now is None:
+            now = float("-inf")  # nothing admitted here since the start: nothing expires by time
+        position = self.offset
         expired = 0
         entries = queue.oldest()
         try:

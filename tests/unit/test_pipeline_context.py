@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -512,3 +513,38 @@ def test_expired_entries_never_stored_make_the_indexes_be_built_again(tmp_path, 
     asyncio.run(second_run())
     assert restarted.expiry.built == 1 and restarted.expiry.reopened == 0
     assert b"0|id:a" not in store.dbs[0], "an expired entry outlived its index"
+
+
+def test_an_event_time_horizon_expires_by_the_partitions_event_time_not_the_clock():
+    """With ``time_field`` an entry's time is its record's event time, and a duplicate is
+    judged by event time. Expiry compared that time with the wall clock, so a backfill
+    of last week's events (a day's horizon) deleted every entry at the next batch, and
+    duplicates a few records apart were admitted. It now compares with the partition's
+    event time: the latest event time it admitted."""
+    ctx, steps, store = context({"op": "deduplicate", "horizon_seconds": 60, "time_field": "ts"})
+    week_ago = time.time() - 7 * 86400
+
+    def batch(records: list[tuple[int, str, float]]) -> list[str]:
+        ctx.begin_batch()
+        out = []
+        for offset, event_id, ts in records:
+            event = Record(0, offset)
+            if ctx.partition != 0:
+                ctx.enter_partition(event)
+            ctx.at_offset(offset)
+            if run_record(steps, {"event_id": event_id, "ts": ts}, ctx).record is not None:
+                out.append(event_id)
+        ctx.expire(100)
+        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+        return out
+
+    store.gate = asyncio.Event()
+    store.gate.set()
+    assert batch([(0, "a", week_ago), (1, "b", week_ago + 10)]) == ["a", "b"]
+    assert batch([(2, "c", week_ago + 20)]) == ["c"]
+    assert store.deleted == [], "deleted by the wall clock: a week is past a 60 s horizon"
+    assert batch([(3, "a", week_ago + 30)]) == [], "a duplicate 30 s of event time apart"
+    # 70 s of event time later, a is past its horizon: deleted, then admitted again.
+    assert batch([(4, "d", week_ago + 70)]) == ["d"]
+    assert store.deleted == [b"0|id:a"]
+    assert batch([(5, "a", week_ago + 75)]) == ["a"]
