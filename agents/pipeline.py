@@ -88,6 +88,9 @@ class TableMemory:
 
     def __init__(self, ctx: LiveContext, step: Step) -> None:
         self.ctx, self.prefix = ctx, f"{step.index}|".encode()
+        #: Whether its times are the clock of the expiry (``LiveContext.event_time``):
+        #: the expiry follows the first dedupe step's horizon.
+        self.sets_clock = ctx.event_time is not None and step.index == ctx.dedupe_index
 
     def get(self, key: str) -> Sequence[Any] | None:
         """The stored ``[at, seq]`` of ``key`` (a Seen by position), or None."""
@@ -99,8 +102,8 @@ class TableMemory:
         # is made when it is stored (``store_after``).
         ctx = self.ctx
         ctx.write(self.prefix + key.encode(), (at, seq))
-        if ctx.event_time is not None and at > ctx.event_time.get(ctx.partition, at - 1.0):
-            ctx.event_time[ctx.partition] = at
+        if self.sets_clock and at > ctx.event_time.get(ctx.partition, at - 1.0):  # type: ignore[union-attr]
+            ctx.event_time[ctx.partition] = at  # type: ignore[index]
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -140,7 +143,10 @@ class LiveContext:
         #: rebalance completes while a batch is in flight (app/batches.py).
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
-        dedupe = next((s.params for s in spec.steps if s.op == "deduplicate"), None)
+        first = next((s for s in spec.steps if s.op == "deduplicate"), None)
+        dedupe = None if first is None else first.params
+        #: The step whose horizon the expiry follows (the first dedupe step).
+        self.dedupe_index = None if first is None else first.index
         #: The dedupe entries' expiry, by partition (closed when partitions move:
         #: ``DedupeCache.moved``, run by the commit protocol; reopened or rebuilt from
         #: the store at the next use: ``Expiry.ensure``), on disk under
@@ -236,16 +242,19 @@ class LiveContext:
             items = [(events[p], key, value) for p, values in layer.items() for key, value in values.items()]
             assert self.store is not None
             await self.store.write_many(items)
+            # Stored: reads find it in RocksDB now, and it expires from now on (the
+            # deletes' ``None`` values are left out by ``stored``).
+            self.cache.release(layer)
+            for partition, values in layer.items():
+                self.expiry.stored(partition, values)
         except BaseException:
             # Failed or cancelled: its expired entries left the indexes (``expire``) but
-            # stay in the store.
-            self.expiry.discard_all()
+            # stay in the store, or its entries never reached them.
+            try:
+                self.expiry.discard_all()
+            except Exception:  # the store's error is the one to raise
+                log.exception("pipeline %s: dropping the expiry indexes failed", self.spec.name)
             raise
-        # Stored: reads find it in RocksDB now, and it expires from now on (the deletes'
-        # ``None`` values are left out by ``stored``).
-        self.cache.release(layer)
-        for partition, values in layer.items():
-            self.expiry.stored(partition, values)
 
     def lookup(self, source: str, key: str):
         return reference_store.lookup(source, key)
@@ -269,11 +278,13 @@ class LiveContext:
             return
         horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
         # An entry's time is its record's event time under ``time_field``: then it
-        # expires by the partition's event time, not the clock (a backfill of old events
-        # deleted every entry at once, and admitted duplicates).
-        now = self._now if self.event_time is None else self.event_time.get(self.partition)
-        if now is None:
-            now = float("-inf")  # nothing admitted here since the start: nothing expires by time
+        # expires by the partition's event time (a backfill of old events deleted every
+        # entry at once by the clock, and admitted duplicates), never ahead of the clock
+        # (one record from a clock far ahead would expire every entry of the horizon).
+        now = self._now
+        if self.event_time is not None:
+            # Nothing admitted here since the start: nothing expires by time yet.
+            now = min(now, self.event_time.get(self.partition, float("-inf")))
         position = self.offset
         expired = 0
         entries = queue.oldest()

@@ -548,3 +548,45 @@ def test_an_event_time_horizon_expires_by_the_partitions_event_time_not_the_cloc
     assert batch([(4, "d", week_ago + 70)]) == ["d"]
     assert store.deleted == [b"0|id:a"]
     assert batch([(5, "a", week_ago + 75)]) == ["a"]
+
+
+def test_an_event_time_from_a_clock_far_ahead_expires_nothing_early():
+    """The event-time clock of an expiry never runs ahead of the wall clock: one record
+    from a producer a year ahead made every entry of the partition expire, and retries
+    of events within their horizon were admitted again (found by a review). A second
+    dedupe step without ``time_field`` (wall-clock times) does not move it either."""
+    (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out", "steps": [
+        {"op": "deduplicate", "horizon_seconds": 3600, "time_field": "ts"},
+        {"op": "deduplicate", "fields": ["n"], "horizon_seconds": 3600}]}])
+    ctx = LiveContext(spec, table=None)
+    store = ctx.store = FakeStore()
+    steps = spec.steps
+    now = time.time()
+
+    def batch(records: list[tuple[int, str, float]]) -> list[str]:
+        ctx.begin_batch()
+        out = []
+        for offset, event_id, ts in records:
+            event = Record(0, offset)
+            if ctx.partition != 0:
+                ctx.enter_partition(event)
+            ctx.at_offset(offset)
+            if run_record(steps, {"event_id": event_id, "ts": ts, "n": offset}, ctx).record is not None:
+                out.append(event_id)
+        ctx.expire(100)
+        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+        return out
+
+    store.gate = asyncio.Event()
+    store.gate.set()
+    week_ago = now - 7 * 86400
+    assert batch([(0, "old", week_ago), (1, "a", now - 60), (2, "b", now - 30)]) == ["old", "a", "b"]
+    assert batch([(3, "future", now + 365 * 86400)]) == ["future"]
+    assert batch([(4, "c", now)]) == ["c"]
+    assert b"0|id:old" in store.deleted, "a week old by the wall clock: past its horizon"
+    assert not {b"0|id:a", b"0|id:b"} & set(store.deleted), "expired by a clock a year ahead"
+    assert batch([(5, "a", now - 59), (6, "b", now - 29)]) == [], "retries within the horizon admitted"
+    # The second step's times (the wall clock) never become the first step's clock.
+    del ctx.event_time[0]  # as after a restart
+    assert batch([(7, "d", week_ago + 100)]) == ["d"]
+    assert ctx.event_time[0] == pytest.approx(week_ago + 100, abs=0.001)
