@@ -13,11 +13,12 @@ deduplication is per source partition: producers must key duplicates alike (e.g.
 one partition. That state comes back from the changelog after a crash or rebalance,
 so a restarted worker never re-admits a duplicate it had already seen.
 
-Expiry: keys older than the horizon are deleted (tombstoned in the changelog) while
-events of the same partition flow, a few per record (``tables.store.Expiry``), in the
-order of an index on local disk (``ExpiryIndex``; in memory for a memory store). A
-partition's index is rebuilt from the stored entries the first time the partition is
-used after an assignment, so keys admitted before a restart or a rebalance expire too.
+Expiry: keys older than the horizon are deleted (tombstoned in the changelog, with the
+batch's writes) while events of the same partition flow, a few per record
+(``tables.store.Expiry``), in the order of an index on local disk (``ExpiryIndex``; in
+memory for a memory store). A partition's index is kept across moves and clean stops,
+and rebuilt from the stored entries when it may lack some (a crash, a restore into
+the partition), so keys admitted before a restart or a rebalance expire too.
 Outputs go through the one output path (``app.commit.emitter``).
 """
 
