@@ -1012,7 +1012,7 @@ class Expiry:
     wiped or discarded folder restored, a standby copy), seen one changelog record at a
     time by ``restored``, the table's ``on_changelog_event``; and a batch stored after
     its partition's index was closed (``stored``). Either discards that index. Why keep
-    it: a build reads the whole partition in one batch, ~1.5 µs an entry, so ~10 minutes
+    it: a build reads the whole partition in one batch, ~1.1 µs an entry, so ~8 minutes
     for a day of ids at 5,000/s, at every rebalance and start (docs/performance.md,
     "The dedupe expiry kept across moves"). ``decode(raw)`` gives ``(at, seq)`` of a
     stored value, or None for a value that does not expire."""
@@ -1066,8 +1066,8 @@ class Expiry:
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
         """``values`` (key -> ``(at, seq)``, or None: deleted) were just stored in
-        ``partition``. Its queue
-        closed meanwhile (partitions moved): discarded, as the store holds more than it."""
+        ``partition``. Its queue closed meanwhile (partitions moved): discarded, as the
+        store holds more than it."""
         queue = self.queues.get(partition)
         if queue is not None:
             queue.stored(values)
