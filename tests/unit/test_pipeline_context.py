@@ -515,6 +515,23 @@ def test_expired_entries_never_stored_make_the_indexes_be_built_again(tmp_path, 
     assert b"0|id:a" not in store.dbs[0], "an expired entry outlived its index"
 
 
+def timed_batch(ctx: LiveContext, steps: list, records: list[tuple[int, str, float]]) -> list[str]:
+    """One whole batch of partition 0: ``(offset, event_id, ts)`` records through the
+    steps (``n`` = the offset, for a second dedupe step), then its expiry and its store;
+    returns the ids admitted."""
+    ctx.begin_batch()
+    out = []
+    for offset, event_id, ts in records:
+        if ctx.partition != 0:
+            ctx.enter_partition(Record(0, offset))
+        ctx.at_offset(offset)
+        if run_record(steps, {"event_id": event_id, "ts": ts, "n": offset}, ctx).record is not None:
+            out.append(event_id)
+    ctx.expire(100)
+    asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+    return out
+
+
 def test_an_event_time_horizon_expires_by_the_partitions_event_time_not_the_clock():
     """With ``time_field`` an entry's time is its record's event time, and a duplicate is
     judged by event time. Expiry compared that time with the wall clock, so a backfill
@@ -525,18 +542,7 @@ def test_an_event_time_horizon_expires_by_the_partitions_event_time_not_the_cloc
     week_ago = time.time() - 7 * 86400
 
     def batch(records: list[tuple[int, str, float]]) -> list[str]:
-        ctx.begin_batch()
-        out = []
-        for offset, event_id, ts in records:
-            event = Record(0, offset)
-            if ctx.partition != 0:
-                ctx.enter_partition(event)
-            ctx.at_offset(offset)
-            if run_record(steps, {"event_id": event_id, "ts": ts}, ctx).record is not None:
-                out.append(event_id)
-        ctx.expire(100)
-        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
-        return out
+        return timed_batch(ctx, steps, records)
 
     store.gate = asyncio.Event()
     store.gate.set()
@@ -564,18 +570,7 @@ def test_an_event_time_from_a_clock_far_ahead_expires_nothing_early():
     now = time.time()
 
     def batch(records: list[tuple[int, str, float]]) -> list[str]:
-        ctx.begin_batch()
-        out = []
-        for offset, event_id, ts in records:
-            event = Record(0, offset)
-            if ctx.partition != 0:
-                ctx.enter_partition(event)
-            ctx.at_offset(offset)
-            if run_record(steps, {"event_id": event_id, "ts": ts, "n": offset}, ctx).record is not None:
-                out.append(event_id)
-        ctx.expire(100)
-        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
-        return out
+        return timed_batch(ctx, steps, records)
 
     store.gate = asyncio.Event()
     store.gate.set()
