@@ -46,6 +46,27 @@ def test_duplicates_before_and_after_a_crash_are_dropped(kafka):
 
 
 HORIZON = 6.0
+HORIZON_CONFIG = {"pipelines": [{
+    "name": "dedupe", "source": "events", "sink": "events.clean",
+    "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
+}]}
+
+
+def ids_in_every_partition(prefix: str, per_partition: int) -> list[dict]:
+    """Events with ids ``<prefix><i>``, ``per_partition`` of them in each of the 4
+    partitions when keyed by id, so that each partition gets records (expiry runs as a
+    partition's records flow)."""
+    from app.kafka_io import partition_for
+
+    out, covered = [], {}
+    for i in range(10_000):
+        p = partition_for(f"{prefix}{i}".encode(), 4, 0)
+        if covered.get(p, 0) < per_partition:
+            covered[p] = covered.get(p, 0) + 1
+            out.append({"event_id": f"{prefix}{i}", "value": i})
+        if len(out) == 4 * per_partition:
+            return out
+    raise AssertionError("keys do not cover every partition")
 
 
 def test_the_dedupe_horizon_holds_across_a_restart(kafka):
@@ -55,27 +76,13 @@ def test_the_dedupe_horizon_holds_across_a_restart(kafka):
     refused as duplicates. Before, the expiry queue lived only in the worker's memory:
     keys admitted before a restart were never deleted, and the state grew without bound.
     """
-    from app.kafka_io import partition_for
-
     name = unique("dhorizon")
-    config = {"pipelines": [{
-        "name": "dedupe", "source": "events", "sink": "events.clean",
-        "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
-    }]}
-    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(config)})
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(HORIZON_CONFIG)})
     source, sink = w.topic_prefix + "events", w.topic_prefix + "events.clean"
     changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
     old = [{"event_id": f"old{i}", "value": i} for i in range(12)]
-    # Recent ids in every partition, so that each partition holding an old id gets
-    # records (expiry runs as a partition's records flow).
-    recent, covered = [], {}
-    for i in range(1000):
-        p = partition_for(f"new{i}".encode(), 4, 0)
-        if covered.get(p, 0) < 3:
-            covered[p] = covered.get(p, 0) + 1
-            recent.append({"event_id": f"new{i}", "value": i})
-        if len(recent) == 12:
-            break
+    # Recent ids in every partition, so that each partition holding an old id gets records.
+    recent = ids_in_every_partition("new", 3)
     try:
         w.start(timeout=120)
         run(produce_json(source, old, key="event_id"))
@@ -130,32 +137,16 @@ def test_ids_another_worker_admitted_while_this_one_was_down_expire_here(kafka):
     back, Faust's recovery writes B's entries into A's tables, so A's kept indexes do
     not cover them: they are built again from the table, and B's ids expire at A. A kept
     index trusted regardless would never expire them (the table grows without bound)."""
-    from app.kafka_io import partition_for
     from tests.support import wait_for
 
     name = unique("dhandover")
-    config = {"pipelines": [{
-        "name": "dedupe", "source": "events", "sink": "events.clean",
-        "steps": [{"op": "deduplicate", "horizon_seconds": HORIZON}],
-    }]}
-    env = {"STREAMETL_PIPELINES_FILE": write_config(config)}
+    env = {"STREAMETL_PIPELINES_FILE": write_config(HORIZON_CONFIG)}
     a = Worker(app_id=name, topic_prefix=f"{name}.", env=env)
     b = Worker(app_id=name, topic_prefix=f"{name}.", env=env)
     source, sink = a.topic_prefix + "events", a.topic_prefix + "events.clean"
     changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
 
-    def in_every_partition(prefix: str, per_partition: int) -> list[dict]:
-        out, covered = [], {}
-        for i in range(10_000):
-            p = partition_for(f"{prefix}{i}".encode(), 4, 0)
-            if covered.get(p, 0) < per_partition:
-                covered[p] = covered.get(p, 0) + 1
-                out.append({"event_id": f"{prefix}{i}", "value": i})
-            if len(out) == 4 * per_partition:
-                return out
-        raise AssertionError("keys do not cover every partition")
-
-    first, by_b = in_every_partition("a", 2), in_every_partition("b", 2)
+    first, by_b = ids_in_every_partition("a", 2), ids_in_every_partition("b", 2)
     try:
         a.start(timeout=120)
         run(produce_json(source, first, key="event_id"))
@@ -170,7 +161,7 @@ def test_ids_another_worker_admitted_while_this_one_was_down_expire_here(kafka):
         b.stop()
         a.start(timeout=120)
         time.sleep(max(0.0, admitted_at + HORIZON + 1.0 - time.time()))
-        run(produce_json(source, in_every_partition("later", 3), key="event_id"))  # runs expiry everywhere
+        run(produce_json(source, ids_in_every_partition("later", 3), key="event_id"))  # runs expiry everywhere
 
         async def b_ids_deleted() -> bool:
             records = await read_topic(changelog, timeout=5, idle=1.0)
