@@ -2450,11 +2450,11 @@ def partition_db(table: Any, partition: int) -> Any:
     return None if get_db is None else get_db(partition)
 
 
-def delete_in_partition(table: Any, partition: int, key: bytes) -> bool:
+def delete_in_partition(table: Any, db: Any, key: bytes) -> bool:
     """Delete ``key`` from one partition of a Faust table with a RocksDB store: from that
-    partition's database, with a tombstone in the changelog through the table (so in the
-    partition of the current event, and under exactly_once in its transaction). Returns
-    False when the key is not there.
+    partition's database ``db`` (``partition_db``), with a tombstone in the changelog
+    through the table (so in the partition of the current event, and under exactly_once
+    in its transaction). Returns False when the key is not there.
 
     Why not ``del table[key]``: Faust's RocksDB store deletes a key from the partition its
     key index last saw it in, or, for a key that index does not know (values this
@@ -2463,8 +2463,7 @@ def delete_in_partition(table: Any, partition: int, key: bytes) -> bool:
     that expired in one was deleted in the other too, locally and without a tombstone
     there, and admitted again within its horizon (tests/integration/test_dedupe_expiry.py).
     """
-    db = partition_db(table, partition)
-    if db is None or db.get(key) is None:
+    if db.get(key) is None:
         return False
     table.on_key_del(key)  # the changelog tombstone (``ManagedUserDict.__delitem__``'s first half)
     db.delete(key)

@@ -177,9 +177,10 @@ class PartitionStore:
     def delete(self, event: Any, key: bytes) -> None:
         """Remove ``key`` from ``event``'s partition, and only there (a changelog
         tombstone in that partition): ``app.transport.delete_in_partition``."""
+        db = self.partition_db(event.message.partition)
         with as_current(event):
-            if self.partition_db(event.message.partition) is not None:
-                delete_in_partition(self.table, event.message.partition, key)
+            if db is not None:
+                delete_in_partition(self.table, db, key)
             elif key in self.table:
                 del self.table[key]
 
