@@ -336,19 +336,19 @@ def expiry_folder(table: Any) -> Path | None:
 
 COUNTERS: dict[str, PipelineCounters] = {}
 PIPELINES: dict[str, PipelineSpec] = {}
-#: The dedupe state of the pipelines of this worker (its expiry indexes closed at a stop).
-DEDUPE_CACHES: list[DedupeCache] = []
 
 
 @app.on_before_shutdown.connect
 async def keep_expiry_indexes(sender: Any = None, **kwargs: Any) -> None:
-    """After the consumer stopped: each open expiry index is closed, to be reopened at
-    the next start when the stop was clean and nothing of it is left unstored
+    """After the consumer stopped: each pipeline's open expiry indexes (of the dedupe
+    caches registered with the commit protocol) are closed, to be reopened at the next
+    start when the stop was clean and nothing of them is left unstored
     (``DedupeCache.close_indexes``). A stop that never gets here (a kill) leaves them to
     be built again."""
     clean = stopped_clean(app)
-    for cache in DEDUPE_CACHES:
-        cache.close_indexes(keep=clean)
+    for cache in commit_protocol.caches:
+        if isinstance(cache, DedupeCache):
+            cache.close_indexes(keep=clean)
 
 
 def build(spec: PipelineSpec) -> None:
@@ -375,7 +375,6 @@ def build(spec: PipelineSpec) -> None:
     ctx = LiveContext(spec, table, expiry_folder=lambda: expiry_folder(table))
     if table is not None:
         commit_protocol.register(ctx.cache)
-        DEDUPE_CACHES.append(ctx.cache)
         counters.expiry = ctx.expiry.describe
     handler = pipeline_handler(spec, ctx, sink, source_name, counters, emitter)
     batch_agent(source, name=f"pipeline.{spec.name}")(handler)
