@@ -24,6 +24,7 @@ missed by a measurement that started after the load.)
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import tempfile
 import time
@@ -116,8 +117,9 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
 
 async def run(ctx: Context) -> Result:
     config = Path(tempfile.mkdtemp(prefix="streametl-bench-")) / "pipelines.yaml"
-    pipeline = json.loads(json.dumps(PIPELINE))
-    pipeline["pipelines"][0]["steps"][0]["horizon_seconds"] = float(ctx.args.options.get("horizon_seconds", 3600))
+    horizon = float(ctx.args.options.get("horizon_seconds", 3600))
+    pipeline = copy.deepcopy(PIPELINE)
+    pipeline["pipelines"][0]["steps"][0]["horizon_seconds"] = horizon
     config.write_text(json.dumps(pipeline))
     prefix = f"{ctx.namespace}."
     source, sink = prefix + "events", prefix + "events.clean"
@@ -179,7 +181,7 @@ async def run(ctx: Context) -> Result:
         extra={"latency_to_sink_append_ms": spread(worker_side)},
         settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
                   "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter",
-                  "horizon_seconds": pipeline["pipelines"][0]["steps"][0]["horizon_seconds"]},
+                  "horizon_seconds": horizon},
         notes=["throughput: backlog produced before start; sink record timestamps first→last",
                "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
                "latency_to_sink_append_ms: sent_at to the worker's append of the output "
