@@ -120,12 +120,19 @@ class WindowRunner:
         self._key_out: dict[bytes, tuple[int, bytes]] = {}
         self._key_out_for: Callable[[bytes], int] | None = None
         #: Final results made ahead of a window end (``_prerender``): key -> (its state,
-        #: its one window's end, (key, result JSON)). An entry
+        #: its one window's end, (key, result JSON), its sink partition or -1). An entry
         #: is valid while the key's state is unchanged: a record applied to the key drops
         #: it, as do an idle close and the first batch after a revocation (``_reset``);
         #: a state evicted from the cache meanwhile is another object, which the close
-        #: checks.
-        self._ready: dict[bytes, tuple[dict[str, Any], int, tuple[bytes, bytes]]] = {}
+        #: checks. The sink partitions are those of ``_ready_for``, the partitioner then.
+        self._ready: dict[bytes, tuple[dict[str, Any], int, tuple[bytes, bytes], int]] = {}
+        self._ready_for: Callable[[bytes], int] | None = None
+        #: The windows lists that closes of results made ahead took from their states,
+        #: released later in chunks (``_release_closed``): freeing a key's window
+        #: (list, window, aggregates) at the close was a third of its time there, in
+        #: the milliseconds between a window end and its results' hand-over.
+        self._closed: list[list[Any]] = []
+        self.releasing: asyncio.Task | None = None
         #: Partition -> the close time made ahead (or queued), and the queue.
         self._prerendered: dict[int, int] = {}
         self._prerender_queue: list[tuple[int, int]] = []
@@ -496,6 +503,11 @@ class WindowRunner:
             key_out_get = key_out.get
         ready = self._ready
         ready_pop = ready.pop
+        # Sink partitions found when the results were made hold while the partitioner
+        # is the same (the sink's partition count unchanged).
+        ready_partitions = results is not None and self._ready_for is self._sink_partition
+        closed_lists = self._closed
+        bury = closed_lists.append
         n_put = 0
         n_ahead = 0
         while times and times[0] <= st:
@@ -511,17 +523,19 @@ class WindowRunner:
                 if ready:
                     made = ready_pop(key, None)
                     if made is not None and made[0] is state and made[1] <= horizon:
-                        # The key's one window, unchanged since its result was made.
+                        # The key's one window, unchanged since its result was made;
+                        # freed later (``_closed``).
+                        bury(state["w"])
                         state["w"] = []
                         if final:
                             item = made[2]
                             if results is not None:
-                                # The sink partition now: the partitioner may have
-                                # changed since the result was made.
-                                known = key_out_get(key)
-                                if known is None:
-                                    known = key_out[key] = self._key_output(key)
-                                sink_p = known[0]
+                                sink_p = made[3]
+                                if not ready_partitions or sink_p < 0:
+                                    known = key_out_get(key)
+                                    if known is None:
+                                        known = key_out[key] = self._key_output(key)
+                                    sink_p = known[0]
                                 group = results.get(sink_p)
                                 if group is None:
                                     group = results[sink_p] = []
@@ -571,6 +585,26 @@ class WindowRunner:
         buffer.updates += n_put
         if n_ahead:
             self.stats["made_ahead"] += n_ahead
+            if self.releasing is None:
+                self.releasing = asyncio.get_running_loop().create_task(self._release_closed())
+
+    #: Seconds after a close before the windows it took are freed (the other partitions
+    #: of a window end close within tens of milliseconds), and lists freed per turn of
+    #: the event loop.
+    RELEASE_DELAY = 0.2
+    RELEASE_CHUNK = 1_000
+
+    async def _release_closed(self) -> None:
+        """Free the windows closes took (``_closed``), ``RELEASE_CHUNK`` per turn of
+        the event loop, once the window end's closes are done."""
+        try:
+            await asyncio.sleep(self.RELEASE_DELAY)
+            closed = self._closed
+            while closed:
+                del closed[-self.RELEASE_CHUNK:]
+                await asyncio.sleep(0)
+        finally:
+            self.releasing = None
 
     def _queue_prerender(self, partitions: Iterable[int]) -> None:
         """After a small batch: queue the next window end of each partition in
@@ -626,6 +660,15 @@ class WindowRunner:
         cached = self.buffer.cached
         grace = self.spec.grace
         fmt = self._result_format(True, "event_time", False)
+        # The sink partition of each key too, when known (as the close finds it).
+        partition_of = self._sink_partition
+        if partition_of is not self._ready_for:
+            for made in ready.values():
+                if made[3] >= 0:  # found by another partitioner: found again at the close
+                    ready.clear()
+                    break
+            self._ready_for = partition_of
+        key_out = None if partition_of is None else self._key_outputs(partition_of)
         aggregates_json = orjson.dumps if self.aggs.result_is_state else self._aggregates_json
         for key in keys:
             if open_p.get(key) != due or key in ready:
@@ -640,7 +683,14 @@ class WindowRunner:
             end = w["e"]
             if end + grace != due:
                 continue
-            ready[key] = (state, end, (key, fmt % (_key_json(key), w["s"], end, w["n"], aggregates_json(w["a"]))))
+            if key_out is None:
+                sink_p, key_json = -1, _key_json(key)
+            else:
+                known = key_out.get(key)
+                if known is None:
+                    known = key_out[key] = self._key_output(key)
+                sink_p, key_json = known
+            ready[key] = (state, end, (key, fmt % (key_json, w["s"], end, w["n"], aggregates_json(w["a"]))), sink_p)
 
     #: Keys whose sink partition and JSON are remembered (``_key_outputs``); past it the
     #: memo starts again (a key space that large just recomputes).

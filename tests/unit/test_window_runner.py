@@ -534,3 +534,47 @@ def test_a_result_made_ahead_is_not_used_for_a_state_evicted_and_loaded_again():
     counts = {key: orjson.loads(value)["count"] for _n, _p, key, value in r.commit.emitter.grouped}
     assert counts == {b"a": 1, b"b": 1}
     assert r.stats["made_ahead"] == 1
+
+
+def test_results_made_ahead_go_where_the_sink_partitioner_puts_them_at_the_close():
+    """A result made ahead carries its key's sink partition (found when it was made);
+    when the sink's partitioner changed before the close, the close places it anew."""
+
+    class SwitchingOutputs(GroupingOutputs):
+        def __init__(self):
+            super().__init__()
+            self.modulo = 3
+
+        async def partitioner(self, topic_name):
+            modulo = self.modulo
+            return lambda key: len(key) % modulo
+
+    def rec(offset, user, ts):
+        return Rec(0, offset, orjson.dumps({"user": user, "ts": ts, "v": 1}))
+
+    async def go(switch: bool) -> list:
+        emitter = SwitchingOutputs()
+        r = WindowRunner(DEF, None, None, SinkTopic(), "late", store=Store(),
+                         commit=CommitProtocol(emitter, defer=True))
+        r.PRERENDER_LEAD_MS = 10_000
+        users = ["a", "bb", "ccc", "dddd"]
+        for i, user in enumerate(users):  # window [1000 s, 1010 s)
+            await r.process(parts([rec(i, user, 1_001.0 + i)]))
+        for i, user in enumerate(users):  # closes it; window [1010 s, 1020 s)
+            await r.process(parts([rec(10 + i, user, 1_011.0 + i)]))
+        if r.prerendering is not None:
+            await r.prerendering
+        assert r._ready and all(made[3] >= 0 for made in r._ready.values())
+        if switch:
+            emitter.modulo = 2
+        r.RELEASE_DELAY = 0
+        await r.process(parts([rec(20, "e", 1_021.0)]))  # closes [1010 s, 1020 s)
+        assert r.stats["made_ahead"] == 4
+        # The closed windows are freed after the close, not in it.
+        assert len(r._closed) == 4 and r.releasing is not None
+        await r.releasing
+        assert r._closed == [] and r.releasing is None
+        return [(p, key) for _n, p, key, value in emitter.grouped if orjson.loads(value)["start"] == 1_010_000]
+
+    assert sorted(asyncio.run(go(False))) == sorted((len(k) % 3, k) for k in (b"a", b"bb", b"ccc", b"dddd"))
+    assert sorted(asyncio.run(go(True))) == sorted((len(k) % 2, k) for k in (b"a", b"bb", b"ccc", b"dddd"))
