@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -95,9 +95,12 @@ class Emitter:
     transactional = False
 
     def __init__(self) -> None:
-        #: ``send_later`` sends not acknowledged yet, oldest first; each waits for the
-        #: one before it, so outputs reach the broker in the order they were made.
+        #: ``send_later`` sends not flushed yet, oldest first. Each is handed to the
+        #: producer after every earlier send it shares a key with is acknowledged, so
+        #: a key's outputs reach the broker in the order they were made.
         self.sending: list[asyncio.Future] = []
+        #: The keys of each send in flight (``send_later``): topic name -> keys.
+        self._keys_of: dict[asyncio.Future, dict[str, set[bytes | None]]] = {}
         self._partitioners: dict[str, KeyPartitioner] = {}
 
     # --- the state store's changelog path ----------------------------------------------
@@ -208,18 +211,32 @@ class Emitter:
             if msgs is None:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
             msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
-        prev = self.sending[-1] if self.sending else None
         partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()] + list(by_name.items())
+        keys = _keys_by_topic(partitioned, by_topic)
+        keys_of = self._keys_of
+        # A send in flight with no keys known (done already, or made elsewhere) counts
+        # as sharing one: awaiting it costs nothing once it is done, and raises if it
+        # failed, so that nothing of a key is stored after an earlier output that was not.
+        earlier = [task for task in self.sending if _share_a_key(keys_of.get(task), keys)]
 
         async def send() -> None:
-            if prev is not None:
-                await prev  # in order; and nothing after a failed send is reported sent
+            # A key's outputs in order. Why not each send after the one before, as
+            # before: a window end's partitions close one after another, with distinct
+            # keys, and each close's results waited for the previous one's
+            # acknowledgement, 1-5 ms at every window end (docs/performance.md,
+            # "Issue 22, session 23"). Outputs of different keys are reordered only
+            # when an earlier send fails and is sent again.
+            for task in earlier:
+                await task
             sends: list[Awaitable[Any]] = [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
             if by_topic:
                 sends.append(kafka_io.send_topics(by_topic))
             await asyncio.gather(*sends)
 
-        self.sending.append(asyncio.ensure_future(send()))
+        task = asyncio.ensure_future(send())
+        keys_of[task] = keys
+        task.add_done_callback(_forget_keys(keys_of))
+        self.sending.append(task)
         await self.flush(keep=self.MAX_SENDING)
 
     def sent_so_far(self) -> Coroutine[Any, Any, None] | None:
@@ -259,6 +276,34 @@ class Emitter:
         """A wake-up record (``value`` empty) into ``partition`` of ``topic``: input, not an
         output of processed records."""
         await topic.send(key=None, value=b"", partition=partition, headers=headers)
+
+
+def _keys_by_topic(partitioned: list[tuple[str, dict[int, list[tuple[bytes, bytes]]]]],
+                   by_topic: dict[str, list[OutgoingMessage]]) -> dict[str, set[bytes | None]]:
+    """Topic name -> the keys of one send's outputs (None: keyless ones)."""
+    keys: dict[str, set[bytes | None]] = {}
+    for name, groups in partitioned:
+        into = keys.setdefault(name, set())
+        for pairs in groups.values():
+            into.update([key for key, _ in pairs])
+    for name, messages in by_topic.items():
+        keys.setdefault(name, set()).update([m.key for m in messages])
+    return keys
+
+
+def _share_a_key(earlier: dict[str, set[bytes | None]] | None, keys: dict[str, set[bytes | None]]) -> bool:
+    """Whether a send in flight (its keys; None: not known) shares a key with ``keys``."""
+    if earlier is None:
+        return True
+    for name, these in keys.items():
+        those = earlier.get(name)
+        if those is not None and not these.isdisjoint(those):
+            return True
+    return False
+
+
+def _forget_keys(keys_of: dict[asyncio.Future, Any]) -> Callable[[asyncio.Future], None]:
+    return lambda task: keys_of.pop(task, None)
 
 
 class TransactionalEmitter(Emitter):

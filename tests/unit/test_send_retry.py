@@ -212,3 +212,71 @@ def test_full_batches_sent_early_are_in_the_future_of_start_and_in_order():
     for p in (0, 1):
         assert producer.log[p] == made[p] + more[p]
     assert last == {p: len(producer.log[p]) - 1 for p in (0, 1)}
+
+
+def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypatch):
+    """``Emitter.send_later`` hands a send to the producer while an earlier one with
+    other keys is unacknowledged (a window end's partitions close one after another,
+    each with its own keys); a send sharing a key with one in flight waits for its
+    acknowledgement, so a key's outputs are stored in the order they were made; and a
+    send sharing a key with a failed one is not handed over at all."""
+    from app import commit
+
+    class HeldProducer(FlakyProducer):
+        """Acknowledges each batch only when the test says (``acks``, in hand-over order)."""
+
+        def __init__(self):
+            super().__init__({})
+            self.handed: list[list[bytes]] = []
+            self.acks: list[asyncio.Future] = []
+
+        async def send_batch(self, batch, topic, *, partition):
+            from aiokafka.record.default_records import DefaultRecordBatch
+
+            self.handed.append([r.key for r in DefaultRecordBatch(bytearray(batch._build()))])
+            future = asyncio.get_running_loop().create_future()
+            self.acks.append(future)
+            return future
+
+    async def scenario():
+        producer = HeldProducer()
+        monkeypatch.setattr(kio.kafka_io, "producer", producer)
+        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
+        kio.kafka_io.ready.set()
+        try:
+            emitter = commit.Emitter()
+            topic = SimpleNamespace(get_topic_name=lambda: "results")
+
+            async def send(*keys: bytes) -> None:
+                await emitter.send_later([(topic, key, b"v") for key in keys], [(0, 0)])
+                for _ in range(5):
+                    await asyncio.sleep(0)
+
+            await send(b"a", b"b")
+            await send(b"c")  # other keys: handed over with the first unacknowledged
+            assert producer.handed == [[b"a", b"b"], [b"c"]]
+            await send(b"b", b"d")  # shares b with the first: waits for its ack
+            assert producer.handed == [[b"a", b"b"], [b"c"]]
+            producer.acks[1].set_result(SimpleNamespace(partition=0, offset=2))
+            await send(b"e")
+            assert producer.handed == [[b"a", b"b"], [b"c"], [b"e"]]
+            producer.acks[0].set_result(SimpleNamespace(partition=0, offset=1))
+            for _ in range(50):
+                await asyncio.sleep(0)
+            assert producer.handed[3] == [b"b", b"d"]
+            producer.acks[2].set_result(SimpleNamespace(partition=0, offset=3))
+            producer.acks[3].set_result(SimpleNamespace(partition=0, offset=5))
+            await emitter.flush()
+            assert not emitter.sending and not emitter._keys_of
+
+            # A failed send: one sharing its key is never handed over, and raises.
+            await send(b"x")
+            producer.acks[4].set_exception(RecordTooLargeError())
+            await send(b"x", b"y")
+            assert producer.handed[-1] == [b"x"]
+            with pytest.raises(RecordTooLargeError):
+                await emitter.flush()
+        finally:
+            kio.kafka_io.ready.clear()
+
+    asyncio.run(scenario())
