@@ -42,7 +42,6 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from app.transport import stopped_clean
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
-from operators.transform import is_duplicate
 from tables.reference import reference_store
 from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
@@ -89,9 +88,10 @@ class TableMemory:
     """
 
     def __init__(self, ctx: LiveContext, step: Step) -> None:
-        self.ctx, self.prefix = ctx, step_prefix(step.index)
-        #: With ``time_field``: the step's event-time clock by partition (``Horizon``).
-        self.clock = ctx.horizons[self.prefix].clock if self.prefix in ctx.horizons else None
+        self.ctx, self.prefix = ctx, f"{step.index}|".encode()
+        #: Whether its times are the clock of the expiry (``LiveContext.event_time``):
+        #: the expiry follows the first dedupe step's horizon.
+        self.sets_clock = ctx.event_time is not None and step.index == ctx.dedupe_index
 
     def get(self, key: str) -> Sequence[Any] | None:
         """The stored ``[at, seq]`` of ``key`` (a Seen by position), or None."""
@@ -103,31 +103,8 @@ class TableMemory:
         # is made when it is stored (``store_after``).
         ctx = self.ctx
         ctx.write(self.prefix + key.encode(), (at, seq))
-        clock = self.clock
-        if clock is not None and at > clock.get(ctx.partition, at - 1.0):
-            clock[ctx.partition] = at
-
-
-def step_prefix(step_index: int) -> bytes:
-    """The prefix of a dedupe step's keys in the pipeline's table."""
-    return f"{step_index}|".encode()
-
-
-@dataclass(frozen=True)
-class Horizon:
-    """How long one dedupe step's entries are kept: its ``horizon_seconds`` and
-    ``horizon_count`` (the rule of ``operators.transform.is_duplicate``), and with
-    ``time_field`` the clock its times are compared with: by partition, the latest event
-    time the step admitted (None: the wall clock)."""
-
-    seconds: float | None
-    count: int | None
-    clock: dict[int, float] | None
-
-    @classmethod
-    def of(cls, step: Step) -> Horizon:
-        params = step.params
-        return cls(params["horizon_seconds"], params["horizon_count"], {} if params["time_field"] else None)
+        if self.sets_clock and at > ctx.event_time.get(ctx.partition, at - 1.0):  # type: ignore[union-attr]
+            ctx.event_time[ctx.partition] = at  # type: ignore[index]
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -167,17 +144,19 @@ class LiveContext:
         #: rebalance completes while a batch is in flight (app/batches.py).
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
-        #: Each dedupe step's horizon, by the prefix of its keys: an entry expires by
-        #: its own step's horizon, the one that step judges it by.
-        self.horizons = {step_prefix(s.index): Horizon.of(s) for s in spec.steps if s.op == "deduplicate"}
-        #: The horizon of entries under a prefix no dedupe step has now (the pipeline's
-        #: steps changed since they were written): the first step's.
-        self.other_horizon = next(iter(self.horizons.values()), None)
+        first = next((s for s in spec.steps if s.op == "deduplicate"), None)
+        dedupe = None if first is None else first.params
+        #: The step whose horizon the expiry follows (the first dedupe step).
+        self.dedupe_index = None if first is None else first.index
         #: The dedupe entries' expiry, by partition (closed when partitions move:
         #: ``DedupeCache.moved``, run by the commit protocol; reopened or rebuilt from
         #: the store at the next use: ``Expiry.ensure``), on disk under
         #: ``expiry_folder()`` when given.
-        self.expiry = Expiry(_seen_at, expiry_folder)
+        #: With an event-time horizon (``time_field``): each partition's latest event
+        #: time admitted, the clock its entries expire by (``expire``).
+        self.event_time: dict[int, float] | None = {} if dedupe and dedupe.get("time_field") else None
+        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
+                             dedupe["horizon_count"] if dedupe else None, _seen_at, expiry_folder)
         self.cache = DedupeCache(self.expiry)
 
     @property
@@ -298,29 +277,25 @@ class LiveContext:
             queue = self.expiry.ensure(self.partition, self.store)
         if not queue:
             return
-        # An entry expires by its step's horizon (``Horizon``). Under ``time_field`` its
-        # time is its record's event time: it expires by the step's latest event time in
-        # this partition (a backfill of old events deleted every entry at once by the
-        # clock, and admitted duplicates), never ahead of the clock (one record from a
-        # clock far ahead would expire every entry of the horizon). The index is in time
-        # order across steps: an entry of a longer horizon holds back those after it,
-        # which then expire late, never early.
-        horizons, other = self.horizons, self.other_horizon
-        partition, wall, position = self.partition, self._now, self.offset
+        horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
+        # An entry's time is its record's event time under ``time_field``: then it
+        # expires by the partition's event time (a backfill of old events deleted every
+        # entry at once by the clock, and admitted duplicates), never ahead of the clock
+        # (one record from a clock far ahead would expire every entry of the horizon).
+        now = self._now
+        if self.event_time is not None:
+            # Nothing admitted here since the start: nothing expires by time yet.
+            now = min(now, self.event_time.get(self.partition, float("-inf")))
+        position = self.offset
         expired = 0
         entries = queue.oldest()
         try:
             for at, seq, key in entries:
                 if expired >= at_most:
                     break
-                horizon = horizons.get(key[:key.find(b"|") + 1], other)
-                if horizon is None:
-                    break
-                now = wall
-                if horizon.clock is not None:
-                    # Nothing admitted here since the start: nothing expires by time yet.
-                    now = min(wall, horizon.clock.get(partition, float("-inf")))
-                if is_duplicate((at, seq), now, position, horizon.seconds, horizon.count):
+                old_by_time = horizon_s is not None and now - at > horizon_s
+                old_by_count = horizon_n is not None and position - seq > horizon_n
+                if not (old_by_time or old_by_count):
                     break
                 expired += 1
                 # Deleted only if the value is still the one that record wrote. An entry

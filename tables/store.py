@@ -998,8 +998,8 @@ def _index_options() -> Options:
 
 class Expiry:
     """Entries with a time (``at``, epoch seconds) and a position (``seq``, the offset of
-    the record that wrote them), oldest first: the pipeline's ``expire`` deletes the
-    oldest few per batch once past their horizon.
+    the record that wrote them), deleted once older than ``horizon_s`` or further back
+    than ``horizon_n`` positions, a few per batch (the pipeline's ``expire``).
 
     Each partition's entries are kept in the order they expire, by an ``ExpiryIndex``
     on disk under ``folder`` for a RocksDB store, else by an ``ExpiryQueue`` in memory.
@@ -1018,8 +1018,10 @@ class Expiry:
     "The dedupe expiry kept across moves"). ``decode(raw)`` gives ``(at, seq)`` of a
     stored value, or None for a value that does not expire."""
 
-    def __init__(self, decode: Callable[[bytes], tuple[float, int] | None],
+    def __init__(self, horizon_s: float | None, horizon_n: int | None,
+                 decode: Callable[[bytes], tuple[float, int] | None],
                  folder: Callable[[], Path | None] | None = None) -> None:
+        self.horizon_s, self.horizon_n = horizon_s, horizon_n
         self.decode = decode
         #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
         self.folder = folder
