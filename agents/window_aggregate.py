@@ -585,8 +585,10 @@ class WindowRunner:
         buffer.updates += n_put
         if n_ahead:
             self.stats["made_ahead"] += n_ahead
-            if self.releasing is None:
-                self.releasing = asyncio.get_running_loop().create_task(self._release_closed())
+            releasing, loop = self.releasing, asyncio.get_running_loop()
+            # A task of a loop that ended (a test's, a tool's) frees nothing any more.
+            if releasing is None or releasing.done() or releasing.get_loop() is not loop:
+                self.releasing = loop.create_task(self._release_closed())
 
     #: Seconds after a close before the windows it took are freed (the other partitions
     #: of a window end close within tens of milliseconds), and lists freed per turn of
@@ -597,14 +599,18 @@ class WindowRunner:
     async def _release_closed(self) -> None:
         """Free the windows closes took (``_closed``), ``RELEASE_CHUNK`` per turn of
         the event loop, once the window end's closes are done."""
+        closed = self._closed
         try:
             await asyncio.sleep(self.RELEASE_DELAY)
-            closed = self._closed
             while closed:
                 del closed[-self.RELEASE_CHUNK:]
                 await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            closed.clear()  # the loop ends: now, or never
+            raise
         finally:
-            self.releasing = None
+            if self.releasing is asyncio.current_task():
+                self.releasing = None
 
     def _queue_prerender(self, partitions: Iterable[int]) -> None:
         """After a small batch: queue the next window end of each partition in

@@ -96,11 +96,14 @@ class Emitter:
 
     def __init__(self) -> None:
         #: ``send_later`` sends not flushed yet, oldest first. Each is handed to the
-        #: producer after every earlier send it shares a key with is acknowledged, so
-        #: a key's outputs reach the broker in the order they were made.
+        #: producer after the one before it was, and after every earlier send it shares
+        #: a key with is acknowledged: outputs reach the broker in the order made, and a
+        #: key's are stored only after its earlier ones were.
         self.sending: list[asyncio.Future] = []
         #: The keys of each send in flight (``send_later``): topic name -> keys.
         self._keys_of: dict[asyncio.Future, dict[str, set[bytes | None]]] = {}
+        #: Done once the newest send's outputs are handed to the producer.
+        self._last_handed: asyncio.Future | None = None
         self._partitioners: dict[str, KeyPartitioner] = {}
 
     # --- the state store's changelog path ----------------------------------------------
@@ -219,19 +222,35 @@ class Emitter:
         # failed, so that nothing of a key is stored after an earlier output that was not.
         earlier = [task for task in self.sending if _share_a_key(keys_of.get(task), keys)]
 
+        prev_handed = self._last_handed
+        handed = self._last_handed = asyncio.get_running_loop().create_future()
+
         async def send() -> None:
-            # A key's outputs in order. Why not each send after the one before, as
-            # before: a window end's partitions close one after another, with distinct
-            # keys, and each close's results waited for the previous one's
-            # acknowledgement, 1-5 ms at every window end (docs/performance.md,
-            # "Issue 22, session 23"). Outputs of different keys are reordered only
-            # when an earlier send fails and is sent again.
-            for task in earlier:
-                await task
-            sends: list[Awaitable[Any]] = [kafka_io.send_partitioned(name, groups) for name, groups in partitioned]
-            if by_topic:
-                sends.append(kafka_io.send_topics(by_topic))
-            await asyncio.gather(*sends)
+            # Handed to the producer in the order made (which the producer keeps per
+            # partition), and a key's outputs only once its earlier ones are
+            # acknowledged. Why not each send after the previous one's acknowledgement,
+            # as before: a window end's partitions close one after another, each with
+            # its own keys, and each close's results waited for the one before,
+            # 1-5 ms at every window end (docs/performance.md, "Issue 22, session 23").
+            # Outputs of different keys reach the broker in another order than made
+            # only when a send fails and is sent again (``kafka_io.delivered``).
+            acks: list[Awaitable[Any]] = []
+            try:
+                if prev_handed is not None:
+                    # Shielded: a later send cancelled (the worker stops) leaves it be.
+                    await asyncio.shield(prev_handed)
+                for task in earlier:
+                    await task
+                for name, groups in partitioned:
+                    acks.append(await kafka_io.start_partitioned(name, groups))
+                if by_topic:  # outputs with headers: handed over and acknowledged here
+                    await kafka_io.send_topics(by_topic)
+            finally:
+                # Later sends' hand-overs follow (a failure here is raised by this send,
+                # and by every later one that shares a key with it).
+                if not handed.done():
+                    handed.set_result(None)
+            await asyncio.gather(*acks)
 
         task = asyncio.ensure_future(send())
         keys_of[task] = keys

@@ -218,8 +218,9 @@ def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypa
     """``Emitter.send_later`` hands a send to the producer while an earlier one with
     other keys is unacknowledged (a window end's partitions close one after another,
     each with its own keys); a send sharing a key with one in flight waits for its
-    acknowledgement, so a key's outputs are stored in the order they were made; and a
-    send sharing a key with a failed one is not handed over at all."""
+    acknowledgement, so a key's outputs are stored in the order they were made; sends
+    are handed over in the order made (one with other keys does not pass a send that
+    waits); and a send sharing a key with a failed one is not handed over at all."""
     from app import commit
 
     class HeldProducer(FlakyProducer):
@@ -258,15 +259,16 @@ def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypa
             await send(b"b", b"d")  # shares b with the first: waits for its ack
             assert producer.handed == [[b"a", b"b"], [b"c"]]
             producer.acks[1].set_result(SimpleNamespace(partition=0, offset=2))
-            await send(b"e")
-            assert producer.handed == [[b"a", b"b"], [b"c"], [b"e"]]
+            await send(b"e")  # other keys, but made after a send still waiting: waits too
+            assert producer.handed == [[b"a", b"b"], [b"c"]]
             producer.acks[0].set_result(SimpleNamespace(partition=0, offset=1))
             for _ in range(50):
                 await asyncio.sleep(0)
-            assert producer.handed[3] == [b"b", b"d"]
-            producer.acks[2].set_result(SimpleNamespace(partition=0, offset=3))
+            assert producer.handed[2:] == [[b"b", b"d"], [b"e"]], "handed over in the order made"
+            producer.acks[2].set_result(SimpleNamespace(partition=0, offset=4))
             producer.acks[3].set_result(SimpleNamespace(partition=0, offset=5))
             await emitter.flush()
+            await asyncio.sleep(0)  # the done callbacks
             assert not emitter.sending and not emitter._keys_of
 
             # A failed send: one sharing its key is never handed over, and raises.
@@ -276,6 +278,8 @@ def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypa
             assert producer.handed[-1] == [b"x"]
             with pytest.raises(RecordTooLargeError):
                 await emitter.flush()
+            failed = await asyncio.gather(*emitter.sending, return_exceptions=True)
+            assert [type(e) for e in failed] == [RecordTooLargeError, RecordTooLargeError]
         finally:
             kio.kafka_io.ready.clear()
 
