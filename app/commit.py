@@ -97,11 +97,12 @@ class Emitter:
     def __init__(self) -> None:
         #: ``send_later`` sends not flushed yet, oldest first. Each is handed to the
         #: producer after the one before it was, and after every earlier send it shares
-        #: a key with is acknowledged: outputs reach the broker in the order made, and a
-        #: key's are stored only after its earlier ones were.
+        #: a key with is acknowledged: a key's outputs are stored only after its earlier
+        #: ones were, and outputs of different keys in the order made unless a send
+        #: fails and is sent again.
         self.sending: list[asyncio.Future] = []
-        #: The keys of each send in flight (``send_later``): topic name -> keys.
-        self._keys_of: dict[asyncio.Future, dict[str, set[bytes | None]]] = {}
+        #: The keys of each send in flight (``send_later``).
+        self._keys_of: dict[asyncio.Future, _SendKeys] = {}
         #: Done once the newest send's outputs are handed to the producer.
         self._last_handed: asyncio.Future | None = None
         self._partitioners: dict[str, KeyPartitioner] = {}
@@ -215,15 +216,22 @@ class Emitter:
                 msgs = names[id(topic)] = by_topic.setdefault(topic.get_topic_name(), [])
             msgs.append(OutgoingMessage(item[1], item[2], tuple(item[3]), None, item[4] if len(item) > 4 else None))
         partitioned = [(name, groups) for name, groups, _ in groups_by_topic.values()] + list(by_name.items())
-        keys = _keys_by_topic(partitioned, by_topic)
+        keys = _SendKeys(partitioned, by_topic)
         keys_of = self._keys_of
         # A send in flight with no keys known (done already, or made elsewhere) counts
         # as sharing one: awaiting it costs nothing once it is done, and raises if it
         # failed, so that nothing of a key is stored after an earlier output that was not.
-        earlier = [task for task in self.sending if _share_a_key(keys_of.get(task), keys)]
-
+        earlier = [task for task in self.sending if keys.shared_with(keys_of.get(task))]
         prev_handed = self._last_handed
         handed = self._last_handed = asyncio.get_running_loop().create_future()
+
+        def release(_: Any = None) -> None:
+            """This send's hand-over is over (done, failed or cancelled): the next one's
+            may start, never before the previous one's."""
+            if prev_handed is not None and not prev_handed.done():
+                prev_handed.add_done_callback(release)
+            elif not handed.done():
+                handed.set_result(None)
 
         async def send() -> None:
             # Handed to the producer in the order made (which the producer keeps per
@@ -234,25 +242,27 @@ class Emitter:
             # 1-5 ms at every window end (docs/performance.md, "Issue 22, session 23").
             # Outputs of different keys reach the broker in another order than made
             # only when a send fails and is sent again (``kafka_io.delivered``).
-            acks: list[Awaitable[Any]] = []
+            acks: list[asyncio.Future] = []
             try:
+                # Shielded: this send cancelled (the worker stops) leaves earlier ones be.
                 if prev_handed is not None:
-                    # Shielded: a later send cancelled (the worker stops) leaves it be.
                     await asyncio.shield(prev_handed)
                 for task in earlier:
-                    await task
+                    await asyncio.shield(task)
                 for name, groups in partitioned:
                     acks.append(await kafka_io.start_partitioned(name, groups))
                 if by_topic:  # outputs with headers: handed over and acknowledged here
                     await kafka_io.send_topics(by_topic)
+            except BaseException:
+                for ack in acks:  # handed over, but this send failed: no resends for it
+                    ack.cancel()
+                raise
             finally:
-                # Later sends' hand-overs follow (a failure here is raised by this send,
-                # and by every later one that shares a key with it).
-                if not handed.done():
-                    handed.set_result(None)
+                release()
             await asyncio.gather(*acks)
 
         task = asyncio.ensure_future(send())
+        task.add_done_callback(release)  # cancelled before it ran: ``finally`` never ran
         keys_of[task] = keys
         task.add_done_callback(_forget_keys(keys_of))
         self.sending.append(task)
@@ -297,28 +307,40 @@ class Emitter:
         await topic.send(key=None, value=b"", partition=partition, headers=headers)
 
 
-def _keys_by_topic(partitioned: list[tuple[str, dict[int, list[tuple[bytes, bytes]]]]],
-                   by_topic: dict[str, list[OutgoingMessage]]) -> dict[str, set[bytes | None]]:
-    """Topic name -> the keys of one send's outputs (None: keyless ones)."""
-    keys: dict[str, set[bytes | None]] = {}
-    for name, groups in partitioned:
-        into = keys.setdefault(name, set())
-        for pairs in groups.values():
-            into.update([key for key, _ in pairs])
-    for name, messages in by_topic.items():
-        keys.setdefault(name, set()).update([m.key for m in messages])
-    return keys
+class _SendKeys:
+    """The keys of one send's outputs by topic name (None: keyless ones), collected
+    only when a later send made while it is in flight asks (most sends find none in
+    flight)."""
 
+    __slots__ = ("_partitioned", "_by_topic", "_keys")
 
-def _share_a_key(earlier: dict[str, set[bytes | None]] | None, keys: dict[str, set[bytes | None]]) -> bool:
-    """Whether a send in flight (its keys; None: not known) shares a key with ``keys``."""
-    if earlier is None:
-        return True
-    for name, these in keys.items():
-        those = earlier.get(name)
-        if those is not None and not these.isdisjoint(those):
+    def __init__(self, partitioned: list[tuple[str, dict[int, list[tuple[bytes, bytes]]]]],
+                 by_topic: dict[str, list[OutgoingMessage]]) -> None:
+        self._partitioned, self._by_topic = partitioned, by_topic
+        self._keys: dict[str, set[bytes | None]] | None = None
+
+    def keys(self) -> dict[str, set[bytes | None]]:
+        if self._keys is None:
+            keys: dict[str, set[bytes | None]] = {}
+            for name, groups in self._partitioned:
+                into = keys.setdefault(name, set())
+                for pairs in groups.values():
+                    into.update([key for key, _ in pairs])
+            for name, messages in self._by_topic.items():
+                keys.setdefault(name, set()).update([m.key for m in messages])
+            self._keys, self._partitioned, self._by_topic = keys, [], {}
+        return self._keys
+
+    def shared_with(self, earlier: _SendKeys | None) -> bool:
+        """Whether a send in flight (its keys; None: not known) shares a key with this one."""
+        if earlier is None:
             return True
-    return False
+        those_by_name = earlier.keys()
+        for name, these in self.keys().items():
+            those = those_by_name.get(name)
+            if those is not None and not these.isdisjoint(those):
+                return True
+        return False
 
 
 def _forget_keys(keys_of: dict[asyncio.Future, Any]) -> Callable[[asyncio.Future], None]:

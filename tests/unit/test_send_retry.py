@@ -284,3 +284,62 @@ def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypa
             kio.kafka_io.ready.clear()
 
     asyncio.run(scenario())
+
+
+def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(monkeypatch):
+    """Cancellation (a worker stopping, an agent restarted) of a send before it ran, or
+    while it waits for the previous hand-over: later sends neither wait forever nor are
+    handed over before an earlier send still handing over (found by a review)."""
+    from app import commit
+
+    class SlowProducer(FlakyProducer):
+        def __init__(self):
+            super().__init__({})
+            self.handed: list[bytes] = []
+            self.gate = asyncio.Event()
+
+        async def send_batch(self, batch, topic, *, partition):
+            from aiokafka.record.default_records import DefaultRecordBatch
+
+            keys = [r.key for r in DefaultRecordBatch(bytearray(batch._build()))]
+            if keys == [b"x"]:
+                await self.gate.wait()  # a hand-over that takes a while
+            self.handed.extend(keys)
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(SimpleNamespace(partition=0, offset=len(self.handed)))
+            return future
+
+    async def scenario():
+        producer = SlowProducer()
+        monkeypatch.setattr(kio.kafka_io, "producer", producer)
+        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
+        kio.kafka_io.ready.set()
+        try:
+            emitter = commit.Emitter()
+            topic = SimpleNamespace(get_topic_name=lambda: "results")
+
+            async def send(key: bytes) -> asyncio.Future:
+                await emitter.send_later([(topic, key, b"v")], [(0, 0)])
+                return emitter.sending[-1]
+
+            first = await send(b"a")
+            first.cancel()  # before it ran
+            after = await send(b"b")
+            await asyncio.wait_for(asyncio.gather(after, return_exceptions=True), 5)
+            emitter = commit.Emitter()  # (the first one's flush raises for good now)
+            slow = await send(b"x")
+            await asyncio.sleep(0)
+            waiting = await send(b"y")
+            waiting.cancel()  # while it waits for x's hand-over
+            last = await send(b"z")
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert b"z" not in producer.handed, "handed over before x"
+            producer.gate.set()
+            await asyncio.wait_for(asyncio.gather(slow, last, return_exceptions=True), 5)
+            assert producer.handed.index(b"x") < producer.handed.index(b"z")
+            await asyncio.gather(*emitter.sending, return_exceptions=True)
+        finally:
+            kio.kafka_io.ready.clear()
+
+    asyncio.run(scenario())
