@@ -54,6 +54,26 @@ def no_backoff(monkeypatch):
     monkeypatch.setattr(kio, "SEND_RETRY_BACKOFF", 0.0, raising=False)
 
 
+@pytest.fixture
+def batch_producer(monkeypatch):
+    """Installs a producer as the batch path's (one topic, ``results``, 1 partition)."""
+
+    def install(producer) -> None:
+        monkeypatch.setattr(kio.kafka_io, "producer", producer)
+        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
+        kio.kafka_io.ready.set()
+
+    yield install
+    kio.kafka_io.ready.clear()
+
+
+def batch_keys(batch) -> list[bytes]:
+    """The record keys of an aiokafka ``BatchBuilder``."""
+    from aiokafka.record.default_records import DefaultRecordBatch
+
+    return [r.key for r in DefaultRecordBatch(bytearray(batch._build()))]
+
+
 def fill(batches: kio.RecordBatches, count: int) -> dict[int, list[tuple[bytes, bytes]]]:
     made: dict[int, list[tuple[bytes, bytes]]] = {0: [], 1: []}
     for i in range(count):  # ~120 bytes a record: several batches per partition
@@ -103,7 +123,7 @@ def test_send_batch_sends_again_and_reports_where_each_message_went():
         assert producer.log[where.partition][where.offset] == (message.key, message.value)
 
 
-def test_emitter_flush_survives_a_retriable_send_failure(monkeypatch):
+def test_emitter_flush_survives_a_retriable_send_failure(batch_producer):
     """The reported path: window results sent with ``Emitter.send_later`` fail with
     NotLeaderForPartitionError; the commit's ``flush`` used to raise it (ending the
     worker). Now it returns once they are stored, each once, in order."""
@@ -111,17 +131,12 @@ def test_emitter_flush_survives_a_retriable_send_failure(monkeypatch):
 
     async def scenario():
         producer = FlakyProducer({(0, 0): NotLeaderForPartitionError(), (0, 1): NotLeaderForPartitionError()})
-        monkeypatch.setattr(kio.kafka_io, "producer", producer)
-        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
-        kio.kafka_io.ready.set()
-        try:
-            emitter = commit.Emitter()
-            topic = SimpleNamespace(get_topic_name=lambda: "results")
-            out = [(topic, f"w{i}".encode(), f"r{i}".encode()) for i in range(5)]
-            await emitter.send_later(out, [(0, 0)])
-            await emitter.flush()
-        finally:
-            kio.kafka_io.ready.clear()
+        batch_producer(producer)
+        emitter = commit.Emitter()
+        topic = SimpleNamespace(get_topic_name=lambda: "results")
+        out = [(topic, f"w{i}".encode(), f"r{i}".encode()) for i in range(5)]
+        await emitter.send_later(out, [(0, 0)])
+        await emitter.flush()
         return producer, out
 
     producer, out = asyncio.run(scenario())
@@ -214,7 +229,7 @@ def test_full_batches_sent_early_are_in_the_future_of_start_and_in_order():
     assert last == {p: len(producer.log[p]) - 1 for p in (0, 1)}
 
 
-def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypatch):
+def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(batch_producer):
     """``Emitter.send_later`` hands a send to the producer while an earlier one with
     other keys is unacknowledged (a window end's partitions close one after another,
     each with its own keys); a send sharing a key with one in flight waits for its
@@ -232,61 +247,54 @@ def test_a_send_waits_only_for_earlier_sends_in_flight_that_share_a_key(monkeypa
             self.acks: list[asyncio.Future] = []
 
         async def send_batch(self, batch, topic, *, partition):
-            from aiokafka.record.default_records import DefaultRecordBatch
-
-            self.handed.append([r.key for r in DefaultRecordBatch(bytearray(batch._build()))])
+            self.handed.append(batch_keys(batch))
             future = asyncio.get_running_loop().create_future()
             self.acks.append(future)
             return future
 
     async def scenario():
         producer = HeldProducer()
-        monkeypatch.setattr(kio.kafka_io, "producer", producer)
-        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
-        kio.kafka_io.ready.set()
-        try:
-            emitter = commit.Emitter()
-            topic = SimpleNamespace(get_topic_name=lambda: "results")
+        batch_producer(producer)
+        emitter = commit.Emitter()
+        topic = SimpleNamespace(get_topic_name=lambda: "results")
 
-            async def send(*keys: bytes) -> None:
-                await emitter.send_later([(topic, key, b"v") for key in keys], [(0, 0)])
-                for _ in range(5):
-                    await asyncio.sleep(0)
-
-            await send(b"a", b"b")
-            await send(b"c")  # other keys: handed over with the first unacknowledged
-            assert producer.handed == [[b"a", b"b"], [b"c"]]
-            await send(b"b", b"d")  # shares b with the first: waits for its ack
-            assert producer.handed == [[b"a", b"b"], [b"c"]]
-            producer.acks[1].set_result(SimpleNamespace(partition=0, offset=2))
-            await send(b"e")  # other keys, but made after a send still waiting: waits too
-            assert producer.handed == [[b"a", b"b"], [b"c"]]
-            producer.acks[0].set_result(SimpleNamespace(partition=0, offset=1))
-            for _ in range(50):
+        async def send(*keys: bytes) -> None:
+            await emitter.send_later([(topic, key, b"v") for key in keys], [(0, 0)])
+            for _ in range(5):
                 await asyncio.sleep(0)
-            assert producer.handed[2:] == [[b"b", b"d"], [b"e"]], "handed over in the order made"
-            producer.acks[2].set_result(SimpleNamespace(partition=0, offset=4))
-            producer.acks[3].set_result(SimpleNamespace(partition=0, offset=5))
-            await emitter.flush()
-            await asyncio.sleep(0)  # the done callbacks
-            assert not emitter.sending and not emitter._keys_of
 
-            # A failed send: one sharing its key is never handed over, and raises.
-            await send(b"x")
-            producer.acks[4].set_exception(RecordTooLargeError())
-            await send(b"x", b"y")
-            assert producer.handed[-1] == [b"x"]
-            with pytest.raises(RecordTooLargeError):
-                await emitter.flush()
-            failed = await asyncio.gather(*emitter.sending, return_exceptions=True)
-            assert [type(e) for e in failed] == [RecordTooLargeError, RecordTooLargeError]
-        finally:
-            kio.kafka_io.ready.clear()
+        await send(b"a", b"b")
+        await send(b"c")  # other keys: handed over with the first unacknowledged
+        assert producer.handed == [[b"a", b"b"], [b"c"]]
+        await send(b"b", b"d")  # shares b with the first: waits for its ack
+        assert producer.handed == [[b"a", b"b"], [b"c"]]
+        producer.acks[1].set_result(SimpleNamespace(partition=0, offset=2))
+        await send(b"e")  # other keys, but made after a send still waiting: waits too
+        assert producer.handed == [[b"a", b"b"], [b"c"]]
+        producer.acks[0].set_result(SimpleNamespace(partition=0, offset=1))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert producer.handed[2:] == [[b"b", b"d"], [b"e"]], "handed over in the order made"
+        producer.acks[2].set_result(SimpleNamespace(partition=0, offset=4))
+        producer.acks[3].set_result(SimpleNamespace(partition=0, offset=5))
+        await emitter.flush()
+        await asyncio.sleep(0)  # the done callbacks
+        assert not emitter.sending and not emitter._keys_of
+
+        # A failed send: one sharing its key is never handed over, and raises.
+        await send(b"x")
+        producer.acks[4].set_exception(RecordTooLargeError())
+        await send(b"x", b"y")
+        assert producer.handed[-1] == [b"x"]
+        with pytest.raises(RecordTooLargeError):
+            await emitter.flush()
+        failed = await asyncio.gather(*emitter.sending, return_exceptions=True)
+        assert [type(e) for e in failed] == [RecordTooLargeError, RecordTooLargeError]
 
     asyncio.run(scenario())
 
 
-def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(monkeypatch):
+def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(batch_producer):
     """Cancellation (a worker stopping, an agent restarted) of a send before it ran, or
     while it waits for the previous hand-over: later sends neither wait forever nor are
     handed over before an earlier send still handing over (found by a review)."""
@@ -299,9 +307,7 @@ def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(
             self.gate = asyncio.Event()
 
         async def send_batch(self, batch, topic, *, partition):
-            from aiokafka.record.default_records import DefaultRecordBatch
-
-            keys = [r.key for r in DefaultRecordBatch(bytearray(batch._build()))]
+            keys = batch_keys(batch)
             if keys == [b"x"]:
                 await self.gate.wait()  # a hand-over that takes a while
             self.handed.extend(keys)
@@ -311,35 +317,30 @@ def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(
 
     async def scenario():
         producer = SlowProducer()
-        monkeypatch.setattr(kio.kafka_io, "producer", producer)
-        monkeypatch.setattr(kio.kafka_io, "_known_topics", {"results": 1})
-        kio.kafka_io.ready.set()
-        try:
-            emitter = commit.Emitter()
-            topic = SimpleNamespace(get_topic_name=lambda: "results")
+        batch_producer(producer)
+        emitter = commit.Emitter()
+        topic = SimpleNamespace(get_topic_name=lambda: "results")
 
-            async def send(key: bytes) -> asyncio.Future:
-                await emitter.send_later([(topic, key, b"v")], [(0, 0)])
-                return emitter.sending[-1]
+        async def send(key: bytes) -> asyncio.Future:
+            await emitter.send_later([(topic, key, b"v")], [(0, 0)])
+            return emitter.sending[-1]
 
-            first = await send(b"a")
-            first.cancel()  # before it ran
-            after = await send(b"b")
-            await asyncio.wait_for(asyncio.gather(after, return_exceptions=True), 5)
-            emitter = commit.Emitter()  # (the first one's flush raises for good now)
-            slow = await send(b"x")
+        first = await send(b"a")
+        first.cancel()  # before it ran
+        after = await send(b"b")
+        await asyncio.wait_for(asyncio.gather(after, return_exceptions=True), 5)
+        emitter = commit.Emitter()  # (the first one's flush raises for good now)
+        slow = await send(b"x")
+        await asyncio.sleep(0)
+        waiting = await send(b"y")
+        waiting.cancel()  # while it waits for x's hand-over
+        last = await send(b"z")
+        for _ in range(20):
             await asyncio.sleep(0)
-            waiting = await send(b"y")
-            waiting.cancel()  # while it waits for x's hand-over
-            last = await send(b"z")
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert b"z" not in producer.handed, "handed over before x"
-            producer.gate.set()
-            await asyncio.wait_for(asyncio.gather(slow, last, return_exceptions=True), 5)
-            assert producer.handed.index(b"x") < producer.handed.index(b"z")
-            await asyncio.gather(*emitter.sending, return_exceptions=True)
-        finally:
-            kio.kafka_io.ready.clear()
+        assert b"z" not in producer.handed, "handed over before x"
+        producer.gate.set()
+        await asyncio.wait_for(asyncio.gather(slow, last, return_exceptions=True), 5)
+        assert producer.handed.index(b"x") < producer.handed.index(b"z")
+        await asyncio.gather(*emitter.sending, return_exceptions=True)
 
     asyncio.run(scenario())

@@ -368,6 +368,19 @@ class GroupingOutputs(Outputs):
             self.grouped.extend((name, p, key, value) for p, pairs in groups.items() for key, value in pairs)
 
 
+class SwitchingOutputs(GroupingOutputs):
+    """Grouped outputs whose sink partitioner changes when ``modulo`` does (the sink's
+    partition count): a key goes to ``len(key) % modulo``."""
+
+    def __init__(self):
+        super().__init__()
+        self.modulo = 3
+
+    async def partitioner(self, topic_name):
+        modulo = self.modulo
+        return lambda key: len(key) % modulo
+
+
 class SinkTopic:
     def get_topic_name(self):
         return "t.aggregates"
@@ -407,15 +420,6 @@ def test_a_changed_sink_partitioner_is_used_for_keys_seen_before():
     windows close at every window end). When the emitter's partitioner changes (the
     sink's partition count), results of keys seen before go where the new one puts
     them, not where the memo said."""
-
-    class SwitchingOutputs(GroupingOutputs):
-        def __init__(self):
-            super().__init__()
-            self.modulo = 3
-
-        async def partitioner(self, topic_name):
-            modulo = self.modulo
-            return lambda key: len(key) % modulo
 
     emitter = SwitchingOutputs()
     r = WindowRunner(DEF, None, None, SinkTopic(), "late", store=Store(),
@@ -539,15 +543,6 @@ def test_a_result_made_ahead_is_not_used_for_a_state_evicted_and_loaded_again():
 def test_results_made_ahead_go_where_the_sink_partitioner_puts_them_at_the_close():
     """A result made ahead carries its key's sink partition (found when it was made);
     when the sink's partitioner changed before the close, the close places it anew."""
-
-    class SwitchingOutputs(GroupingOutputs):
-        def __init__(self):
-            super().__init__()
-            self.modulo = 3
-
-        async def partitioner(self, topic_name):
-            modulo = self.modulo
-            return lambda key: len(key) % modulo
 
     def rec(offset, user, ts):
         return Rec(0, offset, orjson.dumps({"user": user, "ts": ts, "v": 1}))
