@@ -129,8 +129,9 @@ class WindowRunner:
         self._ready_for: Callable[[bytes], int] | None = None
         #: The windows lists that closes of results made ahead took from their states,
         #: released later in chunks (``_release_closed``): freeing a key's window
-        #: (list, window, aggregates) at the close was a third of its time there, in
-        #: the milliseconds between a window end and its results' hand-over.
+        #: (list, window, aggregates) and looking up its sink partition were a third
+        #: of its close, in the milliseconds between a window end and its results'
+        #: hand-over (docs/performance.md, "Issue 22, session 23").
         self._closed: list[list[Any]] = []
         self.releasing: asyncio.Task | None = None
         #: Partition -> the close time made ahead (or queued), and the queue.
@@ -670,7 +671,7 @@ class WindowRunner:
         partition_of = self._sink_partition
         if partition_of is not self._ready_for:
             for made in ready.values():
-                if made[3] >= 0:  # found by another partitioner: found again at the close
+                if made[3] >= 0:  # placed by another partitioner: the close makes them anew
                     ready.clear()
                     break
             self._ready_for = partition_of
