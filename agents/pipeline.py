@@ -42,6 +42,7 @@ from app.pipelines import PipelineSpec
 from app.topics import declare
 from app.transport import stopped_clean
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
+from operators.transform import is_duplicate
 from tables.reference import reference_store
 from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
@@ -88,10 +89,10 @@ class TableMemory:
     """
 
     def __init__(self, ctx: LiveContext, step: Step) -> None:
-        self.ctx, self.prefix = ctx, f"{step.index}|".encode()
-        #: Whether its times are the clock of the expiry (``LiveContext.event_time``):
-        #: the expiry follows the first dedupe step's horizon.
-        self.sets_clock = ctx.event_time is not None and step.index == ctx.dedupe_index
+        self.ctx, self.prefix = ctx, step_prefix(step.index)
+        lane = ctx.expiry.lane_of.get(self.prefix)
+        #: With ``time_field``: the step's event-time clock by partition (``Horizon``).
+        self.clock = None if lane is None else lane.horizon.clock
 
     def get(self, key: str) -> Sequence[Any] | None:
         """The stored ``[at, seq]`` of ``key`` (a Seen by position), or None."""
@@ -103,8 +104,126 @@ class TableMemory:
         # is made when it is stored (``store_after``).
         ctx = self.ctx
         ctx.write(self.prefix + key.encode(), (at, seq))
-        if self.sets_clock and at > ctx.event_time.get(ctx.partition, at - 1.0):  # type: ignore[union-attr]
-            ctx.event_time[ctx.partition] = at  # type: ignore[index]
+        clock = self.clock
+        if clock is not None and at > clock.get(ctx.partition, at - 1.0):
+            clock[ctx.partition] = at
+
+
+def step_prefix(step_index: int) -> bytes:
+    """The prefix of a dedupe step's keys in the pipeline's table."""
+    return f"{step_index}|".encode()
+
+
+def _prefix_of(key: bytes) -> bytes:
+    return key[:key.find(b"|") + 1]
+
+
+@dataclass(frozen=True)
+class Horizon:
+    """How long one dedupe step's entries are kept: its ``horizon_seconds`` and
+    ``horizon_count`` (the rule of ``operators.transform.is_duplicate``), and with
+    ``time_field`` the clock its times are compared with: by partition, the latest event
+    time the step admitted (None: the wall clock)."""
+
+    seconds: float | None
+    count: int | None
+    clock: dict[int, float] | None
+
+    @classmethod
+    def of(cls, step: Step) -> Horizon:
+        params = step.params
+        return cls(params["horizon_seconds"], params["horizon_count"], {} if params.get("time_field") else None)
+
+
+@dataclass(frozen=True)
+class ExpiryLane:
+    """The entries of one dedupe step (its key ``prefix``), in an ``Expiry`` of their
+    own, deleted by the step's ``horizon``. ``owns(key)``: whether a stored key is one
+    of them (the first step's lane also takes keys of prefixes no step has now: the
+    pipeline's steps changed)."""
+
+    prefix: bytes
+    horizon: Horizon
+    expiry: Expiry
+    owns: Callable[[bytes], bool]
+
+
+def _owner(prefix: bytes, takes_others: bool, known: frozenset[bytes]) -> Callable[[bytes], bool]:
+    def owns(key: bytes) -> bool:
+        if key.startswith(prefix):
+            return True
+        return takes_others and _prefix_of(key) not in known
+    return owns
+
+
+class DedupeExpiry:
+    """A pipeline's dedupe entries' expiry: one lane per dedupe step, so that each
+    entry expires by its own step's horizon (one index in time order for all of them
+    held every entry behind the oldest one of the longest horizon, or of a step whose
+    event-time clock stopped: docs/delivery.md, AJ). What ``DedupeCache`` and the
+    worker's hooks call on it reaches every lane.
+
+    On disk, the first step's lane lives where a pipeline's one index lived
+    (``folder()/<partition>``), the others under ``folder()/step-<index>``."""
+
+    def __init__(self, steps: Sequence[Step], folder: Callable[[], Path | None] | None) -> None:
+        dedupes = [s for s in steps if s.op == "deduplicate"]
+        known = frozenset(step_prefix(s.index) for s in dedupes)
+        self.lanes: list[ExpiryLane] = []
+        for n, step in enumerate(dedupes):
+            prefix = step_prefix(step.index)
+            owns = _owner(prefix, takes_others=n == 0, known=known)
+            lane_folder = folder if n == 0 or folder is None else _subfolder(folder, f"step-{step.index}")
+            self.lanes.append(ExpiryLane(prefix, Horizon.of(step), Expiry(_seen_at, lane_folder, owns), owns))
+        self.lane_of = {lane.prefix: lane for lane in self.lanes}
+
+    def stored(self, partition: int, values: dict[bytes, Any]) -> None:
+        """``values`` were just stored in ``partition``: each to its step's lane."""
+        lanes = self.lanes
+        if len(lanes) == 1:
+            lanes[0].expiry.stored(partition, values)
+            return
+        by_prefix: dict[bytes, dict[bytes, Any]] = {lane.prefix: {} for lane in lanes}
+        for key, value in values.items():
+            into = by_prefix.get(_prefix_of(key))
+            if into is not None:
+                into[key] = value
+        for lane in lanes:
+            lane.expiry.stored(partition, by_prefix[lane.prefix])
+
+    async def restored(self, event: Any) -> None:
+        for lane in self.lanes:
+            await lane.expiry.restored(event)
+
+    def discard_all(self) -> None:
+        for lane in self.lanes:
+            lane.expiry.discard_all()
+
+    def forget(self) -> None:
+        for lane in self.lanes:
+            lane.expiry.forget()
+
+    @property
+    def built(self) -> int:
+        return sum(lane.expiry.built for lane in self.lanes)
+
+    @property
+    def reopened(self) -> int:
+        return sum(lane.expiry.reopened for lane in self.lanes)
+
+    def describe(self) -> dict[str, Any]:
+        out = {"indexes_built": 0, "indexes_reopened": 0, "entries": 0}
+        for lane in self.lanes:
+            for name, value in lane.expiry.describe().items():
+                out[name] += value
+        return out
+
+
+def _subfolder(folder: Callable[[], Path | None], name: str) -> Callable[[], Path | None]:
+    def sub() -> Path | None:
+        base = folder()
+        return None if base is None else base / name
+    return sub
 
 
 #: One batch's dedupe writes, detached from the cache (``LiveContext.detach_writes``):
@@ -144,19 +263,11 @@ class LiveContext:
         #: rebalance completes while a batch is in flight (app/batches.py).
         self._dbs: dict[int, Any] = {}
         self._db: Any = None
-        first = next((s for s in spec.steps if s.op == "deduplicate"), None)
-        dedupe = None if first is None else first.params
-        #: The step whose horizon the expiry follows (the first dedupe step).
-        self.dedupe_index = None if first is None else first.index
-        #: The dedupe entries' expiry, by partition (closed when partitions move:
-        #: ``DedupeCache.moved``, run by the commit protocol; reopened or rebuilt from
-        #: the store at the next use: ``Expiry.ensure``), on disk under
-        #: ``expiry_folder()`` when given.
-        #: With an event-time horizon (``time_field``): each partition's latest event
-        #: time admitted, the clock its entries expire by (``expire``).
-        self.event_time: dict[int, float] | None = {} if dedupe and dedupe.get("time_field") else None
-        self.expiry = Expiry(dedupe["horizon_seconds"] if dedupe else None,
-                             dedupe["horizon_count"] if dedupe else None, _seen_at, expiry_folder)
+        #: The dedupe entries' expiry, one lane per dedupe step, by partition (closed
+        #: when partitions move: ``DedupeCache.moved``, run by the commit protocol;
+        #: reopened or rebuilt from the store at the next use: ``Expiry.ensure``), on
+        #: disk under ``expiry_folder()`` when given.
+        self.expiry = DedupeExpiry(spec.steps, expiry_folder)
         self.cache = DedupeCache(self.expiry)
 
     @property
@@ -272,30 +383,42 @@ class LiveContext:
         """Delete up to ``at_most`` keys of this partition whose horizon has passed (by
         the time and offset of the last record); called once per partition per batch,
         since a check per record cost as much as a step."""
-        queue = self.expiry.queues.get(self.partition)
+        for lane in self.expiry.lanes:
+            if at_most <= 0:
+                return
+            at_most -= self._expire_lane(lane, at_most)
+
+    def _expire_lane(self, lane: ExpiryLane, at_most: int) -> int:
+        """``expire`` for one dedupe step's entries; returns how many left its index."""
+        expiry = lane.expiry
+        queue = expiry.queues.get(self.partition)
         if queue is None and self.store is not None:
-            queue = self.expiry.ensure(self.partition, self.store)
+            queue = expiry.ensure(self.partition, self.store)
         if not queue:
-            return
-        horizon_s, horizon_n = self.expiry.horizon_s, self.expiry.horizon_n
+            return 0
+        horizon, owns = lane.horizon, lane.owns
         # An entry's time is its record's event time under ``time_field``: then it
-        # expires by the partition's event time (a backfill of old events deleted every
-        # entry at once by the clock, and admitted duplicates), never ahead of the clock
-        # (one record from a clock far ahead would expire every entry of the horizon).
+        # expires by the step's event time in this partition (a backfill of old events
+        # deleted every entry at once by the clock, and admitted duplicates), never
+        # ahead of the clock (one record from a clock far ahead would expire every
+        # entry of the horizon).
         now = self._now
-        if self.event_time is not None:
+        if horizon.clock is not None:
             # Nothing admitted here since the start: nothing expires by time yet.
-            now = min(now, self.event_time.get(self.partition, float("-inf")))
-        position = self.offset
+            now = min(now, horizon.clock.get(self.partition, float("-inf")))
+        seconds, count, position = horizon.seconds, horizon.count, self.offset
         expired = 0
         entries = queue.oldest()
         try:
             for at, seq, key in entries:
                 if expired >= at_most:
                     break
-                old_by_time = horizon_s is not None and now - at > horizon_s
-                old_by_count = horizon_n is not None and position - seq > horizon_n
-                if not (old_by_time or old_by_count):
+                if not owns(key):
+                    # Another step's entry in an index made before the lanes (one for
+                    # the whole table): that step's own index has it.
+                    expired += 1
+                    continue
+                if is_duplicate((at, seq), now, position, seconds, count):
                     break
                 expired += 1
                 # Deleted only if the value is still the one that record wrote. An entry
@@ -314,6 +437,7 @@ class LiveContext:
         finally:
             entries.close()
         queue.drop(expired)
+        return expired
 
 
 def _seen_at(raw: bytes) -> tuple[float, int] | None:

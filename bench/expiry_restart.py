@@ -52,7 +52,7 @@ def main() -> None:
             batch = WriteBatch()
     db.write(batch)
     store = TableStandIn(db)
-    expiry = Expiry(86_400.0, None, _seen_at, lambda: folder / "expiry")
+    expiry = Expiry(_seen_at, lambda: folder / "expiry")
     expiry.ensure(0, store)
     print(f"{args.entries:,} entries in one partition")
     for run in range(args.runs):

@@ -998,8 +998,8 @@ def _index_options() -> Options:
 
 class Expiry:
     """Entries with a time (``at``, epoch seconds) and a position (``seq``, the offset of
-    the record that wrote them), deleted once older than ``horizon_s`` or further back
-    than ``horizon_n`` positions, a few per batch (the pipeline's ``expire``).
+    the record that wrote them), oldest first: the pipeline's ``expire`` deletes the
+    oldest few per batch once past their horizon (one ``Expiry`` per dedupe step).
 
     Each partition's entries are kept in the order they expire, by an ``ExpiryIndex``
     on disk under ``folder`` for a RocksDB store, else by an ``ExpiryQueue`` in memory.
@@ -1018,11 +1018,12 @@ class Expiry:
     "The dedupe expiry kept across moves"). ``decode(raw)`` gives ``(at, seq)`` of a
     stored value, or None for a value that does not expire."""
 
-    def __init__(self, horizon_s: float | None, horizon_n: int | None,
-                 decode: Callable[[bytes], tuple[float, int] | None],
-                 folder: Callable[[], Path | None] | None = None) -> None:
-        self.horizon_s, self.horizon_n = horizon_s, horizon_n
+    def __init__(self, decode: Callable[[bytes], tuple[float, int] | None],
+                 folder: Callable[[], Path | None] | None = None,
+                 owns: Callable[[bytes], bool] | None = None) -> None:
         self.decode = decode
+        #: Which stored keys are this expiry's (None: all): a build takes only those.
+        self.owns = owns
         #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
         self.folder = folder
         self.queues: dict[int, ExpiryQueue | ExpiryIndex] = {}
@@ -1056,8 +1057,10 @@ class Expiry:
         return queue
 
     def _entries(self, partition: int, store: Any) -> Iterator[tuple[float, int, bytes]]:
-        decode = self.decode
+        decode, owns = self.decode, self.owns
         for key, raw in store.scan_partition(partition):
+            if owns is not None and not owns(key):
+                continue
             try:
                 found = decode(raw)
             except (ValueError, TypeError, IndexError):
@@ -1122,9 +1125,10 @@ class DedupeCache:
     (``values_of``: the caller writes into it directly, no call per entry), and the
     detached batches as whole layers (partition -> that dict), read newest first
     (``layers_of``) and released as a whole (``release``), never key by key.
-    ``expiry``: the entries' ``Expiry``, forgotten when partitions move."""
+    ``expiry``: what expires the entries (an ``Expiry``, or the pipeline's one per
+    dedupe step: ``discard_all``, ``forget``), forgotten when partitions move."""
 
-    def __init__(self, expiry: Expiry | None = None) -> None:
+    def __init__(self, expiry: Any = None) -> None:
         self.store: Any = None
         self.expiry = expiry
         #: partition -> the current batch's changes there.

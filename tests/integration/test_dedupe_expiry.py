@@ -76,3 +76,47 @@ def test_an_id_expiring_in_one_partition_stays_a_duplicate_in_another(kafka, gua
         assert sorted(run(emitted())) == ["x", "x", "y", "z"], "partition 1 admitted x again within its horizon"
     finally:
         w.kill()
+
+
+def test_each_dedupe_step_keeps_its_entries_for_its_own_horizon(kafka):
+    """Two dedupe steps, by id for 2 s and by order for 10 minutes: once the first
+    step's entry of an id expired (its tombstone in the changelog), the second step
+    still refuses the same order under a new id. When every entry expired by the first
+    step's horizon, the order's entry went with it and the repeat was admitted."""
+    name = unique("dlanes")
+    config = {"pipelines": [{
+        "name": "dedupe", "source": "events", "sink": "events.clean",
+        "steps": [{"op": "deduplicate", "horizon_seconds": 2},
+                  {"op": "deduplicate", "fields": ["order"], "horizon_seconds": 600}],
+    }]}
+    w = Worker(app_id=name, topic_prefix=f"{name}.", env={"STREAMETL_PIPELINES_FILE": write_config(config)})
+    source, sink = w.topic_prefix + "events", w.topic_prefix + "events.clean"
+    changelog = f"{name}-pipeline-dedupe-dedupe-changelog"
+
+    async def emitted() -> list[str]:
+        return [r.json()["event_id"] for r in await read_topic(sink, timeout=10, idle=1.0)]
+
+    def admitted(event_id: str):
+        async def check() -> bool:
+            return event_id in await emitted()
+        return check
+
+    try:
+        w.start(timeout=120)
+        run(produce_json(source, [{"event_id": "a", "order": "o1"}], partition=0))
+        run(wait_for(admitted("a"), timeout=30, what="a admitted"))
+        time.sleep(2.5)
+        run(produce_json(source, [{"event_id": "t", "order": "o0"}], partition=0))  # runs the expiry
+
+        async def a_expired() -> bool:
+            records = await read_topic(changelog, timeout=5, idle=1.0)
+            return any(r.key == b"0|id:a" and r.value is None for r in records)
+
+        run(wait_for(a_expired, timeout=30, interval=0.5, what="the first step's entry of a expired"))
+        run(produce_json(source, [{"event_id": "b", "order": "o1"}, {"event_id": "c", "order": "o2"}], partition=0))
+        run(wait_for(admitted("c"), timeout=30, what="c admitted"))
+        assert sorted(run(emitted())) == ["a", "c", "t"], "the second step admitted order o1 again within its horizon"
+        records = run(read_topic(changelog, timeout=5, idle=1.0))
+        assert not any(r.key == b'1|f:["o1"]' and r.value is None for r in records)
+    finally:
+        w.kill()

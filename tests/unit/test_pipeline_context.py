@@ -582,6 +582,107 @@ def test_an_event_time_from_a_clock_far_ahead_expires_nothing_early():
     assert not {b"0|id:a", b"0|id:b"} & set(store.deleted), "expired by a clock a year ahead"
     assert batch([(5, "a", now - 59), (6, "b", now - 29)]) == [], "retries within the horizon admitted"
     # The second step's times (the wall clock) never become the first step's clock.
-    del ctx.event_time[0]  # as after a restart
+    clock = ctx.expiry.lane_of[b"0|"].horizon.clock
+    del clock[0]  # as after a restart
     assert batch([(7, "d", week_ago + 100)]) == ["d"]
-    assert ctx.event_time[0] == pytest.approx(week_ago + 100, abs=0.001)
+    assert clock[0] == pytest.approx(week_ago + 100, abs=0.001)
+    assert ctx.expiry.lane_of[b"1|"].horizon.clock is None
+
+
+def run_batch(ctx: LiveContext, steps: list, records: list[dict], first_offset: int) -> list[int]:
+    """One whole batch of partition 0 (offsets from ``first_offset``), then its expiry
+    and its store; returns the offsets of the records admitted."""
+    ctx.begin_batch()
+    out = []
+    for offset, record in enumerate(records, first_offset):
+        if ctx.partition != 0:
+            ctx.enter_partition(Record(0, offset))
+        ctx.at_offset(offset)
+        if run_record(steps, record, ctx).record is not None:
+            out.append(offset)
+    ctx.expire(10_000)
+    asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+    return out
+
+
+def two_step_context(steps: list[dict], folder: Path | None = None) -> tuple[LiveContext, list, FakeStore]:
+    (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out", "steps": steps}])
+    ctx = LiveContext(spec, table=None, expiry_folder=None if folder is None else lambda: folder)
+    store = ctx.store = FakeStore()
+    store.gate = asyncio.Event()
+    store.gate.set()
+    return ctx, spec.steps, store
+
+
+def test_each_dedupe_step_expires_its_entries_by_its_own_horizon(expiry_folder):
+    """A second dedupe step with a longer horizon keeps its entries that long: the
+    expiry followed the first step's horizon for all of them, and the second step then
+    admitted a repeat within its own horizon."""
+    ctx, steps, store = two_step_context([{"op": "deduplicate", "horizon_count": 2},
+                                          {"op": "deduplicate", "fields": ["u"], "horizon_count": 100}],
+                                         expiry_folder)
+
+    def batch(first: int, *pairs: tuple[str, str]) -> list[str]:
+        admitted = run_batch(ctx, steps, [{"event_id": e, "u": u} for e, u in pairs], first)
+        return [pairs[o - first][0] for o in admitted]
+
+    assert batch(0, ("a", "x"), ("b", "y"), ("c", "z"), ("d", "w")) == ["a", "b", "c", "d"]
+    assert batch(4, ("e", "v")) == ["e"]
+    assert b"0|id:a" in store.deleted, "past the first step's count horizon of 2"
+    assert b'1|f:["x"]' not in store.deleted, "expired by the first step's horizon"
+    assert batch(5, ("f", "x")) == [], "the second step admitted a repeat within its horizon"
+    assert batch(100, ("g", "x")) == [], "100 records after x: still within its horizon"
+    assert b'1|f:["x"]' not in store.deleted
+    assert batch(101, ("h", "t")) == ["h"]
+    assert b'1|f:["x"]' in store.deleted, "past the second step's own horizon"
+    assert batch(102, ("i", "x")) == ["i"]
+
+
+def test_a_longer_horizon_or_a_stopped_clock_holds_back_no_other_steps_entries(expiry_folder):
+    """Each step's entries have an index of their own: the first step's entries (a
+    count horizon of 10) expire on time behind a second step's entry of an hour, or of
+    an event-time step whose clock stopped (no record reaches it). One index for all
+    kept 999 of them (a review's script)."""
+    for n, second in enumerate(({"op": "deduplicate", "fields": ["u"], "horizon_seconds": 3600},
+                                {"op": "deduplicate", "fields": ["u"], "horizon_seconds": 60, "time_field": "ts"})):
+        folder = None if expiry_folder is None else expiry_folder / str(n)
+        ctx, steps, store = two_step_context([{"op": "deduplicate", "horizon_count": 10},
+                                              {"op": "filter", "where": "n == 0"}, second], folder)
+        now = time.time()
+        for b in range(100):
+            run_batch(ctx, steps, [{"event_id": f"e{b * 10 + i}", "n": b * 10 + i, "u": "x", "ts": now}
+                                   for i in range(10)], b * 10)
+        kept = [key for key in store.dbs[0] if key.startswith(b"0|")]
+        assert len(kept) <= 30, f"{len(kept)} entries of the first step kept (count horizon 10)"
+        assert b'2|f:["x"]' in store.dbs[0]
+
+
+def test_entries_of_a_step_no_longer_configured_expire_by_the_first_steps_horizon():
+    """The pipeline's steps changed: entries of a prefix no dedupe step has now are
+    built into the first step's index and expire by its horizon (nothing else would
+    ever delete them)."""
+    ctx, steps, store = two_step_context([{"op": "deduplicate", "horizon_count": 2}])
+    store.dbs[0] = {b"5|id:old": [time.time() - 10, 0], b"0|id:kept": [time.time(), 50]}
+    assert run_batch(ctx, steps, [{"event_id": "a"}], 51) == [51]
+    assert b"5|id:old" in store.deleted and b"0|id:kept" not in store.deleted
+
+
+def test_an_index_kept_from_before_the_lanes_leaves_the_other_steps_entries_alone(tmp_path):
+    """A two-step pipeline's index kept from before each step had its own (one index of
+    the whole partition, at the first step's place) is reopened for the first step:
+    the second step's entries in it are passed over, not deleted by the first step's
+    horizon; the second step's own index, built from the table, has them."""
+    from tables.store import ExpiryIndex
+
+    now = time.time()
+    table = {b"0|id:a": [now - 100, 0], b'1|f:["x"]': [now - 100, 0], b"0|id:b": [now - 50, 1]}
+    legacy = ExpiryIndex(tmp_path / "0", sorted((v[0], v[1], k) for k, v in table.items()))
+    legacy.close(keep=True)
+    ctx, steps, store = two_step_context([{"op": "deduplicate", "horizon_seconds": 10},
+                                          {"op": "deduplicate", "fields": ["u"], "horizon_seconds": 3600}],
+                                         tmp_path)
+    store.dbs[0] = dict(table)
+    assert run_batch(ctx, steps, [{"event_id": "c", "u": "y"}], 2) == [2]
+    assert ctx.expiry.reopened == 1 and ctx.expiry.built == 1  # the first reopened, the second built
+    assert sorted(store.deleted) == [b"0|id:a", b"0|id:b"], "the second step's entry deleted by the first's horizon"
+    assert run_batch(ctx, steps, [{"event_id": "d", "u": "x"}], 3) == [], "x is still within the second step's hour"
