@@ -396,7 +396,7 @@ class LiveContext:
             queue = expiry.ensure(self.partition, self.store)
         if not queue:
             return 0
-        horizon, owns = lane.horizon, lane.owns
+        horizon, prefix, owns = lane.horizon, lane.prefix, lane.owns
         # An entry's time is its record's event time under ``time_field``: then it
         # expires by the step's event time in this partition (a backfill of old events
         # deleted every entry at once by the clock, and admitted duplicates), never
@@ -413,7 +413,7 @@ class LiveContext:
             for at, seq, key in entries:
                 if expired >= at_most:
                     break
-                if not owns(key):
+                if not key.startswith(prefix) and not owns(key):
                     # Another step's entry in an index made before the lanes (one for
                     # the whole table): that step's own index has it.
                     expired += 1
