@@ -25,6 +25,7 @@ Outputs go through the one output path (``app.commit.emitter``).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 
 #: Expired keys deleted per record handled at most, so expiry never stalls the stream.
 EXPIRE_PER_RECORD = 8
+#: Other steps' entries passed over per batch and lane at most (an index kept from
+#: before each dedupe step had one: ``DedupeExpiry``).
+PASS_OVER_PER_BATCH = 10_000
 
 
 @dataclass
@@ -164,10 +168,20 @@ class DedupeExpiry:
     worker's hooks call on it reaches every lane.
 
     On disk, the first step's lane lives where a pipeline's one index lived
-    (``folder()/<partition>``), the others under ``folder()/step-<index>``."""
+    (``folder()/<partition>``), the others under ``folder()/step-<index>``. The file
+    ``folder()/lanes`` names the dedupe steps the indexes there were kept for: when the
+    pipeline's steps changed, an index kept for another lane lacks entries its lane
+    owns now (a removed step's, or a step that became the first), so all of them are
+    deleted and built again (``ensure``). None there: the one index of before the
+    lanes, kept for the first lane, which passes over the other steps' entries."""
+
+    LAYOUT_FILE = "lanes"
 
     def __init__(self, steps: Sequence[Step], folder: Callable[[], Path | None] | None) -> None:
         dedupes = [s for s in steps if s.op == "deduplicate"]
+        self._folder = folder
+        self._layout = ",".join(str(s.index) for s in dedupes)
+        self._layout_checked = False
         known = frozenset(step_prefix(s.index) for s in dedupes)
         self.lanes: list[ExpiryLane] = []
         for n, step in enumerate(dedupes):
@@ -176,6 +190,28 @@ class DedupeExpiry:
             lane_folder = folder if n == 0 or folder is None else _subfolder(folder, f"step-{step.index}")
             self.lanes.append(ExpiryLane(prefix, Horizon.of(step), Expiry(_seen_at, lane_folder, owns), owns))
         self.lane_of = {lane.prefix: lane for lane in self.lanes}
+
+    def ensure(self, lane: ExpiryLane, partition: int, store: Any) -> Any:
+        """``lane``'s queue of ``partition`` (``Expiry.ensure``), once the indexes on
+        disk are known to be kept for these lanes."""
+        if not self._layout_checked:
+            self._check_layout()
+            self._layout_checked = True
+        return lane.expiry.ensure(partition, store)
+
+    def _check_layout(self) -> None:
+        base = None if self._folder is None else self._folder()
+        if base is None:
+            return
+        marker = base / self.LAYOUT_FILE
+        if marker.is_file() and marker.read_text() != self._layout:
+            log.info("dedupe steps changed (%s -> %s): expiry indexes in %s built again",
+                     marker.read_text(), self._layout, base)
+            for child in base.iterdir():
+                if child != marker:
+                    shutil.rmtree(child, ignore_errors=True)
+        base.mkdir(parents=True, exist_ok=True)
+        marker.write_text(self._layout)
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
         """``values`` were just stored in ``partition``: each to its step's lane."""
@@ -384,18 +420,16 @@ class LiveContext:
         the time and offset of the last record); called once per partition per batch,
         since a check per record cost as much as a step."""
         for lane in self.expiry.lanes:
-            if at_most <= 0:
-                return
-            at_most -= self._expire_lane(lane, at_most)
+            # Every lane's queue opened, even with nothing left to spend: an index not
+            # opened by the batch's store is discarded (``Expiry.stored``).
+            queue = lane.expiry.queues.get(self.partition)
+            if queue is None and self.store is not None:
+                queue = self.expiry.ensure(lane, self.partition, self.store)
+            if queue and at_most > 0:
+                at_most -= self._expire_lane(lane, queue, at_most)
 
-    def _expire_lane(self, lane: ExpiryLane, at_most: int) -> int:
-        """``expire`` for one dedupe step's entries; returns how many left its index."""
-        expiry = lane.expiry
-        queue = expiry.queues.get(self.partition)
-        if queue is None and self.store is not None:
-            queue = expiry.ensure(self.partition, self.store)
-        if not queue:
-            return 0
+    def _expire_lane(self, lane: ExpiryLane, queue: Any, at_most: int) -> int:
+        """``expire`` for one dedupe step's entries; returns how many it deleted."""
         horizon, prefix, owns = lane.horizon, lane.prefix, lane.owns
         # An entry's time is its record's event time under ``time_field``: then it
         # expires by the step's event time in this partition (a backfill of old events
@@ -407,16 +441,16 @@ class LiveContext:
             # Nothing admitted here since the start: nothing expires by time yet.
             now = min(now, horizon.clock.get(self.partition, float("-inf")))
         seconds, count, position = horizon.seconds, horizon.count, self.offset
-        expired = 0
+        expired = passed = 0
         entries = queue.oldest()
         try:
             for at, seq, key in entries:
-                if expired >= at_most:
+                if expired >= at_most or passed >= PASS_OVER_PER_BATCH:
                     break
                 if not key.startswith(prefix) and not owns(key):
                     # Another step's entry in an index made before the lanes (one for
                     # the whole table): that step's own index has it.
-                    expired += 1
+                    passed += 1
                     continue
                 if is_duplicate((at, seq), now, position, seconds, count):
                     break
@@ -436,7 +470,7 @@ class LiveContext:
                     self._overlay[key] = None
         finally:
             entries.close()
-        queue.drop(expired)
+        queue.drop(expired + passed)
         return expired
 
 

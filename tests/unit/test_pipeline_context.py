@@ -589,7 +589,8 @@ def test_an_event_time_from_a_clock_far_ahead_expires_nothing_early():
     assert ctx.expiry.lane_of[b"1|"].horizon.clock is None
 
 
-def run_batch(ctx: LiveContext, steps: list, records: list[dict], first_offset: int) -> list[int]:
+def run_batch(ctx: LiveContext, steps: list, records: list[dict], first_offset: int,
+              at_most: int = 10_000) -> list[int]:
     """One whole batch of partition 0 (offsets from ``first_offset``), then its expiry
     and its store; returns the offsets of the records admitted."""
     ctx.begin_batch()
@@ -600,17 +601,22 @@ def run_batch(ctx: LiveContext, steps: list, records: list[dict], first_offset: 
         ctx.at_offset(offset)
         if run_record(steps, record, ctx).record is not None:
             out.append(offset)
-    ctx.expire(10_000)
+    ctx.expire(at_most)
     asyncio.run(ctx.store_after(None, ctx.detach_writes()))
     return out
 
 
-def two_step_context(steps: list[dict], folder: Path | None = None) -> tuple[LiveContext, list, FakeStore]:
+def two_step_context(steps: list[dict], folder: Path | None = None,
+                     store: FakeStore | None = None) -> tuple[LiveContext, list, FakeStore]:
+    """A live context of a pipeline of ``steps`` over ``store`` (a new one by default),
+    its expiry on disk under ``folder`` when given."""
     (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out", "steps": steps}])
     ctx = LiveContext(spec, table=None, expiry_folder=None if folder is None else lambda: folder)
-    store = ctx.store = FakeStore()
-    store.gate = asyncio.Event()
-    store.gate.set()
+    if store is None:
+        store = FakeStore()
+        store.gate = asyncio.Event()
+        store.gate.set()
+    ctx.store = store
     return ctx, spec.steps, store
 
 
@@ -686,3 +692,39 @@ def test_an_index_kept_from_before_the_lanes_leaves_the_other_steps_entries_alon
     assert ctx.expiry.reopened == 1 and ctx.expiry.built == 1  # the first reopened, the second built
     assert sorted(store.deleted) == [b"0|id:a", b"0|id:b"], "the second step's entry deleted by the first's horizon"
     assert run_batch(ctx, steps, [{"event_id": "d", "u": "x"}], 3) == [], "x is still within the second step's hour"
+
+
+def test_indexes_kept_for_other_dedupe_steps_are_built_again_when_the_steps_changed(tmp_path):
+    """Across a clean restart the pipeline's dedupe steps change: the indexes kept are
+    not reopened (the first lane's lacked a removed step's entries, which it owns now:
+    they were never deleted), but built again from the table (a review's script)."""
+    two = [{"op": "deduplicate", "horizon_count": 2}, {"op": "deduplicate", "fields": ["u"], "horizon_count": 2}]
+    ctx, steps, store = two_step_context(two, tmp_path)
+    run_batch(ctx, steps, [{"event_id": "a", "u": "x"}], 0)
+    ctx.cache.close_indexes(keep=True)  # a clean stop
+    ctx, steps, store = two_step_context(two[:1], tmp_path, store)  # the second step removed
+    for offset in range(1, 20):
+        run_batch(ctx, steps, [{"event_id": f"e{offset}"}], offset)
+    assert ctx.expiry.reopened == 0 and ctx.expiry.built == 1
+    assert not [key for key in store.dbs[0] if key.startswith(b"1|")], "the removed step's entries never expire"
+    ctx.cache.close_indexes(keep=True)
+    ctx, steps, store = two_step_context(two[:1], tmp_path, store)  # the same steps: reopened
+    run_batch(ctx, steps, [{"event_id": "z"}], 20)
+    assert ctx.expiry.reopened == 1 and ctx.expiry.built == 0
+
+
+def test_a_lane_with_nothing_to_spend_keeps_its_index(tmp_path):
+    """The batch's expiry budget spent by the first step's lane: the second lane's
+    index kept by a clean stop is still opened, not discarded by the batch's store and
+    built again (a review's script: a full build, minutes for a day of ids)."""
+    two = [{"op": "deduplicate", "horizon_seconds": 1},
+           {"op": "deduplicate", "fields": ["u"], "horizon_seconds": 3600}]
+    ctx, steps, store = two_step_context(two, tmp_path)
+    run_batch(ctx, steps, [{"event_id": f"a{i}", "u": f"x{i}"} for i in range(50)], 0)
+    time.sleep(1.2)  # the first step's 50 entries are past its horizon now
+    ctx.cache.close_indexes(keep=True)
+    ctx, steps, store = two_step_context(two, tmp_path, store)
+    run_batch(ctx, steps, [{"event_id": "b", "u": "y"}], 100, at_most=8)
+    run_batch(ctx, steps, [{"event_id": f"c{i}", "u": f"z{i}"} for i in range(10)], 101)
+    assert [lane.expiry.built for lane in ctx.expiry.lanes] == [0, 0]
+    assert [lane.expiry.reopened for lane in ctx.expiry.lanes] == [1, 1]
