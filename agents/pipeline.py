@@ -44,6 +44,7 @@ from app.topics import declare
 from app.transport import stopped_clean
 from operators.steps import Outcome, Step, StepTally, pass_record, run_change, runnable
 from operators.transform import is_duplicate
+from tables.local_state import write_file_durably
 from tables.reference import reference_store
 from tables.store import DedupeCache, Expiry, PartitionStore
 from tables.windows import RAW_SCHEMA
@@ -195,23 +196,33 @@ class DedupeExpiry:
         """``lane``'s queue of ``partition`` (``Expiry.ensure``), once the indexes on
         disk are known to be kept for these lanes."""
         if not self._layout_checked:
-            self._check_layout()
-            self._layout_checked = True
+            self._layout_checked = self._check_layout()
         return lane.expiry.ensure(partition, store)
 
-    def _check_layout(self) -> None:
+    def _check_layout(self) -> bool:
+        """Delete the indexes kept for other lanes; False: no folder (yet)."""
         base = None if self._folder is None else self._folder()
         if base is None:
-            return
+            return False
         marker = base / self.LAYOUT_FILE
-        if marker.is_file() and marker.read_text() != self._layout:
-            log.info("dedupe steps changed (%s -> %s): expiry indexes in %s built again",
-                     marker.read_text(), self._layout, base)
-            for child in base.iterdir():
-                if child != marker:
-                    shutil.rmtree(child, ignore_errors=True)
-        base.mkdir(parents=True, exist_ok=True)
-        marker.write_text(self._layout)
+        children = [child for child in base.iterdir() if child != marker] if base.is_dir() else []
+        if marker.is_file():
+            stale = marker.read_text() != self._layout
+        else:  # the one index of before the lanes, or lanes of an unknown set of steps
+            stale = any(child.name.startswith("step-") for child in children)
+        if stale:
+            log.info("dedupe steps changed (now %s): expiry indexes in %s built again", self._layout, base)
+            for child in children:
+                shutil.rmtree(child, ignore_errors=True)
+            if any(child.exists() for child in children):
+                # Not written: the next start deletes them again; until then none of
+                # them is reopened.
+                log.error("could not delete the old expiry indexes in %s", base)
+                for lane in self.lanes:
+                    lane.expiry.reopen_kept = False
+                return True
+        write_file_durably(marker, self._layout.encode())
+        return True
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
         """``values`` were just stored in ``partition``: each to its step's lane."""

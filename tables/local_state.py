@@ -97,16 +97,22 @@ def write_marker(tabledir: Path, app_id: str, table_names: list[str]) -> Path:
     folders = table_folders(tabledir, table_names)
     body = {"app_id": app_id,
             "tables": {name: fingerprint(paths) for name, paths in folders.items()}}
-    tabledir.mkdir(parents=True, exist_ok=True)
     path = tabledir / MARKER
+    write_file_durably(path, orjson.dumps(body))
+    return path
+
+
+def write_file_durably(path: Path, body: bytes) -> None:
+    """``path`` holds ``body`` once this returns, even after a machine crash: written
+    to a temporary file, synced, renamed over it, the folder synced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        f.write(orjson.dumps(body))
+        f.write(body)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(tabledir)
-    return path
+    _fsync_dir(path.parent)
 
 
 def take_marker(tabledir: Path, app_id: str, table_names: list[str]) -> set[str]:
@@ -189,5 +195,5 @@ async def marker_after_clean_stop(sender: Any = None, **kwargs: Any) -> None:
     log.info("clean stop: clean shutdown marker written (%s)", path)
 
 
-__all__ = ["MARKER", "discard_local_state", "fingerprint", "exactly_once_state_from_changelog",
+__all__ = ["MARKER", "discard_local_state", "fingerprint", "exactly_once_state_from_changelog", "write_file_durably",
            "marker_after_clean_stop", "take_marker", "table_folders", "write_marker"]

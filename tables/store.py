@@ -1024,6 +1024,8 @@ class Expiry:
         self.decode = decode
         #: Which stored keys are this expiry's (None: all): a build takes only those.
         self.owns = owns
+        #: Whether an index closed to be kept may be reopened (False: always built).
+        self.reopen_kept = True
         #: Where the ``ExpiryIndex`` of partition N lives (``folder()/N``); None: in memory.
         self.folder = folder
         self.queues: dict[int, ExpiryQueue | ExpiryIndex] = {}
@@ -1046,7 +1048,7 @@ class Expiry:
             queue = ExpiryQueue(sorted(self._entries(partition, store)))
             self.built += 1
         else:
-            queue = None if partition in self.changed else ExpiryIndex.reopen(path)
+            queue = None if partition in self.changed or not self.reopen_kept else ExpiryIndex.reopen(path)
             if queue is None:
                 queue = ExpiryIndex(path, self._entries(partition, store))
                 self.built += 1

@@ -711,6 +711,17 @@ def test_indexes_kept_for_other_dedupe_steps_are_built_again_when_the_steps_chan
     ctx, steps, store = two_step_context(two[:1], tmp_path, store)  # the same steps: reopened
     run_batch(ctx, steps, [{"event_id": "z"}], 20)
     assert ctx.expiry.reopened == 1 and ctx.expiry.built == 0
+    # Lanes of an unknown set of steps (no ``lanes`` file): built again too.
+    ctx.cache.close_indexes(keep=True)
+    ctx, steps, store = two_step_context(two, tmp_path, store)
+    run_batch(ctx, steps, [{"event_id": "y", "u": "w"}], 21)
+    ctx.cache.close_indexes(keep=True)
+    (tmp_path / "lanes").unlink()
+    ctx, steps, store = two_step_context(two[:1], tmp_path, store)
+    for offset in range(22, 30):
+        run_batch(ctx, steps, [{"event_id": f"e{offset}"}], offset)
+    assert ctx.expiry.reopened == 0 and ctx.expiry.built == 1
+    assert not [key for key in store.dbs[0] if key.startswith(b"1|")], "the removed step's entries never expire"
 
 
 def test_a_lane_with_nothing_to_spend_keeps_its_index(tmp_path):
