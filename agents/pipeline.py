@@ -173,8 +173,9 @@ class DedupeExpiry:
     ``folder()/lanes`` names the dedupe steps the indexes there were kept for: when the
     pipeline's steps changed, an index kept for another lane lacks entries its lane
     owns now (a removed step's, or a step that became the first), so all of them are
-    deleted and built again (``ensure``). None there: the one index of before the
-    lanes, kept for the first lane, which passes over the other steps' entries."""
+    deleted and built again (``ensure``). No such file and no ``step-`` folder: the one
+    index of before the lanes, kept for the first lane, which passes over the other
+    steps' entries."""
 
     LAYOUT_FILE = "lanes"
 
