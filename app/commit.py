@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -264,7 +264,7 @@ class Emitter:
         task = asyncio.ensure_future(send())
         task.add_done_callback(release)  # cancelled before it ran: ``finally`` never ran
         keys_of[task] = keys
-        task.add_done_callback(_forget_keys(keys_of))
+        task.add_done_callback(lambda done: keys_of.pop(done, None))
         self.sending.append(task)
         await self.flush(keep=self.MAX_SENDING)
 
@@ -341,10 +341,6 @@ class _SendKeys:
             if those is not None and not these.isdisjoint(those):
                 return True
         return False
-
-
-def _forget_keys(keys_of: dict[asyncio.Future, Any]) -> Callable[[asyncio.Future], None]:
-    return lambda task: keys_of.pop(task, None)
 
 
 class TransactionalEmitter(Emitter):
