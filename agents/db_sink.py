@@ -4,7 +4,12 @@ Not a Faust agent: a sink's exactly-once effect comes from the database, not fro
 Kafka. Its own aiokafka consumer (group ``<app id>-sink-<name>``, read_committed) starts
 each assigned partition at the offset stored in the database, and each batch commits
 rows and offsets in one database transaction (app/db_sinks.py). So it holds under
-either processing guarantee, and a kill at any point repeats nothing and skips nothing.
+either processing guarantee, and a kill at any point repeats no row and skips nothing.
+
+A record the sink cannot write (not a change, a field without a column, a value or key
+the database refuses) goes to the dead-letter topic before the offsets move past it: at
+least once, so a kill in between sends it again. A batch the database refuses is cut in
+halves until the refused records are found; the others are written.
 
 While the database is unreachable the sink retries with backoff (1 s doubling to 10 s)
 and consumes nothing further: nothing is lost, the worker stays healthy, and the sink's
@@ -25,7 +30,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from mode import Service
 
 from app import app, settings
-from app.db_sinks import Batch, OffsetConflict, SinkSpec, UnknownColumns, target_for
+from app.db_sinks import (
+    Batch,
+    OffsetConflict,
+    SinkSpec,
+    UnknownColumns,
+    refused_by_database,
+    target_for,
+)
 from app.dead_letter import dead_letter_headers
 from app.kafka_io import kafka_io
 from app.kafka_security import client_options
@@ -39,15 +51,23 @@ BACKOFF_MAX = 10.0
 
 
 class _Rebalance(ConsumerRebalanceListener):
+    """aiokafka calls these from its own task, also while the sink writes a batch: each
+    waits for that write (``DbSink.writing``), so that a partition is revoked after its
+    batch and its stored offset is read after the batch committed."""
+
     def __init__(self, sink: DbSink) -> None:
         self.sink = sink
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self.sink.expected.pop(tp.partition, None)
+        async with self.sink.writing:
+            for tp in revoked:
+                self.sink.expected.pop(tp.partition, None)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.sink.seek_to_stored(assigned)
+        # aiokafka logs and drops an error raised here (the database away): the
+        # partitions stay unpositioned, and _consume positions them when it meets them.
+        async with self.sink.writing:
+            await self.sink.seek_to_stored(assigned)
 
 
 class DbSink(Service):
@@ -69,6 +89,9 @@ class DbSink(Service):
         self.expected: dict[int, int | None] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.last_applied_at: float | None = None
+        #: Held while the sink uses the database or its positions: one batch's write, or
+        #: a rebalance's revoke or offset read.
+        self.writing = asyncio.Lock()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.name, "source": self.topic, "type": self.spec.type, "table": self.spec.table,
@@ -96,7 +119,8 @@ class DbSink(Service):
                 if self.consumer is None:
                     await self._start_consumer()
                 else:
-                    await self.seek_to_stored(self.consumer.assignment())
+                    async with self.writing:
+                        await self.seek_to_stored(self.consumer.assignment())
                 self.sink_state, self.error, backoff = "running", None, 1.0
                 await self._consume()
             except asyncio.CancelledError:
@@ -117,23 +141,30 @@ class DbSink(Service):
         """A consumer of the sink's group, or for a materialized table one that reads
         every partition (each worker keeps the whole table)."""
         group = None if self.materialized else f"{settings.app_id}-sink-{self.spec.name}"
-        self.consumer = AIOKafkaConsumer(
+        consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=group, enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed", max_poll_records=MAX_RECORDS,
             fetch_max_wait_ms=settings.fetch_max_wait_ms, **client_options(settings))
-        await self.consumer.start()
+        try:
+            await consumer.start()
+        except BaseException:
+            await consumer.stop()  # the next attempt makes a new one
+            raise
+        self.consumer = consumer
         if not self.materialized:
-            self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+            consumer.subscribe([self.topic], listener=_Rebalance(self))
             return
         count = await kafka_io.partition_count(self.topic)
         if not count:
             raise RuntimeError(f"topic {self.topic} does not exist")
         tps = [TopicPartition(self.topic, p) for p in range(count)]
-        self.consumer.assign(tps)
-        await self.seek_to_stored(tps)
+        consumer.assign(tps)
+        async with self.writing:
+            await self.seek_to_stored(tps)
 
     async def seek_to_stored(self, partitions: Any) -> None:
-        """Start each partition where the database says this sink stopped."""
+        """Start each partition where the database says this sink stopped (the caller
+        holds ``writing``)."""
         parts = sorted(tp.partition for tp in partitions if tp.topic == self.topic)
         if not parts or self.consumer is None:
             return
@@ -157,44 +188,69 @@ class DbSink(Service):
             fetched = await self.consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS)
             if not fetched:
                 continue
-            batches, refused, sources = [], [], {}
-            for tp, records in fetched.items():
-                if tp.partition not in self.expected:
-                    continue  # assigned but not yet positioned from the database
-                changes = []
-                for record in records:
-                    try:
-                        change = self._change(record)
-                    except ChangeError as exc:
-                        refused.append((record, exc.reason, str(exc)))
-                        continue
-                    changes.append(change)
-                    sources[id(change)] = record
-                batches.append(Batch(tp.topic, tp.partition, records[0].offset, records[-1].offset,
-                                     self.expected[tp.partition], changes))
-            if not batches:
-                continue
-            try:
-                await self._apply(batches, refused, sources)
-            except OffsetConflict as exc:
-                self.counters["offset_conflicts"] += 1
-                log.warning("sink %s: %s; resuming from the stored offsets", self.spec.name, exc)
-                await self.seek_to_stored(self.consumer.assignment())
-                continue
-            for batch in batches:
-                self.expected[batch.partition] = batch.last_offset + 1
-            self.counters["applied"] += sum(len(b.changes) for b in batches)
-            self.counters["batches"] += 1
-            self.last_applied_at = time.time()
-            await self._dead_letters(refused)
-            if not self.materialized:  # for lag monitoring only: the database's offsets are the truth
+            batches = await self._write(fetched)
+            if batches and not self.materialized:  # for lag monitoring only: the database's offsets are the truth
                 await self.consumer.commit({TopicPartition(b.topic, b.partition): b.last_offset + 1 for b in batches})
 
-    async def _apply(self, batches: list[Batch], refused: list, sources: dict) -> None:
+    async def _write(self, fetched: dict[Any, list[Any]]) -> list[Batch]:
+        """Write one fetch into the database; returns its batches (none when it wrote
+        nothing)."""
+        async with self.writing:
+            return await self._write_held(fetched)
+
+    async def _write_held(self, fetched: dict[Any, list[Any]]) -> list[Batch]:
+        assert self.consumer is not None
+        unpositioned = [tp for tp in fetched if tp.partition not in self.expected]
+        if unpositioned:
+            # The rebalance could not read their offsets: their records are fetched
+            # again from the stored ones.
+            await self.seek_to_stored(unpositioned)
+        batches, refused, sources = [], [], {}
+        for tp, records in fetched.items():
+            if tp in unpositioned:
+                continue
+            expected = self.expected[tp.partition]
+            if expected is not None and records[0].offset < expected:
+                # Already in the database: the consumer restarted behind the stored
+                # offset (from the group's lag-monitoring commit after a rebalance).
+                records = [r for r in records if r.offset >= expected]
+                if not records:
+                    continue
+            changes = []
+            for record in records:
+                try:
+                    change = self._change(record)
+                except ChangeError as exc:
+                    refused.append((record, exc.reason, str(exc)))
+                    continue
+                changes.append(change)
+                sources[id(change)] = record
+            batches.append(Batch(tp.topic, tp.partition, records[0].offset, records[-1].offset,
+                                 expected, changes))
+        if not batches:
+            return []
+        refused_before = self.counters["refused_by_database"]
+        try:
+            await self._dead_letters(refused)
+            await self._apply(batches, sources)
+        except OffsetConflict as exc:
+            self.counters["offset_conflicts"] += 1
+            log.warning("sink %s: %s; resuming from the stored offsets", self.spec.name, exc)
+            await self.seek_to_stored(self.consumer.assignment())
+            return []
+        self.counters["applied"] += (sum(len(b.changes) for b in batches)
+                                     - (self.counters["refused_by_database"] - refused_before))
+        self.counters["batches"] += 1
+        self.last_applied_at = time.time()
+        return batches
+
+    async def _apply(self, batches: list[Batch], sources: dict) -> None:
+        """Write ``batches``, each record not written sent to the dead-letter topic
+        first; each partition's expected offset moves past its batch."""
         try:
             await self.target.apply(batches)
         except UnknownColumns as exc:
-            unknown = set(exc.columns)
+            unknown, refused = set(exc.columns), []
             for batch in batches:
                 kept = []
                 for change in batch.changes:
@@ -203,7 +259,45 @@ class DbSink(Service):
                     else:
                         kept.append(change)
                 batch.changes = kept
-            await self.target.apply(batches)
+            await self._dead_letters(refused)
+            await self._apply_each_partition(batches, sources)
+        except Exception as exc:
+            if not refused_by_database(exc):
+                raise
+            await self._apply_each_partition(batches, sources)
+        else:
+            for batch in batches:
+                self.expected[batch.partition] = batch.last_offset + 1
+
+    async def _apply_each_partition(self, batches: list[Batch], sources: dict) -> None:
+        for batch in batches:
+            await self._apply_finding_refused(batch, batch.changes, batch.first_offset, batch.last_offset, sources)
+
+    async def _apply_finding_refused(self, batch: Batch, changes: list[Change], first: int, last: int,
+                                     sources: dict) -> None:
+        """Write ``changes`` (offsets ``first``..``last`` of ``batch``'s partition) in
+        one transaction; if the database refuses them, each half apart, down to the
+        single records it refuses, which go to the dead-letter topic."""
+        part = Batch(batch.topic, batch.partition, first, last, self.expected[batch.partition], changes)
+        try:
+            await self.target.apply([part])
+        except OffsetConflict:
+            raise
+        except Exception as exc:
+            if not changes or not refused_by_database(exc):
+                raise
+            if len(changes) > 1:
+                middle = len(changes) // 2
+                split = sources[id(changes[middle])].offset
+                await self._apply_finding_refused(batch, changes[:middle], first, split - 1, sources)
+                await self._apply_finding_refused(batch, changes[middle:], split, last, sources)
+                return
+            self.counters["refused_by_database"] += 1
+            await self._dead_letters([(sources[id(changes[0])], "refused_by_database",
+                                       f"{type(exc).__name__}: {exc}")])
+            part.changes = []
+            await self.target.apply([part])  # its offset only
+        self.expected[batch.partition] = last + 1
 
     async def _dead_letters(self, refused: list) -> None:
         for record, reason, message in refused:

@@ -16,7 +16,9 @@ and last offset), an audit trail in which a gap or an overlap would show.
 SQLite (stdlib ``sqlite3``, in a thread) needs no server; PostgreSQL comes through
 ``asyncpg``. A missing table is created from the declared ``columns`` or the first rows;
 a new field in the stream is added as a column when ``evolve: true``, otherwise the
-record goes to the dead-letter topic (:class:`UnknownColumns`).
+record goes to the dead-letter topic (:class:`UnknownColumns`). A write the database
+refuses for what it writes (``refused_by_database``) sends its record there too; any
+other failure (the database away, locked, restarting) is retried.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ TYPES = ("postgres", "sqlite", "table")
 MODES = ("upsert", "append")
 FORMATS = ("debezium", "json")
 OFFSETS_TABLE = "streametl_sink_offsets"
+#: Seconds a PostgreSQL statement may take (a batch is at most 5,000 rows).
+COMMAND_TIMEOUT = 60.0
 BATCHES_TABLE = "streametl_sink_batches"
 
 
@@ -59,6 +63,29 @@ class UnknownColumns(ValueError):
 
 class OffsetConflict(RuntimeError):
     """Another consumer applied this partition's batch first (a rebalance or a zombie)."""
+
+
+class ColumnNameTooLong(ValueError):
+    """A field's name is longer than PostgreSQL keeps a column name (63 bytes): it would
+    be cut, and the cut name taken for another column."""
+
+
+#: PostgreSQL's SQLSTATE classes of a statement refused for its values: data exception
+#: (a value of the wrong type or range), integrity constraint violation (not null,
+#: unique, check, foreign key), program limit exceeded (a row too large).
+PG_REFUSED_CLASSES = ("22", "23", "54")
+
+
+def refused_by_database(exc: BaseException) -> bool:
+    """Whether a write failed for what it writes (a value, a key, a constraint), so that
+    writing it again fails again: its records go to the dead-letter topic. Anything
+    else (the database away, locked, restarting, a permission) is retried."""
+    if isinstance(exc, (OffsetConflict, sqlite3.OperationalError)):
+        return False
+    if isinstance(exc, (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
+        return True  # includes asyncpg's refusal of an argument (a ValueError)
+    sqlstate = getattr(exc, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate[:2] in PG_REFUSED_CLASSES
 
 
 @dataclass(frozen=True)
@@ -152,7 +179,9 @@ def parse_sinks(raw: Any) -> list[SinkSpec]:
 # --- SQL (pure) ----------------------------------------------------------------------
 
 def quote(identifier: str) -> str:
-    return f'"{identifier}"'
+    """A column or table name in SQL: field names come from the stream, so a double
+    quote in one is doubled (SQL's escape, in both databases)."""
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def sql_type(value: Any, dialect: str) -> str:
@@ -282,11 +311,17 @@ class Target:
         if not self.columns and not any(c.row for c in changes):
             return ddl, []  # no table and no row to make one from: deletes are no-ops
         needed = needed_columns(self.spec, changes, self.dialect)
+        if self.dialect == "postgres":
+            too_long = [c for c in needed if c not in self.columns and len(c.encode()) > 63]
+            if too_long:
+                raise ColumnNameTooLong(f"field name longer than 63 bytes: {too_long[0][:80]!r}")
         if not self.columns:
             self.columns = dict(needed)
             ddl.append(create_table_sql(self.spec, self.columns))
             return ddl, []
-        new = [c for c in needed if c not in self.columns]
+        # A declared column no row carries is not needed by this batch.
+        carried = {name for c in changes for name in (c.row or ())} | set(self.spec.key)
+        new = [c for c in needed if c not in self.columns and c in carried]
         if new and not self.spec.evolve:
             raise UnknownColumns(new)
         for column in new:
@@ -418,7 +453,9 @@ class PostgresTarget(Target):
     async def open(self) -> None:
         import asyncpg
 
-        self._conn = await asyncpg.connect(self.spec.dsn, timeout=10)
+        # A statement that hangs (a half-open connection, a lock held elsewhere) fails
+        # after COMMAND_TIMEOUT and is retried on a new connection.
+        self._conn = await asyncpg.connect(self.spec.dsn, timeout=10, command_timeout=COMMAND_TIMEOUT)
         for ddl in BOOKKEEPING:
             await self._conn.execute(ddl)
         rows = await self._conn.fetch(
@@ -508,5 +545,5 @@ def target_for(spec: SinkSpec) -> Target:
     return PostgresTarget(spec) if spec.type == "postgres" else SqliteTarget(spec)
 
 
-__all__ = ["Batch", "OffsetConflict", "PostgresTarget", "SinkConfigError", "SinkSpec", "SqliteTarget", "Target",
-           "UnknownColumns", "parse_sink", "parse_sinks", "plan_batch", "target_for"]
+__all__ = ["Batch", "ColumnNameTooLong", "OffsetConflict", "PostgresTarget", "SinkConfigError", "SinkSpec", "SqliteTarget", "Target",
+           "UnknownColumns", "parse_sink", "parse_sinks", "plan_batch", "refused_by_database", "target_for"]

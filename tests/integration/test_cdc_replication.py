@@ -225,6 +225,52 @@ def test_a_pipeline_writes_its_results_into_tables(postgres_dsn, namespace):
         worker.kill()
 
 
+def test_records_the_database_refuses_are_dead_lettered_and_the_rest_written(postgres_dsn, namespace):
+    """A value the database refuses (a missing NOT NULL column; text for a BIGINT in
+    PostgreSQL) goes to the dead-letter topic, and the records around it are written:
+    the sink does not retry the batch forever. All in one partition, one batch."""
+    from tests.support import produce_json
+
+    app_id, prefix = namespace
+    table = f"amounts_{unique('r')}"
+    sqlite_path = str(Path(tempfile.mkdtemp(prefix="streametl-sqlite-")) / "amounts.db")
+    common = {"source": "amounts", "format": "json", "table": table, "key": ["id"], "mode": "upsert",
+              "columns": {"id": "BIGINT", "amount": "BIGINT NOT NULL"}}
+    config = write_config({"sinks": [
+        {"name": "pg", "type": "postgres", "dsn": postgres_dsn, **common},
+        {"name": "lite", "type": "sqlite", "path": sqlite_path, **common},
+    ]})
+    run(create_topics([f"{prefix}amounts"]))
+    records = [{"id": 1, "amount": 5}, {"id": 2, "amount": "lots"}, {"id": 3}, {"id": 4, "amount": 7},
+               *({"id": i, "amount": i} for i in range(5, 40))]
+    run(produce_json(f"{prefix}amounts", records, partition=0))
+    worker = Worker(app_id=app_id, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": config})
+    try:
+        worker.start(timeout=150)
+        good = {r["id"]: r for r in records if "amount" in r and r["id"] != 2}
+        # SQLite keeps the text in an INTEGER column (type affinity): only the missing
+        # value is refused there.
+        lite_good = {**good, 2: records[1]}
+
+        def written():
+            pg, lite = run(pg_rows(postgres_dsn, table)), sqlite_rows(sqlite_path, table)
+            return pg == good and lite == lite_good, {"pg": sorted(pg), "sqlite": sorted(lite)}
+
+        wait_until(written, what="the accepted records written")
+        dead = run(read_topic(f"{prefix}dlq", expect=3, timeout=30))
+        got = sorted((dict(d.headers)["dlq.pipeline"], json.loads(d.value)["id"], dict(d.headers)["dlq.reason"])
+                     for d in dead)
+        assert got == [(b"sink:lite", 3, b"refused_by_database"), (b"sink:pg", 2, b"refused_by_database"),
+                       (b"sink:pg", 3, b"refused_by_database")], got
+        status, sinks = worker.get("/api/v1/sinks")
+        assert {s["name"]: (s["state"], s["partitions"].get("0")) for s in sinks["sinks"]} == {
+            "pg": ("running", len(records)), "lite": ("running", len(records))}, sinks
+    finally:
+        worker.kill()
+    offsets, batches = run(sink_audit(postgres_dsn, "pg", f"{prefix}amounts"))
+    assert_no_gap_no_overlap(offsets, batches, run(end_offsets(f"{prefix}amounts")))
+
+
 def sqlite_rows_by(path, table, key):
     db = sqlite3.connect(path)
     db.row_factory = sqlite3.Row

@@ -1,0 +1,256 @@
+"""A database sink's consume loop without Kafka (``DbSink._write`` over the SQLite
+target, a stand-in consumer): records the database refuses go to the dead-letter topic
+and the rest are written, records the database already holds are not written again, a
+partition the rebalance could not position is positioned when met, and a revoke waits
+for the batch being written."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+from aiokafka import TopicPartition
+
+from agents import db_sink
+from agents.db_sink import DbSink, _Rebalance
+from app.db_sinks import OffsetConflict, parse_sink, refused_by_database
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+class Consumer:
+    """What the sink asks of its aiokafka consumer here."""
+
+    def __init__(self) -> None:
+        self.seeks: list[tuple[int, int | None]] = []
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp.partition, offset))
+
+    async def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.seeks.append((tp.partition, None))
+
+    def assignment(self) -> set[TopicPartition]:
+        return set()
+
+
+def make_sink(tmp_path, **extra) -> DbSink:
+    raw = {"name": "replica", "source": "amounts", "type": "sqlite", "path": str(tmp_path / "r.db"),
+           "table": "amounts", "key": ["id"], "mode": "upsert", **extra}
+    sink = DbSink(parse_sink(raw, "sinks[0]"))
+    sink.consumer = Consumer()
+    sink.dead = []
+
+    async def dead_letters(refused):
+        stored = sink_offsets(tmp_path)
+        sink.dead.extend((record.offset, reason, stored) for record, reason, _ in refused)
+
+    sink._dead_letters = dead_letters
+    return sink
+
+
+def records(sink, rows, partition=0, first=0):
+    return {TopicPartition(sink.topic, partition): [
+        Record(sink.topic, partition, first + i, None, row if isinstance(row, bytes) else _json(row))
+        for i, row in enumerate(rows)]}
+
+
+def _json(row) -> bytes:
+    import orjson
+    return orjson.dumps(row)
+
+
+def table(tmp_path, name="amounts"):
+    db = sqlite3.connect(tmp_path / "r.db")
+    try:
+        return sorted(db.execute(f'SELECT * FROM "{name}"').fetchall())
+    finally:
+        db.close()
+
+
+def sink_offsets(tmp_path):
+    try:
+        return {p: n for _, _, p, n in table(tmp_path, "streametl_sink_offsets")}
+    except sqlite3.OperationalError:
+        return {}
+
+
+def audit(tmp_path):
+    return [(p, first, last) for _, _, p, first, last, _, _ in table(tmp_path, "streametl_sink_batches")]
+
+
+async def opened(sink: DbSink) -> DbSink:
+    await sink.target.open()
+    sink.expected[0] = None
+    return sink
+
+
+def test_records_the_database_refuses_are_dead_lettered_first_and_the_rest_written(tmp_path):
+    async def main():
+        sink = await opened(make_sink(tmp_path, columns={"id": "INTEGER", "amount": "INTEGER NOT NULL"}))
+        rows = [{"id": i, "amount": i} for i in range(10)]
+        rows[6] = {"id": 6}  # NOT NULL refused
+        rows[8] = b"not json"  # no change at all: refused before the database
+        written = await sink._write(records(sink, rows))
+        assert [(b.first_offset, b.last_offset) for b in written] == [(0, 9)]
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert table(tmp_path) == [(i, i) for i in range(10) if i not in (6, 8)]
+    # Each dead letter went out while the stored offset was still before its record.
+    assert [(offset, reason) for offset, reason, _ in sink.dead] == [(8, "invalid_json"), (6, "refused_by_database")]
+    assert all(stored.get(0, 0) <= offset for offset, _, stored in sink.dead)
+    assert sink_offsets(tmp_path) == {0: 10} and sink.expected == {0: 10}
+    spans = audit(tmp_path)
+    assert spans[0][1] == 0 and spans[-1][2] == 9
+    assert all(b[1] == a[2] + 1 for a, b in zip(spans, spans[1:], strict=False)), spans  # no gap, no overlap
+    assert sink.counters["refused_by_database"] == 1 and sink.counters["applied"] == 8
+
+
+def test_records_the_database_already_holds_are_not_written_again(tmp_path):
+    """After a rebalance the consumer restarts from the group's commit, which can be
+    behind the offset the database stored: those records are skipped."""
+    async def main():
+        sink = await opened(make_sink(tmp_path, mode="append", key=[]))
+        await sink._write(records(sink, [{"id": i} for i in range(5)]))
+        await sink._write(records(sink, [{"id": i} for i in range(2, 8)], first=2))
+        await sink.target.close()
+
+    asyncio.run(main())
+    assert table(tmp_path) == [(i,) for i in range(8)]
+    assert audit(tmp_path) == [(0, 0, 4), (0, 5, 7)]
+
+
+def test_a_partition_the_rebalance_could_not_position_is_positioned_when_met(tmp_path):
+    async def main():
+        sink = await opened(make_sink(tmp_path))
+        await sink._write(records(sink, [{"id": 1, "amount": 1}]))
+        sink.expected.clear()  # the assignment's offset read failed (the database away)
+        written = await sink._write(records(sink, [{"id": 9, "amount": 9}], first=40))
+        await sink.target.close()
+        return sink, written
+
+    sink, written = asyncio.run(main())
+    assert written == [] and table(tmp_path) == [(1, 1)]
+    assert sink.consumer.seeks == [(0, 1)] and sink.expected == {0: 1}
+
+
+def test_a_revoke_waits_for_the_batch_being_written(tmp_path):
+    async def main():
+        sink = await opened(make_sink(tmp_path))
+        gate, inside = asyncio.Event(), asyncio.Event()
+        apply = sink.target.apply
+
+        async def slow_apply(batches):
+            inside.set()
+            await gate.wait()
+            await apply(batches)
+
+        sink.target.apply = slow_apply
+        writing = asyncio.create_task(sink._write(records(sink, [{"id": 1, "amount": 1}])))
+        await inside.wait()
+        revoking = asyncio.create_task(_Rebalance(sink).on_partitions_revoked([TopicPartition(sink.topic, 0)]))
+        await asyncio.sleep(0.05)
+        assert not revoking.done()
+        gate.set()
+        await writing
+        await revoking
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert sink.expected == {}  # revoked after the batch, not re-added by it
+    assert table(tmp_path) == [(1, 1)]
+
+
+def test_the_database_away_is_retried_not_dead_lettered(tmp_path):
+    async def main():
+        sink = await opened(make_sink(tmp_path))
+
+        async def locked(batches):
+            raise sqlite3.OperationalError("database is locked")
+
+        sink.target.apply = locked
+        with pytest.raises(sqlite3.OperationalError):
+            await sink._write(records(sink, [{"id": 1, "amount": 1}]))
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert sink.dead == [] and sink.expected == {0: None}
+
+
+def test_a_consumer_that_failed_to_start_is_not_kept(tmp_path, monkeypatch):
+    stopped = []
+
+    class Failing:
+        def __init__(self, **kwargs):
+            pass
+
+        async def start(self):
+            raise ConnectionError("no broker")
+
+        async def stop(self):
+            stopped.append(True)
+
+    monkeypatch.setattr(db_sink, "AIOKafkaConsumer", Failing)
+    sink = make_sink(tmp_path)
+    sink.consumer = None
+    with pytest.raises(ConnectionError):
+        asyncio.run(sink._start_consumer())
+    assert sink.consumer is None and stopped == [True]
+
+
+def test_a_field_name_with_a_double_quote_is_a_column_like_any_other(tmp_path):
+    async def main():
+        sink = await opened(make_sink(tmp_path, evolve=True))
+        await sink._write(records(sink, [{"id": 1, "amount": 1}, {"id": 2, 'we"ird': "x", "amount": 2}]))
+        await sink.target.close()
+
+    asyncio.run(main())
+    assert table(tmp_path) == [(1, 1, None), (2, 2, "x")]
+
+
+def test_a_declared_column_no_row_carries_does_not_stop_an_existing_table(tmp_path):
+    async def main():
+        first = await opened(make_sink(tmp_path))
+        await first._write(records(first, [{"id": 1, "amount": 1}]))
+        await first.target.close()
+        declared = await opened(make_sink(tmp_path, columns={"note": "TEXT"}))
+        declared.expected[0] = 1
+        await declared._write(records(declared, [{"id": 2, "amount": 2}, {"id": 3, "amount": 3, "note": "n"}],
+                                           first=1))
+        await declared.target.close()
+        return declared
+
+    declared = asyncio.run(main())
+    assert table(tmp_path) == [(1, 1), (2, 2)]
+    assert [(offset, reason) for offset, reason, _ in declared.dead] == [(2, "unknown_column")]
+
+
+@pytest.mark.parametrize("exc,refused", [
+    (ValueError("invalid literal for int()"), True),
+    (asyncpg.exceptions.NotNullViolationError("null value"), True),
+    (asyncpg.exceptions.InvalidDatetimeFormatError("bad date"), True),
+    (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), False),
+    (asyncpg.exceptions.InsufficientPrivilegeError("permission denied"), False),
+    (asyncpg.exceptions.DeadlockDetectedError("deadlock"), False),
+    (sqlite3.IntegrityError("NOT NULL"), True),
+    (sqlite3.OperationalError("database is locked"), False),
+    (OffsetConflict("moved"), False),
+    (TimeoutError(), False),
+    (OSError("connection refused"), False),
+])
+def test_what_counts_as_refused_by_the_database(exc, refused):
+    assert refused_by_database(exc) is refused
