@@ -48,7 +48,13 @@ from app.codec import dumps_held
 from app.dead_letter import send_dead_letter
 from app.kafka_io import KeyPartitioner, OutgoingMessage, RecordBatches, kafka_io
 from app.kafka_security import client_options
-from app.transport import ASSIGNMENT_HOOKS, FastConsumer, as_current_event, commit_guard
+from app.transport import (
+    ASSIGNMENT_HOOKS,
+    FastConsumer,
+    as_current_event,
+    commit_guard,
+    table_writes_handed_over,
+)
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +368,9 @@ class TransactionalEmitter(Emitter):
         # transactional commit does not flush that buffer (its at_least_once commit
         # does): a commit right after this batch could commit its offsets while these
         # writes went into the *next* transaction, which a kill -9 aborts (found by the
-        # windows' exactly_once kill test; docs/windows.md). Drained here, inside the
-        # batch, they join this batch's transaction.
-        await app.producer.flush()
+        # windows' exactly_once kill test; docs/windows.md). Handed over here, inside
+        # the batch, they join this batch's transaction.
+        await table_writes_handed_over(app)
 
     async def send(self, topic: Any, items: Sequence[tuple[int | None, bytes | None, bytes,
                                                             Sequence[tuple[str, bytes]], int | None]]) -> None:

@@ -100,6 +100,7 @@ from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.consumer import TransactionManager as FaustTransactionManager
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer as FaustProducerBuffer
 from faust.types.tuples import TP, ack_lock
 from faust.web.drivers import DRIVERS as WEB_DRIVERS
 from faust.web.drivers import aiohttp as faust_aiohttp_web
@@ -1875,7 +1876,10 @@ class App(faust.App):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Awaited once before anything else starts; an exception stops the worker.
+        #: Awaited once, in order, when the worker's app starts, before anything else
+        #: does (not for the other ``streametl`` commands, which do not start the app):
+        #: checks, and the local state decision (tables/local_state.py). An exception
+        #: stops the worker.
         self.start_checks: list[Callable[[], Awaitable[None]]] = [check_versions]
         self._rebalance_started: float | None = None
         self._rebalance_returned: float | None = None
@@ -2140,11 +2144,70 @@ class TableManager(FaustTableManager):
         return self._recovery
 
 
+class ProducerBuffer(FaustProducerBuffer):
+    """Faust's producer buffer (where table writes wait: ``Table[key] = value`` cannot
+    await), counting the messages put and handed to the producer, so that
+    :meth:`handed_over` can wait for every message put before it.
+
+    Why: Faust's ``flush`` returns once a send has not finished within 0.1 s (a full
+    record batch, a slow broker), and as soon as the queue is empty while its last
+    message is still being sent. Under exactly_once the batch's transaction could then
+    commit its offsets before some of its table writes joined it: they went into the
+    next transaction, which a kill -9 aborts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.put_count = 0
+        self.handed_count = 0
+        self._handed = asyncio.Event()
+
+    def put(self, fut: Any) -> None:
+        super().put(fut)
+        self.put_count += 1
+
+    async def _send_pending(self, fut: Any) -> None:
+        try:
+            await super()._send_pending(fut)
+        finally:
+            self.handed_count += 1
+            self._handed.set()
+
+    async def handed_over(self) -> None:
+        """Return once every message put so far is in the producer's hands (under
+        exactly_once: in its transaction)."""
+        target = self.put_count
+        while self.handed_count < target:
+            self._handed.clear()
+            await self._handed.wait()
+
+
+class Producer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer with :class:`ProducerBuffer`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.app.conf.producer_threaded:  # a threaded producer keeps its own queue
+            self.buffer = ProducerBuffer(loop=self.loop, beacon=self.beacon)
+            self.buffer.app = self.app
+
+
+async def table_writes_handed_over(app: Any) -> None:
+    """Every table write made so far is in the producer's hands (see
+    :class:`ProducerBuffer`)."""
+    buffer = app.producer.buffer
+    if isinstance(buffer, ProducerBuffer):
+        await buffer.handed_over()
+    else:
+        await buffer.flush()
+
+
 class Transport(faust_aiokafka.Transport):
-    """Faust's aiokafka transport with :class:`FastConsumer` as its consumer and a
-    :class:`TransactionManager` that never sends outside a transaction."""
+    """Faust's aiokafka transport with :class:`FastConsumer` as its consumer, a
+    :class:`TransactionManager` that never sends outside a transaction, and a
+    :class:`Producer` whose buffer can be drained for sure."""
 
     Consumer = FastConsumer
+    Producer = Producer
     TransactionManager = TransactionManager
 
 

@@ -1089,3 +1089,41 @@ def test_a_refused_first_partition_of_a_transaction_is_asked_again_after_2_ms_no
     handler = AddPartitionsToTxnHandler(sender, [TopicPartition("t", 0)])
     resp = SimpleNamespace(errors=[("t", [(0, ConcurrentTransactions.errno)])])
     assert handler.handle_response(resp) == CONCURRENT_TRANSACTIONS_BACKOFF == 0.002
+
+
+def test_table_writes_are_handed_over_even_when_a_send_waits_longer_than_fausts_flush():
+    """Faust's flush returns once a send takes over 0.1 s (a full record batch): under
+    exactly_once the rest of the batch's table writes then missed its transaction.
+    ``ProducerBuffer.handed_over`` waits for every message put before it."""
+    from types import SimpleNamespace
+
+    from app.transport import ProducerBuffer
+
+    async def main():
+        buffer = ProducerBuffer()
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+        room, handed = asyncio.Event(), []
+
+        class Channel:
+            async def publish_message(self, fut, wait=False):
+                if fut.n == 1:
+                    await room.wait()  # its record batch is full for a while
+                handed.append(fut.n)
+
+        await buffer.start()
+        try:
+            for n in range(3):
+                buffer.put(SimpleNamespace(n=n, message=SimpleNamespace(channel=Channel())))
+            await buffer.flush()
+            assert handed == [0]  # Faust's flush gave up
+            waiting = asyncio.create_task(buffer.handed_over())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            room.set()
+            await asyncio.wait_for(waiting, 5)
+            assert handed == [0, 1, 2]
+            await buffer.handed_over()  # nothing put since: returns at once
+        finally:
+            await buffer.stop()
+
+    asyncio.run(main())
