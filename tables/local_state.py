@@ -14,15 +14,15 @@ values, so the restored state keeps writes whose records and outputs were aborte
   outputs are lost (1,000 of 8,000; tests/chaos/test_pipeline_exactly_once.py, RocksDB kept).
 
 The changelog, read read_committed, holds only committed state. So under exactly_once
-the local folders of every table are deleted at worker init, before any store opens, as
-Kafka Streams wipes an exactly-once store after an unclean shutdown, unless the last
-stop was clean. Like Kafka Streams' checkpoint file, a **clean-shutdown marker**
+the local folders of every table are deleted when the worker's app starts, before any
+store opens, as Kafka Streams wipes an exactly-once store after an unclean shutdown,
+unless the last stop was clean. Like Kafka Streams' checkpoint file, a **clean-shutdown marker**
 (``<tabledir>/CLEAN_SHUTDOWN``) is written only after a stop whose final commit ended
 every transaction that held anything (``transport.stopped_clean``); then the local state
 equals the committed changelog up to its persisted offsets, and Faust's recovery only
 reads what other owners wrote since. The marker is trusted only when:
 
-- it is removed at init, before any store opens (so a kill -9 of this run can never
+- it is removed at the app's start, before any store opens (so a kill -9 of this run can never
   reuse it), and the removal is made durable (the directory is fsynced);
 - it names this app id and the table (a table it does not name is restored in full);
 - each table folder it names is, file for file (names, sizes, modification times), as
@@ -149,16 +149,17 @@ def _table_names() -> list[str]:
     return sorted(table.name for table in app.tables.values())
 
 
-@app.on_worker_init.connect
-def exactly_once_state_from_changelog(sender: Any = None, **kwargs: Any) -> None:
+def exactly_once_state_from_changelog() -> None:
     """Take the clean-shutdown marker; under exactly_once, delete the local state of
     every table it does not vouch for.
 
-    Faust sends ``on_worker_init`` after autodiscovery, so every table is declared by
-    then (windows, the aggregate API, pipelines' dedupe memory, the pattern engine),
-    and before any store opens. Faust sends it twice in one start (``App.main``, then
-    the command line's ``prepare_app``): only the first decides, or the second would
-    find the marker gone and delete what the first kept."""
+    Run when the worker's app starts (:func:`_decide_local_state`, one of
+    ``App.start_checks``): every table is declared by then (windows, the aggregate API,
+    pipelines' dedupe memory, the pattern engine) and no store has opened. Not at
+    Faust's ``on_worker_init``, which every ``streametl`` command sends (``show-settings``,
+    ``check-config``, ``create-topics``): a command run beside a worker, or before its
+    start, took its marker and under exactly_once deleted its live table folders. Only
+    the first call of a process decides."""
     if AT_START:
         return
     AT_START.append("local state decided")
@@ -175,6 +176,13 @@ def exactly_once_state_from_changelog(sender: Any = None, **kwargs: Any) -> None
     if untrusted:
         AT_START.append(f"exactly_once: no trusted clean shutdown marker for {len(untrusted)} tables: "
                         f"{len(gone)} local table folders deleted, restoring them from the changelogs")
+
+
+async def _decide_local_state() -> None:
+    exactly_once_state_from_changelog()
+
+
+app.start_checks.append(_decide_local_state)
 
 
 @app.task

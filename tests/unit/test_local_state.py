@@ -84,9 +84,26 @@ def test_exactly_once_keeps_the_state_a_marker_vouches_for_and_only_once(tmp_pat
     local_state.exactly_once_state_from_changelog()
     kept = sorted(f"{n}-0.db" for n in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
-    # Faust sends on_worker_init twice in one start: the second changes nothing.
+    # A second call in the same process changes nothing.
     local_state.exactly_once_state_from_changelog()
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
     monkeypatch.setattr(local_state, "AT_START", [])  # the next process (e.g. after a kill -9)
     local_state.exactly_once_state_from_changelog()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_command_beside_a_worker_neither_takes_its_marker_nor_deletes_its_tables(tmp_path, monkeypatch):
+    """Every ``streametl`` command sends Faust's ``on_worker_init`` (``show-settings``,
+    ``check-config``); only the worker's app start decides the local state."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    fake_tables(tmp_path, names)
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="exactly_once"))
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    marker = local_state.write_marker(tmp_path, local_state.settings.app_id, names)
+    monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
+    before = sorted(p.name for p in tmp_path.iterdir())
+    app.on_worker_init.send()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and marker.exists()
+    assert local_state._decide_local_state in app.start_checks
