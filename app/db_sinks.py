@@ -24,6 +24,7 @@ other failure (the database away, locked, restarting) is retried.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import re
 import sqlite3
 import threading
@@ -458,10 +459,7 @@ class PostgresTarget(Target):
         self._conn = await asyncpg.connect(self.spec.dsn, timeout=10, command_timeout=COMMAND_TIMEOUT)
         for ddl in BOOKKEEPING:
             await self._conn.execute(ddl)
-        rows = await self._conn.fetch(
-            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 "
-            "AND table_schema = current_schema() ORDER BY ordinal_position", self.spec.table)
-        self.columns = {r["column_name"]: r["data_type"] for r in rows}
+        self.columns = await self._read_columns()
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -484,6 +482,10 @@ class PostgresTarget(Target):
             async with self._conn.transaction():
                 for statement in ddl:
                     await self._conn.execute(statement)
+                if ddl:
+                    # The types as PostgreSQL names them (a declared "BIGINT NOT NULL"
+                    # is "bigint"): pg_value converts by them.
+                    self.columns = await self._read_columns()
                 for batch in batches:
                     await self._claim(batch)
                     if not self.columns:
@@ -501,10 +503,13 @@ class PostgresTarget(Target):
     async def _reload_columns(self) -> None:
         self.columns = {}
         if self.connected:
-            rows = await self._conn.fetch(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 "
-                "AND table_schema = current_schema()", self.spec.table)
-            self.columns = {r["column_name"]: r["data_type"] for r in rows}
+            self.columns = await self._read_columns()
+
+    async def _read_columns(self) -> dict[str, str]:
+        rows = await self._conn.fetch(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 "
+            "AND table_schema = current_schema() ORDER BY ordinal_position", self.spec.table)
+        return {r["column_name"]: r["data_type"] for r in rows}
 
     async def _claim(self, batch: Batch) -> None:
         new = batch.last_offset + 1
@@ -537,7 +542,23 @@ def pg_value(value: Any, column_type: str) -> Any:
         return float(value)
     if column_type == "boolean":
         return bool(value)
+    if isinstance(value, str) and column_type in TIME_TYPES:
+        # JSON carries times as ISO 8601 text; asyncpg takes only date/time objects
+        # (text that is not ISO 8601 raises ValueError: the record is refused).
+        parsed = TIME_TYPES[column_type](value)
+        if column_type == "timestamp without time zone" and parsed.tzinfo is not None:
+            parsed = parsed.astimezone(datetime.UTC).replace(tzinfo=None)
+        return parsed
     return value
+
+
+#: PostgreSQL time types (as information_schema names them) and their ISO 8601 parsers.
+TIME_TYPES = {
+    "timestamp with time zone": datetime.datetime.fromisoformat,
+    "timestamp without time zone": datetime.datetime.fromisoformat,
+    "date": datetime.date.fromisoformat,
+    "time without time zone": datetime.time.fromisoformat,
+}
 
 
 def target_for(spec: SinkSpec) -> Target:

@@ -95,3 +95,16 @@ def test_bad_declarations_name_the_field(tmp_path, bad, named):
     raw = {"name": "r", "source": "s", "type": "sqlite", "path": "x.db", "table": "t", "key": ["id"], **bad}
     with pytest.raises(SinkConfigError, match=named):
         parse_sink({k: v for k, v in raw.items() if v is not None}, "sinks[0]")
+
+
+def test_iso_8601_text_goes_into_postgres_time_columns_as_times():
+    import datetime
+
+    from app.db_sinks import pg_value
+
+    utc = datetime.UTC
+    assert pg_value("2026-12-06T10:00:00Z", "timestamp with time zone") == datetime.datetime(2026, 12, 6, 10, tzinfo=utc)
+    assert pg_value("2026-12-06T10:00:00+02:00", "timestamp without time zone") == datetime.datetime(2026, 12, 6, 8)
+    assert pg_value("2026-12-06", "date") == datetime.date(2026, 12, 6)
+    with pytest.raises(ValueError):  # refused: the record goes to the dead-letter topic
+        pg_value("soon", "date")
