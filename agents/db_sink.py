@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from mode import Service
 
 from app import app, settings
@@ -35,6 +36,7 @@ from app.db_sinks import (
     OffsetConflict,
     SinkSpec,
     UnknownColumns,
+    refusal_reason,
     refused_by_database,
     target_for,
 )
@@ -60,8 +62,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         async with self.sink.writing:
-            for tp in revoked:
-                self.sink.expected.pop(tp.partition, None)
+            gone = {tp.partition for tp in revoked}
+            for p in gone:
+                self.sink.expected.pop(p, None)
+            self.sink.dead_lettered = {e for e in self.sink.dead_lettered if e[0] not in gone}
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         # aiokafka logs and drops an error raised here (the database away): the
@@ -92,6 +96,10 @@ class DbSink(Service):
         #: Held while the sink uses the database or its positions: one batch's write, or
         #: a rebalance's revoke or offset read.
         self.writing = asyncio.Lock()
+        #: (partition, offset) of records whose dead letter is acknowledged but whose
+        #: offset the database has not passed yet: not sent again when a retry reads
+        #: them again.
+        self.dead_lettered: set[tuple[int, int]] = set()
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.spec.name, "source": self.topic, "type": self.spec.type, "table": self.spec.table,
@@ -112,7 +120,8 @@ class DbSink(Service):
         backoff = 1.0
         while not self.should_stop:
             try:
-                await self.target.open()
+                async with self.writing:
+                    await self.target.open()
                 if self.consumer is not None and self.materialized and not self.consumer.assignment():
                     await self.consumer.stop()  # its topic was missing: look again
                     self.consumer = None
@@ -129,7 +138,8 @@ class DbSink(Service):
                 self.sink_state, self.error = "retrying", f"{type(exc).__name__}: {exc}"
                 self.counters["retries"] += 1
                 log.warning("sink %s: %s; retrying in %.0f s", self.spec.name, self.error, backoff)
-                await self.target.close()
+                async with self.writing:
+                    await self.target.close()
                 await self.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -189,8 +199,14 @@ class DbSink(Service):
             if not fetched:
                 continue
             batches = await self._write(fetched)
-            if batches and not self.materialized:  # for lag monitoring only: the database's offsets are the truth
-                await self.consumer.commit({TopicPartition(b.topic, b.partition): b.last_offset + 1 for b in batches})
+            if batches and not self.materialized:
+                # For lag monitoring only (the database's offsets are the truth): a
+                # commit refused because the group rebalances meanwhile changes nothing.
+                try:
+                    await self.consumer.commit({TopicPartition(b.topic, b.partition): b.last_offset + 1
+                                                for b in batches})
+                except KafkaError as exc:
+                    log.debug("sink %s: lag-monitoring commit skipped (%r)", self.spec.name, exc)
 
     async def _write(self, fetched: dict[Any, list[Any]]) -> list[Batch]:
         """Write one fetch into the database; returns its batches (none when it wrote
@@ -200,6 +216,9 @@ class DbSink(Service):
 
     async def _write_held(self, fetched: dict[Any, list[Any]]) -> list[Batch]:
         assert self.consumer is not None
+        # A partition revoked after the fetch: its new owner writes its records.
+        assigned = self.consumer.assignment()
+        fetched = {tp: records for tp, records in fetched.items() if tp in assigned}
         unpositioned = [tp for tp in fetched if tp.partition not in self.expected]
         if unpositioned:
             # The rebalance could not read their offsets: their records are fetched
@@ -229,7 +248,7 @@ class DbSink(Service):
                                  expected, changes))
         if not batches:
             return []
-        refused_before = self.counters["refused_by_database"]
+        dead_before = self.counters["dead_lettered"]
         try:
             await self._dead_letters(refused)
             await self._apply(batches, sources)
@@ -238,51 +257,55 @@ class DbSink(Service):
             log.warning("sink %s: %s; resuming from the stored offsets", self.spec.name, exc)
             await self.seek_to_stored(self.consumer.assignment())
             return []
-        self.counters["applied"] += (sum(len(b.changes) for b in batches)
-                                     - (self.counters["refused_by_database"] - refused_before))
+        if self.dead_lettered:
+            self._passed()
+        self.counters["applied"] += (sum(len(b.changes) for b in batches) + len(refused)
+                                     - (self.counters["dead_lettered"] - dead_before))
         self.counters["batches"] += 1
         self.last_applied_at = time.time()
         return batches
 
     async def _apply(self, batches: list[Batch], sources: dict) -> None:
-        """Write ``batches``, each record not written sent to the dead-letter topic
-        first; each partition's expected offset moves past its batch."""
+        """Write ``batches``; each partition's expected offset moves past its batch.
+        When some records cannot be written, each partition apart, down to them."""
         try:
             await self.target.apply(batches)
-        except UnknownColumns as exc:
-            unknown, refused = set(exc.columns), []
-            for batch in batches:
-                kept = []
-                for change in batch.changes:
-                    if change.row is not None and unknown & change.row.keys():
-                        refused.append((sources[id(change)], "unknown_column", str(exc)))
-                    else:
-                        kept.append(change)
-                batch.changes = kept
-            await self._dead_letters(refused)
-            await self._apply_each_partition(batches, sources)
+        except OffsetConflict:
+            raise
         except Exception as exc:
-            if not refused_by_database(exc):
+            if not isinstance(exc, UnknownColumns) and not refused_by_database(exc):
                 raise
-            await self._apply_each_partition(batches, sources)
+            # A column changed behind the sink's back is not the records' fault.
+            await self.target.reload_columns()
+            await self.target.ensure_table(batches)
+            for batch in batches:
+                await self._apply_finding_refused(batch, batch.changes, batch.first_offset, batch.last_offset,
+                                                  sources)
         else:
             for batch in batches:
                 self.expected[batch.partition] = batch.last_offset + 1
 
-    async def _apply_each_partition(self, batches: list[Batch], sources: dict) -> None:
-        for batch in batches:
-            await self._apply_finding_refused(batch, batch.changes, batch.first_offset, batch.last_offset, sources)
-
     async def _apply_finding_refused(self, batch: Batch, changes: list[Change], first: int, last: int,
                                      sources: dict) -> None:
         """Write ``changes`` (offsets ``first``..``last`` of ``batch``'s partition) in
-        one transaction; if the database refuses them, each half apart, down to the
-        single records it refuses, which go to the dead-letter topic."""
+        one transaction. The records with a field that has no column go to the
+        dead-letter topic (``unknown_column``); if the database refuses the rest, each
+        half apart, down to the single records it refuses, which go there too. Every
+        dead letter is acknowledged before the transaction that passes its offset."""
         part = Batch(batch.topic, batch.partition, first, last, self.expected[batch.partition], changes)
         try:
             await self.target.apply([part])
         except OffsetConflict:
             raise
+        except UnknownColumns as exc:
+            unknown = set(exc.columns)
+            kept = [c for c in changes if c.row is None or not unknown & c.row.keys()]
+            if len(kept) == len(changes):
+                raise  # no record carries them: not the records' fault
+            await self._dead_letters([(sources[id(c)], "unknown_column", str(exc))
+                                      for c in changes if c.row is not None and unknown & c.row.keys()])
+            await self._apply_finding_refused(batch, kept, first, last, sources)
+            return
         except Exception as exc:
             if not changes or not refused_by_database(exc):
                 raise
@@ -293,19 +316,28 @@ class DbSink(Service):
                 await self._apply_finding_refused(batch, changes[middle:], split, last, sources)
                 return
             self.counters["refused_by_database"] += 1
-            await self._dead_letters([(sources[id(changes[0])], "refused_by_database",
+            await self._dead_letters([(sources[id(changes[0])], refusal_reason(exc),
                                        f"{type(exc).__name__}: {exc}")])
             part.changes = []
             await self.target.apply([part])  # its offset only
         self.expected[batch.partition] = last + 1
 
+    def _passed(self) -> None:
+        """Forget the dead letters of records the database's offsets passed."""
+        expected = self.expected
+        self.dead_lettered = {(p, offset) for p, offset in self.dead_lettered
+                              if expected.get(p) is None or offset >= expected[p]}
+
     async def _dead_letters(self, refused: list) -> None:
         for record, reason, message in refused:
+            if (record.partition, record.offset) in self.dead_lettered:
+                continue  # sent before a retry read it again
             headers = dead_letter_headers(reason=reason, message=message, source_topic=record.topic,
                                           pipeline=f"sink:{self.spec.name}", partition=record.partition,
                                           offset=record.offset)
             await kafka_io.producer.send_and_wait(dead_letters.get_topic_name(), record.value or b"",
                                                   key=record.key, headers=headers)
+            self.dead_lettered.add((record.partition, record.offset))
             self.counters["dead_lettered"] += 1
 
 

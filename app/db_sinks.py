@@ -45,8 +45,9 @@ TYPES = ("postgres", "sqlite", "table")
 MODES = ("upsert", "append")
 FORMATS = ("debezium", "json")
 OFFSETS_TABLE = "streametl_sink_offsets"
-#: Seconds a PostgreSQL statement may take (a batch is at most 5,000 rows).
-COMMAND_TIMEOUT = 60.0
+#: Seconds a PostgreSQL statement may take: a batch is at most 5,000 rows, but a
+#: truncate deletes the whole table; past this the connection is taken for half-open.
+COMMAND_TIMEOUT = 600.0
 BATCHES_TABLE = "streametl_sink_batches"
 
 
@@ -73,8 +74,11 @@ class ColumnNameTooLong(ValueError):
 
 #: PostgreSQL's SQLSTATE classes of a statement refused for its values: data exception
 #: (a value of the wrong type or range), integrity constraint violation (not null,
-#: unique, check, foreign key), program limit exceeded (a row too large).
+#: unique, check), program limit exceeded (a row too large).
 PG_REFUSED_CLASSES = ("22", "23", "54")
+#: ... except a foreign key violation: the row it refers to may come later (another
+#: partition, another sink), so it is retried.
+PG_RETRIED = ("23503",)
 
 
 def refused_by_database(exc: BaseException) -> bool:
@@ -86,7 +90,16 @@ def refused_by_database(exc: BaseException) -> bool:
     if isinstance(exc, (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
         return True  # includes asyncpg's refusal of an argument (a ValueError)
     sqlstate = getattr(exc, "sqlstate", None)
-    return isinstance(sqlstate, str) and sqlstate[:2] in PG_REFUSED_CLASSES
+    return isinstance(sqlstate, str) and sqlstate[:2] in PG_REFUSED_CLASSES and sqlstate not in PG_RETRIED
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The ``dlq.reason`` of a record refused by ``exc``."""
+    if isinstance(exc, UnknownColumns):
+        return "unknown_column"
+    if isinstance(exc, ColumnNameTooLong):
+        return "column_name_too_long"
+    return "refused_by_database"
 
 
 @dataclass(frozen=True)
@@ -301,6 +314,21 @@ class Target:
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
+    async def reload_columns(self) -> None:
+        """Read the table's columns again (someone may have changed them)."""
+
+    async def ensure_table(self, batches: Sequence[Batch]) -> None:
+        """Create the table, or add the columns ``evolve`` allows, for every row of
+        ``batches`` (in a transaction of its own): the halving that looks for refused
+        records then writes each part into the table the whole batch would have made."""
+        try:
+            ddl, _ = self.prepare(batches)
+        except ValueError:  # UnknownColumns, ColumnNameTooLong: the halving finds their records
+            return
+        if ddl:
+            await self._execute_ddl(ddl)
+
+    async def _execute_ddl(self, ddl: list[str]) -> None: ...
     async def read_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]: ...
     async def apply(self, batches: Sequence[Batch]) -> None: ...
 
@@ -370,6 +398,12 @@ class SqliteTarget(Target):
             await asyncio.to_thread(self._run, lambda db: db.close())
             self._db = None
 
+    async def reload_columns(self) -> None:
+        if self._db is not None:
+            info = await asyncio.to_thread(self._run, lambda db: db.execute(
+                f"PRAGMA table_info({quote(self.spec.table)})").fetchall())
+            self.columns = {row[1]: row[2] for row in info}
+
     async def get(self, key: Sequence[Any]) -> dict[str, Any] | None:
         """The row with this key, or None."""
         if self._db is None or not self.columns:
@@ -399,6 +433,9 @@ class SqliteTarget(Target):
     async def apply(self, batches: Sequence[Batch]) -> None:
         ddl, _ = self.prepare(batches)
         await asyncio.to_thread(self._run, lambda db: self._apply(db, ddl, batches))
+
+    async def _execute_ddl(self, ddl: list[str]) -> None:
+        await asyncio.to_thread(self._run, lambda db: self._apply(db, ddl, ()))
 
     def _apply(self, db: sqlite3.Connection, ddl: list[str], batches: Sequence[Batch]) -> None:
         db.execute("BEGIN IMMEDIATE")
@@ -497,10 +534,10 @@ class PostgresTarget(Target):
                                                            for p in params])
         except BaseException:
             if ddl:
-                await self._reload_columns()
+                await self.reload_columns()
             raise
 
-    async def _reload_columns(self) -> None:
+    async def reload_columns(self) -> None:
         self.columns = {}
         if self.connected:
             self.columns = await self._read_columns()
@@ -510,6 +547,16 @@ class PostgresTarget(Target):
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = $1 "
             "AND table_schema = current_schema() ORDER BY ordinal_position", self.spec.table)
         return {r["column_name"]: r["data_type"] for r in rows}
+
+    async def _execute_ddl(self, ddl: list[str]) -> None:
+        try:
+            async with self._conn.transaction():
+                for statement in ddl:
+                    await self._conn.execute(statement)
+                self.columns = await self._read_columns()
+        except BaseException:
+            await self.reload_columns()
+            raise
 
     async def _claim(self, batch: Batch) -> None:
         new = batch.last_offset + 1
@@ -567,4 +614,5 @@ def target_for(spec: SinkSpec) -> Target:
 
 
 __all__ = ["Batch", "ColumnNameTooLong", "OffsetConflict", "PostgresTarget", "SinkConfigError", "SinkSpec", "SqliteTarget", "Target",
-           "UnknownColumns", "parse_sink", "parse_sinks", "plan_batch", "refused_by_database", "target_for"]
+           "UnknownColumns", "parse_sink", "parse_sinks", "plan_batch", "refusal_reason", "refused_by_database",
+           "target_for"]

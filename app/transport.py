@@ -2174,11 +2174,16 @@ class ProducerBuffer(FaustProducerBuffer):
 
     async def handed_over(self) -> None:
         """Return once every message put so far is in the producer's hands (under
-        exactly_once: in its transaction)."""
+        exactly_once: in its transaction); raise if the buffer stopped before (as
+        Faust's ``flush`` does)."""
         target = self.put_count
         while self.handed_count < target:
+            if self.state != "running":
+                raise RuntimeError(f"producer buffer {self.state} with {target - self.handed_count} "
+                                   "table writes not handed over")
             self._handed.clear()
-            await self._handed.wait()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._handed.wait(), 0.5)
 
 
 class Producer(faust_aiokafka.Producer):

@@ -31,32 +31,46 @@ class Record:
 class Consumer:
     """What the sink asks of its aiokafka consumer here."""
 
-    def __init__(self) -> None:
-        self.seeks: list[tuple[int, int | None]] = []
-
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp.partition, offset))
 
     async def seek_to_beginning(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.partition, None))
 
+    def __init__(self, topic: str) -> None:
+        self.seeks: list[tuple[int, int | None]] = []
+        self.assigned = {TopicPartition(topic, p) for p in range(4)}
+
     def assignment(self) -> set[TopicPartition]:
-        return set()
+        return self.assigned
 
 
-def make_sink(tmp_path, **extra) -> DbSink:
-    raw = {"name": "replica", "source": "amounts", "type": "sqlite", "path": str(tmp_path / "r.db"),
-           "table": "amounts", "key": ["id"], "mode": "upsert", **extra}
-    sink = DbSink(parse_sink(raw, "sinks[0]"))
-    sink.consumer = Consumer()
-    sink.dead = []
+class Producer:
+    """Records each dead letter with the offsets the database held when it was sent."""
 
-    async def dead_letters(refused):
-        stored = sink_offsets(tmp_path)
-        sink.dead.extend((record.offset, reason, stored) for record, reason, _ in refused)
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.sent: list[tuple[int, str, dict]] = []
 
-    sink._dead_letters = dead_letters
-    return sink
+    async def send_and_wait(self, topic, value, key=None, headers=None):
+        h = dict(headers)
+        self.sent.append((int(h["dlq.offset"]), h["dlq.reason"].decode(), sink_offsets(self.tmp_path)))
+
+
+@pytest.fixture
+def make_sink(tmp_path, monkeypatch):
+    producer = Producer(tmp_path)
+    monkeypatch.setattr(db_sink.kafka_io, "producer", producer, raising=False)
+
+    def make(**extra) -> DbSink:
+        raw = {"name": "replica", "source": "amounts", "type": "sqlite", "path": str(tmp_path / "r.db"),
+               "table": "amounts", "key": ["id"], "mode": "upsert", **extra}
+        sink = DbSink(parse_sink(raw, "sinks[0]"))
+        sink.consumer = Consumer(sink.topic)
+        sink.dead = producer.sent
+        return sink
+
+    return make
 
 
 def records(sink, rows, partition=0, first=0):
@@ -95,9 +109,9 @@ async def opened(sink: DbSink) -> DbSink:
     return sink
 
 
-def test_records_the_database_refuses_are_dead_lettered_first_and_the_rest_written(tmp_path):
+def test_records_the_database_refuses_are_dead_lettered_first_and_the_rest_written(tmp_path, make_sink):
     async def main():
-        sink = await opened(make_sink(tmp_path, columns={"id": "INTEGER", "amount": "INTEGER NOT NULL"}))
+        sink = await opened(make_sink(columns={"id": "INTEGER", "amount": "INTEGER NOT NULL"}))
         rows = [{"id": i, "amount": i} for i in range(10)]
         rows[6] = {"id": 6}  # NOT NULL refused
         rows[8] = b"not json"  # no change at all: refused before the database
@@ -118,11 +132,11 @@ def test_records_the_database_refuses_are_dead_lettered_first_and_the_rest_writt
     assert sink.counters["refused_by_database"] == 1 and sink.counters["applied"] == 8
 
 
-def test_records_the_database_already_holds_are_not_written_again(tmp_path):
+def test_records_the_database_already_holds_are_not_written_again(tmp_path, make_sink):
     """After a rebalance the consumer restarts from the group's commit, which can be
     behind the offset the database stored: those records are skipped."""
     async def main():
-        sink = await opened(make_sink(tmp_path, mode="append", key=[]))
+        sink = await opened(make_sink(mode="append", key=[]))
         await sink._write(records(sink, [{"id": i} for i in range(5)]))
         await sink._write(records(sink, [{"id": i} for i in range(2, 8)], first=2))
         await sink.target.close()
@@ -132,9 +146,9 @@ def test_records_the_database_already_holds_are_not_written_again(tmp_path):
     assert audit(tmp_path) == [(0, 0, 4), (0, 5, 7)]
 
 
-def test_a_partition_the_rebalance_could_not_position_is_positioned_when_met(tmp_path):
+def test_a_partition_the_rebalance_could_not_position_is_positioned_when_met(tmp_path, make_sink):
     async def main():
-        sink = await opened(make_sink(tmp_path))
+        sink = await opened(make_sink())
         await sink._write(records(sink, [{"id": 1, "amount": 1}]))
         sink.expected.clear()  # the assignment's offset read failed (the database away)
         written = await sink._write(records(sink, [{"id": 9, "amount": 9}], first=40))
@@ -146,9 +160,9 @@ def test_a_partition_the_rebalance_could_not_position_is_positioned_when_met(tmp
     assert sink.consumer.seeks == [(0, 1)] and sink.expected == {0: 1}
 
 
-def test_a_revoke_waits_for_the_batch_being_written(tmp_path):
+def test_a_revoke_waits_for_the_batch_being_written(tmp_path, make_sink):
     async def main():
-        sink = await opened(make_sink(tmp_path))
+        sink = await opened(make_sink())
         gate, inside = asyncio.Event(), asyncio.Event()
         apply = sink.target.apply
 
@@ -174,9 +188,9 @@ def test_a_revoke_waits_for_the_batch_being_written(tmp_path):
     assert table(tmp_path) == [(1, 1)]
 
 
-def test_the_database_away_is_retried_not_dead_lettered(tmp_path):
+def test_the_database_away_is_retried_not_dead_lettered(tmp_path, make_sink):
     async def main():
-        sink = await opened(make_sink(tmp_path))
+        sink = await opened(make_sink())
 
         async def locked(batches):
             raise sqlite3.OperationalError("database is locked")
@@ -191,7 +205,7 @@ def test_the_database_away_is_retried_not_dead_lettered(tmp_path):
     assert sink.dead == [] and sink.expected == {0: None}
 
 
-def test_a_consumer_that_failed_to_start_is_not_kept(tmp_path, monkeypatch):
+def test_a_consumer_that_failed_to_start_is_not_kept(tmp_path, make_sink, monkeypatch):
     stopped = []
 
     class Failing:
@@ -205,16 +219,16 @@ def test_a_consumer_that_failed_to_start_is_not_kept(tmp_path, monkeypatch):
             stopped.append(True)
 
     monkeypatch.setattr(db_sink, "AIOKafkaConsumer", Failing)
-    sink = make_sink(tmp_path)
+    sink = make_sink()
     sink.consumer = None
     with pytest.raises(ConnectionError):
         asyncio.run(sink._start_consumer())
     assert sink.consumer is None and stopped == [True]
 
 
-def test_a_field_name_with_a_double_quote_is_a_column_like_any_other(tmp_path):
+def test_a_field_name_with_a_double_quote_is_a_column_like_any_other(tmp_path, make_sink):
     async def main():
-        sink = await opened(make_sink(tmp_path, evolve=True))
+        sink = await opened(make_sink(evolve=True))
         await sink._write(records(sink, [{"id": 1, "amount": 1}, {"id": 2, 'we"ird': "x", "amount": 2}]))
         await sink.target.close()
 
@@ -222,12 +236,12 @@ def test_a_field_name_with_a_double_quote_is_a_column_like_any_other(tmp_path):
     assert table(tmp_path) == [(1, 1, None), (2, 2, "x")]
 
 
-def test_a_declared_column_no_row_carries_does_not_stop_an_existing_table(tmp_path):
+def test_a_declared_column_no_row_carries_does_not_stop_an_existing_table(tmp_path, make_sink):
     async def main():
-        first = await opened(make_sink(tmp_path))
+        first = await opened(make_sink())
         await first._write(records(first, [{"id": 1, "amount": 1}]))
         await first.target.close()
-        declared = await opened(make_sink(tmp_path, columns={"note": "TEXT"}))
+        declared = await opened(make_sink(columns={"note": "TEXT"}))
         declared.expected[0] = 1
         await declared._write(records(declared, [{"id": 2, "amount": 2}, {"id": 3, "amount": 3, "note": "n"}],
                                            first=1))
@@ -254,3 +268,42 @@ def test_a_declared_column_no_row_carries_does_not_stop_an_existing_table(tmp_pa
 ])
 def test_what_counts_as_refused_by_the_database(exc, refused):
     assert refused_by_database(exc) is refused
+
+
+def test_a_dead_letter_is_not_sent_again_when_a_retry_reads_its_record_again(tmp_path, make_sink):
+    async def main():
+        sink = await opened(make_sink())
+        apply, failures = sink.target.apply, [sqlite3.OperationalError("database is locked")] * 2
+
+        async def locked_twice(batches):
+            if failures:
+                raise failures.pop()
+            await apply(batches)
+
+        sink.target.apply = locked_twice
+        fetched = records(sink, [{"id": 1, "amount": 1}, b"not json", {"id": 3, "amount": 3}])
+        for _ in range(2):  # the retries read the same records again
+            with pytest.raises(sqlite3.OperationalError):
+                await sink._write(fetched)
+        await sink._write(fetched)
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert [(offset, reason) for offset, reason, _ in sink.dead] == [(1, "invalid_json")]
+    assert table(tmp_path) == [(1, 1), (3, 3)] and sink.dead_lettered == set()
+
+
+def test_halving_a_batch_that_creates_the_table_keeps_every_column_of_the_batch(tmp_path, make_sink):
+    """The first half would otherwise create the table without the later half's fields,
+    and their records would be refused for an unknown column (evolve off)."""
+    async def main():
+        sink = await opened(make_sink(columns={"id": "INTEGER", "amount": "INTEGER NOT NULL"}))
+        await sink._write(records(sink, [{"id": 0, "amount": 0}, {"id": 1, "amount": 1}, {"id": 2},
+                                         {"id": 3, "amount": 3, "note": "n"}]))
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert table(tmp_path) == [(0, 0, None), (1, 1, None), (3, 3, "n")]
+    assert [(offset, reason) for offset, reason, _ in sink.dead] == [(2, "refused_by_database")]

@@ -1125,5 +1125,15 @@ def test_table_writes_are_handed_over_even_when_a_send_waits_longer_than_fausts_
             await buffer.handed_over()  # nothing put since: returns at once
         finally:
             await buffer.stop()
+        buffer.put(SimpleNamespace(n=3, message=SimpleNamespace(channel=Channel())))
+        with pytest.raises(RuntimeError, match="not handed over"):  # stopped: no wait for ever
+            await asyncio.wait_for(buffer.handed_over(), 5)
 
     asyncio.run(main())
+
+
+def test_the_app_producer_uses_the_counting_buffer():
+    from app import app
+    from app.transport import ProducerBuffer
+
+    assert isinstance(app.producer.buffer, ProducerBuffer)
