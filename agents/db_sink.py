@@ -139,7 +139,10 @@ class DbSink(Service):
                 self.counters["retries"] += 1
                 log.warning("sink %s: %s; retrying in %.0f s", self.spec.name, self.error, backoff)
                 async with self.writing:
-                    await self.target.close()
+                    try:
+                        await self.target.close()
+                    except Exception as close_exc:  # the retry opens a new connection anyway
+                        log.warning("sink %s: closing after the error: %r", self.spec.name, close_exc)
                 await self.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
 
@@ -230,11 +233,22 @@ class DbSink(Service):
                 continue
             expected = self.expected[tp.partition]
             if expected is not None and records[0].offset < expected:
-                # Already in the database: the consumer restarted behind the stored
-                # offset (from the group's lag-monitoring commit after a rebalance).
-                records = [r for r in records if r.offset >= expected]
-                if not records:
-                    continue
+                log_end = self.consumer.highwater(tp)
+                if log_end is not None and log_end < expected:
+                    # The stored offset is past the log's end: the topic was deleted and
+                    # made again (or truncated). Its records are new: written.
+                    self.counters["stored_offset_past_log_end"] += 1
+                    log.warning("sink %s: %s stored offset %d is past the log's end %d (topic made "
+                                "again?): writing from %d", self.spec.name, tp, expected, log_end,
+                                records[0].offset)
+                else:
+                    # Already in the database: the consumer restarted behind the stored
+                    # offset (from the group's lag-monitoring commit after a rebalance).
+                    kept = [r for r in records if r.offset >= expected]
+                    self.counters["skipped_already_stored"] += len(records) - len(kept)
+                    records = kept
+                    if not records:
+                        continue
             changes = []
             for record in records:
                 try:

@@ -24,7 +24,7 @@ other failure (the database away, locked, restarting) is retried.
 from __future__ import annotations
 
 import asyncio
-import datetime
+import dataclasses
 import re
 import sqlite3
 import threading
@@ -67,9 +67,29 @@ class OffsetConflict(RuntimeError):
     """Another consumer applied this partition's batch first (a rebalance or a zombie)."""
 
 
-class ColumnNameTooLong(ValueError):
-    """A field's name is longer than PostgreSQL keeps a column name (63 bytes): it would
-    be cut, and the cut name taken for another column."""
+class BadColumnName(ValueError):
+    """A field's name cannot be a column of its own: empty; in PostgreSQL longer than it
+    keeps a column name (63 bytes: it would be cut) or a system column's (``xmin``...);
+    in SQLite another column's but for case (SQLite's names ignore case)."""
+
+
+PG_SYSTEM_COLUMNS = frozenset({"tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"})
+
+
+def bad_column_names(names: Iterable[str], existing: Iterable[str], dialect: str) -> list[str]:
+    """Those of ``names`` (fields about to become columns) that cannot (see
+    :class:`BadColumnName`)."""
+    bad, seen = [], {c.lower() for c in existing} if dialect == "sqlite" else set()
+    for name in names:
+        if not name or "\x00" in name:
+            bad.append(name)
+        elif dialect == "postgres" and (len(name.encode()) > 63 or name in PG_SYSTEM_COLUMNS):
+            bad.append(name)
+        elif dialect == "sqlite":
+            if name.lower() in seen:
+                bad.append(name)
+            seen.add(name.lower())
+    return bad
 
 
 #: PostgreSQL's SQLSTATE classes of a statement refused for its values: data exception
@@ -97,8 +117,8 @@ def refusal_reason(exc: BaseException) -> str:
     """The ``dlq.reason`` of a record refused by ``exc``."""
     if isinstance(exc, UnknownColumns):
         return "unknown_column"
-    if isinstance(exc, ColumnNameTooLong):
-        return "column_name_too_long"
+    if isinstance(exc, BadColumnName):
+        return "bad_column_name"
     return "refused_by_database"
 
 
@@ -227,9 +247,18 @@ class Plan:
     rows: int = 0
 
 
-def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str], dialect: str) -> Plan:
-    """The statements that apply ``changes`` (already limited to known columns)."""
-    ph = (lambda i: f"${i}") if dialect == "postgres" else (lambda i: "?")
+def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str], dialect: str,
+               casts: Mapping[str, str] | None = None) -> Plan:
+    """The statements that apply ``changes`` (already limited to known columns);
+    ``casts``: the PostgreSQL type a column's text is cast to."""
+    casts = casts or {}
+
+    def ph(i: int, column: str) -> str:
+        if dialect != "postgres":
+            return "?"
+        cast = casts.get(column)
+        return f"${i}::text::{cast}" if cast else f"${i}"
+
     table = quote(spec.table)
     plan = Plan()
     if spec.mode == "append":
@@ -242,7 +271,7 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
     def flush() -> None:
         for cols, params in upserts.items():
             names = ", ".join(quote(c) for c in cols)
-            values = ", ".join(ph(i + 1) for i in range(len(cols)))
+            values = ", ".join(ph(i + 1, c) for i, c in enumerate(cols))
             sql = f"INSERT INTO {table} ({names}) VALUES ({values})"
             if spec.mode == "upsert":
                 updates = ", ".join(f"{quote(c)} = EXCLUDED.{quote(c)}" for c in cols if c not in spec.key)
@@ -250,7 +279,7 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
                 sql += f" ON CONFLICT ({conflict}) " + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
             plan.steps.append((sql, cols, params))
         if deletes:
-            where = " AND ".join(f"{quote(k)} = {ph(i + 1)}" for i, k in enumerate(spec.key))
+            where = " AND ".join(f"{quote(k)} = {ph(i + 1, k)}" for i, k in enumerate(spec.key))
             plan.steps.append((f"DELETE FROM {table} WHERE {where}", spec.key, list(deletes)))
         upserts.clear()
         deletes.clear()
@@ -321,12 +350,25 @@ class Target:
         """Create the table, or add the columns ``evolve`` allows, for every row of
         ``batches`` (in a transaction of its own): the halving that looks for refused
         records then writes each part into the table the whole batch would have made."""
+        # Rows with a field that cannot be a column are left to the halving.
+        columns = self.columns
+        fine = [dataclasses.replace(b, changes=[
+                    c for c in b.changes
+                    if not bad_column_names([f for f in c.row or () if f not in columns], columns, self.dialect)])
+                for b in batches]
         try:
-            ddl, _ = self.prepare(batches)
-        except ValueError:  # UnknownColumns, ColumnNameTooLong: the halving finds their records
+            ddl, _ = self.prepare(fine)
+        except ValueError:  # UnknownColumns, BadColumnName (names that clash between rows)
+            await self.reload_columns()  # prepare may have taken columns it did not make
             return
-        if ddl:
+        if not ddl:
+            return
+        try:
             await self._execute_ddl(ddl)
+        except Exception as exc:
+            if not refused_by_database(exc):
+                raise  # the database is away: retried
+            # Refused (too many columns...): the halving finds the rows that ask for it.
 
     async def _execute_ddl(self, ddl: list[str]) -> None: ...
     async def read_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]: ...
@@ -340,10 +382,9 @@ class Target:
         if not self.columns and not any(c.row for c in changes):
             return ddl, []  # no table and no row to make one from: deletes are no-ops
         needed = needed_columns(self.spec, changes, self.dialect)
-        if self.dialect == "postgres":
-            too_long = [c for c in needed if c not in self.columns and len(c.encode()) > 63]
-            if too_long:
-                raise ColumnNameTooLong(f"field name longer than 63 bytes: {too_long[0][:80]!r}")
+        bad = bad_column_names([c for c in needed if c not in self.columns], self.columns, self.dialect)
+        if bad:
+            raise BadColumnName(f"field name that cannot be a column: {bad[0][:80]!r}")
         if not self.columns:
             self.columns = dict(needed)
             ddl.append(create_table_sql(self.spec, self.columns))
@@ -501,7 +542,10 @@ class PostgresTarget(Target):
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await conn.close(timeout=5)
+            try:
+                await conn.close(timeout=5)
+            except Exception:  # a dead or half-open connection: dropped without a goodbye
+                conn.terminate()
 
     @property
     def connected(self) -> bool:
@@ -527,7 +571,8 @@ class PostgresTarget(Target):
                     await self._claim(batch)
                     if not self.columns:
                         continue
-                    plan = plan_batch(self.spec, batch.changes, list(self.columns), self.dialect)
+                    casts = {c: t for c, t in self.columns.items() if t.lower() in TEXT_CAST_TYPES}
+                    plan = plan_batch(self.spec, batch.changes, list(self.columns), self.dialect, casts)
                     for sql, cols, params in plan.steps:
                         types = [self.columns.get(c, "text").lower() for c in cols]
                         await self._conn.executemany(sql, [[pg_value(v, t) for v, t in zip(p, types, strict=True)]
@@ -578,34 +623,44 @@ class PostgresTarget(Target):
 
 def pg_value(value: Any, column_type: str) -> Any:
     """A value as asyncpg takes it for a column of this type: asyncpg checks Python
-    types strictly (an int into a text column is refused), a JSON stream is not."""
+    types strictly (an int into a text column is refused), a JSON stream is not. A value
+    that does not fit the type raises ValueError (the record is refused), never one
+    converted to something else."""
     if value is None:
         return None
     if column_type in {"text", "character varying", "jsonb", "json"} or column_type.startswith(("varchar", "char")):
         return value if isinstance(value, str) else orjson.dumps(value).decode()
     if column_type in {"bigint", "integer", "smallint", "int", "int4", "int8"}:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"not an integer: {value!r}")
         return int(value)
     if column_type in {"double precision", "real", "numeric", "float8", "float4"} or column_type.startswith("numeric"):
+        if isinstance(value, bool):
+            raise ValueError(f"not a number: {value!r}")
         return float(value)
     if column_type == "boolean":
-        return bool(value)
-    if isinstance(value, str) and column_type in TIME_TYPES:
-        # JSON carries times as ISO 8601 text; asyncpg takes only date/time objects
-        # (text that is not ISO 8601 raises ValueError: the record is refused).
-        parsed = TIME_TYPES[column_type](value)
-        if column_type == "timestamp without time zone" and parsed.tzinfo is not None:
-            parsed = parsed.astimezone(datetime.UTC).replace(tzinfo=None)
-        return parsed
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in BOOLEAN_WORDS:
+            return BOOLEAN_WORDS[word]
+        raise ValueError(f"not a boolean: {value!r}")
+    if column_type in TEXT_CAST_TYPES:
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
     return value
 
 
-#: PostgreSQL time types (as information_schema names them) and their ISO 8601 parsers.
-TIME_TYPES = {
-    "timestamp with time zone": datetime.datetime.fromisoformat,
-    "timestamp without time zone": datetime.datetime.fromisoformat,
-    "date": datetime.date.fromisoformat,
-    "time without time zone": datetime.time.fromisoformat,
-}
+BOOLEAN_WORDS = {"true": True, "t": True, "yes": True, "y": True, "on": True, "1": True,
+                 "false": False, "f": False, "no": False, "n": False, "off": False, "0": False}
+
+#: Column types (as information_schema names them) whose values go to PostgreSQL as
+#: text, cast there (``$1::text::date``): it parses them by its own rules (ISO 8601,
+#: ``infinity``, time zone names...), which asyncpg's codecs, taking only Python
+#: objects, do not.
+TEXT_CAST_TYPES = frozenset({
+    "date", "time without time zone", "time with time zone", "timestamp without time zone",
+    "timestamp with time zone", "interval", "bytea", "uuid", "inet", "cidr", "macaddr", "money",
+})
 
 
 def target_for(spec: SinkSpec) -> Target:
@@ -613,6 +668,6 @@ def target_for(spec: SinkSpec) -> Target:
     return PostgresTarget(spec) if spec.type == "postgres" else SqliteTarget(spec)
 
 
-__all__ = ["Batch", "ColumnNameTooLong", "OffsetConflict", "PostgresTarget", "SinkConfigError", "SinkSpec", "SqliteTarget", "Target",
+__all__ = ["BadColumnName", "Batch", "OffsetConflict", "PostgresTarget", "SinkConfigError", "SinkSpec", "SqliteTarget", "Target",
            "UnknownColumns", "parse_sink", "parse_sinks", "plan_batch", "refusal_reason", "refused_by_database",
            "target_for"]

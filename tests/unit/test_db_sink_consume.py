@@ -44,6 +44,11 @@ class Consumer:
     def assignment(self) -> set[TopicPartition]:
         return self.assigned
 
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.log_end
+
+    log_end: int | None = None
+
 
 class Producer:
     """Records each dead letter with the offsets the database held when it was sent."""
@@ -307,3 +312,31 @@ def test_halving_a_batch_that_creates_the_table_keeps_every_column_of_the_batch(
     sink = asyncio.run(main())
     assert table(tmp_path) == [(0, 0, None), (1, 1, None), (3, 3, "n")]
     assert [(offset, reason) for offset, reason, _ in sink.dead] == [(2, "refused_by_database")]
+
+
+def test_a_field_name_that_cannot_be_a_column_is_dead_lettered_not_retried_for_ever(tmp_path, make_sink):
+    """SQLite's names ignore case: "Amount" beside "amount" failed the table's change,
+    which was retried for ever (a database error, not the record's)."""
+    async def main():
+        sink = await opened(make_sink(evolve=True))
+        await sink._write(records(sink, [{"id": 1, "amount": 1}, {"id": 2, "Amount": 2}, {"id": 3, "amount": 3}]))
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert table(tmp_path) == [(1, 1), (3, 3)]
+    assert [(offset, reason) for offset, reason, _ in sink.dead] == [(1, "bad_column_name")]
+
+
+def test_records_of_a_topic_made_again_are_written_though_below_the_stored_offset(tmp_path, make_sink):
+    async def main():
+        sink = await opened(make_sink())
+        await sink._write(records(sink, [{"id": i, "amount": i} for i in range(5)], first=95))  # up to 100
+        sink.consumer.log_end = 3  # the topic was deleted and made again: its log ends at 3
+        await sink._write(records(sink, [{"id": i, "amount": -i} for i in range(3)]))
+        await sink.target.close()
+        return sink
+
+    sink = asyncio.run(main())
+    assert table(tmp_path) == sorted([(0, 0), (1, -1), (2, -2), (3, 3), (4, 4)])
+    assert sink.expected == {0: 3} and sink.counters["stored_offset_past_log_end"] == 1

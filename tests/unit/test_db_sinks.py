@@ -97,14 +97,50 @@ def test_bad_declarations_name_the_field(tmp_path, bad, named):
         parse_sink({k: v for k, v in raw.items() if v is not None}, "sinks[0]")
 
 
-def test_iso_8601_text_goes_into_postgres_time_columns_as_times():
-    import datetime
-
+def test_postgres_values_fit_their_column_or_are_refused_never_converted_to_something_else():
     from app.db_sinks import pg_value
 
-    utc = datetime.UTC
-    assert pg_value("2026-12-06T10:00:00Z", "timestamp with time zone") == datetime.datetime(2026, 12, 6, 10, tzinfo=utc)
-    assert pg_value("2026-12-06T10:00:00+02:00", "timestamp without time zone") == datetime.datetime(2026, 12, 6, 8)
-    assert pg_value("2026-12-06", "date") == datetime.date(2026, 12, 6)
-    with pytest.raises(ValueError):  # refused: the record goes to the dead-letter topic
-        pg_value("soon", "date")
+    assert pg_value("42", "bigint") == 42 and pg_value(7.0, "bigint") == 7
+    assert pg_value("false", "boolean") is False and pg_value(1, "boolean") is True
+    for value, column in [(10.5, "bigint"), (True, "bigint"), ("maybe", "boolean"), ("abc", "integer")]:
+        with pytest.raises(ValueError):  # refused: the record goes to the dead-letter topic
+            pg_value(value, column)
+    # Time types go as text, cast by PostgreSQL (ISO 8601, 'infinity', zone names).
+    assert pg_value("2026-12-06 10:00:00 UTC", "timestamp with time zone") == "2026-12-06 10:00:00 UTC"
+    assert pg_value(1700000000, "date") == "1700000000"  # refused there, with PostgreSQL's message
+
+
+def test_postgres_casts_text_for_the_types_it_parses_itself():
+    from app.db_sinks import plan_batch
+
+    spec = parse_sink({"name": "r", "source": "s", "type": "postgres", "dsn": "postgresql://x", "table": "t",
+                       "key": ["id"]}, "sinks[0]")
+    plan = plan_batch(spec, [Change(UPSERT, (1,), {"id": 1, "seen": "2026-12-06"})], ["id", "seen"], "postgres",
+                      {"seen": "date"})
+    assert plan.steps[0][0].startswith('INSERT INTO "t" ("id", "seen") VALUES ($1, $2::text::date)')
+
+
+def test_field_names_that_cannot_be_columns():
+    from app.db_sinks import bad_column_names
+
+    assert bad_column_names(["Amount", "note", "NOTE", ""], ["amount"], "sqlite") == ["Amount", "NOTE", ""]
+    assert bad_column_names(["Amount", "x" * 64, "xmin", "ok"], ["amount"], "postgres") == ["x" * 64, "xmin"]
+
+
+def test_a_dead_connection_is_dropped_when_it_will_not_close():
+    from app.db_sinks import PostgresTarget
+
+    class Conn:
+        terminated = False
+
+        async def close(self, timeout=None):
+            raise TimeoutError
+
+        def terminate(self):
+            Conn.terminated = True
+
+    target = PostgresTarget(parse_sink({"name": "r", "source": "s", "type": "postgres", "dsn": "postgresql://x",
+                                        "table": "t", "key": ["id"]}, "sinks[0]"))
+    target._conn = Conn()
+    asyncio.run(target.close())
+    assert Conn.terminated and target._conn is None
