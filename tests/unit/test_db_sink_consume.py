@@ -11,12 +11,14 @@ import sqlite3
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 import pytest
 from aiokafka import TopicPartition
 
 from agents import db_sink
 from agents.db_sink import DbSink, _Rebalance
 from app.db_sinks import OffsetConflict, parse_sink, refused_by_database
+from tests.unit.test_db_sinks import rows
 
 
 @dataclass
@@ -85,16 +87,11 @@ def records(sink, rows, partition=0, first=0):
 
 
 def _json(row) -> bytes:
-    import orjson
     return orjson.dumps(row)
 
 
 def table(tmp_path, name="amounts"):
-    db = sqlite3.connect(tmp_path / "r.db")
-    try:
-        return sorted(db.execute(f'SELECT * FROM "{name}"').fetchall())
-    finally:
-        db.close()
+    return rows(tmp_path, name)
 
 
 def sink_offsets(tmp_path):
