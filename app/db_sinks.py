@@ -183,6 +183,9 @@ def parse_sink(raw: Any, where: str, *, name: str | None = None, source: str | N
             raise SinkConfigError(f"{where}.columns.{column}: not a SQL type: {sql_type!r}")
     if kind == "postgres" and not isinstance(raw.get("dsn"), str):
         raise SinkConfigError(f"{where}.dsn: required for a postgres sink")
+    if kind == "postgres" and PG_SYSTEM_COLUMNS & {*key, *columns}:
+        raise SinkConfigError(f"{where}.columns: {sorted(PG_SYSTEM_COLUMNS & {*key, *columns})[0]} is a "
+                              "PostgreSQL system column's name")
     if kind == "sqlite" and not isinstance(raw.get("path"), str):
         raise SinkConfigError(f"{where}.path: required for a sqlite sink")
     if kind == "table":

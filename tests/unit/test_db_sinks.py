@@ -90,6 +90,7 @@ def test_append_mode_inserts_every_record(tmp_path):
 @pytest.mark.parametrize("bad,named", [
     ({"type": "oracle"}, "type"), ({"mode": "merge"}, "mode"), ({"table": "x; drop"}, "table"),
     ({"key": []}, "key"), ({"path": None}, "path"), ({"columns": {"a": "TEXT); DROP"}}, "columns.a"),
+    ({"type": "postgres", "dsn": "postgresql://x", "columns": {"xmin": "TEXT"}}, "system column"),
 ])
 def test_bad_declarations_name_the_field(tmp_path, bad, named):
     raw = {"name": "r", "source": "s", "type": "sqlite", "path": "x.db", "table": "t", "key": ["id"], **bad}
