@@ -287,7 +287,7 @@ class DbSink(Service):
         except OffsetConflict:
             raise
         except Exception as exc:
-            if not isinstance(exc, UnknownColumns) and not refused_by_database(exc):
+            if not refused_by_database(exc):  # UnknownColumns included
                 raise
             # A column changed behind the sink's back is not the records' fault.
             await self.target.reload_columns()

@@ -362,7 +362,6 @@ class Target:
         try:
             ddl, _ = self.prepare(fine)
         except ValueError:  # UnknownColumns, BadColumnName (names that clash between rows)
-            await self.reload_columns()  # prepare may have taken columns it did not make
             return
         if not ddl:
             return
@@ -433,9 +432,12 @@ class SqliteTarget(Target):
             self._db.execute("PRAGMA journal_mode=WAL")
             for ddl in BOOKKEEPING:
                 self._db.execute(ddl)
-            info = self._db.execute(f"PRAGMA table_info({quote(self.spec.table)})").fetchall()
-            self.columns = {row[1]: row[2] for row in info}
+            self.columns = self._table_columns(self._db)
         await asyncio.to_thread(connect)
+
+    def _table_columns(self, db: sqlite3.Connection) -> dict[str, str]:
+        info = db.execute(f"PRAGMA table_info({quote(self.spec.table)})").fetchall()
+        return {row[1]: row[2] for row in info}
 
     async def close(self) -> None:
         if self._db is not None:
@@ -444,9 +446,7 @@ class SqliteTarget(Target):
 
     async def reload_columns(self) -> None:
         if self._db is not None:
-            info = await asyncio.to_thread(self._run, lambda db: db.execute(
-                f"PRAGMA table_info({quote(self.spec.table)})").fetchall())
-            self.columns = {row[1]: row[2] for row in info}
+            self.columns = await asyncio.to_thread(self._run, self._table_columns)
 
     async def get(self, key: Sequence[Any]) -> dict[str, Any] | None:
         """The row with this key, or None."""
@@ -497,9 +497,7 @@ class SqliteTarget(Target):
         except BaseException:
             db.execute("ROLLBACK")
             if ddl:
-                self.columns = {}  # read again: the DDL did not happen
-                info = db.execute(f"PRAGMA table_info({quote(self.spec.table)})").fetchall()
-                self.columns = {row[1]: row[2] for row in info}
+                self.columns = self._table_columns(db)  # read again: the DDL did not happen
             raise
 
 
@@ -564,17 +562,13 @@ class PostgresTarget(Target):
         ddl, _ = self.prepare(batches)
         try:
             async with self._conn.transaction():
-                for statement in ddl:
-                    await self._conn.execute(statement)
                 if ddl:
-                    # The types as PostgreSQL names them (a declared "BIGINT NOT NULL"
-                    # is "bigint"): pg_value converts by them.
-                    self.columns = await self._read_columns()
+                    await self._alter(ddl)
+                casts = {c: t for c, t in self.columns.items() if t.lower() in TEXT_CAST_TYPES}
                 for batch in batches:
                     await self._claim(batch)
                     if not self.columns:
                         continue
-                    casts = {c: t for c, t in self.columns.items() if t.lower() in TEXT_CAST_TYPES}
                     plan = plan_batch(self.spec, batch.changes, list(self.columns), self.dialect, casts)
                     for sql, cols, params in plan.steps:
                         types = [self.columns.get(c, "text").lower() for c in cols]
@@ -596,12 +590,18 @@ class PostgresTarget(Target):
             "AND table_schema = current_schema() ORDER BY ordinal_position", self.spec.table)
         return {r["column_name"]: r["data_type"] for r in rows}
 
+    async def _alter(self, ddl: list[str]) -> None:
+        """Run ``ddl`` in the open transaction, then take the columns' types as
+        PostgreSQL names them (a declared "BIGINT NOT NULL" is "bigint"): pg_value
+        converts by them."""
+        for statement in ddl:
+            await self._conn.execute(statement)
+        self.columns = await self._read_columns()
+
     async def _execute_ddl(self, ddl: list[str]) -> None:
         try:
             async with self._conn.transaction():
-                for statement in ddl:
-                    await self._conn.execute(statement)
-                self.columns = await self._read_columns()
+                await self._alter(ddl)
         except BaseException:
             await self.reload_columns()
             raise
