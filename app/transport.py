@@ -1494,7 +1494,8 @@ class StaticLeave:
 
 
 class ZombieRestart(Exception):
-    """exactly_once: this worker was out of the group for a generation; it must restart
+    """exactly_once: this worker was out of the group for a generation, or a transaction
+    of it was aborted after its table writes reached the local stores; it must restart
     (``TransactionManager.on_rebalance``)."""
 
 
@@ -1521,15 +1522,20 @@ def stopped_clean(app: Any) -> bool:
     if getattr(consumer, "_broken_section", None) is not None:
         return False
     if app.in_transaction:
-        for producer in list(app.producer._transaction_producers.values()):
-            txn = producer._txn_manager
-            if txn.state is TransactionState.READY:
-                continue
-            if txn.state is TransactionState.IN_TRANSACTION and txn.is_empty_transaction() \
-                    and not txn.partitions_to_add():
-                continue
-            return False
+        return not any(holds_unended_records(producer)
+                       for producer in list(app.producer._transaction_producers.values()))
     return True
+
+
+def holds_unended_records(producer: Any) -> bool:
+    """Whether a transactional producer's transaction holds records that no commit
+    ended (or is in a failed state): stopped or replaced now, they are aborted, while
+    the table writes among them are already in the local stores."""
+    txn = producer._txn_manager
+    if txn.state is TransactionState.READY:
+        return False
+    return not (txn.state is TransactionState.IN_TRANSACTION and txn.is_empty_transaction()
+                and not txn.partitions_to_add())
 
 
 #: Awaited with the new assignment at the end of ``TransactionManager.on_rebalance``
@@ -1606,6 +1612,8 @@ class TransactionManager(FaustTransactionManager):
           and its next send or commit crashed the worker."""
         keep = self._tps_to_transactional_ids(assigned)
         gone = sorted(set(self.producer._transaction_producers) - keep)
+        if any(holds_unended_records(self.producer._transaction_producers[tid]) for tid in gone):
+            self.app.tables.on_aborted_writes()  # stopped with records: aborted by the next owner
         if gone:
             self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
                           len(gone), gone)
@@ -1624,6 +1632,7 @@ class TransactionManager(FaustTransactionManager):
                 "exactly_once: this worker missed a generation of the group (it was out of the "
                 "group: paused, or its session expired); its local state may hold writes of "
                 "aborted transactions, so it restarts and restores it from the changelogs")
+        self.restart_if_tables_hold_aborted_writes()
         for tid in sorted(keep):
             if commit_guard.session_lapsed():
                 # Paused (or blocked) past its session while it set this assignment
@@ -1636,8 +1645,29 @@ class TransactionManager(FaustTransactionManager):
                     "producers of its assignment; it restarts instead of fencing the producers "
                     "of the partitions' current owners")
             await self.ready_transaction(tid)
+        self.restart_if_tables_hold_aborted_writes()
         for hook in ASSIGNMENT_HOOKS:
             await hook(assigned)
+
+    def restart_if_tables_hold_aborted_writes(self) -> None:
+        """Raise :class:`ZombieRestart` when a transaction of this process was aborted,
+        fenced or stopped unended (``TableManager.aborted_writes``) and the app has
+        tables: it must not take an assignment on its local state.
+
+        Why (docs/delivery.md, AN): the aborted transaction's batches had already
+        written their table changes to the local stores (RocksDB, or memory), and their
+        offsets were not committed, so they are processed again: a count applied
+        twice, a dedupe key that drops its own record. Replaying a changelog from its
+        start overwrites the keys it holds but never removes a key that only the
+        aborted transaction wrote. At start the stores are restored from the
+        changelogs, read read_committed (no clean-shutdown marker after an abort), as
+        Kafka Streams wipes a task's exactly-once stores when it closes it dirty."""
+        tables = self.app.tables
+        if tables.aborted_writes and len(tables):
+            raise ZombieRestart(
+                "exactly_once: a transaction of this worker was aborted or fenced while its "
+                "batches' table writes were already in the local stores; it restarts and "
+                "restores its tables from the changelogs")
 
     def missed_generations(self) -> bool:
         """Whether the group's generation went up by more than one since this worker's

@@ -579,12 +579,16 @@ class RebalanceTxnApp:
     class conf:  # noqa: N801
         id = "g"
 
-    class tables:  # noqa: N801
+    class Tables(dict):
         aborted = 0
+        aborted_writes = False
 
-        @classmethod
-        def on_aborted_writes(cls):
-            cls.aborted += 1
+        def on_aborted_writes(self):
+            self.aborted += 1
+            self.aborted_writes = True
+
+    def __init__(self):
+        self.tables = self.Tables()
 
     class assignor:  # noqa: N801
         @staticmethod
@@ -606,6 +610,7 @@ class RebalanceTxnHost:
     _tps_to_active_tpgs = TransactionManager._tps_to_active_tpgs
     _stop_transactions = TransactionManager._stop_transactions
     missed_generations = TransactionManager.missed_generations
+    restart_if_tables_hold_aborted_writes = TransactionManager.restart_if_tables_hold_aborted_writes
     commit = TransactionManager.commit
 
     def __init__(self):
@@ -646,6 +651,67 @@ def test_a_transaction_the_coordinator_aborted_during_a_long_rebalance_is_replac
         await host.producer.send("out", None, b"v", 0, None, None, transactional_id="g-1-0")
         await host.producer.commit_transactions({"g-1-0": {}}, "g")
         assert new.committed == 1
+
+    run(main())
+
+
+def test_a_worker_with_tables_restarts_when_a_kept_partitions_transaction_was_aborted():
+    """docs/delivery.md, AN: the same long rebalance, but the app has tables. The
+    aborted transaction's batches had written their table changes to the local stores
+    and are processed again from the committed offsets (a count applied twice, a
+    dedupe key dropping its own record); replaying the changelog does not remove a key
+    only that transaction wrote. So the worker restarts (its stores are restored from
+    the changelogs at start) instead of going on."""
+    from app.transport import ZombieRestart
+
+    host = RebalanceTxnHost()
+    host.app.tables["counts"] = object()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        await host.producer.send("counts-changelog", None, b"v", 0, None, None, transactional_id="g-1-0")
+        producers["g-1-0"].timed_out = True
+        with pytest.raises(ZombieRestart, match="aborted or fenced"):
+            await host.on_rebalance(_tps(0, 1), set(), set())
+        assert host.app.tables.aborted_writes
+
+    run(main())
+
+
+def test_a_revoked_partitions_transaction_stopped_with_records_restarts_a_worker_with_tables():
+    """A producer stopped at a revocation while its transaction still held records:
+    the partition's next owner aborts it, and its writes stay in this worker's stores
+    (where the partition may come back)."""
+    from app.transport import ZombieRestart
+
+    host = RebalanceTxnHost()
+    host.app.tables["counts"] = object()
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        await host.producer.send("counts-changelog", None, b"v", 1, None, None, transactional_id="g-1-1")
+        with pytest.raises(ZombieRestart):
+            await host.on_rebalance(_tps(0), _tps(1), set())
+
+    run(main())
+
+
+def test_a_fenced_commit_restarts_a_worker_with_tables_at_its_next_assignment():
+    """A refused (fenced) commit marks the process as holding aborted writes
+    (``FastConsumer.commit``); the next assignment, even at the next generation, does
+    not go on over them. Ended cleanly, a rebalance changes nothing."""
+    from app.transport import ZombieRestart
+
+    host = RebalanceTxnHost()
+    host.app.tables["counts"] = object()
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+        await host.on_rebalance(_tps(0, 1), set(), set())  # nothing aborted: goes on
+        host.app.tables.on_aborted_writes()
+        with pytest.raises(ZombieRestart):
+            await host.on_rebalance(_tps(0, 1), set(), set())
 
     run(main())
 
@@ -937,6 +1003,7 @@ def test_a_rebalance_stops_the_producers_of_partitions_that_became_standbys():
             id = "g"
 
         assignor = Assignor()
+        tables = RebalanceTxnApp.Tables()
 
     class Ready:  # a producer whose last transaction ended (aiokafka's READY state)
         class _txn_manager:  # noqa: N801
