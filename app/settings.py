@@ -135,6 +135,15 @@ class Settings:
     # Seconds a starting worker waits for an unreachable broker (a broker restart)
     # before it gives up and exits (0: it does not wait).
     broker_wait: float = 120.0
+    # Local table state (tables/local_state.py). A table partition folder this worker
+    # neither owns nor keeps as a standby is deleted once unwritten for this many
+    # seconds (Kafka Streams' state.cleanup.delay.ms, 10 min). At start, a folder is
+    # kept only if it caught up with its changelog less than local_state_max_age
+    # seconds ago: a compacted changelog drops a deletion's tombstone after its
+    # delete.retention.ms (Kafka's default 24 h), and a folder older than that would
+    # keep the deleted key for ever. Keep it below the changelogs' delete.retention.ms.
+    state_cleanup_delay: float = 600.0
+    local_state_max_age: float = 43200.0
     # Declarative pipelines and patterns
     # A file named here must exist; only the default may be absent (then nothing runs).
     pipelines_file: str = DEFAULT_PIPELINES_FILE
@@ -221,6 +230,8 @@ class Settings:
             raise SettingsError("commit_interval must be >= 0 (0: chosen by processing_guarantee)")
         if self.broker_wait < 0:
             raise SettingsError("broker_wait must be >= 0 (0: no wait)")
+        if self.state_cleanup_delay <= 0 or self.local_state_max_age <= 0:
+            raise SettingsError("state_cleanup_delay and local_state_max_age must be > 0")
         if self.stop_timeout < 0:
             raise SettingsError("stop_timeout must be >= 0 (0: no limit)")
         if self.commit_every < 1:

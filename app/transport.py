@@ -2417,6 +2417,14 @@ def open_table_stores(app: Any) -> list[tuple[str, int, bool, Any]]:
     return found
 
 
+def open_partitions(table: Any) -> set[int] | None:
+    """The partitions of ``table`` whose RocksDB is open on this worker now (Faust's
+    ``Store._dbs``, as in :func:`open_table_stores`), or None for a store that keeps
+    nothing on disk."""
+    dbs = getattr(table.data, "_dbs", None)
+    return set(dbs) if isinstance(dbs, dict) else None
+
+
 def broker_url(url: str) -> str:
     """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
     :data:`SCHEME`, so Faust builds :class:`Transport` for it."""

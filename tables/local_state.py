@@ -29,9 +29,20 @@ reads what other owners wrote since. The marker is trusted only when:
   it was when the marker was written: anything that wrote to the folder after the
   marker (an older version, a copy of another worker's folder) makes it stale.
 
-Under at_least_once the local state is always kept: its writes follow their changelog
-acks, so it never holds more than the changelog. The marker is written and removed the
-same way, which costs nothing.
+Under at_least_once the local state is kept: its writes follow their changelog acks, so
+it never holds more than the changelog. The marker is written and removed the same way,
+which costs nothing.
+
+Under both guarantees a folder is only worth keeping while its changelog still holds
+every deletion made since the folder last caught up: a compacted changelog drops a
+tombstone once it is older than the topic's ``delete.retention.ms`` (Kafka's default,
+24 h), and a folder that missed it keeps the deleted key for ever (a dedupe key that
+drops a new record, a window emitted again). So, as Kafka Streams' state cleaner does:
+
+- a running worker deletes the folders of table partitions it neither owns nor keeps as
+  a standby once they were not written for ``state_cleanup_delay`` (10 min);
+- at start, a folder that caught up longer than ``local_state_max_age`` (12 h) ago (the
+  clean-shutdown marker's time, else its newest file) is deleted and restored in full.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +149,74 @@ def take_marker(tabledir: Path, app_id: str, table_names: list[str]) -> set[str]
             if name in recorded and fingerprint(folders[name]) == recorded[name]}
 
 
+def marker_written_at(tabledir: Path) -> float | None:
+    """When the clean-shutdown marker was written (its modification time), if any."""
+    try:
+        return (tabledir / MARKER).stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
+def newest_write(folder: Path) -> float:
+    """The latest modification time of the folder or anything in it (0 if it is gone)."""
+    newest = 0.0
+    for path in (folder, *folder.rglob("*")):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:  # RocksDB replaced a file meanwhile
+            continue
+    return newest
+
+
+def partition_of(name: str, folder: Path) -> int | None:
+    """The partition of a ``<name>-<partition>.db`` folder (None for backups)."""
+    match = re.fullmatch(rf"{re.escape(name)}-(\d+)\.db", folder.name)
+    return int(match.group(1)) if match else None
+
+
+def outdated_folders(tabledir: Path, caught_up_at: dict[str, float | None], now: float,
+                     max_age: float) -> list[Path]:
+    """The partition folders of the given tables that caught up with their changelog
+    more than ``max_age`` seconds ago: at the time given for the table (the marker's),
+    else at the folder's newest write."""
+    found: list[Path] = []
+    for name, paths in table_folders(tabledir, list(caught_up_at)).items():
+        for folder in paths:
+            if partition_of(name, folder) is None:
+                continue
+            at = caught_up_at[name]
+            if now - (newest_write(folder) if at is None else at) > max_age:
+                found.append(folder)
+    return found
+
+
+def unused_folders(tabledir: Path, in_use: dict[str, set[int]], now: float, delay: float) -> list[Path]:
+    """The partition folders of the given tables whose partition is not in use (open,
+    owned or a standby here) and that were not written for ``delay`` seconds."""
+    found: list[Path] = []
+    for name, paths in table_folders(tabledir, list(in_use)).items():
+        for folder in paths:
+            partition = partition_of(name, folder)
+            if partition is not None and partition not in in_use[name] \
+                    and now - newest_write(folder) >= delay:
+                found.append(folder)
+    return found
+
+
+def partitions_in_use(tables: Any, assigned: set[Any]) -> dict[str, set[int]]:
+    """Per RocksDB table: the partitions whose folder this worker may open or write now,
+    those open in its store and those of its changelog in ``assigned`` (active and
+    standby)."""
+    in_use: dict[str, set[int]] = {}
+    for table in tables.values():
+        open_dbs = _transport.open_partitions(table)
+        if open_dbs is None:  # not RocksDB: nothing on disk
+            continue
+        topic = table.changelog_topic.get_topic_name()
+        in_use[table.name] = open_dbs | {tp.partition for tp in assigned if tp.topic == topic}
+    return in_use
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -149,9 +229,10 @@ def _table_names() -> list[str]:
     return sorted(table.name for table in app.tables.values())
 
 
-def exactly_once_state_from_changelog() -> None:
-    """Take the clean-shutdown marker; under exactly_once, delete the local state of
-    every table it does not vouch for.
+def decide_local_state() -> None:
+    """Take the clean-shutdown marker; delete the folders that caught up too long ago to
+    catch up again (``local_state_max_age``); under exactly_once, delete the local state
+    of every table the marker does not vouch for.
 
     Run when the worker's app starts (:func:`_decide_local_state`, one of
     ``App.start_checks``): every table is declared by then (windows, the aggregate API,
@@ -164,8 +245,19 @@ def exactly_once_state_from_changelog() -> None:
         return
     AT_START.append("local state decided")
     tabledir = Path(app.conf.tabledir)
+    if not tabledir.is_dir():
+        return
     names = _table_names()
-    trusted = take_marker(tabledir, settings.app_id, names) if tabledir.is_dir() else set()
+    marker_time = marker_written_at(tabledir)
+    trusted = take_marker(tabledir, settings.app_id, names)
+    outdated = outdated_folders(tabledir, {n: marker_time if n in trusted else None for n in names},
+                                time.time(), settings.local_state_max_age)
+    for folder in outdated:
+        shutil.rmtree(folder, ignore_errors=True)
+    if outdated:
+        AT_START.append(f"{len(outdated)} local table folders caught up with their changelogs over "
+                        f"{settings.local_state_max_age:.0f} s ago (local_state_max_age): deleted, "
+                        "restoring them from the changelogs")
     if not exactly_once(settings):
         return
     untrusted = [n for n in names if n not in trusted]
@@ -179,10 +271,34 @@ def exactly_once_state_from_changelog() -> None:
 
 
 async def _decide_local_state() -> None:
-    exactly_once_state_from_changelog()
+    decide_local_state()
 
 
 app.start_checks.append(_decide_local_state)
+
+
+def remove_unused_folders() -> list[Path]:
+    """Delete the folders of table partitions this worker does not use and did not
+    write for ``state_cleanup_delay`` seconds (none before its first assignment or
+    while it rebalances: the folders it is about to get back are not in use yet). No
+    await between the look at the assignment and the deletion: a partition cannot be
+    opened in between."""
+    if app.rebalancing or app.consumer_generation_id <= 0:
+        return []
+    assignor = app.assignor
+    assigned = assignor.assigned_actives() | assignor.assigned_standbys()
+    gone = unused_folders(Path(app.conf.tabledir), partitions_in_use(app.tables, assigned),
+                          time.time(), settings.state_cleanup_delay)
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return gone
+
+
+@app.timer(interval=max(1.0, min(60.0, settings.state_cleanup_delay / 2)))
+async def _remove_unused_folders() -> None:
+    for folder in remove_unused_folders():
+        log.info("removed the local state of a table partition not used here for over %.0f s "
+                 "(state_cleanup_delay): %s", settings.state_cleanup_delay, folder.name)
 
 
 @app.task
@@ -203,5 +319,6 @@ async def marker_after_clean_stop(sender: Any = None, **kwargs: Any) -> None:
     log.info("clean stop: clean shutdown marker written (%s)", path)
 
 
-__all__ = ["MARKER", "discard_local_state", "fingerprint", "exactly_once_state_from_changelog", "write_file_durably",
-           "marker_after_clean_stop", "take_marker", "table_folders", "write_marker"]
+__all__ = ["MARKER", "decide_local_state", "discard_local_state", "fingerprint", "marker_after_clean_stop",
+           "outdated_folders", "remove_unused_folders", "take_marker", "table_folders", "unused_folders",
+           "write_file_durably", "write_marker"]

@@ -33,7 +33,7 @@ def test_exactly_once_restores_every_tables_state_from_its_changelog(tmp_path, m
     monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
-    local_state.exactly_once_state_from_changelog()
+    local_state.decide_local_state()
     left = sorted(p.name for p in tmp_path.iterdir())
     if guarantee == "exactly_once":
         assert left == ["unrelated-0.db"]
@@ -81,14 +81,14 @@ def test_exactly_once_keeps_the_state_a_marker_vouches_for_and_only_once(tmp_pat
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     local_state.write_marker(tmp_path, local_state.settings.app_id, names)
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
-    local_state.exactly_once_state_from_changelog()
+    local_state.decide_local_state()
     kept = sorted(f"{n}-0.db" for n in names)
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
     # A second call in the same process changes nothing.
-    local_state.exactly_once_state_from_changelog()
+    local_state.decide_local_state()
     assert sorted(p.name for p in tmp_path.iterdir()) == kept
     monkeypatch.setattr(local_state, "AT_START", [])  # the next process (e.g. after a kill -9)
-    local_state.exactly_once_state_from_changelog()
+    local_state.decide_local_state()
     assert list(tmp_path.iterdir()) == []
 
 
@@ -107,3 +107,74 @@ def test_a_command_beside_a_worker_neither_takes_its_marker_nor_deletes_its_tabl
     app.on_worker_init.send()
     assert sorted(p.name for p in tmp_path.iterdir()) == before and marker.exists()
     assert local_state._decide_local_state in app.start_checks
+
+
+def age(folder, seconds):
+    """Make every file of ``folder`` (and the folder) look last written ``seconds`` ago."""
+    import os
+    import time
+
+    when = time.time() - seconds
+    for path in (*folder.rglob("*"), folder):
+        os.utime(path, (when, when))
+
+
+def test_a_folder_unused_here_is_removed_once_unwritten_for_the_cleanup_delay(tmp_path):
+    """Kafka Streams' state cleaner: a partition this worker neither owns nor keeps as a
+    standby would, when it came back after the changelog dropped a deletion's tombstone
+    (delete.retention.ms), keep the deleted key for ever. Its folder goes once unused
+    and unwritten for the delay; owned, open and recently written ones stay."""
+    import time
+
+    for p in range(5):
+        folder = tmp_path / f"dedupe-{p}.db"
+        folder.mkdir()
+        (folder / "000001.sst").write_bytes(b"x")
+        age(folder, 3600 if p != 3 else 5)
+    (tmp_path / "dedupe-backups").mkdir()
+    age(tmp_path / "dedupe-backups", 3600)
+    in_use = {"dedupe": {0, 2}}  # 0 owned, 2 open (e.g. a standby)
+    gone = local_state.unused_folders(tmp_path, in_use, time.time(), delay=600)
+    assert sorted(p.name for p in gone) == ["dedupe-1.db", "dedupe-4.db"]  # 3: written 5 s ago
+
+
+def test_partitions_in_use_are_the_open_and_the_assigned_ones_of_rocksdb_tables():
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    def table(name, topic, dbs):
+        return SimpleNamespace(name=name, data=SimpleNamespace(_dbs=dbs) if dbs is not None else object(),
+                               changelog_topic=SimpleNamespace(get_topic_name=lambda: topic))
+
+    tables = {"a": table("a", "a-changelog", {5: object()}), "m": table("m", "m-changelog", None)}
+    assigned = {TP("a-changelog", 1), TP("src", 2), TP("m-changelog", 0)}
+    assert local_state.partitions_in_use(tables, assigned) == {"a": {1, 5}}
+
+
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_at_start_a_folder_that_caught_up_too_long_ago_is_restored_in_full(tmp_path, monkeypatch, guarantee):
+    """At start (the worker was stopped for longer than the changelogs keep tombstones),
+    a folder is kept only if it caught up within local_state_max_age: at its marker's
+    time after a clean stop, else at its newest write."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    fake_tables(tmp_path, names)
+    old, fresh = names[0], names[1]
+    age(tmp_path / f"{old}-0.db", 13 * 3600)
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    monkeypatch.setattr(local_state, "AT_START", [])
+    local_state.decide_local_state()
+    left = {p.name for p in tmp_path.iterdir()}
+    if guarantee == "at_least_once":  # no marker: each folder's newest write
+        assert f"{old}-0.db" not in left and f"{fresh}-0.db" in left
+        assert len(left) == len(names) - 1
+    # A clean stop 13 h ago: the marker's time counts, so every folder goes.
+    fake_tables(tmp_path, [n for n in names if f"{n}-0.db" not in {p.name for p in tmp_path.iterdir()}])
+    local_state.write_marker(tmp_path, local_state.settings.app_id, names)
+    age(tmp_path / local_state.MARKER, 13 * 3600)
+    monkeypatch.setattr(local_state, "AT_START", [])
+    local_state.decide_local_state()
+    assert list(tmp_path.iterdir()) == []
