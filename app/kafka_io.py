@@ -10,10 +10,12 @@ so keys land where a Java client (and every co-partitioned table) expects them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -393,14 +395,127 @@ class RecordBatches:
         return asyncio.ensure_future(last_offsets(self.producer, topic, pending))
 
 
-class SentBatch(NamedTuple):
-    """A record batch handed to the producer: kept until acknowledged, so that it can
-    be sent again (``delivered``)."""
+class SentBatch:
+    """A record batch handed to the producer, kept in its partition's ``Lane`` until it
+    and every batch handed over there before it are acknowledged, so that it can be sent
+    again (``delivered``). ``batch`` and ``future`` are those of its latest hand-over: a
+    resend replaces them."""
 
-    partition: int
-    batch: Any
-    count: int
-    future: asyncio.Future
+    __slots__ = ("partition", "batch", "count", "future", "lane", "settled", "abandoned")
+
+    def __init__(self, partition: int, batch: Any, count: int, future: asyncio.Future, lane: Lane) -> None:
+        self.partition, self.batch, self.count, self.future, self.lane = partition, batch, count, future, lane
+        #: Out of its lane: no resend can send it again any more.
+        self.settled = False
+        #: Its caller is gone (raised or cancelled): never sent again, and no later
+        #: batch waits for it.
+        self.abandoned = False
+
+
+class Lane:
+    """The record batches one producer has in flight to one topic partition, in the
+    order they were handed over (the order the producer keeps).
+
+    Why per partition and not per send: sends overlap. A pipeline's batch awaits its
+    outputs' acks while the next batch's are handed over (``Batch.finish_later``), and
+    so do the emitter's sends and concurrent produce requests. A batch sent again is
+    stored after everything handed over before its resend, so every later batch of its
+    partition, whichever send it belongs to, is sent again after it; else a key's last
+    value would be the older one (a compacted topic, an upserting sink)."""
+
+    __slots__ = ("sent", "lock", "resending")
+
+    def __init__(self) -> None:
+        self.sent: collections.deque[SentBatch] = collections.deque()
+        #: Held while a batch is handed over and while batches are sent again, so that
+        #: the lane's order is the producer's and nothing comes between the copies.
+        self.lock = asyncio.Lock()
+        #: Done when the resend under way ends (None: none is): until then a batch
+        #: acknowledged before may be sent again.
+        self.resending: asyncio.Future | None = None
+
+    def trim(self) -> None:
+        """Let the front batches go that no resend needs: acknowledged, failed for good
+        (their caller raises it) or abandoned. One that failed with a retriable error
+        stays, and so does everything after it; nothing goes during a resend."""
+        if self.resending is not None:
+            return
+        sent = self.sent
+        while sent:
+            head = sent[0]
+            if not head.abandoned and (not head.future.done() or failed_retriably(head.future)):
+                return
+            sent.popleft().settled = True
+
+    async def resend(self, producer: Any, topic: str) -> None:
+        """Send again, in order, the first batch whose latest hand-over failed with a
+        retriable error and every later one still awaited. Nothing when there is no such
+        batch: another caller sent them again already."""
+        async with self.lock:
+            again = list(itertools.dropwhile(lambda one: not failed_retriably(one.future), self.sent))
+            if not again:
+                return
+            error = again[0].future.exception()
+            self.resending = ended = asyncio.get_running_loop().create_future()
+            # A batch given up may have had its sequence numbers: without a new
+            # producer id every later batch of its partition fails (``reset_producer_id``).
+            reset_producer_id(producer)
+            done = 0
+            try:
+                for one in again:
+                    # Not those whose caller is gone, or raises their error.
+                    if not one.abandoned and not failed_for_good(one.future):
+                        one.batch = rebuilt(producer, one.batch)
+                        one.future = await send_once(producer, topic, one.partition, one.batch)
+                    done += 1
+            except BaseException:
+                # Stopped half way (cancelled, or a non-retriable error): the batches
+                # not sent again yet count as failed, for the next resend to take on.
+                for one in again[done:]:
+                    if not one.abandoned and not failed_for_good(one.future):
+                        one.future = asyncio.get_running_loop().create_future()
+                        one.future.set_exception(error)  # type: ignore[arg-type]
+                raise
+            finally:
+                self.resending = None
+                ended.set_result(None)
+
+
+#: producer -> (topic, partition) -> its ``Lane``.
+_LANES: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], Lane]] = weakref.WeakKeyDictionary()
+
+
+def lane_of(producer: Any, topic: str, partition: int) -> Lane:
+    lanes = _LANES.get(producer)
+    if lanes is None:
+        lanes = _LANES[producer] = {}
+    lane = lanes.get((topic, partition))
+    if lane is None:
+        lane = lanes[(topic, partition)] = Lane()
+    return lane
+
+
+def in_flight(producer: Any, topic: str, partition: int) -> list[SentBatch]:
+    """The batches ``producer`` keeps for ``topic``/``partition``."""
+    lane = _LANES.get(producer, {}).get((topic, partition))
+    return list(lane.sent) if lane is not None else []
+
+
+def failed_retriably(future: asyncio.Future) -> bool:
+    if not future.done() or future.cancelled():
+        return False
+    exc = future.exception()
+    return exc is not None and retriable(exc)
+
+
+def failed_for_good(future: asyncio.Future) -> bool:
+    """Failed with a non-retriable error, or cancelled (its caller was)."""
+    if not future.done():
+        return False
+    if future.cancelled():
+        return True
+    exc = future.exception()
+    return exc is not None and not retriable(exc)
 
 
 def producer_of(io: KafkaIO) -> Any:
@@ -419,62 +534,100 @@ def retriable(exc: BaseException) -> bool:
 
 
 async def hand_over(producer: Any, topic: str, partition: int, batch: Any, count: int) -> SentBatch:
-    """``producer.send_batch``; a retriable failure to hand it over (no metadata while
-    the broker is away) becomes the batch's failed delivery, which ``delivered`` sends
+    """``producer.send_batch``, the batch kept in its partition's ``Lane`` until
+    ``delivered`` lets it go; never while that partition's batches are sent again (it
+    goes after the copies)."""
+    lane = lane_of(producer, topic, partition)
+    async with lane.lock:
+        one = SentBatch(partition, batch, count, await send_once(producer, topic, partition, batch), lane)
+        lane.sent.append(one)
+    return one
+
+
+async def send_once(producer: Any, topic: str, partition: int, batch: Any) -> asyncio.Future:
+    """``producer.send_batch``; a retriable failure to hand the batch over (no metadata
+    while the broker is away) becomes its failed delivery, which ``delivered`` sends
     again in order with the rest."""
     try:
-        future = await producer.send_batch(batch, topic, partition=partition)
+        return await producer.send_batch(batch, topic, partition=partition)
     except Exception as exc:
         if not retriable(exc):
             raise
         future = asyncio.get_running_loop().create_future()
         future.set_exception(exc)
-    return SentBatch(partition, batch, count, future)
+        return future
 
 
 async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tuple[Any, int]]:
     """(record metadata, record count) of each batch of ``sent`` once the broker
-    acknowledged them all.
+    acknowledged them all, and every batch handed over before them to their partitions.
 
     A batch that failed with a retriable error is sent again, as a new batch of the same
-    records, together with every later batch of its partition in ``sent`` (acknowledged
-    or not), in their order: a partition's records then end in the order they were
-    made (a state changelog's last value of a key is its newest), with the later ones
-    written twice at most. With backoff, for up to ``SEND_RETRY_SECONDS``; a
-    non-retriable error, or one that outlasts that bound, is raised, and the caller's
-    commit fails (the worker restarts and replays)."""
+    records, together with every later batch of its partition in flight, of this send
+    or another (acknowledged or not), in their order (``Lane``): a partition's records
+    then end in the order they were made (a key's last value is its newest), with the
+    later ones written twice at most. Whichever caller sees the failure first sends them
+    again, once; the others await the copies. With backoff, for up to
+    ``SEND_RETRY_SECONDS``; a non-retriable error, or one that outlasts that bound, is
+    raised, and the caller's commit fails (the worker restarts and replays).
+
+    Why wait for the earlier batches: one of them may still fail, and its resend sends
+    ours again after it; the producer acknowledges a partition's batches in order, so
+    this costs nothing unless one failed."""
     deadline: float | None = None
     backoff = SEND_RETRY_BACKOFF
-    while True:
-        results = await asyncio.gather(*(s.future for s in sent), return_exceptions=True)
-        first_failed: dict[int, int] = {}  # partition -> index of its first failed batch
-        error: BaseException | None = None
-        for index, (one, result) in enumerate(zip(sent, results, strict=True)):
-            if isinstance(result, BaseException):
-                if not retriable(result):
-                    raise result
-                error = error or result
-                first_failed.setdefault(one.partition, index)
-        if error is None:
-            return [(meta, one.count) for meta, one in zip(results, sent, strict=True)]
-        now = time.monotonic()
-        deadline = deadline or now + SEND_RETRY_SECONDS
-        if now >= deadline:
-            raise error
-        log.warning("%s: %d record batch(es) of partition(s) %s failed (%r); sending again in %.1f s",
-                    topic, sum(1 for i, s in enumerate(sent) if i >= first_failed.get(s.partition, len(sent))),
-                    sorted(first_failed), error, backoff)
-        await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, SEND_RETRY_MAX_BACKOFF)
-        # A batch given up may have had its sequence numbers: without a new producer
-        # id every later batch of its partition fails (``reset_producer_id``).
-        reset_producer_id(producer)
-        again = list(sent)
-        for index, one in enumerate(sent):
-            if index >= first_failed.get(one.partition, len(sent)):
-                again[index] = await hand_over(producer, topic, one.partition,
-                                               rebuilt(producer, one.batch), one.count)
-        sent = again
+    last = {one.lane: one for one in sent}  # each lane's last batch of ``sent``
+    try:
+        while True:
+            futures = [one.future for one in sent]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            if any(one.future is not future for one, future in zip(sent, futures, strict=True)):
+                continue  # sent again by another caller meanwhile: await the copies
+            failed: dict[Lane, int] = {}  # lane -> its partition
+            error: BaseException | None = None
+            for one, result in zip(sent, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not retriable(result):
+                        raise result
+                    error = error or result
+                    failed[one.lane] = one.partition
+            if error is None:
+                earlier = []  # earlier batches of our partitions still in flight
+                for lane, one in last.items():
+                    if not one.settled:
+                        lane.trim()
+                    if one.settled:
+                        continue
+                    if lane.resending is not None:  # ours may be sent again too
+                        earlier.append(lane.resending)
+                        continue
+                    head = lane.sent[0]
+                    if not head.future.done():
+                        earlier.append(head.future)
+                    else:  # failed with a retriable error (``Lane.trim``)
+                        error = error or head.future.exception()
+                        failed[lane] = head.partition
+                if error is None:
+                    if not earlier:
+                        return [(meta, one.count) for meta, one in zip(results, sent, strict=True)]
+                    await asyncio.wait(earlier)
+                    continue
+            now = time.monotonic()
+            deadline = deadline or now + SEND_RETRY_SECONDS
+            if now >= deadline:
+                raise error
+            log.warning("%s: record batch(es) of partition(s) %s failed (%r); sending them and the later ones "
+                        "again in %.1f s", topic, sorted(failed.values()), error, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, SEND_RETRY_MAX_BACKOFF)
+            for lane in failed:
+                await lane.resend(producer, topic)
+    except BaseException:
+        for one in sent:
+            one.abandoned = True
+        for lane in last:
+            lane.trim()
+        raise
 
 
 def rebuilt(producer: Any, batch: Any) -> Any:

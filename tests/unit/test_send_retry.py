@@ -344,3 +344,259 @@ def test_a_send_cancelled_before_it_ran_neither_hangs_nor_lets_later_sends_pass(
         await asyncio.gather(*emitter.sending, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+class AckedByTest(FlakyProducer):
+    """A broker that stores a partition's batches only when the test acknowledges them
+    (``ack``), or gives them up (``give_up``), by their hand-over number (0 first)."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.handed: list[tuple[int, list[tuple[bytes, bytes]], asyncio.Future]] = []
+
+    async def send_batch(self, batch, topic, *, partition):
+        from aiokafka.record.default_records import DefaultRecordBatch
+
+        records = [(r.key, r.value) for r in DefaultRecordBatch(bytearray(batch._build()))]
+        future = asyncio.get_running_loop().create_future()
+        self.handed.append((partition, records, future))
+        return asyncio.shield(future)  # as aiokafka's: a caller's cancel leaves the batch be
+
+    def ack(self, n: int) -> None:
+        partition, records, future = self.handed[n]
+        stored = self.log.setdefault(partition, [])
+        future.set_result(SimpleNamespace(partition=partition, offset=len(stored)))
+        stored.extend(records)
+
+    def give_up(self, n: int) -> None:
+        self.handed[n][2].set_exception(NotLeaderForPartitionError())
+
+
+def send_values(producer, value: bytes, keys: int = 5) -> asyncio.Future:
+    """A send of ``keys`` keyed records, all to partition 0 of ``out`` (one batch),
+    handed over now; the future of ``RecordBatches.start``: its last offsets."""
+    batches = kio.RecordBatches(producer)
+    for i in range(keys):
+        batches.add(0, f"k{i}".encode(), value)
+
+    async def start() -> asyncio.Future:
+        return await batches.start("out")
+
+    return start()
+
+
+def newest_values(stored: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The last value of each key, as a compacted topic or an upserting sink keeps it."""
+    return dict(stored)
+
+
+async def settle(turns: int = 20) -> None:
+    for _ in range(turns):
+        await asyncio.sleep(0)
+
+
+def test_a_resend_goes_before_a_later_send_of_its_partition_again():
+    """A pipeline's batch N awaits its outputs' acks while batch N+1 has handed its own
+    over (``Batch.finish_later``). N's batch fails with a retriable error: its resend
+    is stored after N+1's records, so a key's last value was N's (stale), in a
+    compacted topic or an upserting sink. N+1's batch is now sent again after it, and
+    each send's future reports its latest copy's offsets."""
+
+    async def scenario():
+        producer = FlakyProducer({(0, 0): NotLeaderForPartitionError()})
+        older = await send_values(producer, b"old")
+        newer = await send_values(producer, b"new")  # handed over before N's acks are awaited
+        return producer, await older, await newer
+
+    producer, older, newer = asyncio.run(scenario())
+    stored = producer.log[0]
+    assert newest_values(stored) == {f"k{i}".encode(): b"new" for i in range(5)}
+    # N+1's records once, N's copy, N+1's copy: each sent again exactly once.
+    assert [value for _, value in stored] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert older == {0: 9} and newer == {0: 14}
+
+
+def test_a_later_send_is_done_only_once_every_earlier_send_of_its_partition_is():
+    """N+1's batch is acknowledged while N's is still in flight: N+1's send is not
+    reported done then, since N's may yet fail, and its resend would send N+1's again
+    after it; when N's is given up, both go again, in order."""
+
+    async def scenario():
+        producer = AckedByTest()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        producer.ack(1)
+        await settle()
+        assert not newer.done(), "done while an earlier batch of its partition may fail"
+        producer.give_up(0)
+        await settle()
+        assert len(producer.handed) == 4, "both sent again, once"
+        producer.ack(2)
+        producer.ack(3)
+        return producer, await older, await newer
+
+    producer, older, newer = asyncio.run(scenario())
+    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert older == {0: 9} and newer == {0: 14}
+
+
+def test_an_earlier_send_failing_after_a_later_one_was_sent_again_sends_it_again_too():
+    """Both fail, N+1's first: N+1's is sent again on its own (nothing is in flight
+    after it); then N's fails, and N+1's copy goes again after N's. Before, N's resend
+    followed N+1's copy, so the keys ended with N's values."""
+
+    async def scenario():
+        producer = AckedByTest()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        producer.give_up(1)
+        await settle()
+        assert len(producer.handed) == 3
+        producer.ack(2)  # N+1's first copy
+        producer.give_up(0)
+        await settle()
+        assert len(producer.handed) == 5, "N's and N+1's, once each"
+        producer.ack(3)
+        producer.ack(4)
+        return producer, await older, await newer
+
+    producer, older, newer = asyncio.run(scenario())
+    stored = producer.log[0]
+    assert [value for _, value in stored] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert newest_values(stored) == {f"k{i}".encode(): b"new" for i in range(5)}
+    assert older == {0: 9} and newer == {0: 14}
+
+
+def test_sends_that_fail_together_are_sent_again_once_and_in_order():
+    """Both sends' batches fail at once and both callers see it: one of them sends the
+    partition's batches again, the other waits for those copies; nothing is handed
+    over between them or twice (the hand-over takes a few loop turns, as aiokafka's
+    does while the previous batch of a partition drains)."""
+
+    class SlowHandOver(FlakyProducer):
+        async def send_batch(self, batch, topic, *, partition):
+            await settle(3)
+            return await super().send_batch(batch, topic, partition=partition)
+
+    async def scenario():
+        producer = SlowHandOver({(0, 0): NotLeaderForPartitionError(), (0, 1): NotLeaderForPartitionError()})
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        later = asyncio.ensure_future(await send_values(producer, b"newest"))
+        return producer, await older, await newer, await later
+
+    producer, older, newer, later = asyncio.run(scenario())
+    stored = producer.log[0]
+    # The third send's batch was stored first, then sent again after the copies.
+    assert [value for _, value in stored] == [b"newest"] * 5 + [b"old"] * 5 + [b"new"] * 5 + [b"newest"] * 5
+    assert producer.sends[0] == 5  # three hand-overs, then one copy each
+    assert older == {0: 9} and newer == {0: 14} and later == {0: 19}
+
+
+def test_overlapping_sends_without_a_failure_are_sent_once_and_leave_nothing_behind():
+    """The usual path: each batch handed over once, each send done at its ack, and no
+    batch kept once acknowledged (the registry of batches in flight is empty)."""
+
+    async def scenario():
+        producer = FlakyProducer({})
+        sends = [await send_values(producer, f"v{n}".encode()) for n in range(3)]
+        return producer, [await send for send in sends]
+
+    producer, offsets = asyncio.run(scenario())
+    assert producer.sends[0] == 2
+    assert [value for _, value in producer.log[0]] == [b"v0"] * 5 + [b"v1"] * 5 + [b"v2"] * 5
+    assert offsets == [{0: 4}, {0: 9}, {0: 14}]
+    assert not kio.in_flight(producer, "out", 0)
+
+
+def test_a_cancelled_send_is_not_sent_again_and_does_not_hold_later_sends_back():
+    """A send whose caller gave up (the emitter cancels the acks of a send that failed)
+    is not sent again by a later send's resend, and a later send does not wait for it."""
+
+    async def scenario():
+        producer = AckedByTest()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        await settle()
+        older.cancel()
+        producer.ack(1)
+        await settle()
+        assert newer.done()
+        producer.give_up(0)
+        await settle()
+        return producer, await newer
+
+    producer, newer = asyncio.run(scenario())
+    assert len(producer.handed) == 2
+    assert newer == {0: 4}
+    assert not kio.in_flight(producer, "out", 0)
+
+
+class SlowFourthHandOver(AckedByTest):
+    """The fourth hand-over (3) waits for ``gate``, as aiokafka's waits while the
+    partition's previous batch drains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def send_batch(self, batch, topic, *, partition):
+        if len(self.handed) == 3:
+            await self.gate.wait()
+        return await super().send_batch(batch, topic, partition=partition)
+
+
+def test_a_send_is_not_done_while_a_resend_still_has_to_send_it_again():
+    """N's batch is given up; the resend hands N's copy over, then N+1's copy waits for
+    its hand-over (aiokafka's waits for the partition's previous batch to drain).
+    Meanwhile N+1's first batch and N's copy are acknowledged: N+1's send is not done
+    then, with the offsets of a batch stored before N's copy, but once its own copy is."""
+
+    async def scenario():
+        producer = SlowFourthHandOver()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        await settle()
+        producer.give_up(0)
+        await settle()
+        assert len(producer.handed) == 3  # N's copy; N+1's waits
+        producer.ack(1)
+        producer.ack(2)
+        await settle()
+        assert not newer.done(), "done while its copy was still to be sent"
+        producer.gate.set()
+        await settle()
+        producer.ack(3)
+        return producer, await older, await newer
+
+    producer, older, newer = asyncio.run(scenario())
+    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert older == {0: 9} and newer == {0: 14}
+
+
+def test_a_resend_stopped_half_way_leaves_the_rest_to_the_next():
+    """The caller sending N's and N+1's batches again is cancelled after N's copy, while
+    N+1's copy waits for its hand-over: N+1's caller sends its batch again itself, after
+    N's copy."""
+
+    async def scenario():
+        producer = SlowFourthHandOver()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        await settle()
+        producer.give_up(0)
+        await settle()
+        assert len(producer.handed) == 3  # N's copy; N+1's waits
+        older.cancel()
+        producer.gate.set()
+        producer.ack(1)
+        await settle()
+        assert len(producer.handed) == 4, "N+1's copy, once"
+        producer.ack(2)
+        producer.ack(3)
+        return producer, await newer
+
+    producer, newer = asyncio.run(scenario())
+    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert newer == {0: 14}
+    assert not kio.in_flight(producer, "out", 0)
