@@ -372,17 +372,13 @@ class AckedByTest(FlakyProducer):
         self.handed[n][2].set_exception(NotLeaderForPartitionError())
 
 
-def send_values(producer, value: bytes, keys: int = 5) -> asyncio.Future:
-    """A send of ``keys`` keyed records, all to partition 0 of ``out`` (one batch),
-    handed over now; the future of ``RecordBatches.start``: its last offsets."""
+async def send_values(producer, value: bytes, keys: int = 5) -> asyncio.Future:
+    """Hand over a send of ``keys`` keyed records with ``value``, all to partition 0 of
+    ``out`` (one batch); the future of its last offsets (``RecordBatches.start``)."""
     batches = kio.RecordBatches(producer)
     for i in range(keys):
         batches.add(0, f"k{i}".encode(), value)
-
-    async def start() -> asyncio.Future:
-        return await batches.start("out")
-
-    return start()
+    return await batches.start("out")
 
 
 def newest_values(stored: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
@@ -395,7 +391,7 @@ async def settle(turns: int = 20) -> None:
         await asyncio.sleep(0)
 
 
-def test_a_resend_goes_before_a_later_send_of_its_partition_again():
+def test_a_resend_is_followed_by_the_later_sends_of_its_partition_again():
     """A pipeline's batch N awaits its outputs' acks while batch N+1 has handed its own
     over (``Batch.finish_later``). N's batch fails with a retriable error: its resend
     is stored after N+1's records, so a key's last value was N's (stale), in a
