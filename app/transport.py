@@ -1609,7 +1609,10 @@ class TransactionManager(FaustTransactionManager):
           (``Invalid state transition IN_TRANSACTION -> IN_TRANSACTION``, logged and
           ignored), so the open transaction lived on; after a rebalance longer than the
           transaction timeout the coordinator had aborted it and fenced the producer,
-          and its next send or commit crashed the worker."""
+          and its next send or commit crashed the worker.
+
+        It restarts the worker instead when a zombie missed a generation (section O) or
+        a transaction was aborted after table writes (section AN)."""
         keep = self._tps_to_transactional_ids(assigned)
         gone = sorted(set(self.producer._transaction_producers) - keep)
         if any(holds_unended_records(self.producer._transaction_producers[tid]) for tid in gone):
@@ -1632,7 +1635,7 @@ class TransactionManager(FaustTransactionManager):
                 "exactly_once: this worker missed a generation of the group (it was out of the "
                 "group: paused, or its session expired); its local state may hold writes of "
                 "aborted transactions, so it restarts and restores it from the changelogs")
-        self.restart_if_tables_hold_aborted_writes()
+        self.restart_if_tables_hold_aborted_writes()  # aborted or fenced since the last one
         for tid in sorted(keep):
             if commit_guard.session_lapsed():
                 # Paused (or blocked) past its session while it set this assignment
@@ -1645,14 +1648,14 @@ class TransactionManager(FaustTransactionManager):
                     "producers of its assignment; it restarts instead of fencing the producers "
                     "of the partitions' current owners")
             await self.ready_transaction(tid)
-        self.restart_if_tables_hold_aborted_writes()
+        self.restart_if_tables_hold_aborted_writes()  # ``ready_transaction`` may have aborted one
         for hook in ASSIGNMENT_HOOKS:
             await hook(assigned)
 
     def restart_if_tables_hold_aborted_writes(self) -> None:
         """Raise :class:`ZombieRestart` when a transaction of this process was aborted,
-        fenced or stopped unended (``TableManager.aborted_writes``) and the app has
-        tables: it must not take an assignment on its local state.
+        fenced or stopped with records in it (``TableManager.aborted_writes``) after the
+        process made table writes: it must not take an assignment on its local state.
 
         Why (docs/delivery.md, AN): the aborted transaction's batches had already
         written their table changes to the local stores (RocksDB, or memory), and their
@@ -1661,13 +1664,14 @@ class TransactionManager(FaustTransactionManager):
         start overwrites the keys it holds but never removes a key that only the
         aborted transaction wrote. At start the stores are restored from the
         changelogs, read read_committed (no clean-shutdown marker after an abort), as
-        Kafka Streams wipes a task's exactly-once stores when it closes it dirty."""
+        Kafka Streams wipes a task's exactly-once stores when it closes it dirty. A
+        worker that never wrote a table (pipelines without dedupe) goes on (section G)."""
         tables = self.app.tables
-        if tables.aborted_writes and len(tables):
+        if tables.aborted_writes and table_writes_made(self.producer):
             raise ZombieRestart(
-                "exactly_once: a transaction of this worker was aborted or fenced while its "
-                "batches' table writes were already in the local stores; it restarts and "
-                "restores its tables from the changelogs")
+                "exactly_once: a transaction of this worker was aborted, fenced or left with "
+                "records after its batches had written their table changes to the local "
+                "stores; it restarts and restores its tables from the changelogs")
 
     def missed_generations(self) -> bool:
         """Whether the group's generation went up by more than one since this worker's
@@ -2224,6 +2228,13 @@ class Producer(faust_aiokafka.Producer):
         if not self.app.conf.producer_threaded:  # a threaded producer keeps its own queue
             self.buffer = ProducerBuffer(loop=self.loop, beacon=self.beacon)
             self.buffer.app = self.app
+
+
+def table_writes_made(producer: Any) -> bool:
+    """Whether this process has written any table: every table write puts its changelog
+    record into the producer's buffer (:class:`ProducerBuffer` counts them); True when
+    the buffer cannot tell."""
+    return getattr(producer.buffer, "put_count", 1) > 0
 
 
 async def table_writes_handed_over(app: Any) -> None:

@@ -560,9 +560,12 @@ class FakeFaustProducer:
     send = _P.send
 
     def __init__(self):
+        from types import SimpleNamespace
+
         self._transaction_producers = {}
         self._trn_locks = {}
         self.created = []
+        self.buffer = SimpleNamespace(put_count=0)  # table writes made (``ProducerBuffer``)
         self._send_on_produce_message = lambda **kw: None
         self.allow_headers = True
 
@@ -656,7 +659,7 @@ def test_a_transaction_the_coordinator_aborted_during_a_long_rebalance_is_replac
 
 
 def test_a_worker_with_tables_restarts_when_a_kept_partitions_transaction_was_aborted():
-    """docs/delivery.md, AN: the same long rebalance, but the app has tables. The
+    """docs/delivery.md, AN: the same long rebalance, but the worker wrote tables. The
     aborted transaction's batches had written their table changes to the local stores
     and are processed again from the committed offsets (a count applied twice, a
     dedupe key dropping its own record); replaying the changelog does not remove a key
@@ -665,14 +668,14 @@ def test_a_worker_with_tables_restarts_when_a_kept_partitions_transaction_was_ab
     from app.transport import ZombieRestart
 
     host = RebalanceTxnHost()
-    host.app.tables["counts"] = object()
+    host.producer.buffer.put_count = 1  # the worker has written a table
     producers = host.producer._transaction_producers
 
     async def main():
         await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
         await host.producer.send("counts-changelog", None, b"v", 0, None, None, transactional_id="g-1-0")
         producers["g-1-0"].timed_out = True
-        with pytest.raises(ZombieRestart, match="aborted or fenced"):
+        with pytest.raises(ZombieRestart, match="aborted, fenced or left"):
             await host.on_rebalance(_tps(0, 1), set(), set())
         assert host.app.tables.aborted_writes
 
@@ -686,7 +689,7 @@ def test_a_revoked_partitions_transaction_stopped_with_records_restarts_a_worker
     from app.transport import ZombieRestart
 
     host = RebalanceTxnHost()
-    host.app.tables["counts"] = object()
+    host.producer.buffer.put_count = 1  # the worker has written a table
 
     async def main():
         await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
@@ -704,7 +707,7 @@ def test_a_fenced_commit_restarts_a_worker_with_tables_at_its_next_assignment():
     from app.transport import ZombieRestart
 
     host = RebalanceTxnHost()
-    host.app.tables["counts"] = object()
+    host.producer.buffer.put_count = 1  # the worker has written a table
 
     async def main():
         await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
@@ -712,6 +715,25 @@ def test_a_fenced_commit_restarts_a_worker_with_tables_at_its_next_assignment():
         host.app.tables.on_aborted_writes()
         with pytest.raises(ZombieRestart):
             await host.on_rebalance(_tps(0, 1), set(), set())
+
+    run(main())
+
+
+def test_a_worker_with_tables_goes_on_through_rebalances_whose_transactions_ended_cleanly():
+    """The restart of AN must not fire at a routine rebalance: the revocation's commit
+    left the revoked producers READY (or in an empty transaction), the kept ones are in
+    empty transactions."""
+    host = RebalanceTxnHost()
+    host.producer.buffer.put_count = 1
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1, 2, 3), set(), _tps(0, 1, 2, 3))
+        await producers["g-1-2"].commit_transaction()  # ended by the revocation's commit (READY)
+        await host.on_rebalance(_tps(0, 1), _tps(2, 3), set())  # 3: an empty transaction
+        await host.on_rebalance(_tps(0, 1, 2, 3), set(), _tps(2, 3))  # they come back
+        assert not host.app.tables.aborted_writes
+        assert sorted(producers) == ["g-1-0", "g-1-1", "g-1-2", "g-1-3"]
 
     run(main())
 
