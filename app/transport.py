@@ -2436,6 +2436,14 @@ def open_partitions(table: Any) -> set[int] | None:
     return set(dbs) if isinstance(dbs, dict) else None
 
 
+def release_partition(table: Any, partition: int) -> None:
+    """Drop a table partition's RocksDB from its store's open ones, as Faust's
+    ``revoke_partitions`` does (closed once unreferenced; reopened on its next use)."""
+    dbs = getattr(table.data, "_dbs", None)
+    if isinstance(dbs, dict):
+        dbs.pop(partition, None)
+
+
 def broker_url(url: str) -> str:
     """The broker URL with every ``kafka://``/``aiokafka://`` part switched to
     :data:`SCHEME`, so Faust builds :class:`Transport` for it."""

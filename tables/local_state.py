@@ -39,14 +39,16 @@ tombstone once it is older than the topic's ``delete.retention.ms`` (Kafka's def
 24 h), and a folder that missed it keeps the deleted key for ever (a dedupe key that
 drops a new record, a window emitted again). So, as Kafka Streams' state cleaner does:
 
-- a running worker deletes the folders of table partitions it neither owns nor keeps as
-  a standby once they were not written for ``state_cleanup_delay`` (10 min);
-- at start, a folder that caught up longer than ``local_state_max_age`` (12 h) ago (the
-  clean-shutdown marker's time, else its newest file) is deleted and restored in full.
+- a running worker deletes the folders of table partitions it has neither owned nor
+  kept as a standby for ``state_cleanup_delay`` (10 min);
+- at start, a folder last written over ``local_state_max_age`` (12 h) ago is deleted and
+  restored in full (an open RocksDB writes its folder at least every 10 minutes).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import re
@@ -64,6 +66,8 @@ from app.commit import exactly_once
 log = logging.getLogger(__name__)
 
 MARKER = "CLEAN_SHUTDOWN"
+#: The suffix a folder being removed is renamed with (then deleted in a thread).
+DELETING = ".deleting-"
 #: What the start decided about the local state (logged when the app starts).
 AT_START: list[str] = []
 
@@ -149,14 +153,6 @@ def take_marker(tabledir: Path, app_id: str, table_names: list[str]) -> set[str]
             if name in recorded and fingerprint(folders[name]) == recorded[name]}
 
 
-def marker_written_at(tabledir: Path) -> float | None:
-    """When the clean-shutdown marker was written (its modification time), if any."""
-    try:
-        return (tabledir / MARKER).stat().st_mtime
-    except FileNotFoundError:
-        return None
-
-
 def newest_write(folder: Path) -> float:
     """The latest modification time of the folder or anything in it (0 if it is gone)."""
     newest = 0.0
@@ -168,52 +164,61 @@ def newest_write(folder: Path) -> float:
     return newest
 
 
-def partition_of(name: str, folder: Path) -> int | None:
-    """The partition of a ``<name>-<partition>.db`` folder (None for backups)."""
-    match = re.fullmatch(rf"{re.escape(name)}-(\d+)\.db", folder.name)
-    return int(match.group(1)) if match else None
-
-
-def outdated_folders(tabledir: Path, caught_up_at: dict[str, float | None], now: float,
-                     max_age: float) -> list[Path]:
-    """The partition folders of the given tables that caught up with their changelog
-    more than ``max_age`` seconds ago: at the time given for the table (the marker's),
-    else at the folder's newest write."""
-    found: list[Path] = []
-    for name, paths in table_folders(tabledir, list(caught_up_at)).items():
+def partition_folders(tabledir: Path, table_names: list[str]) -> list[tuple[str, int, Path]]:
+    """(table, partition, folder) of each ``<name>-<partition>.db`` folder of the given
+    tables (not their backups)."""
+    found = []
+    for name, paths in table_folders(tabledir, table_names).items():
         for folder in paths:
-            if partition_of(name, folder) is None:
+            if folder.name.endswith(".db"):
+                found.append((name, int(folder.name[len(name) + 1:-3]), folder))
+    return found
+
+
+def outdated_folders(tabledir: Path, table_names: list[str], now: float, max_age: float) -> list[Path]:
+    """The partition folders of the given tables last written more than ``max_age``
+    seconds ago. An open RocksDB writes its folder at least every 10 minutes (its
+    statistics dump) and at its close, so this is at most that much earlier than the
+    last time the folder followed its changelog (or the stop)."""
+    return [folder for _, _, folder in partition_folders(tabledir, table_names)
+            if now - newest_write(folder) > max_age]
+
+
+class UnusedFolders:
+    """When each table partition folder was first seen unused by this worker, so that a
+    folder goes once unused for ``state_cleanup_delay``: by this worker's own look at
+    its assignment, not by the folder's time (an open RocksDB keeps writing its log)."""
+
+    def __init__(self) -> None:
+        self.since: dict[Path, float] = {}
+
+    def due(self, tabledir: Path, in_use: dict[str, set[int]], now: float, delay: float) -> list[tuple[str, int, Path]]:
+        """(table, partition, folder) of the folders unused for ``delay`` seconds, given
+        the partitions in use now per table (those not listed are not looked at);
+        forgets them, and any folder in use again."""
+        seen: dict[Path, float] = {}
+        due = []
+        for name, partition, folder in partition_folders(tabledir, list(in_use)):
+            if partition in in_use[name]:
                 continue
-            at = caught_up_at[name]
-            if now - (newest_write(folder) if at is None else at) > max_age:
-                found.append(folder)
-    return found
-
-
-def unused_folders(tabledir: Path, in_use: dict[str, set[int]], now: float, delay: float) -> list[Path]:
-    """The partition folders of the given tables whose partition is not in use (open,
-    owned or a standby here) and that were not written for ``delay`` seconds."""
-    found: list[Path] = []
-    for name, paths in table_folders(tabledir, list(in_use)).items():
-        for folder in paths:
-            partition = partition_of(name, folder)
-            if partition is not None and partition not in in_use[name] \
-                    and now - newest_write(folder) >= delay:
-                found.append(folder)
-    return found
+            since = seen[folder] = self.since.get(folder, now)
+            if now - since >= delay:
+                due.append((name, partition, folder))
+                del seen[folder]
+        self.since = seen
+        return due
 
 
 def partitions_in_use(tables: Any, assigned: set[Any]) -> dict[str, set[int]]:
-    """Per RocksDB table: the partitions whose folder this worker may open or write now,
-    those open in its store and those of its changelog in ``assigned`` (active and
-    standby)."""
+    """Per RocksDB table: the partitions of its changelog in ``assigned`` (this worker's
+    active and standby partitions). A partition open in the store but not assigned (a
+    write that straddled its revocation reopened it) is not in use."""
     in_use: dict[str, set[int]] = {}
     for table in tables.values():
-        open_dbs = _transport.open_partitions(table)
-        if open_dbs is None:  # not RocksDB: nothing on disk
+        if _transport.open_partitions(table) is None:  # not RocksDB: nothing on disk
             continue
         topic = table.changelog_topic.get_topic_name()
-        in_use[table.name] = open_dbs | {tp.partition for tp in assigned if tp.topic == topic}
+        in_use[table.name] = {tp.partition for tp in assigned if tp.topic == topic}
     return in_use
 
 
@@ -247,15 +252,15 @@ def decide_local_state() -> None:
     tabledir = Path(app.conf.tabledir)
     if not tabledir.is_dir():
         return
+    for leftover in tabledir.glob(f"*{DELETING}*"):  # a removal the last run did not finish
+        shutil.rmtree(leftover, ignore_errors=True)
     names = _table_names()
-    marker_time = marker_written_at(tabledir)
     trusted = take_marker(tabledir, settings.app_id, names)
-    outdated = outdated_folders(tabledir, {n: marker_time if n in trusted else None for n in names},
-                                time.time(), settings.local_state_max_age)
+    outdated = outdated_folders(tabledir, names, time.time(), settings.local_state_max_age)
     for folder in outdated:
         shutil.rmtree(folder, ignore_errors=True)
     if outdated:
-        AT_START.append(f"{len(outdated)} local table folders caught up with their changelogs over "
+        AT_START.append(f"{len(outdated)} local table folders last written over "
                         f"{settings.local_state_max_age:.0f} s ago (local_state_max_age): deleted, "
                         "restoring them from the changelogs")
     if not exactly_once(settings):
@@ -277,27 +282,41 @@ async def _decide_local_state() -> None:
 app.start_checks.append(_decide_local_state)
 
 
+UNUSED = UnusedFolders()
+
+
 def remove_unused_folders() -> list[Path]:
-    """Delete the folders of table partitions this worker does not use and did not
-    write for ``state_cleanup_delay`` seconds (none before its first assignment or
-    while it rebalances: the folders it is about to get back are not in use yet). No
-    await between the look at the assignment and the deletion: a partition cannot be
-    opened in between."""
+    """Remove the folders of table partitions this worker has not had (active or
+    standby) for ``state_cleanup_delay`` seconds; returns them. Nothing before its first
+    assignment or while it rebalances (the folders it is about to get back are not
+    assigned yet). No await between the look at the assignment and the renames: a
+    partition cannot be assigned or opened in between; the renamed folders are deleted
+    in a thread."""
     if app.rebalancing or app.consumer_generation_id <= 0:
         return []
     assignor = app.assignor
     assigned = assignor.assigned_actives() | assignor.assigned_standbys()
-    gone = unused_folders(Path(app.conf.tabledir), partitions_in_use(app.tables, assigned),
-                          time.time(), settings.state_cleanup_delay)
-    for folder in gone:
-        shutil.rmtree(folder, ignore_errors=True)
+    tabledir = Path(app.conf.tabledir)
+    due = UNUSED.due(tabledir, partitions_in_use(app.tables, assigned), time.monotonic(),
+                     settings.state_cleanup_delay)
+    tables = {table.name: table for table in app.tables.values()}
+    gone = []
+    for name, partition, folder in due:
+        _transport.release_partition(tables[name], partition)
+        doomed = folder.with_name(f"{folder.name}{DELETING}{time.time_ns()}")
+        try:
+            folder.rename(doomed)
+        except FileNotFoundError:
+            continue
+        asyncio.get_running_loop().run_in_executor(None, functools.partial(shutil.rmtree, doomed, True))
+        gone.append(folder)
     return gone
 
 
 @app.timer(interval=max(1.0, min(60.0, settings.state_cleanup_delay / 2)))
 async def _remove_unused_folders() -> None:
     for folder in remove_unused_folders():
-        log.info("removed the local state of a table partition not used here for over %.0f s "
+        log.info("removed the local state of a table partition not assigned here for over %.0f s "
                  "(state_cleanup_delay): %s", settings.state_cleanup_delay, folder.name)
 
 
@@ -320,5 +339,5 @@ async def marker_after_clean_stop(sender: Any = None, **kwargs: Any) -> None:
 
 
 __all__ = ["MARKER", "decide_local_state", "discard_local_state", "fingerprint", "marker_after_clean_stop",
-           "outdated_folders", "remove_unused_folders", "take_marker", "table_folders", "unused_folders",
+           "outdated_folders", "remove_unused_folders", "take_marker", "table_folders", "UnusedFolders",
            "write_file_durably", "write_marker"]

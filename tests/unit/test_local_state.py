@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import tables.local_state as local_state
@@ -119,26 +121,33 @@ def age(folder, seconds):
         os.utime(path, (when, when))
 
 
-def test_a_folder_unused_here_is_removed_once_unwritten_for_the_cleanup_delay(tmp_path):
+def test_a_folder_unused_here_is_removed_once_unused_for_the_cleanup_delay(tmp_path):
     """Kafka Streams' state cleaner: a partition this worker neither owns nor keeps as a
     standby would, when it came back after the changelog dropped a deletion's tombstone
-    (delete.retention.ms), keep the deleted key for ever. Its folder goes once unused
-    and unwritten for the delay; owned, open and recently written ones stay."""
-    import time
-
-    for p in range(5):
-        folder = tmp_path / f"dedupe-{p}.db"
-        folder.mkdir()
-        (folder / "000001.sst").write_bytes(b"x")
-        age(folder, 3600 if p != 3 else 5)
+    (delete.retention.ms), keep the deleted key for ever. Its folder goes once this
+    worker has seen it unused for the delay, whatever the folder's time (an open RocksDB
+    keeps writing its log); one in use again starts over; backups stay."""
+    for p in range(4):
+        (tmp_path / f"dedupe-{p}.db").mkdir()
     (tmp_path / "dedupe-backups").mkdir()
-    age(tmp_path / "dedupe-backups", 3600)
-    in_use = {"dedupe": {0, 2}}  # 0 owned, 2 open (e.g. a standby)
-    gone = local_state.unused_folders(tmp_path, in_use, time.time(), delay=600)
-    assert sorted(p.name for p in gone) == ["dedupe-1.db", "dedupe-4.db"]  # 3: written 5 s ago
+    (tmp_path / "other-0.db").mkdir()  # a table not looked at
+    unused = local_state.UnusedFolders()
+
+    def due(in_use, now):
+        return sorted(f"{name}-{p}" for name, p, _ in unused.due(tmp_path, {"dedupe": in_use}, now, delay=600))
+
+    assert due({0, 1}, now=1000) == []  # 2 and 3 first seen unused
+    assert due({0, 1, 3}, now=1300) == []  # 3 in use again
+    assert due({0, 1}, now=1599) == []
+    assert due({0, 1}, now=1600) == ["dedupe-2"]
+    (tmp_path / "dedupe-2.db").rmdir()  # as the cleaner does
+    assert due({0, 1}, now=2198) == []  # 3: seen unused again at 1599
+    assert due({0, 1}, now=2199) == ["dedupe-3"]
 
 
-def test_partitions_in_use_are_the_open_and_the_assigned_ones_of_rocksdb_tables():
+def test_partitions_in_use_are_the_assigned_ones_of_rocksdb_tables():
+    """Open but not assigned (a write that straddled its revocation reopened it) is not
+    in use: such a folder is no longer fed by its changelog."""
     from types import SimpleNamespace
 
     from faust.types import TP
@@ -149,32 +158,66 @@ def test_partitions_in_use_are_the_open_and_the_assigned_ones_of_rocksdb_tables(
 
     tables = {"a": table("a", "a-changelog", {5: object()}), "m": table("m", "m-changelog", None)}
     assigned = {TP("a-changelog", 1), TP("src", 2), TP("m-changelog", 0)}
-    assert local_state.partitions_in_use(tables, assigned) == {"a": {1, 5}}
+    assert local_state.partitions_in_use(tables, assigned) == {"a": {1}}
+
+
+def test_the_cleaner_waits_for_the_first_assignment_and_for_a_rebalance_to_end(tmp_path, monkeypatch):
+    """Before the first assignment, or during a rebalance, the folders the worker is
+    about to get back are not assigned yet: none may go. Once assigned, a folder it
+    does not have goes after the delay, and an open one is dropped from its store."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    (tmp_path / "t-0.db").mkdir()
+    (tmp_path / "t-1.db").mkdir()
+    open_dbs = {0: object(), 1: object()}
+    table = SimpleNamespace(name="t", data=SimpleNamespace(_dbs=open_dbs),
+                            changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"))
+    assignor = SimpleNamespace(assigned_actives=lambda: {TP("t-changelog", 0)}, assigned_standbys=set)
+    fake = SimpleNamespace(rebalancing=False, consumer_generation_id=0, assignor=assignor,
+                           tables={"t": table}, conf=SimpleNamespace(tabledir=tmp_path))
+    monkeypatch.setattr(local_state, "app", fake)
+    monkeypatch.setattr(local_state, "UNUSED", local_state.UnusedFolders())
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(state_cleanup_delay=0.001))
+
+    async def main():
+        assert local_state.remove_unused_folders() == []  # no assignment yet
+        fake.consumer_generation_id = 3
+        fake.rebalancing = True
+        assert local_state.remove_unused_folders() == []
+        fake.rebalancing = False
+        local_state.remove_unused_folders()  # t-1 first seen unused
+        await asyncio.sleep(0.01)
+        assert local_state.remove_unused_folders() == [tmp_path / "t-1.db"]
+        for _ in range(100):  # deleted in a thread
+            if sorted(p.name for p in tmp_path.iterdir()) == ["t-0.db"]:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["t-0.db"]
+        assert list(open_dbs) == [0]
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
-def test_at_start_a_folder_that_caught_up_too_long_ago_is_restored_in_full(tmp_path, monkeypatch, guarantee):
+def test_at_start_a_folder_last_written_too_long_ago_is_restored_in_full(tmp_path, monkeypatch, guarantee):
     """At start (the worker was stopped for longer than the changelogs keep tombstones),
-    a folder is kept only if it caught up within local_state_max_age: at its marker's
-    time after a clean stop, else at its newest write."""
+    a folder is kept only if written within local_state_max_age, whatever the marker
+    says: a fresh clean stop vouches for what the folder holds, not for how long ago
+    it followed its changelog."""
     from app import app
 
     names = sorted(t.name for t in app.tables.values())
     fake_tables(tmp_path, names)
-    old, fresh = names[0], names[1]
+    old = names[0]
     age(tmp_path / f"{old}-0.db", 13 * 3600)
+    (tmp_path / f"{names[1]}-2.db{local_state.DELETING}123").mkdir()  # a removal cut short
+    local_state.write_marker(tmp_path, local_state.settings.app_id, names)  # a clean stop just now
     monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     monkeypatch.setattr(local_state, "AT_START", [])
     local_state.decide_local_state()
-    left = {p.name for p in tmp_path.iterdir()}
-    if guarantee == "at_least_once":  # no marker: each folder's newest write
-        assert f"{old}-0.db" not in left and f"{fresh}-0.db" in left
-        assert len(left) == len(names) - 1
-    # A clean stop 13 h ago: the marker's time counts, so every folder goes.
-    fake_tables(tmp_path, [n for n in names if f"{n}-0.db" not in {p.name for p in tmp_path.iterdir()}])
-    local_state.write_marker(tmp_path, local_state.settings.app_id, names)
-    age(tmp_path / local_state.MARKER, 13 * 3600)
-    monkeypatch.setattr(local_state, "AT_START", [])
-    local_state.decide_local_state()
-    assert list(tmp_path.iterdir()) == []
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # The marker vouches for the others under exactly_once too.
+    assert left == sorted(f"{n}-0.db" for n in names if n != old)
