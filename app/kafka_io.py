@@ -285,6 +285,15 @@ class KafkaIO(Service):
         assert self.producer is not None
         producer = self.producer
         pending: list[SentBatch] = []
+        try:
+            return await self._hand_over_groups(producer, topic, groups, pending)
+        except BaseException:
+            abandon(pending)
+            raise
+
+    @staticmethod
+    async def _hand_over_groups(producer: Any, topic: str, groups: dict[int, Sequence[OutgoingMessage]],
+                                pending: list[SentBatch]) -> list[SentBatch]:
         for partition, records in groups.items():
             batch, count = producer.create_batch(), 0
             for record in records:
@@ -391,8 +400,23 @@ class RecordBatches:
         batches = self._full + [(p, finished(batch, n), n) for p, (batch, n, _) in self._open.items() if n]
         pending = self._sent
         self._open, self._full, self._sent, self.count = {}, [], [], 0
-        pending += [await hand_over(self.producer, topic, p, batch, n) for p, batch, n in batches]
-        return asyncio.ensure_future(last_offsets(self.producer, topic, pending))
+        try:
+            for p, batch, n in batches:
+                pending.append(await hand_over(self.producer, topic, p, batch, n))
+        except BaseException:
+            abandon(pending)
+            raise
+        acked = asyncio.ensure_future(last_offsets(self.producer, topic, pending))
+        # Cancelled before it ran (a failed send cancels its acks): ``delivered`` never
+        # ran to abandon them.
+        acked.add_done_callback(lambda done: abandon(pending) if done.cancelled() else None)
+        return acked
+
+    def abandon(self) -> None:
+        """Dropped unstarted (a commit's snapshot given back): the batches handed over
+        by ``send_full`` are abandoned, the rest never sent."""
+        abandon(self._sent)
+        self._open, self._full, self._sent, self.count = {}, [], [], 0
 
 
 class SentBatch:
@@ -463,8 +487,14 @@ class Lane:
             done = 0
             try:
                 for one in again:
-                    # Not those whose caller is gone, or raises their error.
-                    if not one.abandoned and not failed_for_good(one.future):
+                    if not one.future.done():
+                        # Still in the producer's queue: rebuilding it now would take its
+                        # records from under aiokafka's sender, which then dies when it
+                        # drains it. It ends either way (stored, or failed).
+                        await asyncio.wait({one.future})
+                    # Those whose caller is gone too (stored, their records must stay
+                    # before the copies of later ones); not those that raise their error.
+                    if not failed_for_good(one.future):
                         one.batch = rebuilt(producer, one.batch)
                         one.future = await send_once(producer, topic, one.partition, one.batch)
                     done += 1
@@ -472,9 +502,8 @@ class Lane:
                 # Stopped half way (cancelled, or a non-retriable error): the batches
                 # not sent again yet count as failed, for the next resend to take on.
                 for one in again[done:]:
-                    if not one.abandoned and not failed_for_good(one.future):
-                        one.future = asyncio.get_running_loop().create_future()
-                        one.future.set_exception(error)  # type: ignore[arg-type]
+                    if not failed_for_good(one.future):
+                        one.future = failed_future(error)  # type: ignore[arg-type]
                 raise
             finally:
                 self.resending = None
@@ -499,6 +528,34 @@ def in_flight(producer: Any, topic: str, partition: int) -> list[SentBatch]:
     """The batches ``producer`` keeps for ``topic``/``partition``."""
     lane = _LANES.get(producer, {}).get((topic, partition))
     return list(lane.sent) if lane is not None else []
+
+
+def failed_future(exc: BaseException) -> asyncio.Future:
+    """A future already failed with ``exc``, marked as read: a copy nobody awaits any
+    more (its caller gone) is not reported as an exception never retrieved."""
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    future.exception()
+    return future
+
+
+def abandon(sent: Iterable[SentBatch]) -> None:
+    """Their caller is gone (raised, cancelled, or dropped them): no later batch of
+    their partitions waits for them any more, and they leave their lanes once nothing
+    before them is in flight."""
+    lanes = set()
+    for one in sent:
+        one.abandoned = True
+        lanes.add(one.lane)
+    for lane in lanes:
+        lane.trim()
+
+
+def outcome(future: asyncio.Future) -> Any:
+    """A done future's result, or its exception (``CancelledError`` if cancelled)."""
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
 
 
 def failed_retriably(future: asyncio.Future) -> bool:
@@ -553,9 +610,7 @@ async def send_once(producer: Any, topic: str, partition: int, batch: Any) -> as
     except Exception as exc:
         if not retriable(exc):
             raise
-        future = asyncio.get_running_loop().create_future()
-        future.set_exception(exc)
-        return future
+        return failed_future(exc)
 
 
 async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tuple[Any, int]]:
@@ -580,7 +635,12 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
     try:
         while True:
             futures = [one.future for one in sent]
-            results = await asyncio.gather(*futures, return_exceptions=True)
+            # Not gather: a caller cancelled must leave the futures be (gather cancels
+            # them), so that a resend still sees which of its batches were stored.
+            waiting = [future for future in futures if not future.done()]
+            if waiting:
+                await asyncio.wait(waiting)
+            results = [outcome(future) for future in futures]
             if any(one.future is not future for one, future in zip(sent, futures, strict=True)):
                 continue  # sent again by another caller meanwhile: await the copies
             failed: dict[Lane, int] = {}  # lane -> its partition
@@ -623,10 +683,7 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
             for lane in failed:
                 await lane.resend(producer, topic)
     except BaseException:
-        for one in sent:
-            one.abandoned = True
-        for lane in last:
-            lane.trim()
+        abandon(sent)
         raise
 
 

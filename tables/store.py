@@ -287,6 +287,11 @@ class StoreWrites:
         ``store`` sends the rest."""
         await self.changelog.send_full(self.target.table.changelog_topic.get_topic_name())
 
+    def abandon(self) -> None:
+        """Never stored (a commit's snapshot given back): the changelog batches sent so
+        far are left to the producer (``RecordBatches.abandon``)."""
+        self.changelog.abandon()
+
     async def store(self, pause: Pause | None = None) -> None:
         """Send the changelog, await its acks, then write RocksDB a write batch at a
         time: between two, ``pause(seconds the last one took)`` (a commit's
@@ -399,6 +404,9 @@ class _MemoryWrites:
 
     async def send_full(self) -> None:
         """Nothing is sent before ``store`` here."""
+
+    def abandon(self) -> None:
+        """Nothing was sent."""
 
     async def store(self, pause: Pause | None = None) -> None:
         target = self.target
@@ -686,6 +694,7 @@ class CacheSnapshot:
 
     def abandon(self) -> None:
         """Not written (the commit stopped before): unwritten again."""
+        self.prepared.abandon()
         self.cache.give_back_keys(self.taken, self.side)
         self._done()
 
