@@ -386,6 +386,13 @@ def newest_values(stored: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     return dict(stored)
 
 
+def assert_copied_in_order(producer, older, newer) -> None:
+    """N+1's batch, N's copy, N+1's copy: the partition ends with N+1's values, and each
+    send reports its latest copy's offsets."""
+    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert older == {0: 9} and newer == {0: 14}
+
+
 async def settle(turns: int = 20) -> None:
     for _ in range(turns):
         await asyncio.sleep(0)
@@ -405,11 +412,8 @@ def test_a_resend_is_followed_by_the_later_sends_of_its_partition_again():
         return producer, await older, await newer
 
     producer, older, newer = asyncio.run(scenario())
-    stored = producer.log[0]
-    assert newest_values(stored) == {f"k{i}".encode(): b"new" for i in range(5)}
-    # N+1's records once, N's copy, N+1's copy: each sent again exactly once.
-    assert [value for _, value in stored] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
-    assert older == {0: 9} and newer == {0: 14}
+    assert newest_values(producer.log[0]) == {f"k{i}".encode(): b"new" for i in range(5)}
+    assert_copied_in_order(producer, older, newer)  # each sent again exactly once
 
 
 def test_a_later_send_is_done_only_once_every_earlier_send_of_its_partition_is():
@@ -432,8 +436,7 @@ def test_a_later_send_is_done_only_once_every_earlier_send_of_its_partition_is()
         return producer, await older, await newer
 
     producer, older, newer = asyncio.run(scenario())
-    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
-    assert older == {0: 9} and newer == {0: 14}
+    assert_copied_in_order(producer, older, newer)
 
 
 def test_an_earlier_send_failing_after_a_later_one_was_sent_again_sends_it_again_too():
@@ -457,10 +460,7 @@ def test_an_earlier_send_failing_after_a_later_one_was_sent_again_sends_it_again
         return producer, await older, await newer
 
     producer, older, newer = asyncio.run(scenario())
-    stored = producer.log[0]
-    assert [value for _, value in stored] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
-    assert newest_values(stored) == {f"k{i}".encode(): b"new" for i in range(5)}
-    assert older == {0: 9} and newer == {0: 14}
+    assert_copied_in_order(producer, older, newer)
 
 
 def test_sends_that_fail_together_are_sent_again_once_and_in_order():
@@ -569,8 +569,7 @@ def test_a_send_is_not_done_while_a_resend_still_has_to_send_it_again():
         return producer, await older, await newer
 
     producer, older, newer = asyncio.run(scenario())
-    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
-    assert older == {0: 9} and newer == {0: 14}
+    assert_copied_in_order(producer, older, newer)
 
 
 def test_a_resend_stopped_half_way_leaves_the_rest_to_the_next():
