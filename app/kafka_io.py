@@ -425,15 +425,29 @@ class SentBatch:
     again (``delivered``). ``batch`` and ``future`` are those of its latest hand-over: a
     resend replaces them."""
 
-    __slots__ = ("partition", "batch", "count", "future", "lane", "settled", "abandoned")
+    __slots__ = ("partition", "batch", "count", "future", "lane", "settled", "abandoned", "owed")
 
     def __init__(self, partition: int, batch: Any, count: int, future: asyncio.Future, lane: Lane) -> None:
         self.partition, self.batch, self.count, self.future, self.lane = partition, batch, count, future, lane
         #: Out of its lane: no resend can send it again any more.
         self.settled = False
-        #: Its caller is gone (raised or cancelled): never sent again, and no later
-        #: batch waits for it.
+        #: Its caller is gone (raised or cancelled): no later batch waits for it.
         self.abandoned = False
+        #: Set (to the error that began it) when a resend stopped before sending this
+        #: batch again: copies of earlier batches went out after it, so the next resend
+        #: must send it again, whatever became of its latest hand-over.
+        self.owed: BaseException | None = None
+
+    def must_go_again(self) -> bool:
+        """Its latest hand-over failed with a retriable error, or a stopped resend owes
+        it a copy."""
+        return self.owed is not None or failed_retriably(self.future)
+
+    def error(self) -> BaseException | None:
+        """Why it must go again (``must_go_again``), if it must."""
+        if self.owed is not None:
+            return self.owed
+        return self.future.exception() if failed_retriably(self.future) else None
 
 
 class Lane:
@@ -461,25 +475,28 @@ class Lane:
     def trim(self) -> None:
         """Let the front batches go that no resend needs: acknowledged, failed for good
         (their caller raises it) or abandoned. One that failed with a retriable error
-        stays, and so does everything after it; nothing goes during a resend."""
+        stays (unless abandoned: nothing of it was stored), and so does everything after
+        it; one a stopped resend owes a copy stays; nothing goes during a resend."""
         if self.resending is not None:
             return
         sent = self.sent
         while sent:
             head = sent[0]
+            if head.owed is not None:
+                return
             if not head.abandoned and (not head.future.done() or failed_retriably(head.future)):
                 return
             sent.popleft().settled = True
 
     async def resend(self, producer: Any, topic: str) -> None:
-        """Send again, in order, the first batch whose latest hand-over failed with a
-        retriable error and every later one still awaited. Nothing when there is no such
-        batch: another caller sent them again already."""
+        """Send again, in order, the first batch that must go again (``must_go_again``)
+        and every later one still awaited. Nothing when there is no such batch: another
+        caller sent them again already."""
         async with self.lock:
-            again = list(itertools.dropwhile(lambda one: not failed_retriably(one.future), self.sent))
+            again = list(itertools.dropwhile(lambda one: not one.must_go_again(), self.sent))
             if not again:
                 return
-            error = again[0].future.exception()
+            error = again[0].error()
             self.resending = ended = asyncio.get_running_loop().create_future()
             # A batch given up may have had its sequence numbers: without a new
             # producer id every later batch of its partition fails (``reset_producer_id``).
@@ -497,13 +514,16 @@ class Lane:
                     if not failed_for_good(one.future):
                         one.batch = rebuilt(producer, one.batch)
                         one.future = await send_once(producer, topic, one.partition, one.batch)
+                    one.owed = None
                     done += 1
             except BaseException:
                 # Stopped half way (cancelled, or a non-retriable error): the batches
-                # not sent again yet count as failed, for the next resend to take on.
+                # not sent again yet are owed a copy, for the next resend to take on
+                # (their hand-over may still be in the producer's queue: not rebuilt
+                # before it ends, as above).
                 for one in again[done:]:
                     if not failed_for_good(one.future):
-                        one.future = failed_future(error)  # type: ignore[arg-type]
+                        one.owed = error
                 raise
             finally:
                 self.resending = None
@@ -651,6 +671,9 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
                         raise result
                     error = error or result
                     failed[one.lane] = one.partition
+                elif one.owed is not None:  # stored, but earlier copies went after it
+                    error = error or one.owed
+                    failed[one.lane] = one.partition
             if error is None:
                 earlier = []  # earlier batches of our partitions still in flight
                 for lane, one in last.items():
@@ -662,10 +685,10 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
                         earlier.append(lane.resending)
                         continue
                     head = lane.sent[0]
-                    if not head.future.done():
+                    if head.owed is None and not head.future.done():
                         earlier.append(head.future)
-                    else:  # failed with a retriable error (``Lane.trim``)
-                        error = error or head.future.exception()
+                    else:  # it must go again (``Lane.trim``)
+                        error = error or head.error()
                         failed[lane] = head.partition
                 if error is None:
                     if not earlier:

@@ -600,31 +600,40 @@ def test_a_resend_stopped_half_way_leaves_the_rest_to_the_next():
     assert not kio.in_flight(producer, "out", 0)
 
 
-def test_a_batch_still_queued_is_not_rebuilt_before_it_ends(monkeypatch):
-    """aiokafka keeps a partition's next batch queued while the one before is in flight.
-    Rebuilding a queued batch (to send it again) takes its records from under
-    aiokafka's sender, which dies when it drains it. A resend waits for each later
-    batch to end (stored or failed) before it rebuilds it."""
-    rebuilt_while_queued = []
+class Tracked(AckedByTest):
+    """Also keeps each batch handed over with its own (unshielded) future."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = []
+
+    async def send_batch(self, batch, topic, *, partition):
+        future = await super().send_batch(batch, topic, partition=partition)
+        self.batches.append((batch, self.handed[-1][2]))
+        return future
+
+
+@pytest.fixture
+def rebuilt_while_queued(monkeypatch):
+    """The batches rebuilt while their own hand-over had not ended (still queued in
+    the producer): rebuilding one takes its records from under aiokafka's sender, which
+    dies when it drains it."""
+    found = []
     rebuild = kio.rebuilt
 
     def checked(producer, batch):
         future = next(f for b, f in producer.batches if b is batch)
         if not future.done():
-            rebuilt_while_queued.append(batch)
+            found.append(batch)
         return rebuild(producer, batch)
 
     monkeypatch.setattr(kio, "rebuilt", checked)
+    return found
 
-    class Tracked(AckedByTest):
-        def __init__(self) -> None:
-            super().__init__()
-            self.batches = []
 
-        async def send_batch(self, batch, topic, *, partition):
-            future = await super().send_batch(batch, topic, partition=partition)
-            self.batches.append((batch, self.handed[-1][2]))
-            return future
+def test_a_batch_still_queued_is_not_rebuilt_before_it_ends(rebuilt_while_queued):
+    """aiokafka keeps a partition's next batch queued while the one before is in flight.
+    A resend waits for each later batch to end (stored or failed) before it rebuilds it."""
 
     async def scenario():
         producer = Tracked()
@@ -643,7 +652,42 @@ def test_a_batch_still_queued_is_not_rebuilt_before_it_ends(monkeypatch):
 
     producer, older, newer = asyncio.run(scenario())
     assert rebuilt_while_queued == []
-    assert [value for _, value in producer.log[0]] == [b"new"] * 5 + [b"old"] * 5 + [b"new"] * 5
+    assert_copied_in_order(producer, older, newer)
+
+
+def test_a_resend_stopped_while_a_later_batch_is_queued_leaves_it_owed_not_rebuilt(rebuilt_while_queued):
+    """The resend of N is cancelled while it waits for N+1's batch, still queued (N+2's
+    too): they are owed a copy. The next resend waits for each to end before it
+    rebuilds it, and sends both again after N's copy, also N+1's, which was stored."""
+
+    async def scenario():
+        producer = Tracked()
+        older = asyncio.ensure_future(await send_values(producer, b"old"))
+        middle = asyncio.ensure_future(await send_values(producer, b"mid"))
+        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        await settle()
+        producer.give_up(0)
+        await settle()
+        assert len(producer.handed) == 4  # N's copy; the resend waits for N+1's batch
+        older.cancel()
+        await settle()
+        producer.ack(1)  # N+1 stored, before N's copy: owed a copy
+        await settle()
+        producer.ack(2)
+        await settle()
+        producer.ack(3)  # N's copy
+        await settle()
+        assert len(producer.handed) == 6, "N+1's and N+2's copies, once each"
+        producer.ack(4)
+        producer.ack(5)
+        return producer, await middle, await newer
+
+    producer, middle, newer = asyncio.run(scenario())
+    assert rebuilt_while_queued == []
+    values = [value for _, value in producer.log[0]][::5]
+    assert values == [b"mid", b"new", b"old", b"mid", b"new"]
+    assert middle == {0: 19} and newer == {0: 24}
+    assert not kio.in_flight(producer, "out", 0)
 
 
 def test_a_batch_whose_caller_is_gone_is_still_sent_again_after_an_earlier_copy():
