@@ -666,13 +666,10 @@ async def delivered(producer: Any, topic: str, sent: list[SentBatch]) -> list[tu
             failed: dict[Lane, int] = {}  # lane -> its partition
             error: BaseException | None = None
             for one, result in zip(sent, results, strict=True):
-                if isinstance(result, BaseException):
-                    if not retriable(result):
-                        raise result
-                    error = error or result
-                    failed[one.lane] = one.partition
-                elif one.owed is not None:  # stored, but earlier copies went after it
-                    error = error or one.owed
+                if isinstance(result, BaseException) and not retriable(result):
+                    raise result
+                if one.must_go_again():  # failed retriably, or owed a copy (``Lane.resend``)
+                    error = error or one.error()
                     failed[one.lane] = one.partition
             if error is None:
                 earlier = []  # earlier batches of our partitions still in flight
