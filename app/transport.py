@@ -2419,8 +2419,8 @@ def open_table_stores(app: Any) -> list[tuple[str, int, bool, Any]]:
         standbys = set()
     found = []
     for table in list(app.tables.values()):
-        dbs = getattr(table.data, "_dbs", None)
-        if not isinstance(dbs, dict):
+        dbs = open_dbs(table)
+        if dbs is None:
             continue  # not a RocksDB store
         changelog = table.changelog_topic.get_topic_name()
         for partition, db in list(dbs.items()):
@@ -2428,19 +2428,19 @@ def open_table_stores(app: Any) -> list[tuple[str, int, bool, Any]]:
     return found
 
 
-def open_partitions(table: Any) -> set[int] | None:
-    """The partitions of ``table`` whose RocksDB is open on this worker now (Faust's
-    ``Store._dbs``, as in :func:`open_table_stores`), or None for a store that keeps
+def open_dbs(table: Any) -> dict[int, Any] | None:
+    """The RocksDBs of ``table`` open on this worker now, by partition (Faust's
+    ``Store._dbs``; see :func:`open_table_stores`), or None for a store that keeps
     nothing on disk."""
     dbs = getattr(table.data, "_dbs", None)
-    return set(dbs) if isinstance(dbs, dict) else None
+    return dbs if isinstance(dbs, dict) else None
 
 
 def release_partition(table: Any, partition: int) -> None:
     """Drop a table partition's RocksDB from its store's open ones, as Faust's
     ``revoke_partitions`` does (closed once unreferenced; reopened on its next use)."""
-    dbs = getattr(table.data, "_dbs", None)
-    if isinstance(dbs, dict):
+    dbs = open_dbs(table)
+    if dbs is not None:
         dbs.pop(partition, None)
 
 

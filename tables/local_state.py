@@ -215,7 +215,7 @@ def partitions_in_use(tables: Any, assigned: set[Any]) -> dict[str, set[int]]:
     write that straddled its revocation reopened it) is not in use."""
     in_use: dict[str, set[int]] = {}
     for table in tables.values():
-        if _transport.open_partitions(table) is None:  # not RocksDB: nothing on disk
+        if _transport.open_dbs(table) is None:  # not RocksDB: nothing on disk
             continue
         topic = table.changelog_topic.get_topic_name()
         in_use[table.name] = {tp.partition for tp in assigned if tp.topic == topic}
