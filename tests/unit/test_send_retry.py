@@ -381,6 +381,11 @@ async def send_values(producer, value: bytes, keys: int = 5) -> asyncio.Future:
     return await batches.start("out")
 
 
+async def sends(producer, *values: bytes) -> list[asyncio.Future]:
+    """One ``send_values`` per value, handed over in order, each still in flight."""
+    return [await send_values(producer, value) for value in values]
+
+
 def newest_values(stored: list[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
     """The last value of each key, as a compacted topic or an upserting sink keeps it."""
     return dict(stored)
@@ -423,8 +428,7 @@ def test_a_later_send_is_done_only_once_every_earlier_send_of_its_partition_is()
 
     async def scenario():
         producer = AckedByTest()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         producer.ack(1)
         await settle()
         assert not newer.done(), "done while an earlier batch of its partition may fail"
@@ -446,8 +450,7 @@ def test_an_earlier_send_failing_after_a_later_one_was_sent_again_sends_it_again
 
     async def scenario():
         producer = AckedByTest()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         producer.give_up(1)
         await settle()
         assert len(producer.handed) == 3
@@ -476,9 +479,7 @@ def test_sends_that_fail_together_are_sent_again_once_and_in_order():
 
     async def scenario():
         producer = SlowHandOver({(0, 0): NotLeaderForPartitionError(), (0, 1): NotLeaderForPartitionError()})
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
-        later = asyncio.ensure_future(await send_values(producer, b"newest"))
+        older, newer, later = await sends(producer, b"old", b"new", b"newest")
         return producer, await older, await newer, await later
 
     producer, older, newer, later = asyncio.run(scenario())
@@ -514,8 +515,7 @@ def test_a_cancelled_send_is_not_sent_again_and_does_not_hold_later_sends_back()
 
     async def scenario():
         producer = AckedByTest()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         await settle()
         older.cancel()
         producer.ack(1)
@@ -553,8 +553,7 @@ def test_a_send_is_not_done_while_a_resend_still_has_to_send_it_again():
 
     async def scenario():
         producer = SlowFourthHandOver()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         await settle()
         producer.give_up(0)
         await settle()
@@ -579,8 +578,7 @@ def test_a_resend_stopped_half_way_leaves_the_rest_to_the_next():
 
     async def scenario():
         producer = SlowFourthHandOver()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         await settle()
         producer.give_up(0)
         await settle()
@@ -637,8 +635,7 @@ def test_a_batch_still_queued_is_not_rebuilt_before_it_ends(rebuilt_while_queued
 
     async def scenario():
         producer = Tracked()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         await settle()
         producer.give_up(0)  # N+1's batch (1) still queued
         await settle()
@@ -662,9 +659,7 @@ def test_a_resend_stopped_while_a_later_batch_is_queued_leaves_it_owed_not_rebui
 
     async def scenario():
         producer = Tracked()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        middle = asyncio.ensure_future(await send_values(producer, b"mid"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, middle, newer = await sends(producer, b"old", b"mid", b"new")
         await settle()
         producer.give_up(0)
         await settle()
@@ -697,8 +692,7 @@ def test_a_batch_whose_caller_is_gone_is_still_sent_again_after_an_earlier_copy(
 
     async def scenario():
         producer = AckedByTest()
-        older = asyncio.ensure_future(await send_values(producer, b"old"))
-        newer = asyncio.ensure_future(await send_values(producer, b"new"))
+        older, newer = await sends(producer, b"old", b"new")
         await settle()
         newer.cancel()
         producer.ack(1)
