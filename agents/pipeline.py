@@ -260,7 +260,7 @@ class DedupeExpiry:
         return sum(lane.expiry.reopened for lane in self.lanes)
 
     def describe(self) -> dict[str, Any]:
-        out = {"indexes_built": 0, "indexes_reopened": 0, "entries": 0}
+        out = {"indexes_built": 0, "indexes_reopened": 0, "indexes_building": 0, "entries": 0}
         for lane in self.lanes:
             for name, value in lane.expiry.describe().items():
                 out[name] += value
@@ -437,6 +437,11 @@ class LiveContext:
             queue = lane.expiry.queues.get(self.partition)
             if queue is None and self.store is not None:
                 queue = self.expiry.ensure(lane, self.partition, self.store)
+            if queue is not None and queue.building_from is not None:
+                # Nothing of it expires until it is built; admission does not wait for
+                # expiry (``is_duplicate`` judges a stored entry by its own time).
+                if not lane.expiry.build_some(self.partition, self.store, at_most):
+                    continue
             if queue and at_most > 0:
                 at_most -= self._expire_lane(lane, queue, at_most)
 

@@ -190,12 +190,13 @@ class PartitionStore:
             if raw is not None:
                 yield key, orjson.loads(raw)
 
-    def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
-        """Every (key, raw value) stored in one partition (RocksDB directly)."""
+    def scan_partition(self, partition: int, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, raw value) stored in one partition (RocksDB directly), in key
+        order, from the first key at or after ``start``."""
         db = self.partition_db(partition)
         if db is None:
             return
-        for key, raw in db.items():
+        for key, raw in db.items(from_key=start) if start else db.items():
             if raw is not None:
                 yield key, raw
 
@@ -380,8 +381,8 @@ class MemoryStore:
             for key, raw in db.items():
                 yield key, orjson.loads(raw)
 
-    def scan_partition(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
-        yield from list(self.data.get(partition, {}).items())
+    def scan_partition(self, partition: int, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        yield from sorted(item for item in self.data.get(partition, {}).items() if item[0] >= start)
 
 
 class _MemoryWrites:
@@ -717,6 +718,8 @@ class ExpiryQueue:
     one object however long."""
 
     __slots__ = ("_flat",)
+    #: Built at once (``Expiry.ensure``), never in steps.
+    building_from = None
 
     def __init__(self, entries: Iterable[tuple[float, int, bytes]] = ()) -> None:
         self._flat: deque[float | int | bytes] = deque(itertools.chain.from_iterable(entries))
@@ -753,8 +756,8 @@ class ExpiryIndex:
     worker's memory does not grow with them. Two parts, read together oldest first:
 
     - the entries found in the store when the index was built (after an assignment:
-      ``Expiry.ensure``), one RocksDB key each, ``REBUILT + (at, seq) + key``, so
-      RocksDB sorts them by time;
+      ``Expiry.ensure``, in steps: ``Expiry.build_some``), one RocksDB key each,
+      ``REBUILT + (at, seq) + key``, so RocksDB sorts them by time;
     - the entries stored since (``stored``), in the order they were stored, packed one
       after another into chunks of ~``CHUNK_BYTES`` (``(at, seq, key length)``, then the
       key), one RocksDB value per chunk under ``LOGGED + chunk number``. Only the chunk
@@ -768,8 +771,10 @@ class ExpiryIndex:
 
     Local only, not changelogged. Closed with ``close(keep=True)`` (partitions moved, a
     stop), it writes out its tail and read position (``META``), and ``reopen`` goes on
-    with it; ``Expiry`` decides when that is safe. Without ``META`` (a crash, a build cut
-    short) it is built anew from the table's partition. The stored part is in store
+    with it, a build not finished included; ``Expiry`` decides when that is safe.
+    Without ``META`` (a crash) it is built anew from the table's partition. While it is
+    built it gives out no entries: their order is known once every one is found. The
+    stored part is in store
     order, as the in-memory queue is: an entry stored after a younger one (event time)
     waits for it. Times before 1970 sort after all others (big-endian doubles), so such
     entries are deleted late, never early."""
@@ -788,10 +793,13 @@ class ExpiryIndex:
     REBUILD_CHUNK = 10_000
 
     def __init__(self, path: Path, entries: Iterable[tuple[float, int, bytes]] = (), *,
-                 reopened: tuple[Rdict, dict[str, Any]] | None = None) -> None:
+                 reopened: tuple[Rdict, dict[str, Any]] | None = None, building: bool = False) -> None:
         """Built from ``entries`` at ``path`` (anything there is deleted first), or, with
-        ``reopened`` (its database and ``META``: ``reopen``), going on from there."""
+        ``reopened`` (its database and ``META``: ``reopen``), going on from there.
+        ``building``: more entries are to be ``found`` (``building_from``)."""
         self.path = path
+        #: While it is built: the table key the build reads from next; None once built.
+        self.building_from: bytes | None = b"" if building else None
         #: Entries found at the build (their keys at or above ``_rebuilt_from``).
         self._rebuilt = 0
         self._rebuilt_from = self.REBUILT
@@ -810,11 +818,17 @@ class ExpiryIndex:
             self._rebuilt, self._rebuilt_from = int(meta["rebuilt"]), bytes.fromhex(meta["rebuilt_from"])
             self._logged, self._tail_no = int(meta["logged"]), int(meta["tail_no"])
             self._read_no, self._read_pos = int(meta["read_no"]), int(meta["read_pos"])
+            building_from = meta.get("building_from")
+            self.building_from = None if building_from is None else bytes.fromhex(building_from)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             Rdict.destroy(str(path))
         self.db = Rdict(str(path), _index_options())
+        self.found(entries)
+
+    def found(self, entries: Iterable[tuple[float, int, bytes]]) -> None:
+        """Entries found in the table by the build."""
         pack, prefix = self.SORTED.pack, self.REBUILT
         batch = WriteBatch(raw_mode=True)
         for at, seq, key in entries:
@@ -904,8 +918,11 @@ class ExpiryIndex:
             it.next()
 
     def oldest(self) -> Iterator[tuple[float, int, bytes]]:
-        """The entries, oldest first; ``drop`` them once this iterator is let go."""
+        """The entries, oldest first; ``drop`` them once this iterator is let go. None
+        while it is built."""
         self._taken = taken = []
+        if self.building_from is not None:
+            return
         if not self._rebuilt:  # the usual case: what was found at the build has expired
             yield from self._stored_entries(taken)
             return
@@ -964,7 +981,8 @@ class ExpiryIndex:
             self._tail_no += 1
             self._tail = bytearray()
         meta = {"rebuilt": self._rebuilt, "rebuilt_from": self._rebuilt_from.hex(), "logged": self._logged,
-                "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos}
+                "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos,
+                "building_from": None if self.building_from is None else self.building_from.hex()}
         # Not synced: lost in a crash of the machine, it only makes the next use rebuild.
         self.db[self.META] = orjson.dumps(meta)
         self.db.close()
@@ -1014,9 +1032,10 @@ class Expiry:
     on disk under ``folder`` for a RocksDB store, else by an ``ExpiryQueue`` in memory.
     Each batch adds what it stored (``stored``). The first time a partition is used
     after an assignment (``ensure``) its index is the one closed at the last move or
-    stop (``forget``), when nothing else wrote its table partition since; otherwise, and
-    always in memory, it is built from what the store holds, so that entries stored
-    before a restart or a rebalance expire too.
+    stop (``forget``), when nothing else wrote its table partition since; otherwise it
+    is built from what the store holds, so that entries stored before a restart or a
+    rebalance expire too: on disk in steps, one per batch (``build_some``), in memory
+    at once.
 
     What else writes a table partition: Faust's recovery (another owner's changes, a
     wiped or discarded folder restored, a standby copy), seen one changelog record at a
@@ -1024,8 +1043,15 @@ class Expiry:
     its partition's index was closed (``stored``). Either discards that index. Why keep
     it: a build reads the whole partition in one batch, ~1.1 µs an entry, so ~8 minutes
     for a day of ids at 5,000/s, at every rebalance and start (docs/performance.md,
-    "The dedupe expiry kept across moves"). ``decode(raw)`` gives ``(at, seq)`` of a
-    stored value, or None for a value that does not expire."""
+    "The dedupe expiry kept across moves"). Why in steps: a build in one batch held
+    the event loop and the batch's transaction for as long (docs/delivery.md, AP).
+    ``decode(raw)`` gives ``(at, seq)`` of a stored value, or None for a value that
+    does not expire."""
+
+    #: Table keys a build step reads at least (~1.1 µs each); a batch of many records
+    #: reads as many keys as it may expire entries, so a backlog's large batches do
+    #: not slow the build down.
+    BUILD_STEP = 1_000
 
     def __init__(self, decode: Callable[[bytes], tuple[float, int] | None],
                  folder: Callable[[], Path | None] | None = None,
@@ -1054,12 +1080,12 @@ class Expiry:
             return queue
         path = self._path(partition)
         if path is None:
-            queue = ExpiryQueue(sorted(self._entries(partition, store)))
+            queue = ExpiryQueue(sorted(self._found(partition, store)[0]))
             self.built += 1
         else:
             queue = None if partition in self.changed or not self.reopen_kept else ExpiryIndex.reopen(path)
             if queue is None:
-                queue = ExpiryIndex(path, self._entries(partition, store))
+                queue = ExpiryIndex(path, building=True)
                 self.built += 1
             else:
                 self.reopened += 1
@@ -1067,9 +1093,31 @@ class Expiry:
         self.queues[partition] = queue
         return queue
 
-    def _entries(self, partition: int, store: Any) -> Iterator[tuple[float, int, bytes]]:
+    def build_some(self, partition: int, store: Any, keys: int = 0) -> bool:
+        """One step of the build of ``partition``'s open index, ``keys`` table keys read
+        (at least ``BUILD_STEP``): True once it is built.
+
+        Steps need no snapshot of the table: a key written after the step that read it
+        reaches the index through ``stored``, and one written before the step that
+        reaches it is read there (an entry twice is harmless: expiry deletes a key only
+        while it holds the value that entry's record wrote)."""
+        index = self.queues[partition]
+        start = index.building_from
+        if start is None:
+            return True
+        entries, index.building_from = self._found(partition, store, start, max(keys, self.BUILD_STEP))
+        index.found(entries)
+        return index.building_from is None
+
+    def _found(self, partition: int, store: Any, start: bytes = b"",
+               limit: int | None = None) -> tuple[list[tuple[float, int, bytes]], bytes | None]:
+        """The entries of the table keys from ``start`` on, at most ``limit`` keys, and
+        the key to go on from (None: the partition was read to its end)."""
         decode, owns = self.decode, self.owns
-        for key, raw in store.scan_partition(partition):
+        entries: list[tuple[float, int, bytes]] = []
+        for n, (key, raw) in enumerate(store.scan_partition(partition, start)):
+            if n == limit:
+                return entries, key
             if owns is not None and not owns(key):
                 continue
             try:
@@ -1077,7 +1125,8 @@ class Expiry:
             except (ValueError, TypeError, IndexError):
                 continue
             if found is not None:
-                yield found[0], found[1], key
+                entries.append((found[0], found[1], key))
+        return entries, None
 
     def stored(self, partition: int, values: dict[bytes, Any]) -> None:
         """``values`` (key -> ``(at, seq)``, or None: deleted) were just stored in
@@ -1106,9 +1155,10 @@ class Expiry:
                 ExpiryIndex.discard(path)
 
     def describe(self) -> dict[str, Any]:
-        """Indexes built from the store and reopened since the start; the entries of
-        the open ones."""
+        """Indexes built from the store and reopened since the start, the open ones
+        still being built, and the entries of the open ones."""
         return {"indexes_built": self.built, "indexes_reopened": self.reopened,
+                "indexes_building": sum(queue.building_from is not None for queue in self.queues.values()),
                 "entries": sum(len(queue) for queue in self.queues.values())}
 
     def discard_all(self) -> None:

@@ -38,11 +38,13 @@ class FakeStore:
     def partition_db(self, partition: int) -> FakeDB:
         return FakeDB(self.dbs.setdefault(partition, {}))
 
-    def scan_partition(self, partition: int):
-        """(key, stored bytes) of one partition (the expiry queue is rebuilt from them)."""
+    def scan_partition(self, partition: int, start: bytes = b""):
+        """(key, stored bytes) of one partition in key order from ``start`` (the expiry
+        queue is rebuilt from them)."""
         import orjson
 
-        return [(key, orjson.dumps(value)) for key, value in self.dbs.get(partition, {}).items()]
+        return [(key, orjson.dumps(value)) for key, value in sorted(self.dbs.get(partition, {}).items())
+                if key >= start]
 
     def delete(self, event, key: bytes) -> None:
         self.dbs.get(event.message.partition, {}).pop(key, None)
@@ -403,9 +405,9 @@ class CountingStore(FakeStore):
         super().__init__()
         self.scans = 0
 
-    def scan_partition(self, partition: int):
-        self.scans += 1
-        return super().scan_partition(partition)
+    def scan_partition(self, partition: int, start: bytes = b""):
+        self.scans += start == b""  # builds begun
+        return super().scan_partition(partition, start)
 
 
 def test_the_expiry_index_is_kept_across_a_move_unless_its_table_partition_changed(tmp_path):
@@ -457,6 +459,66 @@ def test_the_expiry_index_is_kept_across_a_move_unless_its_table_partition_chang
         assert b"0|id:g" in store.deleted, "an entry stored after the close never expired"
 
     asyncio.run(run())
+
+
+class ReadCountingStore(FakeStore):
+    """Counts the table keys a build reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys_read = 0
+
+    def scan_partition(self, partition: int, start: bytes = b""):
+        for item in super().scan_partition(partition, start):
+            self.keys_read += 1
+            yield item
+
+
+def test_an_expiry_index_is_built_a_few_keys_a_batch_and_across_a_move(tmp_path, monkeypatch):
+    """Built in one batch, the index of a day of ids at 5,000/s (~430 million) held the
+    event loop and the batch's transaction for ~8 minutes, past the transaction
+    timeout: under exactly_once the worker was fenced, restarted, and built it again.
+    Now each batch reads ``max(BUILD_STEP, at_most)`` table keys. Nothing expires until
+    the index is built; entries stored meanwhile, before or after the build's
+    position, expire once it is; a move keeps the build's position."""
+    from tables.store import Expiry
+
+    monkeypatch.setattr(Expiry, "BUILD_STEP", 4)
+    ctx, steps, _ = context({"op": "deduplicate", "horizon_count": 3}, tmp_path / "expiry")
+    store = ctx.store = ReadCountingStore()
+    store.gate = asyncio.Event()
+    store.gate.set()
+    # What a worker before a crash stored in partition 0: ids k00..k19 at offsets 0..19.
+    store.dbs[0] = {f"0|id:k{o:02}".encode(): [1.0, o] for o in range(20)}
+
+    def batch(offset: int, event_id: str, at_most: int = 2) -> None:
+        admitted(ctx, steps, [(Record(0, offset), event_id)])
+        ctx.expire(at_most)
+        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+
+    def index():
+        return ctx.expiry.lanes[0].expiry.queues[0]
+
+    # Each step reads one key more than it takes: the one the next step begins at.
+    batch(100, "a0")  # k00-k03; a0 sorts before the build's position
+    assert store.keys_read == 5 and store.deleted == [], "a batch read more than one step, or expired mid-build"
+    assert ctx.expiry.describe()["indexes_building"] == 1
+    batch(101, "z1")  # k04-k07; z1 sorts after the position
+    batch(102, "k05")  # k08-k11; k05 again: read by the last step, stored anew
+    assert store.keys_read == 15 and store.deleted == []
+    ctx.expiry.forget()  # a move: partition 0 comes back unchanged
+    batch(103, "a1", at_most=6)  # k12-k17: a step of at_most keys, on from where it was
+    assert store.keys_read == 22 and store.deleted == []
+    assert ctx.expiry.reopened == 1 and ctx.expiry.built == 1, "the move began the build again"
+    batch(104, "a2")  # k18, k19, z1: built
+    assert store.keys_read == 25 and ctx.expiry.describe()["indexes_building"] == 0
+    # Built: everything more than 3 records behind expires, whenever it was stored.
+    for n in range(12):
+        batch(200 + n, f"late{n}", at_most=100)
+    deleted = set(store.deleted)
+    expected = {f"0|id:k{o:02}".encode() for o in range(20)} | {b"0|id:a0", b"0|id:z1", b"0|id:a1", b"0|id:a2"}
+    assert expected <= deleted, sorted(expected - deleted)
+    assert store.dbs[0].get(b"0|id:late11") is not None and store.keys_read == 25
 
 
 @pytest.mark.parametrize("how", ["outputs not acked", "store cut short", "batch cut short", "unclean stop"])
