@@ -186,7 +186,9 @@ async def split_source_batch(source: str, parts: Iterable[tuple[Any, list[Any]]]
                     forward.append((partition, key.encode(), value, (), None))
         if newest > -math.inf:
             clock.observe(partition, newest)
-    await emitter.send(repartition_topic, forward)
+    # In order, resends included: a copy stored after a later batch would be applied
+    # after that batch's events (a sequence seen out of order).
+    await emitter.send(repartition_topic, forward, in_order=True)
     return local
 
 

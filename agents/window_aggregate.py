@@ -880,7 +880,10 @@ def rekey_handler(keyed: Any, forward: Callable[[Any], tuple[bytes, bytes]], *, 
             out.append(OutgoingMessage(key, value, headers, None))
         if out:
             await kafka_io.ready.wait()
-            await kafka_io.send_topics({keyed_name: out})
+            # In order, resends included: the reader skips a record whose source offset
+            # is not past the last it applied, so a batch's copy stored after a later
+            # batch would be skipped, not applied.
+            await kafka_io.send_topics({keyed_name: out}, in_order=True)
 
     return rekey
 

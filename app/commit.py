@@ -142,10 +142,11 @@ class Emitter:
         return partition_of
 
     async def send(self, topic: Any, items: Sequence[tuple[int | None, bytes | None, bytes,
-                                                            Sequence[tuple[str, bytes]], int | None]]) -> None:
+                                                            Sequence[tuple[str, bytes]], int | None]],
+                   *, in_order: bool = False) -> None:
         """Send ``(source partition, key, value, headers, partition or None)`` items to
         ``topic``; returns once the broker acknowledged them all (a key's partition when
-        none is given)."""
+        none is given). ``in_order``: as ``kafka_io.send_batch``'s."""
         if not items:
             return
         await self.ready()
@@ -155,7 +156,7 @@ class Emitter:
         await kafka_io.send_batch(topic.get_topic_name(),
                                   [OutgoingMessage(key, value, tuple(headers), partition)
                                    for _, key, value, headers, partition in items],
-                                  settings.topic_partitions)
+                                  settings.topic_partitions, in_order=in_order)
 
     def takes_grouped(self) -> bool:
         """Whether ``send_later`` takes outputs already grouped by partition
@@ -373,7 +374,9 @@ class TransactionalEmitter(Emitter):
         await table_writes_handed_over(app)
 
     async def send(self, topic: Any, items: Sequence[tuple[int | None, bytes | None, bytes,
-                                                            Sequence[tuple[str, bytes]], int | None]]) -> None:
+                                                            Sequence[tuple[str, bytes]], int | None]],
+                   *, in_order: bool = False) -> None:
+        # In order anyway: a transaction's records are stored, or aborted, together.
         await _send_through_faust(topic, items)
 
     def takes_grouped(self) -> bool:
@@ -516,7 +519,7 @@ class MemoryEmitter(Emitter):
     async def ready(self) -> None:
         pass
 
-    async def send(self, topic: Any, items: Sequence[tuple[Any, ...]]) -> None:
+    async def send(self, topic: Any, items: Sequence[tuple[Any, ...]], *, in_order: bool = False) -> None:
         for source_partition, key, value, headers, _partition in items:
             self.sent.append((topic, key, value, tuple(headers), source_partition))
 

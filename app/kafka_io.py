@@ -206,13 +206,13 @@ class KafkaIO(Service):
             await asyncio.sleep(0.1)
         raise RuntimeError(f"topic {topic} was created but its metadata never arrived")
 
-    async def send_topics(self, by_topic: dict[str, list[OutgoingMessage]]) -> None:
+    async def send_topics(self, by_topic: dict[str, list[OutgoingMessage]], *, in_order: bool = False) -> None:
         """``send_batch`` to several topics at once (each with its own partition count);
         returns when the broker acknowledged every message."""
         sends = []
         for name, messages in by_topic.items():
             partitions = await self.partition_count(name) or settings.topic_partitions
-            sends.append(self.send_batch(name, messages, partitions))
+            sends.append(self.send_batch(name, messages, partitions, in_order=in_order))
         await asyncio.gather(*sends)
 
     async def send_partitioned(
@@ -246,12 +246,20 @@ class KafkaIO(Service):
         return RecordBatches(self.producer)
 
     async def send_batch(
-        self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int
+        self, topic: str, messages: Sequence[OutgoingMessage], num_partitions: int, *, in_order: bool = False
     ) -> list[Delivered]:
         """Send every message, pipelined, and return where each one was stored.
 
         Returns only after the broker acknowledged all of them (acks=all); raises if any
         batch failed, so the caller never reports a message as stored that is not.
+
+        ``in_order``: each partition's messages are stored in the order given, resends
+        included: its next record batch is handed over only once the one before is
+        acknowledged. Without it, a batch that failed is sent again after a later one
+        of its partition may have been stored (``delivered``: a key's newest value
+        still ends last). Readers that skip a record whose source offset is not past
+        the last one they applied (the re-key topics of windows and joins) lose the
+        earlier batch's copy then (docs/delivery.md, AQ).
         """
         # Keyless messages go to one partition per request (like Kafka's sticky
         # partitioner) so a request makes few, full batches.
@@ -263,7 +271,10 @@ class KafkaIO(Service):
                 p = partition_for(message.key, num_partitions, sticky)
             indexes.setdefault(p, []).append(index)
         groups = {p: [messages[i] for i in positions] for p, positions in indexes.items()}
-        sent = iter(await delivered(producer_of(self), topic, await self._append_record_batches(topic, groups)))
+        if in_order:
+            sent = iter(await self._delivered_in_order(topic, groups))
+        else:
+            sent = iter(await delivered(producer_of(self), topic, await self._append_record_batches(topic, groups)))
 
         results: list[Delivered | None] = [None] * len(messages)
         for positions in indexes.values():  # record batches come partition by partition
@@ -275,25 +286,43 @@ class KafkaIO(Service):
                 done += count
         return results  # type: ignore[return-value]
 
-    async def _append_record_batches(
+    async def _delivered_in_order(
         self, topic: str, groups: dict[int, Sequence[OutgoingMessage]]
+    ) -> list[tuple[Any, int]]:
+        """``delivered`` for ``send_batch(in_order=True)``: one record batch of each
+        partition in flight at a time; (metadata, count) partition by partition."""
+        producer = producer_of(self)
+        done: dict[int, list[tuple[Any, int]]] = {p: [] for p in groups}
+        sent_so_far = dict.fromkeys(groups, 0)
+        left = groups
+        while left:
+            handed = await self._append_record_batches(topic, left, first_only=True)
+            for one, result in zip(handed, await delivered(producer, topic, handed), strict=True):
+                done[one.partition].append(result)
+                sent_so_far[one.partition] += one.count
+            left = {p: groups[p][n:] for p, n in sent_so_far.items() if n < len(groups[p])}
+        return [result for results in done.values() for result in results]
+
+    async def _append_record_batches(
+        self, topic: str, groups: dict[int, Sequence[OutgoingMessage]], *, first_only: bool = False
     ) -> list[SentBatch]:
         """Append each partition's messages, with their headers, to record batches and
         hand them to the producer, partition by partition in the order given; return
-        them as ``SentBatch``es. (Records without headers, made one by one, take
-        ``RecordBatches``.)"""
+        them as ``SentBatch``es. ``first_only``: one record batch per partition, as
+        many of its messages as it takes. (Records without headers, made one by one,
+        take ``RecordBatches``.)"""
         assert self.producer is not None
         producer = self.producer
         pending: list[SentBatch] = []
         try:
-            return await self._hand_over_groups(producer, topic, groups, pending)
+            return await self._hand_over_groups(producer, topic, groups, pending, first_only)
         except BaseException:
             abandon(pending)
             raise
 
     @staticmethod
     async def _hand_over_groups(producer: Any, topic: str, groups: dict[int, Sequence[OutgoingMessage]],
-                                pending: list[SentBatch]) -> list[SentBatch]:
+                                pending: list[SentBatch], first_only: bool) -> list[SentBatch]:
         for partition, records in groups.items():
             batch, count = producer.create_batch(), 0
             for record in records:
@@ -303,6 +332,9 @@ class KafkaIO(Service):
                     # Full: send it and start the next, which always takes its first
                     # record (as in ``RecordBatches.add``).
                     pending.append(await hand_over(producer, topic, partition, finished(batch, count), count))
+                    if first_only:
+                        count = 0
+                        break
                     batch, count = producer.create_batch(), 0
                     append_record(batch, count, record.key, record.value, headers, record.timestamp_ms)
                 count += 1

@@ -748,3 +748,28 @@ def _one_record_batch(producer):
     batch = producer.create_batch()
     kio.append_record(batch, 0, b"k", b"v", kio.NO_HEADERS)
     return batch, 1
+
+
+
+@pytest.mark.parametrize("in_order", [False, True])
+def test_an_in_order_send_stores_a_partitions_records_once_and_in_order(batch_producer, in_order):
+    """A re-key send puts several record batches into one keyed partition. During a
+    broker restart aiokafka gave up the first while a later one was stored (another
+    caller of the shared producer had registered a new producer id, so no sequence gap
+    held it back: a review helper's script over aiokafka's own accumulator); the resend
+    then stored copies of all of them after it. The window and join readers, which skip
+    a record whose source offset is not past the last they applied, skipped the first
+    batch's copy as a replay: 1,256 of 3,000 records lost in that script. ``in_order``
+    hands a partition's next batch over only once the one before is acknowledged."""
+    producer = FlakyProducer({(0, 0): NotLeaderForPartitionError()})
+    batch_producer(producer)
+    messages = [kio.OutgoingMessage(b"k", str(offset).encode(), (), 0) for offset in range(300)]
+
+    delivered = asyncio.run(kio.kafka_io.send_batch("results", messages, 1, in_order=in_order))
+    stored = [int(value) for _, value in producer.log[0]]
+    assert producer.sends[0] >= 3, "the send should make several record batches"
+    if in_order:
+        assert stored == list(range(300))
+        assert [d.offset for d in delivered] == list(range(300))
+    else:  # what the readers got before: later batches ahead of the first one's copy
+        assert sorted(set(stored)) == list(range(300)) and stored[0] != 0
