@@ -2031,30 +2031,35 @@ class Recovery(FaustRecovery):
         self._check_not_superseded()
         await super().on_recovery_completed(generation_id)
 
-    #: How often, during recovery under exactly_once, the end of each changelog is
-    #: looked for (see ``_find_transactional_ends``).
+    #: How often, during recovery, the end of each changelog is looked for (see
+    #: ``_find_transactional_ends``).
     end_check_interval: float = 0.1
 
     @Service.task
     async def _find_transactional_ends(self) -> None:
-        """Under exactly_once, mark a changelog whose position is at its highwater
-        though its last offsets held no record as read to its end, within a fraction
-        of a second instead of 10 s.
+        """Under either guarantee, mark a changelog whose position is past its
+        highwater though its last offsets held no record as read to its end, within a
+        fraction of a second.
 
-        Why (issue 22; docs/delivery.md, S): a changelog written in transactions ends
-        with a commit marker, which the consumer never delivers, so the recovery never
-        sees a record at ``highwater - 1``. Faust notices this only after two
-        consecutive 5 s waits for a changelog record (``detect_aborted_tx``): every
-        recovery of a non-empty changelog under exactly_once took 10 s or more, whatever
-        its size, also right after a clean stop. Here Faust's test (the consumer's
-        position is at the highwater, nothing is queued) is made every
-        ``end_check_interval`` once the pass has sought its active partitions, and, as
-        Faust's, trusted only when it held twice in a row with the partition's offset
-        unchanged in between (records fetched but not yet queued would move it)."""
+        Why (issue 22; docs/delivery.md, S and AP): a changelog written in transactions
+        ends with a commit or abort marker, maybe after aborted records, none of which
+        the consumer delivers (it reads ``WORKER_ISOLATION_LEVEL``), so the recovery
+        never sees a record at Faust's highwater (the end offset - 1). Faust notices
+        this only after two consecutive 5 s waits for a changelog record, and only
+        under exactly_once (``detect_aborted_tx``): every recovery of a non-empty
+        changelog under exactly_once took 10 s or more, and an at_least_once worker
+        whose changelog an exactly_once run had written waited for ever. Here the test
+        (the consumer's position is past the highwater, so the last offset was fetched
+        and skipped; nothing is queued) is made every ``end_check_interval`` once the
+        pass has sought its active partitions, and, as Faust's, trusted only when it
+        held twice in a row with the partition's offset unchanged in between (records
+        fetched but not yet queued would move it). Faust's own test takes a position
+        *at* the highwater, whose record may still be on its way: under at_least_once
+        the last offset is a record, and the recovery would end without it."""
         seen: dict[Any, int] = {}
         while not self.should_stop:
             await self.sleep(self.end_check_interval)
-            if (not (self._actives_seeked and self.in_recovery and self.app.in_transaction)
+            if (not (self._actives_seeked and self.in_recovery)
                     or self.signal_recovery_start.is_set() or self.tables.changelog_queue.qsize()):
                 seen.clear()
                 continue
@@ -2065,7 +2070,7 @@ class Recovery(FaustRecovery):
                 if highwater is None or offset is None or offset >= highwater:
                     continue
                 position = await self.app.consumer.position(tp)
-                if position is None or position < highwater:
+                if position is None or position <= highwater:
                     seen.pop(tp, None)
                 elif seen.get(tp) == offset:
                     self.log.info("End of the transactional changelog %s reached (position %d)", tp, position)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
+import pytest
 from faust.tables.recovery import Recovery as FaustRecovery
 from faust.types import TP
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
@@ -171,12 +172,16 @@ def test_a_rebalance_during_recovery_restarts_it_for_the_new_assignment():
     assert seeks == [{P0: 0}, {P2: 0}, {P1: 0}]  # gen 1 actives; gen 2 actives, then standbys
 
 
-def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait():
-    """Under exactly_once a changelog ends with a commit marker, never delivered: Faust
-    ended such a recovery only after two 5 s waits (docs/delivery.md, S). The recovery
-    now marks a partition read once its position is at the highwater with nothing
-    queued, twice in a row with the offset unchanged, and signals the waiting pass (its
-    buffers flushed first); a partition still short of its highwater is not ended."""
+@pytest.mark.parametrize("eos", [True, False], ids=["exactly_once", "at_least_once"])
+def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait(eos):
+    """A changelog written in transactions ends with a commit marker, never delivered:
+    Faust ended such a recovery only after two 5 s waits, and only under exactly_once
+    (docs/delivery.md, S); an at_least_once worker, which reads read_committed too
+    (section AP), waited for ever. The recovery now marks a partition read once its
+    position is past the highwater (Faust's: the end offset - 1) with nothing queued,
+    twice in a row with the offset unchanged, and signals the waiting pass (its buffers
+    flushed first); a partition still short of its highwater is not ended, nor one whose
+    position is at it (its last offset, maybe a record, not fetched yet)."""
     import asyncio
     import logging
     from types import SimpleNamespace
@@ -185,8 +190,8 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
 
     from app.transport import Recovery
 
-    done, short = TP("cl", 0), TP("cl", 1)
-    positions = {done: 11, short: 5}
+    done, short, last = TP("cl", 0), TP("cl", 1), TP("cl", 2)
+    positions = {done: 12, short: 5, last: 11}
     flushed = []
 
     class Probe(Recovery):
@@ -210,7 +215,7 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
         r = object.__new__(Probe)
         r.__dict__.update(
             _actives_seeked=True, in_recovery=True, active_highwaters=highwaters, active_offsets=offsets,
-            app=SimpleNamespace(in_transaction=True, consumer=SimpleNamespace(position=position)),
+            app=SimpleNamespace(in_transaction=eos, consumer=SimpleNamespace(position=position)),
             tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
             _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
             flush_buffers=lambda: flushed.append(1))
@@ -221,6 +226,8 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
     assert r.active_offsets[done] == 11 and r.signal_recovery_end.is_set() and flushed == [1]
     r = asyncio.run(go({done: 11, short: 20}, {done: 9, short: 4}))
     assert r.active_offsets == {done: 11, short: 4} and not r.signal_recovery_end.is_set()
+    r = asyncio.run(go({done: 11, last: 11}, {done: 9, last: 10}))
+    assert r.active_offsets == {done: 11, last: 10} and not r.signal_recovery_end.is_set()
 
 
 def test_a_recovery_end_signalled_for_an_earlier_pass_does_not_end_the_next_one(monkeypatch):
