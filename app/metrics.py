@@ -247,7 +247,7 @@ class StreamCollector(Collector):
         position = GaugeMetricFamily("streametl_consumer_position",
                                      "Next offset to process, per assigned partition", labels=labels)
         end = GaugeMetricFamily("streametl_consumer_end_offset",
-                                "End offset (high watermark, or LSO under exactly_once) at the last fetch",
+                                "End offset (the last stable offset: the worker reads read_committed) at the last fetch",
                                 labels=labels)
         lag = GaugeMetricFamily("streametl_consumer_lag_records",
                                 "Records not processed yet, per assigned partition", labels=labels)

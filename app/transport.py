@@ -456,8 +456,8 @@ class FastConsumer(faust_aiokafka.Consumer):
         to a batch agent; until then Faust's read offset is the committed offset, which
         is already the next one. With neither (the group never committed the partition
         and nothing was delivered yet) it is aiokafka's fetch position.
-        The end offset is the high watermark (the last stable offset under
-        read_committed) of the latest fetch response."""
+        The end offset is the last stable offset (``FastConsumerThread.highwater``) of
+        the latest fetch response."""
         progress = []
         read_offset, committed = self._read_offset, self._committed_offset
         last_ts = self._last_timestamp
@@ -1224,6 +1224,21 @@ async def await_topics_in_metadata(client: Any, topics: set[str],
         pause = min(pause * 2, 1.0)  # aiokafka logs an error per missing topic per refresh
 
 
+#: The isolation level of the worker's consumer, under both guarantees. Why: Faust reads
+#: ``read_uncommitted`` unless the app runs exactly_once, yet a topic may hold a
+#: transactional producer's aborted records whatever this worker's guarantee: a table
+#: changelog or repartition topic written by an exactly_once run of this app whose
+#: worker was killed mid-transaction, an input topic of an upstream exactly_once app.
+#: Read uncommitted, an at_least_once worker applied them as real (a count counted
+#: twice; a dedupe id only an aborted transaction wrote dropped its record). A topic
+#: without transactions has its last stable offset at its high watermark, so
+#: at_least_once gives up nothing. What follows from it: the end offsets are the last
+#: stable ones (``FastConsumerThread.highwater`` and ``_highwaters``), and recovery finds
+#: the end of a changelog whose last offsets hold no record (a transaction marker,
+#: aborted records) under both guarantees (``Recovery._find_transactional_ends``).
+WORKER_ISOLATION_LEVEL = "read_committed"
+
+
 class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """Faust's consumer "thread", run in the worker's own event loop, with a shorter
     fetch long-poll.
@@ -1285,6 +1300,14 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         result = fun(*args, **kwargs)
         return await result if inspect.isawaitable(result) else result
 
+    def highwater(self, tp: Any) -> int | None:
+        """The end offset of ``tp`` in the last fetch response: its last stable offset,
+        under either guarantee, as the consumer reads ``WORKER_ISOLATION_LEVEL``
+        (Faust's answers the high watermark outside exactly_once, past an open
+        transaction's records that this consumer does not read until it ends).
+        None before the first fetch."""
+        return self._ensure_consumer().last_stable_offset(tp)
+
     async def _highwaters(self, partitions: list[Any]) -> dict[Any, int]:
         """The end offsets, asked of the broker, under either guarantee.
 
@@ -1295,7 +1318,8 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         worker's partitions admitted 889 duplicates its dedupe memory had held) or
         refused to start (``ConsistencyError``: persisted offset above highwater -1;
         tests/chaos/test_pipeline_exactly_once.py). ``end_offsets`` asks the broker with
-        the consumer's isolation level, so read_committed gets the LSO itself."""
+        the consumer's isolation level (``WORKER_ISOLATION_LEVEL``), so it gets the LSO
+        itself."""
         return await self._ensure_consumer().end_offsets(partitions)
 
     async def rewind(self, tp: Any, offset: int) -> bool:
@@ -1321,6 +1345,8 @@ class FastConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         use_raw_records_for_batch_topics()
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms  # read by start() (Fetcher)
+        # aiokafka keeps the level's name and hands it to the Fetcher it builds in start().
+        consumer._isolation_level = WORKER_ISOLATION_LEVEL
         return consumer
 
     async def subscribe(self, topics: Iterable[str]) -> None:
@@ -2541,11 +2567,12 @@ def fetched_to(consumer: Any, tp: Any, end: int | None) -> bool:
     """True when the consumer fetched ``tp`` up to ``end`` and holds none of its records
     back (all were handed to the agents). False when ``end`` is not known.
 
-    Why (exactly_once): the consumer reads read_committed, and every transaction leaves
-    a commit or abort marker (and aborted records) in the log that is never delivered.
-    So the last offset delivered stays below the end offset for good, and a partition
-    compared by offsets never looked idle: idle close never closed a window under
-    exactly_once. The fetch position does move past markers and aborted records."""
+    Why: the consumer reads read_committed (``WORKER_ISOLATION_LEVEL``), and every
+    transaction leaves a commit or abort marker (and aborted records) in the log that
+    is never delivered. So the last offset delivered stays below the end offset for
+    good, and a partition compared by offsets never looked idle: idle close never
+    closed a window under exactly_once (or, under at_least_once, on an input written in
+    transactions). The fetch position does move past markers and aborted records."""
     if end is None:
         return False
     try:

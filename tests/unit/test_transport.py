@@ -469,6 +469,47 @@ def test_recovery_highwaters_come_from_the_broker_under_exactly_once_too():
     assert asyncio.run(thread._highwaters([tp])) == {tp: 2050}
 
 
+@pytest.mark.parametrize("eos", [False, True], ids=["at_least_once", "exactly_once"])
+def test_the_worker_consumer_reads_read_committed_under_both_guarantees(monkeypatch, eos):
+    """Faust's consumer reads read_uncommitted outside exactly_once: an at_least_once
+    worker applied the records of aborted transactions (a changelog or repartition
+    topic of an earlier exactly_once run, an upstream exactly_once app's output) as
+    real. The Fetcher aiokafka builds from the worker's consumer at start reads
+    read_committed, and the end offset the worker reports is the last stable offset."""
+    from aiokafka.consumer import fetcher as aiokafka_fetcher
+    from faust.types import TP
+
+    from app import app
+    from app.transport import FastConsumerThread
+
+    monkeypatch.setattr(app.consumer, "in_transaction", eos)
+
+    async def main():
+        thread = FastConsumerThread(app.consumer, loop=asyncio.get_running_loop())
+        consumer = thread._create_worker_consumer(app.transport)
+        try:
+            assert consumer._isolation_level == "read_committed"
+            # What start() hands its Fetcher (aiokafka converts the name there).
+            fetcher = aiokafka_fetcher.Fetcher(consumer._client, consumer._subscription,
+                                               isolation_level=consumer._isolation_level)
+            assert fetcher._isolation_level == aiokafka_fetcher.READ_COMMITTED
+            await fetcher.close()
+        finally:
+            await consumer._client.close()
+
+        class Fetched:
+            def highwater(self, tp):
+                return 120  # past an open transaction's records
+
+            def last_stable_offset(self, tp):
+                return 100
+
+        thread._ensure_consumer = Fetched
+        assert thread.highwater(TP("in", 0)) == 100
+
+    asyncio.run(main())
+
+
 def test_the_reply_topic_names_one_worker_and_is_a_legal_topic_name():
     """One reply topic per worker, reused across its restarts (issue 17: a fresh
     f-reply-<uuid> per start piled up on the broker)."""
