@@ -2067,7 +2067,7 @@ class Recovery(FaustRecovery):
         highwater though its last offsets held no record as read to its end, within a
         fraction of a second.
 
-        Why (issue 22; docs/delivery.md, S and AP): a changelog written in transactions
+        Why (issue 22; docs/delivery.md, S and AR): a changelog written in transactions
         ends with a commit or abort marker, maybe after aborted records, none of which
         the consumer delivers (it reads ``WORKER_ISOLATION_LEVEL``), so the recovery
         never sees a record at Faust's highwater (the end offset - 1). Faust notices

@@ -1,4 +1,4 @@
-"""An at_least_once worker reads only committed records (docs/delivery.md, AP).
+"""An at_least_once worker reads only committed records (docs/delivery.md, AR).
 
 Faust's consumer reads read_uncommitted unless the app runs exactly_once, but a topic
 may hold a transactional producer's aborted records whatever the worker's guarantee:

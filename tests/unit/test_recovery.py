@@ -177,7 +177,7 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
     """A changelog written in transactions ends with a commit marker, never delivered:
     Faust ended such a recovery only after two 5 s waits, and only under exactly_once
     (docs/delivery.md, S); an at_least_once worker, which reads read_committed too
-    (section AP), waited for ever. The recovery now marks a partition read once its
+    (section AR), waited for ever. The recovery now marks a partition read once its
     position is past the highwater (Faust's: the end offset - 1) with nothing queued,
     twice in a row with the offset unchanged, and signals the waiting pass (its buffers
     flushed first); a partition still short of its highwater is not ended, nor one whose
