@@ -31,7 +31,10 @@ reads what other owners wrote since. The marker is trusted only when:
 
 Under at_least_once the local state is kept: its writes follow their changelog acks, so
 it never holds more than the changelog. The marker is written and removed the same way,
-which costs nothing.
+which costs nothing. Unless the last run was exactly_once (``<tabledir>/GUARANTEE``,
+written at each start): its folders may hold aborted writes, so the first
+at_least_once start after it keeps only what the marker vouches for, as exactly_once
+does.
 
 Under both guarantees a folder is only worth keeping while its changelog still holds
 every deletion made since the folder last caught up: a compacted changelog drops a
@@ -250,8 +253,7 @@ def decide_local_state() -> None:
         return
     AT_START.append("local state decided")
     tabledir = Path(app.conf.tabledir)
-    if not tabledir.is_dir():
-        return
+    last_run = swap_guarantee(tabledir, settings.processing_guarantee)
     for leftover in tabledir.glob(f"*{DELETING}*"):  # a removal the last run did not finish
         shutil.rmtree(leftover, ignore_errors=True)
     names = _table_names()
@@ -263,16 +265,39 @@ def decide_local_state() -> None:
         AT_START.append(f"{len(outdated)} local table folders last written over "
                         f"{settings.local_state_max_age:.0f} s ago (local_state_max_age): deleted, "
                         "restoring them from the changelogs")
-    if not exactly_once(settings):
+    if exactly_once(settings):
+        why = "exactly_once"
+    elif last_run == "exactly_once":
+        why = "the last run was exactly_once"
+    else:
         return
     untrusted = [n for n in names if n not in trusted]
     gone = discard_local_state(tabledir, untrusted)
     # Logged once the worker's logging is set up (it is not yet at worker init).
     if trusted:
-        AT_START.append(f"exactly_once: clean shutdown marker found, local state of {len(trusted)} tables kept")
+        AT_START.append(f"{why}: clean shutdown marker found, local state of {len(trusted)} tables kept")
     if untrusted:
-        AT_START.append(f"exactly_once: no trusted clean shutdown marker for {len(untrusted)} tables: "
+        AT_START.append(f"{why}: no trusted clean shutdown marker for {len(untrusted)} tables: "
                         f"{len(gone)} local table folders deleted, restoring them from the changelogs")
+
+
+#: The processing guarantee of the last run that started with this table folder.
+GUARANTEE_FILE = "GUARANTEE"
+
+
+def swap_guarantee(tabledir: Path, guarantee: str) -> str | None:
+    """Record ``guarantee`` as this run's (durably, before any store opens); return the
+    last run's, None when unknown. Why: a run killed under exactly_once leaves aborted
+    writes in its folders, and an at_least_once start, which keeps its folders, would
+    apply them as committed."""
+    path = tabledir / GUARANTEE_FILE
+    try:
+        last = path.read_text().strip() or None
+    except OSError:
+        last = None
+    if last != guarantee:
+        write_file_durably(path, guarantee.encode())
+    return last
 
 
 async def _decide_local_state() -> None:

@@ -16,7 +16,7 @@ def test_exactly_once_discards_only_the_named_tables_local_state(tmp_path):
     gone = local_state.discard_local_state(tmp_path, ["window-t", "aggregate-api"])
     assert sorted(p.name for p in gone) == ["aggregate-api-1.db", "window-t-0.db", "window-t-3.db",
                                             "window-t-backups"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pattern-state-0.db", "window-t-x-0.db",
+    assert listing(tmp_path) == ["pattern-state-0.db", "window-t-x-0.db",
                                                           "window-tt-0.db"]
 
 
@@ -36,11 +36,16 @@ def test_exactly_once_restores_every_tables_state_from_its_changelog(tmp_path, m
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
     local_state.decide_local_state()
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = listing(tmp_path)
     if guarantee == "exactly_once":
         assert left == ["unrelated-0.db"]
     else:
         assert len(left) == len(names) + 1
+
+
+def listing(tabledir) -> list[str]:
+    """The table folder's entries but the file naming the last run's guarantee."""
+    return sorted(p.name for p in tabledir.iterdir() if p.name != local_state.GUARANTEE_FILE)
 
 
 def fake_tables(tmp_path, names):
@@ -85,13 +90,13 @@ def test_exactly_once_keeps_the_state_a_marker_vouches_for_and_only_once(tmp_pat
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
     local_state.decide_local_state()
     kept = sorted(f"{n}-0.db" for n in names)
-    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    assert listing(tmp_path) == kept
     # A second call in the same process changes nothing.
     local_state.decide_local_state()
-    assert sorted(p.name for p in tmp_path.iterdir()) == kept
+    assert listing(tmp_path) == kept
     monkeypatch.setattr(local_state, "AT_START", [])  # the next process (e.g. after a kill -9)
     local_state.decide_local_state()
-    assert list(tmp_path.iterdir()) == []
+    assert listing(tmp_path) == []
 
 
 def test_a_command_beside_a_worker_neither_takes_its_marker_nor_deletes_its_tables(tmp_path, monkeypatch):
@@ -105,9 +110,9 @@ def test_a_command_beside_a_worker_neither_takes_its_marker_nor_deletes_its_tabl
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     marker = local_state.write_marker(tmp_path, local_state.settings.app_id, names)
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = listing(tmp_path)
     app.on_worker_init.send()
-    assert sorted(p.name for p in tmp_path.iterdir()) == before and marker.exists()
+    assert listing(tmp_path) == before and marker.exists()
     assert local_state._decide_local_state in app.start_checks
 
 
@@ -191,10 +196,10 @@ def test_the_cleaner_waits_for_the_first_assignment_and_for_a_rebalance_to_end(t
         await asyncio.sleep(0.01)
         assert local_state.remove_unused_folders() == [tmp_path / "t-1.db"]
         for _ in range(100):  # deleted in a thread
-            if sorted(p.name for p in tmp_path.iterdir()) == ["t-0.db"]:
+            if listing(tmp_path) == ["t-0.db"]:
                 break
             await asyncio.sleep(0.01)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["t-0.db"]
+        assert listing(tmp_path) == ["t-0.db"]
         assert list(open_dbs) == [0]
 
     asyncio.run(main())
@@ -218,6 +223,35 @@ def test_at_start_a_folder_last_written_too_long_ago_is_restored_in_full(tmp_pat
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     monkeypatch.setattr(local_state, "AT_START", [])
     local_state.decide_local_state()
-    left = sorted(p.name for p in tmp_path.iterdir())
+    left = listing(tmp_path)
     # The marker vouches for the others under exactly_once too.
     assert left == sorted(f"{n}-0.db" for n in names if n != old)
+
+
+@pytest.mark.parametrize("stop", ["killed", "clean"])
+def test_an_at_least_once_start_after_an_exactly_once_run_keeps_only_what_the_marker_vouches_for(
+        tmp_path, monkeypatch, stop):
+    """A run killed under exactly_once leaves aborted writes in its folders; at_least_once
+    keeps its folders, so switching the guarantee applied them as committed (a count
+    counted twice). The first at_least_once start after an exactly_once run keeps only
+    what a clean stop's marker vouches for; the starts after it keep their folders."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+
+    def start(guarantee: str) -> None:
+        monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
+        monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
+        local_state.decide_local_state()
+
+    start("exactly_once")  # nothing there yet: this run's guarantee is noted
+    fake_tables(tmp_path, names)
+    if stop == "clean":
+        local_state.write_marker(tmp_path, local_state.settings.app_id, names)
+    start("at_least_once")
+    kept = sorted(f"{n}-0.db" for n in names)
+    assert listing(tmp_path) == (kept if stop == "clean" else [])
+    fake_tables(tmp_path, [n for n in names if not (tmp_path / f"{n}-0.db").exists()])
+    start("at_least_once")  # killed under at_least_once: its folders stay
+    assert listing(tmp_path) == kept
