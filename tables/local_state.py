@@ -253,7 +253,7 @@ def decide_local_state() -> None:
         return
     AT_START.append("local state decided")
     tabledir = Path(app.conf.tabledir)
-    last_run = swap_guarantee(tabledir, settings.processing_guarantee)
+    last_run_exactly_once = swap_guarantee(tabledir, exactly_once(settings))
     for leftover in tabledir.glob(f"*{DELETING}*"):  # a removal the last run did not finish
         shutil.rmtree(leftover, ignore_errors=True)
     names = _table_names()
@@ -267,7 +267,7 @@ def decide_local_state() -> None:
                         "restoring them from the changelogs")
     if exactly_once(settings):
         why = "exactly_once"
-    elif last_run == "exactly_once":
+    elif last_run_exactly_once:
         why = "the last run was exactly_once"
     else:
         return
@@ -285,19 +285,20 @@ def decide_local_state() -> None:
 GUARANTEE_FILE = "GUARANTEE"
 
 
-def swap_guarantee(tabledir: Path, guarantee: str) -> str | None:
-    """Record ``guarantee`` as this run's (durably, before any store opens); return the
-    last run's, None when unknown. Why: a run killed under exactly_once leaves aborted
-    writes in its folders, and an at_least_once start, which keeps its folders, would
-    apply them as committed."""
+def swap_guarantee(tabledir: Path, is_exactly_once: bool) -> bool:
+    """Record this run's guarantee (durably, before any store opens); return whether
+    the last run's was exactly_once. Why: a run killed under exactly_once leaves
+    aborted writes in its folders, and an at_least_once start, which keeps its folders,
+    would apply them as committed."""
     path = tabledir / GUARANTEE_FILE
+    guarantee = "exactly_once" if is_exactly_once else "at_least_once"
     try:
-        last = path.read_text().strip() or None
+        last = path.read_text().strip()
     except OSError:
         last = None
     if last != guarantee:
         write_file_durably(path, guarantee.encode())
-    return last
+    return last == "exactly_once"
 
 
 async def _decide_local_state() -> None:
