@@ -32,9 +32,9 @@ reads what other owners wrote since. The marker is trusted only when:
 Under at_least_once the local state is kept: its writes follow their changelog acks, so
 it never holds more than the changelog. The marker is written and removed the same way,
 which costs nothing. Unless the last run was exactly_once (``<tabledir>/GUARANTEE``,
-written at each start): its folders may hold aborted writes, so the first
-at_least_once start after it keeps only what the marker vouches for, as exactly_once
-does.
+noted by each start once it decided), or nothing says which it was: its folders may
+hold aborted writes, so the first at_least_once start after it keeps only what the
+marker vouches for, as exactly_once does.
 
 Under both guarantees a folder is only worth keeping while its changelog still holds
 every deletion made since the folder last caught up: a compacted changelog drops a
@@ -253,10 +253,10 @@ def decide_local_state() -> None:
         return
     AT_START.append("local state decided")
     tabledir = Path(app.conf.tabledir)
-    last_run_exactly_once = swap_guarantee(tabledir, exactly_once(settings))
     for leftover in tabledir.glob(f"*{DELETING}*"):  # a removal the last run did not finish
         shutil.rmtree(leftover, ignore_errors=True)
     names = _table_names()
+    last_run_exactly_once = last_run_may_have_been_exactly_once(tabledir, names)
     trusted = take_marker(tabledir, settings.app_id, names)
     outdated = outdated_folders(tabledir, names, time.time(), settings.local_state_max_age)
     for folder in outdated:
@@ -268,11 +268,14 @@ def decide_local_state() -> None:
     if exactly_once(settings):
         why = "exactly_once"
     elif last_run_exactly_once:
-        why = "the last run was exactly_once"
+        why = "the last run was exactly_once, or is not known"
     else:
+        note_guarantee(tabledir, exactly_once(settings))
         return
     untrusted = [n for n in names if n not in trusted]
     gone = discard_local_state(tabledir, untrusted)
+    # Only now: a start killed before its folders were gone must discard them again.
+    note_guarantee(tabledir, exactly_once(settings))
     # Logged once the worker's logging is set up (it is not yet at worker init).
     if trusted:
         AT_START.append(f"{why}: clean shutdown marker found, local state of {len(trusted)} tables kept")
@@ -281,24 +284,32 @@ def decide_local_state() -> None:
                         f"{len(gone)} local table folders deleted, restoring them from the changelogs")
 
 
-#: The processing guarantee of the last run that started with this table folder.
+#: The processing guarantee of the last run that started with this table folder, noted
+#: once its start decided the local state. Why: a run killed under exactly_once leaves
+#: aborted writes in its folders, and an at_least_once start, which keeps its folders,
+#: would apply them as committed.
 GUARANTEE_FILE = "GUARANTEE"
 
 
-def swap_guarantee(tabledir: Path, is_exactly_once: bool) -> bool:
-    """Record this run's guarantee (durably, before any store opens); return whether
-    the last run's was exactly_once. Why: a run killed under exactly_once leaves
-    aborted writes in its folders, and an at_least_once start, which keeps its folders,
-    would apply them as committed."""
-    path = tabledir / GUARANTEE_FILE
-    guarantee = "exactly_once" if is_exactly_once else "at_least_once"
+def last_run_may_have_been_exactly_once(tabledir: Path, table_names: list[str]) -> bool:
+    """Whether the folders may come from an exactly_once run: it says so, or nothing
+    says (folders of a version that noted no guarantee)."""
     try:
-        last = path.read_text().strip()
+        return (tabledir / GUARANTEE_FILE).read_text().strip() == "exactly_once"
     except OSError:
-        last = None
-    if last != guarantee:
-        write_file_durably(path, guarantee.encode())
-    return last == "exactly_once"
+        return any(table_folders(tabledir, table_names).values())
+
+
+def note_guarantee(tabledir: Path, is_exactly_once: bool) -> None:
+    """Note this run's guarantee (durably) for the next start."""
+    guarantee = "exactly_once" if is_exactly_once else "at_least_once"
+    path = tabledir / GUARANTEE_FILE
+    try:
+        if path.read_text().strip() == guarantee:
+            return
+    except OSError:
+        pass
+    write_file_durably(path, guarantee.encode())
 
 
 async def _decide_local_state() -> None:

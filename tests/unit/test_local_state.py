@@ -32,6 +32,8 @@ def test_exactly_once_restores_every_tables_state_from_its_changelog(tmp_path, m
     for name in names:
         (tmp_path / f"{name}-0.db").mkdir()
     (tmp_path / "unrelated-0.db").mkdir()
+    # Killed under the same guarantee (under at_least_once its folders are kept).
+    local_state.note_guarantee(tmp_path, guarantee == "exactly_once")
     monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
     monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
     monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
@@ -255,3 +257,50 @@ def test_an_at_least_once_start_after_an_exactly_once_run_keeps_only_what_the_ma
     fake_tables(tmp_path, [n for n in names if not (tmp_path / f"{n}-0.db").exists()])
     start("at_least_once")  # killed under at_least_once: its folders stay
     assert listing(tmp_path) == kept
+
+
+def test_a_start_killed_while_it_discarded_an_exactly_once_runs_folders_leaves_them_to_the_next(
+        tmp_path, monkeypatch):
+    """The guarantee is noted only once the folders are gone: noted first, a start
+    killed during the deletes (found by a review: an rmtree raising) left the next
+    at_least_once start to keep them, the marker already taken."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
+    local_state.note_guarantee(tmp_path, True)  # killed under exactly_once
+    fake_tables(tmp_path, names)
+
+    def killed(tabledir, table_names):
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(local_state, "discard_local_state", killed)
+    monkeypatch.setattr(local_state, "AT_START", [])
+    with pytest.raises(KeyboardInterrupt):
+        local_state.decide_local_state()
+    monkeypatch.undo()
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
+    monkeypatch.setattr(local_state, "AT_START", [])
+    local_state.decide_local_state()
+    assert listing(tmp_path) == []
+
+
+def test_folders_of_a_version_that_noted_no_guarantee_are_kept_only_if_the_marker_vouches(tmp_path, monkeypatch):
+    """Without the file, the folders may be a killed exactly_once run's (a worker of the
+    version before it): an at_least_once start keeps what a marker vouches for, and
+    restores the rest. No folders: nothing to doubt."""
+    from app import app
+
+    names = sorted(t.name for t in app.tables.values())
+    assert not local_state.last_run_may_have_been_exactly_once(tmp_path, names)
+    fake_tables(tmp_path, names)
+    assert local_state.last_run_may_have_been_exactly_once(tmp_path, names)
+    local_state.write_marker(tmp_path, local_state.settings.app_id, names[:1])
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
+    monkeypatch.setattr(local_state, "AT_START", [])
+    local_state.decide_local_state()
+    assert listing(tmp_path) == [f"{names[0]}-0.db"]
+    assert not local_state.last_run_may_have_been_exactly_once(tmp_path, names)
