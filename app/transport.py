@@ -2233,8 +2233,10 @@ class ProducerBuffer(FaustProducerBuffer):
     async def _send_pending(self, fut: Any) -> None:
         try:
             await super()._send_pending(fut)
-        finally:
+            # Not a send that raised: that crashes the buffer, and ``handed_over``
+            # raises rather than count a table write the transaction lacks.
             self.handed_count += 1
+        finally:
             self._handed.set()
 
     async def handed_over(self) -> None:
@@ -2244,8 +2246,13 @@ class ProducerBuffer(FaustProducerBuffer):
         target = self.put_count
         while self.handed_count < target:
             if self.state != "running":
+                cause = self.crash_reason
+                if isinstance(cause, ZombieRestart):
+                    # The worker's reason to stop (a send refused as a zombie's), not a
+                    # failure of the batch: the supervisor and its logs see it as such.
+                    raise cause
                 raise RuntimeError(f"producer buffer {self.state} with {target - self.handed_count} "
-                                   "table writes not handed over")
+                                   "table writes not handed over") from cause
             self._handed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._handed.wait(), 0.5)

@@ -1262,6 +1262,36 @@ def test_table_writes_are_handed_over_even_when_a_send_waits_longer_than_fausts_
     asyncio.run(main())
 
 
+def test_a_buffer_that_stopped_a_zombies_send_hands_its_reason_to_the_batch():
+    """A woken zombie's send into a fenced transaction crashes the producer buffer with
+    ``ZombieRestart``; the batch waiting for its table writes raised a RuntimeError
+    instead, which became the worker's exit reason (a chained-fault run counted the
+    deliberate exit as a crash)."""
+    from types import SimpleNamespace
+
+    from app.transport import ProducerBuffer, ZombieRestart
+
+    async def main():
+        buffer = ProducerBuffer()
+        buffer.app = SimpleNamespace(conf=SimpleNamespace(producer_threaded=False))
+        reason = ZombieRestart("a send into a fenced transaction")
+
+        class Channel:
+            async def publish_message(self, fut, wait=False):
+                raise reason
+
+        await buffer.start()
+        try:
+            buffer.put(SimpleNamespace(n=0, message=SimpleNamespace(channel=Channel())))
+            with pytest.raises(ZombieRestart) as raised:
+                await asyncio.wait_for(buffer.handed_over(), 5)
+            assert raised.value is reason
+        finally:
+            await buffer.stop()
+
+    asyncio.run(main())
+
+
 def test_the_app_producer_uses_the_counting_buffer():
     from app import app
     from app.transport import ProducerBuffer
