@@ -815,7 +815,8 @@ class ExpiryIndex:
         self._taken: list[bytes | tuple[int, int]] = []
         if reopened is not None:
             self.db, meta = reopened
-            self._rebuilt, self._rebuilt_from = int(meta["rebuilt"]), bytes.fromhex(meta["rebuilt_from"])
+            found = meta["rebuilt"] if "rebuilt" in meta else meta["found_so_far"]
+            self._rebuilt, self._rebuilt_from = int(found), bytes.fromhex(meta["rebuilt_from"])
             self._logged, self._tail_no = int(meta["logged"]), int(meta["tail_no"])
             self._read_no, self._read_pos = int(meta["read_no"]), int(meta["read_pos"])
             building_from = meta.get("building_from")
@@ -981,8 +982,13 @@ class ExpiryIndex:
             self._tail_no += 1
             self._tail = bytearray()
         meta = {"rebuilt": self._rebuilt, "rebuilt_from": self._rebuilt_from.hex(), "logged": self._logged,
-                "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos,
-                "building_from": None if self.building_from is None else self.building_from.hex()}
+                "tail_no": self._tail_no, "read_no": self._read_no, "read_pos": self._read_pos}
+        if self.building_from is not None:
+            # Not under "rebuilt": a version without steps would reopen a half-built
+            # index as built (its missing entries never expiring); it fails on the
+            # missing key and builds anew.
+            meta["found_so_far"] = meta.pop("rebuilt")
+            meta["building_from"] = self.building_from.hex()
         # Not synced: lost in a crash of the machine, it only makes the next use rebuild.
         self.db[self.META] = orjson.dumps(meta)
         self.db.close()

@@ -521,6 +521,106 @@ def test_an_expiry_index_is_built_a_few_keys_a_batch_and_across_a_move(tmp_path,
     assert store.dbs[0].get(b"0|id:late11") is not None and store.keys_read == 25
 
 
+def test_an_expiry_index_is_built_in_steps_over_rocksdb_and_begins_again_after_a_restore(tmp_path, monkeypatch):
+    """The steps read the table's RocksDB from where the last one stopped
+    (``items(from_key=...)``, raw mode as Faust opens it), with batches stored between
+    them; a restore into the partition mid-build discards the index, and the next build
+    begins again. Kept across a move, a half-built index is not one a version without
+    steps would take for built (its META lacks ``rebuilt``)."""
+    from types import SimpleNamespace
+
+    import orjson
+    from rocksdict import Options, Rdict
+
+    from agents.pipeline import _seen_at
+    from tables.store import Expiry, ExpiryIndex, PartitionStore
+
+    monkeypatch.setattr(Expiry, "BUILD_STEP", 3)
+    db = Rdict(str(tmp_path / "table"), Options(raw_mode=True))
+    for o in range(10):
+        db[f"0|id:k{o:02}".encode()] = orjson.dumps([1.0, o])
+    db[b"__faust\x00offset__"] = b"42"  # Faust's own key: no entry
+    store = PartitionStore(SimpleNamespace(data=SimpleNamespace(_db_for_partition=lambda p: db)))
+    expiry = Expiry(_seen_at, lambda: tmp_path / "expiry")
+
+    def build(writes: bool) -> int:
+        steps = 1
+        while not expiry.build_some(0, store):
+            steps += 1
+            assert steps < 50, "the build does not move on"
+            if writes:  # a batch stored between two steps
+                key = f"0|id:n{steps}".encode()
+                db[key] = orjson.dumps([2.0, 100 + steps])
+                expiry.stored(0, {key: (2.0, 100 + steps)})
+        return steps
+
+    def indexed() -> set[bytes]:
+        return {key for _, _, key in expiry.queues[0].oldest()}
+
+    def table_keys() -> set[bytes]:
+        return {key for key in db.keys() if key.startswith(b"0|id:")}
+
+    expiry.ensure(0, store)
+    assert build(writes=True) >= 4 and indexed() == table_keys()
+
+    # Half built, closed at a move: kept, but not under the key an older version reads.
+    expiry.discard_all()
+    expiry.ensure(0, store)
+    expiry.build_some(0, store)
+    expiry.forget()
+    reopened = ExpiryIndex.reopen(tmp_path / "expiry" / "0")
+    assert reopened is not None and reopened.building_from is not None
+    reopened.close(keep=True)
+    check = Rdict(str(tmp_path / "expiry" / "0"), Options(raw_mode=True))
+    meta = orjson.loads(check[ExpiryIndex.META])
+    check.close()
+    assert "rebuilt" not in meta and meta["building_from"]
+
+    # A restore into the partition mid-build: built again from the first key.
+    expiry.ensure(0, store)
+    expiry.build_some(0, store)
+    asyncio.run(expiry.restored(SimpleNamespace(message=SimpleNamespace(partition=0))))
+    db[b"0|id:r"] = orjson.dumps([3.0, 300])  # what the restore wrote
+    built = expiry.built
+    expiry.ensure(0, store)
+    assert expiry.built == built + 1
+    build(writes=False)
+    assert indexed() == table_keys()
+    expiry.forget()
+    db.close()
+
+
+def test_every_dedupe_steps_index_is_built_alongside_the_others(tmp_path, monkeypatch):
+    """One index per dedupe step: a step whose index is still being built holds back
+    neither the other steps' builds nor their expiry."""
+    from tables.store import Expiry
+
+    monkeypatch.setattr(Expiry, "BUILD_STEP", 4)
+    (spec,) = parse_pipelines([{"name": "p", "source": "in", "sink": "out", "steps": [
+        {"op": "deduplicate", "horizon_count": 2},
+        {"op": "deduplicate", "fields": ["order_id"], "horizon_count": 2}]}])
+    ctx = LiveContext(spec, table=None, expiry_folder=lambda: tmp_path / "expiry")
+    store = ctx.store = FakeStore()
+    store.gate = asyncio.Event()
+    store.gate.set()
+    # The first step's ids fill the first keys of the table; the second step's come after.
+    store.dbs[0] = {f"0|id:k{o:02}".encode(): [1.0, o] for o in range(12)}
+    store.dbs[0][b"1|x"] = [1.0, 0]
+    ctx.begin_batch()
+    ctx.enter_partition(Record(0, 50))
+    ctx.at_offset(50)
+    ctx.expire(1)
+    assert ctx.expiry.describe()["indexes_building"] == 2
+    for offset in range(51, 70):
+        ctx.begin_batch()
+        ctx.enter_partition(Record(0, offset))
+        ctx.at_offset(offset)
+        ctx.expire(3)
+        asyncio.run(ctx.store_after(None, ctx.detach_writes()))
+    assert ctx.expiry.describe()["indexes_building"] == 0
+    assert b"1|x" in store.deleted, "the second step's entry never expired"
+
+
 @pytest.mark.parametrize("how", ["outputs not acked", "store cut short", "batch cut short", "unclean stop"])
 def test_expired_entries_never_stored_make_the_indexes_be_built_again(tmp_path, how):
     """``expire`` takes expired entries out of the index at once, and their deletes are
