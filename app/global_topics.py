@@ -28,7 +28,7 @@ from mode import Service
 
 from app import settings
 from app.kafka_security import client_options
-from app.transport import refresh_metadata
+from app.transport import WORKER_ISOLATION_LEVEL, refresh_metadata
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,13 @@ METADATA_INTERVAL = 0.2
 
 
 def new_consumer() -> AIOKafkaConsumer:
-    """A group-less consumer that reads from the beginning and commits nothing."""
+    """A group-less consumer that reads from the beginning and commits nothing, only
+    committed records as the worker's own consumer (under exactly_once the pattern
+    counts' changelog and the alerts are written in transactions: an aborted alert was
+    shown in the alert history, an aborted count until overwritten)."""
     return AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False,
-                            auto_offset_reset="earliest", group_id=None, **client_options(settings))
+                            auto_offset_reset="earliest", group_id=None,
+                            isolation_level=WORKER_ISOLATION_LEVEL, **client_options(settings))
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str,

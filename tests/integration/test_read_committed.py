@@ -123,3 +123,25 @@ def test_an_at_least_once_worker_restores_its_tables_without_an_aborted_transact
         assert run(emitted_ids(sink)) == ["after", "ghost", "seed"]
     finally:
         second.kill()
+
+
+def test_the_global_readers_skip_an_aborted_transaction(kafka, monkeypatch):
+    """The readers of the topics every worker reads whole (reference data, the pattern
+    catalog and its counts, the alert history: ``app.global_topics``) read
+    read_uncommitted: under exactly_once an aborted alert stayed in the history."""
+    from app import global_topics
+    from tests.support import create_topics
+
+    monkeypatch.setattr(global_topics, "settings", global_topics.settings.replace(broker=f"kafka://{BOOTSTRAP}"))
+    topic = unique("alerts-history")
+
+    async def scenario() -> list[bytes]:
+        await create_topics([topic], partitions=1)
+        await produce_json(topic, [], raw=[b"committed-1"])
+        await write_aborted(topic, [(b"k", b"aborted")], partition=0)
+        await produce_json(topic, [], raw=[b"committed-2"])
+        seen: list[bytes] = []
+        await global_topics.read_recent(topic, 10, lambda m: seen.append(m.value))
+        return seen
+
+    assert run(scenario()) == [b"committed-1", b"committed-2"]
