@@ -1111,9 +1111,10 @@ class Expiry:
         start = index.building_from
         if start is None:
             return True
-        entries, index.building_from = self._found(partition, store, start, max(keys, self.BUILD_STEP))
-        index.found(entries)
-        return index.building_from is None
+        entries, next_start = self._found(partition, store, start, max(keys, self.BUILD_STEP))
+        index.found(entries)  # first: should it fail, the next step reads them again
+        index.building_from = next_start
+        return next_start is None
 
     def _found(self, partition: int, store: Any, start: bytes = b"",
                limit: int | None = None) -> tuple[list[tuple[float, int, bytes]], bytes | None]:
