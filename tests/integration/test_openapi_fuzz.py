@@ -62,6 +62,15 @@ def fuzz(schema, operation, base_url: str) -> dict[int, int]:
     return statuses
 
 
+def described(exc: BaseException) -> str:
+    """The exception and, for a group (hypothesis' ``FlakyFailure``: failed once, then
+    not), each exception in it: the check that failed and the answer it saw."""
+    text = f"{type(exc).__name__}: {exc}"
+    for inner in getattr(exc, "exceptions", ()):
+        text += "\n  " + described(inner).replace("\n", "\n  ")
+    return text
+
+
 # schemathesis' pytest loader (schema.parametrize, from_fixture) reads a private
 # attribute pytest 9 removed, so the operations are driven with hypothesis directly.
 def test_every_operation_answers_within_its_contract(worker):
@@ -74,7 +83,7 @@ def test_every_operation_answers_within_its_contract(worker):
             print(op.label, dict(sorted(statuses.items())))
             assert statuses, "no call was made"
         except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - try every operation, report all
-            failures[op.label] = f"{type(exc).__name__}: {exc}"
+            failures[op.label] = described(exc)
     assert not failures, "\n\n".join(f"{k}:\n{v}" for k, v in failures.items())
 
 
