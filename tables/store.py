@@ -1086,7 +1086,7 @@ class Expiry:
             return queue
         path = self._path(partition)
         if path is None:
-            queue = ExpiryQueue(sorted(self._found(partition, store)[0]))
+            queue = ExpiryQueue(sorted(self._table_entries(partition, store)[0]))
             self.built += 1
         else:
             queue = None if partition in self.changed or not self.reopen_kept else ExpiryIndex.reopen(path)
@@ -1111,13 +1111,13 @@ class Expiry:
         start = index.building_from
         if start is None:
             return True
-        entries, next_start = self._found(partition, store, start, max(keys, self.BUILD_STEP))
+        entries, next_start = self._table_entries(partition, store, start, max(keys, self.BUILD_STEP))
         index.found(entries)  # first: should it fail, the next step reads them again
         index.building_from = next_start
         return next_start is None
 
-    def _found(self, partition: int, store: Any, start: bytes = b"",
-               limit: int | None = None) -> tuple[list[tuple[float, int, bytes]], bytes | None]:
+    def _table_entries(self, partition: int, store: Any, start: bytes = b"",
+                       limit: int | None = None) -> tuple[list[tuple[float, int, bytes]], bytes | None]:
         """The entries of the table keys from ``start`` on, at most ``limit`` keys, and
         the key to go on from (None: the partition was read to its end)."""
         decode, owns = self.decode, self.owns

@@ -230,6 +230,17 @@ def test_at_start_a_folder_last_written_too_long_ago_is_restored_in_full(tmp_pat
     assert left == sorted(f"{n}-0.db" for n in names if n != old)
 
 
+def start_worker(monkeypatch, tabledir, guarantee: str) -> None:
+    """A worker process starting under ``guarantee`` with ``tabledir``: it decides the
+    local state."""
+    from app import app
+
+    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tabledir))
+    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
+    monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
+    local_state.decide_local_state()
+
+
 @pytest.mark.parametrize("stop", ["killed", "clean"])
 def test_an_at_least_once_start_after_an_exactly_once_run_keeps_only_what_the_marker_vouches_for(
         tmp_path, monkeypatch, stop):
@@ -240,12 +251,9 @@ def test_an_at_least_once_start_after_an_exactly_once_run_keeps_only_what_the_ma
     from app import app
 
     names = sorted(t.name for t in app.tables.values())
-    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
 
     def start(guarantee: str) -> None:
-        monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee=guarantee))
-        monkeypatch.setattr(local_state, "AT_START", [])  # a fresh process
-        local_state.decide_local_state()
+        start_worker(monkeypatch, tmp_path, guarantee)
 
     start("exactly_once")  # nothing there yet: this run's guarantee is noted
     fake_tables(tmp_path, names)
@@ -267,8 +275,6 @@ def test_a_start_killed_while_it_discarded_an_exactly_once_runs_folders_leaves_t
     from app import app
 
     names = sorted(t.name for t in app.tables.values())
-    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
-    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
     local_state.note_guarantee(tmp_path, True)  # killed under exactly_once
     fake_tables(tmp_path, names)
 
@@ -276,14 +282,10 @@ def test_a_start_killed_while_it_discarded_an_exactly_once_runs_folders_leaves_t
         raise KeyboardInterrupt("killed while deleting")
 
     monkeypatch.setattr(local_state, "discard_local_state", killed)
-    monkeypatch.setattr(local_state, "AT_START", [])
     with pytest.raises(KeyboardInterrupt):
-        local_state.decide_local_state()
+        start_worker(monkeypatch, tmp_path, "at_least_once")
     monkeypatch.undo()
-    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
-    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
-    monkeypatch.setattr(local_state, "AT_START", [])
-    local_state.decide_local_state()
+    start_worker(monkeypatch, tmp_path, "at_least_once")
     assert listing(tmp_path) == []
 
 
@@ -298,9 +300,6 @@ def test_folders_of_a_version_that_noted_no_guarantee_are_kept_only_if_the_marke
     fake_tables(tmp_path, names)
     assert local_state.last_run_may_have_been_exactly_once(tmp_path, names)
     local_state.write_marker(tmp_path, local_state.settings.app_id, names[:1])
-    monkeypatch.setattr(type(app.conf), "tabledir", property(lambda conf: tmp_path))
-    monkeypatch.setattr(local_state, "settings", local_state.settings.replace(processing_guarantee="at_least_once"))
-    monkeypatch.setattr(local_state, "AT_START", [])
-    local_state.decide_local_state()
+    start_worker(monkeypatch, tmp_path, "at_least_once")
     assert listing(tmp_path) == [f"{names[0]}-0.db"]
     assert not local_state.last_run_may_have_been_exactly_once(tmp_path, names)
