@@ -7,7 +7,31 @@ import socket
 
 import pytest
 
-from tests.support import BOOTSTRAP, Worker, unique
+from tests.support import BOOTSTRAP, STARTED_WORKERS, Worker, unique
+
+#: Log lines of each worker a failed test shows.
+FAILED_TEST_LOG_LINES = 150
+
+
+def pytest_runtest_setup(item):
+    item.workers_before = len(STARTED_WORKERS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the log tail of every worker still running and of every
+    worker it started: a worker's log lives in its data folder, gone once CI ends."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    mine = STARTED_WORKERS[getattr(item, "workers_before", len(STARTED_WORKERS)):]
+    for w in STARTED_WORKERS:
+        running = w.proc is not None and w.proc.poll() is None
+        if running or any(w is m for m in mine):
+            state = "running" if running else f"exited {w.proc.returncode if w.proc else None}"
+            report.sections.append((f"worker {w.app_id} :{w.web_port} ({state}), last log lines",
+                                    w.log_tail(FAILED_TEST_LOG_LINES)))
 
 
 def broker_reachable() -> bool:

@@ -35,6 +35,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP = os.environ.get("STREAMETL_TEST_BOOTSTRAP", "127.0.0.1:9092")
+#: Every worker process a test started, so a failed test can show their logs
+#: (tests/conftest.py): a worker's data folder is gone once CI ends.
+STARTED_WORKERS: list[Worker] = []
 
 
 #: STREAMETL_KAFKA_* settings every client and worker here uses, for a secured broker
@@ -144,6 +147,8 @@ class Worker:
     def start(self, wait: bool = True, timeout: float = 90.0) -> Worker:
         self.log_path = self.data_dir / f"worker-{self.web_port}.log"
         log = open(self.log_path, "ab")
+        if not any(self is w for w in STARTED_WORKERS):
+            STARTED_WORKERS.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "worker", "-l", "info", "--web-port", str(self.web_port)],
             cwd=REPO,
