@@ -350,6 +350,9 @@ def apply_record(
         state["w"].append(merged)
         state["w"].sort(key=lambda w: w["s"])
         out.updated.append(merged)
+        # A merge only moves a session's close later, which the index finds on its
+        # own (an early entry is looked at again); a new session may close first.
+        out.created = not near
     elif kind == "sliding":
         d = spec.max_difference
         buffer: list[list[Any]] = state.setdefault("r", [])
@@ -375,6 +378,7 @@ def apply_record(
                 windows.append(w)
                 windows.sort(key=lambda w: w["e"])
                 out.updated.append(w)
+                out.created = True
         if ts + spec.grace > stream_time - d:
             # Only records a future window [t' - d, t'] could hold are kept.
             bisect.insort_right(buffer, [ts, dict(values)], key=lambda r: r[0])

@@ -182,6 +182,26 @@ def test_emitted_windows_equal_the_fold_for_every_window_type(worker, name):
     assert got == want
 
 
+@pytest.mark.parametrize("name", ["tumb", "hop", "slide", "sess"])
+def test_windows_the_stream_time_passed_are_closed_by_event_time(worker, name):
+    """A window whose close time its partition's stream time reached is closed by event
+    time, not left for the idle timer (which a stream that never pauses never reaches)."""
+    w, records = worker
+    want, _ = fold(name, records)
+    spec = {k: v * 1000 for k, v in WINDOWS[name].items() if k != "type"}
+    after_end = spec["gap"] + 1 if name == "sess" else 0  # a session closes after its gap
+    stream_time: dict[int, int] = {}  # each partition's last stream time
+    for r, _ts, st in _arrivals(records):
+        p = partition_for(r["user_id"].encode(), PARTITIONS, 0)
+        stream_time[p] = max(stream_time.get(p, 0), st)
+    closed_by = {(r["key"], r["start"], r["end"]): r["closed_by"]
+                 for r in (rec.json() for rec in read_results(w.topic_prefix, name, expect=len(want)))}
+    by_event_time = {k for k in want
+                     if k[2] + after_end + spec["grace"] <= stream_time[partition_for(k[0].encode(), PARTITIONS, 0)]}
+    assert len(by_event_time) > len(want) // 2
+    assert {k for k in by_event_time if closed_by.get(k) != "event_time"} == set()
+
+
 def test_the_last_windows_of_a_quiet_stream_are_closed_by_the_idle_timer(worker):
     w, records = worker
     want, _ = fold("tumb", records)

@@ -596,3 +596,60 @@ def test_the_windows_closes_took_are_freed_even_when_each_loop_ends_before_the_r
         asyncio.run(one())
     assert r.stats["made_ahead"] > 50
     assert len(r._closed) < 10, f"{len(r._closed)} closed window lists kept"
+
+
+@pytest.mark.parametrize("window", [
+    {"type": "tumbling", "size": 10, "grace": 2},
+    {"type": "hopping", "size": 10, "step": 5, "grace": 2},
+    {"type": "sliding", "max_difference": 5, "grace": 2},
+    {"type": "session", "gap": 5, "grace": 2},
+])
+def test_every_window_closes_by_event_time_in_a_stream_that_never_pauses(window):
+    """Each window whose close time the stream time passed is emitted, closed by event
+    time, with the fold's count: no window waits for the idle timer (which a stream
+    that never pauses does not reach) and none stays in the state. Sliding and session
+    windows once never entered the close index, so only an idle tick closed them."""
+    import random
+
+    defn = parse_window_def({
+        "name": "t", "source": "clicks", "key_by": "user", "time_field": "ts", "window": window,
+        "emit": "final", "aggregations": [{"name": "n", "type": "count"}], "repartition": False,
+    })
+    outputs = Outputs()
+    r = WindowRunner(defn, None, None, "sink", "late", store=Store(), commit=CommitProtocol(outputs, defer=True))
+    rng = random.Random(5)
+    times: dict[str, list[int]] = defaultdict(list)
+    t = 1_000_000
+    for offset in range(600):
+        t += rng.randrange(0, 3_000)
+        user = f"u{rng.randrange(3)}"
+        times[user].append(t)
+        asyncio.run(r.process([(0, [Rec(0, offset, orjson.dumps({"user": user, "ts": t / 1000}))])]))
+    stream_time = t
+    want = {}
+    for user, ts in times.items():
+        if window["type"] in ("tumbling", "hopping"):
+            size, step = window["size"] * 1000, window.get("step", window["size"]) * 1000
+            starts = {s for x in ts for s in range(x - x % step, x - size, -step)}
+            spans = {(s, s + size): s + size for s in starts}
+        elif window["type"] == "sliding":
+            d = window["max_difference"] * 1000
+            spans = {(e - d, e): e for e in ts}
+        else:
+            gap, sessions = window["gap"] * 1000, []
+            for x in ts:
+                if sessions and x - sessions[-1][1] <= gap:
+                    sessions[-1][1] = x
+                else:
+                    sessions.append([x, x])
+            spans = {(s, e): e + gap + 1 for s, e in sessions}
+        inclusive = window["type"] in ("sliding", "session")  # tumbling, hopping: [s, e)
+        for (s, e), closes in spans.items():
+            if closes + window["grace"] * 1000 <= stream_time:
+                want[user, s, e] = sum(1 for x in ts if s <= x and (x <= e if inclusive else x < e))
+    got = {}
+    for _topic, _key, value in outputs.out:
+        res = orjson.loads(value)
+        assert res["final"] and res["closed_by"] == "event_time"
+        got[res["key"], res["start"], res["end"]] = res["count"]
+    assert len(want) > 100 and got == want
