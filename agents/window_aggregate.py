@@ -724,13 +724,17 @@ class WindowRunner:
         meta = self.meta[p]
         open_p = self.open.setdefault(p, {})
         # Ticks are rare: look at the whole partition again, so a key the index missed
-        # can never keep a window open forever.
+        # can never keep a window open forever: the stored states, and the cached ones,
+        # which the store lacks until the next commit's flush.
         for key, state in self.store.scan():
             if not key.startswith(META_PREFIX) and isinstance(state, dict) and state.get("p") == p:
                 if key not in self.buffer:
                     self.buffer.get(key, lambda state=state: state)
                 if self.buffer.get(key, dict).get("w"):
                     open_p.setdefault(key, None)
+        for key, state in self.buffer.cached.items():
+            if isinstance(state, dict) and state.get("p") == p and state.get("w"):
+                open_p.setdefault(key, None)
         for key in list(open_p):
             state = self.buffer.get(key, lambda key=key: self._load(p, key))
             closed, closed_at = W.close_all(self.spec, state)

@@ -653,3 +653,18 @@ def test_every_window_closes_by_event_time_in_a_stream_that_never_pauses(window)
         assert res["final"] and res["closed_by"] == "event_time"
         got[res["key"], res["start"], res["end"]] = res["count"]
     assert len(want) > 100 and got == want
+
+
+def test_an_idle_tick_closes_windows_the_store_lacks_and_the_index_missed():
+    """The idle close looks at every state of the partition, not only the index: the
+    cached ones too, which the store lacks until the next commit's flush. A tick read
+    before the first flush once closed nothing, and the partition counted as closed."""
+    r = runner(Store())
+    recs = [Rec(0, i, orjson.dumps({"user": f"u{i % 3}", "ts": 1_000 + i, "v": i})) for i in range(6)]
+    asyncio.run(r.process([(0, recs)]))
+    assert r.store.flushes == 0 and not r.sent
+    r.open.clear(), r.due.clear(), r.due_times.clear()  # an index that missed the keys
+    r.last_activity[0] = 0.0  # idle long ago
+    asyncio.run(r.process([(0, [Rec(0, 6, b"", headers=[("streametl.tick", b"1")])])]))
+    got = sorted((res["key"], res["count"], res["closed_by"]) for res in (orjson.loads(v) for _t, _k, v in r.sent))
+    assert got == [("u0", 2, "idle"), ("u1", 2, "idle"), ("u2", 2, "idle")]
