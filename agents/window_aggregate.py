@@ -162,8 +162,13 @@ class WindowRunner:
         self._generation += 1
 
     def mark_stale(self) -> None:
-        """Called on rebalance: rebuild caches and index before the next batch."""
+        """Called on rebalance: rebuild caches and index before the next batch, and
+        time each partition's idleness from now (a partition that comes back may have
+        had input on another worker since this one last saw it)."""
         self.stale = True
+        self.last_activity.clear()
+        self.last_tick.clear()
+        self.idle_closed.clear()
 
     @property
     def meta_dirty(self) -> set[int]:
@@ -719,8 +724,8 @@ class WindowRunner:
         return self._key_out_for(key), _key_json(key)  # type: ignore[misc]
 
     def _idle_close(self, p: int, now: float, out: list, final: bool) -> None:
-        if now - self.last_activity.get(p, 0.0) < self.defn.idle_close:
-            return  # input arrived since the tick was sent
+        if now - self.last_activity.setdefault(p, now) < self.defn.idle_close:
+            return  # input arrived since the tick was sent (or the partition just came)
         meta = self.meta[p]
         open_p = self.open.setdefault(p, {})
         # Ticks are rare: look at the whole partition again, so a key the index missed

@@ -112,7 +112,14 @@ class WriteBackBuffer:
         self.dirty_keys.pop(key, None)
 
     def clear(self) -> None:
-        """Drop every cached value; dirty ones must have been flushed first."""
+        """Drop every cached value but those a write in flight is storing (the store
+        lacks them until it ends; ``moved`` clears again after it); dirty ones must have
+        been flushed first."""
         if self.dirty_keys:
             raise RuntimeError(f"{len(self.dirty_keys)} unwritten (dirty) keys would be lost; flush first")
-        self.cached.clear()
+        writing = self._writing
+        if not writing:
+            self.cached.clear()
+            return
+        for key in [key for key in self.cached if key not in writing]:
+            del self.cached[key]

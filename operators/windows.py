@@ -161,6 +161,8 @@ def close_time(spec: WindowSpec, window: Mapping[str, Any]) -> int | None:
         return None
     if spec.kind == "session":
         return window["e"] + spec.gap + spec.grace + 1
+    if spec.kind == "sliding":
+        return window["e"] + spec.grace + 1
     return window["e"] + spec.grace
 
 
@@ -317,7 +319,7 @@ def apply_record(
         state["c"] = index + 1
         size, step = spec.size, spec.hop
         by_start = {w["s"]: w for w in windows}
-        first_k = max(0, (index - size) // step + 1)
+        first_k = max(state.get("b", 0) // step, (index - size) // step + 1)
         for k in range(first_k, index // step + 1):
             start = k * step
             if not start <= index < start + size:
@@ -360,13 +362,13 @@ def apply_record(
         for w in windows:
             if w["e"] - d <= ts <= w["e"]:
                 own_exists = own_exists or w["e"] == ts
-                if w["e"] + spec.grace <= stream_time:
+                if w["e"] + spec.grace < stream_time:
                     out.missed += 1
                     continue
                 _add(w, aggs, values, ts)
                 out.updated.append(w)
         if not own_exists:
-            if ts + spec.grace <= stream_time:
+            if ts + spec.grace < stream_time:
                 out.missed += 1
             else:
                 w = _window(ts - d, ts, aggs)
@@ -379,9 +381,12 @@ def apply_record(
                 windows.sort(key=lambda w: w["e"])
                 out.updated.append(w)
                 out.created = True
-        if ts + spec.grace > stream_time - d:
+        horizon = stream_time - spec.grace - d
+        if ts >= horizon:
             # Only records a future window [t' - d, t'] could hold are kept.
             bisect.insort_right(buffer, [ts, dict(values)], key=lambda r: r[0])
+        if buffer and buffer[0][0] < horizon:
+            del buffer[:bisect.bisect_left(buffer, horizon, key=lambda r: r[0])]
     else:  # pragma: no cover - WindowSpec validates kind
         raise WindowSpecError(kind)
     return out
@@ -429,9 +434,18 @@ def close_all(spec: WindowSpec, state: dict[str, Any]) -> tuple[list[dict[str, A
     all of them count as closed (so later records for them are late)."""
     closed = sorted(state.get("w", []), key=lambda w: (w["e"], w["s"]))
     state["w"] = []
-    state.pop("r", None)
     times = [close_time(spec, w) for w in closed]
-    return closed, max((t for t in times if t is not None), default=0)
+    closed_at = max((t for t in times if t is not None), default=0)
+    if "r" in state:
+        buf = state["r"]
+        horizon = closed_at - spec.grace - spec.max_difference
+        del buf[:bisect.bisect_left(buf, horizon, key=lambda r: r[0])]
+    if spec.kind == "count" and closed:
+        # Later records start a new window: the closed ones are never made again.
+        step = spec.hop
+        base = max(state.get("c", 0), max(w["e"] for w in closed) - spec.size + step)
+        state["c"] = state["b"] = -(-base // step) * step
+    return closed, closed_at
 
 
 def next_close(spec: WindowSpec, state: Mapping[str, Any]) -> int | None:

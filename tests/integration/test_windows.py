@@ -98,7 +98,7 @@ def fold(kind: str, records: list[dict]) -> tuple[dict, list]:
         d, grace = spec["max_difference"], spec["grace"]
         kept = defaultdict(list)
         for r, ts, st in _arrivals(records):
-            if ts + grace <= st:
+            if ts + grace < st:  # its own window [ts - d, ts] includes its end
                 late.append((r["user_id"], r["event_id"]))
             else:
                 kept[r["user_id"]].append((ts, r["value"]))
@@ -189,7 +189,8 @@ def test_windows_the_stream_time_passed_are_closed_by_event_time(worker, name):
     w, records = worker
     want, _ = fold(name, records)
     spec = {k: v * 1000 for k, v in WINDOWS[name].items() if k != "type"}
-    after_end = spec["gap"] + 1 if name == "sess" else 0  # a session closes after its gap
+    # A session closes after its gap; a window that includes its end, after that end.
+    after_end = {"sess": spec.get("gap", 0) + 1, "slide": 1}.get(name, 0)
     stream_time: dict[int, int] = {}  # each partition's last stream time
     for r, _ts, st in _arrivals(records):
         p = partition_for(r["user_id"].encode(), PARTITIONS, 0)

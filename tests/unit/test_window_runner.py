@@ -602,6 +602,7 @@ def test_the_windows_closes_took_are_freed_even_when_each_loop_ends_before_the_r
     {"type": "tumbling", "size": 10, "grace": 2},
     {"type": "hopping", "size": 10, "step": 5, "grace": 2},
     {"type": "sliding", "max_difference": 5, "grace": 2},
+    {"type": "sliding", "max_difference": 5},
     {"type": "session", "gap": 5, "grace": 2},
 ])
 def test_every_window_closes_by_event_time_in_a_stream_that_never_pauses(window):
@@ -634,7 +635,7 @@ def test_every_window_closes_by_event_time_in_a_stream_that_never_pauses(window)
             spans = {(s, s + size): s + size for s in starts}
         elif window["type"] == "sliding":
             d = window["max_difference"] * 1000
-            spans = {(e - d, e): e for e in ts}
+            spans = {(e - d, e): e + 1 for e in ts}  # its end is in it: closes after
         else:
             gap, sessions = window["gap"] * 1000, []
             for x in ts:
@@ -645,7 +646,7 @@ def test_every_window_closes_by_event_time_in_a_stream_that_never_pauses(window)
             spans = {(s, e): e + gap + 1 for s, e in sessions}
         inclusive = window["type"] in ("sliding", "session")  # tumbling, hopping: [s, e)
         for (s, e), closes in spans.items():
-            if closes + window["grace"] * 1000 <= stream_time:
+            if closes + window.get("grace", 0) * 1000 <= stream_time:
                 want[user, s, e] = sum(1 for x in ts if s <= x and (x <= e if inclusive else x < e))
     got = {}
     for _topic, _key, value in outputs.out:
@@ -668,3 +669,25 @@ def test_an_idle_tick_closes_windows_the_store_lacks_and_the_index_missed():
     asyncio.run(r.process([(0, [Rec(0, 6, b"", headers=[("streametl.tick", b"1")])])]))
     got = sorted((res["key"], res["count"], res["closed_by"]) for res in (orjson.loads(v) for _t, _k, v in r.sent))
     assert got == [("u0", 2, "idle"), ("u1", 2, "idle"), ("u2", 2, "idle")]
+
+
+def test_a_partition_that_comes_back_is_idle_only_from_its_return():
+    """Idleness is timed from the partition's return after a rebalance: another worker
+    may have had its input meanwhile, so a tick read at once closes nothing."""
+    import time
+
+    defn = parse_window_def({"name": "t", "source": "clicks", "key_by": "user", "time_field": "ts",
+                             "window": {"type": "tumbling", "size": 10}, "emit": "final",
+                             "aggregations": [{"name": "n", "type": "count"}], "repartition": False,
+                             "idle_close": 30})
+    outputs = Outputs()
+    r = WindowRunner(defn, None, None, "sink", "late", store=Store(), commit=CommitProtocol(outputs, defer=True))
+    asyncio.run(r.process([(0, [Rec(0, 0, orjson.dumps({"user": "a", "ts": 1_000}))])]))
+    asyncio.run(flush(r))
+    r.last_activity[0] = time.monotonic() - 3_600  # idle for an hour, as this worker saw it
+    r.idle_closed.add(0)
+    r.last_tick[0] = time.monotonic()
+    r.mark_stale()  # the partition went to another worker and came back
+    assert not r.idle_closed and not r.last_tick and not r.last_activity
+    asyncio.run(r.process([(0, [Rec(0, 1, b"", headers=[("streametl.tick", b"1")])])]))
+    assert outputs.out == [] and r.stats["idle_closed"] == 0

@@ -281,3 +281,81 @@ def test_out_of_order_tumbling_records_land_in_their_window_and_keep_windows_sor
     assert starts == sorted(want)
     assert {w["s"]: (w["n"], w["a"]["total"]) for w in state["w"]} == want
     assert all(w["n"] == w["a"]["n"] for w in state["w"])
+
+
+def test_a_sliding_window_without_grace_holds_the_record_that_defines_it():
+    """A sliding window [t - d, t] includes its end, so it closes once stream time is
+    past ``t + grace``: with no grace (the default) the record at stream time opens its
+    window instead of being late for it."""
+    spec = WindowSpec("sliding", max_difference=5_000)
+    recs = [("k", 100_000 + i * 1_000, 1) for i in range(20)]
+    got, late = run(spec, recs)
+    assert late == []
+    assert got == {("k", t - 5_000, t): (min(6, 1 + (t - 100_000) // 1_000), min(6, 1 + (t - 100_000) // 1_000))
+                   for _k, t, _v in recs}
+
+
+def test_a_sliding_keys_record_buffer_stays_bounded_when_its_records_are_late():
+    """A key whose records always arrive behind stream time opens no window (each is
+    late for its own), so it is never closed: its buffer must still drop the records no
+    future window can hold."""
+    spec = WindowSpec("sliding", max_difference=60_000, grace=1_000)
+    state = {"w": []}
+    for i in range(2_000):
+        stream_time = 1_000_000 + i * 1_000
+        apply_record(spec, AGGS, state, stream_time - 5_000, AGGS.extract({"v": 1}), stream_time)
+    assert len(state["r"]) <= 62
+
+
+@pytest.mark.parametrize("size,step", [(3, 3), (4, 2)])
+def test_a_count_window_closed_by_the_idle_rule_is_not_made_again(size, step):
+    """After an idle close the key's next records start new count windows: a closed
+    window is never made again (emitted twice, with other values) nor left unfillable."""
+    spec = WindowSpec("count", size=size, step=step)
+    state = {"w": []}
+    emitted: dict[tuple[int, int], int] = {}
+
+    def emit(windows):
+        for w in windows:
+            assert (w["s"], w["e"]) not in emitted, f"window {w['s'], w['e']} emitted twice"
+            emitted[w["s"], w["e"]] = w["n"]
+
+    for i in range(2):
+        apply_record(spec, AGGS, state, i, AGGS.extract({"v": 1}), i)
+    emit(close_all(spec, state)[0])
+    for i in range(2, 40):
+        apply_record(spec, AGGS, state, i, AGGS.extract({"v": 1}), i)
+        emit(expire(spec, state, i))
+    assert sum(1 for n in emitted.values() if n == size) >= 38 // step - 2
+    emit(close_all(spec, state)[0])  # the next idle close
+
+
+def test_a_sliding_window_after_an_idle_close_holds_the_records_before_it():
+    """The idle close keeps the records a later window can still hold: an on-time
+    record after it gets a window with the records within max_difference before it."""
+    spec = WindowSpec("sliding", max_difference=5_000, grace=1_000)
+    state = {"w": []}
+    for ts in (100_000, 101_000):
+        apply_record(spec, AGGS, state, ts, AGGS.extract({"v": 1}), ts)
+    _, closed_at = close_all(spec, state)
+    applied = apply_record(spec, AGGS, state, 103_000, AGGS.extract({"v": 1}), max(closed_at, 103_000))
+    assert not applied.late
+    assert [(w["s"], w["e"], w["n"]) for w in applied.updated] == [(98_000, 103_000, 3)]
+
+
+def test_clearing_a_cache_keeps_the_values_a_write_in_flight_is_storing():
+    """Values taken by a write still under way are not in the store yet: a clear (a
+    rebalance's reset) must not drop them, or the next read finds the older stored
+    value and its update is lost."""
+    buf = WriteBackBuffer()
+    buf.put("a", 1, 0)
+    buf.put("b", 2, 0)
+    buf._writing = buf.dirty_keys  # what a snapshot's take does (tables.store)
+    buf.dirty_keys = {}
+    buf.put("c", 3, 0)
+    buf.take_dirty()  # "c" written: clean
+    buf.clear()
+    assert buf.cached == {"a": 1, "b": 2}
+    buf._writing = {}
+    buf.clear()
+    assert buf.cached == {}
