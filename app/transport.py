@@ -1834,7 +1834,17 @@ class TransactionManager(FaustTransactionManager):
             raise ZombieRestart(
                 f"exactly_once: this worker's group session lapsed; a send into {tid!r} would join "
                 "a transaction that its partition's new owner has fenced, so it restarts")
-        return await self.producer.send(topic, key, value, partition, timestamp, headers, transactional_id=tid)
+        try:
+            return await self.producer.send(topic, key, value, partition, timestamp, headers, transactional_id=tid)
+        except IllegalOperation as exc:
+            # The transaction ended under the batch: the coordinator aborted it (its
+            # timeout passed while this worker was paused, though a broker restart in
+            # the pause kept its group session alive: seen in a chaos run), or a fence
+            # did. What the batch wrote to the local stores was aborted with it
+            # (section AN): a zombie, which restarts and restores.
+            raise ZombieRestart(
+                f"exactly_once: the transaction {tid!r} ended under a batch (aborted after its "
+                f"timeout, or fenced: {exc}); this worker restarts and restores its tables") from exc
 
     async def _partition_with_metadata(self, topic: str, key: bytes | None) -> int:
         """The key's partition of ``topic`` once the consumer's metadata knows the topic

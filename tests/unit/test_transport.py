@@ -307,6 +307,36 @@ def test_sends_outside_processing_and_to_unowned_partitions_stay_plain():
     assert host._warned == {("sink", 3)}
 
 
+def test_a_send_into_a_transaction_that_ended_under_the_batch_restarts_the_worker():
+    """A chained-fault run (seed 9, exactly_once, broker restarts): a worker paused past
+    the transaction timeout, while a broker restart kept its group session alive, woke
+    mid-batch into a transaction the coordinator had aborted; aiokafka's
+    ``IllegalOperation`` crashed it. It is a zombie (its stores hold the aborted
+    writes): ``ZombieRestart``, which the worker restarts on."""
+    from aiokafka.errors import IllegalOperation
+
+    from app.transport import ZombieRestart
+
+    class Ended(FakeTxnProducer):
+        async def send(self, topic, key, value, partition, timestamp, headers, *, transactional_id=None):
+            if transactional_id is not None:
+                raise IllegalOperation("Can't send messages while not in transaction")
+            await super().send(topic, key, value, partition, timestamp, headers)
+
+    host = TxnHost(producer=Ended())
+
+    async def main():
+        token = PROCESSING_TOPIC.set("src")
+        try:
+            with pytest.raises(ZombieRestart) as raised:
+                await host.send("sink", b"k", b"v", 3, None, None)
+        finally:
+            PROCESSING_TOPIC.reset(token)
+        assert isinstance(raised.value.__cause__, IllegalOperation)
+
+    run(main())
+
+
 def test_a_worker_whose_session_lapsed_sends_into_no_transaction(monkeypatch):
     """Issue 23 (docs/delivery.md AC): a zombie woken after its session sent Faust's
     buffered table writes into a transaction its partition's new owner had fenced, and
