@@ -289,6 +289,12 @@ class JoinRunner(TwoInputRunner):
         self.first_batch_at: float | None = None
         self.last_batch_at: float | None = None
 
+    def mark_stale(self) -> None:
+        super().mark_stale()
+        self.last_activity.clear()
+        self.last_tick.clear()
+        self.idle_marked.clear()
+
     def forget(self) -> None:
         #: partition -> {"l": last offset applied, "r": …}
         self.applied: dict[int, dict[str, int]] = {}
@@ -461,7 +467,7 @@ class JoinRunner(TwoInputRunner):
         """A tick read from ``side``'s partition ``p``: unless input arrived since it was
         sent, the side is idle (``IntervalJoin.mark_idle``); the unmatched records that
         closes are emitted as the closes of ``add`` are."""
-        if now - self.last_activity.get((side, p), 0.0) < self.spec.idle_close:
+        if now - self.last_activity.setdefault((side, p), now) < self.spec.idle_close:
             return
         self.idle_marked.add((side, p))
         results = join.mark_idle(side)  # counted in join.counts, as closes by add are

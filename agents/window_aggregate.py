@@ -377,6 +377,8 @@ class WindowRunner:
                     seen = applied_o.get(src_pkey)
                     if seen is not None and src_offset <= seen:
                         stats["replayed_skipped"] += 1
+                        if ts > st:
+                            st = ts  # as when it was applied: later records meet the same stream time
                         continue
                 if ready:
                     ready.pop(key, None)  # made ahead from the state this record changes

@@ -192,6 +192,10 @@ class IntervalJoin:
                         for key, sides in self.buffers.items() for side, entries in sides.items()
                         for entry in entries]
         heapq.heapify(self.closing)
+        # A commit's write can hold buffers newer than its bookkeeping value: numbering
+        # goes on after the highest buffered one, so no two entries share a number
+        # (``close`` removes the entry with the number it pops).
+        self.seq = max(self.seq, max((c[1] for c in self.closing), default=0))
 
     def _closes_at(self, side: str, t: float) -> float:
         return t + (self.spec.after if side == LEFT else self.spec.before)
@@ -249,6 +253,7 @@ class IntervalJoin:
             if lo <= partner[0] <= hi:
                 if found == spec.max_matches:
                     self.counts.limited += 1
+                    partner[3] = matched = True  # it had a partner: never emitted alone
                     continue
                 found += 1
                 partner[3] = matched = True

@@ -19,6 +19,7 @@ of the batch.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import struct
 import time
@@ -540,7 +541,13 @@ class WriteBackCache(WriteBackBuffer):
         dirty, self.dirty_keys = self.dirty_keys, {}
         self.writes += len(dirty)
         self._writing = dirty
-        side, self.side = self.side, {}
+        # The side values as they are now: a snapshot encodes them with its last part,
+        # after more batches, and a bookkeeping value ahead of the offsets it commits
+        # misleads the replay after a crash (a stream time that makes replayed records
+        # late, a join's source offsets that skip records its buffers never got:
+        # docs/delivery.md AV). Each is small (one per partition).
+        side = {key: (p, copy.deepcopy(value)) for key, (p, value) in self.side.items()}
+        self.side = {}
         return dirty, side
 
     def items_of(self, taken: list[tuple[Hashable, Any, int]],

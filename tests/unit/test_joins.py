@@ -266,3 +266,27 @@ def test_idle_close_is_a_live_join_parameter():
     with pytest.raises(StepSpecError) as err:
         parse_steps([{"op": "join", "with_records": [], "on": "k", "within": "10s", "idle_close": 5}])
     assert err.value.param == "idle_close"
+
+
+def test_a_record_whose_pair_max_matches_left_out_is_not_emitted_alone():
+    """A left record that had a partner in its interval is matched, even when
+    ``max_matches`` kept that pair out: a left join never emits it as unmatched."""
+    spec = JoinSpec(on=("k",), before=10.0, after=10.0, grace=0.0, type="left", time_field="ts", max_matches=1)
+    j = IntervalJoin(spec)
+    j.add("r", {"k": 0, "ts": 0})
+    j.add("l", {"k": 1, "ts": 100, "id": "a"})
+    j.add("l", {"k": 1, "ts": 101, "id": "b"})
+    out = j.add("r", {"k": 1, "ts": 102})  # within both intervals; the limit keeps a's pair
+    out += j.add("l", {"k": 2, "ts": 500}) + j.add("r", {"k": 2, "ts": 500})  # closes them
+    alone = [o.left["id"] for o in out if o.right is None and o.left and "id" in o.left]
+    assert alone == [] and j.counts.limited == 1
+
+
+def test_entries_restored_newer_than_their_bookkeeping_are_numbered_after():
+    """Buffers written by a commit can be newer than its bookkeeping value (its
+    sequence): a restored join numbers new entries after the highest buffered one, or
+    two entries share a number and ``close`` removes the wrong one."""
+    spec = JoinSpec(on=("k",), before=10.0, after=10.0, grace=0.0, type="left", time_field="ts")
+    buffers = {"1": {"l": [[100.0, 7, {"k": 1, "ts": 100}, False]], "r": []}}
+    j = IntervalJoin(spec, buffers, {"l": 100.0, "r": 90.0}, seq=3)
+    assert j.seq == 7

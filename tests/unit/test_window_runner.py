@@ -691,3 +691,53 @@ def test_a_partition_that_comes_back_is_idle_only_from_its_return():
     assert not r.idle_closed and not r.last_tick and not r.last_activity
     asyncio.run(r.process([(0, [Rec(0, 1, b"", headers=[("streametl.tick", b"1")])])]))
     assert outputs.out == [] and r.stats["idle_closed"] == 0
+
+
+def test_a_commit_writes_the_bookkeeping_as_it_was_at_its_offsets():
+    """A commit's snapshot is encoded in parts with batches between them; the
+    partition's stream time it writes is the one at the offsets it commits, not one a
+    later batch moved (a replay after a crash would meet a stream time ahead of it and
+    take its own records for late)."""
+    from tables.windows import meta_key
+
+    store = Store()
+    r = runner(store)
+
+    async def go():
+        await r.process([(0, [Rec(0, i, orjson.dumps({"user": f"u{i}", "ts": 1_000, "v": 1})) for i in range(150)])])
+        rest = await r.commit.begin_commit()  # more than one part: encoded between batches
+        await r.process([(0, [Rec(0, 150, orjson.dumps({"user": "u0", "ts": 1_005, "v": 1}))])])
+        await rest
+
+    asyncio.run(go())
+    assert orjson.loads(store.data[0][meta_key(0)])["st"] == 1_000_000
+
+
+def test_a_replayed_record_moves_the_stream_time_as_it_did_when_applied():
+    """After a crash the records past the committed offset are read again; those the
+    stored state already holds are skipped, but they still move the stream time, so
+    the records after them are late, or not, as they were the first time."""
+    from tables.windows import meta_key
+
+    store = Store()
+    grace = parse_window_def({**{"name": "t", "source": "clicks", "key_by": "user", "time_field": "ts",
+                                 "emit": "final", "repartition": False},
+                              "window": {"type": "tumbling", "size": 10, "grace": 10},
+                              "aggregations": [{"name": "n", "type": "count"}]})
+    first = WindowRunner(grace, None, None, "sink", "late", store=store, commit=CommitProtocol(Outputs(), defer=True))
+
+    async def go():
+        await first.process([(0, [Rec(0, 0, orjson.dumps({"user": "a", "ts": 100}))])])
+        await first.commit.before_commit()
+        await first.process([(0, [Rec(0, 1, orjson.dumps({"user": "a", "ts": 200}))])])
+        await first.commit.before_commit()
+
+    asyncio.run(go())
+    # The state of "a" holds offset 1; the bookkeeping is as at the offset commit before it.
+    store.data[0][meta_key(0)] = orjson.dumps({"st": 100_000, "late": 0})
+    outputs = Outputs()
+    again = WindowRunner(grace, None, None, "sink", "late", store=store, commit=CommitProtocol(outputs, defer=True))
+    asyncio.run(again.process([(0, [Rec(0, 1, orjson.dumps({"user": "a", "ts": 200})),
+                                    Rec(0, 2, orjson.dumps({"user": "b", "ts": 150}))])]))
+    assert again.stats["replayed_skipped"] == 1 and again.stats["late"] == 1
+    assert [topic for topic, *_ in outputs.out] == ["late"]
