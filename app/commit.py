@@ -651,9 +651,10 @@ class CommitProtocol:
 
         So the state written covers at least the batches the offsets end with, maybe a
         few more: a replay after a crash meets state that already holds some of its
-        records, which windows, patterns and joins skip (each key's state keeps the last
-        offset applied per source partition), as after a crash between a flush and its
-        offset commit."""
+        records, which windows and patterns skip (each key's state keeps the last offset
+        applied per source partition), as after a crash between a flush and its offset
+        commit; a join may buffer such a record twice (docs/delivery.md AV). The
+        bookkeeping values (``put_side``) are written as they were at that point."""
         snapshots: list[Any] = []
         try:
             for cache in self.caches:
