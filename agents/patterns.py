@@ -234,8 +234,13 @@ def match_items(items: list[Item]) -> tuple:
         stored = cache.get((first.fevent.message.partition, tkey))
         if stored is None:
             stored = state_store.read(first.fevent, table_key_bytes(tkey)) or {}
-        offsets = stored.get("o") or {}
-        states = stored.get("s") or {}
+        # Copies, changed here: the cached state stays as it was until this batch's
+        # outputs are acknowledged (``put_dirty_many``). Changed in place, a flush by
+        # another agent's batch meanwhile (or a commit) would write offsets that mark
+        # items applied whose alerts were never sent, and a replay after a crash would
+        # skip them (docs/delivery.md AW).
+        offsets = dict(stored.get("o") or ())
+        states = dict(stored.get("s") or ())
         changed = False
         for item in group:
             topic = item.topic
@@ -252,10 +257,7 @@ def match_items(items: list[Item]) -> tuple:
                 else:
                     new, matches = step(st, event, ts, event_id)
                 if new is not st:
-                    if st is not None:
-                        entry["st"] = new  # our own decoded (or cached) copy: no new dict
-                    else:
-                        states[name] = {"f": fingerprint, "st": new}
+                    states[name] = {"f": fingerprint, "st": new}  # not the cached entry
                 if matches:
                     partition = item.fevent.message.partition
                     for match in matches:
@@ -315,6 +317,41 @@ async def apply_items(items: list[Item]) -> int:
     and written once. Under exactly_once each batch's states are written here, through
     Faust, inside the input's transaction.
     """
+    keys = {(item.fevent.message.partition, item.table_key) for item in items}
+    done = await claim_keys(keys)
+    try:
+        return await _apply_claimed(items)
+    finally:
+        for key in keys:
+            if _in_flight.get(key) is done:
+                del _in_flight[key]
+        done.set()
+
+
+#: The keys (partition, table key) of the batches being matched and sent for, each with
+#: the event its batch sets when done. Why: a batch matches copies of its keys' states
+#: and caches them only once its outputs are acknowledged (``match_items``); a second
+#: agent's batch (a source agent and the repartition agent run concurrently) for one of
+#: those keys waits, else it would match the state without the first batch's items and
+#: its write would drop them.
+_in_flight: dict[tuple[int, str], asyncio.Event] = {}
+
+
+async def claim_keys(keys: set[tuple[int, str]]) -> asyncio.Event:
+    """Wait until no other batch is in flight for any of ``keys``; claim them all at
+    once (a batch holds no key while it waits for another: no deadlock)."""
+    while True:
+        busy = next((e for key in keys if (e := _in_flight.get(key)) is not None), None)
+        if busy is None:
+            break
+        await busy.wait()
+    done = asyncio.Event()
+    for key in keys:
+        _in_flight[key] = done
+    return done
+
+
+async def _apply_claimed(items: list[Item]) -> int:
     assignment = current_assignment()
     if assignment != state_cache.assignment:
         # The assignment moved without our signals: write what is unwritten first.

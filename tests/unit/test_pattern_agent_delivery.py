@@ -1,0 +1,92 @@
+"""Delivery of the pattern agents (agents/patterns.py) over the processor harness
+(app/harness.py): what a crash, a redelivery or a replaced pattern leaves behind
+(docs/delivery.md AW)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+from faust.types import TP
+
+from app.batches import BatchRecord
+from app.harness import PatternProcessor, Record
+
+
+def forwarded(engine, partition: int, offset: int, **fields):
+    """One record of the repartition topic as the repartition agent parses it."""
+    fields.setdefault("ts", 100.0)
+    body = orjson.dumps({"k": "user", "v": fields["user"], "src": "events", "ts": fields["ts"],
+                         "id": f"{fields['user']}-{offset}", "e": fields})
+    return engine.parse_repartitioned(
+        BatchRecord(TP("patterns-repartition", partition), Record(partition, offset, body)))
+
+
+def sent_alerts(processor: PatternProcessor) -> list[dict]:
+    return [orjson.loads(v) for _, _, v, _, _ in processor.commit.emitter.sent]
+
+
+BIG = [{"name": "big", "type": "threshold", "key_by": "user", "where": "v > 100"}]
+
+
+def test_a_flush_by_another_batch_does_not_write_a_state_whose_alert_is_unsent():
+    async def main():
+        p = PatternProcessor(BIG, cache_limit=4)  # at most 2 unwritten states
+        with p.installed() as engine:
+            await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1)])
+            gate = asyncio.Event()
+            real_send = engine.send_alerts
+
+            async def slow_send(alerts):  # the broker has not acknowledged the alert yet
+                if alerts:
+                    await gate.wait()
+                await real_send(alerts)
+
+            engine.send_alerts = slow_send
+            a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)]))
+            await asyncio.sleep(0)
+            # Another agent's batch: over the limit of unwritten states, it flushes.
+            await engine.apply_items([forwarded(engine, 0, 2, user="L", v=1)])
+            stored = orjson.loads(p.store.data[0][b'"user=K"'])
+            assert stored["o"] == {"patterns-repartition": 0}  # offset 1 not applied yet
+            a.cancel()  # the crash: the alert never reaches the broker
+            engine.send_alerts = real_send
+            assert not sent_alerts(p)
+        q = PatternProcessor(BIG, cache_limit=4)
+        q.store = p.store  # restart on the stored state: offset 1 is redelivered
+        with q.installed() as engine:
+            await engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)])
+        assert [a["pattern"] for a in sent_alerts(q)] == ["big"]
+
+    asyncio.run(main())
+
+
+def test_concurrent_batches_for_one_key_both_reach_its_state():
+    burst = [{"name": "burst", "type": "frequency", "key_by": "user", "where": "v > 0",
+              "count": 3, "within": 60}]
+
+    async def main():
+        p = PatternProcessor(burst)
+        with p.installed() as engine:
+            gate = asyncio.Event()
+            real_send = engine.emitter.send
+            calls = 0
+
+            async def slow_send(*args, **kw):  # the first batch's outputs wait for the broker
+                nonlocal calls
+                calls += 1
+                if calls == 1:
+                    await gate.wait()
+                await real_send(*args, **kw)
+
+            p.commit.emitter.send = slow_send
+            a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 0, user="K", v=1)]))
+            await asyncio.sleep(0)
+            b = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=1)]))
+            await asyncio.sleep(0)
+            gate.set()
+            await asyncio.gather(a, b)
+            await engine.apply_items([forwarded(engine, 0, 2, user="K", v=1)])
+        assert [a["pattern"] for a in sent_alerts(p)] == ["burst"]
+
+    asyncio.run(main())
