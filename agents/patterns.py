@@ -8,8 +8,9 @@
   owns and sends a tick for each to its partition, so a timer fires in stream context
   (table writes, alerts in the same transaction) without new input.
 
-Delivery: every key's state records the last applied offset per input topic, so a
-record redelivered after a crash is skipped. Under at_least_once an alert sent just
+Delivery: every key's state records the last applied offset per input topic (for a
+forwarded event: per source partition, ``"<source>:<partition>"``), so a record
+redelivered after a crash is skipped. Under at_least_once an alert sent just
 before a crash can be sent again (same ``alert_id``); under exactly_once the alert,
 the state and the offset commit are one transaction.
 """
@@ -86,6 +87,9 @@ class Item:
     key_by: str
     key: str
     source: str
+    #: The input whose last applied offset (in the key's state, ``o``) tells whether the
+    #: item was applied: the source topic, ``"<source>:<partition>"`` for a forwarded
+    #: event, the repartition topic for a tick.
     topic: str
     offset: int
     event: dict[str, Any] | None = None  # None for a tick
@@ -181,8 +185,12 @@ async def split_source_batch(source: str, parts: Iterable[tuple[Any, list[Any]]]
                 if kb == source_key:
                     append(Item(at, tkey, kb, key, source, topic, offset, event, ts, event_id))
                 else:
+                    # With its source position: a redelivered source record is
+                    # forwarded again at a new offset, and only "sp"/"so" tell it
+                    # was applied (parse_repartitioned).
                     value = orjson.dumps({"k": kb, "v": key, "src": source, "ts": ts,
-                                          "id": event_id, "e": event})
+                                          "id": event_id, "sp": partition, "so": offset,
+                                          "e": event})
                     forward.append((partition, key.encode(), value, (), None))
         if newest > -math.inf:
             clock.observe(partition, newest)
@@ -200,8 +208,17 @@ def parse_repartitioned(fe: Any) -> Item | None:
         return Item(fe, body["t"], body["k"], body["v"], body["src"], m.topic, m.offset,
                     None, body["now"])
     clock.observe(m.partition, body["ts"])
-    return Item(fe, table_key(body["k"], body["v"]), body["k"], body["v"], body["src"], m.topic,
-                m.offset, body["e"], body["ts"], body["id"])
+    sp = body.get("sp")
+    if sp is not None:
+        # Applied offsets kept per source partition ("<source>:<partition>"): a source
+        # batch redelivered after a crash is forwarded again at new offsets of this
+        # topic, in order per source partition, so its records are skipped by their
+        # source offsets, not by these.
+        topic, offset = f"{body['src']}:{sp}", body["so"]
+    else:  # forwarded without its source position (before session 27)
+        topic, offset = m.topic, m.offset
+    return Item(fe, table_key(body["k"], body["v"]), body["k"], body["v"], body["src"], topic,
+                offset, body["e"], body["ts"], body["id"])
 
 
 def match_items(items: list[Item]) -> tuple:

@@ -90,3 +90,48 @@ def test_concurrent_batches_for_one_key_both_reach_its_state():
         assert [a["pattern"] for a in sent_alerts(p)] == ["burst"]
 
     asyncio.run(main())
+
+
+BURST = [{"name": "burst", "type": "frequency", "key_by": "card", "source": "tx",
+          "count": 3, "within": 60}]
+
+
+def tx(offset: int, ts: float) -> Record:
+    return Record(0, offset, orjson.dumps({"card": "c1", "ts": ts, "event_id": f"e{offset}"}))
+
+
+def test_a_redelivered_source_batch_is_not_applied_twice_for_a_repartitioned_key():
+    from app.harness import pattern_processor, run_batches
+
+    batch = [tx(0, 100.0), tx(1, 101.0)]  # two events: below count=3
+    # The batch's state flushed by the commit hook, its source offset commit lost: the
+    # broker redelivers it, forwarded again at new offsets of the repartition topic.
+    outputs, state = run_batches(pattern_processor(BURST, source="tx"), [batch, batch])
+    assert outputs == []
+    stored = next(v for db in state.values() for v in db.values())
+    assert stored["o"] == {"tx:0": 1}
+    assert stored["s"]["burst"]["st"] == {"h": [[100.0, "e0"], [101.0, "e1"]]}
+
+
+def test_a_state_and_a_forwarded_record_without_source_positions_are_still_read():
+    from app.kafka_io import KeyPartitioner
+    from app.settings import settings
+
+    p = PatternProcessor(BURST, source="tx")
+    part = KeyPartitioner(settings.topic_partitions)(b"c1")
+    old = {"o": {"patterns-repartition": 7}, "s": {"burst": {"f": p.patterns["burst"].fingerprint,
+                                                            "st": {"h": [[99.0, "e-old"]]}}}}
+    p.store.data[part] = {b'"card=c1"': orjson.dumps(old)}
+
+    async def main():
+        with p.installed() as engine:
+            # A record forwarded by the old code (no "sp"/"so"), redelivered: skipped.
+            body = orjson.dumps({"k": "card", "v": "c1", "src": "tx", "ts": 100.0, "id": "e7",
+                                 "e": {"card": "c1", "ts": 100.0}})
+            item = engine.parse_repartitioned(
+                BatchRecord(TP("patterns-repartition", part), Record(part, 7, body)))
+            await engine.apply_items([item])
+        await p.process([(0, [tx(0, 100.0), tx(1, 101.0)])])  # new records: applied
+
+    asyncio.run(main())
+    assert [orjson.loads(v)["evidence"][0]["event_id"] for _, _, v, _, _ in p.commit.emitter.sent] == ["e-old"]
