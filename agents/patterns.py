@@ -287,13 +287,19 @@ def match_items(items: list[Item]) -> tuple:
                         slot[1] += len(matches)
         if not changed:
             continue
+        for _p, fingerprint, name, _step, _on_timer in active:
+            entry = states.get(name)
+            if entry is not None and entry.get("f") != fingerprint:
+                # Of a definition since replaced: never matched again, and its timer
+                # would stay due for ever (a tick every 5 s).
+                del states[name]
         if len(states) > len(active):
             names = {a[2] for a in active}
             states = {n: s for n, s in states.items() if n in names}  # deleted patterns
         deadline = None
         for p in timed.get((first.key_by, first.source), ()):
             entry = states.get(p.name)
-            if entry is not None:
+            if entry is not None and entry.get("f") == p.fingerprint:
                 d = p.matcher.deadline(entry["st"])
                 if d is not None and (deadline is None or d < deadline):
                     deadline = d

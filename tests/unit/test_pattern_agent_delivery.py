@@ -135,3 +135,33 @@ def test_a_state_and_a_forwarded_record_without_source_positions_are_still_read(
 
     asyncio.run(main())
     assert [orjson.loads(v)["evidence"][0]["event_id"] for _, _, v, _, _ in p.commit.emitter.sent] == ["e-old"]
+
+
+def test_a_replaced_pattern_leaves_no_timer_that_stays_due():
+    from app.patterns import EngineConfig, parse_definition
+
+    hb = {"name": "hb", "type": "absence", "key_by": "dev", "within": 30,
+          "trigger": "k == 'beat'", "expect": "k == 'beat'"}
+    p = PatternProcessor([hb])
+
+    async def main():
+        await p.process([(0, [Record(0, 0, orjson.dumps({"dev": "d1", "ts": 100, "k": "beat"}))])])
+        await p.commit.before_commit()
+        with p.installed() as engine:
+            assert engine.timer_index.entries["dev=d1"]["d"] == 130
+        # PUT /api/v1/patterns: the same name, a new definition (a new fingerprint).
+        p.patterns = {"hb": parse_definition({**hb, "within": 3600}, EngineConfig(), "runtime")}
+        with p.installed() as engine:
+            timer = engine.timer_index.entries["dev=d1"]
+            body = orjson.dumps({"tick": True, "t": "dev=d1", "k": timer["k"], "v": timer["v"],
+                                 "src": timer["src"], "now": 200})
+            item = engine.parse_repartitioned(
+                BatchRecord(TP("patterns-repartition", timer["p"]), Record(timer["p"], 0, body)))
+            await engine.apply_items([item])  # the tick fire_due_timers sends
+            assert "dev=d1" not in engine.timer_index.entries
+        await p.commit.before_commit()
+
+    asyncio.run(main())
+    stored = next(orjson.loads(v) for db in p.store.data.values() for v in db.values())
+    assert stored["s"] == {} and "t" not in stored
+    assert p.commit.emitter.sent == []
