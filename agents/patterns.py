@@ -229,15 +229,23 @@ def match_items(items: list[Item]) -> tuple:
     for item in items:
         by_key[item.table_key].append(item)
     # Per pattern what the inner loop needs, looked up once per batch, not per event:
-    # (pattern, fingerprint, name, bound step, bound on_timer).
+    # (pattern, fingerprint, name, bound step, bound on_timer). An event is matched by
+    # the patterns of its own source (``groups``); one key's state holds the patterns
+    # of every source keyed by its field (``keyed``), and a tick is for all of them
+    # that can set a timer (``ticked``), whichever source's item set it.
     groups: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
+    keyed: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    ticked: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     # Only matchers that can set a timer are asked for a deadline (per changed key).
-    timed: dict[tuple[str, str], list[Pattern]] = defaultdict(list)
+    timed: dict[str, list[Pattern]] = defaultdict(list)
     for p in patterns.values():
         m = p.matcher
-        groups[(p.key_by, p.source)].append((p, p.fingerprint, p.name, m.step, m.on_timer))
+        entry = (p, p.fingerprint, p.name, m.step, m.on_timer)
+        groups[(p.key_by, p.source)].append(entry)
+        keyed[p.key_by].append(entry)
         if p.matcher.has_timers:
-            timed[(p.key_by, p.source)].append(p)
+            timed[p.key_by].append(p)
+            ticked[p.key_by].append(entry)
     counts: dict[tuple[str, int], list] = {}  # (pattern, partition) -> [record, n]
     alerts: list[tuple[Any, bytes, bytes]] = []  # (record, key, value)
     state_writes: list[tuple[Any, str, Any]] = []  # (record, table key, state)
@@ -245,7 +253,8 @@ def match_items(items: list[Item]) -> tuple:
     cache = state_cache.entries
     for tkey, group in by_key.items():
         first = group[0]
-        active = groups.get((first.key_by, first.source), ())
+        kb = first.key_by  # the same for the whole group: it is part of the table key
+        of_key_by = keyed.get(kb, ())
         # Cached by the table key itself: its stored form (JSON bytes) is made only
         # for a read or a write (it was ~3 % of the handler per key per batch).
         stored = cache.get((first.fevent.message.partition, tkey))
@@ -266,6 +275,7 @@ def match_items(items: list[Item]) -> tuple:
             offsets[topic] = item.offset
             changed = True
             event, ts, event_id = item.event, item.ts, item.event_id
+            active = ticked.get(kb, ()) if event is None else groups.get((kb, item.source), ())
             for p, fingerprint, name, step, on_timer in active:
                 entry = states.get(name)
                 st = entry["st"] if entry is not None and entry.get("f") == fingerprint else None
@@ -287,17 +297,17 @@ def match_items(items: list[Item]) -> tuple:
                         slot[1] += len(matches)
         if not changed:
             continue
-        for _p, fingerprint, name, _step, _on_timer in active:
+        for _p, fingerprint, name, _step, _on_timer in of_key_by:
             entry = states.get(name)
             if entry is not None and entry.get("f") != fingerprint:
                 # Of a definition since replaced: never matched again, and its timer
                 # would stay due for ever (a tick every 5 s).
                 del states[name]
-        if len(states) > len(active):
-            names = {a[2] for a in active}
+        if len(states) > len(of_key_by):
+            names = {a[2] for a in of_key_by}
             states = {n: s for n, s in states.items() if n in names}  # deleted patterns
         deadline = None
-        for p in timed.get((first.key_by, first.source), ()):
+        for p in timed.get(kb, ()):
             entry = states.get(p.name)
             if entry is not None and entry.get("f") == p.fingerprint:
                 d = p.matcher.deadline(entry["st"])

@@ -165,3 +165,110 @@ def test_a_replaced_pattern_leaves_no_timer_that_stays_due():
     stored = next(orjson.loads(v) for db in p.store.data.values() for v in db.values())
     assert stored["s"] == {} and "t" not in stored
     assert p.commit.emitter.sent == []
+
+
+class TwoSources(PatternProcessor):
+    """A processor whose patterns read two sources (``process_source``)."""
+
+    def __init__(self, definitions, sources):
+        from app.patterns import EngineConfig, parse_definition
+
+        super().__init__([], source=sources[0])
+        engine = EngineConfig(sources=tuple(sources))
+        self.patterns = {d["name"]: parse_definition(dict(d), engine, "runtime") for d in definitions}
+
+    async def process_source(self, source, parts):
+        self.source = source
+        await self.process(parts)
+
+
+def ev(partition: int, offset: int, **fields) -> Record:
+    return Record(partition, offset, orjson.dumps(fields))
+
+
+def test_an_event_of_one_source_keeps_the_state_of_another_sources_patterns():
+    defs = [
+        {"name": "fails", "type": "frequency", "key_by": "user", "source": "logins",
+         "count": 3, "within": 60},
+        {"name": "no-confirm", "type": "absence", "key_by": "user", "source": "logins",
+         "trigger": "kind == 'pay'", "expect": "kind == 'confirm'", "within": 30},
+        {"name": "big-click", "type": "threshold", "key_by": "user", "source": "clicks",
+         "where": "n > 1000"},
+    ]
+    p = TwoSources(defs, ("logins", "clicks"))
+
+    async def main():
+        await p.process_source("logins", [(0, [ev(0, 0, user="u1", ts=100, kind="fail"),
+                                               ev(0, 1, user="u1", ts=101, kind="pay")])])
+        await p.commit.before_commit()
+        await p.process_source("clicks", [(0, [ev(0, 0, user="u1", ts=102, n=1)])])
+        await p.commit.before_commit()
+        with p.installed() as engine:
+            assert engine.timer_index.entries["user=u1"]["d"] == 131.0
+        await p.process_source("logins", [(0, [ev(0, 2, user="u1", ts=103, kind="fail")])])
+        await p.process_source("logins", [(0, [ev(0, 3, user="u1", ts=200, kind="other")])])
+
+    asyncio.run(main())
+    assert sorted(a["pattern"] for a in sent_alerts(p)) == ["fails", "no-confirm"]
+
+
+def test_a_batch_with_events_of_two_sources_matches_each_by_its_own_sources_patterns():
+    defs = [{"name": "fails", "type": "frequency", "key_by": "user", "source": "logins",
+             "where": "kind == 'fail' or n > 0", "count": 3, "within": 60},
+            {"name": "big-click", "type": "threshold", "key_by": "user", "source": "clicks",
+             "where": "n > 1000"}]
+    p = TwoSources(defs, ("logins", "clicks"))
+
+    async def main():
+        with p.installed() as engine:
+            items = []
+            for src, records in (("logins", [ev(0, 0, user="u1", ts=100, kind="fail")]),
+                                 ("clicks", [ev(0, 0, user="u1", ts=101, n=5),
+                                             ev(0, 1, user="u1", ts=102, n=6)])):
+                before = len(p.commit.emitter.sent)
+                await engine.split_source_batch(src, [(TP(src, 0), records)])
+                out = p.commit.emitter.sent[before:]
+                del p.commit.emitter.sent[before:]
+                for _, key, value, _, _ in out:  # one fetched batch of the repartition agent
+                    offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
+                    items.append(engine.parse_repartitioned(
+                        BatchRecord(TP("patterns-repartition", 1), Record(1, offset, value, key))))
+            await engine.apply_items(items)
+
+    asyncio.run(main())
+    assert sent_alerts(p) == []
+
+
+def test_a_tick_fires_the_timed_patterns_of_every_source_of_the_key():
+    defs = [{"name": "no-confirm", "type": "absence", "key_by": "user", "source": "logins",
+             "trigger": "kind == 'pay'", "expect": "kind == 'confirm'", "within": 30},
+            {"name": "big-click", "type": "threshold", "key_by": "user", "source": "clicks",
+             "where": "n > 1000"}]
+    p = TwoSources(defs, ("logins", "clicks"))
+
+    async def main():
+        with p.installed() as engine:
+            items = []
+            # One repartition batch whose first item is a click: the timer is the logins
+            # pattern's all the same.
+            for src, record in (("clicks", ev(0, 0, user="u1", ts=100, n=5)),
+                                ("logins", ev(0, 0, user="u1", ts=101, kind="pay"))):
+                before = len(p.commit.emitter.sent)
+                await engine.split_source_batch(src, [(TP(src, 0), [record])])
+                (_, key, value, _, _), = p.commit.emitter.sent[before:]
+                del p.commit.emitter.sent[before:]
+                offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
+                items.append(engine.parse_repartitioned(
+                    BatchRecord(TP("patterns-repartition", 1), Record(1, offset, value, key))))
+            await engine.apply_items(items)
+            timer = engine.timer_index.entries["user=u1"]
+            assert timer["d"] == 131.0
+            body = orjson.dumps({"tick": True, "t": "user=u1", "k": timer["k"], "v": timer["v"],
+                                 "src": timer["src"], "now": 140.0})
+            offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
+            await engine.apply_items([engine.parse_repartitioned(
+                BatchRecord(TP("patterns-repartition", timer["p"]), Record(timer["p"], offset, body)))])
+            assert "user=u1" not in engine.timer_index.entries
+
+    asyncio.run(main())
+    assert [a["pattern"] for a in sent_alerts(p)] == ["no-confirm"]
