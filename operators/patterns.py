@@ -541,8 +541,11 @@ Sequence = Sequence_
 class Absence(Matcher):
     """No ``expect`` event within ``within`` seconds after a ``trigger`` event.
 
-    A new trigger re-arms the timer (a heartbeat that is both trigger and expected
-    event keeps pushing the deadline). An expected event whose own time is past the
+    A new trigger re-arms the timer when its own deadline is later than the pending
+    one (a heartbeat that is both trigger and expected event keeps pushing the
+    deadline); a late trigger whose deadline is earlier leaves the pending one alone.
+    An expected event clears the pending trigger only if its own time is between the
+    trigger's time and the deadline (both included); one whose own time is past the
     deadline first fires the overdue alert: event time decides, not arrival.
     """
 
@@ -559,9 +562,14 @@ class Absence(Matcher):
         if pending.get("d") is not None and now > pending["d"]:
             matches.append(self._fire(pending))
             pending, changed = {}, True
-        if pending.get("d") is not None and self.expect(event):
+        if pending.get("d") is not None and self.expect(event) and \
+                pending["t"]["ts"] <= now <= pending["d"]:
+            # Only an expected event from after the trigger answers it (a late one from
+            # before the trigger does not); one past the deadline already fired above.
             pending, changed = {}, True
-        if self.trigger(event):
+        if self.trigger(event) and (pending.get("d") is None or now + self.within > pending["d"]):
+            # A late trigger whose deadline is earlier than the pending one does not move
+            # the deadline back (and does not forget the later trigger).
             pending = {"d": now + self.within, "t": _evidence(event_id, now)}
             changed = True
         return (pending if changed else state), matches

@@ -1,0 +1,35 @@
+"""Pattern matchers with out-of-order input and at their time boundaries: event time
+decides, not arrival (review session 27, repros p4/p8/p3 in docs/delivery.md AX)."""
+
+from __future__ import annotations
+
+from operators.patterns import Absence
+
+
+def kind_is(name):
+    return lambda e: e.get("k") == name
+
+
+def test_absence_late_trigger_keeps_the_later_deadline_and_an_earlier_expect_does_not_clear():
+    m = Absence(trigger=kind_is("pay"), expect=kind_is("confirm"), within=30)
+    state, _ = m.step(None, {"k": "pay"}, 100.0, "pay100")
+    # (a) a late pay at 50 must not move the deadline back from 130 to 80
+    late, found = m.step(state, {"k": "pay"}, 50.0, "pay50")
+    assert found == [] and m.deadline(late) == 130
+    assert m.on_timer(late, 81)[1] == []
+    _, found = m.on_timer(late, 131)
+    assert [(x.at, x.evidence[0]["event_id"]) for x in found] == [(130, "pay100")]
+    # (b) a confirm at 90 happened before the pay at 100: it does not answer it
+    early, found = m.step(state, {"k": "confirm"}, 90.0, "c90")
+    assert found == [] and m.deadline(early) == 130
+    # a confirm between the pay and the deadline (both included) does
+    for t in (100.0, 115.0, 130.0):
+        cleared, found = m.step(state, {"k": "confirm"}, t, "c")
+        assert found == [] and m.deadline(cleared) is None
+    # a later trigger still re-arms (heartbeat)
+    hb = Absence(trigger=kind_is("hb"), expect=kind_is("hb"), within=30)
+    s, _ = hb.step(None, {"k": "hb"}, 0.0, "h0")
+    s, _ = hb.step(s, {"k": "hb"}, 20.0, "h20")
+    assert hb.deadline(s) == 50
+    s2, _ = hb.step(s, {"k": "hb"}, 10.0, "h10")  # late heartbeat: nothing moves
+    assert hb.deadline(s2) == 50 and s2["t"]["event_id"] == "h20"
