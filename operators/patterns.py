@@ -578,7 +578,9 @@ class Absence(Matcher):
         return Match(pending["d"], [pending["t"]], {"within": self.within, "deadline": pending["d"]})
 
     def on_timer(self, state, now):
-        if state and state.get("d") is not None and now >= state["d"]:
+        # Due only once the clock is past the deadline: an expected event exactly at it
+        # is in time (``step``), so a tick exactly at it must not fire either.
+        if state and state.get("d") is not None and now > state["d"]:
             return {}, [self._fire(state)]
         return state, []
 

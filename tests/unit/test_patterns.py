@@ -248,7 +248,8 @@ def test_absence_fires_on_timer_without_new_input():
     state, found = feed(m, [ev(0, type="heartbeat"), ev(20, type="heartbeat")])
     assert found == [] and m.deadline(state) == 50
     assert m.on_timer(state, 49)[1] == []
-    state, found = m.on_timer(state, 50)
+    assert m.on_timer(state, 50)[1] == []  # an expected event at 50 would be in time
+    state, found = m.on_timer(state, 50.5)
     assert len(found) == 1 and found[0].at == 50
     assert found[0].evidence[0]["event_id"] == "e20"
     assert m.on_timer(state, 1000)[1] == []  # fires once

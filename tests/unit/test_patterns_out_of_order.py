@@ -33,3 +33,14 @@ def test_absence_late_trigger_keeps_the_later_deadline_and_an_earlier_expect_doe
     assert hb.deadline(s) == 50
     s2, _ = hb.step(s, {"k": "hb"}, 10.0, "h10")  # late heartbeat: nothing moves
     assert hb.deadline(s2) == 50 and s2["t"]["event_id"] == "h20"
+
+
+def test_absence_expected_event_at_the_deadline_is_in_time_for_the_timer_too():
+    m = Absence(trigger=kind_is("pay"), expect=kind_is("confirm"), within=30)
+    state, _ = m.step(None, {"k": "pay"}, 100.0, "pay")
+    _, in_time = m.step(state, {"k": "confirm"}, 130.0, "c")
+    assert in_time == []
+    same, by_timer = m.on_timer(state, 130.0)
+    assert by_timer == [] and same is state and m.deadline(same) == 130
+    _, found = m.on_timer(state, 130.001)
+    assert [x.at for x in found] == [130]
