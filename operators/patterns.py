@@ -371,6 +371,8 @@ class WithMatch(abc.Mapping):
 class Sequence_(Matcher):
     """Steps A then B then C ... (relaxed contiguity: other events may come in between)
     all within ``within`` seconds of the first event, with optional negated steps.
+    The steps follow each other in event time, not arrival: an event whose time is
+    before the last event a partial matched does not advance it (nor kill it).
 
     After a complete match every other partial match is dropped (Flink's
     SKIP_PAST_LAST_EVENT), so one burst gives one alert. Partial matches in the same
@@ -459,6 +461,11 @@ class Sequence_(Matcher):
             self._plan[p["i"]][0] is None
 
     def _advance(self, p, event, now, event_id):
+        if now < p["ev"][-1]["ts"]:
+            # Event time decides, not arrival: an event from before the partial's last
+            # matched event is not "followed by" it, so it neither matches the next step
+            # nor counts as a forbidden event at its place.
+            return p
         index = p["i"]
         bound = p["b"]
         step = self.steps[index]

@@ -3,7 +3,7 @@ decides, not arrival (review session 27, repros p4/p8/p3 in docs/delivery.md AX)
 
 from __future__ import annotations
 
-from operators.patterns import Absence
+from operators.patterns import Absence, SeqStep, Sequence
 
 
 def kind_is(name):
@@ -44,3 +44,25 @@ def test_absence_expected_event_at_the_deadline_is_in_time_for_the_timer_too():
     assert by_timer == [] and same is state and m.deadline(same) == 130
     _, found = m.on_timer(state, 130.001)
     assert [x.at for x in found] == [130]
+
+
+def test_sequence_steps_follow_each_other_in_event_time_not_arrival():
+    seq = Sequence([SeqStep("a", kind_is("A")), SeqStep("b", kind_is("B"))], within=60)
+    s, _ = seq.step(None, {"k": "A"}, 100.0, "a1")
+    s, found = seq.step(s, {"k": "B"}, 90.0, "b1")  # late B: happened before the A
+    assert found == []
+    _, found = seq.step(s, {"k": "B"}, 100.0, "b2")  # at the A's time: in order
+    assert [(e["step"], e["ts"]) for e in found[0].evidence] == [("a", 100.0), ("b", 100.0)]
+    # a repeated step counts in event time too
+    rep = Sequence([SeqStep("a", kind_is("A"), times=2), SeqStep("b", kind_is("B"))], within=60)
+    s, _ = rep.step(None, {"k": "A"}, 10.0, "a10")
+    s, _ = rep.step(s, {"k": "A"}, 20.0, "a20")
+    s, found = rep.step(s, {"k": "B"}, 15.0, "b15")
+    assert found == []
+    # a forbidden event from before the partial's last event does not kill it
+    neg = Sequence([SeqStep("a", kind_is("A")), SeqStep("no-c", kind_is("C"), negated=True),
+                    SeqStep("b", kind_is("B"))], within=60)
+    s, _ = neg.step(None, {"k": "A"}, 100.0, "a")
+    s, _ = neg.step(s, {"k": "C"}, 95.0, "c95")
+    _, found = neg.step(s, {"k": "B"}, 110.0, "b")
+    assert len(found) == 1
