@@ -211,8 +211,11 @@ class Trend(Matcher):
             ready = len(pts) >= 3 * self.points
         else:
             assert self.within is not None
-            if now - pts[0] > self.within:
-                pts = [x for point in _triples(pts) if now - point[0] <= self.within for x in point]
+            # The window ends at the newest point (as Frequency's), not at this event's
+            # own time: a late point must not keep points older than newest - within.
+            newest = pts[-3]
+            if newest - pts[0] > self.within:
+                pts = [x for point in _triples(pts) if newest - point[0] <= self.within for x in point]
             ready = len(pts) >= 3 * self.min_points
         if not ready:
             return {"p": pts}, []

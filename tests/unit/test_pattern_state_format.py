@@ -20,7 +20,7 @@ from operators.patterns import (
 
 
 class NestedTrend(Trend):
-    """The previous Trend.step, verbatim: the reference."""
+    """The previous Trend.step, verbatim but for the window trim (P10): the reference."""
 
     def step(self, state, event, now, event_id=None):
         value = event.get(self.field)
@@ -40,8 +40,11 @@ class NestedTrend(Trend):
                 pts = pts[-self.points:]
             ready = len(pts) >= self.points
         else:
-            if now - pts[0][0] > self.within:
-                pts = [p for p in pts if now - p[0] <= self.within]
+            # Trimmed relative to the newest point, not this event's own time (the
+            # previous step's rule kept a late point's older neighbours: review P10).
+            newest = pts[-1][0]
+            if newest - pts[0][0] > self.within:
+                pts = [p for p in pts if newest - p[0] <= self.within]
             ready = len(pts) >= self.min_points
         if not ready:
             return {"p": pts}, []

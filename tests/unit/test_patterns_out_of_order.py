@@ -3,7 +3,7 @@ decides, not arrival (review session 27, repros p4/p8/p3 in docs/delivery.md AX)
 
 from __future__ import annotations
 
-from operators.patterns import Absence, SeqStep, Sequence
+from operators.patterns import Absence, SeqStep, Sequence, Trend
 
 
 def kind_is(name):
@@ -66,3 +66,16 @@ def test_sequence_steps_follow_each_other_in_event_time_not_arrival():
     s, _ = neg.step(s, {"k": "C"}, 95.0, "c95")
     _, found = neg.step(s, {"k": "B"}, 110.0, "b")
     assert len(found) == 1
+
+
+def test_trend_window_ends_at_the_newest_point_after_a_late_one():
+    tr = Trend(field="v", direction="rising", min_slope=100.0, within=30.0, min_points=3)
+    s = None
+    for t in (0, 10, 20, 30, 40, 50, 60):  # flat values: no trend
+        s, found = tr.step(s, {"v": 0.0}, float(t), f"e{t}")
+        assert found == []
+    s, found = tr.step(s, {"v": 1.0}, 5.0, "late")
+    assert found == [] and s["p"][0::3] == [30.0, 40.0, 50.0, 60.0]
+    # a late point inside the window is kept, in event time order
+    s, found = tr.step(s, {"v": 0.0}, 45.0, "late45")
+    assert found == [] and s["p"][0::3] == [30.0, 40.0, 45.0, 50.0, 60.0]
