@@ -380,9 +380,12 @@ class Sequence_(Matcher):
     After a complete match every other partial match is dropped (Flink's
     SKIP_PAST_LAST_EVENT), so one burst gives one alert. Partial matches in the same
     position keep only the latest-started one: it expires last and has the same
-    future, which bounds the state to the number of (step, count) positions.
-    A trailing negated step completes on the timer when ``within`` passed without
-    the forbidden event.
+    future, which bounds the state to the number of (step, count) positions. At a
+    trailing negated step the earliest-started one is kept instead: it completes first.
+    A trailing negated step completes when ``within`` passed without the forbidden
+    event, on the timer or on the first event past that time, whichever comes first,
+    with the same result: the completion drops every other partial, but an event past
+    it still starts a new one.
     """
 
     steps: list[SeqStep]
@@ -425,14 +428,13 @@ class Sequence_(Matcher):
         kept: list[dict] = []
         matches: list[Match] = []
         changed = False
-        for p in partials:
-            if now - p["s"] > self.within:
-                changed = True
-                if self._waiting_at_end(p):
-                    # Event time already passed the end of the window: the trailing
-                    # "not" step held, whether or not the timer ran first.
-                    matches.append(self._complete(p, p["s"] + self.within))
-                continue
+        # First what the clock already decided, as on_timer would have had the tick come
+        # before this event: expired partials go, and one waiting at a trailing "not"
+        # completes at the end of its window (the "not" step held) and drops the others.
+        live, due = self._expire(partials, now)
+        if len(live) != len(partials):
+            changed = True
+        for p in live:
             advanced = self._advance(p, event, now, event_id)
             if advanced is None:  # killed by a negated step
                 changed = True
@@ -451,13 +453,29 @@ class Sequence_(Matcher):
             if started.get("done"):
                 matches.append(self._complete(started, now))
             else:
+                # Started after the due matches ended: it survives them.
                 kept.append(started)
         if matches:
-            # Skip past the last event: nothing that overlaps a match survives.
-            return {"p": []}, matches
+            # Skip past the last event: nothing that overlaps a match made by this event
+            # survives (not even the partial this event started).
+            return {"p": []}, due + matches
         if not changed:
             return state, []
-        return {"p": self._dedupe(kept)}, []
+        return {"p": self._dedupe(kept)}, due
+
+    def _expire(self, partials, now) -> tuple[list[dict], list[Match]]:
+        """The partials still open at ``now`` and the matches due by then. A partial
+        whose window ended while it waited at a trailing "not" completes at the end of
+        its window; after such a match no other partial survives (skip past the last
+        event), the same in ``step`` and ``on_timer`` whenever the tick comes."""
+        live, due = [], []
+        for p in partials:
+            if now - p["s"] > self.within:
+                if self._waiting_at_end(p):
+                    due.append(self._complete(p, p["s"] + self.within))
+                continue
+            live.append(p)
+        return ([] if due else live), due
 
     def _waiting_at_end(self, p) -> bool:
         return self._trailing_not and p["i"] >= len(self.steps) - 1 and \
@@ -514,29 +532,30 @@ class Sequence_(Matcher):
     def _complete(self, p, at) -> Match:
         return Match(at, list(p["ev"]), {"started": p["s"], "steps": [s.name for s in self.steps]})
 
-    @staticmethod
-    def _dedupe(partials: list[dict]) -> list[dict]:
+    def _dedupe(self, partials: list[dict]) -> list[dict]:
         if len(partials) < 2:
             return partials  # the common case: nothing to choose between or sort
         best: dict[tuple[int, int], dict] = {}
         for p in partials:
             pos = (p["i"], p["c"])
-            if pos not in best or p["s"] >= best[pos]["s"]:
+            if pos not in best:
+                best[pos] = p
+            elif self._waiting_at_end(p):
+                # Waiting at a trailing "not": the earliest-started completes first (and
+                # its match drops the others), so it is the one to keep.
+                if p["s"] < best[pos]["s"]:
+                    best[pos] = p
+            elif p["s"] >= best[pos]["s"]:
+                # Anywhere else the latest-started expires last and has the same future.
                 best[pos] = p
         return sorted(best.values(), key=lambda p: p["s"])
 
     def on_timer(self, state, now):
         partials = (state or {}).get("p", [])
-        kept, matches = [], []
-        for p in partials:
-            if now - p["s"] > self.within:
-                if self._waiting_at_end(p):
-                    matches.append(self._complete(p, p["s"] + self.within))
-                continue
-            kept.append(p)
-        if len(kept) == len(partials):
+        live, due = self._expire(partials, now)
+        if len(live) == len(partials):
             return state, []
-        return {"p": kept}, matches
+        return {"p": live}, due
 
     def deadline(self, state):
         waiting = [p["s"] + self.within for p in (state or {}).get("p", [])

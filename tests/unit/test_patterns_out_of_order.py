@@ -79,3 +79,60 @@ def test_trend_window_ends_at_the_newest_point_after_a_late_one():
     # a late point inside the window is kept, in event time order
     s, found = tr.step(s, {"v": 0.0}, 45.0, "late45")
     assert found == [] and s["p"][0::3] == [30.0, 40.0, 45.0, 50.0, 60.0]
+
+
+def _a_not_c(within=10):
+    return Sequence([SeqStep("a", kind_is("A")), SeqStep("no-c", kind_is("C"), negated=True)],
+                    within=within)
+
+
+def test_trailing_not_keeps_the_partial_that_completes_first():
+    m = _a_not_c()
+    s, found = None, []
+    for t in range(0, 88, 8):  # an A every 8 s, never a C; ticks when a deadline is due
+        s, out = m.step(s, {"k": "A"}, float(t), f"a{t}")
+        found += out
+        d = m.deadline(s)
+        if d is not None and d <= t + 8:
+            s, out = m.on_timer(s, t + 7.9)
+            found += out
+    assert [x.at for x in found] == [10, 26, 42, 58, 74]
+    assert m.deadline(s) == 90
+    # the same stream without ticks: the events past each deadline complete it
+    s, no_ticks = None, []
+    for t in range(0, 88, 8):
+        s, out = m.step(s, {"k": "A"}, float(t), f"a{t}")
+        no_ticks += out
+    assert [x.at for x in no_ticks] == [10, 26, 42, 58, 74]
+
+
+def test_a_completion_on_event_time_keeps_the_partial_the_event_starts():
+    m = _a_not_c()
+    s, first = m.step(None, {"k": "A"}, 0.0, "a0")
+    s, first = m.step(s, {"k": "A"}, 25.0, "a25")  # catching up: the A at 0 is due at 10
+    assert [x.at for x in first] == [10] and m.deadline(s) == 35
+    _, second = m.step(s, {"k": "B"}, 60.0, "b60")
+    assert [(x.at, x.evidence[0]["event_id"]) for x in second] == [(35, "a25")]
+
+
+def test_a_trailing_not_completes_the_same_whenever_the_tick_comes():
+    seq = Sequence([SeqStep("a", kind_is("A")), SeqStep("x", kind_is("X")),
+                    SeqStep("no-c", kind_is("C"), negated=True)], within=10)
+
+    def run(with_ticks):
+        s, out = None, []
+        for t, kind in ((0, "A"), (2, "X"), (5, "A")):
+            s, m = seq.step(s, {"k": kind}, float(t))
+            out += m
+        if with_ticks:
+            s, m = seq.on_timer(s, 10.5)
+            out += m
+        s, m = seq.step(s, {"k": "X"}, 12.0)
+        out += m
+        if with_ticks:
+            s, m = seq.on_timer(s, 15.5)
+            out += m
+        s, m = seq.step(s, {"k": "other"}, 100.0)
+        return [x.at for x in out + m]
+
+    assert run(True) == run(False) == [10]
