@@ -268,6 +268,7 @@ def match_items(items: list[Item]) -> tuple:
         offsets = dict(stored.get("o") or ())
         states = dict(stored.get("s") or ())
         changed = False
+        source = active = None
         for item in group:
             topic = item.topic
             if item.offset <= offsets.get(topic, -1):
@@ -275,10 +276,21 @@ def match_items(items: list[Item]) -> tuple:
             offsets[topic] = item.offset
             changed = True
             event, ts, event_id = item.event, item.ts, item.event_id
-            active = ticked.get(kb, ()) if event is None else groups.get((kb, item.source), ())
+            if event is None:
+                source, active = None, ticked.get(kb, ())
+            elif item.source != source or active is None:
+                source, active = item.source, groups.get((kb, item.source), ())
             for p, fingerprint, name, step, on_timer in active:
                 entry = states.get(name)
-                st = entry["st"] if entry is not None and entry.get("f") == fingerprint else None
+                if entry is None:
+                    st = None
+                elif entry.get("f") == fingerprint:
+                    st = entry["st"]
+                else:
+                    # Of a definition since replaced: never matched again, and its timer
+                    # would stay due for ever (a tick every 5 s).
+                    st = None
+                    del states[name]
                 if event is None:
                     new, matches = on_timer(st, ts)
                 else:
@@ -297,12 +309,6 @@ def match_items(items: list[Item]) -> tuple:
                         slot[1] += len(matches)
         if not changed:
             continue
-        for _p, fingerprint, name, _step, _on_timer in of_key_by:
-            entry = states.get(name)
-            if entry is not None and entry.get("f") != fingerprint:
-                # Of a definition since replaced: never matched again, and its timer
-                # would stay due for ever (a tick every 5 s).
-                del states[name]
         if len(states) > len(of_key_by):
             names = {a[2] for a in of_key_by}
             states = {n: s for n, s in states.items() if n in names}  # deleted patterns
@@ -355,8 +361,11 @@ async def apply_items(items: list[Item]) -> int:
     try:
         return await _apply_claimed(items)
     finally:
-        for key in keys:
-            if _in_flight.get(key) is done:
+        # Every claimed key is this batch's until now (others wait for it).
+        if len(_in_flight) == len(keys):
+            _in_flight.clear()
+        else:
+            for key in keys:
                 del _in_flight[key]
         done.set()
 
@@ -373,14 +382,13 @@ _in_flight: dict[tuple[int, str], asyncio.Event] = {}
 async def claim_keys(keys: set[tuple[int, str]]) -> asyncio.Event:
     """Wait until no other batch is in flight for any of ``keys``; claim them all at
     once (a batch holds no key while it waits for another: no deadlock)."""
-    while True:
-        busy = next((e for key in keys if (e := _in_flight.get(key)) is not None), None)
-        if busy is None:
+    while _in_flight:
+        busy = _in_flight.keys() & keys
+        if not busy:
             break
-        await busy.wait()
+        await _in_flight[next(iter(busy))].wait()
     done = asyncio.Event()
-    for key in keys:
-        _in_flight[key] = done
+    _in_flight.update(dict.fromkeys(keys, done))
     return done
 
 
