@@ -356,40 +356,55 @@ async def apply_items(items: list[Item]) -> int:
     and written once. Under exactly_once each batch's states are written here, through
     Faust, inside the input's transaction.
     """
-    keys = {(item.fevent.message.partition, item.table_key) for item in items}
-    done = await claim_keys(keys)
+    batch = InFlight(items)
+    await batch.claim()
     try:
         return await _apply_claimed(items)
     finally:
-        # Every claimed key is this batch's until now (others wait for it).
-        if len(_in_flight) == len(keys):
-            _in_flight.clear()
-        else:
-            for key in keys:
-                del _in_flight[key]
-        done.set()
+        batch.release()
 
 
-#: The keys (partition, table key) of the batches being matched and sent for, each with
-#: the event its batch sets when done. Why: a batch matches copies of its keys' states
-#: and caches them only once its outputs are acknowledged (``match_items``); a second
-#: agent's batch (a source agent and the repartition agent run concurrently) for one of
-#: those keys waits, else it would match the state without the first batch's items and
-#: its write would drop them.
-_in_flight: dict[tuple[int, str], asyncio.Event] = {}
+class InFlight:
+    """A batch being matched and sent for. Why: a batch matches copies of its keys'
+    states and caches them only once its outputs are acknowledged (``match_items``); a
+    second agent's batch (a source agent and the repartition agent run concurrently)
+    for one of those keys waits for it, else it would match the state without the first
+    batch's items and its write would drop them.
 
+    The keys (partition, table key) are gathered only when another batch is in flight:
+    alone (the common case: one agent) a batch pays no per-item cost for this (it was
+    ~2 µs an event, 15 % of the pattern benchmark's CPU)."""
 
-async def claim_keys(keys: set[tuple[int, str]]) -> asyncio.Event:
-    """Wait until no other batch is in flight for any of ``keys``; claim them all at
-    once (a batch holds no key while it waits for another: no deadlock)."""
-    while _in_flight:
-        busy = _in_flight.keys() & keys
-        if not busy:
-            break
-        await _in_flight[next(iter(busy))].wait()
-    done = asyncio.Event()
-    _in_flight.update(dict.fromkeys(keys, done))
-    return done
+    __slots__ = ("items", "done", "_keys")
+
+    #: The batches being matched and sent for, in the order they claimed.
+    running: list[InFlight] = []
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+        self.done = asyncio.Event()
+        self._keys: set[tuple[int, str]] | None = None
+
+    def keys(self) -> set[tuple[int, str]]:
+        if self._keys is None:
+            self._keys = {(item.fevent.message.partition, item.table_key) for item in self.items}
+        return self._keys
+
+    async def claim(self) -> None:
+        """Wait until no batch in flight shares a key with this one (it holds nothing
+        while it waits: no deadlock), then count as in flight."""
+        running = InFlight.running
+        while running:
+            mine = self.keys()
+            busy = next((other for other in running if not other.keys().isdisjoint(mine)), None)
+            if busy is None:
+                break
+            await busy.done.wait()
+        running.append(self)
+
+    def release(self) -> None:
+        InFlight.running.remove(self)
+        self.done.set()
 
 
 async def _apply_claimed(items: list[Item]) -> int:
