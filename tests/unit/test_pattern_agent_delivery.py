@@ -186,6 +186,21 @@ def ev(partition: int, offset: int, **fields) -> Record:
     return Record(partition, offset, orjson.dumps(fields))
 
 
+async def forward_to_partition_1(p, engine, src: str, records: list[Record]) -> list:
+    """``records`` of ``src`` split as the source agent does, their forwarded events read
+    back from partition 1 of the repartition topic (the next offsets there)."""
+    before = len(p.commit.emitter.sent)
+    await engine.split_source_batch(src, [(TP(src, 0), records)])
+    out = p.commit.emitter.sent[before:]
+    del p.commit.emitter.sent[before:]
+    items = []
+    for _, key, value, _, _ in out:
+        offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
+        items.append(engine.parse_repartitioned(
+            BatchRecord(TP("patterns-repartition", 1), Record(1, offset, value, key))))
+    return items
+
+
 def test_an_event_of_one_source_keeps_the_state_of_another_sources_patterns():
     defs = [
         {"name": "fails", "type": "frequency", "key_by": "user", "source": "logins",
@@ -221,18 +236,11 @@ def test_a_batch_with_events_of_two_sources_matches_each_by_its_own_sources_patt
 
     async def main():
         with p.installed() as engine:
-            items = []
+            items = []  # one fetched batch of the repartition agent
             for src, records in (("logins", [ev(0, 0, user="u1", ts=100, kind="fail")]),
                                  ("clicks", [ev(0, 0, user="u1", ts=101, n=5),
                                              ev(0, 1, user="u1", ts=102, n=6)])):
-                before = len(p.commit.emitter.sent)
-                await engine.split_source_batch(src, [(TP(src, 0), records)])
-                out = p.commit.emitter.sent[before:]
-                del p.commit.emitter.sent[before:]
-                for _, key, value, _, _ in out:  # one fetched batch of the repartition agent
-                    offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
-                    items.append(engine.parse_repartitioned(
-                        BatchRecord(TP("patterns-repartition", 1), Record(1, offset, value, key))))
+                items += await forward_to_partition_1(p, engine, src, records)
             await engine.apply_items(items)
 
     asyncio.run(main())
@@ -253,13 +261,7 @@ def test_a_tick_fires_the_timed_patterns_of_every_source_of_the_key():
             # pattern's all the same.
             for src, record in (("clicks", ev(0, 0, user="u1", ts=100, n=5)),
                                 ("logins", ev(0, 0, user="u1", ts=101, kind="pay"))):
-                before = len(p.commit.emitter.sent)
-                await engine.split_source_batch(src, [(TP(src, 0), [record])])
-                (_, key, value, _, _), = p.commit.emitter.sent[before:]
-                del p.commit.emitter.sent[before:]
-                offset = p.forwarded[1] = p.forwarded.get(1, -1) + 1
-                items.append(engine.parse_repartitioned(
-                    BatchRecord(TP("patterns-repartition", 1), Record(1, offset, value, key))))
+                items += await forward_to_partition_1(p, engine, src, [record])
             await engine.apply_items(items)
             timer = engine.timer_index.entries["user=u1"]
             assert timer["d"] == 131.0
