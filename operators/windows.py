@@ -381,12 +381,10 @@ def apply_record(
                 windows.sort(key=lambda w: w["e"])
                 out.updated.append(w)
                 out.created = True
-        horizon = stream_time - spec.grace - d
-        if ts >= horizon:
+        if ts >= _sliding_horizon(spec, stream_time):
             # Only records a future window [t' - d, t'] could hold are kept.
             bisect.insort_right(buffer, [ts, dict(values)], key=lambda r: r[0])
-        if buffer and buffer[0][0] < horizon:
-            del buffer[:bisect.bisect_left(buffer, horizon, key=lambda r: r[0])]
+        _trim_sliding_records(spec, state, stream_time)
     else:  # pragma: no cover - WindowSpec validates kind
         raise WindowSpecError(kind)
     return out
@@ -420,13 +418,22 @@ def expire(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> list[di
         closed = [w for w in windows if close_time(spec, w) <= stream_time]
     if closed:
         state["w"] = [w for w in windows if not any(w is c for c in closed)]
-    if spec.kind == "sliding" and "r" in state:
-        horizon = stream_time - spec.grace - spec.max_difference
-        buf = state["r"]
-        cut = bisect.bisect_left(buf, horizon, key=lambda r: r[0])
-        if cut:
-            del buf[:cut]
+    if spec.kind == "sliding":
+        _trim_sliding_records(spec, state, stream_time)
     return sorted(closed, key=lambda w: (w["e"], w["s"]))
+
+
+def _sliding_horizon(spec: WindowSpec, stream_time: int) -> int:
+    """The oldest record time a sliding window still open at ``stream_time`` (or
+    opened after it) can hold: its end is at least ``stream_time - grace``."""
+    return stream_time - spec.grace - spec.max_difference
+
+
+def _trim_sliding_records(spec: WindowSpec, state: dict[str, Any], stream_time: int) -> None:
+    """Drop the buffered records (``r``) no sliding window can hold at ``stream_time``."""
+    buf = state.get("r")
+    if buf and buf[0][0] < (horizon := _sliding_horizon(spec, stream_time)):
+        del buf[:bisect.bisect_left(buf, horizon, key=lambda r: r[0])]
 
 
 def close_all(spec: WindowSpec, state: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
@@ -436,10 +443,8 @@ def close_all(spec: WindowSpec, state: dict[str, Any]) -> tuple[list[dict[str, A
     state["w"] = []
     times = [close_time(spec, w) for w in closed]
     closed_at = max((t for t in times if t is not None), default=0)
-    if "r" in state:
-        buf = state["r"]
-        horizon = closed_at - spec.grace - spec.max_difference
-        del buf[:bisect.bisect_left(buf, horizon, key=lambda r: r[0])]
+    if spec.kind == "sliding":
+        _trim_sliding_records(spec, state, closed_at)
     if spec.kind == "count" and closed:
         # Later records start a new window: the closed ones are never made again.
         step = spec.hop
