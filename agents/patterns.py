@@ -231,10 +231,10 @@ def match_items(items: list[Item]) -> tuple:
     # Per pattern what the inner loop needs, looked up once per batch, not per event:
     # (pattern, fingerprint, name, bound step, bound on_timer). An event is matched by
     # the patterns of its own source (``groups``); one key's state holds the patterns
-    # of every source keyed by its field (``keyed``), and a tick is for all of them
-    # that can set a timer (``ticked``), whichever source's item set it.
+    # of every source keyed by its field (their names: ``named``), and a tick is for
+    # all of them that can set a timer (``ticked``), whichever source's item set it.
     groups: dict[tuple[str, str], list[tuple[Any, ...]]] = defaultdict(list)
-    keyed: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    named: dict[str, set[str]] = defaultdict(set)
     ticked: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     # Only matchers that can set a timer are asked for a deadline (per changed key).
     timed: dict[str, list[Pattern]] = defaultdict(list)
@@ -242,7 +242,7 @@ def match_items(items: list[Item]) -> tuple:
         m = p.matcher
         entry = (p, p.fingerprint, p.name, m.step, m.on_timer)
         groups[(p.key_by, p.source)].append(entry)
-        keyed[p.key_by].append(entry)
+        named[p.key_by].add(p.name)
         if p.matcher.has_timers:
             timed[p.key_by].append(p)
             ticked[p.key_by].append(entry)
@@ -254,7 +254,6 @@ def match_items(items: list[Item]) -> tuple:
     for tkey, group in by_key.items():
         first = group[0]
         kb = first.key_by  # the same for the whole group: it is part of the table key
-        of_key_by = keyed.get(kb, ())
         # Cached by the table key itself: its stored form (JSON bytes) is made only
         # for a read or a write (it was ~3 % of the handler per key per batch).
         stored = cache.get((first.fevent.message.partition, tkey))
@@ -309,8 +308,8 @@ def match_items(items: list[Item]) -> tuple:
                         slot[1] += len(matches)
         if not changed:
             continue
-        if len(states) > len(of_key_by):
-            names = {a[2] for a in of_key_by}
+        names = named.get(kb, ())
+        if len(states) > len(names):
             states = {n: s for n, s in states.items() if n in names}  # deleted patterns
         deadline = None
         for p in timed.get(kb, ()):
@@ -372,8 +371,8 @@ class InFlight:
     batch's items and its write would drop them.
 
     The keys (partition, table key) are gathered only when another batch is in flight:
-    alone (the common case: one agent) a batch pays no per-item cost for this (it was
-    ~2 µs an event, 15 % of the pattern benchmark's CPU)."""
+    alone (the common case: one agent) a batch pays no per-item cost for this (~2 µs
+    an event in the broker-free harness; within the spread of ``bench pattern-detect``)."""
 
     __slots__ = ("items", "done", "_keys")
 
