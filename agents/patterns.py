@@ -221,9 +221,12 @@ def parse_repartitioned(fe: Any) -> Item | None:
                 offset, body["e"], body["ts"], body["id"])
 
 
-def match_items(items: list[Item]) -> tuple:
+def match_items(items: list[Item], in_place: bool = False) -> tuple:
     """The pure part of ``apply_items``: read each key's state once, match the batch's
-    items for it in memory; returns what to send and write."""
+    items for it in memory; returns what to send and write.
+
+    ``in_place``: change the cached states themselves rather than copies; only for a
+    batch no flush may write before its outputs are acknowledged (``InFlight.go``)."""
     patterns = catalog.patterns()
     by_key: dict[str, list[Item]] = defaultdict(list)
     for item in items:
@@ -259,13 +262,21 @@ def match_items(items: list[Item]) -> tuple:
         stored = cache.get((first.fevent.message.partition, tkey))
         if stored is None:
             stored = state_store.read(first.fevent, table_key_bytes(tkey)) or {}
-        # Copies, changed here: the cached state stays as it was until this batch's
-        # outputs are acknowledged (``put_dirty_many``). Changed in place, a flush by
-        # another agent's batch meanwhile (or a commit) would write offsets that mark
-        # items applied whose alerts were never sent, and a replay after a crash would
-        # skip them (docs/delivery.md AW).
-        offsets = dict(stored.get("o") or ())
-        states = dict(stored.get("s") or ())
+        # Unless ``in_place``, copies: the cached state stays as it was until this
+        # batch's outputs are acknowledged (``put_dirty_many``), else a flush by another
+        # agent's batch meanwhile would write offsets that mark items applied whose
+        # alerts were never sent, and a replay after a crash would skip them
+        # (docs/delivery.md AW). The copies cost 17 % of ``bench pattern-detect``.
+        if in_place:
+            offsets = stored.get("o")
+            if offsets is None:
+                offsets = stored["o"] = {}
+            states = stored.get("s")
+            if states is None:
+                states = stored["s"] = {}
+        else:
+            offsets = dict(stored.get("o") or ())
+            states = dict(stored.get("s") or ())
         changed = False
         source = active = None
         for item in group:
@@ -295,7 +306,10 @@ def match_items(items: list[Item]) -> tuple:
                 else:
                     new, matches = step(st, event, ts, event_id)
                 if new is not st:
-                    states[name] = {"f": fingerprint, "st": new}  # not the cached entry
+                    if in_place and entry is not None and st is not None:
+                        entry["st"] = new
+                    else:
+                        states[name] = {"f": fingerprint, "st": new}  # not the cached entry
                 if matches:
                     partition = item.fevent.message.partition
                     for match in matches:
@@ -358,21 +372,25 @@ async def apply_items(items: list[Item]) -> int:
     batch = InFlight(items)
     await batch.claim()
     try:
-        return await _apply_claimed(items)
+        return await _apply_claimed(batch)
     finally:
         batch.release()
 
 
 class InFlight:
-    """A batch being matched and sent for. Why: a batch matches copies of its keys'
-    states and caches them only once its outputs are acknowledged (``match_items``); a
-    second agent's batch (a source agent and the repartition agent run concurrently)
-    for one of those keys waits for it, else it would match the state without the first
-    batch's items and its write would drop them.
+    """A batch being matched and sent for (a source agent and the repartition agent run
+    concurrently).
+
+    Alone (the common case: one agent), a batch changes the cached states in place:
+    ``go`` makes it the cache's ``changing`` batch, and every flush of the cache by
+    anyone else waits until it is done (``StateCache.flush``), so no state is written
+    whose alerts are unsent. Otherwise it matches copies and caches them only once its
+    outputs are acknowledged; and a batch for a key another batch in flight holds waits
+    for it (``claim``), else it would match the state without the first batch's items
+    and its write would drop them.
 
     The keys (partition, table key) are gathered only when another batch is in flight:
-    alone (the common case: one agent) a batch pays no per-item cost for this (~2 µs
-    an event in the broker-free harness; within the spread of ``bench pattern-detect``)."""
+    alone, a batch pays no per-item cost for this."""
 
     __slots__ = ("items", "done", "_keys")
 
@@ -401,20 +419,32 @@ class InFlight:
             await busy.done.wait()
         running.append(self)
 
+    def go(self) -> bool:
+        """Whether this batch may change the cached states in place: it is the only
+        batch in flight and no flush is under way (a flush waits for such a batch, so
+        one that started earlier would not). If so it is the cache's ``changing`` batch
+        until ``release``."""
+        if InFlight.running != [self] or state_cache.flushing:
+            return False
+        state_cache.changing = self
+        return True
+
     def release(self) -> None:
         InFlight.running.remove(self)
+        if state_cache.changing is self:
+            state_cache.changing = None
         self.done.set()
 
 
-async def _apply_claimed(items: list[Item]) -> int:
+async def _apply_claimed(batch: InFlight) -> int:
     assignment = current_assignment()
     if assignment != state_cache.assignment:
         # The assignment moved without our signals: write what is unwritten first.
-        await flush_states()
+        await flush_states(batch)
         state_cache.check(assignment)
     defer = defers_state_writes()
     try:
-        alerts, state_writes, timer_writes, counts = match_items(items)
+        alerts, state_writes, timer_writes, counts = match_items(batch.items, batch.go())
         count_writes = []
         for (name, partition), (record, n) in counts.items():
             key = table_key_bytes(f"{name}|{partition}")
@@ -430,7 +460,7 @@ async def _apply_claimed(items: list[Item]) -> int:
             commit_protocol.arm()
         state_cache.put_dirty_many(state_writes)
         if not defer or state_cache.over_dirty_limit():
-            await flush_states()
+            await flush_states(batch)
     except BaseException:
         # The cached states may hold changes that were never written, or whose outputs
         # were never sent: none of them may be written or committed now.
@@ -453,12 +483,12 @@ def defers_state_writes() -> bool:
     return state_cache.limit > 0 and commit_protocol.defers()
 
 
-async def flush_states() -> None:
+async def flush_states(by: InFlight | None = None) -> None:
     """Write every unwritten cached state once (changelog records, then RocksDB): what
-    the commit protocol does with the cache before each commit, here also in a batch
-    (exactly_once, or too many unwritten). Raises after a failed batch
+    the commit protocol does with the cache before each commit, here also in batch
+    ``by`` (exactly_once, or too many unwritten). Raises after a failed batch
     (``StateCache.failed``): the commit then fails too, and a restart replays."""
-    await state_cache.flush(state_store)
+    await state_cache.flush(state_store, by=by)
 
 
 state_cache.on_flush = lambda seconds: observe_flush("patterns", seconds)

@@ -100,6 +100,23 @@ class StateCache(WriteBackCache):
                          key_bytes=lambda ck: table_key_bytes(ck[1]), max_dirty=max(1, limit // 2))
         self.limit = limit
         self.assignment: frozenset | None = None
+        #: The batch changing cached states in place (agents/patterns.py, ``InFlight``;
+        #: at most one: only a batch alone in flight does), and flushes under way.
+        self.changing: Any = None
+        self.flushing = 0
+
+    async def flush(self, store: Any = None, by: Any = None) -> None:
+        """``WriteBackCache.flush``, after the batch changing states in place is done
+        unless that batch is the caller (``by``): until its outputs are acknowledged
+        its states must not be written (docs/delivery.md AW). While this waits and
+        writes, no batch starts changing states in place (``flushing``)."""
+        self.flushing += 1
+        try:
+            while self.changing is not None and self.changing is not by:
+                await self.changing.done.wait()
+            await super().flush(store)
+        finally:
+            self.flushing -= 1
 
     @property
     def entries(self) -> dict[tuple[int, str], Any]:

@@ -7,10 +7,23 @@ from __future__ import annotations
 import asyncio
 
 import orjson
+import pytest
 from faust.types import TP
 
 from app.batches import BatchRecord
 from app.harness import PatternProcessor, Record
+
+
+@pytest.fixture(autouse=True)
+def isolated_engine():
+    """A failed test leaves its slowed ``send_alerts`` and a batch of its event loop in
+    flight behind: the next tests would wait for them."""
+    import agents.patterns as engine
+
+    send_alerts = engine.send_alerts
+    yield
+    engine.send_alerts = send_alerts
+    engine.InFlight.running.clear()
 
 
 def forwarded(engine, partition: int, offset: int, **fields):
@@ -24,6 +37,11 @@ def forwarded(engine, partition: int, offset: int, **fields):
 
 def sent_alerts(processor: PatternProcessor) -> list[dict]:
     return [orjson.loads(v) for _, _, v, _, _ in processor.commit.emitter.sent]
+
+
+def stored_offsets(processor: PatternProcessor, key: str) -> dict:
+    stored = processor.store.data.get(0, {}).get(orjson.dumps(key))
+    return orjson.loads(stored)["o"] if stored is not None else {}
 
 
 BIG = [{"name": "big", "type": "threshold", "key_by": "user", "where": "v > 100"}]
@@ -46,10 +64,15 @@ def test_a_flush_by_another_batch_does_not_write_a_state_whose_alert_is_unsent()
             a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)]))
             await asyncio.sleep(0)
             # Another agent's batch: over the limit of unwritten states, it flushes.
-            await engine.apply_items([forwarded(engine, 0, 2, user="L", v=1)])
-            stored = orjson.loads(p.store.data[0][b'"user=K"'])
-            assert stored["o"] == {"patterns-repartition": 0}  # offset 1 not applied yet
+            b = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 2, user="L", v=1)]))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert stored_offsets(p, "user=K") in ({}, {"patterns-repartition": 0})  # not offset 1
             a.cancel()  # the crash: the alert never reaches the broker
+            # The cache failed with it: the other batch's flush writes nothing.
+            with pytest.raises(RuntimeError, match="batch failed"):
+                await b
+            assert stored_offsets(p, "user=K") in ({}, {"patterns-repartition": 0})
             engine.send_alerts = real_send
             assert not sent_alerts(p)
         q = PatternProcessor(BIG, cache_limit=4)
@@ -57,6 +80,69 @@ def test_a_flush_by_another_batch_does_not_write_a_state_whose_alert_is_unsent()
         with q.installed() as engine:
             await engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)])
         assert [a["pattern"] for a in sent_alerts(q)] == ["big"]
+
+    asyncio.run(main())
+
+
+def test_a_flush_outside_any_batch_waits_for_the_batch_changing_states_in_place():
+    """The commit protocol flushes on a rebalance (``partitions_moved``) while a batch
+    may be in flight: a lone batch changes the cached state itself, so the flush waits
+    until that batch's alert is acknowledged."""
+    async def main():
+        p = PatternProcessor(BIG)
+        with p.installed() as engine:
+            await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1)])
+            await engine.flush_states()
+            gate = asyncio.Event()
+            real_send = engine.send_alerts
+
+            async def slow_send(alerts):
+                if alerts:
+                    await gate.wait()
+                await real_send(alerts)
+
+            engine.send_alerts = slow_send
+            a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)]))
+            await asyncio.sleep(0)
+            assert p.cache.changing is not None  # alone: in place
+            flush = asyncio.create_task(p.cache.flush())
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not flush.done()
+            assert stored_offsets(p, "user=K") == {"patterns-repartition": 0}
+            gate.set()
+            await a
+            await flush
+            assert stored_offsets(p, "user=K") == {"patterns-repartition": 1}
+            assert [x["pattern"] for x in sent_alerts(p)] == ["big"]
+
+    asyncio.run(main())
+
+
+def test_a_batch_starting_while_a_flush_waits_matches_copies():
+    async def main():
+        p = PatternProcessor(BIG)
+        with p.installed() as engine:
+            gate = asyncio.Event()
+            real_send = engine.send_alerts
+
+            async def slow_send(alerts):
+                if alerts:
+                    await gate.wait()
+                await real_send(alerts)
+
+            engine.send_alerts = slow_send
+            a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 0, user="K", v=500)]))
+            await asyncio.sleep(0)
+            first = p.cache.changing
+            flush = asyncio.create_task(p.cache.flush())
+            await asyncio.sleep(0)
+            b = asyncio.create_task(engine.apply_items([forwarded(engine, 1, 0, user="L", v=1)]))
+            await asyncio.sleep(0)
+            assert p.cache.changing is first  # the second batch did not take over
+            gate.set()
+            await asyncio.gather(a, b, flush)
+            assert p.cache.changing is None
 
     asyncio.run(main())
 
