@@ -33,6 +33,7 @@ import orjson
 
 from app.commit import CommitProtocol, MemoryEmitter
 from app.settings import settings
+from app.transport import CommitGuard
 from tables.store import MemoryStore
 
 
@@ -123,7 +124,12 @@ class PatternProcessor:
         self.source = source
         engine = EngineConfig(sources=(source,))
         self.patterns = {d["name"]: parse_definition(dict(d), engine, "runtime") for d in definitions}
-        self.commit = CommitProtocol(MemoryEmitter(transactional=exactly_once), defer=not exactly_once)
+        # With a guard of its own, as the worker's: a commit encodes its parts only while
+        # no batch is in its processing section, which is what keeps a state a lone batch
+        # changes in place out of a commit until its alerts are sent.
+        self.guard = CommitGuard()
+        self.commit = CommitProtocol(MemoryEmitter(transactional=exactly_once), defer=not exactly_once,
+                                     guard=self.guard)
         self.store, self.timers, self.counts = MemoryStore(), MemoryStore(), MemoryStore()
         self.cache = self.commit.register(StateCache(cache_limit, self.store))
         #: The next offset of each partition of the (simulated) repartition topic.
@@ -171,7 +177,8 @@ class PatternProcessor:
                 if item is not None:
                     items.append(item)
             if items:
-                await engine.apply_items(items)
+                async with self.guard.processing():
+                    await engine.apply_items(items)
 
 
 def pattern_processor(definitions: Sequence[Mapping[str, Any]], *, source: str = "events",

@@ -117,7 +117,7 @@ def main() -> None:
             t0 = clock()
             local = await engine.split_source_batch("events", batches[batch])
             t1 = clock()
-            alerts, state_writes, _timers, _counts = engine.match_items(local)
+            alerts, state_writes, _timers, _counts = engine.match_items(local, True)  # in place, as a batch alone in flight
             t2 = clock()
             if cache.limit <= 0:  # no cache: written every batch
                 for _record, tkey, value in state_writes:

@@ -464,7 +464,7 @@ class WriteBackCache(WriteBackBuffer):
         ``write_partitions``). A failed write leaves them dirty (with whatever became so
         meanwhile), so no commit covers them until a flush succeeds."""
         async with self._lock:
-            self._check_failed()
+            self.check_failed()
             if not self.dirty_keys and not self.side:
                 return
             await self._write_all(store or self.store)
@@ -503,7 +503,7 @@ class WriteBackCache(WriteBackBuffer):
         await self._lock.acquire()
         done = True
         try:
-            self._check_failed()
+            self.check_failed()
             if not self.dirty_keys and not self.side:
                 return None
             prepare = getattr(self.store, "prepare_partitions", None)
@@ -521,7 +521,7 @@ class WriteBackCache(WriteBackBuffer):
             if done:
                 self._lock.release()
 
-    def _check_failed(self) -> None:
+    def check_failed(self) -> None:
         if self.failed:
             raise RuntimeError("a batch failed after changing cached state: not writing it "
                                "(a restart replays from the last commit)")
@@ -589,9 +589,10 @@ class WriteBackCache(WriteBackBuffer):
         with the value it has now (still cached: ``_writing``)."""
         if self.failed:
             return
-        dirty = self.dirty_keys
+        dirty, cached = self.dirty_keys, self.cached
         for key, partition in taken.items():
-            dirty.setdefault(key, partition)
+            if key in cached:  # else dropped unwritten (``drop_unflushed``)
+                dirty.setdefault(key, partition)
         self.writes -= len(taken)
         self.side = {**side, **self.side}
 
@@ -613,8 +614,10 @@ class WriteBackCache(WriteBackBuffer):
     def fail(self) -> None:
         """Forget everything after a handler failed half-way: a cached value may hold
         changes whose outputs were never sent. Unwritten values stay unwritten for good
-        (``failed``), so the offsets they cover are never committed."""
-        if self.dirty_keys or self.side:
+        (``failed``), so the offsets they cover are never committed; that includes the
+        values a commit's snapshot took and has not written yet (``_writing``): its
+        offsets cover them too (``CacheSnapshot`` checks ``failed`` before each step)."""
+        if self.dirty_keys or self.side or self._writing:
             self.failed = True
             self.dirty_keys.clear()
             self.side.clear()
@@ -665,6 +668,7 @@ class CacheSnapshot:
     def encode_some(self, n: int) -> bool:
         """Encode the next ``n`` values into the write (the side values with the last
         part); True once all are."""
+        self.cache.check_failed()
         taken = self.taken
         if self.encoded > len(taken):
             return True
@@ -691,6 +695,9 @@ class CacheSnapshot:
         batches, see ``StoreWrites.store``). A failure leaves the values unwritten
         (dirty again, unless changed since: then the newer value is)."""
         cache = self.cache
+        if cache.failed:
+            self.abandon()
+            cache.check_failed()
         try:
             await self.prepared.store(pause)
         except BaseException:

@@ -12,6 +12,7 @@ from faust.types import TP
 
 from app.batches import BatchRecord
 from app.harness import PatternProcessor, Record
+from app.transport import CommitGuard
 
 
 @pytest.fixture(autouse=True)
@@ -360,3 +361,83 @@ def test_a_tick_fires_the_timed_patterns_of_every_source_of_the_key():
 
     asyncio.run(main())
     assert [a["pattern"] for a in sent_alerts(p)] == ["no-confirm"]
+
+
+def test_a_batch_failing_between_the_parts_of_a_commit_stops_that_commit():
+    """A commit's snapshot took every unwritten state and encodes them a part at a time,
+    with batches in between. A batch that fails there drops the cache: the commit must
+    not go on and cover the states it no longer has (their items would be skipped as
+    applied after a restart, their matches never made)."""
+    twice = [{"name": "twice", "type": "frequency", "key_by": "user", "where": "v > 0",
+              "count": 2, "within": 600}]
+
+    async def main():
+        p = PatternProcessor(twice)
+        guard = CommitGuard()
+        p.commit._guard = guard
+        p.commit.ENCODE_PART = 1  # two keys, two parts (production: more than 100 keys)
+        with p.installed() as engine:
+            async with guard.processing():
+                await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1),
+                                          forwarded(engine, 0, 1, user="L", v=1)])
+            async with guard.committing():
+                rest = await p.commit.begin_commit()
+            assert rest is not None
+            writing = asyncio.ensure_future(rest)
+
+            async def broken(alerts):
+                raise RuntimeError("send failed")
+
+            real_send, engine.send_alerts = engine.send_alerts, broken
+            with pytest.raises(RuntimeError, match="send failed"):
+                async with guard.processing():
+                    await engine.apply_items([forwarded(engine, 0, 2, user="M", v=1)])
+            engine.send_alerts = real_send
+            with pytest.raises(RuntimeError, match="batch failed"):
+                await writing  # so its offsets are not committed
+        q = PatternProcessor(twice)
+        q.store = q.cache.store = p.store
+        with q.installed() as engine:
+            # Redelivered from the last committed offset (none): K's first two events.
+            await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1),
+                                      forwarded(engine, 0, 3, user="K", v=1)])
+        assert [a["pattern"] for a in sent_alerts(q)] == ["twice"]
+
+    asyncio.run(main())
+
+
+def test_a_commit_encodes_no_part_while_a_batch_changes_states_in_place():
+    async def main():
+        p = PatternProcessor(BIG)
+        p.commit.ENCODE_PART = 1
+        with p.installed() as engine:
+            async with p.guard.processing():
+                await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1),
+                                          forwarded(engine, 0, 1, user="L", v=1)])
+            async with p.guard.committing():
+                rest = await p.commit.begin_commit()
+            writing = asyncio.ensure_future(rest)
+            gate = asyncio.Event()
+            real_send = engine.send_alerts
+
+            async def slow_send(alerts):
+                if alerts:
+                    await gate.wait()
+                await real_send(alerts)
+
+            engine.send_alerts = slow_send
+
+            async def batch():
+                async with p.guard.processing():
+                    await engine.apply_items([forwarded(engine, 0, 2, user="K", v=500)])
+
+            b = asyncio.create_task(batch())
+            await asyncio.sleep(0.05)  # ample for the commit's parts (1 ms apart)
+            assert p.cache.changing is not None
+            assert stored_offsets(p, "user=K") in ({}, {"patterns-repartition": 0})
+            b.cancel()  # the crash: the alert never reaches the broker
+            with pytest.raises(RuntimeError, match="batch failed"):
+                await writing
+            assert stored_offsets(p, "user=K") in ({}, {"patterns-repartition": 0})
+
+    asyncio.run(main())
