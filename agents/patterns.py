@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from agents.window_aggregate import caught_up
 from app import app
 from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
@@ -45,6 +46,7 @@ from tables.patterns import (
     clock,
     count_store,
     repartition_topic,
+    source_topics,
     state_cache,
     state_store,
     table_key_bytes,
@@ -204,7 +206,7 @@ def parse_repartitioned(fe: Any) -> Item | None:
     m = fe.message
     body = orjson.loads(m.value)
     if body.get("tick"):
-        clock.observe(m.partition, body["now"])
+        # Not observed: a tick's ``now`` is the clock's own reading, not an event's time.
         return Item(fe, body["t"], body["k"], body["v"], body["src"], m.topic, m.offset,
                     None, body["now"])
     clock.observe(m.partition, body["ts"])
@@ -590,6 +592,12 @@ class TimerIndex:
 timer_index = TimerIndex()
 
 
+def input_topic_names() -> set[str]:
+    """The topics whose records move the engine's event time: its sources and the
+    repartition topic."""
+    return {t.get_topic_name() for t in (*source_topics.values(), repartition_topic)}
+
+
 @app.timer(ENGINE.timer_interval)
 async def fire_due_timers() -> None:
     """Send a tick to the partition of every key whose timer is due."""
@@ -597,10 +605,13 @@ async def fire_due_timers() -> None:
         return
     timer_index.refresh()
     wall = time.time()
+    # Records still waiting to be read are not idleness: the clock then stays at the
+    # event time they have reached (tables.patterns.EventClock).
+    idle = caught_up(input_topic_names())
     for tkey, timer in list(timer_index.entries.items()):
         partition = timer["p"]
-        now = clock.now(partition)
-        if now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:
+        now = clock.now(partition, idle)
+        if now is None or now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:
             continue
         _ticked[tkey] = wall
         # A tick is only a wake-up call (firing twice is harmless: the state decides), so

@@ -191,30 +191,58 @@ state_cache = commit_protocol.register(
 
 
 class EventClock:
-    """Event time per partition, extrapolated by wall-clock time while idle.
+    """Event time per partition, for the timers (``fire_due_timers``).
 
-    ``now(p)`` = the newest event time seen on partition p plus the wall-clock time
-    elapsed since it was seen, so timers fire on time without new input and replayed
-    history does not fire them early. A partition with no event since this worker
-    started falls back to the wall clock (event times are epoch seconds).
+    Observed from real events only: a tick's ``now`` is the clock's own reading, and
+    taking it back as event time would let one early reading push every later timer of
+    the partition due ahead of its input (docs/delivery.md AY).
+
+    ``now(p, idle)``: while records are still waiting to be read (``idle`` False), the
+    newest event time seen on partition p; a timer whose deadline is past that is due
+    by the input itself, and an event still queued can still cancel any other. Only
+    once everything was read (``idle``) does it run on with the wall clock: the newest
+    event time plus the wall-clock time since p's latest event, so a timer fires on time
+    without new input. A partition with no event since it was assigned to this worker
+    has no event time: no timer of it is due until it has one, or, once nothing is left
+    to read, by the wall clock (event times are epoch seconds; with no input left there
+    is nothing else to go by). ``forget`` on every revoke and assign: a partition that
+    comes back may have a backlog older than what this worker saw of it before.
     """
 
     def __init__(self) -> None:
+        #: partition -> (newest event time seen, wall-clock time of its latest event).
         self._seen: dict[int, tuple[float, float]] = {}
 
     def observe(self, partition: int, ts: float) -> None:
+        """Event time ``ts`` of a real event of ``partition`` (never a tick's)."""
         known = self._seen.get(partition)
-        if known is None or ts >= known[0] + (time.time() - known[1]):
-            self._seen[partition] = (ts, time.time())
+        newest = ts if known is None or ts > known[0] else known[0]
+        self._seen[partition] = (newest, time.time())
 
-    def now(self, partition: int) -> float:
+    def now(self, partition: int, idle: bool) -> float | None:
+        """The partition's event time now (None: not known yet); ``idle``: this worker
+        has read its inputs to their ends."""
         known = self._seen.get(partition)
+        if not idle:
+            return None if known is None else known[0]
         if known is None:
             return time.time()
         return known[0] + (time.time() - known[1])
 
+    def forget(self) -> None:
+        """Partitions moved: every partition learns its event time anew."""
+        self._seen.clear()
+
 
 clock = EventClock()
+
+
+async def _forget_clock(*args: Any, **kwargs: Any) -> None:
+    clock.forget()
+
+
+app.on_partitions_revoked.connect(_forget_clock)
+app.on_partitions_assigned.connect(_forget_clock)
 
 
 class PatternCatalog(GlobalTopicReader):
