@@ -40,6 +40,21 @@ def sent_alerts(processor: PatternProcessor) -> list[dict]:
     return [orjson.loads(v) for _, _, v, _, _ in processor.commit.emitter.sent]
 
 
+def alerts_held(engine) -> tuple[asyncio.Event, object]:
+    """Hold every batch's alerts back until the returned event is set (the broker has
+    not acknowledged them yet); returns it and the real ``send_alerts``."""
+    gate = asyncio.Event()
+    real_send = engine.send_alerts
+
+    async def slow_send(alerts):
+        if alerts:
+            await gate.wait()
+        await real_send(alerts)
+
+    engine.send_alerts = slow_send
+    return gate, real_send
+
+
 def stored_offsets(processor: PatternProcessor, key: str) -> dict:
     stored = processor.store.data.get(0, {}).get(orjson.dumps(key))
     return orjson.loads(stored)["o"] if stored is not None else {}
@@ -53,15 +68,7 @@ def test_a_flush_by_another_batch_does_not_write_a_state_whose_alert_is_unsent()
         p = PatternProcessor(BIG, cache_limit=4)  # at most 2 unwritten states
         with p.installed() as engine:
             await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1)])
-            gate = asyncio.Event()
-            real_send = engine.send_alerts
-
-            async def slow_send(alerts):  # the broker has not acknowledged the alert yet
-                if alerts:
-                    await gate.wait()
-                await real_send(alerts)
-
-            engine.send_alerts = slow_send
+            gate, real_send = alerts_held(engine)  # the broker has not acknowledged them yet
             a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)]))
             await asyncio.sleep(0)
             # Another agent's batch: over the limit of unwritten states, it flushes.
@@ -94,15 +101,7 @@ def test_a_flush_outside_any_batch_waits_for_the_batch_changing_states_in_place(
         with p.installed() as engine:
             await engine.apply_items([forwarded(engine, 0, 0, user="K", v=1)])
             await engine.flush_states()
-            gate = asyncio.Event()
-            real_send = engine.send_alerts
-
-            async def slow_send(alerts):
-                if alerts:
-                    await gate.wait()
-                await real_send(alerts)
-
-            engine.send_alerts = slow_send
+            gate, real_send = alerts_held(engine)  # the broker has not acknowledged them yet
             a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 1, user="K", v=500)]))
             await asyncio.sleep(0)
             assert p.cache.changing is not None  # alone: in place
@@ -124,15 +123,7 @@ def test_a_batch_starting_while_a_flush_waits_matches_copies():
     async def main():
         p = PatternProcessor(BIG)
         with p.installed() as engine:
-            gate = asyncio.Event()
-            real_send = engine.send_alerts
-
-            async def slow_send(alerts):
-                if alerts:
-                    await gate.wait()
-                await real_send(alerts)
-
-            engine.send_alerts = slow_send
+            gate, real_send = alerts_held(engine)  # the broker has not acknowledged them yet
             a = asyncio.create_task(engine.apply_items([forwarded(engine, 0, 0, user="K", v=500)]))
             await asyncio.sleep(0)
             first = p.cache.changing
@@ -417,15 +408,7 @@ def test_a_commit_encodes_no_part_while_a_batch_changes_states_in_place():
             async with p.guard.committing():
                 rest = await p.commit.begin_commit()
             writing = asyncio.ensure_future(rest)
-            gate = asyncio.Event()
-            real_send = engine.send_alerts
-
-            async def slow_send(alerts):
-                if alerts:
-                    await gate.wait()
-                await real_send(alerts)
-
-            engine.send_alerts = slow_send
+            gate, real_send = alerts_held(engine)  # the broker has not acknowledged them yet
 
             async def batch():
                 async with p.guard.processing():
