@@ -825,30 +825,30 @@ def _key_json(key: bytes) -> bytes:
 RUNNERS: dict[str, WindowRunner] = {}
 
 
+def read_to_end(consumer: Any, tp: Any) -> bool:
+    """True when this worker has read ``tp`` up to its end: records still waiting to be
+    read are not idleness."""
+    read = read_offset(consumer, tp)
+    try:
+        high = consumer.highwater(tp)
+    except Exception:  # no fetch position yet
+        return False
+    if read is not None and high is not None and read + 1 >= high:
+        return True
+    # Nothing delivered yet (just started or assigned), no end offset yet, or records
+    # before the end not delivered: read to the end only if the fetch position is at
+    # the end with nothing held back. Before, "nothing delivered yet" counted as read
+    # to the end: right after a restart, a partition whose backlog had not been
+    # fetched yet could look idle and have its windows closed early (a plausible cause
+    # of the chaos test's early idle closes).
+    return fetched_to(consumer, tp, high)
+
+
 def caught_up(names: set[str]) -> bool:
     """True when this worker has read up to the end of its partitions of the topics
-    ``names``: records still waiting to be read are not idleness (the idle rule of
-    windows and joins)."""
+    ``names`` (``read_to_end``; the idle rule of windows and joins)."""
     consumer = app.consumer
-    for tp in consumer.assignment():
-        if tp.topic not in names:
-            continue
-        read = read_offset(consumer, tp)
-        try:
-            high = consumer.highwater(tp)
-        except Exception:  # no fetch position yet
-            return False
-        if read is None or high is None or read + 1 < high:
-            # Nothing delivered yet (just started or assigned), no end offset yet,
-            # or records before the end not delivered: caught up only if the fetch
-            # position is at the end with nothing held back. Before, "nothing
-            # delivered yet" counted as caught up: right after a restart, a
-            # partition whose backlog had not been fetched yet could look idle and
-            # have its windows closed early (a plausible cause of the chaos test's
-            # early idle closes).
-            if not fetched_to(consumer, tp, high):
-                return False
-    return True
+    return all(read_to_end(consumer, tp) for tp in consumer.assignment() if tp.topic in names)
 
 
 def rekey_handler(keyed: Any, forward: Callable[[Any], tuple[bytes, bytes]], *, pipeline: str, step: str,
@@ -950,5 +950,5 @@ async def _on_moved(*args: Any, **kwargs: Any) -> None:
 app.on_partitions_revoked.connect(_on_moved)
 app.on_partitions_assigned.connect(_on_moved)
 
-__all__ = ["RUNNERS", "SRC_OFFSET", "SRC_PARTITION", "TICK_HEADER", "WindowRunner", "caught_up", "register",
+__all__ = ["RUNNERS", "SRC_OFFSET", "SRC_PARTITION", "TICK_HEADER", "WindowRunner", "caught_up", "read_to_end", "register",
            "rekey_handler"]
