@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from faust.types import TP
 
-from agents.window_aggregate import caught_up
+from agents.window_aggregate import read_to_end
 from app import app
 from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
@@ -97,6 +98,9 @@ class Item:
     event: dict[str, Any] | None = None  # None for a tick
     ts: float = 0.0
     event_id: str | None = None
+    #: For a tick: the input topic of the timer it wakes (its entry's ``"i"``), so a
+    #: timer the tick leaves pending keeps following that input's clock.
+    timer_input: str | None = None
 
 
 def table_key(key_by: str, key: str) -> str:
@@ -195,7 +199,7 @@ async def split_source_batch(source: str, parts: Iterable[tuple[Any, list[Any]]]
                                           "e": event})
                     forward.append((partition, key.encode(), value, (), None))
         if newest > -math.inf:
-            clock.observe(partition, newest)
+            clock.observe(topic, partition, newest)
     # In order, resends included: a copy stored after a later batch would be applied
     # after that batch's events (a sequence seen out of order).
     await emitter.send(repartition_topic, forward, in_order=True)
@@ -208,8 +212,8 @@ def parse_repartitioned(fe: Any) -> Item | None:
     if body.get("tick"):
         # Not observed: a tick's ``now`` is the clock's own reading, not an event's time.
         return Item(fe, body["t"], body["k"], body["v"], body["src"], m.topic, m.offset,
-                    None, body["now"])
-    clock.observe(m.partition, body["ts"])
+                    None, body["now"], None, timer_input(body))
+    clock.observe(m.topic, m.partition, body["ts"])
     sp = body.get("sp")
     if sp is not None:
         # Applied offsets kept per source partition ("<source>:<partition>"): a source
@@ -334,7 +338,8 @@ def match_items(items: list[Item], in_place: bool = False) -> tuple:
                 d = p.matcher.deadline(entry["st"])
                 if d is not None and (deadline is None or d < deadline):
                     deadline = d
-        last = group[-1].fevent
+        last_item = group[-1]
+        last = last_item.fevent
         new_state: dict[str, Any] = {"o": offsets, "s": states}
         if deadline is not None:
             new_state["t"] = deadline
@@ -346,7 +351,11 @@ def match_items(items: list[Item], in_place: bool = False) -> tuple:
                 timer_writes.append((last, kbytes, {}))
                 timer_index.entries.pop(tkey, None)
             else:
+                # "i": the input topic the partition number "p" belongs to, whose
+                # event time the timer follows (tables.patterns.EventClock): the source
+                # topic for a key matched in place, the repartition topic otherwise.
                 entry = {"d": deadline, "p": last.message.partition,
+                         "i": last_item.timer_input or last.message.topic,
                          "k": first.key_by, "v": first.key, "src": first.source}
                 timer_writes.append((last, kbytes, entry))
                 timer_index.entries[tkey] = entry
@@ -592,10 +601,24 @@ class TimerIndex:
 timer_index = TimerIndex()
 
 
-def input_topic_names() -> set[str]:
-    """The topics whose records move the engine's event time: its sources and the
-    repartition topic."""
-    return {t.get_topic_name() for t in (*source_topics.values(), repartition_topic)}
+def timer_input(timer: dict[str, Any]) -> str:
+    """The input topic a timer entry's (or tick's) partition number ``"p"`` belongs to:
+    its ``"i"``. Written before there was an ``"i"``: the engine's routing tells it (a
+    key of the source key field is matched in place on its source topic,
+    ``split_source_batch``; any other on the repartition topic)."""
+    topic = timer.get("i")
+    if topic is not None:
+        return topic
+    source = source_topics.get(timer.get("src"))
+    if source is not None and timer.get("k") == ENGINE.source_key:
+        return source.get_topic_name()
+    return repartition_topic.get_topic_name()
+
+
+def sources_read_to_end(consumer: Any) -> bool:
+    """Whether this worker has read its partitions of the source topics to their ends."""
+    names = {t.get_topic_name() for t in source_topics.values()}
+    return all(read_to_end(consumer, tp) for tp in consumer.assignment() if tp.topic in names)
 
 
 @app.timer(ENGINE.timer_interval)
@@ -605,22 +628,43 @@ async def fire_due_timers() -> None:
         return
     timer_index.refresh()
     wall = time.time()
-    # Records still waiting to be read are not idleness: the clock then stays at the
-    # event time they have reached (tables.patterns.EventClock).
-    idle = caught_up(input_topic_names())
+    consumer = app.consumer
+    # Every tick and its ``now`` is decided before the first send is awaited: a
+    # rebalance completing during a send changes the assignment and the clock, and
+    # what was read to the end under the old assignment says nothing of the new.
+    at_end: dict[TP, bool] = {}
+    sources_at_end: bool | None = None
+    repartition_name = repartition_topic.get_topic_name()
+    due: list[tuple[str, dict[str, Any], float]] = []
     for tkey, timer in list(timer_index.entries.items()):
-        partition = timer["p"]
-        now = clock.now(partition, idle)
-        if now is None or now < timer["d"] or wall - _ticked.get(tkey, 0.0) < 5.0:
+        if wall - _ticked.get(tkey, 0.0) < 5.0:
+            continue
+        tp = TP(timer_input(timer), timer["p"])
+        # Per partition: records of another partition still to be read say nothing
+        # about this one (its clock stays at its newest event time only while it has
+        # records of its own to read).
+        if tp not in at_end:
+            at_end[tp] = read_to_end(consumer, tp)
+        upstream = True
+        if tp.topic == repartition_name and not clock.knows(tp.topic, tp.partition):
+            # Fed by the source partitions (this worker's, as far as it can tell): a
+            # source backlog still to be forwarded may cancel its timers.
+            if sources_at_end is None:
+                sources_at_end = sources_read_to_end(consumer)
+            upstream = sources_at_end
+        now = clock.now(tp.topic, tp.partition, at_end[tp], upstream)
+        if now is None or now < timer["d"]:
             continue
         _ticked[tkey] = wall
+        due.append((tkey, timer, max(now, timer["d"])))
+    for tkey, timer, now in due:
         # A tick is only a wake-up call (firing twice is harmless: the state decides), so
         # it goes through the plain producer: under exactly_once a transactional send
         # from outside a stream would stay invisible until its partition next commits.
         await kafka_io.producer.send(
-            repartition_topic.get_topic_name(), key=timer["v"].encode(), partition=partition,
+            repartition_topic.get_topic_name(), key=timer["v"].encode(), partition=timer["p"],
             value=orjson.dumps({"tick": True, "t": tkey, "k": timer["k"], "v": timer["v"],
-                                "src": timer["src"], "now": max(now, timer["d"])}),
+                                "src": timer["src"], "i": timer_input(timer), "now": now}),
         )
     if len(_ticked) > 100_000:
         _ticked.clear()

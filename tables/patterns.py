@@ -7,7 +7,8 @@ Tables (RocksDB + changelog, so a kill -9 loses nothing that was committed):
   pattern keyed by that field, plus the last applied offset per input topic (so a
   redelivered record is not applied twice);
 * ``pattern-timers``: entity keys that have a pending timer (absence, trailing
-  not-followed-by), with the due event time and the partition that owns them; a
+  not-followed-by), with the due event time, the partition that owns them and the input topic that
+  partition number belongs to (whose event time the timer follows); a
   cleared timer is stored as ``{}`` (no ``d``), not deleted, so every write of this
   table goes through the same batched, ordered path;
 * ``pattern-counts``: matches per (pattern, partition).
@@ -37,6 +38,7 @@ from app.patterns import (
 )
 from app.startup import config
 from app.topics import declare
+from app.transport import commit_guard
 from tables.store import PartitionStore, WriteBackCache
 from tables.windows import RAW_SCHEMA
 
@@ -191,58 +193,97 @@ state_cache = commit_protocol.register(
 
 
 class EventClock:
-    """Event time per partition, for the timers (``fire_due_timers``).
+    """Event time per input partition, (topic, partition), for the timers
+    (``fire_due_timers``): Kafka Streams' stream time, run on with the wall clock only
+    while that partition has nothing left to read.
+
+    Keyed by topic and partition: partition p of a source topic and partition p of
+    ``patterns-repartition`` are different inputs, and one's event time says nothing
+    about what the other still holds unread.
 
     Observed from real events only: a tick's ``now`` is the clock's own reading, and
     taking it back as event time would let one early reading push every later timer of
     the partition due ahead of its input (docs/delivery.md AY).
 
-    ``now(p, idle)``: while records are still waiting to be read (``idle`` False), the
-    newest event time seen on partition p; a timer whose deadline is past that is due
-    by the input itself, and an event still queued can still cancel any other. Only
-    once everything was read (``idle``) does it run on with the wall clock: the newest
-    event time plus the wall-clock time since p's latest event, so a timer fires on time
-    without new input. A partition with no event since it was assigned to this worker
-    has no event time: no timer of it is due until it has one, or, once nothing is left
-    to read, by the wall clock (event times are epoch seconds; with no input left there
-    is nothing else to go by). ``forget`` on every revoke and assign: a partition that
-    comes back may have a backlog older than what this worker saw of it before.
+    ``now(topic, partition, read_to_end)``: while records of that partition are still
+    to be read, the newest event time seen on it; a timer whose deadline is past that
+    is due by the input itself, and an event still queued can still cancel any other.
+    Once it is read to its end, the newest event time plus the wall-clock time since
+    that event arrived, so a timer fires on time without new input. A partition with
+    no event since it was assigned to this worker has no event time: no timer of it is
+    due until it has one, or until it and the inputs feeding it (``upstream_read_to_end``)
+    are read to their ends; then the wall clock (event times are epoch seconds; with no
+    input left there is nothing else to go by). Why the inputs feeding it: a
+    repartition partition is read to its end at once after a restart, while the source
+    backlog that will be forwarded to it still holds what cancels its stored timers;
+    the wall clock then fired them all.
+
+    Across a rebalance a partition this worker keeps keeps its event time: the records
+    it reads next come after the ones it saw (what it applied was written at the
+    revocation, so a record delivered again is skipped). A partition it loses is
+    forgotten; so is every partition when its group session had lapsed, as then
+    what it applied was dropped unwritten and is read again (app/commit.py
+    ``partitions_moved``).
     """
 
     def __init__(self) -> None:
-        #: partition -> (newest event time seen, wall-clock time of its latest event).
-        self._seen: dict[int, tuple[float, float]] = {}
+        #: (topic, partition) -> (newest event time seen, wall-clock time it arrived).
+        self._seen: dict[tuple[str, int], tuple[float, float]] = {}
 
-    def observe(self, partition: int, ts: float) -> None:
-        """Event time ``ts`` of a real event of ``partition`` (never a tick's)."""
-        known = self._seen.get(partition)
-        newest = ts if known is None or ts > known[0] else known[0]
-        self._seen[partition] = (newest, time.time())
+    def observe(self, topic: str, partition: int, ts: float) -> None:
+        """Event time ``ts`` of a real event of the partition (never a tick's).
 
-    def now(self, partition: int, idle: bool) -> float | None:
-        """The partition's event time now (None: not known yet); ``idle``: this worker
-        has read its inputs to their ends."""
-        known = self._seen.get(partition)
-        if not idle:
+        Only a newer event time moves the wall-clock anchor: a late event re-anchoring
+        it would step the extrapolated clock back, and a partition that keeps getting
+        late events would never pass its newest event time."""
+        key = (topic, partition)
+        known = self._seen.get(key)
+        if known is None or ts > known[0]:
+            self._seen[key] = (ts, time.time())
+
+    def now(self, topic: str, partition: int, read_to_end: bool,
+            upstream_read_to_end: bool = True) -> float | None:
+        """The partition's event time now (None: not known yet); ``read_to_end``: this
+        worker has read that partition to its end; ``upstream_read_to_end``: and the
+        inputs that feed it (asked only of a partition with no event seen)."""
+        known = self._seen.get((topic, partition))
+        if not read_to_end:
             return None if known is None else known[0]
         if known is None:
-            return time.time()
+            return time.time() if upstream_read_to_end else None
         return known[0] + (time.time() - known[1])
 
+    def knows(self, topic: str, partition: int) -> bool:
+        """Whether an event of the partition was seen since it was assigned."""
+        return (topic, partition) in self._seen
+
+    def keep_only(self, assigned: Any) -> None:
+        """Forget every partition not in ``assigned`` (TPs: (topic, partition))."""
+        self._seen = {key: seen for key, seen in self._seen.items() if key in assigned}
+
     def forget(self) -> None:
-        """Partitions moved: every partition learns its event time anew."""
+        """Every partition learns its event time anew."""
         self._seen.clear()
 
 
 clock = EventClock()
 
 
-async def _forget_clock(*args: Any, **kwargs: Any) -> None:
-    clock.forget()
+async def _on_revoked(sender: Any, revoked: Any = None, **kwargs: Any) -> None:
+    # aiokafka (eager rebalancing) revokes every partition at each rebalance, the kept
+    # ones too: what was lost is known only at the assignment. A worker whose group
+    # session lapsed is different: its applied states were dropped unwritten
+    # (app/commit.py), so it reads records again that are older than its clock.
+    if commit_guard.session_lapsed():
+        clock.forget()
 
 
-app.on_partitions_revoked.connect(_forget_clock)
-app.on_partitions_assigned.connect(_forget_clock)
+async def _on_assigned(sender: Any, assigned: Any = None, **kwargs: Any) -> None:
+    clock.keep_only(assigned or ())
+
+
+app.on_partitions_revoked.connect(_on_revoked)
+app.on_partitions_assigned.connect(_on_assigned)
 
 
 class PatternCatalog(GlobalTopicReader):
