@@ -39,6 +39,7 @@ from app.kafka_io import kafka_io
 from app.metrics import observe_flush
 from app.models.patterns import alert_object
 from app.patterns import Pattern, event_time
+from app.transport import commit_guard
 from operators.patterns import Match
 from tables.patterns import (
     ENGINE,
@@ -626,9 +627,17 @@ async def fire_due_timers() -> None:
     """Send a tick to the partition of every key whose timer is due."""
     if app.rebalancing or not app.tables.recovery.completed.is_set() or kafka_io.producer is None:
         return
+    if commit_guard.session_lapsed():
+        # Woken after its group session lapsed: its partitions are most likely another
+        # worker's by now, its clock ran on across the pause and its end offsets are
+        # old; a tick it sent (through the plain, unfenced producer) would carry that
+        # ``now`` to the new owner, ahead of the backlog the owner replays.
+        return
     timer_index.refresh()
     wall = time.time()
     consumer = app.consumer
+    assigned = consumer.assignment()
+    source_names = [t.get_topic_name() for t in source_topics.values()]
     # Every tick and its ``now`` is decided before the first send is awaited: a
     # rebalance completing during a send changes the assignment and the clock, and
     # what was read to the end under the old assignment says nothing of the new.
@@ -639,20 +648,32 @@ async def fire_due_timers() -> None:
     for tkey, timer in list(timer_index.entries.items()):
         if wall - _ticked.get(tkey, 0.0) < 5.0:
             continue
-        tp = TP(timer_input(timer), timer["p"])
-        # Per partition: records of another partition still to be read say nothing
-        # about this one (its clock stays at its newest event time only while it has
-        # records of its own to read).
-        if tp not in at_end:
-            at_end[tp] = read_to_end(consumer, tp)
-        upstream = True
-        if tp.topic == repartition_name and not clock.knows(tp.topic, tp.partition):
-            # Fed by the source partitions (this worker's, as far as it can tell): a
-            # source backlog still to be forwarded may cancel its timers.
-            if sources_at_end is None:
-                sources_at_end = sources_read_to_end(consumer)
-            upstream = sources_at_end
-        now = clock.now(tp.topic, tp.partition, at_end[tp], upstream)
+        topic, partition = timer_input(timer), timer["p"]
+        if topic == repartition_name:
+            inputs = [TP(topic, partition)]
+        else:
+            # A key matched in place holds the state of every source keyed by the
+            # source key: partition p of each of them feeds it, and the slowest decides.
+            inputs = [tp for tp in (TP(name, partition) for name in source_names) if tp in assigned]
+        now = None
+        for tp in inputs:
+            # Per partition: records of another partition still to be read say nothing
+            # about this one (its clock stays at its newest event time only while it
+            # has records of its own to read).
+            if tp not in at_end:
+                at_end[tp] = read_to_end(consumer, tp)
+            upstream = True
+            if tp.topic == repartition_name and not clock.knows(tp.topic, tp.partition):
+                # Fed by the source partitions (this worker's, as far as it can tell): a
+                # source backlog still to be forwarded may cancel its timers.
+                if sources_at_end is None:
+                    sources_at_end = sources_read_to_end(consumer)
+                upstream = sources_at_end
+            at = clock.now(tp.topic, tp.partition, at_end[tp], upstream)
+            if at is None:
+                now = None
+                break
+            now = at if now is None else min(now, at)
         if now is None or now < timer["d"]:
             continue
         _ticked[tkey] = wall

@@ -2575,8 +2575,17 @@ async def check_versions() -> None:
 
 
 def read_offset(consumer: Any, tp: Any) -> int | None:
-    """The offset of the last record of ``tp`` Faust's consumer handed to the agents
-    (``Consumer._read_offset``), or None before the first."""
+    """The offset of the last record of ``tp`` Faust's consumer handed to the batch
+    agents in this assignment (``Consumer._read_offset``), or None before the first.
+
+    Why not ``_read_offset`` alone: after an assignment Faust's recovery seeks it to the
+    committed offset, the *next* record to read, and only a delivered batch makes it the
+    last one read (``FastConsumer._last_timestamp`` then has the partition, as
+    ``partition_progress`` reads it). Taken as read, one unread record counted as read
+    to the end: a window closed, or a pattern timer fired, ahead of it."""
+    delivered = getattr(consumer, "_last_timestamp", None)
+    if delivered is None or tp not in delivered:
+        return None
     return consumer._read_offset.get(tp)
 
 

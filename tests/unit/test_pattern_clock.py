@@ -22,6 +22,7 @@ from faust.types import TP
 from app.batches import BatchRecord
 from app.harness import PatternProcessor, Record
 from app.kafka_io import KeyPartitioner
+from app.patterns import EngineConfig, parse_definition
 from app.settings import settings
 
 NO_CONFIRM = [{"name": "no-confirm", "type": "absence", "key_by": "user", "within": 30,
@@ -60,6 +61,7 @@ class StubConsumer:
     def __init__(self) -> None:
         self.tps = {TP(topic, p) for topic in (SOURCE, REPARTITION) for p in range(PARTITIONS)}
         self._read_offset = {tp: 0 for tp in self.tps}
+        self._last_timestamp = {tp: 1000 for tp in self.tps}  # a record of each delivered
         self.ends = {tp: 1 for tp in self.tps}
 
     def assignment(self) -> set[TP]:
@@ -184,6 +186,20 @@ def test_read_to_end_is_the_partitions_own_read_position():
         assert caught_up({REPARTITION})
     finally:
         windows.app = saved
+
+
+def test_a_partition_assigned_and_sought_to_its_committed_offset_is_not_read_yet():
+    """After an assignment Faust seeks the read offset to the committed offset, the next
+    record to read: until a batch of it is delivered, that record is still unread."""
+    from agents.window_aggregate import read_to_end
+
+    consumer = StubConsumer()
+    tp = TP(SOURCE, 0)
+    del consumer._last_timestamp[tp]  # nothing delivered in this assignment
+    consumer._read_offset[tp], consumer.ends[tp] = 5, 6  # committed 5; record 5 unread
+    assert not read_to_end(consumer, tp)
+    consumer._last_timestamp[tp] = 1000  # record 5 delivered
+    assert read_to_end(consumer, tp)
 
 
 def test_a_restart_fires_no_stored_timer_ahead_of_the_backlog_that_cancels_it(worker):
@@ -411,5 +427,64 @@ def test_a_rebalance_during_the_scans_sends_does_not_change_what_is_due(worker):
                               event(1, user=u2, ts=T0 + 50, k="pay")])])  # due T0 + 80
         ticks = await worker.run(p)
         assert [tick["t"] for tick in ticks] == ["user=u1"]
+
+    asyncio.run(main())
+
+
+def test_a_key_matched_in_place_for_two_sources_follows_the_slower_one(worker, monkeypatch):
+    """Two sources keyed by the source key share each key's state and timer entry: its
+    entry names the source whose batch last set the deadline, but partition p of each
+    source feeds it, and a confirm still unread on one of them must be able to cancel."""
+    import agents.patterns as engine
+
+    clicks = "clicks"
+    monkeypatch.setattr(engine, "ENGINE", dataclasses.replace(engine.ENGINE, source_key="user"))
+    monkeypatch.setattr(engine, "source_topics", {
+        name: types.SimpleNamespace(get_topic_name=lambda name=name: name) for name in (SOURCE, clicks)})
+    consumer = worker.consumer
+    for q in range(PARTITIONS):
+        tp = TP(clicks, q)
+        consumer.tps.add(tp)
+        consumer._read_offset[tp], consumer._last_timestamp[tp], consumer.ends[tp] = 0, 1000, 1
+    engine_config = EngineConfig(sources=(SOURCE, clicks), source_key="user")
+    definitions = [
+        {"name": "X", "type": "absence", "source": SOURCE, "key_by": "user", "within": 30,
+         "trigger": "k == 'pay'", "expect": "k == 'confirm'"},
+        {"name": "Y", "type": "absence", "source": clicks, "key_by": "user", "within": 10,
+         "trigger": "k == 'open'", "expect": "k == 'close'"}]
+    p = PatternProcessor([])
+    p.patterns = {d["name"]: parse_definition(dict(d), engine_config, "runtime") for d in definitions}
+
+    async def main():
+        p.source = SOURCE
+        await p.process([(0, [event(0, user="u1", ts=T0, k="pay")])])
+        p.source = clicks
+        await p.process([(0, [event(0, user="u1", ts=T0, k="open")])])
+        await p.process([(0, [event(1, user="u1", ts=T0 + 1, k="close"),
+                              event(2, user="u1", ts=T0 + 100, k="noise")])])
+        assert orjson.loads(p.timers.partition_db(0)[orjson.dumps("user=u1")])["i"] == clicks
+        consumer.behind(SOURCE, 0)  # u1's confirm (T0 + 5) is still to be read there
+        assert await worker.run(p) == []
+        p.source = SOURCE
+        await p.process([(0, [event(1, user="u1", ts=T0 + 5, k="confirm")])])
+
+    asyncio.run(main())
+    assert p.commit.emitter.sent == []
+
+
+def test_a_worker_whose_group_session_lapsed_sends_no_tick(worker, monkeypatch):
+    """Woken after a pause past its session, before the rebalance: its partitions are
+    most likely another worker's, and its clock ran on across the pause."""
+    import agents.patterns as engine
+
+    now = time.time()
+    p = PatternProcessor(NO_CONFIRM)
+
+    async def main():
+        await p.process([(0, [event(0, user="u1", ts=now, k="pay")])])
+        assert await worker.run(p) == []
+        wall_clock_ahead(monkeypatch, 60)
+        monkeypatch.setattr(engine, "commit_guard", types.SimpleNamespace(session_lapsed=lambda: True))
+        assert await worker.run(p) == []
 
     asyncio.run(main())
