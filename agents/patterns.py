@@ -622,6 +622,58 @@ def sources_read_to_end(consumer: Any) -> bool:
     return all(read_to_end(consumer, tp) for tp in consumer.assignment() if tp.topic in names)
 
 
+class TimerClock:
+    """"Now" for each timer of one scan (``fire_due_timers``): the event time of the
+    input partitions that feed the timer's key (``EventClock``), each asked once per
+    scan whether it is read to its end."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.assigned = consumer.assignment()
+        self.source_names = [t.get_topic_name() for t in source_topics.values()]
+        self.repartition_name = repartition_topic.get_topic_name()
+        self._at_end: dict[TP, bool] = {}
+        self._sources_at_end: bool | None = None
+
+    def inputs(self, timer: dict[str, Any]) -> list[TP]:
+        topic, partition = timer_input(timer), timer["p"]
+        if topic == self.repartition_name:
+            return [TP(topic, partition)]
+        # A key matched in place holds the state of every source keyed by the source
+        # key: partition p of each of them feeds it, and the slowest decides.
+        return [tp for tp in (TP(name, partition) for name in self.source_names) if tp in self.assigned]
+
+    def now(self, timer: dict[str, Any]) -> float | None:
+        """The timer's event time now: the least over its inputs; None while any of
+        them has none yet."""
+        now = None
+        for tp in self.inputs(timer):
+            at = clock.now(tp.topic, tp.partition, self.read_to_end(tp), self.upstream_read_to_end(tp))
+            if at is None:
+                return None
+            now = at if now is None else min(now, at)
+        return now
+
+    def read_to_end(self, tp: TP) -> bool:
+        # Per partition: records of another partition still to be read say nothing about
+        # this one (its clock stays at its newest event time only while it has records
+        # of its own to read).
+        at_end = self._at_end.get(tp)
+        if at_end is None:
+            at_end = self._at_end[tp] = read_to_end(self.consumer, tp)
+        return at_end
+
+    def upstream_read_to_end(self, tp: TP) -> bool:
+        if tp.topic != self.repartition_name or clock.knows(tp.topic, tp.partition):
+            return True
+        # A repartition partition with no event yet is fed by the source partitions
+        # (this worker's, as far as it can tell): a source backlog still to be forwarded
+        # may cancel its timers.
+        if self._sources_at_end is None:
+            self._sources_at_end = sources_read_to_end(self.consumer)
+        return self._sources_at_end
+
+
 @app.timer(ENGINE.timer_interval)
 async def fire_due_timers() -> None:
     """Send a tick to the partition of every key whose timer is due."""
@@ -635,45 +687,15 @@ async def fire_due_timers() -> None:
         return
     timer_index.refresh()
     wall = time.time()
-    consumer = app.consumer
-    assigned = consumer.assignment()
-    source_names = [t.get_topic_name() for t in source_topics.values()]
     # Every tick and its ``now`` is decided before the first send is awaited: a
     # rebalance completing during a send changes the assignment and the clock, and
     # what was read to the end under the old assignment says nothing of the new.
-    at_end: dict[TP, bool] = {}
-    sources_at_end: bool | None = None
-    repartition_name = repartition_topic.get_topic_name()
+    scan = TimerClock(app.consumer)
     due: list[tuple[str, dict[str, Any], float]] = []
     for tkey, timer in list(timer_index.entries.items()):
         if wall - _ticked.get(tkey, 0.0) < 5.0:
             continue
-        topic, partition = timer_input(timer), timer["p"]
-        if topic == repartition_name:
-            inputs = [TP(topic, partition)]
-        else:
-            # A key matched in place holds the state of every source keyed by the
-            # source key: partition p of each of them feeds it, and the slowest decides.
-            inputs = [tp for tp in (TP(name, partition) for name in source_names) if tp in assigned]
-        now = None
-        for tp in inputs:
-            # Per partition: records of another partition still to be read say nothing
-            # about this one (its clock stays at its newest event time only while it
-            # has records of its own to read).
-            if tp not in at_end:
-                at_end[tp] = read_to_end(consumer, tp)
-            upstream = True
-            if tp.topic == repartition_name and not clock.knows(tp.topic, tp.partition):
-                # Fed by the source partitions (this worker's, as far as it can tell): a
-                # source backlog still to be forwarded may cancel its timers.
-                if sources_at_end is None:
-                    sources_at_end = sources_read_to_end(consumer)
-                upstream = sources_at_end
-            at = clock.now(tp.topic, tp.partition, at_end[tp], upstream)
-            if at is None:
-                now = None
-                break
-            now = at if now is None else min(now, at)
+        now = scan.now(timer)
         if now is None or now < timer["d"]:
             continue
         _ticked[tkey] = wall
