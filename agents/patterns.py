@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 from faust.types import TP
 
-from agents.window_aggregate import read_to_end
+from agents.window_aggregate import caught_up, read_to_end
 from app import app
 from app.batches import Batch, BatchRecord, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
@@ -616,12 +616,6 @@ def timer_input(timer: dict[str, Any]) -> str:
     return repartition_topic.get_topic_name()
 
 
-def sources_read_to_end(consumer: Any) -> bool:
-    """Whether this worker has read its partitions of the source topics to their ends."""
-    names = {t.get_topic_name() for t in source_topics.values()}
-    return all(read_to_end(consumer, tp) for tp in consumer.assignment() if tp.topic in names)
-
-
 class TimerClock:
     """"Now" for each timer of one scan (``fire_due_timers``): the event time of the
     input partitions that feed the timer's key (``EventClock``), each asked once per
@@ -670,7 +664,7 @@ class TimerClock:
         # (this worker's, as far as it can tell): a source backlog still to be forwarded
         # may cancel its timers.
         if self._sources_at_end is None:
-            self._sources_at_end = sources_read_to_end(self.consumer)
+            self._sources_at_end = caught_up(set(self.source_names), self.consumer)
         return self._sources_at_end
 
 

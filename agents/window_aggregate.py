@@ -844,10 +844,12 @@ def read_to_end(consumer: Any, tp: Any) -> bool:
     return fetched_to(consumer, tp, high)
 
 
-def caught_up(names: set[str]) -> bool:
-    """True when this worker has read up to the end of its partitions of the topics
-    ``names`` (``read_to_end``; the idle rule of windows and joins)."""
-    consumer = app.consumer
+def caught_up(names: set[str], consumer: Any = None) -> bool:
+    """True when this worker (``consumer``: its consumer, the app's unless given) has
+    read up to the end of its partitions of the topics ``names`` (``read_to_end``; the
+    idle rule of windows and joins)."""
+    if consumer is None:
+        consumer = app.consumer
     return all(read_to_end(consumer, tp) for tp in consumer.assignment() if tp.topic in names)
 
 
