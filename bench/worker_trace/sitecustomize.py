@@ -10,7 +10,10 @@ appends JSON lines to ``DIR/worker-<pid>.jsonl`` (other processes are left alone
   objects, the young generation's most common types and a sample ``repr`` of each;
 * ``lag``: the event loop did not run a 1 ms timer for longer than 10 ms (start, gap,
   ``cpu``: the main thread's CPU time meanwhile, which the machine's load does not
-  stretch), with its Python stacks sampled every 5 ms while it was blocked;
+  stretch; ``proc_cpu``: all the process's threads'; near the gap, another thread held
+  the interpreter; far below it, the process was not running; ``on_cpu`` and
+  ``runnable``: the loop thread's time on a CPU and waiting for one, from the kernel's
+  schedstat), with its Python stacks sampled every 5 ms while it was blocked;
 * ``batch``: each ``deliver_batches`` (records, the age of its oldest record);
 * ``freshen``: each ``FastConsumer.freshen`` (whether the loop waited for the fetch,
   records before and after);
@@ -117,21 +120,37 @@ def _watchdog() -> None:
                                               for s in stack[-10:]]))
 
 
+def _schedstat(fd: int) -> tuple[int, int]:
+    # The loop thread's time on a CPU and waiting for one (ns), from the kernel.
+    if fd < 0:
+        return 0, 0
+    run, wait, _ = os.pread(fd, 100, 0).split()
+    return int(run), int(wait)
+
+
 async def _monitor() -> None:
     import asyncio
 
+    try:
+        sched_fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        sched_fd = -1
     last_flush = time.perf_counter()
     while True:
-        before_w, before, cpu0 = time.time(), time.perf_counter(), time.thread_time()
+        before_w, before, cpu0, pcpu0 = time.time(), time.perf_counter(), time.thread_time(), time.process_time()
+        run0, wait0 = _schedstat(sched_fd)
         _tick[0] = before
         await asyncio.sleep(0.001)
         now = time.perf_counter()
         _tick[0] = now
         gap = now - before
         if gap > 0.010:
+            run1, wait1 = _schedstat(sched_fd)
             taken = [s for s in _stacks if s[0] >= before_w - 0.001]
             _stacks.clear()
-            rec("lag", before_w, gap, cpu=time.thread_time() - cpu0, stacks=taken[:40])
+            rec("lag", before_w, gap, cpu=time.thread_time() - cpu0,
+                proc_cpu=time.process_time() - pcpu0, on_cpu=(run1 - run0) / 1e9,
+                runnable=(wait1 - wait0) / 1e9, stacks=taken[:40])
         elif _stacks:
             _stacks.clear()
         if now - last_flush > 1.0:
