@@ -427,13 +427,18 @@ class Sequence_(Matcher):
         partials = (state or {}).get("p", [])
         kept: list[dict] = []
         matches: list[Match] = []
-        changed = False
         # First what the clock already decided, as on_timer would have had the tick come
         # before this event: expired partials go, and one waiting at a trailing "not"
         # completes at the end of its window (the "not" step held) and drops the others.
-        live, due = self._expire(partials, now)
-        if len(live) != len(partials):
-            changed = True
+        # Looked for here first: on most events none expired, and then the partials
+        # themselves are walked (no call, no new lists).
+        live, due, changed = partials, [], False
+        within = self.within
+        for p in partials:
+            if now - p["s"] > within:
+                live, due = self._expire(partials, now)
+                changed = True  # at least this one is gone
+                break
         for p in live:
             advanced = self._advance(p, event, now, event_id)
             if advanced is None:  # killed by a negated step
