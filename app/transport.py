@@ -82,7 +82,7 @@ from typing import Any, ClassVar
 
 import faust
 from aiokafka.consumer import fetcher as aiokafka_fetcher
-from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, IllegalStateError, KafkaError, ProducerFenced
 from aiokafka.producer import sender as aiokafka_sender
 from aiokafka.producer.transaction_manager import TransactionState
 from aiokafka.protocol.api import Request, RequestStruct, Response
@@ -2105,7 +2105,13 @@ class Recovery(FaustRecovery):
                 offset = offsets.get(tp)
                 if highwater is None or offset is None or offset >= highwater:
                     continue
-                position = await self.app.consumer.position(tp)
+                try:
+                    position = await self.app.consumer.position(tp)
+                except IllegalStateError:
+                    # Taken away by a rebalance this pass has not seen yet (a session
+                    # that lapsed): the next pass reads it, not this one.
+                    seen.pop(tp, None)
+                    continue
                 if position is None or position <= highwater:
                     seen.pop(tp, None)
                 elif seen.get(tp) == offset:

@@ -230,6 +230,59 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
     assert r.active_offsets == {done: 11, last: 10} and not r.signal_recovery_end.is_set()
 
 
+def test_the_end_check_survives_a_partition_taken_away_by_a_rebalance():
+    """A worker stopped past its session (chaos 'zombie', seed 14) lost its partitions
+    while its recovery pass still listed them: the end check asked the consumer for the
+    position of a changelog partition no longer assigned, aiokafka raised
+    IllegalStateError, and the Recovery service crashed the worker. Such a partition is
+    skipped (the rebalance starts a new pass); the others are checked as before."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from aiokafka.errors import IllegalStateError
+    from faust.types import TP
+
+    from app.transport import Recovery
+
+    gone, done = TP("cl", 0), TP("cl", 1)
+
+    class Probe(Recovery):
+        rounds = 0
+
+        @property
+        def should_stop(self):
+            return self.rounds >= 3
+
+        async def sleep(self, seconds):
+            self.rounds += 1
+
+        @property
+        def log(self):
+            return logging.getLogger("test")
+
+    async def position(tp):
+        if tp == gone:
+            raise IllegalStateError(f"Partition {tp} is not assigned")
+        return 12
+
+    async def go():
+        r = object.__new__(Probe)
+        r.__dict__.update(
+            _actives_seeked=True, in_recovery=True, active_highwaters={gone: 11, done: 11},
+            active_offsets={gone: 9, done: 9},
+            app=SimpleNamespace(in_transaction=False, consumer=SimpleNamespace(position=position)),
+            tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
+            _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
+            flush_buffers=lambda: None)
+        await Probe._find_transactional_ends.fun(r)
+        return r
+
+    r = asyncio.run(go())
+    assert r.active_offsets == {gone: 9, done: 11}
+    assert not r.signal_recovery_end.is_set()
+
+
 def test_a_recovery_end_signalled_for_an_earlier_pass_does_not_end_the_next_one(monkeypatch):
     """The end of a transactional changelog is signalled by a task of its own, and
     Faust clears that signal only at its changelog loop's next turn: left set, the next
