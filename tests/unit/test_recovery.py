@@ -172,6 +172,43 @@ def test_a_rebalance_during_recovery_restarts_it_for_the_new_assignment():
     assert seeks == [{P0: 0}, {P2: 0}, {P1: 0}]  # gen 1 actives; gen 2 actives, then standbys
 
 
+def run_end_check(highwaters, offsets, position, eos=False, flushed=None):
+    """Three turns of ``Recovery._find_transactional_ends`` on a recovery pass that has
+    sought its active partitions (``position``: the consumer's, async)."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from app.transport import Recovery
+
+    class Probe(Recovery):
+        rounds = 0
+
+        @property
+        def should_stop(self):
+            return self.rounds >= 3
+
+        async def sleep(self, seconds):
+            self.rounds += 1
+
+        @property
+        def log(self):
+            return logging.getLogger("test")
+
+    async def go():
+        r = object.__new__(Probe)
+        r.__dict__.update(
+            _actives_seeked=True, in_recovery=True, active_highwaters=highwaters, active_offsets=offsets,
+            app=SimpleNamespace(in_transaction=eos, consumer=SimpleNamespace(position=position)),
+            tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
+            _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
+            flush_buffers=lambda: (flushed if flushed is not None else []).append(1))
+        await Probe._find_transactional_ends.fun(r)
+        return r
+
+    return asyncio.run(go())
+
+
 @pytest.mark.parametrize("eos", [True, False], ids=["exactly_once", "at_least_once"])
 def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait(eos):
     """A changelog written in transactions ends with a commit marker, never delivered:
@@ -182,51 +219,23 @@ def test_the_end_of_a_transactional_changelog_is_found_without_faust_s_10_s_wait
     twice in a row with the offset unchanged, and signals the waiting pass (its buffers
     flushed first); a partition still short of its highwater is not ended, nor one whose
     position is at it (its last offset, maybe a record, not fetched yet)."""
-    import asyncio
-    import logging
-    from types import SimpleNamespace
-
     from faust.types import TP
-
-    from app.transport import Recovery
 
     done, short, last = TP("cl", 0), TP("cl", 1), TP("cl", 2)
     positions = {done: 12, short: 5, last: 11}
     flushed = []
 
-    class Probe(Recovery):
-        rounds = 0
-
-        @property
-        def should_stop(self):
-            return self.rounds >= 3
-
-        async def sleep(self, seconds):
-            self.rounds += 1
-
-        @property
-        def log(self):
-            return logging.getLogger("test")
-
     async def position(tp):
         return positions[tp]
 
-    async def go(highwaters, offsets):
-        r = object.__new__(Probe)
-        r.__dict__.update(
-            _actives_seeked=True, in_recovery=True, active_highwaters=highwaters, active_offsets=offsets,
-            app=SimpleNamespace(in_transaction=eos, consumer=SimpleNamespace(position=position)),
-            tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
-            _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
-            flush_buffers=lambda: flushed.append(1))
-        await Probe._find_transactional_ends.fun(r)
-        return r
+    def go(highwaters, offsets):
+        return run_end_check(highwaters, offsets, position, eos=eos, flushed=flushed)
 
-    r = asyncio.run(go({done: 11}, {done: 9}))
+    r = go({done: 11}, {done: 9})
     assert r.active_offsets[done] == 11 and r.signal_recovery_end.is_set() and flushed == [1]
-    r = asyncio.run(go({done: 11, short: 20}, {done: 9, short: 4}))
+    r = go({done: 11, short: 20}, {done: 9, short: 4})
     assert r.active_offsets == {done: 11, short: 4} and not r.signal_recovery_end.is_set()
-    r = asyncio.run(go({done: 11, last: 11}, {done: 9, last: 10}))
+    r = go({done: 11, last: 11}, {done: 9, last: 10})
     assert r.active_offsets == {done: 11, last: 10} and not r.signal_recovery_end.is_set()
 
 
@@ -236,49 +245,17 @@ def test_the_end_check_survives_a_partition_taken_away_by_a_rebalance():
     position of a changelog partition no longer assigned, aiokafka raised
     IllegalStateError, and the Recovery service crashed the worker. Such a partition is
     skipped (the rebalance starts a new pass); the others are checked as before."""
-    import asyncio
-    import logging
-    from types import SimpleNamespace
-
     from aiokafka.errors import IllegalStateError
     from faust.types import TP
 
-    from app.transport import Recovery
-
     gone, done = TP("cl", 0), TP("cl", 1)
-
-    class Probe(Recovery):
-        rounds = 0
-
-        @property
-        def should_stop(self):
-            return self.rounds >= 3
-
-        async def sleep(self, seconds):
-            self.rounds += 1
-
-        @property
-        def log(self):
-            return logging.getLogger("test")
 
     async def position(tp):
         if tp == gone:
             raise IllegalStateError(f"Partition {tp} is not assigned")
         return 12
 
-    async def go():
-        r = object.__new__(Probe)
-        r.__dict__.update(
-            _actives_seeked=True, in_recovery=True, active_highwaters={gone: 11, done: 11},
-            active_offsets={gone: 9, done: 9},
-            app=SimpleNamespace(in_transaction=False, consumer=SimpleNamespace(position=position)),
-            tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
-            _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
-            flush_buffers=lambda: None)
-        await Probe._find_transactional_ends.fun(r)
-        return r
-
-    r = asyncio.run(go())
+    r = run_end_check({gone: 11, done: 11}, {gone: 9, done: 9}, position)
     assert r.active_offsets == {gone: 9, done: 11}
     assert not r.signal_recovery_end.is_set()
 
