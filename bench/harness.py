@@ -50,6 +50,36 @@ def self_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def machine_busy_seconds(stat: str | None = None) -> float:
+    """CPU seconds the whole machine has spent busy so far (every CPU, all but idle and
+    I/O wait), from ``/proc/stat``'s first line."""
+    if stat is None:
+        stat = Path("/proc/stat").read_text()
+    ticks = [int(t) for t in stat.splitlines()[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CoresUsed:
+    """Cores used between ``__init__`` and ``stop()`` by processes (by name) and by the
+    whole machine: at a low rate the co-located worker, load generator and broker can
+    keep a small machine busy, and then every pause queues the others (docs/performance.md,
+    "Session 30")."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.first = self._read()
+
+    def _read(self) -> dict[str, float]:
+        return {"machine_busy": machine_busy_seconds(), "benchmark": self_cpu_seconds(),
+                **{name: process_cpu_seconds(pid) for name, pid in self.pids.items()}}
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.started
+        last = self._read()
+        return {name: round((last[name] - self.first[name]) / wall, 2) for name in last}
+
+
 @dataclass
 class Result:
     """What one scenario measured."""

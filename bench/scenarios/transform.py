@@ -34,7 +34,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.events import make_payloads
-from bench.harness import Context, Result, percentile, process_cpu_seconds
+from bench.harness import Context, CoresUsed, Result, percentile, process_cpu_seconds
 from bench.scenarios.agent_passthrough import ProfiledWorker
 from bench.scenarios.raw_aiokafka import produce_raw
 from tests.support import Worker, create_topics, kafka_options, read_topic
@@ -172,13 +172,15 @@ async def run(ctx: Context) -> Result:
         lat_seconds = float(ctx.args.options.get("latency_seconds", 10))
         worker_side: list[float] = []
         sent: list[float] = []
+        cores = CoresUsed({"worker": worker.proc.pid})
         latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side, sent)
+        latency_phase_cores = cores.stop()
         _, pipelines = worker.get("/api/v1/pipelines")
     finally:
         worker.stop()
     return Result(
         NAME, len(out), seconds, latencies, cpu,
-        extra={"latency_to_sink_append_ms": spread(worker_side)},
+        extra={"latency_to_sink_append_ms": spread(worker_side), "latency_phase_cores": latency_phase_cores},
         settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
                   "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter",
                   "horizon_seconds": horizon},
@@ -186,6 +188,8 @@ async def run(ctx: Context) -> Result:
                "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
                "latency_to_sink_append_ms: sent_at to the worker's append of the output "
                "(its sink record timestamp); the rest is the sink's ack and the reader's fetch",
+               "latency_phase_cores: CPU cores used during the latency phase by the worker, by "
+               "this process (load generator and reader) and by the whole machine (broker included)",
                f"worker counters: {pipelines['pipelines'][0]['counters'] if isinstance(pipelines, dict) else pipelines}"],
         sent_at=sent,
         samples={"to_sink_append_ms": worker_side},
