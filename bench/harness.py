@@ -51,12 +51,14 @@ def self_cpu_seconds() -> float:
 
 
 def machine_busy_seconds(stat: str | None = None) -> float:
-    """CPU seconds the whole machine has spent busy so far (every CPU, all but idle and
-    I/O wait), from ``/proc/stat``'s first line."""
+    """CPU seconds the whole machine has spent busy so far, every CPU together, from
+    ``/proc/stat``'s first line: user, nice, system, irq, softirq and steal (taken by
+    the host). Idle and I/O wait are not busy; guest time is already in user and nice."""
     if stat is None:
         stat = Path("/proc/stat").read_text()
-    ticks = [int(t) for t in stat.splitlines()[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(t) for t in stat.splitlines()[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class CoresUsed:

@@ -27,9 +27,10 @@ def test_warm_runs_are_a_distribution_and_the_cold_first_run_is_apart():
     assert over_runs(runs, first_cold=False)["transform"]["warm_runs"] == 4
 
 
-def test_machine_busy_seconds_leaves_out_idle_and_io_wait():
-    # cpu user nice system idle iowait irq softirq steal: busy = 100+5+20+1+2+3 ticks
-    stat = "cpu  100 5 20 900 40 1 2 3 0 0\ncpu0 50 2 10 450 20 0 1 1 0 0\n"
+def test_machine_busy_seconds_leaves_out_idle_io_wait_and_guest_time():
+    # cpu user nice system idle iowait irq softirq steal guest guest_nice: busy =
+    # 100+5+20+1+2+3 ticks (guest time is counted in user and nice already)
+    stat = "cpu  100 5 20 900 40 1 2 3 7 8\ncpu0 50 2 10 450 20 0 1 1 3 4\n"
     assert machine_busy_seconds(stat) == 131 / os.sysconf("SC_CLK_TCK")
 
 
