@@ -355,6 +355,62 @@ class FastConsumer(faust_aiokafka.Consumer):
         #: Set while the fetch loop is not handing a fetch to batch agents (created with
         #: the loop: ``_between_batches``); what a stop waits for (``finish_batch``).
         self._no_batch: asyncio.Event | None = None
+        #: Fetches whose records were taken from aiokafka (its positions are past them)
+        #: and are not yet delivered or put back: ``id(records)`` → (records, first
+        #: offset by partition). See :meth:`position`.
+        self._held: dict[int, tuple[dict[Any, list[Any]], dict[Any, int]]] = {}
+
+    def hold_fetched(self, records: dict[Any, list[Any]] | None) -> None:
+        """Note a fetch's records as taken and not yet delivered (:meth:`position`)."""
+        if records:
+            firsts = {tp: rs[0].offset for tp, rs in records.items() if rs}
+            if firsts:
+                self._held[id(records)] = (records, firsts)
+
+    def release_fetched(self, records: dict[Any, list[Any]] | None) -> None:
+        """A held fetch's records are delivered, or dropped and put back."""
+        if records is not None:
+            self._held.pop(id(records), None)
+
+    def merge_held(self, into: dict[Any, list[Any]], merged: dict[Any, list[Any]]) -> None:
+        """``merged``'s records were added to ``into`` (``freshen``): one hold for both."""
+        taken = self._held.pop(id(merged), None)
+        if taken is None:
+            return
+        held = self._held.get(id(into))
+        if held is None:
+            self._held[id(into)] = (into, dict(taken[1]))
+            return
+        firsts = held[1]
+        for tp, offset in taken[1].items():
+            firsts[tp] = min(firsts.get(tp, offset), offset)
+
+    def first_held(self, tp: Any) -> int | None:
+        """The first offset of ``tp`` among records taken from aiokafka and not yet
+        delivered or put back (None: none)."""
+        firsts = [held[1][tp] for held in self._held.values() if tp in held[1]]
+        return min(firsts) if firsts else None
+
+    async def position(self, tp: Any) -> int | None:
+        """aiokafka's fetch position of ``tp``, but never past a record of it that the
+        fetch loop took and has not delivered (or put back) yet.
+
+        Why (docs/delivery.md, BB): the recovery's end check (``Recovery.
+        _find_transactional_ends``, and Faust's ``detect_aborted_tx``) takes a changelog
+        position past its highwater, with no record queued and the applied offset
+        unchanged, for "read to its end". aiokafka's position moves when the loop takes
+        a fetch, not when it delivers it. A fetch that a rebalance overtook is dropped
+        and only then put back (``seek_after_drop``: a seek to the committed offsets, a
+        round trip to the coordinator first), and a prefetch waits for the batch before
+        it: records taken but not delivered for longer than two checks made a new
+        owner end its recovery without them. It then ran on a dedupe table without the
+        ids of the last 2,600 changelog records and let two copies through under
+        exactly_once (chaos seed 17)."""
+        position = await self._thread.position(tp)
+        first = self.first_held(tp)
+        if first is not None and (position is None or first < position):
+            return first
+        return position
 
     def _between_batches(self) -> asyncio.Event:
         if self._no_batch is None:
@@ -629,25 +685,37 @@ class FastConsumer(faust_aiokafka.Consumer):
         a fetch while flow is suspended seeks back to the committed offsets)."""
         started_in = self.app.consumer_generation_id
         records, active_partitions = await self._wait_next_records(timeout)
+        # Taken from aiokafka: held until delivered (the caller releases them) or put
+        # back here (``position``).
+        self.hold_fetched(records)
         generation_id = self.app.consumer_generation_id
-        if records is None or self.should_stop:
-            return None
-        if generation_id != started_in:
-            # A rebalance overtook this fetch: its records are not delivered.
-            await self.seek_after_drop(records)
-            return None
-        if not self.flow_active:
-            self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
-            try:
-                await self.perform_seek()
-            except Exception as ex:
-                self.log.warning(f"exception performing seek when flow not active {ex}")
-            return None
-        track_end = self.app.monitor.track_tp_end_offset
-        for tp in records:
-            # Once per partition per fetch (Faust: once per message; same value).
-            track_end(tp, self.highwater(tp))
-        return records, active_partitions, generation_id
+        handed_over = False
+        try:
+            if records is None or self.should_stop:
+                return None
+            if generation_id != started_in:
+                # A rebalance overtook this fetch: its records are not delivered.
+                await self.seek_after_drop(records)
+                return None
+            if not self.flow_active:
+                self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
+                try:
+                    await self.perform_seek()
+                    # As after a rebalance's drop: partitions the seek does not position
+                    # (changelogs) go back to their first dropped record.
+                    await self.rewind_dropped(records)
+                except Exception as ex:
+                    self.log.warning(f"exception performing seek when flow not active {ex}")
+                return None
+            track_end = self.app.monitor.track_tp_end_offset
+            for tp in records:
+                # Once per partition per fetch (Faust: once per message; same value).
+                track_end(tp, self.highwater(tp))
+            handed_over = True
+            return records, active_partitions, generation_id
+        finally:
+            if not handed_over:
+                self.release_fetched(records)
 
     async def freshen(self, fetched: tuple[dict[Any, list[Any]], Any, int], waited: bool = False
                       ) -> tuple[tuple[dict[Any, list[Any]], Any, int], asyncio.Future | None]:
@@ -690,6 +758,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                     mine = records.get(tp)
                     records[tp] = rs if mine is None else mine + rs
                     added += len(rs)
+            self.merge_held(records, more[0])
             if not added:
                 break
             count += added
@@ -731,14 +800,17 @@ class FastConsumer(faust_aiokafka.Consumer):
         fetched = await prefetch
         if fetched is None or self._position_moves == moves:
             return fetched
-        records = {tp: rs for tp, rs in fetched[0].items() if rs}
-        if records:
-            self.log.info("Dropped a fetch begun before this consumer sought (%s); fetching from "
-                          "the new positions", {f"{tp.topic}[{tp.partition}]": rs[0].offset
-                                                for tp, rs in records.items()})
-            committed = self._committed_offset
-            for tp, rs in records.items():
-                await self._rewind(tp, max(rs[0].offset, committed.get(tp) or 0))
+        try:
+            records = {tp: rs for tp, rs in fetched[0].items() if rs}
+            if records:
+                self.log.info("Dropped a fetch begun before this consumer sought (%s); fetching from "
+                              "the new positions", {f"{tp.topic}[{tp.partition}]": rs[0].offset
+                                                    for tp, rs in records.items()})
+                committed = self._committed_offset
+                for tp, rs in records.items():
+                    await self._rewind(tp, max(rs[0].offset, committed.get(tp) or 0))
+        finally:
+            self.release_fetched(fetched[0])
         return None
 
     async def _rewind(self, tp: Any, offset: int) -> bool:
@@ -1077,56 +1149,71 @@ class FastConsumer(faust_aiokafka.Consumer):
                     prefetch_moves = self._position_moves
                 await self.sleep(0)
                 if fetched is None or self.should_stop:
+                    if fetched is not None:
+                        self.release_fetched(fetched[0])
                     unset_flag(CONSUMER_FETCHING)
                     continue
                 records, active_partitions, generation_id = fetched
-                if BATCH_AGENTS and any(tp.topic in BATCH_AGENTS for tp in records):
-                    # Fetch (aiokafka parses as the response arrives) the next records while
-                    # this batch is processed. Records of a fetch that a rebalance
-                    # overtook are never delivered: ``fetch`` reports the generation it
-                    # started in, and drops such a fetch and seeks to the committed
-                    # offsets (``seek_after_drop``).
-                    if prefetch is None:  # (else: a newer generation's fetch, from freshen)
-                        prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
-                        prefetch_moves = self._position_moves
-                    no_batch.clear()
-                    try:
-                        await self.deliver_batches(records, active_partitions, generation_id)
-                    finally:
-                        no_batch.set()
-                    records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
-                    await asyncio.sleep(0)
-                for tp, record in self.scheduler.iterate(records):
-                    if not self._still_current(generation_id):
-                        if self.app.consumer_generation_id != generation_id:
-                            await self.seek_after_drop(records)  # the rest is dropped: rewind
-                        break
-                    if not (active_partitions is None or tp in active_partitions or tp in buffered):
-                        continue
-                    message = to_message(tp, record)
-                    since_yield += 1
-                    if since_yield > YIELD_EVERY:
+                try:
+                    if BATCH_AGENTS and any(tp.topic in BATCH_AGENTS for tp in records):
+                        # Fetch (aiokafka parses as the response arrives) the next records while
+                        # this batch is processed. Records of a fetch that a rebalance
+                        # overtook are never delivered: ``fetch`` reports the generation it
+                        # started in, and drops such a fetch and seeks to the committed
+                        # offsets (``seek_after_drop``).
+                        if prefetch is None:  # (else: a newer generation's fetch, from freshen)
+                            prefetch = asyncio.ensure_future(self.fetch(timeout=1.0))
+                            prefetch_moves = self._position_moves
+                        no_batch.clear()
+                        try:
+                            await self.deliver_batches(records, active_partitions, generation_id)
+                        finally:
+                            no_batch.set()
+                        records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                         await asyncio.sleep(0)
-                        since_yield = 0
-                    offset = message.offset
-                    r_offset = read_offset[tp]
-                    if r_offset is not None and offset < r_offset:
-                        self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
-                        continue
-                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        # Faust's gap handling, unchanged. Known problem: after a seek,
-                        # records fetched before it can arrive first, and the jump is
-                        # then committed as a gap (docs/performance.md, "Known issue").
-                        await self._add_gap(tp, r_offset + 1, offset)
+                    skipped: dict[Any, int] = {}
+                    for tp, record in self.scheduler.iterate(records):
+                        if not self._still_current(generation_id):
+                            if self.app.consumer_generation_id != generation_id:
+                                await self.seek_after_drop(records)  # the rest is dropped: rewind
+                            break
+                        if not (active_partitions is None or tp in active_partitions or tp in buffered):
+                            skipped.setdefault(tp, record.offset)
+                            continue
+                        message = to_message(tp, record)
+                        since_yield += 1
+                        if since_yield > YIELD_EVERY:
+                            await asyncio.sleep(0)
+                            since_yield = 0
+                        offset = message.offset
+                        r_offset = read_offset[tp]
+                        if r_offset is not None and offset < r_offset:
+                            self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key, message.value)
+                            continue
+                        if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                            # Faust's gap handling, unchanged. Known problem: after a seek,
+                            # records fetched before it can arrive first, and the jump is
+                            # then committed as a gap (docs/performance.md, "Known issue").
+                            await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None and self._n_acked >= commit_every:
+                            self._n_acked = 0
+                            self.commit_by_count()
+                        await deliver(callback, message)
+                        read_offset[tp] = offset
+                    for tp, first in skipped.items():
+                        # Paused since the fetch began (Faust skips such records, and
+                        # aiokafka's position is past them): fetched again once resumed,
+                        # as the batch path does. A changelog partition skipped without
+                        # this never got them (a standby's store, then a recovery
+                        # starting past them).
+                        await self._rewind(tp, first)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         self.commit_by_count()
-                    await deliver(callback, message)
-                    read_offset[tp] = offset
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    self.commit_by_count()
-                unset_flag(CONSUMER_FETCHING)
+                    unset_flag(CONSUMER_FETCHING)
+                finally:
+                    # Delivered, or dropped and put back: ``position`` may pass them now.
+                    self.release_fetched(fetched[0])
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 self.log.info("Broker stopped consumer, shutting down...")
@@ -2607,6 +2694,9 @@ def fetched_to(consumer: Any, tp: Any, end: int | None) -> bool:
     transactions). The fetch position does move past markers and aborted records."""
     if end is None:
         return False
+    first_held = getattr(consumer, "first_held", None)
+    if first_held is not None and first_held(tp) is not None:
+        return False  # taken from aiokafka, not delivered yet (``FastConsumer.position``)
     try:
         aio = consumer._thread._ensure_consumer()
         state = aio._subscription.subscription.assignment.state_value(tp)

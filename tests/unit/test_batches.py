@@ -71,6 +71,11 @@ class ConsumerHost:
     _release = FastConsumer._release
     ack_if_none_failed = FastConsumer.ack_if_none_failed
     hold_back = FastConsumer.hold_back
+    hold_fetched = FastConsumer.hold_fetched
+    release_fetched = FastConsumer.release_fetched
+    merge_held = FastConsumer.merge_held
+    first_held = FastConsumer.first_held
+    position = FastConsumer.position
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -96,6 +101,7 @@ class ConsumerHost:
         self.seek_moves = True
         self._thread = FetchPositions()
         self._position_moves = 0
+        self._held: dict = {}
 
     async def perform_seek(self) -> None:
         self.seeks += 1
@@ -277,6 +283,9 @@ class FetchPositions:
 
     def __init__(self) -> None:
         self.positions: dict = {}
+
+    async def position(self, tp):
+        return self.positions.get(tp)
 
     async def rewind(self, tp, offset: int) -> bool:
         position = self.positions.get(tp)
@@ -858,3 +867,99 @@ def test_the_session_lapses_only_past_the_session_timeout(monkeypatch):
     assert not guard.session_lapsed()
     guard.session_ok_at = time.monotonic() - 46
     assert guard.session_lapsed()
+
+
+def test_records_taken_but_not_delivered_keep_the_position_before_them():
+    """docs/delivery.md BB (chaos seed 17, exactly_once): a new owner's recovery sought
+    a dedupe changelog partition to 11665; the fetch begun in the old generation came
+    back with 11665-14300 in the new one and was dropped, and before the drop's seek to
+    the committed offsets (a round trip to the coordinator) and its rewind were done,
+    the recovery's end check saw aiokafka's position past the highwater, nothing
+    queued and the applied offset unchanged: it ended the recovery without those
+    records. The new owner let copies its dedupe table should have held back through.
+    Until a fetch's records are delivered or put back, the consumer's position is its
+    first record."""
+    host = ConsumerHost()
+    changelog = TP("app-pipeline-dedupe-changelog", 0)
+    host._read_offset[changelog] = 11665  # Recovery's seek
+    host._thread.positions = {changelog: 14301}  # aiokafka's: past the fetch
+
+    async def run():
+        seek_may_end = asyncio.Event()
+
+        async def slow_seek():
+            host.seeks += 1
+            await seek_may_end.wait()
+
+        host.perform_seek = slow_seek
+
+        async def wait_next_records(timeout):
+            host.app.consumer_generation_id = 2  # the fetch began in generation 1
+            return {changelog: [changelog_record(changelog, o) for o in range(11665, 14301)]}, {changelog}
+
+        host._wait_next_records = wait_next_records
+        fetch = asyncio.ensure_future(host.fetch(1.0))
+        await asyncio.sleep(0.01)
+        assert not fetch.done()  # waiting for the seek to the committed offsets
+        during = await host.position(changelog)
+        seek_may_end.set()
+        assert await fetch is None
+        return during, await host.position(changelog)
+
+    during, after = asyncio.run(run())
+    assert during == 11665
+    assert after == 11665 and host._thread.positions[changelog] == 11665  # put back
+    assert host._held == {}
+
+
+def test_a_fetch_handed_over_stays_held_until_released_and_merges_keep_the_first_offset():
+    """The fetch loop releases a fetch once it delivered it (or dropped and put back its
+    records); a top-up merged into it (``freshen``) is held with it, from the earlier
+    of the two first offsets; a dropped prefetch is released once put back."""
+    from app.transport import _done
+
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+    host._thread.positions = {tp: 30}
+    first = {tp: [record(0, o) for o in range(10, 20)]}
+    more = {tp: [record(0, o) for o in range(20, 30)]}
+    host.hold_fetched(first)
+    host.hold_fetched(more)
+    assert asyncio.run(host.position(tp)) == 10
+    first[tp] = first[tp] + more[tp]
+    host.merge_held(first, more)
+    assert len(host._held) == 1 and host.first_held(tp) == 10
+    host.release_fetched(first)
+    assert asyncio.run(host.position(tp)) == 30 and host.first_held(tp) is None
+
+    prefetched = ({tp: [record(0, o) for o in range(30, 40)]}, {tp}, 1)
+    host._thread.positions = {tp: 40}
+    host.hold_fetched(prefetched[0])
+    moves = host._position_moves
+    host._position_moves += 1  # a seek since the prefetch began: dropped
+    assert asyncio.run(host.take_prefetch(_done(prefetched), moves)) is None
+    assert host._held == {} and asyncio.run(host.position(tp)) == 30
+
+
+def test_a_partition_with_records_held_is_not_fetched_to_its_end():
+    """``fetched_to`` (the window and pattern idle rule's "read to its end" before a
+    first delivery) is False while records of the partition are taken but not
+    delivered: aiokafka's position is past them already."""
+    from types import SimpleNamespace
+
+    from app.transport import fetched_to
+
+    tp = TP(TOPIC, 0)
+    state = SimpleNamespace(has_valid_position=True, position=50)
+    aio = SimpleNamespace(
+        _subscription=SimpleNamespace(subscription=SimpleNamespace(
+            assignment=SimpleNamespace(state_value=lambda _tp: state))),
+        _fetcher=SimpleNamespace(_records={}))
+    host = ConsumerHost()
+    host._thread = SimpleNamespace(_ensure_consumer=lambda: aio)
+    assert fetched_to(host, tp, 50)
+    held = {tp: [record(0, o) for o in range(40, 50)]}
+    host.hold_fetched(held)
+    assert not fetched_to(host, tp, 50)
+    host.release_fetched(held)
+    assert fetched_to(host, tp, 50)

@@ -291,3 +291,42 @@ def test_a_recovery_end_signalled_for_an_earlier_pass_does_not_end_the_next_one(
 
     r = asyncio.run(go())
     assert r._actives_seeked and not r.signal_recovery_end.is_set()
+
+
+def test_the_end_check_waits_for_changelog_records_taken_but_not_delivered():
+    """docs/delivery.md BB (chaos seed 17): aiokafka's position was past the highwater
+    because the fetch loop had taken the last 2,636 records of a dedupe changelog, which
+    it then dropped (a rebalance overtook the fetch) and was still putting back. The end
+    check took that position for the end and the recovery finished without them. The
+    consumer's position (``FastConsumer.position``) stays at the first record taken and
+    not delivered, so the check waits; once they are delivered and applied it ends."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from app.transport import FastConsumer
+
+    changelog = TP("cl", 0)
+
+    class Consumer:
+        position = FastConsumer.position
+        first_held = FastConsumer.first_held
+        hold_fetched = FastConsumer.hold_fetched
+        release_fetched = FastConsumer.release_fetched
+
+        def __init__(self):
+            self._held = {}
+
+            async def aiokafka_position(tp):
+                return 14301
+
+            self._thread = SimpleNamespace(position=aiokafka_position)
+
+    consumer = Consumer()
+    taken = {changelog: [SimpleNamespace(offset=o) for o in range(11665, 14301)]}
+    consumer.hold_fetched(taken)
+    r = run_end_check({changelog: 14300}, {changelog: 11664}, consumer.position)
+    assert r.active_offsets[changelog] == 11664 and not r.signal_recovery_end.is_set()
+    consumer.release_fetched(taken)  # delivered: applied up to 14299 (14300: the marker)
+    r = run_end_check({changelog: 14300}, {changelog: 14299}, consumer.position)
+    assert r.active_offsets[changelog] == 14300 and r.signal_recovery_end.is_set()
