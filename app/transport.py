@@ -1230,6 +1230,7 @@ class FastConsumer(faust_aiokafka.Consumer):
         finally:
             if prefetch is not None and not prefetch.done():
                 prefetch.cancel()
+            self._held.clear()  # nothing is delivered after the loop
             unset_flag(CONSUMER_FETCHING)
             # Let the batches finishing in the background store and ack what they can (a
             # stop then commits them); bounded, since the broker may be what is failing.
