@@ -699,13 +699,9 @@ class FastConsumer(faust_aiokafka.Consumer):
                 return None
             if not self.flow_active:
                 self.log.dev("getmany called while flow not active. Seek back to committed offsets.")
-                try:
-                    await self.perform_seek()
-                    # As after a rebalance's drop: partitions the seek does not position
-                    # (changelogs) go back to their first dropped record.
-                    await self.rewind_dropped(records)
-                except Exception as ex:
-                    self.log.warning(f"exception performing seek when flow not active {ex}")
+                # As after a rebalance's drop: partitions the seek does not position
+                # (changelogs) go back to their first dropped record.
+                await self.seek_and_rewind(records, "exception performing seek when flow not active")
                 return None
             track_end = self.app.monitor.track_tp_end_offset
             for tp in records:
@@ -842,11 +838,20 @@ class FastConsumer(faust_aiokafka.Consumer):
         self.log.info("Dropped a fetch a rebalance overtook (%s); seeking to committed offsets",
                       {f"{tp.topic}[{tp.partition}]": rs[0].offset for tp, rs in records.items() if rs})
         self._position_moves += 1  # (also when the seek fails half-way)
+        await self.seek_and_rewind(records, "Seek after dropping an overtaken fetch failed")
+
+    async def seek_and_rewind(self, records: dict[Any, list[Any]], failed: str) -> None:
+        """The seek to the committed offsets, then ``rewind_dropped``, which runs even
+        when the seek failed: a changelog partition has no committed offset, so only the
+        rewind puts it back before the fetch's hold ends (``FastConsumer.position``)."""
         try:
             await self.perform_seek()
-            await self.rewind_dropped(records)
         except Exception as ex:  # as Faust's flow-inactive seek: nothing is assigned
-            self.log.warning("Seek after dropping an overtaken fetch failed: %r", ex)
+            self.log.warning("%s: %r", failed, ex)
+        try:
+            await self.rewind_dropped(records)
+        except Exception as ex:  # not assigned any more: the next assignment seeks anew
+            self.log.warning("%s (putting the dropped records back): %r", failed, ex)
 
     async def rewind_dropped(self, records: dict[Any, list[Any]]) -> None:
         """Seek each partition of a dropped fetch that the seek to committed offsets did
@@ -1171,14 +1176,12 @@ class FastConsumer(faust_aiokafka.Consumer):
                             no_batch.set()
                         records = {tp: rs for tp, rs in records.items() if tp.topic not in BATCH_AGENTS}
                         await asyncio.sleep(0)
-                    skipped: dict[Any, int] = {}
                     for tp, record in self.scheduler.iterate(records):
                         if not self._still_current(generation_id):
                             if self.app.consumer_generation_id != generation_id:
                                 await self.seek_after_drop(records)  # the rest is dropped: rewind
                             break
                         if not (active_partitions is None or tp in active_partitions or tp in buffered):
-                            skipped.setdefault(tp, record.offset)
                             continue
                         message = to_message(tp, record)
                         since_yield += 1
@@ -1200,13 +1203,6 @@ class FastConsumer(faust_aiokafka.Consumer):
                             self.commit_by_count()
                         await deliver(callback, message)
                         read_offset[tp] = offset
-                    for tp, first in skipped.items():
-                        # Paused since the fetch began (Faust skips such records, and
-                        # aiokafka's position is past them): fetched again once resumed,
-                        # as the batch path does. A changelog partition skipped without
-                        # this never got them (a standby's store, then a recovery
-                        # starting past them).
-                        await self._rewind(tp, first)
                     if commit_every is not None and self._n_acked >= commit_every:
                         self._n_acked = 0
                         self.commit_by_count()

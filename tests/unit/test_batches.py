@@ -60,6 +60,7 @@ class ConsumerHost:
     commit = FastConsumer.commit
     _commit_guarded = FastConsumer._commit_guarded
     seek_after_drop = FastConsumer.seek_after_drop
+    seek_and_rewind = FastConsumer.seek_and_rewind
     rewind_dropped = FastConsumer.rewind_dropped
     take_prefetch = FastConsumer.take_prefetch
     _rewind = FastConsumer._rewind
@@ -963,3 +964,28 @@ def test_a_partition_with_records_held_is_not_fetched_to_its_end():
     assert not fetched_to(host, tp, 50)
     host.release_fetched(held)
     assert fetched_to(host, tp, 50)
+
+
+def test_a_dropped_fetch_is_put_back_even_when_the_seek_to_the_committed_offsets_fails():
+    """A review of BB's fix: the drop's seek to the committed offsets and its rewind ran
+    in one ``try``, so a seek that raised skipped the rewind, and the fetch's hold then
+    ended with aiokafka's position still past the dropped changelog records (nothing is
+    committed for a changelog: only the rewind puts it back). The rewind runs anyway."""
+    host = ConsumerHost()
+    changelog = TP("app-pipeline-dedupe-changelog", 0)
+    host._thread.positions = {changelog: 14301}
+
+    async def failing_seek():
+        host.seeks += 1
+        raise RuntimeError("coordinator not available")
+
+    host.perform_seek = failing_seek
+
+    async def wait_next_records(timeout):
+        host.app.consumer_generation_id = 2
+        return {changelog: [changelog_record(changelog, o) for o in range(11665, 14301)]}, {changelog}
+
+    host._wait_next_records = wait_next_records
+    assert asyncio.run(host.fetch(1.0)) is None
+    assert host.seeks == 1 and host._held == {}
+    assert asyncio.run(host.position(changelog)) == 11665
