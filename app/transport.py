@@ -356,16 +356,13 @@ class FastConsumer(faust_aiokafka.Consumer):
         #: the loop: ``_between_batches``); what a stop waits for (``finish_batch``).
         self._no_batch: asyncio.Event | None = None
         #: Fetches whose records were taken from aiokafka (its positions are past them)
-        #: and are not yet delivered or put back: ``id(records)`` → (records, first
-        #: offset by partition). See :meth:`position`.
-        self._held: dict[int, tuple[dict[Any, list[Any]], dict[Any, int]]] = {}
+        #: and are not yet delivered or put back, by ``id(records)``. See :meth:`position`.
+        self._held: dict[int, dict[Any, list[Any]]] = {}
 
     def hold_fetched(self, records: dict[Any, list[Any]] | None) -> None:
         """Note a fetch's records as taken and not yet delivered (:meth:`position`)."""
-        if records:
-            firsts = {tp: rs[0].offset for tp, rs in records.items() if rs}
-            if firsts:
-                self._held[id(records)] = (records, firsts)
+        if records and any(records.values()):
+            self._held[id(records)] = records
 
     def release_fetched(self, records: dict[Any, list[Any]] | None) -> None:
         """A held fetch's records are delivered, or dropped and put back."""
@@ -374,21 +371,14 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     def merge_held(self, into: dict[Any, list[Any]], merged: dict[Any, list[Any]]) -> None:
         """``merged``'s records were added to ``into`` (``freshen``): one hold for both."""
-        taken = self._held.pop(id(merged), None)
-        if taken is None:
-            return
-        held = self._held.get(id(into))
-        if held is None:
-            self._held[id(into)] = (into, dict(taken[1]))
-            return
-        firsts = held[1]
-        for tp, offset in taken[1].items():
-            firsts[tp] = min(firsts.get(tp, offset), offset)
+        if self._held.pop(id(merged), None) is not None:
+            self._held[id(into)] = into
 
     def first_held(self, tp: Any) -> int | None:
         """The first offset of ``tp`` among records taken from aiokafka and not yet
-        delivered or put back (None: none)."""
-        firsts = [held[1][tp] for held in self._held.values() if tp in held[1]]
+        delivered or put back (None: none). A partition's records in a fetch are in
+        offset order, a top-up's after the fetch's own (``freshen``)."""
+        firsts = [rs[0].offset for records in self._held.values() if (rs := records.get(tp))]
         return min(firsts) if firsts else None
 
     async def position(self, tp: Any) -> int | None:
