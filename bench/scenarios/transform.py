@@ -6,7 +6,7 @@ Two phases against one real worker running the pipeline (and only it):
    *before* the worker starts; the rate is outputs / (last − first sink record
    timestamp), i.e. the worker's own output clock, like the raw baseline's consume rate.
 2. latency: events are produced at ``--rate`` (default 5,000/s) for ``latency_seconds``
-   (option, default 10); option ``profile=DIR`` runs the worker under pyinstrument while a consumer reads the sink; latency = arrival − ``sent_at``.
+   (option, default 10), sent in ticks of ``pace_tick_ms`` (option, default 1); option ``profile=DIR`` runs the worker under pyinstrument while a consumer reads the sink; latency = arrival − ``sent_at``.
 
 Option ``horizon_seconds`` (default 3600) is the dedupe step's: with a horizon shorter
 than the backlog takes (e.g. 1), entries expire as fast as they are admitted during
@@ -57,6 +57,14 @@ PIPELINE = {"pipelines": [{
 }]}
 
 
+#: The latency phase's load generator wakes at most once per this many ms and sends the
+#: events due by then (5 at 5,000 events/s), each stamped as it is handed to the
+#: producer. Woken for each event (option ``pace_tick_ms=0``), it used 0.50–0.53 cores
+#: instead of 0.41–0.43, on the 2 cores the worker and the broker share
+#: (docs/performance.md, "Session 32").
+PACE_TICK_MS = 1.0
+
+
 async def load_users(worker: Worker, keys: int) -> None:
     for start in range(0, keys, 5000):
         rows = {f"u{i:05d}": {"tier": ("gold", "silver", "bronze")[i % 3], "segment": f"s{i % 17}"}
@@ -68,7 +76,7 @@ async def load_users(worker: Worker, keys: int) -> None:
 
 async def latency_phase(ctx: Context, source: str, sink: str, rate: float, seconds: float,
                         worker_side: list[float] | None = None,
-                        sent: list[float] | None = None) -> list[float]:
+                        sent: list[float] | None = None, pace_tick: float = 0.0) -> list[float]:
     """End-to-end latencies (ms) of paced events; ``worker_side`` collects the part up to
     the worker's append of each output (its sink record timestamp minus ``sent_at``),
     ``sent`` each one's ``sent_at``."""
@@ -83,15 +91,21 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
     events = make_payloads(total, ctx.keys, seed=99)
 
     async def produce() -> None:
+        # Woken at most once per ``pace_tick`` seconds, it sends every event due by then,
+        # each stamped as it is handed to the producer (0: woken for each event).
         t0 = time.perf_counter()
-        for i, event in enumerate(events):
-            due = t0 + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            event["event_id"] = f"lat-{i}"
-            event["sent_at"] = time.time()
-            await producer.send(source, orjson.dumps(event), key=event["user_id"].encode())
+        i = 0
+        while i < total:
+            due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+            while i < due:
+                event = events[i]
+                event["event_id"] = f"lat-{i}"
+                event["sent_at"] = time.time()
+                await producer.send(source, orjson.dumps(event), key=event["user_id"].encode())
+                i += 1
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0 or pace_tick > 0:
+                await asyncio.sleep(max(delay, pace_tick))
 
     async def consume() -> None:
         deadline = time.monotonic() + seconds + 30
@@ -100,7 +114,7 @@ async def latency_phase(ctx: Context, source: str, sink: str, rate: float, secon
             now = time.time()
             for messages in batch.values():
                 for m in messages:
-                    sent_at = json.loads(m.value)["sent_at"]
+                    sent_at = orjson.loads(m.value)["sent_at"]
                     latencies.append((now - sent_at) * 1000)
                     if sent is not None:
                         sent.append(sent_at)
@@ -173,7 +187,9 @@ async def run(ctx: Context) -> Result:
         worker_side: list[float] = []
         sent: list[float] = []
         cores = CoresUsed({"worker": worker.proc.pid})
-        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side, sent)
+        pace_tick_ms = float(ctx.args.options.get("pace_tick_ms", PACE_TICK_MS))
+        pace_tick = pace_tick_ms / 1000
+        latencies = await latency_phase(ctx, source, sink, rate, lat_seconds, worker_side, sent, pace_tick)
         latency_phase_cores = cores.stop()
         _, pipelines = worker.get("/api/v1/pipelines")
     finally:
@@ -183,7 +199,7 @@ async def run(ctx: Context) -> Result:
         extra={"latency_to_sink_append_ms": spread(worker_side), "latency_phase_cores": latency_phase_cores},
         settings={"keys": ctx.keys, "partitions": 4, "latency_rate_events_per_s": rate,
                   "latency_seconds": lat_seconds, "steps": "deduplicate, normalize, enrich, filter",
-                  "horizon_seconds": horizon},
+                  "horizon_seconds": horizon, "latency_pace_tick_ms": pace_tick_ms},
         notes=["throughput: backlog produced before start; sink record timestamps first→last",
                "latency: paced input, arrival at a sink consumer minus sent_at (same clock)",
                "latency_to_sink_append_ms: sent_at to the worker's append of the output "
