@@ -452,7 +452,15 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         if self.app.in_transaction and not self.app.should_stop and self.assignment():
-            await self.commit_on_revoke()
+            try:
+                await self.commit_on_revoke()
+            except Exception as exc:
+                # Faust's revoke handling and ``forget_batches`` must run all the same
+                # (raised, it reached aiokafka, which logs it and rebalances on). A
+                # transaction that did not commit is aborted at the assignment
+                # (``TransactionManager.ready_transaction``) or, moved, by its next owner.
+                self.log.warning("exactly_once: the commit before a rebalance failed (%r); its "
+                                 "partitions go on from their committed offsets", exc)
         await super().on_partitions_revoked(revoked)
         self.forget_batches(revoked)
 
@@ -1690,6 +1698,9 @@ class TransactionManager(FaustTransactionManager):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._warned: set[tuple[str, int]] = set()  # output partitions warned about
+        #: Transactions whose commit failed after the consumer had handed over their
+        #: offsets (``commit``): they hold outputs whose inputs are processed again.
+        self.commit_failed: set[str] = set()
 
     async def on_rebalance(self, assigned: Any, revoked: Any, newly_assigned: Any) -> None:
         """Instead of Faust's: stop every transactional producer whose partition this
@@ -1721,6 +1732,7 @@ class TransactionManager(FaustTransactionManager):
             self.log.info("Stopping %d transactional producers of partitions no longer active here: %s",
                           len(gone), gone)
             await self._stop_transactions(gone)
+        self.commit_failed.difference_update(gone)  # stopped: the next owner aborts them
         if self.missed_generations():
             # This worker was out of the group (a zombie: paused past its session, or
             # its session expired under load) for at least one generation, in which
@@ -1808,9 +1820,10 @@ class TransactionManager(FaustTransactionManager):
             try:
                 await self.producer.commit_transactions({tid: tid_offsets}, app_id,
                                                         start_new_transaction=start_new_transaction)
-            except (ProducerFenced, IllegalOperation) as exc:
+            except Exception as exc:  # fenced, or any other failure (a producer whose sender died)
                 self.log.warning("exactly_once: transaction %s could not commit (%r); the others "
                                  "still do", tid, exc)
+                self.commit_failed.add(tid)
                 if failed is None:
                     failed = exc
         if failed is not None:
@@ -1824,13 +1837,17 @@ class TransactionManager(FaustTransactionManager):
         * In a transaction that holds nothing: kept as it is.
         * In a transaction that holds records (sent while the group rebalanced, with
           no offsets), or failed: that transaction is ended (committed when it still
-          can be, else aborted) and a new one begun. If the coordinator has already
+          can be, else aborted) and a new one begun. One whose commit failed
+          (``commit_failed``) is aborted: its records are outputs of inputs whose
+          offsets it was to commit, and those inputs are processed again. If the coordinator has already
           aborted it (transaction timeout) or fenced the producer, ending it fails:
           the producer is replaced by a new one with the same transactional id, whose
           registration (InitProducerId) bumps the epoch and aborts whatever is left.
           Nothing that was in it is lost from the input: its records carried no
           offsets, and the consumer starts from the committed offsets after a rebalance.
         """
+        commit_failed = tid in self.commit_failed
+        self.commit_failed.discard(tid)
         producer = self.producer._transaction_producers.get(tid)
         if producer is not None:
             txn = producer._txn_manager
@@ -1840,7 +1857,7 @@ class TransactionManager(FaustTransactionManager):
             if state is not TransactionState.READY:
                 try:
                     async with self.producer._trn_locks[tid]:  # Faust's per-id lock (sends, commits)
-                        if txn.is_in_transaction():
+                        if txn.is_in_transaction() and not commit_failed:
                             await producer.commit_transaction()
                         else:
                             self.app.tables.on_aborted_writes()

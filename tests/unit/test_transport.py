@@ -693,6 +693,7 @@ class RebalanceTxnHost:
         self.app = RebalanceTxnApp()
         self.producer = FakeFaustProducer()
         self.log = logging.getLogger("test")
+        self.commit_failed = set()
 
 
 def _tps(*partitions):
@@ -926,6 +927,51 @@ def test_a_fenced_transaction_does_not_keep_the_others_from_committing():
     run(main())
 
 
+def test_a_transaction_whose_commit_failed_is_aborted_at_the_rebalance_not_committed_without_offsets():
+    """docs/delivery.md BC: a commit's transaction failed with an error other than a
+    fence (here the fatal error of a producer whose sender died): the loop stopped
+    there, and the next transaction, whose offsets that commit had already taken from
+    the consumer, stayed open; the rebalance then committed it without them, and its
+    batches were processed again (outputs twice in read_committed). Now every
+    transaction is tried, and one whose commit failed is aborted at the rebalance."""
+    from aiokafka.errors import KafkaError
+    from faust.types import TP
+
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1, 2), set(), _tps(0, 1, 2))
+        for p in (0, 1, 2):
+            await host.producer.send("out", None, b"v", p, None, None, transactional_id=f"g-1-{p}")
+        p0, p1, p2 = producers["g-1-0"], producers["g-1-1"], producers["g-1-2"]
+        offsets_sent: list = []
+
+        async def offsets_refused(offsets, group_id):  # e.g. the coordinator moved meanwhile
+            raise KafkaError("Unexpected error during batch delivery")
+
+        async def offsets_of_p1(offsets, group_id):
+            offsets_sent.append(dict(offsets))
+
+        p0.send_offsets_to_transaction = offsets_refused
+        p1.send_offsets_to_transaction = offsets_of_p1
+        with pytest.raises(KafkaError):
+            await host.commit({TP("src", 0): 10, TP("src", 1): 20})
+        # p1 committed with its own offsets, not left for the rebalance to end without.
+        assert p1.committed == 1 and offsets_sent and list(offsets_sent[0].values()) == [20]
+        assert p0.committed == 0
+        await host.on_rebalance(_tps(0, 1, 2), set(), set())
+        # p0 holds outputs of inputs processed again: aborted. p2 holds records sent
+        # outside a commit (a timer's): committed as before.
+        assert (p0.committed, p1.committed, p2.committed) == (0, 1, 1)
+        assert host.app.tables.aborted_writes
+        assert not host.commit_failed
+        for p in (p0, p1, p2):
+            assert p._txn_manager.is_in_transaction() and p._txn_manager.is_empty_transaction()
+
+    run(main())
+
+
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monkeypatch, guarantee):
     """Issue 23, finding 4: Faust forgets every partition's acks when a rebalance starts
@@ -962,6 +1008,43 @@ def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monk
         assert calls == ["stop flow", "in-flight acked", ("commit", False), "faust forgets acks"]
     else:
         assert calls == ["faust forgets acks"]
+
+
+def test_a_failed_commit_before_a_rebalance_still_lets_the_revocation_run(monkeypatch):
+    """docs/delivery.md BC: the commit on revocation raised (a producer whose sender
+    died), the error left ``on_partitions_revoked`` for aiokafka to log, and Faust's
+    revoke handling and ``forget_batches`` were skipped: a revoked partition's acked
+    offset stayed, to be committed when the partition came back."""
+    import logging
+    from types import SimpleNamespace
+
+    from aiokafka.errors import KafkaError
+    from faust.transport.consumer import Consumer as FaustConsumer
+
+    calls: list = []
+
+    async def faust_revoked(self, revoked):
+        calls.append("faust revoke handling")
+
+    monkeypatch.setattr(FaustConsumer, "on_partitions_revoked", faust_revoked)
+    consumer = object.__new__(FastConsumer)
+    consumer.app = SimpleNamespace(in_transaction=True, should_stop=False)
+    consumer.log = logging.getLogger("test")
+    consumer._batch_next = {"tp": 6123}
+    consumer._last_timestamp = {}
+    consumer.assignment = lambda: {"tp"}
+    consumer.stop_flow = lambda: None
+
+    async def wait_empty():
+        pass
+
+    async def commit(topics=None, start_new_transaction=True):
+        raise KafkaError("Unexpected error during batch delivery")
+
+    consumer.wait_empty, consumer.commit = wait_empty, commit
+    run(consumer.on_partitions_revoked({"tp"}))
+    assert calls == ["faust revoke handling"]
+    assert consumer._batch_next == {}
 
 
 def test_a_commit_by_count_runs_beside_the_fetch_loop_one_at_a_time():
@@ -1125,6 +1208,7 @@ def test_a_rebalance_stops_the_producers_of_partitions_that_became_standbys():
     manager = TransactionManager.__new__(TransactionManager)
     manager.app, manager.producer = App(), Producer()
     manager.__dict__["log"] = logging.getLogger("test")
+    manager.commit_failed = set()
     active = {TP("src", 2), TP("src", 3)}
     revoked = {TP("src", 0), TP("src", 1)}
     run(manager.on_rebalance(active | Assignor.standbys, revoked, set()))
