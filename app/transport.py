@@ -111,6 +111,10 @@ from app.batches import BATCH_AGENTS, PROCESSING_TOPIC, SOURCE_PARTITION, Batch,
 
 log = logging.getLogger(__name__)
 
+#: How aiokafka reports a transaction the coordinator fenced or aborted under this
+#: producer (a zombie's): its commit is refused, not a crash (``FastConsumer.commit``).
+FENCED = (ProducerFenced, IllegalOperation)
+
 #: The broker URL scheme that selects this transport (``streametl-kafka://host:port``).
 SCHEME = "streametl-kafka"
 #: The web driver URL scheme that selects :class:`Web`.
@@ -607,7 +611,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                     await rest
             try:
                 return await super().commit(topics, start_new_transaction=start_new_transaction)
-            except (ProducerFenced, IllegalOperation) as exc:
+            except FENCED as exc:
                 # A worker paused past its session (a zombie) finds its transactions
                 # fenced by the partitions' new owner: its commit must fail, and nothing
                 # of it becomes visible (the coordinator aborted it). Crashing the worker
@@ -1824,8 +1828,12 @@ class TransactionManager(FaustTransactionManager):
                 self.log.warning("exactly_once: transaction %s could not commit (%r); the others "
                                  "still do", tid, exc)
                 self.commit_failed.add(tid)
-                if failed is None:
+                # A fence is refused quietly (``FastConsumer.commit``); any other failure
+                # is raised in its place, so the worker does not go on past it.
+                if failed is None or (isinstance(failed, FENCED) and not isinstance(exc, FENCED)):
                     failed = exc
+            else:
+                self.commit_failed.discard(tid)
         if failed is not None:
             raise failed
         return True

@@ -972,6 +972,65 @@ def test_a_transaction_whose_commit_failed_is_aborted_at_the_rebalance_not_commi
     run(main())
 
 
+def test_a_commit_raises_a_failure_other_than_a_fence_in_place_of_a_fence():
+    """A fence is refused quietly (the worker goes on: ``FastConsumer.commit``); a
+    later transaction's other failure (a producer whose sender died) must still reach
+    the commit's caller, which restarts the worker."""
+    from aiokafka.errors import KafkaError, ProducerFenced
+    from faust.types import TP
+
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0, 1), set(), _tps(0, 1))
+
+        async def fenced(offsets, group_id):
+            raise ProducerFenced()
+
+        async def sender_died(offsets, group_id):
+            raise KafkaError("Unexpected error during batch delivery")
+
+        producers["g-1-0"].send_offsets_to_transaction = fenced
+        producers["g-1-1"].send_offsets_to_transaction = sender_died
+        with pytest.raises(KafkaError) as raised:
+            await host.commit({TP("src", 0): 10, TP("src", 1): 20})
+        assert not isinstance(raised.value, ProducerFenced)
+
+    run(main())
+
+
+def test_a_transaction_committed_after_a_failed_commit_is_no_longer_aborted_at_the_rebalance():
+    """``commit_failed`` names only transactions whose last commit failed: one
+    committed since holds, at the rebalance, records sent outside a commit (a timer's),
+    which are committed as before."""
+    from aiokafka.errors import KafkaError
+    from faust.types import TP
+
+    host = RebalanceTxnHost()
+    producers = host.producer._transaction_producers
+
+    async def main():
+        await host.on_rebalance(_tps(0,), set(), _tps(0,))
+        p0 = producers["g-1-0"]
+        refuse = [True]
+
+        async def offsets_once_refused(offsets, group_id):
+            if refuse.pop() if refuse else False:
+                raise KafkaError("coordinator moved")
+
+        p0.send_offsets_to_transaction = offsets_once_refused
+        await host.producer.send("out", None, b"v", 0, None, None, transactional_id="g-1-0")
+        with pytest.raises(KafkaError):
+            await host.commit({TP("src", 0): 10})
+        await host.commit({TP("src", 0): 10})  # tried again: committed
+        await host.producer.send("out", None, b"timer", 0, None, None, transactional_id="g-1-0")
+        await host.on_rebalance(_tps(0,), set(), set())
+        assert p0.committed == 2 and not host.app.tables.aborted_writes
+
+    run(main())
+
+
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 def test_exactly_once_commits_acked_offsets_before_a_rebalance_forgets_them(monkeypatch, guarantee):
     """Issue 23, finding 4: Faust forgets every partition's acks when a rebalance starts
