@@ -101,6 +101,8 @@ class TableRecord:
     key: str
     row: dict[str, Any] | None
     time: float
+    #: A delete's other reading of its message key (``_plain_text_key``), or None.
+    alt_key: str | None = None
 
 
 def key_text(values: Sequence[Any]) -> str:
@@ -130,6 +132,22 @@ def _message_key_values(key: Any, fields: Sequence[str]) -> tuple[Any, ...]:
     return (key,)
 
 
+def _plain_text_key(key: Any, fields: Sequence[str]) -> str | None:
+    """The join key text of a one-field message key read as plain text, when its bytes
+    also read as a JSON number or boolean (``b"42"``): that is how a text key ``"42"``
+    is written (docs/joins.md), and the row it names may be either. None otherwise."""
+    if len(fields) != 1 or not isinstance(key, (bytes, bytearray, memoryview)):
+        return None
+    raw = bytes(key)
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(parsed, (int, float)):  # bool too
+        return key_text((raw.decode("utf-8", "replace"),))
+    return None
+
+
 def table_record(spec: TableJoinSpec, key: Any, value: Any, time: float) -> TableRecord:
     """A table topic's record (message key and value, bytes or decoded JSON) as a row
     change; ChangeError (with a dead-letter reason) when it cannot be one."""
@@ -146,13 +164,16 @@ def table_record(spec: TableJoinSpec, key: Any, value: Any, time: float) -> Tabl
         except orjson.JSONDecodeError as exc:
             raise ChangeError("invalid_json", f"value is not JSON: {exc}") from None
     if value is None:
-        return TableRecord(key_text(_message_key_values(key, fields)), None, time)
+        return TableRecord(key_text(_message_key_values(key, fields)), None, time, _plain_text_key(key, fields))
     if not isinstance(value, dict):
         raise ChangeError("not_an_object", "a table row must be a JSON object (or null: a delete)")
     try:
         values = tuple(value[f] for f in fields)
     except KeyError as exc:
         raise ChangeError("missing_key", f"the row has no key field {exc.args[0]!r}") from None
+    if any(v is None for v in values):
+        # A null key matches nothing (as in SQL): no stream record could join the row.
+        raise ChangeError("missing_key", f"the row's key field(s) {list(fields)} hold null")
     return TableRecord(key_text(values), value, time)
 
 
@@ -245,6 +266,9 @@ class VersionedTable:
         """Apply one table record; False when it is older than the horizon (dropped)."""
         self.counts.table += 1
         key, row, t = record.key, record.row, record.time
+        alt = record.alt_key
+        if alt is not None and key not in self.rows and alt in self.rows:
+            key = alt  # a delete keyed b"42" of the row whose text key is "42"
         if not self.spec.versioned:
             if row is None:
                 if self.rows.get(key) is not None:
@@ -305,16 +329,18 @@ class VersionedTable:
         when the record has no key or (``as_of: event_time``) no time."""
         spec = self.spec
         key = join_key(record, spec.on)
+        # A null key matches no row, as in SQL (a left join emits the record unmatched).
+        null_key = any(record[f] is None for f in spec.on)
         if spec.versioned:
             t = event_time(record, spec.time_field)
             if t < self.horizon:
                 self.counts.beyond_history += 1
                 row = None
             else:
-                row = self.lookup(key, t)
+                row = None if null_key else self.lookup(key, t)
         else:
             t = _time_or_none(record, spec.time_field)
-            row = self.lookup(key, t)
+            row = None if null_key else self.lookup(key, t)
         self.counts.stream += 1
         raw = record.get(spec.time_field)  # the output's time field, as the record wrote it
         if row is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 
+import orjson
 import pytest
 
 from operators.steps import MemoryContext, StepSpecError, parse_steps, run_batch
@@ -171,12 +172,55 @@ def test_table_records_json_and_debezium():
     s = spec(table_key=("id",))
     assert table_record(s, b"1", b'{"id": 1, "n": "a"}', 5.0) == TableRecord("1", {"id": 1, "n": "a"}, 5.0)
     assert table_record(s, b'{"id": 1}', None, 6.0) == TableRecord("1", None, 6.0)
-    assert table_record(s, b"1", None, 6.0) == TableRecord("1", None, 6.0)
+    # b"1": the number 1, or the text "1" as a text key is written (both are tried).
+    assert table_record(s, b"1", None, 6.0) == TableRecord("1", None, 6.0, '"1"')
     assert table_record(spec(table_key=("id",), on=("cid",)), b"abc", None, 1.0).key == '"abc"'
     d = spec(table_key=("id",), format="debezium")
     assert table_record(d, None, {"op": "u", "after": {"id": 2, "n": "b"}}, 1.0).row == {"id": 2, "n": "b"}
     assert table_record(d, b'{"id": 2}', None, 1.0).row is None
     assert table_record(d, None, {"op": "d", "before": {"id": 2}}, 1.0) == TableRecord("2", None, 1.0)
+
+
+@pytest.mark.parametrize("as_of", ["latest", "event_time"])
+@pytest.mark.parametrize("raw", [b"42", b"4.5", b"true"])
+def test_a_delete_keyed_by_plain_text_removes_the_row_of_that_text_key(as_of, raw):
+    """A review finding (session 32): a text key is written as plain text (``b"42"``
+    for ``"42"``), but a delete's message key was read as JSON first (the number 42),
+    so it never named the row ``{"id": "42"}``, which went on joining."""
+    s = spec(table_key=("id",), on=("cid",), as_of=as_of, type="inner")
+    table = VersionedTable(s)
+    text = raw.decode()
+    table.update(table_record(s, raw, orjson.dumps({"id": text, "n": "a"}), 1000.0))
+    assert table.join({"cid": text, "ts": 1001.0}) is not None
+    table.update(table_record(s, raw, None, 1002.0))
+    assert table.join({"cid": text, "ts": 1003.0}) is None
+    # A row keyed by the number itself is still the one such a delete names first.
+    numeric = VersionedTable(s)
+    value = orjson.loads(raw)
+    numeric.update(table_record(s, raw, orjson.dumps({"id": value, "n": "b"}), 1000.0))
+    numeric.update(table_record(s, raw, orjson.dumps({"id": text, "n": "c"}), 1000.0))
+    numeric.update(table_record(s, raw, None, 1002.0))
+    assert numeric.join({"cid": value, "ts": 1003.0}) is None
+    assert numeric.join({"cid": text, "ts": 1003.0}) is not None
+
+
+@pytest.mark.parametrize("as_of", ["latest", "event_time"])
+def test_a_null_key_matches_no_row(as_of):
+    """A review finding (session 32): a row ``{"id": null}`` was stored under the key
+    ``null`` and joined every stream record whose key was null. A null key matches
+    nothing, as in SQL: such a row is dead-lettered, such a record is unmatched."""
+    from operators.cdc import ChangeError
+
+    s = spec(table_key=("id",), on=("cid",), as_of=as_of, type="left")
+    with pytest.raises(ChangeError) as refused:
+        table_record(s, b"null", b'{"id": null, "n": "ghost"}', 1000.0)
+    assert refused.value.reason == "missing_key"
+    table = VersionedTable(s)
+    table.update(TableRecord("null", {"id": None, "n": "ghost"}, 1000.0))  # stored before the fix
+    joined = table.join({"cid": None, "ts": 1001.0})
+    assert joined is not None and joined.right is None
+    assert VersionedTable(spec(table_key=("id",), on=("cid",), as_of=as_of, type="inner")).join(
+        {"cid": None, "ts": 1001.0}) is None
 
 
 def test_the_step_is_parsed_and_checked():
