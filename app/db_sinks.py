@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,10 @@ def refused_by_database(exc: BaseException) -> bool:
     """Whether a write failed for what it writes (a value, a key, a constraint), so that
     writing it again fails again: its records go to the dead-letter topic. Anything
     else (the database away, locked, restarting, a permission) is retried."""
-    if isinstance(exc, (OffsetConflict, sqlite3.OperationalError)):
+    if isinstance(exc, sqlite3.OperationalError):
+        # Retried (locked, busy, disk I/O), except a row SQLite can never take.
+        return str(exc).startswith("too many columns")
+    if isinstance(exc, OffsetConflict):
         return False
     if isinstance(exc, (ValueError, TypeError, OverflowError, sqlite3.IntegrityError, sqlite3.DataError)):
         return True  # includes asyncpg's refusal of an argument (a ValueError)
@@ -272,6 +276,11 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
     deletes: list[tuple[Any, ...]] = []
 
     def flush() -> None:
+        # Deletes first: a key's delete in ``last_per_key`` is its last change or comes
+        # before its upsert (the row started anew).
+        if deletes:
+            where = " AND ".join(f"{quote(k)} = {ph(i + 1, k)}" for i, k in enumerate(spec.key))
+            plan.steps.append((f"DELETE FROM {table} WHERE {where}", spec.key, list(deletes)))
         for cols, params in upserts.items():
             names = ", ".join(quote(c) for c in cols)
             values = ", ".join(ph(i + 1, c) for i, c in enumerate(cols))
@@ -281,9 +290,6 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
                 conflict = ", ".join(quote(k) for k in spec.key)
                 sql += f" ON CONFLICT ({conflict}) " + (f"DO UPDATE SET {updates}" if updates else "DO NOTHING")
             plan.steps.append((sql, cols, params))
-        if deletes:
-            where = " AND ".join(f"{quote(k)} = {ph(i + 1, k)}" for i, k in enumerate(spec.key))
-            plan.steps.append((f"DELETE FROM {table} WHERE {where}", spec.key, list(deletes)))
         upserts.clear()
         deletes.clear()
 
@@ -296,7 +302,10 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
         else:
             row = change.row or {}
             cols = tuple(c for c in columns if c in row)
-            upserts.setdefault(cols, []).append(tuple(column_value(row[c]) for c in cols))
+            # PostgreSQL's values are made per column type (``pg_value``): a JSON column
+            # needs the value itself, not objects already turned into text.
+            made = (lambda v: v) if dialect == "postgres" else column_value
+            upserts.setdefault(cols, []).append(tuple(made(row[c]) for c in cols))
         plan.rows += 1
     flush()
     return plan
@@ -631,13 +640,24 @@ def pg_value(value: Any, column_type: str) -> Any:
     converted to something else."""
     if value is None:
         return None
-    if column_type in {"text", "character varying", "jsonb", "json"} or column_type.startswith(("varchar", "char")):
+    if column_type in {"jsonb", "json"}:
+        return orjson.dumps(value).decode()  # a string stays a JSON string ("123" is not 123)
+    if column_type in {"text", "character varying"} or column_type.startswith(("varchar", "char")):
         return value if isinstance(value, str) else orjson.dumps(value).decode()
     if column_type in {"bigint", "integer", "smallint", "int", "int4", "int8"}:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError(f"not an integer: {value!r}")
         return int(value)
-    if column_type in {"double precision", "real", "numeric", "float8", "float4"} or column_type.startswith("numeric"):
+    if column_type == "numeric" or column_type.startswith(("numeric", "decimal")):
+        # Exact: from the value's text (a float would carry its binary error: 0.1 as
+        # 0.1000000000000000055…, 12345678901234567 as …568).
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"not a number: {value!r}")
+        try:
+            return Decimal(str(value).strip())
+        except InvalidOperation:
+            raise ValueError(f"not a number: {value!r}") from None
+    if column_type in {"double precision", "real", "float8", "float4"}:
         if isinstance(value, bool):
             raise ValueError(f"not a number: {value!r}")
         return float(value)
@@ -650,7 +670,7 @@ def pg_value(value: Any, column_type: str) -> Any:
         raise ValueError(f"not a boolean: {value!r}")
     if column_type in TEXT_CAST_TYPES:
         return value if isinstance(value, str) else orjson.dumps(value).decode()
-    return value
+    return column_value(value)
 
 
 BOOLEAN_WORDS = {"true": True, "t": True, "yes": True, "y": True, "on": True, "1": True,

@@ -18,7 +18,7 @@ reads the output as it reads Debezium's own.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -71,9 +71,13 @@ def _unwrap(value: Any) -> Any:
 
 def key_of(row: Mapping[str, Any], key_fields: Sequence[str], what: str) -> tuple[Any, ...]:
     try:
-        return tuple(row[f] for f in key_fields)
+        key = tuple(row[f] for f in key_fields)
     except KeyError as exc:
         raise ChangeError("missing_key", f"{what} has no key field {exc.args[0]!r}") from None
+    if None in key:
+        # A null key names no row: SQLite would add one per batch (NULLs never conflict).
+        raise ChangeError("missing_key", f"{what} has a null key field: {list(key_fields)}")
+    return key
 
 
 def _key_fields(message_key: Any, key_fields: Sequence[str] | None, what: str) -> tuple[str, ...]:
@@ -171,7 +175,9 @@ def plain_change(value: bytes | Mapping[str, Any] | None, key_fields: Sequence[s
 
 
 def fold(changes: Sequence[Change]) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """The table a sequence of changes leaves behind (what a replica must equal)."""
+    """The table a sequence of changes leaves behind (what a replica must equal). An
+    upsert writes the fields it has and keeps the row's others, as the sinks' ``INSERT
+    … ON CONFLICT DO UPDATE`` does (a Debezium row has every field)."""
     table: dict[tuple[Any, ...], dict[str, Any]] = {}
     for change in changes:
         if change.op == TRUNCATE:
@@ -179,28 +185,38 @@ def fold(changes: Sequence[Change]) -> dict[tuple[Any, ...], dict[str, Any]]:
         elif change.op == DELETE:
             table.pop(change.key, None)  # type: ignore[arg-type]
         else:
-            table[change.key] = dict(change.row or {})  # type: ignore[index]
+            table[change.key] = {**table.get(change.key, {}), **(change.row or {})}  # type: ignore[index, arg-type]
     return table
 
 
 def last_per_key(changes: Sequence[Change]) -> list[Change]:
-    """The changes of a batch with only the last one of each key kept, in order, and
-    cut at the last truncate (which is kept): a batch applied this way leaves the
-    table as applying every change in order would, with one write per key."""
+    """A batch's changes with at most two per key, cut at the last truncate (kept
+    first), that leave the table as applying every change in order would: a key's last
+    delete when it is its last change, or when upserts follow it (then that delete
+    first, to start the row anew), and the upserts after it merged into one (later
+    fields over earlier ones: an upsert keeps the fields it does not have). Deletes
+    come before upserts; changes of different keys are independent."""
     start = 0
     for i, change in enumerate(changes):
         if change.op == TRUNCATE:
             start = i
-    kept: dict[Any, Change] = {}
     head: list[Change] = []
+    deleted: dict[Any, Change] = {}  # key -> its last delete
+    upserts: dict[Any, Change] = {}  # key -> the upserts since it, merged
     for change in changes[start:]:
         if change.op == TRUNCATE:
             head = [change]
-            kept.clear()
-            continue
-        kept.pop(change.key, None)
-        kept[change.key] = change
-    return head + list(kept.values())
+            deleted.clear()
+            upserts.clear()
+        elif change.op == DELETE:
+            upserts.pop(change.key, None)
+            deleted[change.key] = change
+        else:
+            before = upserts.get(change.key)
+            if before is not None:
+                change = replace(change, row={**(before.row or {}), **(change.row or {})})
+            upserts[change.key] = change
+    return head + list(deleted.values()) + list(upserts.values())
 
 
 __all__ = ["DELETE", "TRUNCATE", "UPSERT", "Change", "ChangeError", "delete_of", "envelope", "fold",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
@@ -67,5 +68,29 @@ def test_the_fold_and_the_last_change_per_key_leave_the_same_table():
     ]
     assert fold(changes) == {(3,): {"id": 3, "v": "c2"}}
     assert fold(last_per_key(changes)) == fold(changes)
-    assert [c.op for c in last_per_key(changes)] == [TRUNCATE, UPSERT, DELETE]
+    assert [c.op for c in last_per_key(changes)] == [TRUNCATE, DELETE, UPSERT]  # deletes first
     assert fold(last_per_key(changes[:4])) == fold(changes[:4]) == {(1,): {"id": 1, "v": "a2"}}
+
+
+def test_a_batch_reduced_per_key_leaves_the_table_every_change_in_order_leaves():
+    """A review finding (session 32): the reduction kept a key's last change only, so
+    an upsert without some fields (they stay as they were) dropped the fields of an
+    earlier upsert in the same batch, and a delete followed by an upsert lost the
+    delete: the table depended on where the batches were cut."""
+    rng = random.Random(5)
+    for _ in range(300):
+        changes = []
+        for _ in range(rng.randint(1, 12)):
+            roll = rng.random()
+            key = (rng.randint(1, 3),)
+            if roll < 0.05:
+                changes.append(Change(TRUNCATE, None, None))
+            elif roll < 0.3:
+                changes.append(Change(DELETE, key, None))
+            else:
+                fields = rng.sample(["a", "b", "c"], rng.randint(0, 3))
+                changes.append(Change(UPSERT, key, {"id": key[0], **{f: rng.randint(0, 9) for f in fields}}))
+        reduced = last_per_key(changes)
+        assert fold(reduced) == fold(changes), changes
+        keys = [c.key for c in reduced if c.op != TRUNCATE]
+        assert all(keys.count(k) <= 2 for k in keys)

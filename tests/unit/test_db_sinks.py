@@ -81,6 +81,43 @@ def test_a_new_field_is_refused_unless_evolve_then_added(tmp_path):
     assert rows(tmp_path) == [(1, "a", None), (2, "b", "x")]
 
 
+def test_the_table_does_not_depend_on_where_batches_are_cut(tmp_path):
+    """A review finding (session 32): ``u{id:1,a:1,b:2}`` then ``u{id:1,a:5}`` gave
+    (1, 5, NULL) in one batch and (1, 5, 2) in two (an upsert writes the fields it has;
+    the batch kept only a key's last change), and a delete followed by an upsert of the
+    same key in one batch lost the delete. Random sequences, once as one batch and
+    once a batch per change, leave the same table: the fold."""
+    import random
+
+    from operators.cdc import fold
+
+    rng = random.Random(11)
+    for n in range(25):
+        changes = []
+        for _ in range(rng.randint(1, 10)):
+            key = (rng.randint(1, 3),)
+            if rng.random() < 0.25:
+                changes.append(Change(DELETE, key, None))
+            else:
+                fields = rng.sample(["a", "b", "c"], rng.randint(0, 3))
+                changes.append(Change(UPSERT, key, {"id": key[0], **{f: rng.randint(0, 9) for f in fields}}))
+        tables = []
+        for cut in ("one", "each"):
+            folder = tmp_path / f"{n}-{cut}"
+            folder.mkdir()
+            target = target_for(spec(folder, evolve=True, columns={"id": "INTEGER", "a": "INTEGER", "b": "INTEGER",
+                                                                  "c": "INTEGER"}))
+            if cut == "one":
+                apply(target, Batch("t", 0, 0, len(changes) - 1, None, changes))
+            else:
+                apply(target, *[Batch("t", 0, i, i, i or None, [c]) for i, c in enumerate(changes)])
+            db = sqlite3.connect(folder / "r.db")
+            tables.append(sorted(db.execute("SELECT id, a, b, c FROM customers").fetchall()))
+            db.close()
+        want = sorted((k[0], r.get("a"), r.get("b"), r.get("c")) for k, r in fold(changes).items())
+        assert tables[0] == tables[1] == want, changes
+
+
 def test_append_mode_inserts_every_record(tmp_path):
     target = target_for(spec(tmp_path, mode="append", key=[]))
     apply(target, Batch("t", 1, 0, 1, None, [Change(UPSERT, None, {"w": 1, "n": 3}), Change(UPSERT, None, {"w": 1, "n": 3})]))
@@ -109,6 +146,52 @@ def test_postgres_values_fit_their_column_or_are_refused_never_converted_to_some
     # Time types go as text, cast by PostgreSQL (ISO 8601, 'infinity', zone names).
     assert pg_value("2026-12-06 10:00:00 UTC", "timestamp with time zone") == "2026-12-06 10:00:00 UTC"
     assert pg_value(1700000000, "date") == "1700000000"  # refused there, with PostgreSQL's message
+
+
+def test_postgres_numeric_and_json_values_are_written_exactly():
+    """Review findings (session 32): a NUMERIC value went through a float (0.1 stored
+    as 0.1000000000000000055…, 12345678901234567 as …568), and a JSON column got the
+    text of a string (``"123"`` stored as the number 123, ``"abc"`` refused)."""
+    from decimal import Decimal
+
+    from app.db_sinks import pg_value, plan_batch
+
+    assert pg_value(12345678901234567, "numeric") == 12345678901234567
+    assert pg_value(0.1, "numeric") == Decimal("0.1") and pg_value("12.34", "numeric") == Decimal("12.34")
+    for bad in (True, "abc", {"a": 1}):
+        with pytest.raises(ValueError):
+            pg_value(bad, "numeric")
+    assert pg_value(0.5, "double precision") == 0.5
+    assert pg_value("123", "jsonb") == '"123"' and pg_value("abc", "json") == '"abc"'
+    assert pg_value({"a": [1]}, "jsonb") == '{"a":[1]}' and pg_value(7, "jsonb") == "7"
+    spec = parse_sink({"name": "r", "source": "s", "type": "postgres", "dsn": "postgresql://x", "table": "t",
+                       "key": ["id"]}, "sinks[0]")
+    plan = plan_batch(spec, [Change(UPSERT, (1,), {"id": 1, "doc": {"a": 1}, "s": "123"})], ["id", "doc", "s"],
+                      "postgres", {})
+    assert plan.steps[0][2] == [(1, {"a": 1}, "123")]  # made per column type by pg_value
+
+
+def test_a_row_sqlite_can_never_take_is_refused_and_a_locked_database_retried():
+    """A review finding (session 32): a record past SQLite's 2,000 columns was retried
+    for ever (every OperationalError counted as the database being away)."""
+    from app.db_sinks import refused_by_database
+
+    assert refused_by_database(sqlite3.OperationalError("too many columns on customers"))
+    assert not refused_by_database(sqlite3.OperationalError("database is locked"))
+    assert not refused_by_database(OffsetConflict("applied elsewhere"))
+
+
+def test_a_null_key_is_refused_not_written_as_a_row(tmp_path):
+    """A review finding (session 32): SQLite takes NULL in a text primary key and NULLs
+    never conflict, so each batch added one more row of a null key."""
+    from operators.cdc import ChangeError, parse_change, plain_change
+
+    for make in (lambda: plain_change(b'{"id": null, "n": 1}', ["id"]),
+                 lambda: parse_change(b'{"id": null}', None, ["id"]),
+                 lambda: parse_change(None, {"op": "c", "after": {"id": None, "n": 1}}, ["id"])):
+        with pytest.raises(ChangeError) as refused:
+            make()
+        assert refused.value.reason == "missing_key"
 
 
 def test_postgres_casts_text_for_the_types_it_parses_itself():
