@@ -578,6 +578,13 @@ class PostgresTarget(Target):
                     await self._claim(batch)
                     if not self.columns:
                         continue
+                    # Each record's values are checked against their columns before a
+                    # key's upserts are merged (``last_per_key``): a refused record must
+                    # be found by the halving and dead-lettered, not merged into a row
+                    # that passes.
+                    for change in batch.changes:
+                        for c, v in (change.row or {}).items():
+                            pg_value(v, self.columns.get(c, "text").lower())
                     plan = plan_batch(self.spec, batch.changes, list(self.columns), self.dialect, casts)
                     for sql, cols, params in plan.steps:
                         types = [self.columns.get(c, "text").lower() for c in cols]
@@ -654,9 +661,13 @@ def pg_value(value: Any, column_type: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ValueError(f"not a number: {value!r}")
         try:
-            return Decimal(str(value).strip())
+            number = Decimal(str(value).strip())
         except InvalidOperation:
             raise ValueError(f"not a number: {value!r}") from None
+        if number.is_finite() and not -NUMERIC_SCALE_DIGITS <= number.adjusted() < NUMERIC_DIGITS:
+            # Past what a numeric holds (asyncpg would wrap the weight, not refuse it).
+            raise ValueError(f"out of numeric's range: {value!r}")
+        return number
     if column_type in {"double precision", "real", "float8", "float4"}:
         if isinstance(value, bool):
             raise ValueError(f"not a number: {value!r}")
@@ -672,6 +683,9 @@ def pg_value(value: Any, column_type: str) -> Any:
         return value if isinstance(value, str) else orjson.dumps(value).decode()
     return column_value(value)
 
+
+#: A PostgreSQL numeric's digits before and after the decimal point, at most.
+NUMERIC_DIGITS, NUMERIC_SCALE_DIGITS = 131072, 16383
 
 BOOLEAN_WORDS = {"true": True, "t": True, "yes": True, "y": True, "on": True, "1": True,
                  "false": False, "f": False, "no": False, "n": False, "off": False, "0": False}

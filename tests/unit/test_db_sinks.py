@@ -161,6 +161,9 @@ def test_postgres_numeric_and_json_values_are_written_exactly():
     for bad in (True, "abc", {"a": 1}):
         with pytest.raises(ValueError):
             pg_value(bad, "numeric")
+    for huge in ("1e140000", "1e-20000"):
+        with pytest.raises(ValueError):  # asyncpg would wrap its weight (stored as 0)
+            pg_value(huge, "numeric")
     assert pg_value(0.5, "double precision") == 0.5
     assert pg_value("123", "jsonb") == '"123"' and pg_value("abc", "json") == '"abc"'
     assert pg_value({"a": [1]}, "jsonb") == '{"a":[1]}' and pg_value(7, "jsonb") == "7"
@@ -169,6 +172,39 @@ def test_postgres_numeric_and_json_values_are_written_exactly():
     plan = plan_batch(spec, [Change(UPSERT, (1,), {"id": 1, "doc": {"a": 1}, "s": "123"})], ["id", "doc", "s"],
                       "postgres", {})
     assert plan.steps[0][2] == [(1, {"a": 1}, "123")]  # made per column type by pg_value
+
+
+def test_a_postgres_record_refused_for_its_value_is_not_merged_into_a_later_one():
+    """A review finding on the merge (session 32): ``u{id:1,a:"bad",b:2}`` then
+    ``u{id:1,a:5}`` (bigint columns) merged into the row (1, 5, 2), which passed; one
+    change per batch refuses the first (dead-lettered) and leaves (1, 5, NULL). Each
+    record's values are checked before the merge, so the batch is refused and the
+    halving finds the record."""
+    import contextlib
+
+    from app.db_sinks import PostgresTarget, refused_by_database
+
+    class Conn:
+        written: list = []
+
+        def transaction(self):
+            return contextlib.AsyncExitStack()
+
+        async def execute(self, sql, *args):
+            return "INSERT 0 1"
+
+        async def executemany(self, sql, params):
+            self.written.extend(params)
+
+    pg = parse_sink({"name": "r", "source": "s", "type": "postgres", "dsn": "postgresql://x", "table": "t",
+                     "key": ["id"]}, "sinks[0]")
+    target = PostgresTarget(pg)
+    target._conn, target.columns = Conn(), {"id": "bigint", "a": "bigint", "b": "bigint"}
+    batch = Batch("t", 0, 0, 1, None, [Change(UPSERT, (1,), {"id": 1, "a": "bad", "b": 2}),
+                                       Change(UPSERT, (1,), {"id": 1, "a": 5})])
+    with pytest.raises(ValueError) as refused:
+        asyncio.run(target.apply([batch]))
+    assert refused_by_database(refused.value) and Conn.written == []
 
 
 def test_a_row_sqlite_can_never_take_is_refused_and_a_locked_database_retried():
