@@ -2170,6 +2170,19 @@ class Recovery(FaustRecovery):
     #: ``_find_transactional_ends``).
     end_check_interval: float = 0.1
 
+    def _flowing(self) -> bool:
+        """Whether records are flowing: not from a revocation (the flow stopped, taken
+        records dropped or cleared from the changelog queue while the position stays
+        past them) until the next pass resumes the flow.
+
+        Why (docs/delivery.md BE, chaos seed 26): the end check ran in that gap, took
+        the position past the dropped records for the end, and marked two window
+        changelog partitions read to their highwaters. The next generation gave the
+        worker the same partitions, Faust kept the in-memory offsets (the store had
+        saved none), and the window agent ran on empty state: 600 windows lost, 25
+        short."""
+        return bool(self.app.consumer.flow_active and self.app.flow_control.is_active())
+
     @Service.task
     async def _find_transactional_ends(self) -> None:
         """Under either guarantee, mark a changelog whose position is past its
@@ -2194,7 +2207,7 @@ class Recovery(FaustRecovery):
         seen: dict[Any, int] = {}
         while not self.should_stop:
             await self.sleep(self.end_check_interval)
-            if (not (self._actives_seeked and self.in_recovery)
+            if (not (self._actives_seeked and self.in_recovery and self._flowing())
                     or self.signal_recovery_start.is_set() or self.tables.changelog_queue.qsize()):
                 seen.clear()
                 continue

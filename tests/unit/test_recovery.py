@@ -172,9 +172,10 @@ def test_a_rebalance_during_recovery_restarts_it_for_the_new_assignment():
     assert seeks == [{P0: 0}, {P2: 0}, {P1: 0}]  # gen 1 actives; gen 2 actives, then standbys
 
 
-def run_end_check(highwaters, offsets, position, eos=False, flushed=None):
+def run_end_check(highwaters, offsets, position, eos=False, flushed=None, flowing=True):
     """Three turns of ``Recovery._find_transactional_ends`` on a recovery pass that has
-    sought its active partitions (``position``: the consumer's, async)."""
+    sought its active partitions (``position``: the consumer's, async; ``flowing``:
+    whether the consumer's flow runs, False from a revocation to the next pass)."""
     import asyncio
     import logging
     from types import SimpleNamespace
@@ -199,7 +200,8 @@ def run_end_check(highwaters, offsets, position, eos=False, flushed=None):
         r = object.__new__(Probe)
         r.__dict__.update(
             _actives_seeked=True, in_recovery=True, active_highwaters=highwaters, active_offsets=offsets,
-            app=SimpleNamespace(in_transaction=eos, consumer=SimpleNamespace(position=position)),
+            app=SimpleNamespace(in_transaction=eos, consumer=SimpleNamespace(position=position, flow_active=flowing),
+                                flow_control=SimpleNamespace(is_active=lambda: flowing)),
             tables=SimpleNamespace(changelog_queue=asyncio.Queue()),
             _signal_recovery_start=asyncio.Event(), _signal_recovery_end=asyncio.Event(),
             flush_buffers=lambda: (flushed if flushed is not None else []).append(1))
@@ -330,3 +332,23 @@ def test_the_end_check_waits_for_changelog_records_taken_but_not_delivered():
     consumer.release_fetched(taken)  # delivered: applied up to 14299 (14300: the marker)
     r = run_end_check({changelog: 14300}, {changelog: 14299}, consumer.position)
     assert r.active_offsets[changelog] == 14300 and r.signal_recovery_end.is_set()
+
+
+def test_the_end_check_does_not_run_while_a_revocation_has_stopped_the_flow():
+    """docs/delivery.md BE (chaos seed 26, exactly_once): a revocation stopped the flow
+    and cleared the changelog records the consumer had taken, its position staying past
+    them at the highwater + 1; the end check, still on the pass sought before, marked
+    the window changelog partitions read to their highwaters, and the next generation
+    (the same partitions) restored nothing: 600 windows lost, 25 short. Until the flow
+    runs again (the next pass), nothing is marked read."""
+    from faust.types import TP
+
+    changelog = TP("window-changelog", 0)
+
+    async def past_the_end(tp):
+        return 6187
+
+    r = run_end_check({changelog: 6186}, {changelog: -1}, past_the_end, eos=True, flowing=False)
+    assert r.active_offsets[changelog] == -1 and not r.signal_recovery_end.is_set()
+    r = run_end_check({changelog: 6186}, {changelog: 6185}, past_the_end, eos=True, flowing=True)
+    assert r.active_offsets[changelog] == 6186  # flowing, and applied to its end: ended
