@@ -2170,6 +2170,20 @@ class Recovery(FaustRecovery):
     #: ``_find_transactional_ends``).
     end_check_interval: float = 0.1
 
+    def _add(self, table: Any, tp: Any, offsets: Any) -> None:
+        """Faust's, but a kept partition of an on-disk store with no saved offset is
+        read from its start again, not from the offset this process noted in memory.
+
+        Why (docs/delivery.md BE): a store saves the offset of every record it applies,
+        so with none saved nothing was applied, and the noted offset can only be an end
+        some check marked. A false one (Faust's own ``detect_aborted_tx`` after 10 s
+        without records, which no flow guard stops) would skip the whole changelog in
+        the next generation, as the one in BE did. A memory store saves no offsets and
+        keeps what it applied: left as Faust has it."""
+        if hasattr(getattr(table, "data", None), "partition_path") and table.persisted_offset(tp) is None:
+            offsets.pop(tp, None)
+        super()._add(table, tp, offsets)
+
     def _flowing(self) -> bool:
         """Whether records are flowing: not from a revocation (the flow stopped, taken
         records dropped or cleared from the changelog queue while the position stays

@@ -352,3 +352,29 @@ def test_the_end_check_does_not_run_while_a_revocation_has_stopped_the_flow():
     assert r.active_offsets[changelog] == -1 and not r.signal_recovery_end.is_set()
     r = run_end_check({changelog: 6186}, {changelog: 6185}, past_the_end, eos=True, flowing=True)
     assert r.active_offsets[changelog] == 6186  # flowing, and applied to its end: ended
+
+
+def test_a_kept_partition_with_nothing_applied_is_restored_from_its_start():
+    """docs/delivery.md BE, second defence: an end marked in memory for a partition
+    whose store applied nothing (no saved offset) was carried into the next generation
+    (Faust's ``_add`` keeps it), so its pass skipped the whole changelog. Such a
+    partition of an on-disk store is read from its start; a saved offset, or a memory
+    store (which saves none and keeps what it applied), is kept as Faust has it."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from app.transport import Recovery
+
+    tp = TP("window-changelog", 0)
+
+    def table(saved, on_disk=True):
+        data = SimpleNamespace(partition_path=lambda p: None) if on_disk else SimpleNamespace()
+        return SimpleNamespace(data=data, persisted_offset=lambda _tp: saved)
+
+    for tbl, want in ((table(None), None), (table(5000), 5000), (table(None, on_disk=False), 6186)):
+        r = object.__new__(Recovery)
+        r.__dict__["tp_to_table"] = {}
+        offsets = {tp: 6186}  # an end marked in memory
+        Recovery._add(r, tbl, tp, offsets)
+        assert offsets[tp] == want
