@@ -293,6 +293,9 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
         upserts.clear()
         deletes.clear()
 
+    # PostgreSQL's values are made per column type (``pg_value``): a JSON column needs
+    # the value itself, not objects already turned into text.
+    made = (lambda v: v) if dialect == "postgres" else column_value
     for change in changes:
         if change.op == TRUNCATE:
             flush()
@@ -302,9 +305,6 @@ def plan_batch(spec: SinkSpec, changes: Sequence[Change], columns: Sequence[str]
         else:
             row = change.row or {}
             cols = tuple(c for c in columns if c in row)
-            # PostgreSQL's values are made per column type (``pg_value``): a JSON column
-            # needs the value itself, not objects already turned into text.
-            made = (lambda v: v) if dialect == "postgres" else column_value
             upserts.setdefault(cols, []).append(tuple(made(row[c]) for c in cols))
         plan.rows += 1
     flush()

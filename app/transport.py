@@ -1847,8 +1847,9 @@ class TransactionManager(FaustTransactionManager):
           no offsets), or failed: that transaction is ended (committed when it still
           can be, else aborted) and a new one begun. One whose commit failed
           (``commit_failed``) is aborted: its records are outputs of inputs whose
-          offsets it was to commit, and those inputs are processed again. If the coordinator has already
-          aborted it (transaction timeout) or fenced the producer, ending it fails:
+          offsets it was to commit, and those inputs are processed again. If the
+          coordinator has already aborted it (transaction timeout) or fenced the
+          producer, ending it fails:
           the producer is replaced by a new one with the same transactional id, whose
           registration (InitProducerId) bumps the epoch and aborts whatever is left.
           Nothing that was in it is lost from the input: its records carried no
