@@ -23,14 +23,25 @@ Co-partitioning, as the interval join (agents/join.py): the two topics must have
 same partition count (checked before the first batch) and carry a key's records in the
 same partition number, so partition ``p`` of the stream, of the table topic and of the
 state meet on one worker.
+
+After each assignment a stream partition is held (not fetched, not delivered:
+``app.transport.HELD_PARTITIONS``) until its table partition is read to the end offset
+it had then, so the stream's records meet every table record written before the
+worker took the partition over (at a start with a backlog on both topics, after a
+restart or a move), as a GlobalKTable is read whole before processing starts. The
+table's own batches are not held; they are what the stream waits for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from faust.types import TP
 
 from agents.join import (
     PartitionBuffers,
@@ -41,11 +52,13 @@ from agents.join import (
     state_table,
 )
 from agents.pipeline import PipelineCounters
+from app import app
 from app.batches import Batch, batch_agent
 from app.codec import RecordError, dumps_held, loads_object
 from app.commit import CommitProtocol
 from app.pipelines import PipelineSpec
 from app.topics import declare
+from app.transport import hold_partitions, release_partitions
 from operators.cdc import ChangeError
 from operators.steps import Outcome, pass_record
 from operators.table_join import TableJoinSpec, VersionedTable, output, table_record
@@ -55,6 +68,11 @@ from tables.windows import meta_key
 log = logging.getLogger(__name__)
 
 STREAM, TABLE = "stream", "table"
+
+#: Seconds between two looks at whether a held stream partition's table is read.
+CATCH_UP_CHECK = 0.05
+#: A stream partition held this long is logged (its table partition is not readable).
+HELD_WARNING_SECONDS = 30.0
 
 
 class TableJoinRunner(TwoInputRunner):
@@ -71,6 +89,10 @@ class TableJoinRunner(TwoInputRunner):
         self.sink = sink
         #: stream, table, pairs, unmatched, beyond_history, table_late, replayed_skipped
         #: (``stats``); partition -> its VersionedTable (``states``).
+        #: Held stream partition -> the end offset its table partition must be read to
+        #: (None until asked), since the last assignment.
+        self.catching_up: dict[int, int | None] = {}
+        self._release_task: asyncio.Future | None = None
 
     def forget(self) -> None:
         #: partition -> the last table offset applied
@@ -108,6 +130,60 @@ class TableJoinRunner(TwoInputRunner):
                 self._join_stream(p, joined, records, out, dead)
         self.counters.out += len(out)
         await self.end_batch(out, sources, dead)
+
+    def hold_assigned(self, assigned: Iterable[TP]) -> None:
+        """Hold each assigned stream partition until its table partition is read to the
+        end offset it has now (``release_when_read``)."""
+        self.release_all()
+        stream = self.names[STREAM]
+        held = sorted(tp.partition for tp in assigned if tp.topic == stream)
+        if not held:
+            return
+        self.catching_up = dict.fromkeys(held)
+        hold_partitions(TP(stream, p) for p in held)
+        self._release_task = app.add_future(self.release_when_read())
+
+    def release_all(self) -> None:
+        """Hold nothing (partitions revoked, or the worker stops)."""
+        if self._release_task is not None:
+            self._release_task.cancel()
+            self._release_task = None
+        release_partitions(TP(self.names[STREAM], p) for p in self.catching_up)
+        self.catching_up = {}
+
+    async def release_when_read(self, consumer: Any = None) -> None:
+        """Release each held stream partition once its table partition was read to its
+        end offset of the assignment: every table record before it applied (the last
+        applied offset, or, past transaction markers, the consumer's position, which
+        counts only delivered records: ``FastConsumer.position``)."""
+        consumer = consumer or app.consumer
+        stream, table = self.names[STREAM], self.names[TABLE]
+        started = warned = time.monotonic()
+        while self.catching_up:
+            for p, end in list(self.catching_up.items()):
+                tp = TP(table, p)
+                try:
+                    if tp not in consumer.assignment():
+                        log.warning("pipeline %s: table partition %s[%d] is not assigned with its stream "
+                                    "partition; the stream is not held", self.pipeline.name, table, p)
+                        end = 0
+                    elif end is None:
+                        end = self.catching_up[p] = (await consumer.highwaters(tp))[tp]
+                    read = self.applied.get(p, -1) >= end - 1 or (await consumer.position(tp) or 0) >= end
+                except Exception as exc:  # noqa: BLE001 - the broker away, a rebalance: ask again
+                    # (a failure here must not crash the worker: mode's add_future would)
+                    log.info("pipeline %s: table partition %d's end not known yet: %r", self.pipeline.name, p, exc)
+                    read = False
+                if read and p in self.catching_up:
+                    del self.catching_up[p]
+                    release_partitions([TP(stream, p)])
+                    log.info("pipeline %s: stream partition %d released, its table read to offset %d (%.2f s)",
+                             self.pipeline.name, p, end, time.monotonic() - started)
+            if self.catching_up and time.monotonic() - warned > HELD_WARNING_SECONDS:
+                warned = time.monotonic()
+                log.warning("pipeline %s: stream partitions %s still wait for their table partitions' ends %s",
+                            self.pipeline.name, sorted(self.catching_up), self.catching_up)
+            await asyncio.sleep(CATCH_UP_CHECK)
 
     def _apply_table(self, p: int, joined: VersionedTable, records: Sequence[Any], dead: list) -> None:
         stats, spec, topic = self.stats, self.spec, self.names[TABLE]
@@ -174,11 +250,26 @@ class TableJoinRunner(TwoInputRunner):
         """The join's counters on this worker (GET /api/v1/pipelines)."""
         return {"with_table": self.pipeline.join_with, "table_topic": self.names[TABLE], "as_of": self.spec.as_of,
                 **{k: self.stats.get(k, 0) for k in ("stream", "table", "pairs", "unmatched", "beyond_history",
-                                                      "table_late", "replayed_skipped")}}
+                                                      "table_late", "replayed_skipped")},
+                "held_partitions": sorted(self.catching_up)}
 
 
 #: pipeline name -> its runner, for the web views and tests.
 TABLE_JOINS: dict[str, TableJoinRunner] = {}
+
+
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    for runner in TABLE_JOINS.values():
+        runner.hold_assigned(assigned)
+
+
+async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    for runner in TABLE_JOINS.values():
+        runner.release_all()
+
+
+app.on_partitions_assigned.connect(_on_assigned)
+app.on_partitions_revoked.connect(_on_revoked)
 
 
 def build(spec: PipelineSpec) -> TableJoinRunner:

@@ -134,6 +134,27 @@ async def _done(value: Any) -> Any:
 #: How long the fetch loop pauses after holding a fetch back until a rebalance ends.
 HOLD_BACK_PAUSE = 0.05
 
+#: Assigned batch-topic partitions whose records are not delivered for now: not fetched
+#: (``FastConsumer._getmany``) and, when a fetch begun before the hold has some, put
+#: back to the first of them (``deliver_batches``), to be fetched again once released.
+#: The stream side of a stream-table join is held until its table partition is read to
+#: its end after an assignment (agents/table_join.py). Changed only through
+#: ``hold_partitions`` and ``release_partitions``.
+HELD_PARTITIONS: set[TP] = set()
+
+#: How long a fetch waits when every partition it could fetch is held.
+HELD_ONLY_PAUSE = 0.05
+
+
+def hold_partitions(tps: Iterable[TP]) -> None:
+    """Deliver none of these partitions' records until ``release_partitions``."""
+    HELD_PARTITIONS.update(tps)
+
+
+def release_partitions(tps: Iterable[TP]) -> None:
+    """Deliver these partitions' records again, from their first undelivered one."""
+    HELD_PARTITIONS.difference_update(tps)
+
 #: How long a stopping consumer waits for the batches finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
 
@@ -681,6 +702,17 @@ class FastConsumer(faust_aiokafka.Consumer):
         if not finished:
             await self.wait_first(rest, suspend_flow.wait())
 
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        """Faust's fetch of the active partitions, less the held ones
+        (``HELD_PARTITIONS``)."""
+        if HELD_PARTITIONS and active_partitions:
+            active_partitions = active_partitions - HELD_PARTITIONS
+            if not active_partitions:
+                # aiokafka reads an empty set as every partition.
+                await asyncio.sleep(min(timeout, HELD_ONLY_PAUSE))
+                return {}
+        return await super()._getmany(active_partitions, timeout)
+
     async def fetch(self, timeout: float) -> tuple[dict[Any, list[Any]], Any, int] | None:
         """One fetch: ``(records by partition, active partitions, generation id)``, or
         None when there is nothing to deliver (Faust's ``getmany`` preamble, unchanged:
@@ -940,12 +972,14 @@ class FastConsumer(faust_aiokafka.Consumer):
             agents = for_topic(tp.topic)
             if not agents or not tp_records:
                 continue
-            if not (active_partitions is None or tp in active_partitions or tp in buffered):
+            if (not (active_partitions is None or tp in active_partitions or tp in buffered)
+                    or tp in HELD_PARTITIONS):
                 # Not delivered now (not in this fetch's active set: ``freshen`` takes the
-                # last merged fetch's). aiokafka's position is already past these records,
-                # so put it back to the first of them (never forward): skipped without
-                # that, they were fetched again by nobody, and the next batch's jump past
-                # the read offset was committed as a gap (docs/delivery.md, "Open").
+                # last merged fetch's; or held, the fetch begun before the hold).
+                # aiokafka's position is already past these records, so put it back to
+                # the first of them (never forward): skipped without that, they were
+                # fetched again by nobody, and the next batch's jump past the read offset
+                # was committed as a gap (docs/delivery.md, "Open").
                 await self._rewind(tp, tp_records[0].offset)
                 continue
             r_offset = read_offset[tp]
@@ -2894,6 +2928,6 @@ __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard",
            "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
-           "reset_producer_id", "consumer_state",
+           "reset_producer_id", "consumer_state", "HELD_PARTITIONS", "hold_partitions", "release_partitions",
            "delete_in_partition", "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

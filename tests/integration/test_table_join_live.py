@@ -202,3 +202,44 @@ def test_stream_table_joins_equal_the_fold_across_a_restart_with_wiped_state(kaf
         assert counters["tv"]["table"] > 0
     finally:
         w.kill()
+
+
+@pytest.mark.timeout(600)
+def test_a_stream_backlog_meets_the_table_written_before_the_worker_started(kafka):
+    """Both topics hold a backlog when the worker starts (the stream's written first):
+    each stream partition is held until its table partition is read to the end it had,
+    so every stream record meets the table records written before the start, as the
+    fold says, whichever topic the first fetches returned."""
+    name = unique("tjoinb")
+    rng = random.Random(5)
+    base = int(time.time()) - 1500
+    # Enough table versions for several fetches per partition: read in step with the
+    # stream, early stream records would meet early versions.
+    pad = "x" * 400  # ~5 MB a partition: 1 MB a fetch
+    table = [(k, {"op": "u", "after": {"id": k, "name": f"n{k}-{v}", "pad": pad}}, base + v)
+             for v in range(200) for k in range(200)]
+    stream = [(k, {"customer_id": k, "ts": base + 300 + rng.random(), "oid": i}, 0.0)
+              for i, k in enumerate(rng.randrange(210) for _ in range(4000))]
+    phases = [("customers", table), ("orders", stream)]
+    run(create_topics([f"{name}.orders"], partitions=PARTITIONS))
+    run(create_topics([f"{name}.customers"], partitions=PARTITIONS, compacted=True))
+    prefix = f"{name}."
+    run(produce(prefix, "orders", stream))
+    run(produce(prefix, "customers", table))
+    w = Worker(app_id=name, topic_prefix=prefix, env={"STREAMETL_PIPELINES_FILE": write_config(config())})
+    w.start(timeout=150)
+    try:
+        wait_committed(w)
+        for pipeline, (as_of, join_type) in PIPELINES.items():
+            want = fold(phases, as_of, join_type)
+            got = run(read_topic(f"{prefix}out.{pipeline}", timeout=30, idle=3))
+            outputs = Counter(orjson.dumps(r.json(), option=orjson.OPT_SORT_KEYS) for r in got)
+            missing, extra = want - outputs, outputs - want
+            assert not missing and not extra, (
+                f"{pipeline}: {sum(missing.values())} missing, {sum(extra.values())} extra "
+                f"(of {sum(want.values())}): {[m[:120] for m in list(missing)[:3]]} "
+                f"{[m[:120] for m in list(extra)[:3]]}")
+        status, body = w.get("/api/v1/pipelines")
+        assert all(p["counters"]["join"]["held_partitions"] == [] for p in body["pipelines"])
+    finally:
+        w.kill()

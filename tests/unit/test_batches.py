@@ -480,6 +480,59 @@ def test_records_of_a_partition_not_active_are_fetched_again(agent):
     assert host._new_offset(tp0) is None
 
 
+def test_records_of_a_held_partition_are_put_back_and_delivered_once_released(agent, monkeypatch):
+    """A held partition (``HELD_PARTITIONS``: a stream-table join's stream side while its
+    table partition is read) delivers nothing, even from a fetch begun before the hold:
+    its position goes back to the first of those records, and once released they are
+    delivered, once; other partitions flow meanwhile."""
+    import app.transport as transport
+
+    monkeypatch.setattr(transport, "HELD_PARTITIONS", set())
+    seen, _, host_ref = agent
+    host = ConsumerHost()
+    host_ref.append(host)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    host._thread.positions = {tp0: 12, tp1: 1}
+    transport.hold_partitions([tp0])
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, None, 1))
+    assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
+    assert host._thread.positions == {tp0: 10, tp1: 1}
+    assert host._new_offset(tp0) is None
+    transport.release_partitions([tp0])
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)]}, None, 1))
+    assert [(r.partition, r.offset) for r in seen[1]] == [(0, 10), (0, 11)]
+    assert host._new_offset(tp0) == 12
+
+
+def test_a_fetch_asks_aiokafka_for_the_active_partitions_less_the_held(monkeypatch):
+    """aiokafka reads an empty partition set as every partition: with all of them held a
+    fetch returns nothing, after a short pause, instead of asking for all."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    import app.transport as transport
+
+    monkeypatch.setattr(transport, "HELD_PARTITIONS", set())
+    monkeypatch.setattr(transport, "HELD_ONLY_PAUSE", 0)
+    asked: list = []
+
+    async def getmany(self, active_partitions, timeout):
+        asked.append(active_partitions)
+        return {"fetched": True}
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "_getmany", getmany)
+    consumer = object.__new__(FastConsumer)
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    transport.hold_partitions([tp0])
+    assert asyncio.run(consumer._getmany({tp0, tp1}, 1.0)) == {"fetched": True}
+    assert asked == [{tp1}]
+    transport.hold_partitions([tp1])
+    assert asyncio.run(consumer._getmany({tp0, tp1}, 1.0)) == {}
+    assert asked == [{tp1}]
+    transport.release_partitions([tp0, tp1])
+    asyncio.run(consumer._getmany({tp0, tp1}, 1.0))
+    assert asked[-1] == {tp0, tp1}
+
+
 def test_a_fetch_before_the_rebalance_ended_is_held_back(agent, monkeypatch):
     """Issue 23 (docs/delivery.md AB): Faust's Recovery resumes the stream partitions
     before it seeks them to their committed offsets, flow running. Records fetched in
