@@ -25,7 +25,7 @@ same partition number, so partition ``p`` of the stream, of the table topic and 
 state meet on one worker.
 
 After each assignment a stream partition is held (not fetched, not delivered:
-``app.transport.HELD_PARTITIONS``) until its table partition is read to the end offset
+``app.transport.PartitionHolds``) until its table partition is read to the end offset
 it had then, so the stream's records meet every table record written before the
 worker took the partition over (at a start with a backlog on both topics, after a
 restart or a move), as a GlobalKTable is read whole before processing starts. The
@@ -38,7 +38,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from faust.types import TP
@@ -58,7 +58,7 @@ from app.codec import RecordError, dumps_held, loads_object
 from app.commit import CommitProtocol
 from app.pipelines import PipelineSpec
 from app.topics import declare
-from app.transport import hold_partitions, release_partitions
+from app.transport import HELD_PARTITIONS
 from operators.cdc import ChangeError
 from operators.steps import Outcome, pass_record
 from operators.table_join import TableJoinSpec, VersionedTable, output, table_record
@@ -131,31 +131,38 @@ class TableJoinRunner(TwoInputRunner):
         self.counters.out += len(out)
         await self.end_batch(out, sources, dead)
 
-    def hold_assigned(self, assigned: Iterable[TP]) -> None:
+    def hold_assigned(self, assigned: Iterable[TP], tables: Collection[str] = ()) -> None:
         """Hold each assigned stream partition until its table partition is read to the
-        end offset it has now (``release_when_read``)."""
+        end offset it has now (``release_when_read``). Not when the stream topic is a
+        table some join reads (``tables``): that side must always flow, or two joins
+        reading each other's stream as their table would wait for each other."""
         self.release_all()
         stream = self.names[STREAM]
+        if stream in tables:
+            log.warning("pipeline %s: its stream %s is another join's table; it is not held after an "
+                        "assignment", self.pipeline.name, stream)
+            return
         held = sorted(tp.partition for tp in assigned if tp.topic == stream)
         if not held:
             return
         self.catching_up = dict.fromkeys(held)
-        hold_partitions(TP(stream, p) for p in held)
+        HELD_PARTITIONS.hold(self, (TP(stream, p) for p in held))
         self._release_task = app.add_future(self.release_when_read())
 
     def release_all(self) -> None:
-        """Hold nothing (partitions revoked, or the worker stops)."""
+        """Hold nothing (partitions moved, or the worker stops)."""
         if self._release_task is not None:
             self._release_task.cancel()
             self._release_task = None
-        release_partitions(TP(self.names[STREAM], p) for p in self.catching_up)
+        HELD_PARTITIONS.release(self, (TP(self.names[STREAM], p) for p in self.catching_up))
         self.catching_up = {}
 
     async def release_when_read(self, consumer: Any = None) -> None:
         """Release each held stream partition once its table partition was read to its
-        end offset of the assignment: every table record before it applied (the last
-        applied offset, or, past transaction markers, the consumer's position, which
-        counts only delivered records: ``FastConsumer.position``)."""
+        end offset of the assignment: every record before it delivered
+        (``FastConsumer.delivered_to``: the fetch position, which moves past transaction
+        markers and aborted records, and starts at the committed offset, whose records
+        were applied before their commit)."""
         consumer = consumer or app.consumer
         stream, table = self.names[STREAM], self.names[TABLE]
         started = warned = time.monotonic()
@@ -169,14 +176,14 @@ class TableJoinRunner(TwoInputRunner):
                         end = 0
                     elif end is None:
                         end = self.catching_up[p] = (await consumer.highwaters(tp))[tp]
-                    read = self.applied.get(p, -1) >= end - 1 or (await consumer.position(tp) or 0) >= end
+                    read = end == 0 or consumer.delivered_to(tp, end)
                 except Exception as exc:  # noqa: BLE001 - the broker away, a rebalance: ask again
                     # (a failure here must not crash the worker: mode's add_future would)
                     log.info("pipeline %s: table partition %d's end not known yet: %r", self.pipeline.name, p, exc)
                     read = False
                 if read and p in self.catching_up:
                     del self.catching_up[p]
-                    release_partitions([TP(stream, p)])
+                    HELD_PARTITIONS.release(self, [TP(stream, p)])
                     log.info("pipeline %s: stream partition %d released, its table read to offset %d (%.2f s)",
                              self.pipeline.name, p, end, time.monotonic() - started)
             if self.catching_up and time.monotonic() - warned > HELD_WARNING_SECONDS:
@@ -258,9 +265,10 @@ class TableJoinRunner(TwoInputRunner):
 TABLE_JOINS: dict[str, TableJoinRunner] = {}
 
 
-async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+def _on_assigned(assigned: set[TP]) -> None:
+    tables = {runner.names[TABLE] for runner in TABLE_JOINS.values()}
     for runner in TABLE_JOINS.values():
-        runner.hold_assigned(assigned)
+        runner.hold_assigned(assigned, tables)
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
@@ -268,7 +276,7 @@ async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         runner.release_all()
 
 
-app.on_partitions_assigned.connect(_on_assigned)
+HELD_PARTITIONS.on_assign.append(_on_assigned)
 app.on_partitions_revoked.connect(_on_revoked)
 
 

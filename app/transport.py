@@ -134,26 +134,62 @@ async def _done(value: Any) -> Any:
 #: How long the fetch loop pauses after holding a fetch back until a rebalance ends.
 HOLD_BACK_PAUSE = 0.05
 
-#: Assigned batch-topic partitions whose records are not delivered for now: not fetched
-#: (``FastConsumer._getmany``) and, when a fetch begun before the hold has some, put
-#: back to the first of them (``deliver_batches``), to be fetched again once released.
-#: The stream side of a stream-table join is held until its table partition is read to
-#: its end after an assignment (agents/table_join.py). Changed only through
-#: ``hold_partitions`` and ``release_partitions``.
-HELD_PARTITIONS: set[TP] = set()
+class PartitionHolds:
+    """Assigned batch-topic partitions whose records are not delivered for now: not
+    fetched (``FastConsumer._getmany``) and, when a fetch begun before the hold has
+    some, put back to the first of them (``deliver_batches``), to be fetched again once
+    no holder holds them. A partition is held for the whole consumer: every batch agent
+    of its topic waits.
 
-#: How long a fetch waits when every partition it could fetch is held.
-HELD_ONLY_PAUSE = 0.05
+    The stream side of a stream-table join is held until its table partition is read
+    to its end after an assignment (agents/table_join.py). Holders say at each
+    assignment what they hold (``on_assign``: called with the new assignment before
+    Faust's assignment handling starts the table recovery, so no fetch of the new
+    generation comes first); a revocation drops every hold of the revoked partitions."""
+
+    def __init__(self) -> None:
+        #: partition -> the holders holding it
+        self.holders: dict[TP, set[Any]] = {}
+        #: called with each new assignment (``FastConsumer.on_partitions_assigned``)
+        self.on_assign: list[Callable[[set[TP]], None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.holders)
+
+    def __contains__(self, tp: Any) -> bool:
+        return tp in self.holders
+
+    def held(self) -> set[TP]:
+        return set(self.holders)
+
+    def hold(self, holder: Any, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self.holders.setdefault(tp, set()).add(holder)
+
+    def release(self, holder: Any, tps: Iterable[TP]) -> None:
+        """``holder`` holds these partitions no more (others may still)."""
+        for tp in tps:
+            holders = self.holders.get(tp)
+            if holders is not None:
+                holders.discard(holder)
+                if not holders:
+                    del self.holders[tp]
+
+    def assigned(self, assigned: set[TP]) -> None:
+        for on_assign in self.on_assign:
+            on_assign(assigned)
+
+    def revoked(self, revoked: Iterable[TP]) -> None:
+        for tp in revoked:
+            self.holders.pop(tp, None)
 
 
-def hold_partitions(tps: Iterable[TP]) -> None:
-    """Deliver none of these partitions' records until ``release_partitions``."""
-    HELD_PARTITIONS.update(tps)
+HELD_PARTITIONS = PartitionHolds()
 
+#: Seconds a fetch waits at most while partitions are held: a released partition's
+#: records, buffered by aiokafka already, do not wake a fetch of the others.
+HELD_FETCH_TIMEOUT = 0.05
 
-def release_partitions(tps: Iterable[TP]) -> None:
-    """Deliver these partitions' records again, from their first undelivered one."""
-    HELD_PARTITIONS.difference_update(tps)
 
 #: How long a stopping consumer waits for the batches finishing in the background.
 FINISH_ON_STOP_SECONDS = 10.0
@@ -473,6 +509,7 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         commit_guard.note_session_ok()  # a new generation: the session is alive again
+        HELD_PARTITIONS.assigned(assigned)  # before Faust's handling can resume a fetch
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
@@ -488,6 +525,7 @@ class FastConsumer(faust_aiokafka.Consumer):
                                  "partitions go on from their committed offsets", exc)
         await super().on_partitions_revoked(revoked)
         self.forget_batches(revoked)
+        HELD_PARTITIONS.revoked(revoked)
 
     async def commit_on_revoke(self) -> None:
         """exactly_once: before a rebalance, finish the batches in flight and commit every
@@ -554,6 +592,15 @@ class FastConsumer(faust_aiokafka.Consumer):
                     position = self._fetch_position(tp)
             progress.append((tp, position, end, last_ts.get(tp)))
         return progress
+
+    def delivered_to(self, tp: Any, end: int) -> bool:
+        """Whether every record of ``tp`` before offset ``end`` was handed to the agents:
+        aiokafka's fetch position at or past ``end`` (it moves past transaction markers
+        and aborted records) and none of those records taken and not yet delivered.
+        Records past ``end`` may be waiting in aiokafka."""
+        position = self._fetch_position(tp)
+        first = self.first_held(tp)
+        return position is not None and position >= end and (first is None or first >= end)
 
     def _fetch_position(self, tp: Any) -> int | None:
         """aiokafka's fetch position of ``tp`` (None: none yet)."""
@@ -706,10 +753,11 @@ class FastConsumer(faust_aiokafka.Consumer):
         """Faust's fetch of the active partitions, less the held ones
         (``HELD_PARTITIONS``)."""
         if HELD_PARTITIONS and active_partitions:
-            active_partitions = active_partitions - HELD_PARTITIONS
+            timeout = min(timeout, HELD_FETCH_TIMEOUT)
+            active_partitions = active_partitions - HELD_PARTITIONS.held()
             if not active_partitions:
                 # aiokafka reads an empty set as every partition.
-                await asyncio.sleep(min(timeout, HELD_ONLY_PAUSE))
+                await asyncio.sleep(timeout)
                 return {}
         return await super()._getmany(active_partitions, timeout)
 
@@ -2928,6 +2976,6 @@ __all__ = ["SCHEME", "CommitGuard", "FastConsumer", "Observers", "commit_guard",
            "PartitionAssignor", "TransactionManager", "unique_topic_groups",
            "TransactionalSendError", "Transport", "broker_url", "install", "open_table_stores", "start_inline",
            "WRITTEN_FOR", "append_record", "as_current_event", "batch_records", "check_versions",
-           "reset_producer_id", "consumer_state", "HELD_PARTITIONS", "hold_partitions", "release_partitions",
+           "reset_producer_id", "consumer_state", "HELD_PARTITIONS", "PartitionHolds",
            "delete_in_partition", "fetched_to", "finished", "partition_db", "read_offset", "record_appender", "refresh_metadata",
            "refresh_topic_metadata", "set_current_event", "version_problems"]

@@ -77,6 +77,7 @@ class ConsumerHost:
     merge_held = FastConsumer.merge_held
     first_held = FastConsumer.first_held
     position = FastConsumer.position
+    delivered_to = FastConsumer.delivered_to
 
     def __init__(self) -> None:
         self.app = FakeApp()
@@ -481,56 +482,98 @@ def test_records_of_a_partition_not_active_are_fetched_again(agent):
 
 
 def test_records_of_a_held_partition_are_put_back_and_delivered_once_released(agent, monkeypatch):
-    """A held partition (``HELD_PARTITIONS``: a stream-table join's stream side while its
+    """A held partition (``PartitionHolds``: a stream-table join's stream side while its
     table partition is read) delivers nothing, even from a fetch begun before the hold:
-    its position goes back to the first of those records, and once released they are
-    delivered, once; other partitions flow meanwhile."""
+    its position goes back to the first of those records, and once no holder holds it
+    they are delivered, once; other partitions flow meanwhile."""
     import app.transport as transport
 
-    monkeypatch.setattr(transport, "HELD_PARTITIONS", set())
+    holds = transport.PartitionHolds()
+    monkeypatch.setattr(transport, "HELD_PARTITIONS", holds)
     seen, _, host_ref = agent
     host = ConsumerHost()
     host_ref.append(host)
     tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
     host._thread.positions = {tp0: 12, tp1: 1}
-    transport.hold_partitions([tp0])
+    holds.hold("join a", [tp0])
+    holds.hold("join b", [tp0])
     asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)], tp1: [record(1, 0)]}, None, 1))
     assert [(r.partition, r.offset) for r in seen[0]] == [(1, 0)]
     assert host._thread.positions == {tp0: 10, tp1: 1}
     assert host._new_offset(tp0) is None
-    transport.release_partitions([tp0])
+    holds.release("join a", [tp0])  # join b still holds it
+    asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)]}, None, 1))
+    assert len(seen) == 1 and host._thread.positions[tp0] == 10
+    holds.release("join b", [tp0])
     asyncio.run(host.deliver_batches({tp0: [record(0, 10), record(0, 11)]}, None, 1))
     assert [(r.partition, r.offset) for r in seen[1]] == [(0, 10), (0, 11)]
     assert host._new_offset(tp0) == 12
 
 
+def test_a_partition_is_delivered_to_an_offset_once_no_record_before_it_waits():
+    """``delivered_to``: the fetch position (past markers) at or past the offset, and no
+    record before it taken from aiokafka and not yet handed to the agents; records
+    fetched past it do not count."""
+    host = ConsumerHost()
+    tp = TP(TOPIC, 0)
+    positions: dict = {}
+    host._fetch_position = positions.get
+    assert not host.delivered_to(tp, 10)  # no position yet
+    positions[tp] = 9
+    assert not host.delivered_to(tp, 10)
+    positions[tp] = 12  # a fetch of 8-11 taken, not delivered
+    fetch = {tp: [record(0, 8), record(0, 11)]}
+    host.hold_fetched(fetch)
+    assert not host.delivered_to(tp, 10)
+    host.release_fetched(fetch)
+    assert host.delivered_to(tp, 10) and host.delivered_to(tp, 12) and not host.delivered_to(tp, 13)
+    later = {tp: [record(0, 12)]}
+    host.hold_fetched(later)
+    assert host.delivered_to(tp, 12)
+
+
+def test_holds_are_taken_at_an_assignment_and_dropped_at_a_revocation():
+    from app.transport import PartitionHolds
+
+    holds = PartitionHolds()
+    tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
+    holds.on_assign.append(lambda assigned: holds.hold("join", [tp for tp in assigned if tp.partition == 0]))
+    holds.assigned({tp0, tp1})
+    assert holds.held() == {tp0} and tp0 in holds and holds
+    holds.revoked({tp0, tp1})
+    assert holds.held() == set() and not holds
+
+
 def test_a_fetch_asks_aiokafka_for_the_active_partitions_less_the_held(monkeypatch):
     """aiokafka reads an empty partition set as every partition: with all of them held a
-    fetch returns nothing, after a short pause, instead of asking for all."""
+    fetch returns nothing, after a short pause, instead of asking for all. While any is
+    held a fetch waits at most ``HELD_FETCH_TIMEOUT``: a released partition's buffered
+    records would not wake it."""
     from faust.transport.drivers import aiokafka as faust_aiokafka
 
     import app.transport as transport
 
-    monkeypatch.setattr(transport, "HELD_PARTITIONS", set())
-    monkeypatch.setattr(transport, "HELD_ONLY_PAUSE", 0)
+    holds = transport.PartitionHolds()
+    monkeypatch.setattr(transport, "HELD_PARTITIONS", holds)
+    monkeypatch.setattr(transport, "HELD_FETCH_TIMEOUT", 0.001)
     asked: list = []
 
     async def getmany(self, active_partitions, timeout):
-        asked.append(active_partitions)
+        asked.append((active_partitions, timeout))
         return {"fetched": True}
 
     monkeypatch.setattr(faust_aiokafka.Consumer, "_getmany", getmany)
     consumer = object.__new__(FastConsumer)
     tp0, tp1 = TP(TOPIC, 0), TP(TOPIC, 1)
-    transport.hold_partitions([tp0])
+    holds.hold("join", [tp0])
     assert asyncio.run(consumer._getmany({tp0, tp1}, 1.0)) == {"fetched": True}
-    assert asked == [{tp1}]
-    transport.hold_partitions([tp1])
+    assert asked == [({tp1}, 0.001)]
+    holds.hold("join", [tp1])
     assert asyncio.run(consumer._getmany({tp0, tp1}, 1.0)) == {}
-    assert asked == [{tp1}]
-    transport.release_partitions([tp0, tp1])
+    assert len(asked) == 1
+    holds.release("join", [tp0, tp1])
     asyncio.run(consumer._getmany({tp0, tp1}, 1.0))
-    assert asked[-1] == {tp0, tp1}
+    assert asked[-1] == ({tp0, tp1}, 1.0)
 
 
 def test_a_fetch_before_the_rebalance_ended_is_held_back(agent, monkeypatch):

@@ -275,32 +275,38 @@ def test_both_join_runners_rebuild_from_the_store_after_partitions_moved():
 
 class TableReadConsumer:
     """What ``release_when_read`` asks of the worker's consumer: the assignment, the end
-    offsets and the positions (of delivered records) of the table's partitions."""
+    offsets, and whether a table partition's records were delivered up to an offset."""
 
     def __init__(self, assigned, ends, positions):
         self.assigned, self.ends, self.positions = assigned, ends, positions
+        self.asked = []
 
     def assignment(self):
         return self.assigned
 
     async def highwaters(self, tp):
+        self.asked.append(tp.partition)
+        if self.ends[tp.partition] is None:
+            raise ConnectionError("the broker is away")
         return {tp: self.ends[tp.partition]}
 
-    async def position(self, tp):
-        return self.positions[tp.partition]
+    def delivered_to(self, tp, end):
+        return self.positions[tp.partition] >= end
 
 
 def test_each_stream_partition_is_held_until_its_table_partition_is_read_to_its_end(monkeypatch):
     """After an assignment the stream's partitions are held (not fetched, not delivered)
-    until each one's table partition was read to the end offset it had: all its records
-    applied, or the consumer past transaction markers; a table partition not assigned
-    here holds nothing; a revocation releases all."""
+    until each one's table partition was read to the end offset it had then (asked
+    again while the broker cannot say); a table partition not assigned here holds
+    nothing; a stream that is some join's table is never held; a revocation releases
+    all, and holds of another join on the same stream stay."""
     from faust.types import TP
 
     import agents.table_join as table_join
     import app.transport as transport
 
-    monkeypatch.setattr(transport, "HELD_PARTITIONS", set())
+    holds = transport.PartitionHolds()
+    monkeypatch.setattr(table_join, "HELD_PARTITIONS", holds)
     monkeypatch.setattr(table_join, "CATCH_UP_CHECK", 0.001)
     tasks = []
 
@@ -314,29 +320,34 @@ def test_each_stream_partition_is_held_until_its_table_partition_is_read_to_its_
             return Task()
 
     monkeypatch.setattr(table_join, "app", App())
-    held = transport.HELD_PARTITIONS
 
     async def go():
         r = runner(pipeline("event_time"), MemoryStore())
         assigned = {TP("orders", p) for p in range(4)} | {TP("customers", p) for p in range(3)} | {TP("x", 0)}
-        r.hold_assigned(assigned)
-        assert held == {TP("orders", p) for p in range(4)}
+        holds.hold("another join", [TP("orders", 2)])
+        r.hold_assigned(assigned, tables={"customers"})
+        assert holds.held() == {TP("orders", p) for p in range(4)}
         r._release_task = None
         tasks.pop().close()  # run here instead, with the test's consumer
-        consumer = TableReadConsumer(assigned, ends={0: 5, 1: 0, 2: 7}, positions={0: 0, 1: 0, 2: 3})
+        consumer = TableReadConsumer(assigned, ends={0: 5, 1: 0, 2: None}, positions={0: 0, 1: 0, 2: 3})
         loop = asyncio.ensure_future(r.release_when_read(consumer))
         await asyncio.sleep(0.02)
         # 1: an empty table partition; 3: its table partition is someone else's.
-        assert held == {TP("orders", 0), TP("orders", 2)}
+        assert holds.held() == {TP("orders", 0), TP("orders", 2)}
         assert r.describe()["held_partitions"] == [0, 2]
-        await r.process(TABLE, [(0, [Rec(o, 3, {"k": 3, "v": o}, 1000) for o in range(5)])])
+        assert consumer.asked.count(2) > 1  # asked again
+        consumer.ends[2] = 7
+        consumer.positions[0] = 5
         await asyncio.sleep(0.02)
-        assert held == {TP("orders", 2)}
-        consumer.positions[2] = 7  # its last records: a transaction's commit marker
+        assert r.describe()["held_partitions"] == [2]
+        consumer.positions[2] = 7
         await asyncio.wait_for(loop, 1)
-        assert held == set() and r.catching_up == {}
-        r.hold_assigned(assigned)
+        assert r.catching_up == {}
+        assert holds.held() == {TP("orders", 2)}  # the other join's hold
+        r.hold_assigned(assigned, tables={"customers"})
         r.release_all()
-        assert held == set() and tasks == [] and r.describe()["held_partitions"] == []
+        assert holds.held() == {TP("orders", 2)} and tasks == [] and r.describe()["held_partitions"] == []
+        r.hold_assigned(assigned, tables={"customers", "orders"})
+        assert holds.held() == {TP("orders", 2)} and tasks == []
 
     asyncio.run(go())
