@@ -131,16 +131,15 @@ class TableJoinRunner(TwoInputRunner):
         self.counters.out += len(out)
         await self.end_batch(out, sources, dead)
 
-    def hold_assigned(self, assigned: Iterable[TP], tables: Collection[str] = ()) -> None:
+    def hold_assigned(self, assigned: Iterable[TP], unheld: Collection[str] = ()) -> None:
         """Hold each assigned stream partition until its table partition is read to the
-        end offset it has now (``release_when_read``). Not when the stream topic is a
-        table some join reads (``tables``): that side must always flow, or two joins
-        reading each other's stream as their table would wait for each other."""
+        end offset it has now (``release_when_read``); not when the stream topic is in
+        ``unheld`` (``streams_never_held``)."""
         self.release_all()
         stream = self.names[STREAM]
-        if stream in tables:
-            log.warning("pipeline %s: its stream %s is another join's table; it is not held after an "
-                        "assignment", self.pipeline.name, stream)
+        if stream in unheld:
+            log.warning("pipeline %s: its stream %s is, through other joins, its own table's table; it is "
+                        "not held after an assignment", self.pipeline.name, stream)
             return
         held = sorted(tp.partition for tp in assigned if tp.topic == stream)
         if not held:
@@ -166,6 +165,7 @@ class TableJoinRunner(TwoInputRunner):
         consumer = consumer or app.consumer
         stream, table = self.names[STREAM], self.names[TABLE]
         started = warned = time.monotonic()
+        unknown: set[int] = set()  # partitions whose end could not be asked (logged once)
         while self.catching_up:
             for p, end in list(self.catching_up.items()):
                 tp = TP(table, p)
@@ -179,7 +179,10 @@ class TableJoinRunner(TwoInputRunner):
                     read = end == 0 or consumer.delivered_to(tp, end)
                 except Exception as exc:  # noqa: BLE001 - the broker away, a rebalance: ask again
                     # (a failure here must not crash the worker: mode's add_future would)
-                    log.info("pipeline %s: table partition %d's end not known yet: %r", self.pipeline.name, p, exc)
+                    if p not in unknown:
+                        unknown.add(p)
+                        log.info("pipeline %s: table partition %d's end not known yet: %r", self.pipeline.name,
+                                 p, exc)
                     read = False
                 if read and p in self.catching_up:
                     del self.catching_up[p]
@@ -265,10 +268,32 @@ class TableJoinRunner(TwoInputRunner):
 TABLE_JOINS: dict[str, TableJoinRunner] = {}
 
 
+def streams_never_held(joins: Iterable[TableJoinRunner]) -> set[str]:
+    """The stream topics of joins whose table is, through the joins, fed by their own
+    stream: the topics of a cycle of stream -> table edges (A joins X with table Y, B
+    joins Y with table X). Held, each would wait for the other for good; a chain only
+    waits in turn, each end offset being fixed at the assignment."""
+    edges: dict[str, set[str]] = {}
+    for runner in joins:
+        edges.setdefault(runner.names[STREAM], set()).add(runner.names[TABLE])
+    never: set[str] = set()
+    for stream in edges:
+        seen, todo = set(), list(edges[stream])
+        while todo:
+            topic = todo.pop()
+            if topic == stream:
+                never.add(stream)
+                break
+            if topic not in seen:
+                seen.add(topic)
+                todo.extend(edges.get(topic, ()))
+    return never
+
+
 def _on_assigned(assigned: set[TP]) -> None:
-    tables = {runner.names[TABLE] for runner in TABLE_JOINS.values()}
+    unheld = streams_never_held(TABLE_JOINS.values())
     for runner in TABLE_JOINS.values():
-        runner.hold_assigned(assigned, tables)
+        runner.hold_assigned(assigned, unheld)
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
@@ -302,4 +327,4 @@ def build(spec: PipelineSpec) -> TableJoinRunner:
     return runner
 
 
-__all__ = ["TABLE_JOINS", "TableJoinRunner", "build"]
+__all__ = ["TABLE_JOINS", "TableJoinRunner", "build", "streams_never_held"]

@@ -509,7 +509,8 @@ class FastConsumer(faust_aiokafka.Consumer):
 
     async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
         commit_guard.note_session_ok()  # a new generation: the session is alive again
-        HELD_PARTITIONS.assigned(assigned)  # before Faust's handling can resume a fetch
+        if not self.app.should_stop:
+            HELD_PARTITIONS.assigned(assigned)  # before Faust's handling can resume a fetch
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def on_partitions_revoked(self, revoked: Any) -> None:

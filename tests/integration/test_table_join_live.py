@@ -257,5 +257,6 @@ def test_a_stream_backlog_meets_the_table_written_before_the_worker_started(kafk
                 f"{[m[:120] for m in list(extra)[:3]]}")
         status, body = w.get("/api/v1/pipelines")
         assert all(p["counters"]["join"]["held_partitions"] == [] for p in body["pipelines"])
+        assert "pipeline tv: stream partition 0 released" in w.log_path.read_text(errors="replace")
     finally:
         w.kill()

@@ -544,6 +544,34 @@ def test_holds_are_taken_at_an_assignment_and_dropped_at_a_revocation():
     assert holds.held() == set() and not holds
 
 
+def test_the_holds_of_an_assignment_are_taken_before_faust_handles_it(monkeypatch):
+    """Faust's assignment handling starts the recovery, which resumes the fetches: the
+    holders must have held their partitions by then. Not when the worker stops."""
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+
+    import app.transport as transport
+
+    holds = transport.PartitionHolds()
+    monkeypatch.setattr(transport, "HELD_PARTITIONS", holds)
+    tp0 = TP(TOPIC, 0)
+    holds.on_assign.append(lambda assigned: holds.hold("join", assigned))
+    held_when_faust_ran: list = []
+
+    async def faust_assigned(self, assigned, generation_id=0):
+        held_when_faust_ran.append(holds.held())
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "on_partitions_assigned", faust_assigned)
+    consumer = object.__new__(FastConsumer)
+    consumer.app = FakeApp()
+    consumer.app.should_stop = False
+    asyncio.run(consumer.on_partitions_assigned({tp0}, 1))
+    assert held_when_faust_ran == [{tp0}]
+    holds.revoked({tp0})
+    consumer.app.should_stop = True
+    asyncio.run(consumer.on_partitions_assigned({tp0}, 2))
+    assert held_when_faust_ran == [{tp0}, set()]
+
+
 def test_a_fetch_asks_aiokafka_for_the_active_partitions_less_the_held(monkeypatch):
     """aiokafka reads an empty partition set as every partition: with all of them held a
     fetch returns nothing, after a short pause, instead of asking for all. While any is
