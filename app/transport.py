@@ -134,6 +134,7 @@ async def _done(value: Any) -> Any:
 #: How long the fetch loop pauses after holding a fetch back until a rebalance ends.
 HOLD_BACK_PAUSE = 0.05
 
+
 class PartitionHolds:
     """Assigned batch-topic partitions whose records are not delivered for now: not
     fetched (``FastConsumer._getmany``) and, when a fetch begun before the hold has

@@ -156,6 +156,28 @@ def wait_committed(w: Worker) -> None:
                  what="the worker to commit every input record"))
 
 
+def assert_sinks_equal_the_fold(prefix: str, phases, isolation: str, timeout: float) -> dict[str, list]:
+    """Each pipeline's sink, read until it holds as many records as the fold says,
+    holds exactly the fold's records; returns each sink's records."""
+    sinks = {}
+    for pipeline, (as_of, join_type) in PIPELINES.items():
+        want = fold(phases, as_of, join_type)
+
+        async def complete(pipeline=pipeline, want=want):
+            got = await read_topic(f"{prefix}out.{pipeline}", timeout=30, idle=3, isolation_level=isolation)
+            return got if len(got) >= sum(want.values()) else None
+
+        got = run(wait_for(complete, timeout=timeout, interval=2, what=f"{pipeline} outputs"))
+        outputs = Counter(orjson.dumps(r.json(), option=orjson.OPT_SORT_KEYS) for r in got)
+        missing, extra = want - outputs, outputs - want
+        assert not missing and not extra, (
+            f"{pipeline}: {sum(missing.values())} missing, {sum(extra.values())} extra "
+            f"(of {sum(want.values())}): {[m[:120] for m in list(missing)[:3]]} "
+            f"{[m[:120] for m in list(extra)[:3]]}")
+        sinks[pipeline] = got
+    return sinks
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 def test_stream_table_joins_equal_the_fold_across_a_restart_with_wiped_state(kafka, guarantee):
@@ -182,20 +204,7 @@ def test_stream_table_joins_equal_the_fold_across_a_restart_with_wiped_state(kaf
                 topic, records = "customers", records[half:]
             run(produce(w.topic_prefix, topic, records))
             wait_committed(w)
-        for pipeline, (as_of, join_type) in PIPELINES.items():
-            want = fold(phases, as_of, join_type)
-
-            async def complete(pipeline=pipeline, want=want):
-                got = await read_topic(f"{w.topic_prefix}out.{pipeline}", timeout=30, idle=3,
-                                       isolation_level=isolation)
-                return got if len(got) >= sum(want.values()) else None
-
-            got = run(wait_for(complete, timeout=120, interval=2, what=f"{pipeline} outputs"))
-            outputs = Counter(orjson.dumps(r.json(), option=orjson.OPT_SORT_KEYS) for r in got)
-            missing, extra = want - outputs, outputs - want
-            assert not missing and not extra, (
-                f"{pipeline}: {sum(missing.values())} missing, {sum(extra.values())} extra "
-                f"(of {sum(want.values())}): {list(missing)[:3]} {list(extra)[:3]}")
+        for got in assert_sinks_equal_the_fold(w.topic_prefix, phases, isolation, timeout=120).values():
             for r in got:  # keyed and timed as the stream record
                 joined = r.json()
                 assert r.key == str(joined["left"]["customer_id"]).encode()
@@ -240,21 +249,7 @@ def test_a_stream_backlog_meets_the_table_written_before_the_worker_started(kafk
     try:
         # (Not ``wait_committed``: the consumer commits one past the last record, and
         # the table's partitions end with a marker.)
-        for pipeline, (as_of, join_type) in PIPELINES.items():
-            want = fold(phases, as_of, join_type)
-
-            async def complete(pipeline=pipeline, want=want):
-                got = await read_topic(f"{prefix}out.{pipeline}", timeout=30, idle=3,
-                                       isolation_level="read_committed")
-                return got if len(got) >= sum(want.values()) else None
-
-            got = run(wait_for(complete, timeout=180, interval=2, what=f"{pipeline} outputs"))
-            outputs = Counter(orjson.dumps(r.json(), option=orjson.OPT_SORT_KEYS) for r in got)
-            missing, extra = want - outputs, outputs - want
-            assert not missing and not extra, (
-                f"{pipeline}: {sum(missing.values())} missing, {sum(extra.values())} extra "
-                f"(of {sum(want.values())}): {[m[:120] for m in list(missing)[:3]]} "
-                f"{[m[:120] for m in list(extra)[:3]]}")
+        assert_sinks_equal_the_fold(prefix, phases, "read_committed", timeout=180)
         status, body = w.get("/api/v1/pipelines")
         assert all(p["counters"]["join"]["held_partitions"] == [] for p in body["pipelines"])
         assert "pipeline tv: stream partition 0 released" in w.log_path.read_text(errors="replace")
